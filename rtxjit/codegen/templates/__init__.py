@@ -1,0 +1,1 @@
+"""Kernel templates, one module per kernel kind. Each ``render_*`` returns a ``KernelSource``."""

@@ -1,0 +1,29 @@
+"""Gather along one axis: ``out[o, j, k] = data[o, idx[j], k]`` over contiguous data and indices.
+
+Negative indices count from the end, as ONNX says; the axis length, outer and inner sizes are
+run-time arguments.
+"""
+
+from __future__ import annotations
+
+from rtxjit.codegen.dtypes import TL
+from rtxjit.codegen.source import KernelSource, render
+from rtxjit.ir.types import DType
+
+
+def render_gather(dtype: DType, index_dtype: DType, wide: bool = False) -> KernelSource:
+    pid = "tl.program_id(0).to(tl.int64)" if wide else "tl.program_id(0)"
+    body = f"""
+def gather(out_ptr, out_off, data_ptr, data_off, idx_ptr, idx_off, n, n_idx, inner, axis_len,
+           BLOCK: tl.constexpr):
+    i = {pid} * BLOCK + tl.arange(0, BLOCK)
+    mask = i < n
+    k = i % inner
+    j = (i // inner) % n_idx
+    o = i // (inner * n_idx)
+    src = tl.load(idx_ptr + idx_off + j, mask=mask, other=0).to(tl.int64)
+    src = tl.where(src < 0, src + axis_len, src)
+    x = tl.load(data_ptr + data_off + (o * axis_len + src) * inner + k, mask=mask)
+    tl.store(out_ptr + out_off + i, x.to({TL[dtype]}), mask=mask)
+"""
+    return render("gather", f"gather data={dtype.short} index={index_dtype.short}", body)

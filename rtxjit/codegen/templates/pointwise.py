@@ -1,0 +1,48 @@
+"""Pointwise kernels: one expression over N strided inputs, written to a strided output.
+
+Shapes and strides are run-time arguments (one compiled kernel serves every shape); the rank, the
+dtypes and the expression are part of the source. In the expression, ``x0, x1, ...`` are the inputs
+converted to their compute type (see ``dtypes.compute_type``), ``s0, s1, ...`` are scalar arguments
+and ``idx`` is the flat output index. A copy is the expression ``x0``.
+"""
+
+from __future__ import annotations
+
+from rtxjit.codegen.dtypes import TL, load_cast
+from rtxjit.codegen.source import KernelSource, render
+from rtxjit.ir.types import DType
+
+
+def render_pointwise(expr: str, in_dtypes: tuple, out_dtype: DType, rank: int, n_scalars: int = 0,
+                     wide: bool = False) -> KernelSource:
+    n_in = len(in_dtypes)
+    params = ["out_ptr", "out_off"]
+    for k in range(n_in):
+        params += [f"x{k}_ptr", f"x{k}_off"]
+    params += [f"s{k}" for k in range(n_scalars)]
+    params += ["n"] + [f"size{d}" for d in range(rank)] + [f"out_st{d}" for d in range(rank)]
+    for k in range(n_in):
+        params += [f"x{k}_st{d}" for d in range(rank)]
+    params.append("BLOCK: tl.constexpr")
+
+    pid = "tl.program_id(0).to(tl.int64)" if wide else "tl.program_id(0)"
+    lines = [
+        f"def pointwise({', '.join(params)}):",
+        f"    idx = {pid} * BLOCK + tl.arange(0, BLOCK)",
+        "    mask = idx < n",
+        "    rem = idx",
+    ]
+    for d in reversed(range(1, rank)):
+        lines.append(f"    i{d} = rem % size{d}")
+        lines.append(f"    rem = rem // size{d}")
+    lines.append("    i0 = rem")
+
+    def offset(prefix: str) -> str:
+        return " + ".join([f"{prefix}_off"] + [f"i{d} * {prefix}_st{d}" for d in range(rank)])
+
+    for k, dt in enumerate(in_dtypes):
+        lines.append(f"    x{k} = tl.load(x{k}_ptr + {offset(f'x{k}')}, mask=mask){load_cast(dt)}")
+    lines.append(f"    y = {expr}")
+    lines.append(f"    tl.store(out_ptr + {offset('out')}, y.to({TL[out_dtype]}), mask=mask)")
+    header = f"pointwise rank={rank} in={[d.short for d in in_dtypes]} out={out_dtype.short} expr={expr}"
+    return render("pointwise", header, "\n".join(lines))

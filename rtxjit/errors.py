@@ -1,0 +1,25 @@
+"""The errors rtxjit raises. Every message names the node, op, input or file concerned."""
+
+
+class RtxjitError(Exception):
+    """Base class of every error rtxjit raises on purpose."""
+
+
+class ModelError(RtxjitError, ValueError):
+    """The model file or graph is malformed (unreadable, dangling names, cycles, bad attributes)."""
+
+
+class UnsupportedOpError(RtxjitError, NotImplementedError):
+    """An op, op version or attribute value that rtxjit does not implement."""
+
+
+class ShapeError(RtxjitError, ValueError):
+    """Shapes that do not fit together (broadcasting, reshape sizes, ranks)."""
+
+
+class InputError(RtxjitError, ValueError):
+    """A feed given to ``InferenceSession.run`` is unknown, missing, or of the wrong dtype or rank."""
+
+
+class KernelError(RtxjitError, RuntimeError):
+    """A generated kernel failed to compile or launch."""

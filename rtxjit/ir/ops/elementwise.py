@@ -1,0 +1,388 @@
+"""Elementwise ops: one table row each, all lowered onto the pointwise kernel template.
+
+In an expression, ``x0, x1, ...`` are the inputs in their compute type (fp32 for fp16/bf16/fp32)
+and ``s0, s1, ...`` run-time scalars taken from attributes, so one kernel serves every value.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from rtxjit.errors import ModelError, UnsupportedOpError
+from rtxjit.ir.registry import Kind, Rand, Sample, op
+from rtxjit.ir.types import DType, TensorType, broadcast_shapes
+
+# tanh as Cephes' tanhf: a polynomial near 0 (full relative precision), exp far from it.
+_TANH = ("tl.where(tl.abs({x}) < 0.625, "
+         "{x} + {x} * ({x} * {x}) * ((((-5.70498872745e-3 * ({x} * {x}) + 2.06390887954e-2) * ({x} * {x}) "
+         "- 5.37397155531e-2) * ({x} * {x}) + 1.33314422036e-1) * ({x} * {x}) - 3.33332819422e-1), "
+         "tl.where({x} >= 0, 1.0, -1.0) * (1.0 - 2.0 / (tl.exp(2.0 * tl.abs({x})) + 1.0)))")
+
+
+def tanh_expr(x: str) -> str:
+    return _TANH.format(x=f"({x})")
+
+
+def _erf(x):
+    return np.vectorize(math.erf, otypes=[np.float64])(x).astype(np.asarray(x).dtype)
+
+
+UNARY = {
+    # name: (expression, float64 reference, sample input range)
+    "Relu": ("tl.where(x0 > 0, x0, 0)", lambda x: np.maximum(x, 0), (-2, 2)),
+    "Neg": ("-x0", np.negative, (-2, 2)),
+    "Abs": ("tl.abs(x0)", np.abs, (-2, 2)),
+    "Sqrt": ("tl.sqrt(x0)", np.sqrt, (0.1, 4)),
+    "Exp": ("tl.exp(x0)", np.exp, (-3, 3)),
+    "Log": ("tl.log(x0)", np.log, (0.1, 4)),
+    "Tanh": (tanh_expr("x0"), np.tanh, (-3, 3)),
+    "Sigmoid": ("1.0 / (1.0 + tl.exp(-x0))", lambda x: 1 / (1 + np.exp(-x)), (-4, 4)),
+    "Erf": ("tl.erf(x0)", _erf, (-2, 2)),
+    "Reciprocal": ("1.0 / x0", np.reciprocal, (0.5, 2)),
+    "HardSwish": ("x0 * tl.minimum(tl.maximum(x0 * 0.16666666666666666 + 0.5, 0.0), 1.0)",
+                  lambda x: x * np.clip(x / 6 + 0.5, 0, 1), (-4, 4)),
+    "Softplus": ("tl.where(x0 > 20.0, x0, tl.log(1.0 + tl.exp(tl.minimum(x0, 20.0))))",
+                 lambda x: np.log1p(np.exp(x)), (-4, 4)),
+    "Floor": ("tl.floor(x0)", np.floor, (-4, 4)),
+    "Ceil": ("tl.ceil(x0)", np.ceil, (-4, 4)),
+    "Sin": ("tl.sin(x0)", np.sin, (-3, 3)),
+    "Cos": ("tl.cos(x0)", np.cos, (-3, 3)),
+}
+
+BINARY = {
+    "Add": ("x0 + x1", np.add),
+    "Sub": ("x0 - x1", np.subtract),
+    "Mul": ("x0 * x1", np.multiply),
+}
+
+COMPARE = {
+    "Equal": ("x0 == x1", np.equal),
+    "Less": ("x0 < x1", np.less),
+    "LessOrEqual": ("x0 <= x1", np.less_equal),
+    "Greater": ("x0 > x1", np.greater),
+    "GreaterOrEqual": ("x0 >= x1", np.greater_equal),
+}
+
+LOGICAL = {
+    "And": ("x0 & x1", np.logical_and),
+    "Or": ("x0 | x1", np.logical_or),
+    "Xor": ("x0 ^ x1", np.logical_xor),
+}
+
+UNARY_SHAPES = [Sample([Rand((2, 3, 4))]), Sample([Rand((5,))])]
+
+
+def _bcast_samples(low: float = -2, high: float = 2, dtype=None) -> list:
+    return [
+        Sample([Rand((2, 3, 4), dtype, low, high), Rand((3, 1), dtype, low, high)]),
+        Sample([Rand((4,), dtype, low, high), Rand((2, 1, 4), dtype, low, high)]),
+        Sample([Rand((2, 3), dtype, low, high), Rand((), dtype, low, high)]),
+    ]
+
+
+def same_type(*xs: TensorType, where: str = "inputs") -> TensorType:
+    """The broadcast type of inputs that must share a dtype."""
+    xs = [x for x in xs if x is not None]
+    dtypes = {x.dtype for x in xs}
+    if len(dtypes) > 1:
+        raise ModelError(f"{where} have different dtypes {sorted(d.short for d in dtypes)}")
+    return TensorType(xs[0].dtype, broadcast_shapes(*[x.shape for x in xs]))
+
+
+def lower_expr(expr: str, scalars=lambda attrs: ()):
+    """A ``lower`` that runs ``expr`` over every given input, broadcast to the output."""
+
+    def lower(ctx, *xs, **attrs):
+        ctx.pointwise(expr, [x for x in xs if x is not None], ctx.outputs[0], scalars(attrs))
+
+    return lower
+
+
+def _declare_unary(name: str, expr: str, ref, rng) -> None:
+    samples = [Sample([Rand(s.inputs[0].shape, None, *rng)]) for s in UNARY_SHAPES]
+    d = op(name, since=6, kind=Kind.POINTWISE, samples=samples)(lambda x: x)
+    d.reference(ref)
+    d.lower(lower_expr(expr))
+
+
+def _declare_binary(name: str, expr: str, ref, out_dtype=None, samples=None, since=7) -> None:
+    def infer(a: TensorType, b: TensorType) -> TensorType:
+        t = same_type(a, b)
+        return t.with_dtype(out_dtype) if out_dtype else t
+
+    d = op(name, since=since, kind=Kind.POINTWISE, samples=samples or _bcast_samples())(infer)
+    d.reference(ref)
+    d.lower(lower_expr(expr))
+
+
+for _name, (_expr, _ref, _rng) in UNARY.items():
+    _declare_unary(_name, _expr, _ref, _rng)
+for _name, (_expr, _ref) in BINARY.items():
+    _declare_binary(_name, _expr, _ref)
+for _name, (_expr, _ref) in COMPARE.items():
+    _declare_binary(_name, _expr, _ref, DType.BOOL)
+for _name, (_expr, _ref) in LOGICAL.items():
+    _declare_binary(_name, _expr, _ref, DType.BOOL,
+                    [Sample([Rand((2, 3), "bool"), Rand((3,), "bool")], float_types=("-",))], since=7)
+
+
+
+
+@op("Div", since=7, kind=Kind.POINTWISE, samples=_bcast_samples(0.5, 2))
+def div(a: TensorType, b: TensorType) -> TensorType:
+    return same_type(a, b)
+
+
+@div.reference
+def _(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    if a.dtype.kind in "iu":
+        return np.trunc(a / b).astype(a.dtype)  # integer division truncates, as in C
+    return a / b
+
+
+@div.lower
+def _(ctx, a, b):
+    expr = "x0 // x1" if not a.dtype.is_float else "x0 / x1"
+    ctx.pointwise(expr, [a, b], ctx.outputs[0])
+
+
+def pow_expr(x: str, y: str) -> str:
+    """x ** y for floats: exact signs for negative bases with integer exponents, NaN otherwise."""
+    r = f"tl.exp({y} * tl.log(tl.abs({x})))"
+    is_int = f"(tl.floor({y}) == {y})"
+    odd = f"(tl.floor({y} * 0.5) * 2.0 != {y})"
+    return (f"tl.where({y} == 0.0, 1.0, tl.where({x} < 0.0, tl.where({is_int}, tl.where({odd}, -{r}, {r}), "
+            f"float('nan')), {r}))")
+
+
+@op("Pow", since=7, kind=Kind.POINTWISE, samples=_bcast_samples(0.5, 2))
+def pow_(x: TensorType, y: TensorType) -> TensorType:
+    return TensorType(x.dtype, broadcast_shapes(x.shape, y.shape))
+
+
+@pow_.reference
+def _(x, y):
+    return np.power(x, y).astype(np.asarray(x).dtype)
+
+
+@pow_.lower
+def _(ctx, x, y):
+    if not x.dtype.is_float:
+        raise UnsupportedOpError(f"{ctx.where}: Pow of {x.dtype.short} is not supported")
+    ctx.pointwise(pow_expr("x0", "x1.to(tl.float32)"), [x, y], ctx.outputs[0])
+
+
+@op("Not", since=1, kind=Kind.POINTWISE, samples=[Sample([Rand((2, 3), "bool")], float_types=("-",))])
+def not_(x: TensorType) -> TensorType:
+    return x
+
+
+not_.reference(np.logical_not)
+not_.lower(lower_expr("x0 == 0"))
+
+
+@op("LeakyRelu", since=6, kind=Kind.POINTWISE, samples=UNARY_SHAPES + [Sample([Rand((3, 4))], {"alpha": 0.3})])
+def leaky_relu(x: TensorType, *, alpha: float = 0.01) -> TensorType:
+    return x
+
+
+@leaky_relu.reference
+def _(x, *, alpha=0.01):
+    return np.where(x >= 0, x, x * alpha)
+
+
+leaky_relu.lower(lower_expr("tl.where(x0 >= 0, x0, x0 * s0)", lambda a: (float(a["alpha"]),)))
+
+
+@op("HardSigmoid", since=6, kind=Kind.POINTWISE,
+    samples=UNARY_SHAPES + [Sample([Rand((3, 4))], {"alpha": 0.5, "beta": 0.6})])
+def hard_sigmoid(x: TensorType, *, alpha: float = 0.2, beta: float = 0.5) -> TensorType:
+    return x
+
+
+@hard_sigmoid.reference
+def _(x, *, alpha=0.2, beta=0.5):
+    return np.clip(x * alpha + beta, 0, 1)
+
+
+hard_sigmoid.lower(lower_expr("tl.minimum(tl.maximum(x0 * s0 + s1, 0.0), 1.0)",
+                              lambda a: (float(a["alpha"]), float(a["beta"]))))
+
+
+@op("Elu", since=6, kind=Kind.POINTWISE, samples=UNARY_SHAPES)
+def elu(x: TensorType, *, alpha: float = 1.0) -> TensorType:
+    return x
+
+
+@elu.reference
+def _(x, *, alpha=1.0):
+    return np.where(x > 0, x, alpha * (np.exp(x) - 1))
+
+
+elu.lower(lower_expr("tl.where(x0 > 0, x0, s0 * (tl.exp(x0) - 1.0))", lambda a: (float(a["alpha"]),)))
+
+
+@op("Gelu", since=20, kind=Kind.POINTWISE,
+    samples=UNARY_SHAPES + [Sample([Rand((3, 4))], {"approximate": "tanh"})])
+def gelu(x: TensorType, *, approximate: str = "none") -> TensorType:
+    if approximate not in ("none", "tanh"):
+        raise ModelError(f"Gelu approximate='{approximate}' must be 'none' or 'tanh'")
+    return x
+
+
+@gelu.reference
+def _(x, *, approximate="none"):
+    if approximate == "tanh":
+        return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+    return 0.5 * x * (1 + _erf(x / np.sqrt(2)))
+
+
+@gelu.lower
+def _(ctx, x, *, approximate="none"):
+    if approximate == "tanh":
+        inner = "0.7978845608028654 * (x0 + 0.044715 * x0 * x0 * x0)"
+        expr = f"0.5 * x0 * (1.0 + {tanh_expr(inner)})"
+    else:
+        expr = "0.5 * x0 * (1.0 + tl.erf(x0 * 0.7071067811865476))"
+    ctx.pointwise(expr, [x], ctx.outputs[0])
+
+
+def _variadic(name: str, fn: str, ref, since: int = 8) -> None:
+    def infer(*xs: TensorType) -> TensorType:
+        if not xs:
+            raise ModelError(f"{name} needs at least one input")
+        return same_type(*xs)
+
+    def lower(ctx, *xs):
+        expr = "x0"
+        for k in range(1, len(xs)):
+            expr = fn.format(a=expr, b=f"x{k}")
+        ctx.pointwise(expr, list(xs), ctx.outputs[0])
+
+    samples = _bcast_samples() + [Sample([Rand((2, 3)), Rand((3,)), Rand((2, 1))])]
+    d = op(name, since=since, kind=Kind.POINTWISE, samples=samples)(infer)
+    d.reference(lambda *xs: _reduce(ref, xs))
+    d.lower(lower)
+
+
+def _reduce(fn, xs):
+    out = xs[0]
+    for x in xs[1:]:
+        out = fn(out, x)
+    return out
+
+
+_variadic("Max", "tl.maximum({a}, {b}, propagate_nan=tl.PropagateNan.ALL)", np.maximum)
+_variadic("Min", "tl.minimum({a}, {b}, propagate_nan=tl.PropagateNan.ALL)", np.minimum)
+_variadic("Sum", "({a} + {b})", np.add)
+
+
+@op("Where", since=9, kind=Kind.POINTWISE,
+    samples=[Sample([Rand((2, 3, 4), "bool"), Rand((3, 4)), Rand((2, 1, 4))]),
+             Sample([Rand((4,), "bool"), Rand((2, 4)), Rand(())])])
+def where(cond: TensorType, x: TensorType, y: TensorType) -> TensorType:
+    if cond.dtype is not DType.BOOL:
+        raise ModelError(f"Where condition must be bool, got {cond.dtype.short}")
+    t = same_type(x, y)
+    return TensorType(t.dtype, broadcast_shapes(cond.shape, t.shape))
+
+
+where.reference(np.where)
+where.lower(lower_expr("tl.where(x0, x1, x2)"))
+
+
+@op("Clip", since=11, kind=Kind.POINTWISE,
+    samples=[Sample([Rand((2, 3, 4)), np.float32(-0.5), np.float32(0.7)]),
+             Sample([Rand((3, 4)), None, np.float32(0.2)]), Sample([Rand((5,))])])
+def clip(x: TensorType, lo: TensorType = None, hi: TensorType = None) -> TensorType:
+    return x
+
+
+@clip.reference
+def _(x, lo=None, hi=None):
+    if lo is not None:
+        x = np.maximum(x, lo)
+    if hi is not None:
+        x = np.minimum(x, hi)
+    return x
+
+
+@clip.lower
+def _(ctx, x, lo=None, hi=None):
+    expr, inputs = "x0", [x]
+    if lo is not None:
+        inputs.append(lo)
+        expr = f"tl.maximum({expr}, x{len(inputs) - 1})"
+    if hi is not None:
+        inputs.append(hi)
+        expr = f"tl.minimum({expr}, x{len(inputs) - 1})"
+    ctx.pointwise(expr, inputs, ctx.outputs[0])
+
+
+@op("Cast", since=6, kind=Kind.POINTWISE,
+    samples=[Sample([Rand((2, 3, 4), None, -50, 50)], {"to": code}) for code in (1, 10, 7, 6, 9, 3)])
+def cast(x: TensorType, *, to: int, saturate: int = 1, round_mode: str = "up") -> TensorType:
+    try:
+        return x.with_dtype(DType.from_onnx(to))
+    except KeyError:
+        raise UnsupportedOpError(f"Cast to element type {to} is not supported") from None
+
+
+@cast.reference
+def _(x, *, to, saturate=1, round_mode="up"):
+    dt = DType.from_onnx(to)
+    if dt is DType.BOOL:
+        return x != 0
+    return np.asarray(x).astype(dt.to_numpy())
+
+
+@cast.lower
+def _(ctx, x, *, to, saturate=1, round_mode="up"):
+    out = ctx.outputs[0]
+    if out.dtype.short.startswith("fp8") or x.dtype.short.startswith("fp8"):
+        raise UnsupportedOpError(f"{ctx.where}: Cast to or from fp8 is not supported yet")
+    ctx.pointwise("x0 != 0" if out.dtype is DType.BOOL else "x0", [x], out)
+
+
+@op("CastLike", since=15, kind=Kind.POINTWISE,
+    samples=[Sample([Rand((2, 3)), np.zeros(1, np.int32)], float_types=("fp32",))])
+def cast_like(x: TensorType, like: TensorType, *, saturate: int = 1, round_mode: str = "up") -> TensorType:
+    return x.with_dtype(like.dtype)
+
+
+@cast_like.reference
+def _(x, like, *, saturate=1, round_mode="up"):
+    return (x != 0) if like.dtype == bool else np.asarray(x).astype(like.dtype)
+
+
+@cast_like.lower
+def _(ctx, x, like, *, saturate=1, round_mode="up"):
+    ctx.pointwise("x0 != 0" if ctx.outputs[0].dtype is DType.BOOL else "x0", [x], ctx.outputs[0])
+
+
+@op("BatchNormalization", since=9, kind=Kind.POINTWISE,
+    samples=[Sample([Rand((2, 3, 4, 5)), Rand((3,)), Rand((3,)), Rand((3,)), Rand((3,), None, 0.5, 2)]),
+             Sample([Rand((2, 4, 3)), Rand((4,)), Rand((4,)), Rand((4,)), Rand((4,), None, 0.5, 2)],
+                    {"epsilon": 1e-3})])
+def batch_norm(x: TensorType, scale, bias, mean, var, *, epsilon: float = 1e-5, momentum: float = 0.9,
+               training_mode: int = 0, spatial: int = 1) -> TensorType:
+    if training_mode:
+        raise UnsupportedOpError("BatchNormalization with training_mode=1 is not supported (inference only)")
+    return x
+
+
+@batch_norm.reference
+def _(x, scale, bias, mean, var, *, epsilon=1e-5, momentum=0.9, training_mode=0, spatial=1):
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    r = [np.reshape(a, shape) for a in (scale, bias, mean, var)]
+    return (x - r[2]) / np.sqrt(r[3] + epsilon) * r[0] + r[1]
+
+
+@batch_norm.lower
+def _(ctx, x, scale, bias, mean, var, *, epsilon=1e-5, momentum=0.9, training_mode=0, spatial=1):
+    channel = (x.shape[1],) + (1,) * (x.rank - 2)
+    params = [p.reshape(channel) for p in (scale, bias, mean, var)]
+    ctx.pointwise("(x0 - x3) / tl.sqrt(x4 + s0) * x1 + x2", [x] + params, ctx.outputs[0], (float(epsilon),))

@@ -1,0 +1,208 @@
+"""Data movement: Transpose, Concat, Split, Slice, Expand (strided views + the copy kernel), Gather."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rtxjit.codegen.templates.gather import render_gather
+from rtxjit.errors import ModelError, ShapeError
+from rtxjit.ir.ops.shape import norm_axis
+from rtxjit.ir.registry import Kind, Rand, Sample, known, op
+from rtxjit.ir.types import TensorType, broadcast_shapes, dim_op
+
+
+@op("Transpose", since=1, kind=Kind.MOVEMENT,
+    samples=[Sample([Rand((2, 3, 4))]), Sample([Rand((2, 3, 4, 5))], {"perm": [0, 2, 3, 1]})])
+def transpose(x: TensorType, *, perm=None) -> TensorType:
+    perm = list(reversed(range(x.rank))) if perm is None else list(perm)
+    if sorted(perm) != list(range(x.rank)):
+        raise ShapeError(f"Transpose perm {perm} is not a permutation of {x.rank} axes")
+    return x.with_shape([x.shape[p] for p in perm])
+
+
+@transpose.reference
+def _(x, *, perm=None):
+    return np.transpose(x, perm)
+
+
+@transpose.lower
+def _(ctx, x, *, perm=None):
+    perm = list(reversed(range(x.rank))) if perm is None else list(perm)
+    ctx.copy(x.permute(perm), ctx.outputs[0])
+
+
+@op("Concat", since=4, kind=Kind.MOVEMENT,
+    samples=[Sample([Rand((2, 3)), Rand((2, 5)), Rand((2, 1))], {"axis": 1}),
+             Sample([Rand((1, 3, 2)), Rand((2, 3, 2))], {"axis": -3})])
+def concat(*xs: TensorType, axis: int) -> TensorType:
+    if not xs:
+        raise ModelError("Concat needs at least one input")
+    rank = xs[0].rank
+    a = norm_axis(axis, rank)
+    for x in xs:
+        if x.rank != rank or x.dtype != xs[0].dtype:
+            raise ShapeError(f"Concat inputs {[str(t) for t in xs]} differ in rank or dtype")
+        for i in range(rank):
+            if i != a and isinstance(x.shape[i], int) and isinstance(xs[0].shape[i], int) \
+                    and x.shape[i] != xs[0].shape[i]:
+                raise ShapeError(f"Concat inputs {[str(t) for t in xs]} differ outside axis {a}")
+    total = xs[0].shape[a]
+    for x in xs[1:]:
+        total = dim_op(lambda p, q: p + q, "+", total, x.shape[a])
+    return xs[0].with_shape(xs[0].shape[:a] + (total,) + xs[0].shape[a + 1:])
+
+
+@concat.reference
+def _(*xs, axis):
+    return np.concatenate(xs, axis=axis)
+
+
+@concat.lower
+def _(ctx, *xs, axis):
+    out = ctx.outputs[0]
+    a = norm_axis(axis, out.rank)
+    start = 0
+    for x in xs:
+        ctx.copy(x, out.slice(a, start, x.shape[a]))
+        start += x.shape[a]
+
+
+def _split_sizes(length, split, num_outputs, n_out: int) -> list:
+    if split is not None:
+        sizes = [int(s) for s in np.asarray(split).reshape(-1)]
+        if isinstance(length, int) and sum(sizes) != length:
+            raise ShapeError(f"Split sizes {sizes} do not add up to the axis length {length}")
+        return sizes
+    n = num_outputs or n_out
+    if not isinstance(length, int):
+        return [dim_op(lambda p: -(-p // n), f"//{n}", length)] * n
+    chunk = -(-length // n)
+    return [min(chunk, max(length - chunk * i, 0)) for i in range(n)]
+
+
+@op("Split", since=13, kind=Kind.MOVEMENT, host_inputs=(1,),
+    samples=[Sample([Rand((2, 6)), np.array([2, 4], np.int64)], {"axis": 1}, outputs=2),
+             Sample([Rand((6, 3))], outputs=3), Sample([Rand((5, 3))], {"num_outputs": 2}, outputs=2)])
+def split(x: TensorType, split=None, *, axis: int = 0, num_outputs: int = None, _outputs: int = 1):
+    a = norm_axis(axis, x.rank)
+    if split is not None and not known(split):
+        raise ShapeError("Split sizes must be known before the run")
+    sizes = _split_sizes(x.shape[a], split, num_outputs, _outputs)
+    if len(sizes) != _outputs:
+        raise ShapeError(f"Split gives {len(sizes)} parts but the node has {_outputs} outputs")
+    return tuple(x.with_shape(x.shape[:a] + (s,) + x.shape[a + 1:]) for s in sizes)
+
+
+@split.reference
+def _(x, split=None, *, axis=0, num_outputs=None, _outputs=1):
+    sizes = _split_sizes(x.shape[axis], split, num_outputs, _outputs)
+    return tuple(np.split(x, np.cumsum(sizes)[:-1], axis=axis))
+
+
+@split.lower
+def _(ctx, x, split=None, *, axis=0, num_outputs=None):
+    a = norm_axis(axis, x.rank)
+    start = 0
+    for out, t in zip(ctx.outputs, ctx.out_types):
+        length = t.shape[a]
+        if out is not None:
+            ctx.copy(x.slice(a, start, length), out)
+        start += length
+
+
+def slice_params(shape, starts, ends, axes, steps) -> list:
+    """(axis, start, length, step) per sliced axis, clamped as ONNX's Slice says."""
+    rank = len(shape)
+    starts = np.asarray(starts).reshape(-1).tolist()
+    ends = np.asarray(ends).reshape(-1).tolist()
+    axes = list(range(len(starts))) if axes is None else np.asarray(axes).reshape(-1).tolist()
+    steps = [1] * len(starts) if steps is None else np.asarray(steps).reshape(-1).tolist()
+    out = []
+    for s, e, a, st in zip(starts, ends, axes, steps):
+        a = norm_axis(int(a), rank)
+        if st == 0:
+            raise ShapeError("Slice step 0")
+        d = shape[a]
+        if not isinstance(d, int):
+            out.append((a, None, None, st))
+            continue
+        rng = range(*slice(int(max(min(s, 2**62), -2**62)), int(max(min(e, 2**62), -2**62)), int(st)).indices(d))
+        out.append((a, rng.start, len(rng), int(st)))
+    return out
+
+
+@op("Slice", since=10, kind=Kind.MOVEMENT, host_inputs=(1, 2, 3, 4),
+    samples=[Sample([Rand((4, 6)), np.array([1, 0]), np.array([3, 5]), np.array([0, 1]), np.array([1, 2])]),
+             Sample([Rand((5, 4)), np.array([-1]), np.array([-10**18]), np.array([0]), np.array([-2])]),
+             Sample([Rand((3, 4, 5)), np.array([1]), np.array([1000]), None, None])])
+def slice_(x: TensorType, starts, ends, axes=None, steps=None) -> TensorType:
+    if not all(known(v) for v in (starts, ends) if v is not None) or not all(
+            v is None or known(v) for v in (axes, steps)):
+        return x.with_shape(tuple("?" for _ in x.shape))
+    dims = list(x.shape)
+    for a, _, length, _ in slice_params(x.shape, starts, ends, axes, steps):
+        dims[a] = "?" if length is None else length
+    return x.with_shape(dims)
+
+
+@slice_.reference
+def _(x, starts, ends, axes=None, steps=None):
+    idx = [slice(None)] * x.ndim
+    for a, start, length, step in slice_params(x.shape, starts, ends, axes, steps):
+        idx[a] = slice(start, start + step * length if start + step * length >= 0 else None, step)
+    return x[tuple(idx)]
+
+
+@slice_.lower
+def _(ctx, x, starts, ends, axes=None, steps=None):
+    view = x
+    for a, start, length, step in slice_params(x.shape, starts, ends, axes, steps):
+        view = view.slice(a, start, length, step)
+    ctx.copy(view, ctx.outputs[0])
+
+
+@op("Expand", since=8, kind=Kind.MOVEMENT, host_inputs=(1,),
+    samples=[Sample([Rand((3, 1)), np.array([2, 3, 4])]), Sample([Rand((2, 3)), np.array([1, 1])])])
+def expand(x: TensorType, shape) -> TensorType:
+    if not known(shape):
+        return x.with_shape(tuple("?" for _ in range(max(x.rank, int(shape.type.shape[0])))))
+    return x.with_shape(broadcast_shapes(x.shape, tuple(int(d) for d in np.asarray(shape).reshape(-1))))
+
+
+@expand.reference
+def _(x, shape):
+    return x * np.ones(tuple(int(d) for d in shape), dtype=x.dtype)
+
+
+@expand.lower
+def _(ctx, x, shape):
+    ctx.copy(x, ctx.outputs[0])
+
+
+@op("Gather", since=1, kind=Kind.MOVEMENT,
+    samples=[Sample([Rand((5, 4)), np.array([[0, 4], [-1, 2]], np.int64)]),
+             Sample([Rand((2, 5, 3)), np.array([1, 0, 4], np.int32)], {"axis": 1}),
+             Sample([Rand((4, 3)), np.array(2, np.int64)], {"axis": 0})])
+def gather(data: TensorType, indices: TensorType, *, axis: int = 0) -> TensorType:
+    a = norm_axis(axis, data.rank)
+    if indices.dtype.short not in ("int64", "int32"):
+        raise ModelError(f"Gather indices must be int32 or int64, got {indices.dtype.short}")
+    return data.with_shape(data.shape[:a] + indices.shape + data.shape[a + 1:])
+
+
+@gather.reference
+def _(data, indices, *, axis=0):
+    return np.take(data, indices, axis=axis)
+
+
+@gather.lower
+def _(ctx, data, indices, *, axis=0):
+    out = ctx.outputs[0]
+    a = norm_axis(axis, data.rank)
+    inner = int(np.prod(data.shape[a + 1:], dtype=np.int64))
+    n = out.numel
+    block = 1024
+    src = render_gather(data.dtype, indices.dtype, wide=max(n, data.numel) > 2**31 - 1)
+    args = [ctx.ptr(out), out.offset, ctx.ptr(data), data.offset, ctx.ptr(indices), indices.offset,
+            n, max(indices.numel, 1), max(inner, 1), data.shape[a]]
+    ctx.launch(src, (-(-n // block),), args, BLOCK=block)

@@ -1,0 +1,169 @@
+"""The op registry: each op is declared once, with its type/shape inference, its float64 numpy
+reference and its lowering onto a kernel kind.
+
+```python
+@op("Softmax", since=13, kind=Kind.ROW)
+def softmax(x: TensorType, *, axis: int = -1) -> TensorType:   # inference; kwargs = attributes
+    return x
+
+@softmax.reference
+def _(x, *, axis=-1): ...
+
+@softmax.lower
+def _(ctx, x, *, axis=-1): ...
+```
+
+Keyword-only parameters of the inference function are the op's attributes, with their ONNX
+defaults; one without a default is a required attribute. A parameter named ``_outputs`` receives the
+node's number of outputs. Inputs listed in ``host_inputs`` are needed on the host (shape tensors, as
+in TensorRT): inference gets their value as a numpy array, or ``Unknown`` where it is not known yet.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from rtxjit.errors import ModelError, UnsupportedOpError
+from rtxjit.ir.types import TensorType
+
+
+class Kind(enum.Enum):
+    POINTWISE = "pointwise"
+    ROW = "row_reduce"
+    MATMUL = "matmul"
+    CONV = "conv"
+    POOL = "pool"
+    MOVEMENT = "data_movement"
+    ALIAS = "alias"  # output is a view of an input: no data is computed or moved
+    SHAPE = "shape"  # computed on the host from types and host values only
+
+
+@dataclass(frozen=True)
+class Unknown:
+    """A host input whose value is not known yet (at import, before shapes are bound)."""
+
+    type: TensorType
+
+
+def known(v) -> bool:
+    return isinstance(v, np.ndarray)
+
+
+@dataclass(frozen=True)
+class Rand:
+    """A random test input. ``dtype=None`` means the float dtype under test."""
+
+    shape: tuple
+    dtype: Optional[str] = None
+    low: float = -2.0
+    high: float = 2.0
+
+
+@dataclass
+class Sample:
+    """One test case of an op: inputs are ``Rand`` specs, fixed numpy arrays, or None (omitted)."""
+
+    inputs: list
+    attrs: dict = field(default_factory=dict)
+    outputs: int = 1
+    float_types: tuple = ("fp32", "fp16")
+
+
+_MISSING = object()
+
+
+class OpDef:
+    def __init__(self, name: str, since: int, kind: Kind, infer: Callable, host_inputs=(),
+                 samples=(), tolerance: Optional[dict] = None):
+        self.name = name
+        self.since = since
+        self.kind = kind
+        self.infer_fn = infer
+        self.host_inputs = tuple(host_inputs)
+        self.samples = list(samples)
+        self.tolerance = tolerance or {}
+        self.reference_fn: Optional[Callable] = None
+        self.lower_fn: Optional[Callable] = None
+        self.attr_defaults: dict = {}
+        self.wants_outputs = False
+        for p in inspect.signature(infer).parameters.values():
+            if p.kind is not p.KEYWORD_ONLY:
+                continue
+            if p.name == "_outputs":
+                self.wants_outputs = True
+            else:
+                self.attr_defaults[p.name] = _MISSING if p.default is p.empty else p.default
+
+    def reference(self, fn: Callable) -> Callable:
+        self.reference_fn = fn
+        return fn
+
+    def lower(self, fn: Callable) -> Callable:
+        self.lower_fn = fn
+        return fn
+
+    def bind_attrs(self, attrs: dict, where: str) -> dict:
+        """The node's attributes completed with defaults; an unknown or missing one is an error."""
+        for k in attrs:
+            if k not in self.attr_defaults:
+                raise UnsupportedOpError(f"{where}: attribute '{k}' of {self.name} is not supported")
+        out = {}
+        for k, default in self.attr_defaults.items():
+            if k in attrs:
+                out[k] = attrs[k]
+            elif default is _MISSING:
+                raise ModelError(f"{where}: {self.name} needs attribute '{k}'")
+            else:
+                out[k] = default
+        return out
+
+    def infer(self, inputs: list, attrs: dict, n_outputs: int) -> tuple:
+        extra = {"_outputs": n_outputs} if self.wants_outputs else {}
+        out = self.infer_fn(*inputs, **attrs, **extra)
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+    def run_reference(self, values: list, attrs: dict, n_outputs: int) -> tuple:
+        extra = {"_outputs": n_outputs} if self.wants_outputs else {}
+        out = self.reference_fn(*values, **attrs, **extra)
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+    def __repr__(self) -> str:
+        return f"OpDef({self.name}, since={self.since}, kind={self.kind.value})"
+
+
+REGISTRY: dict = {}
+
+
+def op(name: str, since: int, kind: Kind, host_inputs=(), samples=(), tolerance=None):
+    def deco(fn: Callable) -> OpDef:
+        if name in REGISTRY:
+            raise RuntimeError(f"op {name} is declared twice")
+        d = OpDef(name, since, kind, fn, host_inputs, samples, tolerance)
+        REGISTRY[name] = d
+        return d
+
+    return deco
+
+
+def get_op(name: str, where: str = "") -> OpDef:
+    _load_ops()
+    d = REGISTRY.get(name)
+    if d is None:
+        raise UnsupportedOpError(f"{where}: op {name} is not supported by rtxjit")
+    return d
+
+
+def all_ops() -> dict:
+    _load_ops()
+    return dict(REGISTRY)
+
+
+def _load_ops() -> None:
+    import rtxjit.ir.ops  # noqa: F401  (importing fills the registry)
+
+

@@ -1,0 +1,1 @@
+"""ONNX front end: the importer and the onnx.backend adapter."""

@@ -1,0 +1,233 @@
+"""ONNX ModelProto -> rtxjit IR.
+
+Opsets 13 to 21 of the default domain are the supported range; a node is accepted when the ONNX
+version its opset resolves to is one whose semantics the registry implements (``OpDef.since``).
+Initializers become constants; shape-only nodes whose inputs are known are folded to constants.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from rtxjit.errors import ModelError, RtxjitError, UnsupportedOpError
+from rtxjit.ir import host
+from rtxjit.ir.graph import Graph, Node, Value
+from rtxjit.ir.registry import Unknown, get_op
+from rtxjit.ir.types import DType, TensorType
+from rtxjit.ir.verify import verify
+
+MIN_OPSET = 13
+MAX_TESTED_OPSET = 21
+
+
+def load_model(model) -> onnx.ModelProto:
+    """A ModelProto from a path, bytes or a ModelProto; unreadable input is a ModelError naming it."""
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if isinstance(model, (bytes, bytearray)):
+        try:
+            return onnx.load_from_string(bytes(model))
+        except Exception as exc:
+            raise ModelError(f"model bytes are not a valid ONNX model: {exc}") from exc
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        if not path.is_file():
+            raise ModelError(f"model file '{path}' does not exist")
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+            onnx.external_data_helper.load_external_data_for_model(proto, str(path.parent) or ".")
+        except Exception as exc:
+            raise ModelError(f"model file '{path}' is not a valid ONNX model "
+                             f"(truncated or corrupt?): {type(exc).__name__}: {exc}") from exc
+        if not proto.graph.node and not proto.graph.output:
+            raise ModelError(f"model file '{path}' holds no graph (empty or not an ONNX file)")
+        return proto
+    raise ModelError(f"cannot load a model from a {type(model).__name__}")
+
+
+def tensor_to_array(t: onnx.TensorProto) -> tuple:
+    """(numpy array, DType) of an ONNX tensor. bf16 data is held as float32 values."""
+    dtype = _dtype(t.data_type, f"tensor '{t.name}'")
+    if dtype is DType.BF16:
+        arr = onnx.numpy_helper.to_array(t)
+        bits = np.asarray(arr).view(np.uint16).astype(np.uint32) << 16
+        return bits.view(np.float32), dtype
+    return np.asarray(numpy_helper.to_array(t)), dtype
+
+
+def _dtype(code: int, where: str) -> DType:
+    try:
+        return DType.from_onnx(code)
+    except KeyError:
+        name = onnx.TensorProto.DataType.Name(code) if code in onnx.TensorProto.DataType.values() else code
+        raise UnsupportedOpError(f"{where}: element type {name} is not supported") from None
+
+
+def _value_type(vi: onnx.ValueInfoProto, where: str) -> TensorType:
+    if not vi.type.HasField("tensor_type"):
+        raise UnsupportedOpError(f"{where}: '{vi.name}' is not a tensor (sequences and maps are not supported)")
+    tt = vi.type.tensor_type
+    dtype = _dtype(tt.elem_type, f"{where} '{vi.name}'")
+    if not tt.HasField("shape"):
+        raise ModelError(f"{where} '{vi.name}' has no shape (its rank must be known)")
+    dims = []
+    for i, d in enumerate(tt.shape.dim):
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif d.dim_param:
+            dims.append(d.dim_param)
+        else:
+            dims.append(f"{vi.name}_d{i}")
+    return TensorType(dtype, tuple(dims))
+
+
+def _attr_value(a: onnx.AttributeProto, where: str):
+    if a.type == onnx.AttributeProto.TENSOR:
+        return tensor_to_array(a.t)[0]
+    if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+        raise UnsupportedOpError(f"{where}: attribute '{a.name}' holds a subgraph; control flow is not supported")
+    v = onnx.helper.get_attribute_value(a)
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, list):
+        return [x.decode() if isinstance(x, bytes) else x for x in v]
+    return v
+
+
+def _topological(nodes: list, available: set) -> list:
+    """Nodes in an order where every input is defined first; a cycle or dangling name is an error."""
+    producers = {}
+    for n in nodes:
+        for o in n.output:
+            if o:
+                producers[o] = n
+    order, done, state = [], set(available), {}
+    for start in nodes:
+        stack = [(start, False)]
+        while stack:
+            n, expanded = stack.pop()
+            key = id(n)
+            if state.get(key) == "done":
+                continue
+            if expanded:
+                state[key] = "done"
+                order.append(n)
+                done.update(o for o in n.output if o)
+                continue
+            if state.get(key) == "active":
+                raise ModelError(f"node '{n.name}' ({n.op_type}) is part of a cycle")
+            state[key] = "active"
+            stack.append((n, True))
+            for i in n.input:
+                if not i or i in done:
+                    continue
+                p = producers.get(i)
+                if p is None:
+                    raise ModelError(f"node '{n.name}' ({n.op_type}): input '{i}' is not produced by any "
+                                     "node, graph input or initializer")
+                if state.get(id(p)) == "active":
+                    raise ModelError(f"node '{n.name}' ({n.op_type}) is part of a cycle through '{i}'")
+                if state.get(id(p)) != "done":
+                    stack.append((p, False))
+    return order
+
+
+def import_model(model) -> Graph:
+    proto = load_model(model)
+    opset = None
+    for imp in proto.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            opset = imp.version
+    if opset is None:
+        raise ModelError("model imports no version of the default ONNX domain (opset_import)")
+    if opset < MIN_OPSET:
+        raise UnsupportedOpError(f"model opset {opset} is below the supported range {MIN_OPSET}-{MAX_TESTED_OPSET}")
+    g = proto.graph
+    values: dict = {}
+    for init in g.initializer:
+        arr, dtype = tensor_to_array(init)
+        values[init.name] = Value(init.name, TensorType(dtype, tuple(int(d) for d in arr.shape)), arr)
+    for sparse in g.sparse_initializer:
+        raise UnsupportedOpError(f"sparse initializer '{sparse.values.name}' is not supported")
+    inputs = []
+    for vi in g.input:
+        if vi.name in values:
+            continue  # an initializer listed as input (old exporters): a constant
+        v = Value(vi.name, _value_type(vi, "graph input"))
+        values[vi.name] = v
+        inputs.append(v)
+    nodes = []
+    for i, n in enumerate(_topological(list(g.node), set(values))):
+        nodes.append(_import_node(n, i, opset, values))
+    outputs = []
+    for vo in g.output:
+        if vo.name not in values:
+            raise ModelError(f"graph output '{vo.name}' is not produced by any node, input or initializer")
+        outputs.append(values[vo.name])
+    graph = Graph(g.name or "main", inputs, outputs, [n for n in nodes if n is not None], opset)
+    verify(graph)
+    return graph
+
+
+def _import_node(n: onnx.NodeProto, index: int, opset: int, values: dict):
+    name = n.name or f"{n.op_type}_{index}"
+    where = f"node '{name}' ({n.op_type}, opset {opset})"
+    if n.domain not in ("", "ai.onnx"):
+        raise UnsupportedOpError(f"{where}: domain '{n.domain}' is not supported")
+    opdef = get_op(n.op_type, where)
+    try:
+        version = onnx.defs.get_schema(n.op_type, opset).since_version
+    except Exception:
+        version = opset
+    if version < opdef.since:
+        raise UnsupportedOpError(f"{where}: {n.op_type} version {version} is not supported "
+                                 f"(rtxjit implements it from version {opdef.since})")
+    attrs = opdef.bind_attrs({a.name: _attr_value(a, where) for a in n.attribute}, where)
+    ins = [values[i] if i else None for i in n.input]
+    infer_args = []
+    for i, v in enumerate(ins):
+        if v is None:
+            infer_args.append(None)
+        elif i in opdef.host_inputs:
+            infer_args.append(v.const if v.is_const else Unknown(v.type))
+        else:
+            infer_args.append(v.type)
+    try:
+        out_types = opdef.infer(infer_args, attrs, len(n.output))
+    except RtxjitError:
+        raise
+    except (ValueError, IndexError, KeyError, TypeError) as exc:
+        raise ModelError(f"{where}: {exc}") from exc
+    if len(out_types) < len([o for o in n.output if o]):
+        raise ModelError(f"{where}: has {len(n.output)} outputs, {n.op_type} gives {len(out_types)}")
+    known = all(v is None or v.is_const for v in ins)
+    if host.runs_on_host(opdef, known, out_types) and (known or all(t.static for t in _types(ins))):
+        args = [None if v is None else v.const for v in ins]
+        vals = host.evaluate(opdef, args, _types(ins), attrs, out_types)
+        for o, t, val in zip(n.output, out_types, vals):
+            if o:
+                values[o] = Value(o, t, val)
+        return None
+    outs = []
+    for o, t in zip(n.output, out_types):
+        if not o:
+            outs.append(None)
+            continue
+        if o in values:
+            raise ModelError(f"{where}: output '{o}' is already defined")
+        outs.append(Value(o, t))
+        values[o] = outs[-1]
+    node = Node(n.op_type, name, ins, outs, attrs, version)
+    for v in outs:
+        if v is not None:
+            v.producer = node
+    return node
+
+
+def _types(ins: list) -> list:
+    return [None if v is None else v.type for v in ins]

@@ -1,0 +1,3 @@
+"""Sessions, plans, execution, device detection."""
+
+from rtxjit.runtime.session import InferenceSession  # noqa: F401

@@ -1,0 +1,253 @@
+"""Execution plans: the graph lowered for one binding of input shapes to a flat list of launches.
+
+Building a plan walks the graph once: host nodes (shape tensors) are evaluated with numpy, every
+other node's ``lower`` emits kernel launches over buffer views. Running a plan binds the feeds,
+allocates the intermediate buffers and launches the list: no per-node Python decisions remain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from rtxjit.codegen.source import KernelSource, load_kernel
+from rtxjit.codegen.templates.pointwise import render_pointwise
+from rtxjit.codegen.view import View, collapse
+from rtxjit.errors import ModelError, RtxjitError, ShapeError, UnsupportedOpError
+from rtxjit.ir import host
+from rtxjit.ir.graph import Graph, Node
+from rtxjit.ir.registry import Kind, get_op
+from rtxjit.ir.types import DType, TensorType, is_static
+
+WIDE_LIMIT = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Buf:
+    """A launch argument that is the data pointer of plan buffer ``index``."""
+
+    index: int
+
+
+@dataclass
+class Launch:
+    kernel: KernelSource
+    grid: tuple
+    args: tuple  # Buf | int | float
+    constexprs: dict
+    node: str
+
+
+@dataclass
+class BufferSpec:
+    dtype: DType
+    numel: int
+    role: str  # "input" | "const" | "temp"
+    name: str = ""
+    data: Optional[np.ndarray] = None  # host data of a plan constant
+
+
+@dataclass
+class Plan:
+    buffers: list = field(default_factory=list)
+    steps: list = field(default_factory=list)
+    outputs: dict = field(default_factory=dict)  # graph output name -> View
+    inputs: dict = field(default_factory=dict)  # graph input name -> buffer index
+    trace: dict = field(default_factory=dict)  # node name -> list of kernel names / "alias" / "host"
+
+    def add_buffer(self, spec: BufferSpec) -> int:
+        self.buffers.append(spec)
+        return len(self.buffers) - 1
+
+
+@dataclass
+class _Entry:
+    type: TensorType
+    host: Optional[np.ndarray] = None
+    view: Optional[View] = None
+
+
+class LowerCtx:
+    """What an op's ``lower`` sees: its output views, and methods that emit launches."""
+
+    def __init__(self, builder: "PlanBuilder", node: Node, outputs: list, out_types: list):
+        self._b = builder
+        self.node = node
+        self.outputs = outputs  # list[View | None]: None for an omitted optional output
+        self.out_types = out_types
+        self.kernels: list = []
+        self.aliased: set = set()
+
+    @property
+    def interpret(self) -> bool:
+        return self._b.interpret
+
+    @property
+    def where(self) -> str:
+        return f"node '{self.node.name}' ({self.node.op})"
+
+    def launch(self, src: KernelSource, grid: tuple, args: list, **constexprs) -> None:
+        if any(g == 0 for g in grid):
+            return
+        self._b.plan.steps.append(Launch(src, tuple(int(g) for g in grid), tuple(args), constexprs, self.node.name))
+        self.kernels.append(f"{src.name}:{src.short_key}")
+
+    def ptr(self, view: View) -> Buf:
+        """The launch argument for the data pointer of ``view``'s buffer (pass ``view.offset`` too)."""
+        return Buf(view.buf)
+
+    def alias(self, index: int, view: View) -> None:
+        """Output ``index`` is ``view`` (a contiguous view of an input): nothing is computed."""
+        if not view.contiguous:
+            raise RtxjitError(f"{self.where}: alias of a non-contiguous view")
+        self._b.plan.buffers[self.outputs[index].buf].numel = 0  # the output's own buffer is not needed
+        self.outputs[index] = view
+        self.aliased.add(index)
+
+    def const(self, value: np.ndarray) -> View:
+        return self._b.upload(np.ascontiguousarray(value), f"{self.node.name}/const")
+
+    def temp(self, dtype: DType, shape) -> View:
+        idx = self._b.plan.add_buffer(BufferSpec(dtype, int(np.prod(shape, dtype=np.int64)), "temp"))
+        return View.of(idx, dtype, shape)
+
+    def pointwise(self, expr: str, inputs: list, out: View, scalars: tuple = ()) -> None:
+        """``out = expr(inputs...)`` with numpy broadcasting of the inputs to ``out.shape``."""
+        views = [v.broadcast_to(out.shape) for v in inputs]
+        shape, strides = collapse(out.shape, out.strides, *[v.strides for v in views])
+        n = out.numel
+        src = render_pointwise(expr, tuple(v.dtype for v in views), out.dtype, len(shape), len(scalars),
+                               wide=n > WIDE_LIMIT or self._b.max_offset(out, *views) > WIDE_LIMIT)
+        block = self._b.pointwise_block(n)
+        args: list = [Buf(out.buf), out.offset]
+        for v in views:
+            args += [Buf(v.buf), v.offset]
+        args += list(scalars)
+        args += [n, *shape, *strides[0]]
+        for st in strides[1:]:
+            args += list(st)
+        self.launch(src, (-(-n // block),), args, BLOCK=block)
+
+    def copy(self, src: View, dst: View) -> None:
+        self.pointwise("x0", [src], dst)
+
+
+class PlanBuilder:
+    def __init__(self, graph: Graph, device, session_consts: frozenset = frozenset()):
+        self.graph = graph
+        self.device = device
+        self.interpret = device.interpret
+        self.plan = Plan()
+        self.session_consts = session_consts  # constants already on the device, by value name
+
+    def max_offset(self, *views: View) -> int:
+        return max(v.offset + sum((d - 1) * abs(s) for d, s in zip(v.shape, v.strides)) for v in views)
+
+    def pointwise_block(self, n: int) -> int:
+        cap = 4096 if self.interpret else 1024
+        block = 128
+        while block < n and block < cap:
+            block *= 2
+        return block
+
+    def upload(self, value: np.ndarray, name: str) -> View:
+        dtype = DType.from_numpy(value.dtype)
+        idx = self.plan.add_buffer(BufferSpec(dtype, int(value.size), "const", name, value))
+        return View.of(idx, dtype, value.shape)
+
+    def build(self, input_types: dict, host_feeds: dict) -> Plan:
+        env: dict = {}
+        for v in self.graph.inputs:
+            t = input_types[v.name]
+            idx = self.plan.add_buffer(BufferSpec(t.dtype, int(np.prod(t.shape, dtype=np.int64)), "input", v.name))
+            self.plan.inputs[v.name] = idx
+            env[v.name] = _Entry(t, host_feeds.get(v.name), View.of(idx, t.dtype, t.shape))
+        for v in self.graph.constants():
+            env[v.name] = _Entry(v.type, v.const, None)
+        for node in self.graph.nodes:
+            self._node(node, env)
+        for v in self.graph.outputs:
+            e = env[v.name]
+            view = self._device_view(v.name, e)
+            if view.buf in self.plan.inputs.values() or self.plan.buffers[view.buf].role == "const":
+                copy = View.of(self.plan.add_buffer(BufferSpec(view.dtype, view.numel, "temp")), view.dtype, view.shape)
+                LowerCtx(self, Node("Identity", f"output:{v.name}", [], []), [], []).copy(view, copy)
+                view = copy
+            self.plan.outputs[v.name] = view
+        return self.plan
+
+    def _device_view(self, name: str, e: _Entry) -> View:
+        if e.view is None:
+            if name in self.session_consts:
+                idx = self.plan.add_buffer(BufferSpec(e.type.dtype, int(e.host.size), "const", name))
+                e.view = View.of(idx, e.type.dtype, e.type.shape)
+            else:
+                e.view = self.upload(np.ascontiguousarray(e.host), name)
+        return e.view
+
+    def _node(self, node: Node, env: dict) -> None:
+        where = f"node '{node.name}' ({node.op})"
+        opdef = get_op(node.op, where)
+        infer_args, types, host_args = [], [], []
+        for i, v in enumerate(node.inputs):
+            if v is None:
+                infer_args.append(None)
+                types.append(None)
+                host_args.append(None)
+                continue
+            e = env[v.name]
+            types.append(e.type)
+            host_args.append(e.host)
+            if i in opdef.host_inputs:
+                if e.host is None:
+                    raise UnsupportedOpError(
+                        f"{where}: input {i} ('{v.name}') must be known before the run (a shape tensor), "
+                        "but it is computed from data on the device")
+                infer_args.append(e.host)
+            else:
+                infer_args.append(e.type)
+        try:
+            out_types = opdef.infer(infer_args, node.attrs, len(node.outputs))
+        except (ValueError, IndexError, KeyError, TypeError) as exc:
+            raise ShapeError(f"{where}: {exc}") from exc
+        for t in out_types:
+            if not is_static(t.shape):
+                raise ShapeError(f"{where}: output shape {t.shape} is not concrete after binding the inputs")
+        inputs_known = all(a is not None for a, v in zip(host_args, node.inputs) if v is not None)
+        if host.runs_on_host(opdef, inputs_known, out_types):
+            values = host.evaluate(opdef, host_args, types, node.attrs, out_types)
+            for v, t, val in zip(node.outputs, out_types, values):
+                if v is not None:
+                    env[v.name] = _Entry(t, val)
+            self.plan.trace[node.name] = ["host"]
+            return
+        if opdef.lower_fn is None:
+            raise UnsupportedOpError(f"{where}: op {node.op} has no kernel lowering")
+        outs = []
+        for v, t in zip(node.outputs, out_types):
+            if v is None or v.name == "":
+                outs.append(None)
+                continue
+            numel = int(np.prod(t.shape, dtype=np.int64))
+            outs.append(View.of(self.plan.add_buffer(BufferSpec(t.dtype, numel, "temp", v.name)), t.dtype, t.shape))
+        ctx = LowerCtx(self, node, outs, list(out_types))
+        lower_args = []
+        for i, v in enumerate(node.inputs):
+            if v is None:
+                lower_args.append(None)
+            elif i in opdef.host_inputs:
+                lower_args.append(env[v.name].host)
+            else:
+                lower_args.append(self._device_view(v.name, env[v.name]))
+        opdef.lower_fn(ctx, *lower_args, **node.attrs)
+        for i, (v, t) in enumerate(zip(node.outputs, out_types)):
+            if v is not None and v.name:
+                env[v.name] = _Entry(t, None, ctx.outputs[i])
+        if ctx.aliased and not ctx.kernels:
+            self.plan.trace[node.name] = ["alias"]
+        else:
+            self.plan.trace[node.name] = list(ctx.kernels)
+        if opdef.kind is not Kind.ALIAS and not ctx.kernels and any(o is not None and o.numel for o in outs):
+            raise ModelError(f"{where}: lowering emitted no kernel")

@@ -1,0 +1,176 @@
+"""``InferenceSession``: onnxruntime's shape of API over rtxjit's plans and kernels."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from rtxjit.errors import InputError
+from rtxjit.ir.graph import Graph
+from rtxjit.ir.types import DType, TensorType
+from rtxjit.runtime.device import Device, detect
+from rtxjit.runtime.executor import Executable, torch_dtype
+from rtxjit.runtime.plan import PlanBuilder
+
+ONNX_TYPE_NAMES = {
+    DType.FP32: "tensor(float)", DType.FP16: "tensor(float16)", DType.BF16: "tensor(bfloat16)",
+    DType.FP64: "tensor(double)", DType.INT64: "tensor(int64)", DType.INT32: "tensor(int32)",
+    DType.INT8: "tensor(int8)", DType.UINT8: "tensor(uint8)", DType.BOOL: "tensor(bool)",
+    DType.FP8E4M3: "tensor(float8e4m3fn)", DType.FP8E5M2: "tensor(float8e5m2)",
+}
+
+
+@dataclass(frozen=True)
+class NodeArg:
+    """Name, shape (ints or symbol names) and ONNX type string of a graph input or output."""
+
+    name: str
+    shape: list
+    type: str
+    dtype: DType
+
+
+def _node_arg(v) -> NodeArg:
+    return NodeArg(v.name, list(v.type.shape), ONNX_TYPE_NAMES[v.type.dtype], v.type.dtype)
+
+
+class InferenceSession:
+    """Runs a model with generated Triton kernels.
+
+    ``model`` is a path, serialized bytes, an ``onnx.ModelProto`` or an ``rtxjit.ir.Graph``.
+    ``device`` is "cuda", "cpu" (Triton's interpreter) or None (a GPU if torch sees one).
+    """
+
+    def __init__(self, model, device: Optional[str] = None, providers=None):
+        if isinstance(model, Graph):
+            self.graph = model
+        else:
+            from rtxjit.onnx.importer import import_model
+
+            self.graph = import_model(model)
+        self.device: Device = detect(device)
+        self._tdev = torch.device(self.device.torch_device)
+        self._lock = threading.Lock()
+        self._executables: dict = {}
+        self._host_inputs = self._inputs_needed_on_host()
+        self._const_tensors: dict = {}
+        self._upload_constants()
+        self.last_trace: dict = {}
+
+    # -- onnxruntime-style introspection
+    def get_inputs(self) -> list:
+        return [_node_arg(v) for v in self.graph.inputs]
+
+    def get_outputs(self) -> list:
+        return [_node_arg(v) for v in self.graph.outputs]
+
+    # -- running
+    def run(self, output_names, feeds: dict) -> list:
+        names = [v.name for v in self.graph.outputs] if output_names is None else list(output_names)
+        known_outputs = {v.name for v in self.graph.outputs}
+        for n in names:
+            if n not in known_outputs:
+                raise InputError(f"unknown output '{n}'; the model's outputs are {sorted(known_outputs)}")
+        as_numpy = not any(isinstance(x, torch.Tensor) for x in feeds.values())
+        tensors, types, host_values = self._bind(feeds)
+        key = tuple((n, t.shape, t.dtype) for n, t in types.items()) + tuple(
+            (n, v.tobytes()) for n, v in sorted(host_values.items()))
+        exe = self._executables.get(key)
+        if exe is None:
+            with self._lock:
+                exe = self._executables.get(key)
+                if exe is None:
+                    plan = PlanBuilder(self.graph, self.device, frozenset(self._const_tensors)).build(types, host_values)
+                    exe = Executable(plan, self.device, self._const_tensors)
+                    self._executables[key] = exe
+        self.last_trace = exe.plan.trace
+        results = exe.run(tensors)
+        out = [results[n] for n in names]
+        if as_numpy:
+            return [t.cpu().numpy() for t in out]
+        return out
+
+    def plan_for(self, feeds: dict):
+        """The execution plan that ``run`` uses for these feeds (for inspection and tests)."""
+        self.run(None, feeds)
+        return self._executables[next(reversed(self._executables))].plan
+
+    def _bind(self, feeds: dict):
+        expected = {v.name: v for v in self.graph.inputs}
+        for name in feeds:
+            if name not in expected:
+                raise InputError(f"unknown input '{name}'; the model's inputs are {sorted(expected)}")
+        tensors, types, host_values, symbols = {}, {}, {}, {}
+        for name, v in expected.items():
+            if name not in feeds:
+                raise InputError(f"missing input '{name}' ({v.type})")
+            x = feeds[name]
+            if isinstance(x, torch.Tensor):
+                dt = _dtype_of_torch(x.dtype, name)
+            else:
+                x = np.asarray(x)
+                try:
+                    dt = DType.from_numpy(x.dtype)
+                except KeyError:
+                    raise InputError(f"input '{name}': dtype {x.dtype} is not supported") from None
+            if dt is not v.type.dtype:
+                raise InputError(f"input '{name}': expected dtype {v.type.dtype.short}, got {dt.short}")
+            shape = tuple(int(d) for d in x.shape)
+            if len(shape) != v.type.rank:
+                raise InputError(f"input '{name}': expected rank {v.type.rank} {v.type.shape}, got shape {shape}")
+            for i, (want, got) in enumerate(zip(v.type.shape, shape)):
+                if isinstance(want, int) and want != got:
+                    raise InputError(f"input '{name}': dim {i} must be {want}, got {got} (shape {shape})")
+                if isinstance(want, str) and want != "?":
+                    if symbols.setdefault(want, (got, name))[0] != got:
+                        first = symbols[want]
+                        raise InputError(f"input '{name}': dim {i} ('{want}') is {got} but input '{first[1]}' "
+                                         f"binds '{want}' to {first[0]}")
+            if name in self._host_inputs:
+                host_values[name] = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
+            tensors[name] = self._to_device(x, dt)
+            types[name] = TensorType(dt, shape)
+        return tensors, types, host_values
+
+    def _to_device(self, x, dt: DType):
+        if isinstance(x, torch.Tensor):
+            t = x.to(self._tdev)
+            if not t.is_contiguous():
+                from rtxjit.runtime.copy import contiguous
+
+                t = contiguous(t, self.device)
+            return t.reshape(-1)
+        x = np.ascontiguousarray(x)
+        return torch.from_numpy(x.reshape(-1)).to(self._tdev)
+
+    def _inputs_needed_on_host(self) -> set:
+        from rtxjit.ir.registry import get_op
+
+        names = {v.name for v in self.graph.inputs}
+        needed = set()
+        for node in self.graph.nodes:
+            opdef = get_op(node.op, f"node '{node.name}'")
+            for i, v in enumerate(node.inputs):
+                if v is not None and v.name in names and i in opdef.host_inputs:
+                    needed.add(v.name)
+        return needed
+
+    def _upload_constants(self) -> None:
+        for v in self.graph.constants():
+            host = torch.from_numpy(np.ascontiguousarray(v.const).reshape(-1).copy())
+            t = host.to(self._tdev, dtype=torch_dtype(v.type.dtype))
+            self._const_tensors[v.name] = t
+
+
+def _dtype_of_torch(dt: torch.dtype, name: str) -> DType:
+    for d in DType:
+        try:
+            if torch_dtype(d) == dt:
+                return d
+        except KeyError:
+            continue
+    raise InputError(f"input '{name}': dtype {dt} is not supported")
