@@ -2,6 +2,10 @@
 
 __version__ = "0.1.0"
 
+from rtxjit import config as _config  # noqa: E402
+
+_config.prepare_triton()
+
 from rtxjit.errors import (  # noqa: F401,E402
     InputError, KernelError, ModelError, RtxjitError, ShapeError, UnsupportedOpError)
 from rtxjit.runtime.session import InferenceSession  # noqa: F401,E402

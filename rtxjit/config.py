@@ -1,11 +1,35 @@
-"""Every environment variable rtxjit reads, read here and nowhere else."""
+"""Every environment variable rtxjit reads (or sets), here and nowhere else."""
 
 from __future__ import annotations
 
 import os
+import sys
 
 
 def device_override() -> str | None:
     """RTXJIT_DEVICE=cpu forces Triton's interpreter; =cuda forces the GPU."""
     value = os.environ.get("RTXJIT_DEVICE", "").strip().lower()
     return value or None
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def prepare_triton() -> None:
+    """Turn on Triton's interpreter when kernels will run on the CPU.
+
+    Triton reads TRITON_INTERPRET when its own library functions (``tl.sum``, ``tl.zeros``, ...) are
+    decorated, that is when ``triton`` is first imported; so this runs before that import.
+    """
+    if "triton" in sys.modules or interpreter_enabled():
+        return
+    choice = device_override()
+    if choice in ("cuda", "gpu"):
+        return
+    if choice != "cpu":
+        import torch
+
+        if torch.cuda.is_available():
+            return
+    os.environ["TRITON_INTERPRET"] = "1"

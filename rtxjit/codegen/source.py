@@ -65,4 +65,4 @@ def _build(src: KernelSource, interpret: bool):
         return InterpretedFunction(fn)
     from triton.runtime.jit import JITFunction
 
-    return JITFunction(fn)
+    return JITFunction(fn)  # on the GPU: compiled on first launch, cached by Triton

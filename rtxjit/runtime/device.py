@@ -41,4 +41,7 @@ def detect(requested: Optional[str] = None) -> Device:
         return Device("cuda", torch.cuda.get_device_name(), major * 10 + minor)
     if choice in ("cuda", "gpu"):
         raise RtxjitError("device 'cuda' was asked for but torch sees no CUDA GPU")
+    if not config.interpreter_enabled():
+        raise RtxjitError("the CPU needs Triton's interpreter, which must be on before triton is imported: "
+                          "set RTXJIT_DEVICE=cpu (or TRITON_INTERPRET=1), or import rtxjit before triton")
     return Device("cpu", "cpu")

@@ -72,7 +72,9 @@ reshape.lower(_alias)
 @op("Flatten", since=1, kind=Kind.ALIAS, samples=[Sample([Rand((2, 3, 4))]), Sample([Rand((2, 3, 4))], {"axis": 0}),
                                                   Sample([Rand((2, 3, 4))], {"axis": -1})])
 def flatten(x: TensorType, *, axis: int = 1) -> TensorType:
-    axis = norm_axis(axis, x.rank + 1) if axis != x.rank else axis
+    if not -x.rank <= axis <= x.rank:
+        raise ShapeError(f"Flatten axis {axis} is out of range for rank {x.rank}")
+    axis = axis + x.rank if axis < 0 else axis
     return x.with_shape((numel(x.shape[:axis]), numel(x.shape[axis:])))
 
 
