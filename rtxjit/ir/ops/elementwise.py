@@ -102,7 +102,7 @@ def lower_expr(expr: str, scalars=lambda attrs: ()):
 
 def _declare_unary(name: str, expr: str, ref, rng) -> None:
     samples = [Sample([Rand(s.inputs[0].shape, None, *rng)]) for s in UNARY_SHAPES]
-    d = op(name, since=6, kind=Kind.POINTWISE, samples=samples)(lambda x: x)
+    d = op(name, since=1, kind=Kind.POINTWISE, samples=samples)(lambda x: x)
     d.reference(ref)
     d.lower(lower_expr(expr))
 
