@@ -138,7 +138,18 @@ def _topological(nodes: list, available: set) -> list:
 
 
 def import_model(model) -> Graph:
-    proto = load_model(model)
+    """The IR graph of a model (path, bytes or ModelProto); errors name the file when there is one."""
+    if isinstance(model, (str, os.PathLike)):
+        try:
+            return _import(load_model(model))
+        except RtxjitError as exc:
+            if str(model) in str(exc):
+                raise
+            raise type(exc)(f"model file '{model}': {exc}") from exc
+    return _import(load_model(model))
+
+
+def _import(proto: onnx.ModelProto) -> Graph:
     opset = None
     for imp in proto.opset_import:
         if imp.domain in ("", "ai.onnx"):

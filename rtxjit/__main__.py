@@ -1,0 +1,5 @@
+import sys
+
+from rtxjit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Sets up, then runs the test suite (GPU tests are skipped where no GPU is present).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec "${PYTHON:-python3}" -m pytest -q -p no:cacheprovider "$@"
