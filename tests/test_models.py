@@ -39,8 +39,8 @@ def _check_model(name, dtype, device, batch=2):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_model_matches_onnxruntime_cpu(name, dtype):
-    _check_model(name, dtype, "cpu")
+def test_model_matches_onnxruntime(name, dtype):
+    _check_model(name, dtype, None)  # the GPU where there is one, else the CPU interpreter
 
 
 @pytest.mark.gpu
@@ -53,7 +53,7 @@ def test_model_matches_onnxruntime_gpu(name, dtype):
 
 def test_symbolic_batch_serves_new_shapes_with_the_same_kernels():
     model = resnet_cnn()
-    sess = rtxjit.InferenceSession(model, device="cpu")
+    sess = rtxjit.InferenceSession(model)
     first = sess.plan_for(demo_inputs(model, batch=1))
     second = sess.plan_for(demo_inputs(model, batch=3))
     assert [s.kernel.key for s in first.steps] == [s.kernel.key for s in second.steps]
@@ -74,7 +74,7 @@ class _RecordAten(TorchDispatchMode):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_every_node_runs_in_a_generated_kernel(name):
     model = MODELS[name]()
-    sess = rtxjit.InferenceSession(model, device="cpu")
+    sess = rtxjit.InferenceSession(model)
     feeds = demo_inputs(model)
     with _RecordAten() as rec:
         sess.run(None, feeds)

@@ -30,7 +30,7 @@ def test_op_matches_onnxruntime(name, index, float_type, rng):
     sample = opdef.samples[index]
     arrays = make_inputs(sample, float_type, rng)
     model, feeds = single_node_model(opdef, sample, arrays)
-    got = rtxjit.InferenceSession(model, device="cpu").run(None, feeds)
+    got = rtxjit.InferenceSession(model).run(None, feeds)
     want = run_onnxruntime(model, feeds)
     source = "onnxruntime"
     if want is None:

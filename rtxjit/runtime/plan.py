@@ -98,6 +98,10 @@ class LowerCtx:
         """The launch argument for the data pointer of ``view``'s buffer (pass ``view.offset`` too)."""
         return Buf(view.buf)
 
+    def needs_wide(self, *views: View) -> bool:
+        """Whether addressing ``views`` needs 64-bit index arithmetic in a kernel."""
+        return self._b.max_offset(*views) > WIDE_LIMIT
+
     def alias(self, index: int, view: View) -> None:
         """Output ``index`` is ``view`` (a contiguous view of an input): nothing is computed."""
         if not view.contiguous:

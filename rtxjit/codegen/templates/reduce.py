@@ -1,0 +1,238 @@
+"""Row reductions: each row of a tensor reduced to one value, or normalized in place of itself.
+
+The lowering views the input so that kept dims come first and reduced dims last: a *row* is one
+index of the kept dims and its *columns* are the elements of the reduced dims. Kept-dim sizes and
+strides and reduced-dim sizes and strides are run-time arguments, so one compiled kernel serves
+every shape; the mode, the two ranks and the dtypes are part of the source.
+
+Each program handles a ``BLOCK_R x BLOCK_C`` tile (short rows, such as 7x7 pooling windows, pack
+many rows per program). When a whole row fits in one block (constexpr ``ONE_BLOCK``) it is loaded
+once; otherwise the kernel loops over column blocks: online max/sum for softmax, and Chan's
+combination of per-block mean and M2 for layernorm, then a second pass that writes the row.
+
+Modes: ``sum``, ``mean``, ``max``, ``min`` (one value per row, written at the flat row index),
+``softmax``, ``logsoftmax`` and ``layernorm`` (the output has the input's shape and strides).
+Floats accumulate in fp32 (fp64 stays fp64); integers in their own type; bool as int32.
+"""
+
+from __future__ import annotations
+
+from rtxjit.codegen.dtypes import TL, compute_type
+from rtxjit.codegen.source import KernelSource, render
+from rtxjit.ir.types import DType
+
+ROW_MODES = ("sum", "mean", "max", "min")
+SAME_SHAPE_MODES = ("softmax", "logsoftmax", "layernorm")
+
+
+def acc_type(dtype: DType) -> DType:
+    """The type a reduction accumulates in."""
+    return DType.INT32 if dtype is DType.BOOL else compute_type(dtype)
+
+
+def extreme_literal(dtype: DType, lowest: bool) -> str:
+    """The identity of max (``lowest``) or min as a Triton literal of ``dtype``'s accumulator."""
+    acc = acc_type(dtype)
+    if dtype is DType.BOOL:
+        return "0" if lowest else "1"
+    if acc.is_float:
+        return "float('-inf')" if lowest else "float('inf')"
+    bits = acc.itemsize * 8
+    if acc is DType.UINT8:
+        return "0" if lowest else "255"
+    return str(-(2 ** (bits - 1))) if lowest else str(2 ** (bits - 1) - 1)
+
+
+def _index_lines(var: str, idx: str, sizes: str, rank: int, terms: dict) -> list:
+    """Code that splits flat index ``var`` into ``{idx}0..`` over dims ``{sizes}0..`` and sums, for
+    each name in ``terms``, the indices times that operand's strides (``terms[name]`` prefixes them)."""
+    lines = [f"    rem = {var}"]
+    for d in reversed(range(rank)):
+        if d:
+            lines += [f"    {idx}{d} = rem % {sizes}{d}", f"    rem = rem // {sizes}{d}"]
+        else:
+            lines.append(f"    {idx}{d} = rem")
+    for name, prefix in terms.items():
+        lines.append(f"    {name} = " + " + ".join(f"{idx}{d} * {prefix}{d}" for d in range(rank)))
+    return lines
+
+
+class _Spec:
+    """What one kernel variant needs to know while its source is written."""
+
+    def __init__(self, mode, in_dtype, out_dtype, kept_rank, red_rank, scale, bias, stats, wide):
+        self.mode = mode
+        self.in_dtype = in_dtype
+        self.out_dtype = out_dtype
+        self.kept_rank = kept_rank
+        self.red_rank = red_rank
+        self.scale = scale
+        self.bias = bias
+        self.stats = stats
+        self.wide = wide
+        self.acc = TL[acc_type(in_dtype)]
+
+    @property
+    def col_operands(self) -> dict:
+        """Name of each column offset -> prefix of its stride arguments."""
+        terms = {"col_off": "cst"}
+        if self.scale:
+            terms["w_col"] = "w_cst"
+        if self.bias:
+            terms["b_col"] = "b_cst"
+        return terms
+
+    def params(self) -> list:
+        p = ["x_ptr", "x_off", "y_ptr", "y_off"]
+        p += ["w_ptr", "w_off"] if self.scale else []
+        p += ["b_ptr", "b_off"] if self.bias else []
+        p += ["mean_ptr", "mean_off", "rstd_ptr", "rstd_off"] if self.stats else []
+        p += ["n_rows", "n_cols"] + (["eps"] if self.mode == "layernorm" else [])
+        p += [f"ksize{d}" for d in range(self.kept_rank)] + [f"kst{d}" for d in range(self.kept_rank)]
+        p += [f"csize{d}" for d in range(self.red_rank)]
+        for prefix in self.col_operands.values():
+            p += [f"{prefix}{d}" for d in range(self.red_rank)]
+        return p + ["BLOCK_R: tl.constexpr", "BLOCK_C: tl.constexpr", "ONE_BLOCK: tl.constexpr"]
+
+    def other(self) -> str:
+        """The value masked-off columns load as: the identity of the mode's first reduction."""
+        if self.mode in ("max", "softmax", "logsoftmax"):
+            return extreme_literal(self.in_dtype, lowest=True)
+        if self.mode == "min":
+            return extreme_literal(self.in_dtype, lowest=False)
+        return "0"
+
+
+def _load_tile(spec: _Spec, start: str, indent: str, affine: bool = True) -> list:
+    """Lines that load the x tile of columns ``start .. start+BLOCK_C`` as ``x`` (with ``mask``,
+    the column offsets, and, if ``affine``, the ``scale``/``bias`` tiles the kernel has)."""
+    cols = "cols0" if start == "0" else f"{start} + cols0"
+    lines = [f"    cols = {cols}", "    mask = row_mask & (cols < n_cols)"]
+    lines += _index_lines("cols", "ci", "csize", spec.red_rank, spec.col_operands)
+    lines.append(f"    x = tl.load(x_ptr + x_off + row_off + col_off, mask=mask, other={spec.other()})"
+                 f".to({spec.acc})")
+    if spec.scale and affine:
+        lines.append(f"    scale = tl.load(w_ptr + w_off + w_col, mask=mask, other=0).to({spec.acc})")
+    if spec.bias and affine:
+        lines.append(f"    bias = tl.load(b_ptr + b_off + b_col, mask=mask, other=0).to({spec.acc})")
+    return [indent + line[4:] if line.startswith("    ") else line for line in lines]
+
+
+def _store_tile(spec: _Spec, value: str, indent: str) -> str:
+    return f"{indent}tl.store(y_ptr + y_off + row_off + col_off, ({value}).to({TL[spec.out_dtype]}), mask=mask)"
+
+
+def _store_rows(ptr: str, value: str, dtype: DType) -> str:
+    return f"    tl.store({ptr}_ptr + {ptr}_off + rows, ({value}).to({TL[dtype]}), mask=row_mask)"
+
+
+# ---- one value per row -------------------------------------------------------------------------
+
+_COMBINE = {"sum": "acc + x", "mean": "acc + x", "max": "tl.maximum(acc, x)", "min": "tl.minimum(acc, x)"}
+_FINISH = {"sum": "tl.sum", "mean": "tl.sum", "max": "tl.max", "min": "tl.min"}
+
+
+def _row_body(spec: _Spec) -> list:
+    finish = _FINISH[spec.mode]
+    lines = ["    if ONE_BLOCK:"] + _load_tile(spec, "0", "        ")
+    lines += [f"        r = {finish}(x, 1, keep_dims=True)", "    else:"]
+    lines.append(f"        acc = tl.full([BLOCK_R, BLOCK_C], {spec.other()}, {spec.acc})")
+    lines.append("        for c0 in range(0, n_cols, BLOCK_C):")
+    lines += _load_tile(spec, "c0", "            ")
+    lines.append(f"            acc = {_COMBINE[spec.mode]}")
+    lines.append(f"        r = {finish}(acc, 1, keep_dims=True)")
+    if spec.mode == "mean":
+        lines.append("    r = r / n_cols")
+    lines.append(_store_rows("y", "r", spec.out_dtype))
+    return lines
+
+
+# ---- softmax / logsoftmax ----------------------------------------------------------------------
+
+def _softmax_value(spec: _Spec) -> str:
+    if spec.mode == "softmax":
+        return "tl.exp(x - m) / s"
+    return "x - m - tl.log(s)"
+
+
+def _softmax_body(spec: _Spec) -> list:
+    lines = ["    if ONE_BLOCK:"] + _load_tile(spec, "0", "        ")
+    lines += ["        m = tl.max(x, 1, keep_dims=True)",
+              "        s = tl.sum(tl.exp(x - m), 1, keep_dims=True)",
+              _store_tile(spec, _softmax_value(spec), "        "),
+              "    else:",
+              f"        m = tl.full([BLOCK_R, 1], float('-inf'), {spec.acc})",
+              f"        s = tl.zeros([BLOCK_R, 1], {spec.acc})",
+              "        for c0 in range(0, n_cols, BLOCK_C):"]
+    lines += _load_tile(spec, "c0", "            ")
+    lines += ["            m_new = tl.maximum(m, tl.max(x, 1, keep_dims=True))",
+              "            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 1, keep_dims=True)",
+              "            m = m_new",
+              "        for c0 in range(0, n_cols, BLOCK_C):"]
+    lines += _load_tile(spec, "c0", "            ")
+    lines.append(_store_tile(spec, _softmax_value(spec), "            "))
+    return lines
+
+
+# ---- layernorm ---------------------------------------------------------------------------------
+
+def _layernorm_value(spec: _Spec) -> str:
+    value = "(x - mean) * rstd"
+    if spec.scale:
+        value += " * scale"
+    if spec.bias:
+        value += " + bias"
+    return value
+
+
+def _layernorm_body(spec: _Spec) -> list:
+    lines = ["    if ONE_BLOCK:"] + _load_tile(spec, "0", "        ")
+    lines += ["        mean = tl.sum(x, 1, keep_dims=True) / n_cols",
+              "        d = tl.where(mask, x - mean, 0.0)",
+              "        rstd = 1.0 / tl.sqrt(tl.sum(d * d, 1, keep_dims=True) / n_cols + eps)",
+              _store_tile(spec, _layernorm_value(spec), "        "),
+              "    else:",
+              f"        mean = tl.zeros([BLOCK_R, 1], {spec.acc})",
+              f"        m2 = tl.zeros([BLOCK_R, 1], {spec.acc})",
+              "        for c0 in range(0, n_cols, BLOCK_C):"]
+    lines += _load_tile(spec, "c0", "            ", affine=False)
+    lines += [f"            n_b = tl.minimum(n_cols - c0, BLOCK_C).to({spec.acc})",
+              "            b_mean = tl.sum(x, 1, keep_dims=True) / n_b",
+              "            d = tl.where(mask, x - b_mean, 0.0)",
+              "            total = c0 + n_b",
+              "            delta = b_mean - mean",
+              "            mean = mean + delta * (n_b / total)",
+              "            m2 = m2 + tl.sum(d * d, 1, keep_dims=True) + delta * delta * (c0 * n_b / total)",
+              "        rstd = 1.0 / tl.sqrt(m2 / n_cols + eps)",
+              "        for c0 in range(0, n_cols, BLOCK_C):"]
+    lines += _load_tile(spec, "c0", "            ")
+    lines.append(_store_tile(spec, _layernorm_value(spec), "            "))
+    return lines
+
+
+_BODIES = {"sum": _row_body, "mean": _row_body, "max": _row_body, "min": _row_body,
+           "softmax": _softmax_body, "logsoftmax": _softmax_body, "layernorm": _layernorm_body}
+
+
+def render_reduce(mode: str, in_dtype: DType, out_dtype: DType, kept_rank: int, red_rank: int, *,
+                  scale: bool = False, bias: bool = False, stats_dtype: DType = None,
+                  wide: bool = False) -> KernelSource:
+    """A row-reduction kernel. ``scale``/``bias``/``stats_dtype`` apply to layernorm only: the
+    optional scale and bias operands and the dtype of the optional Mean/InvStdDev outputs."""
+    if mode not in _BODIES:
+        raise ValueError(f"unknown row-reduction mode '{mode}'")
+    spec = _Spec(mode, in_dtype, out_dtype, kept_rank, red_rank, scale, bias, stats_dtype is not None, wide)
+    pid = "tl.program_id(0).to(tl.int64)" if wide else "tl.program_id(0)"
+    cols0 = "tl.arange(0, BLOCK_C).to(tl.int64)" if wide else "tl.arange(0, BLOCK_C)"
+    lines = [f"def reduce_{mode}({', '.join(spec.params())}):",
+             f"    rows = {pid} * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]",
+             "    row_mask = rows < n_rows",
+             f"    cols0 = {cols0}[None, :]"]
+    lines += _index_lines("rows", "ri", "ksize", kept_rank, {"row_off": "kst"})
+    lines += _BODIES[mode](spec)
+    if spec.stats:
+        lines += [_store_rows("mean", "mean", stats_dtype), _store_rows("rstd", "rstd", stats_dtype)]
+    header = (f"reduce mode={mode} in={in_dtype.short} out={out_dtype.short} kept_rank={kept_rank} "
+              f"red_rank={red_rank} scale={scale} bias={bias} "
+              f"stats={stats_dtype.short if stats_dtype else None} wide={wide}")
+    return render(f"reduce_{mode}", header, "\n".join(lines))

@@ -1,1 +1,145 @@
-"""(being written)"""
+"""Matrix products: MatMul (numpy's matmul) and Gemm, both lowered onto the tiled ``tl.dot`` template.
+
+Operands reach the kernel as strided views: Gemm's transA / transB permute a view, MatMul's
+broadcast batch dims get stride 0 and its 1-D operands become a 1-row or 1-column matrix. Gemm's C
+is the template's bias epilogue. Only float types run (``tl.dot`` has no integer accumulation
+that matches ONNX's wrap-around semantics); integer products of host-known values are still
+evaluated on the host by the reference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rtxjit.codegen.templates.matmul import render_matmul, tile_config
+from rtxjit.codegen.view import View, collapse
+from rtxjit.errors import ModelError, ShapeError, UnsupportedOpError
+from rtxjit.ir.registry import Kind, Rand, Sample, op
+from rtxjit.ir.types import DType, TensorType, broadcast_shapes
+
+DOT_TYPES = (DType.FP32, DType.FP16, DType.BF16)
+
+
+def check_dot_type(ctx, dtype: DType) -> None:
+    """``tl.dot`` runs on fp32, fp16 and bf16 operands; anything else is a clear error."""
+    if dtype not in DOT_TYPES:
+        raise UnsupportedOpError(f"{ctx.where}: {ctx.node.op} of {dtype.short} is not supported "
+                                 f"(rtxjit runs it for {', '.join(d.short for d in DOT_TYPES)})")
+
+
+def _same_dtype(op_name: str, *xs: TensorType) -> DType:
+    dtypes = {x.dtype for x in xs if x is not None}
+    if len(dtypes) != 1:
+        raise ModelError(f"{op_name} inputs have different dtypes {sorted(d.short for d in dtypes)}")
+    return dtypes.pop()
+
+
+def _check_inner(op_name: str, k_a, k_b) -> None:
+    if isinstance(k_a, int) and isinstance(k_b, int) and k_a != k_b:
+        raise ShapeError(f"{op_name}: inner dimensions {k_a} and {k_b} differ")
+
+
+def _batch_layout(batch: tuple, stride_sets: list) -> tuple:
+    """The batch dims as the kernel walks them: collapsed where every operand allows, none at all
+    for a single matrix product."""
+    if int(np.prod(batch, dtype=np.int64)) == 1:
+        return (), [() for _ in stride_sets]
+    return collapse(batch, *stride_sets)
+
+
+def emit_matmul(ctx, a: View, b: View, out: View, bias: View = None, alpha: float = 1.0,
+                beta: float = 1.0) -> None:
+    """Launch ``out = alpha * (a @ b) + beta * bias`` where ``a`` is ``[..., M, K]``, ``b`` is
+    ``[..., K, N]``, ``out`` is ``[..., M, N]`` and the batch dims of ``a``, ``b`` and ``bias``
+    broadcast to those of ``out``."""
+    check_dot_type(ctx, a.dtype)
+    batch = out.shape[:-2]
+    m, n, k = out.shape[-2], out.shape[-1], a.shape[-1]
+    views = [out, a.broadcast_to(batch + a.shape[-2:]), b.broadcast_to(batch + b.shape[-2:])]
+    if bias is not None:
+        views.append(bias.broadcast_to(out.shape))
+    sizes, batch_strides = _batch_layout(batch, [v.strides[:-2] for v in views])
+    cfg = tile_config(m, n, k, ctx.interpret)
+    src = render_matmul(a.dtype, out.dtype, len(sizes), bias is not None, wide=ctx.needs_wide(*views))
+    args = []
+    for v in views:
+        args += [ctx.ptr(v), v.offset]
+    args += [float(alpha)] + ([float(beta)] if bias is not None else [])
+    args += [m, n, k]
+    for v in views:
+        args += list(v.strides[-2:])
+    for d, size in enumerate(sizes):
+        args += [size] + [st[d] for st in batch_strides]
+    tiles = -(-m // cfg["BLOCK_M"]) * -(-n // cfg["BLOCK_N"])
+    ctx.launch(src, (tiles, int(np.prod(sizes, dtype=np.int64))), args, **cfg)
+
+
+# --- MatMul
+
+@op("MatMul", since=1, kind=Kind.MATMUL,
+    samples=[Sample([Rand((5, 7)), Rand((7, 3))]),
+             Sample([Rand((2, 1, 4, 6)), Rand((3, 6, 5))]),
+             Sample([Rand((6,)), Rand((2, 6, 4))]),
+             Sample([Rand((2, 3, 5, 6)), Rand((6,))]),
+             Sample([Rand((7,)), Rand((7,))]),
+             Sample([Rand((1, 33, 40)), Rand((40, 20))])])
+def matmul(a: TensorType, b: TensorType) -> TensorType:
+    dtype = _same_dtype("MatMul", a, b)
+    if a.rank == 0 or b.rank == 0:
+        raise ShapeError(f"MatMul of a scalar ({a} @ {b})")
+    a_shape = (1,) + a.shape if a.rank == 1 else a.shape
+    b_shape = b.shape + (1,) if b.rank == 1 else b.shape
+    _check_inner("MatMul", a_shape[-1], b_shape[-2])
+    batch = broadcast_shapes(a_shape[:-2], b_shape[:-2])
+    rows = a_shape[-2:-1] if a.rank > 1 else ()
+    cols = b_shape[-1:] if b.rank > 1 else ()
+    return TensorType(dtype, batch + rows + cols)
+
+
+@matmul.reference
+def _(a, b):
+    return np.matmul(a, b)
+
+
+@matmul.lower
+def _(ctx, a, b):
+    a2 = a.reshape((1,) + a.shape) if a.rank == 1 else a
+    b2 = b.reshape(b.shape + (1,)) if b.rank == 1 else b
+    batch = broadcast_shapes(a2.shape[:-2], b2.shape[:-2])
+    out = ctx.outputs[0].reshape(batch + (a2.shape[-2], b2.shape[-1]))
+    emit_matmul(ctx, a2, b2, out)
+
+
+# --- Gemm
+
+@op("Gemm", since=7, kind=Kind.MATMUL,
+    samples=[Sample([Rand((4, 6)), Rand((6, 5)), Rand((5,))]),
+             Sample([Rand((6, 4)), Rand((6, 5)), Rand((4, 1))], {"transA": 1, "alpha": 0.5, "beta": 2.0}),
+             Sample([Rand((4, 6)), Rand((5, 6)), Rand((4, 5))], {"transB": 1, "beta": -1.5}),
+             Sample([Rand((3, 7)), Rand((7, 2))], {"alpha": 3.0}),
+             Sample([Rand((7, 3)), Rand((2, 7)), Rand(())], {"transA": 1, "transB": 1}),
+             Sample([Rand((18, 40)), Rand((40, 33)), Rand((1, 33))])])
+def gemm(a: TensorType, b: TensorType, c: TensorType = None, *, alpha: float = 1.0, beta: float = 1.0,
+         transA: int = 0, transB: int = 0) -> TensorType:
+    dtype = _same_dtype("Gemm", a, b, c)
+    if a.rank != 2 or b.rank != 2:
+        raise ShapeError(f"Gemm needs 2-D A and B, got {a} and {b}")
+    m, k_a = a.shape[::-1] if transA else a.shape
+    k_b, n = b.shape[::-1] if transB else b.shape
+    _check_inner("Gemm", k_a, k_b)
+    if c is not None and broadcast_shapes(c.shape, (m, n)) != (m, n):
+        raise ShapeError(f"Gemm: C {c} does not broadcast to [{m},{n}]")
+    return TensorType(dtype, (m, n))
+
+
+@gemm.reference
+def _(a, b, c=None, *, alpha=1.0, beta=1.0, transA=0, transB=0):
+    y = alpha * ((a.T if transA else a) @ (b.T if transB else b))
+    return y if c is None else y + beta * c
+
+
+@gemm.lower
+def _(ctx, a, b, c=None, *, alpha=1.0, beta=1.0, transA=0, transB=0):
+    a = a.permute([1, 0]) if transA else a
+    b = b.permute([1, 0]) if transB else b
+    emit_matmul(ctx, a, b, ctx.outputs[0], c, alpha, beta)
