@@ -1,8 +1,44 @@
 """Node conformance cases expected to fail, each with its reason (see tests/test_onnx_conformance.py).
 
-Keys are regexes matched in full against the case name without its device suffix. The list only
-shrinks: the cases run as strict xfails, so a case that starts passing fails until it is removed.
+Keys are regexes matched in full against the case name without its device suffix (``_cpu``).
+The list only shrinks: the cases run as strict xfails, so a case that starts passing fails the
+suite until its entry is removed.
 """
 
+_NO_DTYPE = "element type {} is not in rtxjit's DType set (rtxjit/ir/types.py)"
+_OLD_OPSET = ("model opset {} is below the importer's floor (MIN_OPSET = 13), though rtxjit implements "
+              "this node's version; the case passes with the floor lowered")
+
 EXPECTED_FAILURES = {
+    # Element types rtxjit does not have.
+    r"test_(add|sub|mul|div|equal|greater|less|greater_equal|less_equal|max|min)_(int16|uint16)(_expanded)?":
+        _NO_DTYPE.format("int16 / uint16"),
+    r"test_(add|sub|mul|div|equal|greater|less|greater_equal|less_equal|max|min)_(uint32|uint64)(_expanded)?":
+        _NO_DTYPE.format("uint32 / uint64"),
+    r"test_pow_types_float32_uint(32|64)": _NO_DTYPE.format("uint32 / uint64"),
+    r"test_equal_string(_broadcast)?": "string tensors are not supported",
+    r"test_cast(like)?_(no_saturate_)?\w*FNUZ\w*": _NO_DTYPE.format("float8 *FNUZ"),
+    r"test_cast(like)?_e8m0_\w+": _NO_DTYPE.format("float8e8m0"),
+    r"test_cast(like)?_\w*(U?INT4|U?INT2|FLOAT4E2M1)\w*": _NO_DTYPE.format("int4 / uint4 / int2 / uint2 / float4e2m1"),
+    # fp8 e4m3fn / e5m2 exist as DTypes, but Cast needs ONNX's saturating, round-to-nearest-even
+    # conversion (and saturate=0's inf/NaN rules); the store's plain conversion would differ.
+    r"test_cast(like)?_(no_saturate_)?(FLOAT|FLOAT16)_to_(FLOAT8E4M3FN|FLOAT8E5M2)(_expanded)?":
+        "Cast to fp8 (saturating conversion) is not implemented",
+    r"test_cast(like)?_(FLOAT8E4M3FN|FLOAT8E5M2)_to_(FLOAT|FLOAT16)(_expanded)?": "Cast from fp8 is not implemented",
+    # Models below the importer's opset floor.
+    r"test_(and|or|xor)(2d|3d|4d|_bcast\w+)": _OLD_OPSET.format(7),
+    r"test_not_[234]d": _OLD_OPSET.format(1),
+    r"test_dropout_(default|random)_old": ("model opset 11 (Dropout-10, ratio as an attribute) is below the "
+                                           "importer's floor (MIN_OPSET = 13)"),
+    # Inference only.
+    r"test_batchnorm_(example|epsilon)_training_mode": "BatchNormalization training_mode=1: rtxjit is inference only",
+    r"test_training_dropout\w*": "Dropout training_mode=True: rtxjit is inference only",
+    # Beyond tensors.
+    r"test_identity_(sequence|opt)": "sequence and optional values are not supported (tensors only)",
+    # Shape tensors: the window length is computed in float from a graph input; host evaluation
+    # (rtxjit/ir/host.py) covers integer and bool shape arithmetic only.
+    r"test_(blackman|hamming|hann)window(_symmetric)?_expanded":
+        "Range limit is float arithmetic on a graph input: not known on the host before the run",
+    r"test_range_bfloat16_type_positive_delta":
+        "a bf16 host input (Range start/limit/delta) cannot be read on the host (torch has no bf16 numpy)",
 }

@@ -56,6 +56,8 @@ def expected_failure(case_name: str):
 
 
 def _build() -> type:
+    """onnx's node test class, holding only the selected cases for this process's devices, with the
+    expected failures marked as strict xfails."""
     names = selected_case_names()
     suffix = "|".join(d.lower() for d in devices()) or "none"
     selection = re.compile(rf"^(?:{'|'.join(map(re.escape, names))})_(?:{suffix})$")

@@ -4,10 +4,12 @@
 Devices: 'CPU' is Triton's interpreter (it must be on before triton is imported, which importing
 rtxjit arranges when no GPU is asked for); 'CUDA' is the GPU, offered only when torch sees one and
 the interpreter is off. bf16 tensors cross the boundary as ``ml_dtypes.bfloat16`` numpy arrays,
-which numpy cannot hand to torch directly: they travel as their 16-bit patterns.
+which numpy cannot hand to torch directly: they travel as their bit patterns (fp8 likewise).
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import onnx
@@ -21,27 +23,34 @@ from rtxjit.runtime.session import InferenceSession
 DEVICES = {"CPU": "cpu", "CUDA": "cuda"}
 
 
-def _bf16_numpy():
+@functools.cache
+def _bit_types() -> tuple:
+    """(numpy dtype, torch dtype, torch integer type of its width) for the ``ml_dtypes`` types
+    that torch.from_numpy refuses: they cross as bit patterns."""
     import ml_dtypes
 
-    return np.dtype(ml_dtypes.bfloat16)
+    return ((np.dtype(ml_dtypes.bfloat16), torch.bfloat16, torch.int16),
+            (np.dtype(ml_dtypes.float8_e4m3fn), torch.float8_e4m3fn, torch.int8),
+            (np.dtype(ml_dtypes.float8_e5m2), torch.float8_e5m2, torch.int8))
 
 
-def to_feed(x):
-    """A feed ``InferenceSession`` accepts: numpy as is, bf16 numpy as a torch bfloat16 tensor."""
-    x = np.asarray(x)
-    if x.dtype == _bf16_numpy():
-        return torch.from_numpy(np.ascontiguousarray(x).view(np.int16)).view(torch.bfloat16)
-    return x
+def to_feed(x) -> torch.Tensor:
+    """A feed as a torch tensor, so the session answers in torch too (bf16 and fp8 included)."""
+    x = np.array(x)  # a writable copy that keeps 0-d shapes (torch.from_numpy wants writable)
+    for np_dtype, torch_dtype, _ in _bit_types():
+        if x.dtype == np_dtype:
+            return torch.from_numpy(x.view(f"i{x.itemsize}")).view(torch_dtype)
+    return torch.from_numpy(x)
 
 
 def to_numpy(t) -> np.ndarray:
-    """A session output as numpy; a torch bfloat16 tensor becomes an ``ml_dtypes.bfloat16`` array."""
+    """A session output (a torch tensor, or numpy for a model without inputs) as numpy."""
     if not isinstance(t, torch.Tensor):
         return np.asarray(t)
     t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(_bf16_numpy())
+    for np_dtype, torch_dtype, int_dtype in _bit_types():
+        if t.dtype == torch_dtype:
+            return t.view(int_dtype).numpy().view(np_dtype)
     return t.numpy()
 
 

@@ -7,8 +7,9 @@ one batch entry: ``program_id(0)`` walks the tiles, ``program_id(1)`` the batch.
 stride; nothing is copied. Sizes and strides are run-time arguments: the source depends only on
 the dtypes, the batch rank and whether there is a bias, so one compiled kernel serves every shape.
 
-The product accumulates in fp32. fp32 operands multiply with ``input_precision="ieee"``: the GPU
-default (tf32) keeps 10 mantissa bits, too few for fp32's tolerance.
+The product accumulates in fp32 (in fp64, without ``tl.dot``, for fp64 operands). fp32 operands
+multiply with ``input_precision="ieee"``: the GPU default (tf32) keeps 10 mantissa bits, too few
+for fp32's tolerance; fp16 and bf16 use the default (tensor cores, exact products).
 
 Hooks, in the spirit of Inductor's ``triton_mm`` template: ``k_loop`` takes the lines that load the
 ``a`` and ``b`` tiles (strided here, gathered in Conv); ``epilogue`` is where code fused after the
@@ -17,11 +18,21 @@ product (bias, activations) is spliced, between the accumulator and the store.
 
 from __future__ import annotations
 
+import textwrap
+
 from rtxjit.codegen.dtypes import TL
 from rtxjit.codegen.source import KernelSource, render
 from rtxjit.ir.types import DType
 
 BLOCK_PARAMS = ["BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_K: tl.constexpr"]
+
+
+def signature(name: str, params: list) -> str:
+    """``def name(params...):`` with the block-size constexprs last, wrapped to a readable width."""
+    head = f"def {name}("
+    text = ", ".join(params + BLOCK_PARAMS) + "):"
+    return textwrap.fill(text, width=100, initial_indent=head, subsequent_indent=" " * len(head),
+                         break_long_words=False, break_on_hyphens=False)
 
 
 def int64_suffix(wide: bool) -> str:
@@ -40,24 +51,38 @@ def tile_indices(wide: bool) -> list:
     ]
 
 
+def acc_type(dtype: DType) -> DType:
+    """The accumulator type: fp32 for fp32/fp16/bf16 operands, fp64 for fp64 ones."""
+    return DType.FP64 if dtype is DType.FP64 else DType.FP32
+
+
 def k_loop(load_tiles: list, dtype: DType, wide: bool) -> list:
-    """Lines of the reduction over K into the fp32 tile ``acc``.
+    """Lines of the reduction over K into the tile ``acc`` (of ``acc_type``).
 
     ``load_tiles`` are loop-body lines (8-space indent) that define the ``[BLOCK_M, BLOCK_K]`` tile
     ``a`` and the ``[BLOCK_K, BLOCK_N]`` tile ``b`` from ``rk``, the K indices of this step.
     """
-    precision = ', input_precision="ieee"' if dtype is DType.FP32 else ""
     return [
-        "    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
+        f"    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype={TL[acc_type(dtype)]})",
         "    for k0 in range(0, K, BLOCK_K):",
         f"        rk = k0 + tl.arange(0, BLOCK_K){int64_suffix(wide)}",
         *load_tiles,
-        f"        acc = tl.dot(a, b, acc{precision})",
+        f"        acc = {_product(dtype)}",
     ]
 
 
+def _product(dtype: DType) -> str:
+    """``acc + a @ b`` for one K step. fp64 has no ``tl.dot`` on the GPU (Triton 3.6 rejects it), so
+    it multiplies and sums over a ``[BLOCK_M, BLOCK_K, BLOCK_N]`` tile instead."""
+    if dtype is DType.FP64:
+        return "acc + tl.sum(a[:, :, None] * b[None, :, :], axis=1)"
+    if dtype is DType.FP32:
+        return 'tl.dot(a, b, acc, input_precision="ieee")'
+    return "tl.dot(a, b, acc)"
+
+
 def epilogue(out_addr: str, out_dtype: DType, has_bias: bool, scaled: bool, cols: str = "rn") -> list:
-    """EPILOGUE hook: the fp32 tile ``acc`` becomes ``y``, which is stored at ``out_addr`` under ``mask``.
+    """EPILOGUE hook: the accumulator tile ``acc`` becomes ``y``, stored at ``out_addr`` under ``mask``.
 
     ``y = alpha * acc + beta * bias`` (``scaled``) or ``acc + bias``; the bias is a strided view
     addressed by the tile's rows ``rm`` and columns ``cols``. Fused activations go after the bias.
@@ -66,7 +91,7 @@ def epilogue(out_addr: str, out_dtype: DType, has_bias: bool, scaled: bool, cols
     if has_bias:
         lines += [
             f"    bias_addr = bias_ptr + bias_off + rm[:, None] * bias_sm + {cols}[None, :] * bias_sn",
-            "    bias = tl.load(bias_addr, mask=mask, other=0.0).to(tl.float32)",
+            f"    bias = tl.load(bias_addr, mask=mask, other=0.0).to({TL[acc_type(out_dtype)]})",
             f"    y = y + {'beta * bias' if scaled else 'bias'}",
         ]
     lines.append(f"    tl.store({out_addr}, y.to({TL[out_dtype]}), mask=mask)")
@@ -113,7 +138,7 @@ def render_matmul(dtype: DType, out_dtype: DType, batch_rank: int, has_bias: boo
         "        b = tl.load(b_ptr + b_off + rk[:, None] * b_sk + rn[None, :] * b_sn, mask=b_mask, other=0.0)",
     ]
     lines = [
-        f"def matmul({', '.join(params + BLOCK_PARAMS)}):",
+        signature("matmul", params),
         *_batch_offsets(operands, batch_rank, wide),
         *tile_indices(wide),
         *k_loop(loads, dtype, wide),
@@ -124,17 +149,26 @@ def render_matmul(dtype: DType, out_dtype: DType, batch_rank: int, has_bias: boo
     return render("matmul", header, "\n".join(lines))
 
 
-def tile_config(m: int, n: int, k: int, interpret: bool) -> dict:
+def tile_config(m: int, n: int, k: int, dtype: DType, interpret: bool) -> dict:
     """Block sizes (and warps) for a product of this size: each a power of two, at least 16 (the
     smallest ``tl.dot`` tile), no larger than the problem needs.
 
     On the GPU, 64x64x32 with 4 warps is a moderate default for every SM. Triton's interpreter runs
-    each program in Python, so there fewer, larger tiles are faster (measured: see the report in
-    the ops module) and the caps are higher.
+    each program in Python with numpy tiles, so there fewer, larger tiles are faster: a 256^3 fp32
+    MatMul took 7.1 s with 16^3 tiles, 230 ms with 64x64x32, 161 ms with 128^3 and 24 ms with 256^3.
+    fp64 multiplies in a 3-D tile (see ``_product``), so its blocks stay small.
     """
-    caps = (128, 128, 128) if interpret else (64, 64, 32)
+    if dtype is DType.FP64:
+        caps = (32, 32, 16)
+    else:
+        caps = (256, 256, 256) if interpret else (64, 64, 32)
     blocks = [max(16, min(cap, _next_pow2(d))) for d, cap in zip((m, n, k), caps)]
     return {"BLOCK_M": blocks[0], "BLOCK_N": blocks[1], "BLOCK_K": blocks[2], "num_warps": 4}
+
+
+def tile_count(m: int, n: int, cfg: dict) -> int:
+    """Programs along ``program_id(0)``: the ``[BLOCK_M, BLOCK_N]`` tiles that cover ``[m, n]``."""
+    return -(-m // cfg["BLOCK_M"]) * -(-n // cfg["BLOCK_N"])
 
 
 def _next_pow2(n: int) -> int:

@@ -46,12 +46,13 @@ def extreme_literal(dtype: DType, lowest: bool) -> str:
 def _index_lines(var: str, idx: str, sizes: str, rank: int, terms: dict) -> list:
     """Code that splits flat index ``var`` into ``{idx}0..`` over dims ``{sizes}0..`` and sums, for
     each name in ``terms``, the indices times that operand's strides (``terms[name]`` prefixes them)."""
-    lines = [f"    rem = {var}"]
+    rem = f"{idx}_rem"  # one name per index kind: Triton's loops want a stable type per name
+    lines = [f"    {rem} = {var}"]
     for d in reversed(range(rank)):
         if d:
-            lines += [f"    {idx}{d} = rem % {sizes}{d}", f"    rem = rem // {sizes}{d}"]
+            lines += [f"    {idx}{d} = {rem} % {sizes}{d}", f"    {rem} = {rem} // {sizes}{d}"]
         else:
-            lines.append(f"    {idx}{d} = rem")
+            lines.append(f"    {idx}{d} = {rem}")
     for name, prefix in terms.items():
         lines.append(f"    {name} = " + " + ".join(f"{idx}{d} * {prefix}{d}" for d in range(rank)))
     return lines

@@ -1,1 +1,180 @@
-"""(being written)"""
+"""Conv: ONNX's N-D attributes resolved to per-axis geometry, run as an implicit GEMM on ``tl.dot``.
+
+2-D convolutions run on the ``conv2d`` template directly; 1-D ones run on it too, as 2-D with
+``H = 1`` (views only). 3-D convolutions are not supported yet. The float64 reference is written
+for any rank with numpy's sliding windows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from rtxjit.codegen.templates.conv import render_conv2d
+from rtxjit.codegen.templates.matmul import tile_config, tile_count
+from rtxjit.codegen.view import View, contiguous_strides
+from rtxjit.errors import ModelError, ShapeError, UnsupportedOpError
+from rtxjit.ir.ops.matmul import check_dot_type
+from rtxjit.ir.registry import Kind, Rand, Sample, op
+from rtxjit.ir.types import TensorType
+
+AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Per spatial axis: kernel size, stride, dilation, padding before and after, output size.
+
+    ``pads_end`` is what the output size needs (it may be less than the attribute asks for: the
+    rest is never read). Sizes are ints, or symbols where the input's dims are symbolic.
+    """
+
+    kernel: tuple
+    strides: tuple
+    dilations: tuple
+    pads_begin: tuple
+    pads_end: tuple
+    out: tuple
+
+    def as_2d(self) -> "ConvGeometry":
+        """The same convolution over 2 spatial axes, a leading one of size 1 (for 1-D Conv)."""
+        return ConvGeometry((1,) + self.kernel, (1,) + self.strides, (1,) + self.dilations,
+                            (0,) + self.pads_begin, (0,) + self.pads_end, (1,) + self.out)
+
+
+def _axis(size, k, s: int, d: int, pb: int, pe: int, auto_pad: str) -> tuple:
+    """(output size, pad before, pad after) of one spatial axis, as ONNX's Conv defines them."""
+    eff = f"(({k}-1)*{d}+1)" if isinstance(k, str) else (k - 1) * d + 1
+    if auto_pad == "VALID":
+        pb = pe = 0
+    if not (isinstance(size, int) and isinstance(k, int)):
+        out = f"-(-{size}//{s})" if auto_pad.startswith("SAME") else f"(({size}+{pb + pe}-{eff})//{s}+1)"
+        return out, pb, pe
+    if auto_pad.startswith("SAME"):
+        out = -(-size // s)
+        total = max((out - 1) * s + eff - size, 0)
+        pb = total // 2 if auto_pad == "SAME_UPPER" else total - total // 2
+    else:
+        out = (size + pb + pe - eff) // s + 1
+    if out < 1:
+        raise ShapeError(f"Conv: input size {size} is smaller than the dilated kernel {eff} with pads")
+    return out, pb, (out - 1) * s + eff - size - pb
+
+
+def conv_geometry(spatial: tuple, w_spatial: tuple, *, auto_pad: str = "NOTSET", dilations=None,
+                  kernel_shape=None, pads=None, strides=None) -> ConvGeometry:
+    """The geometry of a Conv over input dims ``spatial`` from its attributes and weight dims."""
+    rank = len(spatial)
+    if auto_pad not in AUTO_PADS:
+        raise ModelError(f"Conv auto_pad '{auto_pad}' must be one of {', '.join(AUTO_PADS)}")
+    kernel = tuple(kernel_shape) if kernel_shape is not None else tuple(w_spatial)
+    if any(isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(kernel, w_spatial)):
+        raise ShapeError(f"Conv kernel_shape {list(kernel)} differs from the weight's {list(w_spatial)}")
+    strides = tuple(strides) if strides is not None else (1,) * rank
+    dilations = tuple(dilations) if dilations is not None else (1,) * rank
+    pads = tuple(pads) if pads is not None else (0,) * (2 * rank)
+    if not len(kernel) == len(strides) == len(dilations) == rank or len(pads) != 2 * rank:
+        raise ShapeError(f"Conv attributes do not match {rank} spatial dims")
+    per_axis = zip(spatial, kernel, strides, dilations, pads[:rank], pads[rank:])
+    axes = [_axis(*args, auto_pad) for args in per_axis]
+    out, pads_begin, pads_end = (tuple(a[i] for a in axes) for i in range(3))
+    return ConvGeometry(kernel, strides, dilations, pads_begin, pads_end, out)
+
+
+def _check_channels(x: TensorType, w: TensorType, b, group: int) -> None:
+    c_in, c_out = x.shape[1], w.shape[0]
+    if isinstance(c_in, int) and isinstance(w.shape[1], int) and c_in != w.shape[1] * group:
+        raise ShapeError(f"Conv: input has {c_in} channels, weight {w} with group={group} "
+                         f"expects {w.shape[1] * group}")
+    if isinstance(c_out, int) and c_out % group:
+        raise ShapeError(f"Conv: {c_out} output channels do not split into {group} groups")
+    if b is not None and (b.rank != 1 or b.shape[0] != c_out):
+        raise ShapeError(f"Conv: bias {b} must be 1-D of {c_out} output channels")
+
+
+@op("Conv", since=1, kind=Kind.CONV,
+    samples=[Sample([Rand((2, 4, 9, 9)), Rand((6, 4, 3, 3)), Rand((6,))]),
+             Sample([Rand((2, 4, 9, 9)), Rand((5, 4, 3, 3))], {"pads": [1, 1, 1, 1], "strides": [2, 2]}),
+             Sample([Rand((2, 4, 9, 9)), Rand((6, 2, 3, 3)), Rand((6,))], {"group": 2, "dilations": [2, 2]}),
+             Sample([Rand((1, 4, 8, 8)), Rand((4, 1, 3, 3)), Rand((4,))], {"group": 4, "pads": [0, 1, 2, 1]}),
+             Sample([Rand((2, 3, 9, 8)), Rand((4, 3, 3, 2))],
+                    {"auto_pad": "SAME_UPPER", "strides": [2, 3], "kernel_shape": [3, 2]}),
+             Sample([Rand((1, 3, 8, 7)), Rand((4, 3, 4, 4)), Rand((4,))], {"auto_pad": "SAME_LOWER"}),
+             Sample([Rand((2, 3, 9, 9)), Rand((4, 3, 3, 3))], {"auto_pad": "VALID", "strides": [2, 1]}),
+             Sample([Rand((2, 3, 10)), Rand((4, 3, 3)), Rand((4,))], {"pads": [1, 2], "strides": [2]}),
+             Sample([Rand((1, 6, 12)), Rand((6, 2, 3))], {"group": 3, "dilations": [3]})])
+def conv(x: TensorType, w: TensorType, b: TensorType = None, *, auto_pad: str = "NOTSET", dilations=None,
+         group: int = 1, kernel_shape=None, pads=None, strides=None) -> TensorType:
+    if len({t.dtype for t in (x, w, b) if t is not None}) != 1:
+        raise ModelError(f"Conv inputs {x}, {w}, {b} have different dtypes")
+    if x.rank < 3 or w.rank != x.rank:
+        raise ShapeError(f"Conv needs input and weight of the same rank >= 3, got {x} and {w}")
+    _check_channels(x, w, b, group)
+    geo = conv_geometry(x.shape[2:], w.shape[2:], auto_pad=auto_pad, dilations=dilations,
+                        kernel_shape=kernel_shape, pads=pads, strides=strides)
+    return x.with_shape(x.shape[:1] + w.shape[:1] + geo.out)
+
+
+@conv.reference
+def _(x, w, b=None, *, group=1, **attrs):
+    geo = conv_geometry(x.shape[2:], w.shape[2:], **attrs)
+    rank = x.ndim - 2
+    xp = np.pad(x, [(0, 0), (0, 0)] + [(pb, max(pe, 0)) for pb, pe in zip(geo.pads_begin, geo.pads_end)])
+    extent = [(k - 1) * d + 1 for k, d in zip(geo.kernel, geo.dilations)]
+    win = np.lib.stride_tricks.sliding_window_view(xp, extent, axis=tuple(range(2, x.ndim)))
+    taps = tuple(slice(0, o * s, s) for o, s in zip(geo.out, geo.strides))
+    taps += tuple(slice(None, None, d) for d in geo.dilations)
+    win = win[(slice(None), slice(None)) + taps]  # [N, C, *out, *kernel]
+    win = win.reshape(x.shape[0], group, x.shape[1] // group, *win.shape[2:])
+    wg = w.reshape(group, w.shape[0] // group, *w.shape[1:])
+    o, k = "pqr"[:rank], "ijk"[:rank]
+    y = np.einsum(f"ngc{o}{k},goc{k}->ngo{o}", win, wg).reshape(x.shape[0], w.shape[0], *geo.out)
+    return y if b is None else y + b.reshape((1, -1) + (1,) * rank)
+
+
+def _unsqueeze_h(v: View) -> View:
+    """A 1-D conv operand ``[N, C, L]`` as ``[N, C, 1, L]`` (operands are contiguous buffers)."""
+    return v.reshape(v.shape[:2] + (1,) + v.shape[2:])
+
+
+def _k_linear(ctx, w: View) -> View:
+    """The weight with its K dims (ci, kh, kw) contiguous, as the template reads it: copied if not."""
+    if w.strides[1:] == contiguous_strides(w.shape[1:]):
+        return w
+    dense = ctx.temp(w.dtype, w.shape)
+    ctx.copy(w, dense)
+    return dense
+
+
+@conv.lower
+def _(ctx, x, w, b=None, *, group=1, **attrs):
+    check_dot_type(ctx, x.dtype)
+    if x.rank not in (3, 4):
+        raise UnsupportedOpError(f"{ctx.where}: Conv over {x.rank - 2} spatial dims is not supported "
+                                 "(1-D and 2-D are)")
+    geo = conv_geometry(x.shape[2:], w.shape[2:], **attrs)
+    out, w = ctx.outputs[0], _k_linear(ctx, w)
+    if x.rank == 3:
+        x, w, out, geo = _unsqueeze_h(x), _unsqueeze_h(w), _unsqueeze_h(out), geo.as_2d()
+    emit_conv2d(ctx, x, w, b, out, geo, group)
+
+
+def emit_conv2d(ctx, x: View, w: View, b, out: View, geo: ConvGeometry, group: int) -> None:
+    """Launch the implicit-GEMM kernel for a 2-D NCHW convolution: one program per output tile
+    of ``[BLOCK_M pixels, BLOCK_N channels]`` in each group."""
+    batch, c_in, h, wd = x.shape
+    c_out = w.shape[0]
+    m = batch * geo.out[0] * geo.out[1]  # output pixels
+    n = c_out // group  # output channels per group
+    k = (c_in // group) * geo.kernel[0] * geo.kernel[1]  # taps per output: (ci, kh, kw)
+    bias = [b.broadcast_to((m, c_out))] if b is not None else []  # the epilogue reads it as [M, Cout]
+    args = []
+    for v in [out, x, w] + bias:
+        args += [ctx.ptr(v), v.offset]
+    args += [m, n, k, c_in // group, h, wd, *geo.out, *geo.kernel, *geo.strides, *geo.pads_begin,
+             *geo.dilations]
+    args += [*x.strides, w.strides[0], *out.strides] + [st for v in bias for st in v.strides]
+    cfg = tile_config(m, n, k, x.dtype, ctx.interpret)
+    src = render_conv2d(x.dtype, b is not None, wide=ctx.needs_wide(out, x, w))
+    ctx.launch(src, (tile_count(m, n, cfg), group), args, **cfg)

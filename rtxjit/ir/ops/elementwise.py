@@ -158,21 +158,38 @@ def pow_expr(x: str, y: str) -> str:
             f"float('nan')), {r}))")
 
 
-@op("Pow", since=7, kind=Kind.POINTWISE, samples=_bcast_samples(0.5, 2))
+def int_pow_expr(x: str, y: str) -> str:
+    """x ** y for an integer base, computed in fp64: rounded to the nearest integer where y is a
+    whole number >= 0 (exp and log are off by a few ulps: 3 ** 4 is 80.99999999999999), truncated
+    otherwise, as ONNX's cast of the float power is."""
+    r = f"({pow_expr(x, y)})"
+    whole = f"(({y} >= 0.0) & (tl.floor({y}) == {y}))"
+    return f"tl.where({whole}, tl.where({r} >= 0.0, tl.floor({r} + 0.5), tl.ceil({r} - 0.5)), {r})"
+
+
+@op("Pow", since=7, kind=Kind.POINTWISE,
+    samples=_bcast_samples(0.5, 2) + [Sample([Rand((2, 3), "int64", -5, 5), Rand((3,), "int64", 0, 7)],
+                                             float_types=("-",)),
+                                      Sample([Rand((2, 3), "int32", 0, 9), Rand((3,), None, 0, 3)])])
 def pow_(x: TensorType, y: TensorType) -> TensorType:
     return TensorType(x.dtype, broadcast_shapes(x.shape, y.shape))
 
 
 @pow_.reference
 def _(x, y):
-    return np.power(x, y).astype(np.asarray(x).dtype)
+    x, y = np.asarray(x), np.asarray(y)
+    if x.dtype.kind in "iu":
+        return np.power(x.astype(np.float64), y.astype(np.float64)).astype(x.dtype)
+    return np.power(x, y).astype(x.dtype)
 
 
 @pow_.lower
 def _(ctx, x, y):
-    if not x.dtype.is_float:
-        raise UnsupportedOpError(f"{ctx.where}: Pow of {x.dtype.short} is not supported")
-    ctx.pointwise(pow_expr("x0", "x1.to(tl.float32)"), [x, y], ctx.outputs[0])
+    if x.dtype.is_float:
+        expr = pow_expr("x0", "x1.to(tl.float32)")
+    else:
+        expr = int_pow_expr("x0.to(tl.float64)", "x1.to(tl.float64)")
+    ctx.pointwise(expr, [x, y], ctx.outputs[0])
 
 
 @op("Not", since=1, kind=Kind.POINTWISE, samples=[Sample([Rand((2, 3), "bool")], float_types=("-",))])
@@ -312,13 +329,14 @@ def _(x, lo=None, hi=None):
 
 @clip.lower
 def _(ctx, x, lo=None, hi=None):
+    """NaN passes through (as np.clip and onnxruntime do): tl.maximum would return the bound."""
     expr, inputs = "x0", [x]
     if lo is not None:
         inputs.append(lo)
-        expr = f"tl.maximum({expr}, x{len(inputs) - 1})"
+        expr = f"tl.maximum({expr}, x{len(inputs) - 1}, propagate_nan=tl.PropagateNan.ALL)"
     if hi is not None:
         inputs.append(hi)
-        expr = f"tl.minimum({expr}, x{len(inputs) - 1})"
+        expr = f"tl.minimum({expr}, x{len(inputs) - 1}, propagate_nan=tl.PropagateNan.ALL)"
     ctx.pointwise(expr, inputs, ctx.outputs[0])
 
 
@@ -339,12 +357,16 @@ def _(x, *, to, saturate=1, round_mode="up"):
     return np.asarray(x).astype(dt.to_numpy())
 
 
-@cast.lower
-def _(ctx, x, *, to, saturate=1, round_mode="up"):
+def lower_cast(ctx, x, *rest, **attrs):
+    """Cast and CastLike: a conversion in the store (bool: x != 0). fp8 needs ONNX's saturating
+    conversion, which the store's does not do, so it is refused rather than rounded wrongly."""
     out = ctx.outputs[0]
     if out.dtype.short.startswith("fp8") or x.dtype.short.startswith("fp8"):
         raise UnsupportedOpError(f"{ctx.where}: Cast to or from fp8 is not supported yet")
     ctx.pointwise("x0 != 0" if out.dtype is DType.BOOL else "x0", [x], out)
+
+
+cast.lower(lower_cast)
 
 
 @op("CastLike", since=15, kind=Kind.POINTWISE,
@@ -358,9 +380,7 @@ def _(x, like, *, saturate=1, round_mode="up"):
     return (x != 0) if like.dtype == bool else np.asarray(x).astype(like.dtype)
 
 
-@cast_like.lower
-def _(ctx, x, like, *, saturate=1, round_mode="up"):
-    ctx.pointwise("x0 != 0" if ctx.outputs[0].dtype is DType.BOOL else "x0", [x], ctx.outputs[0])
+cast_like.lower(lower_cast)
 
 
 @op("BatchNormalization", since=9, kind=Kind.POINTWISE,

@@ -2,26 +2,25 @@
 
 Operands reach the kernel as strided views: Gemm's transA / transB permute a view, MatMul's
 broadcast batch dims get stride 0 and its 1-D operands become a 1-row or 1-column matrix. Gemm's C
-is the template's bias epilogue. Only float types run (``tl.dot`` has no integer accumulation
-that matches ONNX's wrap-around semantics); integer products of host-known values are still
-evaluated on the host by the reference.
+is the template's bias epilogue. Only float types run on the device; integer products of
+host-known values are still evaluated on the host by the reference.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from rtxjit.codegen.templates.matmul import render_matmul, tile_config
-from rtxjit.codegen.view import View, collapse
+from rtxjit.codegen.templates.matmul import render_matmul, tile_config, tile_count
+from rtxjit.codegen.view import View
 from rtxjit.errors import ModelError, ShapeError, UnsupportedOpError
 from rtxjit.ir.registry import Kind, Rand, Sample, op
 from rtxjit.ir.types import DType, TensorType, broadcast_shapes
 
-DOT_TYPES = (DType.FP32, DType.FP16, DType.BF16)
+DOT_TYPES = (DType.FP32, DType.FP16, DType.BF16, DType.FP64)
 
 
 def check_dot_type(ctx, dtype: DType) -> None:
-    """``tl.dot`` runs on fp32, fp16 and bf16 operands; anything else is a clear error."""
+    """The templates multiply fp32, fp16, bf16 and fp64; integer and fp8 products are a clear error."""
     if dtype not in DOT_TYPES:
         raise UnsupportedOpError(f"{ctx.where}: {ctx.node.op} of {dtype.short} is not supported "
                                  f"(rtxjit runs it for {', '.join(d.short for d in DOT_TYPES)})")
@@ -39,14 +38,6 @@ def _check_inner(op_name: str, k_a, k_b) -> None:
         raise ShapeError(f"{op_name}: inner dimensions {k_a} and {k_b} differ")
 
 
-def _batch_layout(batch: tuple, stride_sets: list) -> tuple:
-    """The batch dims as the kernel walks them: collapsed where every operand allows, none at all
-    for a single matrix product."""
-    if int(np.prod(batch, dtype=np.int64)) == 1:
-        return (), [() for _ in stride_sets]
-    return collapse(batch, *stride_sets)
-
-
 def emit_matmul(ctx, a: View, b: View, out: View, bias: View = None, alpha: float = 1.0,
                 beta: float = 1.0) -> None:
     """Launch ``out = alpha * (a @ b) + beta * bias`` where ``a`` is ``[..., M, K]``, ``b`` is
@@ -58,9 +49,10 @@ def emit_matmul(ctx, a: View, b: View, out: View, bias: View = None, alpha: floa
     views = [out, a.broadcast_to(batch + a.shape[-2:]), b.broadcast_to(batch + b.shape[-2:])]
     if bias is not None:
         views.append(bias.broadcast_to(out.shape))
-    sizes, batch_strides = _batch_layout(batch, [v.strides[:-2] for v in views])
-    cfg = tile_config(m, n, k, ctx.interpret)
-    src = render_matmul(a.dtype, out.dtype, len(sizes), bias is not None, wide=ctx.needs_wide(*views))
+    cfg = tile_config(m, n, k, a.dtype, ctx.interpret)
+    # the batch rank is the graph's, never collapsed by value: a symbolic batch of 1 or of 3 runs
+    # the same kernel source
+    src = render_matmul(a.dtype, out.dtype, len(batch), bias is not None, wide=ctx.needs_wide(*views))
     args = []
     for v in views:
         args += [ctx.ptr(v), v.offset]
@@ -68,10 +60,9 @@ def emit_matmul(ctx, a: View, b: View, out: View, bias: View = None, alpha: floa
     args += [m, n, k]
     for v in views:
         args += list(v.strides[-2:])
-    for d, size in enumerate(sizes):
-        args += [size] + [st[d] for st in batch_strides]
-    tiles = -(-m // cfg["BLOCK_M"]) * -(-n // cfg["BLOCK_N"])
-    ctx.launch(src, (tiles, int(np.prod(sizes, dtype=np.int64))), args, **cfg)
+    for d, size in enumerate(batch):
+        args += [size] + [v.strides[d] for v in views]
+    ctx.launch(src, (tile_count(m, n, cfg), int(np.prod(batch, dtype=np.int64))), args, **cfg)
 
 
 # --- MatMul
@@ -82,7 +73,8 @@ def emit_matmul(ctx, a: View, b: View, out: View, bias: View = None, alpha: floa
              Sample([Rand((6,)), Rand((2, 6, 4))]),
              Sample([Rand((2, 3, 5, 6)), Rand((6,))]),
              Sample([Rand((7,)), Rand((7,))]),
-             Sample([Rand((1, 33, 40)), Rand((40, 20))])])
+             Sample([Rand((1, 33, 40)), Rand((40, 20))]),
+             Sample([Rand((3, 5)), Rand((5, 4))], float_types=("fp64",))])
 def matmul(a: TensorType, b: TensorType) -> TensorType:
     dtype = _same_dtype("MatMul", a, b)
     if a.rank == 0 or b.rank == 0:

@@ -85,8 +85,8 @@ def _split_sizes(length, split, num_outputs, n_out: int) -> list:
              Sample([Rand((6, 3))], outputs=3), Sample([Rand((5, 3))], {"num_outputs": 2}, outputs=2)])
 def split(x: TensorType, split=None, *, axis: int = 0, num_outputs: int = None, _outputs: int = 1):
     a = norm_axis(axis, x.rank)
-    if split is not None and not known(split):
-        raise ShapeError("Split sizes must be known before the run")
+    if split is not None and not known(split):  # a graph input: known once the run binds it
+        return tuple(x.with_shape(x.shape[:a] + ("?",) + x.shape[a + 1:]) for _ in range(_outputs))
     sizes = _split_sizes(x.shape[a], split, num_outputs, _outputs)
     if len(sizes) != _outputs:
         raise ShapeError(f"Split gives {len(sizes)} parts but the node has {_outputs} outputs")

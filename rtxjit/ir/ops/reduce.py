@@ -1,1 +1,256 @@
-"""(being written)"""
+"""Row reductions: ReduceSum/Mean/Max/Min, Softmax, LogSoftmax and LayerNormalization, all lowered
+onto the row-reduction template (``codegen/templates/reduce.py``) through ``row_reduce``."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+
+from rtxjit.codegen.templates.reduce import render_reduce
+from rtxjit.codegen.view import View, collapse
+from rtxjit.errors import ModelError, ShapeError, UnsupportedOpError
+from rtxjit.ir.ops.shape import norm_axis
+from rtxjit.ir.registry import Kind, Rand, Sample, known, op
+from rtxjit.ir.types import DType, TensorType
+
+WIDE_LIMIT = 2**31 - 1
+
+
+# ---- the shared lowering -----------------------------------------------------------------------
+
+def _pow2(n: int) -> int:
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+def row_blocks(n_rows: int, n_cols: int, interpret: bool) -> tuple:
+    """``(BLOCK_R, BLOCK_C, ONE_BLOCK)`` for rows of ``n_cols``: a row fits one block up to a cap
+    (longer rows loop), and short rows pack into tiles of about ``tile`` elements. The interpreter
+    pays per program, not per element, so it gets bigger tiles."""
+    cap_c, tile = (4096, 32768) if interpret else (2048, 4096)
+    block_c = min(_pow2(max(n_cols, 1)), cap_c)
+    block_r = min(max(tile // block_c, 1), _pow2(max(n_rows, 1)))
+    return block_r, block_c, n_cols <= block_c
+
+
+def _contiguous(ctx, x: View) -> View:
+    if x.contiguous:
+        return x
+    tmp = ctx.temp(x.dtype, x.shape)
+    ctx.copy(x, tmp)
+    return tmp
+
+
+def row_reduce(ctx, x: View, axes: list, mode: str, out: View, *, scale: Optional[View] = None,
+               bias: Optional[View] = None, eps: float = 0.0, stats: tuple = ()) -> None:
+    """Launch the row-reduction kernel of ``mode`` over the sorted ``axes`` of ``x``.
+
+    Row modes write one value per kept index to the contiguous ``out``; softmax, logsoftmax and
+    layernorm write ``out``, contiguous and of x's shape, at x's offsets (x is made contiguous). ``scale``/``bias`` broadcast to the reduced dims;
+    ``stats`` are layernorm's (Mean, InvStdDev) views, one value per row each.
+    """
+    x = _contiguous(ctx, x)
+    kept = [d for d in range(x.rank) if d not in axes]
+    v = x.permute(kept + list(axes))
+    k = len(kept)
+    red_shape = v.shape[k:]
+    affine = [p.broadcast_to(red_shape).strides for p in (scale, bias) if p is not None]
+    col_strides = [v.strides[k:]] + affine
+    kshape, (kst,) = collapse(v.shape[:k], v.strides[:k])
+    cshape, cstrides = collapse(red_shape, *col_strides)
+    n_rows, n_cols = math.prod(v.shape[:k]), math.prod(red_shape)
+    stats_dtype = stats[0].dtype if stats else None
+    src = render_reduce(mode, x.dtype, out.dtype, len(kshape), len(cshape), scale=scale is not None,
+                        bias=bias is not None, stats_dtype=stats_dtype, wide=x.numel > WIDE_LIMIT)
+    args = [ctx.ptr(x), x.offset, ctx.ptr(out), out.offset]
+    for p in (scale, bias, *stats):
+        if p is not None:
+            args += [ctx.ptr(p), p.offset]
+    args += [n_rows, n_cols] + ([float(eps)] if mode == "layernorm" else [])
+    args += [*kshape, *kst, *cshape]
+    for st in cstrides:
+        args += list(st)
+    block_r, block_c, one = row_blocks(n_rows, n_cols, ctx.interpret)
+    ctx.launch(src, (-(-n_rows // block_r),), args, BLOCK_R=block_r, BLOCK_C=block_c, ONE_BLOCK=one)
+
+
+# ---- ReduceSum / ReduceMean / ReduceMax / ReduceMin --------------------------------------------
+
+def _axes_list(axes_in, axes_attr) -> Optional[list]:
+    """The axes from the input (newer opsets) or the attribute (older ones); None if neither."""
+    axes = axes_in if axes_in is not None else axes_attr
+    return None if axes is None else [int(a) for a in np.asarray(axes).reshape(-1)]
+
+
+def reduced_axes(rank: int, axes_in, axes_attr, noop_with_empty_axes: int) -> Optional[list]:
+    """Sorted axes to reduce, or None where the op is the identity (empty axes with noop set)."""
+    axes = _axes_list(axes_in, axes_attr)
+    if not axes:
+        return None if noop_with_empty_axes else list(range(rank))
+    return sorted({norm_axis(a, rank, "axes") for a in axes})
+
+
+def _reduce_infer(x: TensorType, axes_in=None, *, axes=None, keepdims: int = 1,
+                  noop_with_empty_axes: int = 0) -> TensorType:
+    if axes_in is not None and not known(axes_in):
+        return x.with_shape(("?",) * _reduced_rank(x.rank, axes_in, keepdims, noop_with_empty_axes))
+    red = reduced_axes(x.rank, axes_in, axes, noop_with_empty_axes)
+    if red is None:
+        return x
+    if keepdims:
+        return x.with_shape(tuple(1 if i in red else d for i, d in enumerate(x.shape)))
+    return x.with_shape(tuple(d for i, d in enumerate(x.shape) if i not in red))
+
+
+def _reduced_rank(rank: int, axes_in, keepdims: int, noop_with_empty_axes: int) -> int:
+    """The output rank where the axes input is not known yet (only its length is)."""
+    n = axes_in.type.shape[0] if axes_in.type.rank else 1
+    if not isinstance(n, int):
+        raise ShapeError("the length of a Reduce node's axes input must be known")
+    if keepdims or (n == 0 and noop_with_empty_axes):
+        return rank
+    return 0 if n == 0 else rank - n
+
+
+REDUCTIONS = {
+    # name: (template mode, numpy ufunc or function, identity of an empty reduction)
+    "ReduceSum": ("sum", np.sum, None),
+    "ReduceMean": ("mean", np.mean, None),
+    "ReduceMax": ("max", np.max, -np.inf),
+    "ReduceMin": ("min", np.min, np.inf),
+}
+
+_REDUCE_SAMPLES = [
+    Sample([Rand((2, 3, 5))]),
+    Sample([Rand((2, 3, 5)), np.array([1], np.int64)]),
+    Sample([Rand((2, 3, 4, 5)), np.array([0, -1], np.int64)], {"keepdims": 0}),
+    Sample([Rand((2, 3, 7, 7)), np.array([2, 3], np.int64)]),
+    Sample([Rand((3, 4)), np.array([], np.int64)], {"noop_with_empty_axes": 1}),
+    Sample([Rand((3, 6000), None, 0.5, 1.0), np.array([1], np.int64)], {"keepdims": 0}),
+    Sample([Rand((2, 3, 4), "int32", -9, 9), np.array([1], np.int64)], float_types=("-",)),
+]
+
+
+def _reduce_reference(fn, identity):
+    def reference(x, axes_in=None, *, axes=None, keepdims=1, noop_with_empty_axes=0):
+        red = reduced_axes(x.ndim, axes_in, axes, noop_with_empty_axes)
+        if red is None:
+            return x
+        if identity is not None and x.size == 0:
+            init = bool(identity > 0) if x.dtype == bool else identity
+            return fn(x, axis=tuple(red), keepdims=bool(keepdims), initial=init)
+        return fn(x, axis=tuple(red), keepdims=bool(keepdims))
+
+    return reference
+
+
+def _reduce_lower(mode: str):
+    def lower(ctx, x, axes_in=None, *, axes=None, keepdims=1, noop_with_empty_axes=0):
+        red = reduced_axes(x.rank, axes_in, axes, noop_with_empty_axes)
+        if red is None:
+            ctx.copy(x, ctx.outputs[0])
+            return
+        if mode in ("sum", "mean") and x.dtype is DType.BOOL:
+            raise UnsupportedOpError(f"{ctx.where}: {mode} of bool is not supported")
+        row_reduce(ctx, x, red, mode, ctx.outputs[0])
+
+    return lower
+
+
+def _declare_reduction(name: str, mode: str, fn, identity) -> None:
+    d = op(name, since=11, kind=Kind.ROW, host_inputs=(1,), samples=_REDUCE_SAMPLES)(_reduce_infer)
+    d.reference(_reduce_reference(fn, identity))
+    d.lower(_reduce_lower(mode))
+
+
+for _name, (_mode, _fn, _identity) in REDUCTIONS.items():
+    _declare_reduction(_name, _mode, _fn, _identity)
+
+
+# ---- Softmax / LogSoftmax ----------------------------------------------------------------------
+
+_SOFTMAX_SAMPLES = [
+    Sample([Rand((2, 3, 5))]),
+    Sample([Rand((2, 3, 5), None, -20, 20)], {"axis": 1}),
+    Sample([Rand((4, 7))], {"axis": 0}),
+    Sample([Rand((2, 6000), None, -8, 8)]),
+]
+
+
+def _softmax_infer(x: TensorType, *, axis: int = -1) -> TensorType:
+    norm_axis(axis, x.rank)
+    if not x.dtype.is_float:
+        raise ModelError(f"softmax of {x.dtype.short} (a float type is needed)")
+    return x
+
+
+def _log_softmax_ref(x, *, axis=-1):
+    shifted = x - x.max(axis, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis, keepdims=True))
+
+
+def _softmax_ref(x, *, axis=-1):
+    return np.exp(_log_softmax_ref(x, axis=axis))
+
+
+def _declare_softmax(name: str, mode: str, ref) -> None:
+    def lower(ctx, x, *, axis=-1):
+        row_reduce(ctx, x, [norm_axis(axis, x.rank)], mode, ctx.outputs[0])
+
+    d = op(name, since=13, kind=Kind.ROW, samples=_SOFTMAX_SAMPLES)(_softmax_infer)
+    d.reference(ref)
+    d.lower(lower)
+
+
+_declare_softmax("Softmax", "softmax", _softmax_ref)
+_declare_softmax("LogSoftmax", "logsoftmax", _log_softmax_ref)
+
+
+# ---- LayerNormalization ------------------------------------------------------------------------
+
+@op("LayerNormalization", since=17, kind=Kind.ROW,
+    samples=[Sample([Rand((2, 3, 5)), Rand((5,)), Rand((5,))]),
+             Sample([Rand((2, 3, 4)), Rand((3, 4))], {"axis": 1, "epsilon": 1e-3}, outputs=3),
+             Sample([Rand((3, 4, 2)), Rand((4, 2)), Rand((4, 2))], {"axis": -2}, outputs=2),
+             Sample([Rand((2, 5000)), Rand((5000,)), Rand((5000,))], outputs=3)])
+def layer_norm(x: TensorType, scale: TensorType, bias: TensorType = None, *, axis: int = -1,
+               epsilon: float = 1e-5, stash_type: int = 1, _outputs: int = 1):
+    a = norm_axis(axis, x.rank)
+    if not x.dtype.is_float:
+        raise ModelError(f"LayerNormalization of {x.dtype.short} (a float type is needed)")
+    try:
+        stash = DType.from_onnx(stash_type)
+    except KeyError:
+        raise UnsupportedOpError(f"LayerNormalization stash_type {stash_type} is not supported") from None
+    stats = TensorType(stash, x.shape[:a] + (1,) * (x.rank - a))
+    return (x, stats, stats)[:_outputs]
+
+
+@layer_norm.reference
+def _(x, scale, bias=None, *, axis=-1, epsilon=1e-5, stash_type=1, _outputs=1):
+    axes = tuple(range(norm_axis(axis, x.ndim), x.ndim))
+    mean = x.mean(axes, keepdims=True)
+    rstd = 1 / np.sqrt(((x - mean) ** 2).mean(axes, keepdims=True) + epsilon)
+    y = (x - mean) * rstd * scale + (0 if bias is None else bias)
+    return (y, mean, rstd)[:_outputs]
+
+
+@layer_norm.lower
+def _(ctx, x, scale, bias=None, *, axis=-1, epsilon=1e-5, stash_type=1):
+    a = norm_axis(axis, x.rank)
+    row_reduce(ctx, x, list(range(a, x.rank)), "layernorm", ctx.outputs[0], scale=scale, bias=bias,
+               eps=epsilon, stats=_stats_views(ctx))
+
+
+def _stats_views(ctx) -> tuple:
+    """(Mean, InvStdDev) views for the kernel: the node's outputs, temporaries for omitted ones;
+    empty where the node wants neither (the kernel then stores no statistics)."""
+    wanted = (ctx.outputs[1:] + [None, None])[:2]
+    if all(o is None for o in wanted):
+        return ()
+    t = ctx.out_types[1]
+    return tuple(o if o is not None else ctx.temp(t.dtype, t.shape) for o in wanted)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from rtxjit.codegen.dtypes import TL, compute_type
 from rtxjit.errors import ModelError, ShapeError, UnsupportedOpError
 from rtxjit.ir.registry import Kind, Rand, Sample, Unknown, known, op
 from rtxjit.ir.types import DType, TensorType, dim_op, numel
@@ -90,8 +91,8 @@ flatten.lower(_alias)
 @op("Squeeze", since=13, kind=Kind.ALIAS, host_inputs=(1,),
     samples=[Sample([Rand((1, 3, 1, 4)), np.array([0, 2], np.int64)]), Sample([Rand((1, 3, 1))])])
 def squeeze(x: TensorType, axes=None) -> TensorType:
-    if axes is not None and not known(axes):
-        raise ShapeError("Squeeze axes must be known before the run")
+    if axes is not None and not known(axes):  # a graph input: known once the run binds it
+        return x.with_shape(tuple("?" for _ in range(x.rank - _length(axes))))
     if axes is None:
         if not x.static:
             raise ShapeError(f"Squeeze without axes needs a static shape, got {x.shape}")
@@ -228,12 +229,16 @@ def _(shape, *, value=None):
     return np.full(tuple(int(d) for d in shape), v[0], v.dtype)
 
 
+def scalar_view(ctx, value):
+    """A one-element device constant, broadcastable to any shape. Values travel in a buffer, not
+    as scalar kernel arguments, because those are fp32 or int: an fp64 0.1 would lose digits."""
+    return ctx.const(np.asarray(value).reshape(1)).reshape(())
+
+
 @constant_of_shape.lower
 def _(ctx, shape, *, value=None):
-    out = ctx.outputs[0]
-    v = 0.0 if value is None else np.asarray(value).reshape(-1)[0].item()
-    zero = "tl.float32" if out.dtype.is_float else "tl.int64"
-    ctx.pointwise(f"tl.zeros([BLOCK], {zero}) + s0", [], out, (v,))
+    v = np.zeros(1, np.float32) if value is None else np.asarray(value).reshape(-1)[:1]
+    ctx.pointwise("x0", [scalar_view(ctx, v)], ctx.outputs[0])
 
 
 @op("Range", since=11, kind=Kind.POINTWISE, host_inputs=(0, 1, 2),
@@ -255,5 +260,5 @@ def _(start, limit, delta):
 @range_.lower
 def _(ctx, start, limit, delta):
     out = ctx.outputs[0]
-    idx = "idx.to(tl.float32)" if out.dtype.is_float else "idx.to(tl.int64)"
-    ctx.pointwise(f"s0 + {idx} * s1", [], out, (start.item(), delta.item()))
+    idx = f"idx.to({TL[compute_type(out.dtype)]})"
+    ctx.pointwise(f"x0 + {idx} * x1", [scalar_view(ctx, start), scalar_view(ctx, delta)], out)
