@@ -99,6 +99,7 @@ def epilogue(out_addr: str, out_dtype: DType, has_bias: bool, scaled: bool, cols
 
 
 def bias_params(has_bias: bool) -> list:
+    """The bias pointer and offset parameters, present only in kernels with a bias epilogue."""
     return ["bias_ptr", "bias_off"] if has_bias else []
 
 
