@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+import warnings
+
 import torch
 
 from rtxjit.codegen.source import load_kernel
 from rtxjit.errors import KernelError
+from rtxjit.runtime.memory import plan_arena
 from rtxjit.runtime.plan import Buf, Plan
 
 TORCH_DTYPES = {
@@ -20,45 +24,108 @@ def torch_dtype(dtype) -> torch.dtype:
 
 
 class Executable:
-    """A plan made ready to launch: kernels loaded, constants on the device, arguments templated."""
+    """A plan made ready to launch: kernels loaded, constants on the device, intermediates placed in
+    one arena, arguments bound once. Per run only the inputs and the (fresh) outputs are bound.
 
-    def __init__(self, plan: Plan, device, const_tensors: dict):
+    On a GPU, the second run of a binding captures the whole launch list as a CUDA graph; later
+    runs copy the inputs into the graph's static buffers and replay it.
+    """
+
+    def __init__(self, plan: Plan, device, const_tensors: dict, cuda_graphs: bool = True):
         self.plan = plan
         self.device = device
         self.tdev = torch.device(device.torch_device)
-        self.buffers: list = [None] * len(plan.buffers)
-        self.temps = []
+        self.lock = threading.Lock()
+        out_bufs = {v.buf for v in plan.outputs.values()}
+        self.arena_plan = plan_arena(plan, exclude=out_bufs)
+        self.arena = torch.empty(self.arena_plan.size, dtype=torch.uint8, device=self.tdev)
+        static: dict = {}
+        self.per_run = []  # (buffer index, numel, torch dtype): graph outputs and unplaced temps
         for i, spec in enumerate(plan.buffers):
             if spec.role == "const":
                 if spec.data is not None:
-                    self.buffers[i] = torch.from_numpy(spec.data.reshape(-1).copy()).to(self.tdev)
+                    static[i] = torch.from_numpy(spec.data.reshape(-1).copy()).to(self.tdev)
                 else:
-                    self.buffers[i] = const_tensors[spec.name]
-            elif spec.role == "temp":
-                self.temps.append((i, spec.numel, torch_dtype(spec.dtype)))
+                    static[i] = const_tensors[spec.name]
+            elif spec.role == "temp" and i in self.arena_plan.offsets:
+                off = self.arena_plan.offsets[i]
+                nbytes = spec.numel * spec.dtype.itemsize
+                static[i] = self.arena[off:off + nbytes].view(torch_dtype(spec.dtype))
+            elif spec.role == "temp" and (spec.numel > 0 or i in out_bufs):
+                self.per_run.append((i, spec.numel, torch_dtype(spec.dtype)))
+        self.inputs = dict(plan.inputs)
         self.launches = []
         for step in plan.steps:
             fn = load_kernel(step.kernel, device.interpret)
-            slots = tuple(j for j, a in enumerate(step.args) if isinstance(a, Buf))
-            self.launches.append((fn[step.grid], list(step.args), slots, step.constexprs, step))
+            args = [static.get(a.index, a) if isinstance(a, Buf) else a for a in step.args]
+            slots = tuple(j for j, a in enumerate(args) if isinstance(a, Buf))
+            self.launches.append((fn[step.grid], args, slots, step.constexprs, step))
+        self.runs = 0
+        self.graph = None
+        self.use_cuda_graph = cuda_graphs and device.kind == "cuda"
+
+    @property
+    def activation_bytes(self) -> int:
+        """Intermediate memory: the arena plus one run's outputs."""
+        outputs = sum(n * torch.empty((), dtype=dt).element_size() for _, n, dt in self.per_run)
+        return self.arena_plan.size + outputs
 
     def run(self, feeds: dict) -> dict:
-        bufs = list(self.buffers)
-        for name, idx in self.plan.inputs.items():
-            bufs[idx] = feeds[name]
-        for i, numel, dt in self.temps:
-            bufs[i] = torch.empty(numel, dtype=dt, device=self.tdev)
+        with self.lock:
+            if self.graph is not None:
+                return self._replay(feeds)
+            bufs = {idx: feeds[name] for name, idx in self.inputs.items()}
+            for i, numel, dt in self.per_run:
+                bufs[i] = torch.empty(numel, dtype=dt, device=self.tdev)
+            self._launch_all(bufs)
+            self.runs += 1
+            out = self._outputs(bufs)
+            if self.use_cuda_graph and self.runs == 2:
+                self._capture(feeds)
+            return out
+
+    def _launch_all(self, bufs: dict) -> None:
         for launcher, args, slots, constexprs, step in self.launches:
-            args = list(args)
-            for j in slots:
-                args[j] = bufs[args[j].index]
+            if slots:
+                args = list(args)
+                for j in slots:
+                    args[j] = bufs[args[j].index]
             try:
                 launcher(*args, **constexprs)
             except Exception as exc:  # a compile or launch failure names the node and kernel
                 raise KernelError(f"kernel {step.kernel.name}:{step.kernel.short_key} of node '{step.node}' "
                                   f"failed: {type(exc).__name__}: {exc}") from exc
+
+    def _outputs(self, bufs: dict) -> dict:
         out = {}
         for name, v in self.plan.outputs.items():
-            flat = bufs[v.buf]
-            out[name] = flat[v.offset:v.offset + v.numel].view(v.shape)
+            out[name] = bufs[v.buf][v.offset:v.offset + v.numel].view(v.shape)
         return out
+
+    def _capture(self, feeds: dict) -> None:
+        """Record the launch list into a CUDA graph over static input and output buffers."""
+        bufs = {idx: torch.empty_like(feeds[name]) for name, idx in self.inputs.items()}
+        for name, idx in self.inputs.items():
+            bufs[idx].copy_(feeds[name])
+        for i, numel, dt in self.per_run:
+            bufs[i] = torch.empty(numel, dtype=dt, device=self.tdev)
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._launch_all(bufs)  # warm: every kernel compiled and loaded before capture
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._launch_all(bufs)
+        except Exception as exc:  # graphs are an optimization: keep launching kernel by kernel
+            warnings.warn(f"rtxjit: CUDA graph capture failed, running without it: {exc}")
+            self.use_cuda_graph = False
+            return
+        self.graph, self.graph_bufs = graph, bufs
+
+    def _replay(self, feeds: dict) -> dict:
+        for name, idx in self.inputs.items():
+            self.graph_bufs[idx].copy_(feeds[name])
+        self.graph.replay()
+        return {k: v.clone() for k, v in self._outputs(self.graph_bufs).items()}
