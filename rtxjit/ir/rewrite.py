@@ -169,6 +169,13 @@ def infer_args(opdef, inputs: list) -> list:
     return out
 
 
+def infers_same(node: Node, inputs: list, attrs: dict) -> bool:
+    """Whether ``node`` with these inputs and attributes has the output types it has now."""
+    opdef = get_op(node.op, f"node '{node.name}'")
+    types = opdef.infer(infer_args(opdef, inputs), attrs, len(node.outputs))
+    return all(v is None or v.type == t for v, t in zip(node.outputs, types))
+
+
 def make_node(names: FreshNames, op: str, inputs: list, attrs: dict = None, n_outputs: int = 1,
               version: int = 0, base: str = None) -> Node:
     """A new node of ``op`` (attributes completed with defaults) whose outputs are fresh values of

@@ -37,6 +37,7 @@ class Executable:
         self.tdev = torch.device(device.torch_device)
         self.lock = threading.Lock()
         out_bufs = {v.buf for v in plan.outputs.values()}
+        used = out_bufs | {a.index for step in plan.steps for a in step.args if isinstance(a, Buf)}
         self.arena_plan = plan_arena(plan, exclude=out_bufs)
         self.arena = torch.empty(self.arena_plan.size, dtype=torch.uint8, device=self.tdev)
         static: dict = {}
@@ -51,7 +52,7 @@ class Executable:
                 off = self.arena_plan.offsets[i]
                 nbytes = spec.numel * spec.dtype.itemsize
                 static[i] = self.arena[off:off + nbytes].view(torch_dtype(spec.dtype))
-            elif spec.role == "temp" and (spec.numel > 0 or i in out_bufs):
+            elif spec.role == "temp" and i in used:
                 self.per_run.append((i, spec.numel, torch_dtype(spec.dtype)))
         self.inputs = dict(plan.inputs)
         self.launches = []
