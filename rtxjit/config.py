@@ -33,3 +33,14 @@ def prepare_triton() -> None:
         if torch.cuda.is_available():
             return
     os.environ["TRITON_INTERPRET"] = "1"
+
+
+def dump_passes() -> str | None:
+    """RTXJIT_DUMP_PASSES=DIR writes the graph after every pass into DIR; =- writes it to stderr."""
+    value = os.environ.get("RTXJIT_DUMP_PASSES", "").strip()
+    return value or None
+
+
+def verify_passes() -> bool:
+    """RTXJIT_VERIFY_PASSES=1 runs the IR verifier after every pass (debug mode)."""
+    return os.environ.get("RTXJIT_VERIFY_PASSES", "0") == "1"

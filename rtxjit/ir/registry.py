@@ -38,6 +38,7 @@ class Kind(enum.Enum):
     MATMUL = "matmul"
     CONV = "conv"
     POOL = "pool"
+    ATTENTION = "attention"
     MOVEMENT = "data_movement"
     ALIAS = "alias"  # output is a view of an input: no data is computed or moved
     SHAPE = "shape"  # computed on the host from types and host values only

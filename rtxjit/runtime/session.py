@@ -9,6 +9,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from rtxjit import config, passes
 from rtxjit.errors import InputError
 from rtxjit.ir.graph import Graph
 from rtxjit.ir.types import DType, TensorType
@@ -43,15 +44,21 @@ class InferenceSession:
 
     ``model`` is a path, serialized bytes, an ``onnx.ModelProto`` or an ``rtxjit.ir.Graph``.
     ``device`` is "cuda", "cpu" (Triton's interpreter) or None (a GPU if torch sees one).
+    ``optimize`` runs the pass pipeline (``rtxjit.passes``) once; ``pass_timings`` says how long
+    each pass took.
     """
 
-    def __init__(self, model, device: Optional[str] = None, providers=None):
+    def __init__(self, model, device: Optional[str] = None, providers=None, optimize: bool = True):
         if isinstance(model, Graph):
             self.graph = model
         else:
             from rtxjit.onnx.importer import import_model
 
             self.graph = import_model(model)
+        self.pass_timings: list = []
+        if optimize:
+            self.graph, self.pass_timings = passes.optimize(self.graph, verify=config.verify_passes(),
+                                                            dump=config.dump_passes())
         self.device: Device = detect(device)
         self._tdev = torch.device(self.device.torch_device)
         self._lock = threading.Lock()

@@ -1,0 +1,674 @@
+"""Benchmark real models: eager PyTorch, torch.compile (with and without CUDA graphs) and rtxjit.
+
+Cases (fp16, random weights, no download): resnet50 batch 1 and 32, vit_b_16 batch 1
+(torchvision), bert-base sequence 128 batch 1 and 8 (transformers ``BertModel`` from its config).
+Each model is exported to ONNX in a temporary folder for rtxjit. In one process, on one GPU, each
+system is timed in its steady state (CUDA events, warm-up, median), its output is checked against
+eager, and its kernel launches per inference and peak GPU memory are recorded. Results go to
+``<out>/bench_models.json`` and ``<out>/bench_models.md``.
+
+    python benchmarks/bench_models.py                       # everything (GPU machine)
+    python benchmarks/bench_models.py --cases resnet50_b1 --systems eager,rtxjit --quick
+    python benchmarks/bench_models.py --dry-run             # CPU: tiny models, no torch.compile
+
+A system that fails on a case records its error and the script goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import importlib.metadata
+import json
+import math
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import rtxjit  # noqa: E402  (before triton: on a CPU it switches Triton's interpreter on)
+
+SEED = 0
+REL_ERR_LIMIT = 2e-2
+MIB = 1 << 20
+PROFILE_ITERS = 3
+
+
+# --- cases -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Case:
+    """A model and its inputs. ``build(device)`` returns (module in eval mode, fp16, on device;
+    ordered dict of input name -> tensor). The first output is the one compared with eager."""
+
+    name: str
+    build: Callable
+    output_names: tuple
+
+
+def _vision(ctor: str, batch: int, device):
+    import torchvision
+
+    model = getattr(torchvision.models, ctor)(weights=None)
+    x = torch.randn(batch, 3, 224, 224, device=device, dtype=torch.float16)
+    return _ready(model, device), {"image": x}
+
+
+class _BertOutputs(nn.Module):
+    """BertModel with positional inputs and a tuple output, for export and for torch.compile."""
+
+    def __init__(self, bert: nn.Module):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids, attention_mask):
+        out = self.bert(input_ids=input_ids, attention_mask=attention_mask)
+        return out.last_hidden_state, out.pooler_output
+
+
+def _bert(batch: int, seq: int, device):
+    from transformers import BertConfig, BertModel
+
+    try:  # bert-base defaults; eager attention exports as plain MatMul/Softmax
+        config = BertConfig(attn_implementation="eager")
+    except TypeError:
+        config = BertConfig()
+    model = _BertOutputs(BertModel(config))
+    ids = torch.randint(0, config.vocab_size, (batch, seq), device=device, dtype=torch.int64)
+    return _ready(model, device), {"input_ids": ids, "attention_mask": _padding_mask(batch, seq, device)}
+
+
+def _padding_mask(batch: int, seq: int, device) -> torch.Tensor:
+    """Ones, with the last eighth of the positions masked out in every second sequence."""
+    mask = torch.ones(batch, seq, device=device, dtype=torch.int64)
+    mask[1::2, seq - seq // 8:] = 0
+    return mask
+
+
+def _ready(model: nn.Module, device) -> nn.Module:
+    return model.eval().half().to(device)
+
+
+CASES = [
+    Case("resnet50_b1", partial(_vision, "resnet50", 1), ("logits",)),
+    Case("resnet50_b32", partial(_vision, "resnet50", 32), ("logits",)),
+    Case("vit_b_16_b1", partial(_vision, "vit_b_16", 1), ("logits",)),
+    Case("bert_base_s128_b1", partial(_bert, 1, 128), ("last_hidden_state", "pooler_output")),
+    Case("bert_base_s128_b8", partial(_bert, 8, 128), ("last_hidden_state", "pooler_output")),
+]
+
+
+# --- tiny models for --dry-run (CPU) -----------------------------------------------------------
+
+class _TinyCNN(nn.Module):
+    """conv-bn-relu, a residual block, max and global pooling, a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2))
+        self.block = nn.Sequential(nn.Conv2d(16, 16, 3, 1, 1), nn.BatchNorm2d(16), nn.ReLU(),
+                                   nn.Conv2d(16, 16, 3, 1, 1), nn.BatchNorm2d(16))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, image):
+        y = self.stem(image)
+        y = torch.relu(y + self.block(y))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
+
+
+class _TinyEncoder(nn.Module):
+    """A BERT-style layer written out: embeddings, masked multi-head attention, GELU MLP, pooler."""
+
+    def __init__(self, vocab=64, dim=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.embed, self.norm1, self.norm2 = nn.Embedding(vocab, dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.pool = nn.Linear(dim, dim)
+
+    def forward(self, input_ids, attention_mask):
+        x = self.norm1(self.embed(input_ids))
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        bias = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * -10000.0
+        att = torch.softmax(q @ k.transpose(-1, -2) * (d // self.heads) ** -0.5 + bias, dim=-1)
+        x = self.norm2(x + self.proj((att @ v).transpose(1, 2).reshape(b, s, d)))
+        x = x + self.mlp(x)
+        return x, torch.tanh(self.pool(x[:, 0]))
+
+
+class _TinyViT(nn.Module):
+    """Patch embedding, class token, nn.MultiheadAttention (as torchvision's ViT), a head."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 8, 8)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim))
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, image):
+        x = self.patch(image).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
+        y = self.norm(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        return self.head(x[:, 0])
+
+
+def _tiny_image(model_cls, batch: int, device):
+    return _ready(model_cls(), device), {"image": torch.randn(batch, 3, 32, 32, device=device).half()}
+
+
+def _tiny_text(batch: int, seq: int, device):
+    ids = torch.randint(0, 64, (batch, seq), device=device, dtype=torch.int64)
+    return _ready(_TinyEncoder(), device), {"input_ids": ids, "attention_mask": _padding_mask(batch, seq, device)}
+
+
+DRY_RUN_CASES = [
+    Case("tiny_cnn_b1", partial(_tiny_image, _TinyCNN, 1), ("logits",)),
+    Case("tiny_cnn_b4", partial(_tiny_image, _TinyCNN, 4), ("logits",)),
+    Case("tiny_encoder_s16_b2", partial(_tiny_text, 2, 16), ("last_hidden_state", "pooler_output")),
+    Case("tiny_vit_b1", partial(_tiny_image, _TinyViT, 1), ("logits",)),
+]
+
+
+# --- ONNX export -------------------------------------------------------------------------------
+
+EXPORTERS = {  # name -> torch.onnx.export keyword arguments, tried in this order by "auto"
+    "torchscript": {"dynamo": False, "opset_version": 17},
+    "dynamo": {"dynamo": True, "opset_version": 18},
+}
+
+
+@contextlib.contextmanager
+def _export_mode():
+    """No grad, quiet, and nn.MultiheadAttention off its fused fast path (which has no ONNX form)."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+def export_onnx(model: nn.Module, inputs: dict, output_names, path: Path, exporter: str = "auto") -> dict:
+    """Exports ``model`` to ``path``; returns which exporter and opset worked and how long it took."""
+    names = list(EXPORTERS) if exporter == "auto" else [exporter]
+    errors = []
+    for name in names:
+        start = time.perf_counter()
+        try:
+            with _export_mode():
+                torch.onnx.export(model, tuple(inputs.values()), str(path), input_names=list(inputs),
+                                  output_names=list(output_names), **EXPORTERS[name])
+        except Exception as exc:  # try the next exporter; report all if none works
+            errors.append(f"{name}: {_short(exc)}")
+            continue
+        return {"exporter": name, "opset": EXPORTERS[name]["opset_version"],
+                "export_s": round(time.perf_counter() - start, 2), "onnx_mib": round(path.stat().st_size / MIB, 1)}
+    raise RuntimeError("ONNX export failed: " + " | ".join(errors))
+
+
+# --- systems -----------------------------------------------------------------------------------
+
+@dataclass
+class Context:
+    """What a system needs to set itself up for one case."""
+
+    model: nn.Module
+    inputs: dict
+    output_names: tuple
+    onnx_path: Optional[Path]
+    onnx_error: Optional[str]
+    cuda: bool
+
+
+@dataclass
+class Runner:
+    """One system made ready: ``call()`` runs one inference (outputs first-output-first).
+    ``launches()``, when given, counts kernel launches per inference without a profiler."""
+
+    call: Callable
+    launches: Optional[Callable] = None
+    info: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class System:
+    name: str
+    label: str
+    make: Callable  # Context -> Runner
+    gpu_only: bool = False  # skipped by --dry-run
+
+
+def make_eager(ctx: Context) -> Runner:
+    args = tuple(ctx.inputs.values())
+    return Runner(lambda: ctx.model(*args))
+
+
+def make_compiled(ctx: Context, mode: Optional[str] = None, backend: str = "inductor") -> Runner:
+    """torch.compile; its compile happens in the first call (reported as first-call seconds)."""
+    compiled = torch.compile(ctx.model, mode=mode, backend=backend)
+    args = tuple(ctx.inputs.values())
+    if mode != "reduce-overhead":
+        return Runner(lambda: compiled(*args))
+
+    def call():
+        torch.compiler.cudagraph_mark_step_begin()  # outputs of the previous replay may be overwritten
+        return compiled(*args)
+
+    return Runner(call)
+
+
+def make_rtxjit(ctx: Context) -> Runner:
+    """An rtxjit session over the exported ONNX file, fed torch tensors already on the device."""
+    if ctx.onnx_path is None:
+        raise RuntimeError(ctx.onnx_error or "no ONNX file")
+    sess = rtxjit.InferenceSession(str(ctx.onnx_path), device="cuda" if ctx.cuda else "cpu")
+    wanted = {i.name for i in sess.get_inputs()}  # an exporter may drop an unused input
+    feeds = {n: t for n, t in ctx.inputs.items() if n in wanted}
+    outputs = [o.name for o in sess.get_outputs()]
+    first = ctx.output_names[0]
+    names = [first] + [n for n in outputs if n != first] if first in outputs else outputs
+    return Runner(lambda: sess.run(names, feeds), launches=lambda: rtxjit_launches(sess))
+
+
+def rtxjit_launches(sess) -> Optional[int]:
+    """Kernel launches per inference of the session's (last built) plan; None if unreadable.
+
+    Prefers an official ``sess.launches_per_inference`` (attribute or method) when it exists.
+    """
+    official = getattr(sess, "launches_per_inference", None)
+    if callable(official):
+        official = official()
+    if official is not None:
+        return int(official)
+    executables = getattr(sess, "_executables", None)
+    if not executables:
+        return None
+    plan = getattr(list(executables.values())[-1], "plan", None)
+    steps = getattr(plan, "steps", None)
+    return None if steps is None else len(steps)
+
+
+# Add a system here (e.g. torch.compile(backend="rtxjit")) and it shows up in every table.
+SYSTEMS = [
+    System("eager", "eager PyTorch", make_eager),
+    System("compile", "torch.compile", make_compiled, gpu_only=True),
+    System("compile_cudagraphs", "torch.compile reduce-overhead (CUDA graphs)",
+           partial(make_compiled, mode="reduce-overhead"), gpu_only=True),
+    System("rtxjit", "rtxjit", make_rtxjit),
+]
+EAGER, CUDAGRAPHS = "eager", "compile_cudagraphs"
+
+
+# --- measurement -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Settings:
+    iters: int
+    warmup: int
+    cuda: bool
+    exporter: str = "auto"
+
+
+def _first(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _sync(cuda: bool) -> None:
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def _short(exc: BaseException, limit: int = 2000) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| / max |ref|, in fp32 (nan if the shapes differ or anything is not finite)."""
+    out, ref = out.detach().float(), ref.detach().float()
+    if out.shape != ref.shape:
+        return float("nan")
+    scale = ref.abs().max().item() or 1.0
+    return (out - ref).abs().max().item() / scale
+
+
+def time_calls(call: Callable, iters: int, cuda: bool) -> dict:
+    """Latency per inference: each call synchronized, timed by CUDA events (wall clock on a CPU)."""
+    device_ms, wall_ms = [], []
+    for _ in range(iters):
+        _sync(cuda)
+        start_wall = time.perf_counter()
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        call()
+        if cuda:
+            end.record()
+            end.synchronize()
+            device_ms.append(start.elapsed_time(end))
+        wall_ms.append((time.perf_counter() - start_wall) * 1e3)
+    times = device_ms or wall_ms
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
+            "stdev_ms": statistics.stdev(times) if len(times) > 1 else 0.0,
+            "wall_median_ms": statistics.median(wall_ms), "iters": iters,
+            "timer": "cuda_events" if cuda else "perf_counter"}
+
+
+def measure_memory(call: Callable, baseline: int) -> dict:
+    """Peak during one steady-state call; activation = peak - memory resident just before it.
+
+    ``resident_extra_mib`` is what the system keeps between calls beyond the eager model and inputs
+    (rtxjit's own copy of the weights, a CUDA-graph memory pool).
+    """
+    gc.collect()
+    torch.cuda.synchronize()
+    resident = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = call()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del out
+    return {"peak_mib": peak / MIB, "activation_mib": (peak - resident) / MIB,
+            "resident_extra_mib": (resident - baseline) / MIB}
+
+
+def profile_kernels(call: Callable, iters: int = PROFILE_ITERS) -> dict:
+    """CUDA kernels (not memcpy/memset) and CUDA-graph launches per call, from torch.profiler."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            call()
+        torch.cuda.synchronize()
+    kernels = attached = graphs = 0
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            kernels += not e.name.startswith(("Memcpy", "Memset"))
+        else:
+            attached += len(getattr(e, "kernels", []) or [])
+            graphs += e.name in ("cudaGraphLaunch", "cuGraphLaunch")
+    return {"kernels_profiled": (kernels or attached) / iters, "graph_launches": graphs / iters}
+
+
+def count_launches(runner: Runner, cuda: bool) -> dict:
+    """The system's own count if it has one, else the profiler's; profiler numbers kept as well."""
+    counts = {}
+    if cuda:
+        try:
+            counts.update(profile_kernels(runner.call))
+        except Exception as exc:  # a profiler problem must not lose the timing
+            counts["profile_error"] = _short(exc)
+    own = runner.launches() if runner.launches else None
+    if own is not None:
+        counts.update(launches=own, launches_source="plan")
+    elif counts.get("kernels_profiled"):
+        counts.update(launches=counts["kernels_profiled"], launches_source="profiler")
+    return counts
+
+
+def run_system(system: System, ctx: Context, ref: torch.Tensor, settings: Settings) -> dict:
+    """Set up, first call, warm-up, check, time, memory, launches; an exception becomes 'error'."""
+    record = {"system": system.name, "label": system.label}
+    runner = None
+    try:
+        baseline = torch.cuda.memory_allocated() if settings.cuda else 0
+        start = time.perf_counter()
+        runner = system.make(ctx)
+        record["setup_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        runner.call()
+        _sync(settings.cuda)
+        record["first_call_s"] = time.perf_counter() - start
+        for _ in range(settings.warmup):
+            runner.call()
+        record["max_rel_err"] = rel_err(_first(runner.call()), ref)
+        record["rel_err_ok"] = record["max_rel_err"] <= REL_ERR_LIMIT
+        record.update(time_calls(runner.call, settings.iters, settings.cuda))
+        if settings.cuda:
+            record.update(measure_memory(runner.call, baseline))
+        record.update(count_launches(runner, settings.cuda))
+        record.update(runner.info)
+    except Exception as exc:
+        record["error"] = _short(exc)
+        record["traceback"] = traceback.format_exc(limit=8)
+    finally:
+        del runner
+        _release(settings.cuda)
+    return record
+
+
+def _release(cuda: bool) -> None:
+    """Drop compiled graphs and cached memory so that the next system starts clean."""
+    if "torch._dynamo" in sys.modules:
+        torch._dynamo.reset()
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def _seed() -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(SEED)
+    np.random.seed(SEED)
+    torch.manual_seed(SEED)  # seeds every CUDA device as well
+
+
+def run_case(case: Case, systems: list, settings: Settings, tmp: Path) -> tuple:
+    """All systems on one case; returns (case info, records). A failed build fails every system."""
+    device = torch.device("cuda" if settings.cuda else "cpu")
+    info = {"case": case.name}
+    try:
+        _seed()
+        model, inputs = case.build(device)
+        ref = _first(model(*inputs.values())).detach().clone()
+    except Exception as exc:
+        info["error"] = _short(exc)
+        return info, [{"system": s.name, "label": s.label, "error": "case setup failed: " + info["error"]}
+                      for s in systems]
+    info["inputs"] = {n: [list(t.shape), str(t.dtype).replace("torch.", "")] for n, t in inputs.items()}
+    onnx_path, onnx_error = _export_case(case, model, inputs, settings.exporter, tmp, info)
+    ctx = Context(model, inputs, case.output_names, onnx_path, onnx_error, settings.cuda)
+    records = []
+    for system in systems:
+        print(f"[{case.name}] {system.name} ...", flush=True)
+        records.append({"case": case.name, **run_system(system, ctx, ref, settings)})
+    _fill_graph_launches(records)
+    return info, records
+
+
+def _export_case(case: Case, model, inputs: dict, exporter: str, tmp: Path, info: dict) -> tuple:
+    """(ONNX path, None) or (None, error text); what happened is added to ``info``."""
+    path = tmp / f"{case.name}.onnx"
+    try:
+        info.update(export_onnx(model, inputs, case.output_names, path, exporter))
+        return path, None
+    except Exception as exc:
+        info["export_error"] = str(exc)[:2000]
+        return None, info["export_error"]
+
+
+def _fill_graph_launches(records: list) -> None:
+    """CUDA-graph replay: if the profiler did not see the kernels inside the graph, use
+    torch.compile's count (the same kernels, captured)."""
+    by_name = {r["system"]: r for r in records}
+    graph, plain = by_name.get(CUDAGRAPHS), by_name.get("compile")
+    if graph and plain and "error" not in graph and not graph.get("launches") and plain.get("launches"):
+        graph.update(launches=plain["launches"], launches_source="same as torch.compile (graph not visible)")
+
+
+# --- report ------------------------------------------------------------------------------------
+
+def _version(package: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment(cuda: bool) -> dict:
+    import triton
+
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "device": "CPU (Triton interpreter)", "torch": torch.__version__, "cuda": torch.version.cuda,
+           "triton": triton.__version__, "rtxjit": rtxjit.__version__, "onnx": _version("onnx"),
+           "onnxscript": _version("onnxscript"), "torchvision": _version("torchvision"),
+           "transformers": _version("transformers"), "python": platform.python_version()}
+    if cuda:
+        major, minor = torch.cuda.get_device_capability()
+        env["device"] = f"{torch.cuda.get_device_name()} (sm_{major}{minor})"
+    return env
+
+
+def _fmt(value, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def _speedup(record: dict, reference: Optional[dict]) -> str:
+    if not reference or "error" in reference or "error" in record:
+        return "—"
+    return f"{reference['median_ms'] / record['median_ms']:.2f}x"
+
+
+def _row(r: dict, eager: Optional[dict], graphs: Optional[dict]) -> str:
+    if "error" in r:
+        cells = [r["case"], r["system"], "error"] + ["—"] * 6
+    else:
+        err = _fmt(r.get("max_rel_err"), ".1e") + ("" if r.get("rel_err_ok") else f" (> {REL_ERR_LIMIT:g})")
+        launches = r.get("launches")
+        cells = [r["case"], r["system"], f"{r['median_ms']:.3f}", _speedup(r, eager), _speedup(r, graphs),
+                 "—" if launches is None else f"{launches:g}", _fmt(r.get("activation_mib"), ".1f"),
+                 err, f"{r.get('setup_s', 0.0) + r['first_call_s']:.2f}"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown(report: dict) -> str:
+    env, s = report["environment"], report["settings"]
+    cuda = f" (CUDA {env['cuda']})" if env["cuda"] else ""
+    lines = [
+        "# rtxjit model benchmarks", "",
+        f"{env['device']} · torch {env['torch']}{cuda} · triton {env['triton']} · "
+        f"rtxjit {env['rtxjit']} · {env['date']}", "",
+        f"fp16, random weights. Median of {s['iters']} calls after {s['warmup']} warm-up calls, each call "
+        f"synchronized and timed by {'CUDA events' if s['cuda'] else 'the wall clock'}. Speedup = other's "
+        f"median / this median (> 1 is faster). Launches = kernels per inference. Activation = peak during one "
+        f"call minus memory resident before it. Max rel err = max|out - eager| / max|eager| on the first "
+        f"output (flagged above {REL_ERR_LIMIT:g}). First output = setup + first call, compilation included.", "",
+        "| case | system | median ms | speedup vs eager | speedup vs compile+cudagraphs | launches | "
+        "activation MiB | max rel err | first output s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for case in report["cases"]:
+        records = [r for r in report["results"] if r["case"] == case["case"]]
+        by_name = {r["system"]: r for r in records}
+        lines += [_row(r, by_name.get(EAGER), by_name.get(CUDAGRAPHS)) for r in records]
+    errors = [r for r in report["results"] if "error" in r]
+    if errors:
+        lines += ["", "Errors:", ""] + [f"- {r['case']} / {r['system']}: `{' '.join(r['error'].split())[:300]}`"
+                                       for r in errors]
+    return "\n".join(lines) + "\n"
+
+
+def _plain(value):
+    """JSON-safe: nan/inf become null, floats keep 6 significant digits, odd objects become strings."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float):
+        return float(f"{value:.6g}") if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)
+
+
+def write_report(report: dict, out: Path, stem: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(_plain(report), indent=1) + "\n")
+    (out / f"{stem}.md").write_text(markdown(report))
+
+
+# --- command line ------------------------------------------------------------------------------
+
+def _pick(names: Optional[str], items: list, what: str) -> list:
+    if not names:
+        return items
+    known = {i.name: i for i in items}
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise SystemExit(f"unknown {what} {unknown}; choose from {sorted(known)}")
+    return [known[n] for n in wanted]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cases", help="comma-separated subset, e.g. resnet50_b1,bert_base_s128_b1")
+    p.add_argument("--systems", help="comma-separated subset of " + ",".join(s.name for s in SYSTEMS))
+    p.add_argument("--iters", type=int, help="timed calls per system (default 100; --quick 10; --dry-run 3)")
+    p.add_argument("--warmup", type=int, help="calls after the first, before timing (default 20; --quick 3)")
+    p.add_argument("--exporter", choices=["auto", *EXPORTERS], default="auto",
+                   help="ONNX exporter; auto tries torchscript (dynamo=False), then dynamo")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="folder for JSON + markdown")
+    p.add_argument("--quick", action="store_true", help="few iterations, to check that everything runs")
+    p.add_argument("--dry-run", action="store_true",
+                   help="CPU plumbing check: tiny models, eager and rtxjit (Triton interpreter) only")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cuda = torch.cuda.is_available() and not args.dry_run
+    if not cuda and not args.dry_run:
+        raise SystemExit("no CUDA GPU visible to torch; use --dry-run to check the script on a CPU")
+    fast = args.quick or args.dry_run
+    settings = Settings(iters=args.iters or (3 if args.dry_run else 10 if args.quick else 100),
+                        warmup=args.warmup if args.warmup is not None else (1 if args.dry_run else 3 if fast else 20),
+                        cuda=cuda, exporter=args.exporter)
+    cases = _pick(args.cases, DRY_RUN_CASES if args.dry_run else CASES, "case")
+    systems = [s for s in _pick(args.systems, SYSTEMS, "system") if cuda or not s.gpu_only]
+    stem = "bench_models_dryrun" if args.dry_run else "bench_models"
+    report = {"environment": environment(cuda), "settings": vars(settings) | {"dry_run": args.dry_run},
+              "cases": [], "results": []}
+    torch.set_grad_enabled(False)
+    with tempfile.TemporaryDirectory(prefix="bench_models_") as tmp:
+        for case in cases:
+            info, records = run_case(case, systems, settings, Path(tmp))
+            report["cases"].append(info)
+            report["results"] += records
+            write_report(report, args.out, stem)  # after every case, so a crash keeps what was measured
+    print(markdown(report))
+    print(f"wrote {args.out / stem}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

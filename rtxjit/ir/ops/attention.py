@@ -1,0 +1,129 @@
+"""``rtxjit.Attention``: scaled dot-product attention as one op, created by the ``fuse_attention``
+pass (it is not an ONNX op) and lowered onto the flash-attention template.
+
+Convention. Attention works on *logical* tensors ``Q [B, H, Sq, Dk]``, ``K [B, H, Sk, Dk]`` (not
+transposed), ``V [B, H, Sk, Dv]`` and computes ``O [B, H, Sq, Dv]``::
+
+    O = softmax(scale * Q @ K^T + mask, axis=-1) @ V
+
+The op's inputs are the tensors as they are *stored*, and each perm says how to get the logical
+tensor from the stored one, with ONNX Transpose's meaning (``logical = np.transpose(stored, perm)``):
+
+- ``q_perm``, ``k_perm``, ``v_perm``: ``Q = transpose(q, q_perm)`` and so on. A model that reshapes
+  a projection to ``[B, S, H, D]`` and transposes it with ``(0, 2, 1, 3)`` gives the op the
+  ``[B, S, H, D]`` tensor and ``perm=(0, 2, 1, 3)``: the kernel reads it through strides.
+- ``out_perm``: the op's output is ``transpose(O, out_perm)``, so ``(0, 2, 1, 3)`` writes
+  ``[B, Sq, H, Dv]``, ready for the Reshape that merges the heads.
+
+``mask`` (optional) is added to the scaled scores and broadcasts (numpy rules) to ``[B, H, Sq, Sk]``;
+it may be of any float type. The batch and head dims of Q, K and V broadcast too. Q, K and V share
+one float dtype, which is the output's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rtxjit.codegen.templates.attention import attention_config, render_attention
+from rtxjit.codegen.view import View
+from rtxjit.errors import ModelError, ShapeError, UnsupportedOpError
+from rtxjit.ir.registry import Kind, op
+from rtxjit.ir.types import DType, TensorType, broadcast_shapes
+
+IDENTITY = (0, 1, 2, 3)
+KERNEL_TYPES = (DType.FP32, DType.FP16, DType.BF16)
+
+
+def _perm(perm, name: str) -> tuple:
+    perm = tuple(int(p) for p in perm)
+    if sorted(perm) != list(IDENTITY):
+        raise ShapeError(f"rtxjit.Attention: {name} {perm} is not a permutation of 4 axes")
+    return perm
+
+
+def _logical(x: TensorType, perm, name: str) -> tuple:
+    """The logical [B, H, S, D] shape of stored input ``x``."""
+    if x.rank != 4:
+        raise ShapeError(f"rtxjit.Attention: {name} must have rank 4, got {x}")
+    return tuple(x.shape[p] for p in _perm(perm, f"{name}_perm"))
+
+
+def _same(a, b) -> bool:
+    """Whether two dims may be equal: symbols are compared by name, ints by value."""
+    return a == b or not (isinstance(a, int) and isinstance(b, int))
+
+
+def inverse(perm) -> tuple:
+    """The perm that undoes ``perm``: ``transpose(transpose(x, p), inverse(p)) == x``."""
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return tuple(inv)
+
+
+@op("rtxjit.Attention", since=1, kind=Kind.ATTENTION)
+def attention(q: TensorType, k: TensorType, v: TensorType, mask: TensorType = None, *, scale: float = 1.0,
+              q_perm=IDENTITY, k_perm=IDENTITY, v_perm=IDENTITY, out_perm=IDENTITY) -> TensorType:
+    if len({q.dtype, k.dtype, v.dtype}) != 1 or not q.dtype.is_float:
+        raise ModelError(f"rtxjit.Attention needs Q, K and V of one float type, got {q}, {k}, {v}")
+    bq, hq, sq, dk = _logical(q, q_perm, "q")
+    bk, hk, sk, dk2 = _logical(k, k_perm, "k")
+    bv, hv, sv, dv = _logical(v, v_perm, "v")
+    if not (_same(dk, dk2) and _same(sk, sv)):
+        raise ShapeError(f"rtxjit.Attention: Q [.., {sq}, {dk}], K [.., {sk}, {dk2}] and V [.., {sv}, {dv}] "
+                         "do not fit together")
+    b, h = broadcast_shapes((bq, hq), (bk, hk), (bv, hv))
+    if mask is not None:
+        scores = (b, h, sq, sk)
+        if mask.rank > 4 or broadcast_shapes(mask.shape, scores) != scores:
+            raise ShapeError(f"rtxjit.Attention: mask {mask} does not broadcast to [{b},{h},{sq},{sk}]")
+        if not mask.dtype.is_float:
+            raise ModelError(f"rtxjit.Attention: mask of {mask.dtype.short} (an additive float mask is needed)")
+    logical = (b, h, sq, dv)
+    return TensorType(q.dtype, tuple(logical[p] for p in _perm(out_perm, "out_perm")))
+
+
+@attention.reference
+def _(q, k, v, mask=None, *, scale=1.0, q_perm=IDENTITY, k_perm=IDENTITY, v_perm=IDENTITY, out_perm=IDENTITY):
+    ql, kl, vl = (np.transpose(x, p).astype(np.float64) for x, p in ((q, q_perm), (k, k_perm), (v, v_perm)))
+    s = scale * (ql @ np.swapaxes(kl, -1, -2))
+    if mask is not None:
+        s = s + mask.astype(np.float64)
+    with np.errstate(invalid="ignore"):  # a row of -inf is NaN, as in the unfused graph
+        e = np.exp(s - s.max(-1, keepdims=True))
+        p = e / e.sum(-1, keepdims=True)
+    return np.transpose(p @ vl, out_perm)
+
+
+@attention.lower
+def _(ctx, q, k, v, mask=None, *, scale=1.0, q_perm=IDENTITY, k_perm=IDENTITY, v_perm=IDENTITY,
+      out_perm=IDENTITY):
+    if q.dtype not in KERNEL_TYPES:
+        raise UnsupportedOpError(f"{ctx.where}: attention of {q.dtype.short} is not supported "
+                                 f"(rtxjit runs it for {', '.join(d.short for d in KERNEL_TYPES)})")
+    out = ctx.outputs[0].permute(inverse(_perm(out_perm, "out_perm")))  # the logical [B, H, Sq, Dv] view
+    b, h, sq, dv = out.shape
+    ql, kl, vl = (x.permute(_perm(p, "perm")) for x, p in ((q, q_perm), (k, k_perm), (v, v_perm)))
+    views = [ql.broadcast_to((b, h) + ql.shape[2:]), kl.broadcast_to((b, h) + kl.shape[2:]),
+             vl.broadcast_to((b, h) + vl.shape[2:]), out]
+    if mask is not None:
+        views.append(mask.broadcast_to((b, h, sq, kl.shape[2])))
+    _launch(ctx, views, float(scale))
+
+
+def _launch(ctx, views: list, scale: float) -> None:
+    """Launch the kernel on ``views`` = [Q, K, V, O] (+ mask), each a logical 4-D view."""
+    q, k, v, out = views[:4]
+    sq, dk = q.shape[2:]
+    sk, dv = v.shape[2:]
+    has_mask = len(views) == 5
+    src = render_attention(q.dtype, out.dtype, has_mask, wide=ctx.needs_wide(*views))
+    args = []
+    for x in views:
+        args += [ctx.ptr(x), x.offset]
+    args += [scale, out.shape[1], sq, sk, dk, dv]
+    for x in views:
+        args += list(x.strides)
+    cfg = attention_config(sq, sk, dk, dv, q.dtype, ctx.interpret)
+    grid = (-(-sq // cfg["BLOCK_M"]), out.shape[0] * out.shape[1])
+    ctx.launch(src, grid, args, **cfg)

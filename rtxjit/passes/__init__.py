@@ -1,0 +1,38 @@
+"""Graph passes and the pipeline that runs them after import.
+
+The pipeline is one flat list of named steps that reads top to bottom. A new pass is one module in
+this package (a function ``Graph -> PassResult``, see ``base.py``) and one line here; the graph
+editing helpers it needs are in ``rtxjit.ir.rewrite``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from rtxjit.ir.graph import Graph
+from rtxjit.ir.rewrite import copy_graph
+from rtxjit.passes.base import Pass, PassError, PassManager, PassResult, PassTiming, conditions  # noqa: F401
+from rtxjit.passes.eliminate_common_subexpressions import eliminate_common_subexpressions
+from rtxjit.passes.eliminate_dead_code import eliminate_dead_code
+from rtxjit.passes.fold_batchnorm import fold_batchnorm
+from rtxjit.passes.fold_constants import fold_constants
+from rtxjit.passes.simplify_shapes import simplify_shapes
+
+PIPELINE = [
+    # canonicalize: drop no-op views and casts, evaluate what is constant
+    ("simplify_shapes", simplify_shapes),
+    ("fold_constants", fold_constants),
+    ("fold_batchnorm", fold_batchnorm),
+    # (fusion passes go here: pointwise, epilogue, attention)
+    # clean up
+    ("eliminate_common_subexpressions", eliminate_common_subexpressions),
+    ("eliminate_dead_code", eliminate_dead_code),
+]
+
+
+def optimize(graph: Graph, verify: bool = False, dump: Optional[str] = None, steps: Optional[list] = None) -> tuple:
+    """``(optimized graph, [PassTiming])``: the pipeline run on a copy (``graph`` is left as it is).
+    ``verify`` runs the IR verifier after every pass; ``dump`` is a directory or "-" (stderr)."""
+    manager = PassManager(PIPELINE if steps is None else steps, verify=verify, dump=dump)
+    result = manager(copy_graph(graph))
+    return result.graph, manager.timings

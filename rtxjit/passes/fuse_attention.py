@@ -1,0 +1,282 @@
+"""'MatMul(Q, K^T) -> scale -> +mask -> Softmax -> MatMul(., V) => rtxjit.Attention'.
+
+The pattern is found from its Softmax, walking back to the scores product and forward to the
+product with V:
+
+    MatMul(Q, KT) -> [Mul by a scalar c | Div by a scalar c] -> [Add mask] -> Softmax(axis=-1)
+                  -> MatMul(probs, V)
+
+with float-to-float ``Cast`` nodes allowed anywhere in the chain (transformers' eager attention
+runs the softmax in fp32 for fp16 models: ``Cast -> Softmax -> Cast``); the fused kernel keeps
+fp32 scores and statistics, and casts the probabilities to V's type, as that chain does. A scale
+folded into Q (or into Q's weights) is just part of Q, and the op's scale is 1.
+
+Transposes into Q, K^T and V, and out of the result, are absorbed into the op's perms (see
+``rtxjit/ir/ops/attention.py`` for the convention) when nothing else uses their results: the op
+reads the pre-transpose tensors through strides and writes its output in the layout the consumer
+wants. This covers the demo encoder (``Reshape -> Transpose(0,2,1,3)`` for Q and V,
+``Transpose(0,2,3,1)`` for K^T, ``Transpose(0,2,1,3) -> Reshape`` after) and the torch export of
+transformers' BertModel (K as ``Transpose(0,2,1,3)`` then ``Transpose(0,1,3,2)``): chains of
+transposes compose.
+
+Legality: every intermediate (scores, scaled and masked scores, probabilities, the product with V
+before an absorbed transpose) must have exactly one consumer and be no graph output; otherwise
+the pattern is left alone. The operands must be rank 4 ([B, H, S, D]) and of a float type the
+kernel runs (fp32, fp16, bf16).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from rtxjit.errors import RtxjitError
+from rtxjit.ir.graph import Graph, Node, Value
+from rtxjit.ir.ops.attention import KERNEL_TYPES
+from rtxjit.ir.registry import get_op
+from rtxjit.ir.rewrite import FreshNames, remove_nodes
+from rtxjit.ir.types import broadcast_shapes
+from rtxjit.passes.base import PassResult
+
+OP = "rtxjit.Attention"
+SWAP_LAST = (0, 1, 3, 2)
+
+
+@dataclass
+class _Match:
+    """One attention subgraph: the nodes it replaces and the fused op's inputs and attributes."""
+
+    nodes: list = field(default_factory=list)
+    q: Optional[Value] = None
+    k: Optional[Value] = None
+    v: Optional[Value] = None
+    mask: Optional[Value] = None
+    scale: float = 1.0
+    perms: dict = field(default_factory=dict)
+    output: Optional[Value] = None
+
+
+class _Uses:
+    """Who consumes each value, and whether it is a graph output."""
+
+    def __init__(self, graph: Graph):
+        self.consumers = graph.consumers()
+        self.graph_outputs = {v.name for v in graph.outputs}
+
+    def only_user(self, value: Value) -> Optional[Node]:
+        """The single node that reads ``value`` (once), or None if there are more, none, or it is
+        a graph output: only then may a fused op make the value disappear."""
+        uses = self.consumers.get(value.name, [])
+        if value.name in self.graph_outputs or len(uses) != 1:
+            return None
+        return uses[0][0]
+
+    def private(self, value: Value, reader: Node) -> bool:
+        return self.only_user(value) is reader
+
+
+def fuse_attention(graph: Graph) -> PassResult:
+    """Replace each attention subgraph by one ``rtxjit.Attention`` node (in place)."""
+    uses = _Uses(graph)
+    matches, claimed = [], set()
+    for node in graph.nodes:
+        if node.op != "Softmax":
+            continue
+        m = _match(node, uses)
+        if m is not None and not claimed.intersection(id(n) for n in m.nodes):
+            claimed.update(id(n) for n in m.nodes)
+            matches.append(m)
+    names = FreshNames(graph)
+    for m in matches:
+        _rewrite(graph, m, names)
+    return PassResult(graph, bool(matches))
+
+
+# ---- matching ----------------------------------------------------------------------------------
+
+def _match(softmax: Node, uses: _Uses) -> Optional[_Match]:
+    x = softmax.inputs[0]
+    if x.type.rank != 4 or softmax.attrs.get("axis", -1) not in (-1, 3):
+        return None
+    m = _Match(nodes=[softmax])
+    pv = _forward_to_pv(softmax, uses, m)
+    if pv is None or not _backward_to_qk(softmax, uses, m):
+        return None
+    m.v, m.perms["v_perm"] = _absorb_transposes(pv.inputs[1], pv, uses, m)
+    m.output, m.perms["out_perm"] = _absorb_output_transposes(pv, uses, m)
+    return m if _legal(m) else None
+
+
+def _forward_to_pv(softmax: Node, uses: _Uses, m: _Match) -> Optional[Node]:
+    """The MatMul(probs, V) that consumes the softmax, through float Casts."""
+    value = softmax.outputs[0]
+    while True:
+        user = uses.only_user(value)
+        if user is None:
+            return None
+        if user.op == "Cast" and _float_cast(user):
+            m.nodes.append(user)
+            value = user.outputs[0]
+            continue
+        if user.op == "MatMul" and user.inputs[0] is value and user.inputs[1] is not value:
+            m.nodes.append(user)
+            return user
+        return None
+
+
+def _backward_to_qk(softmax: Node, uses: _Uses, m: _Match) -> bool:
+    """Walk from the softmax input back to MatMul(Q, K^T), taking at most one mask Add and then
+    (further back) at most one scalar scale, and float Casts anywhere. Fills q, k, mask, scale."""
+    value, reader = softmax.inputs[0], softmax
+    seen_scale = False
+    while True:
+        node = value.producer
+        if node is None or not uses.private(value, reader):
+            return False
+        if node.op == "Cast" and _float_cast(node):
+            step = node.inputs[0]
+        elif node.op == "Add" and m.mask is None and not seen_scale:
+            step = _split_mask(node, m)
+        elif node.op in ("Mul", "Div") and not seen_scale:
+            step = _split_scale(node, m)
+            seen_scale = step is not None
+        elif node.op == "MatMul":
+            m.nodes.append(node)
+            return _take_qk(node, uses, m)
+        else:
+            return False
+        if step is None:
+            return False
+        m.nodes.append(node)
+        value, reader = step, node
+
+
+def _float_cast(node: Node) -> bool:
+    return node.inputs[0].type.dtype.is_float and node.outputs[0].type.dtype.is_float
+
+
+def _split_mask(add: Node, m: _Match) -> Optional[Value]:
+    """The scores side of ``Add(scores, mask)`` (either order); sets ``m.mask``. The mask must
+    broadcast to the scores without growing them."""
+    out = add.outputs[0].type.shape
+    for i in sorted((0, 1), key=lambda i: not _chain_link(add.inputs[i])):
+        scores, mask = add.inputs[i], add.inputs[1 - i]
+        if scores.producer is None or scores.type.shape != out or mask.type.rank > 4:
+            continue
+        if _broadcasts_to(mask.type.shape, out) and mask.type.dtype.is_float:
+            m.mask = mask
+            return scores
+    return None
+
+
+def _chain_link(value: Value) -> bool:
+    """Whether ``value`` may be the scores: produced by an op of the chain below an Add."""
+    return value.producer is not None and value.producer.op in ("MatMul", "Mul", "Div", "Cast")
+
+
+def _split_scale(node: Node, m: _Match) -> Optional[Value]:
+    """The scores side of ``Mul(scores, c)``, ``Mul(c, scores)`` or ``Div(scores, c)`` for a
+    scalar constant ``c``; sets ``m.scale``."""
+    sides = (0, 1) if node.op == "Mul" else (0,)
+    for i in sides:
+        scores, c = node.inputs[i], node.inputs[1 - i]
+        if not c.is_const or c.const.size != 1 or scores.type.shape != node.outputs[0].type.shape:
+            continue
+        value = float(np.asarray(c.const, dtype=np.float64).reshape(()))
+        if node.op == "Div" and value == 0.0:
+            return None
+        m.scale = value if node.op == "Mul" else 1.0 / value
+        return scores
+    return None
+
+
+def _take_qk(qk: Node, uses: _Uses, m: _Match) -> bool:
+    """Q and K from MatMul(Q, K^T): K's perm is K^T's with the last two axes swapped back."""
+    q, kt = qk.inputs
+    if q is kt or q.type.rank != 4 or kt.type.rank != 4:
+        return False
+    m.q, m.perms["q_perm"] = _absorb_transposes(q, qk, uses, m)
+    m.k, kt_perm = _absorb_transposes(kt, qk, uses, m)
+    m.perms["k_perm"] = tuple(kt_perm[i] for i in SWAP_LAST)
+    return True
+
+
+# ---- transposes --------------------------------------------------------------------------------
+
+def _perm_of(node: Node) -> tuple:
+    perm = node.attrs.get("perm")
+    rank = node.inputs[0].type.rank
+    return tuple(reversed(range(rank))) if perm is None else tuple(int(p) for p in perm)
+
+
+def _absorb_transposes(value: Value, reader: Node, uses: _Uses, m: _Match) -> tuple:
+    """``(stored, perm)`` with ``value == transpose(stored, perm)``: walks back through
+    Transposes that only ``reader`` (or the next Transpose in the chain) uses, composing perms."""
+    perm = (0, 1, 2, 3)
+    while value.producer is not None and value.producer.op == "Transpose" and uses.private(value, reader):
+        t = value.producer
+        inner = _perm_of(t)
+        perm = tuple(inner[i] for i in perm)  # transpose(transpose(x, inner), perm)
+        m.nodes.append(t)
+        value, reader = t.inputs[0], t
+    return value, perm
+
+
+def _absorb_output_transposes(pv: Node, uses: _Uses, m: _Match) -> tuple:
+    """``(output, out_perm)``: the last value of a chain of private Transposes after the product
+    with V, and the composed perm from the logical [B, H, Sq, Dv] result to it."""
+    value, perm = pv.outputs[0], (0, 1, 2, 3)
+    while True:
+        user = uses.only_user(value)
+        if user is None or user.op != "Transpose":
+            return value, perm
+        outer = _perm_of(user)
+        perm = tuple(perm[i] for i in outer)  # transpose(transpose(o, perm), outer)
+        m.nodes.append(user)
+        value = user.outputs[0]
+
+
+def _broadcasts_to(shape, target) -> bool:
+    try:
+        return broadcast_shapes(shape, target) == tuple(target)
+    except ValueError:
+        return False
+
+
+# ---- legality and rewriting --------------------------------------------------------------------
+
+def _legal(m: _Match) -> bool:
+    """The operands fit the kernel, and the fused op's inferred type is the replaced output's."""
+    if m.q.type.dtype not in KERNEL_TYPES or m.output.type.dtype is not m.q.type.dtype:
+        return False
+    if any(x.type.rank != 4 for x in (m.q, m.k, m.v)):
+        return False
+    try:
+        (t,) = get_op(OP).infer(_inputs(m), _attrs(m), 1)
+    except (RtxjitError, ValueError):
+        return False
+    return t == m.output.type
+
+
+def _inputs(m: _Match) -> list:
+    return [m.q.type, m.k.type, m.v.type, None if m.mask is None else m.mask.type]
+
+
+def _attrs(m: _Match) -> dict:
+    return {"scale": m.scale, **{k: tuple(v) for k, v in sorted(m.perms.items())}}
+
+
+def _rewrite(graph: Graph, m: _Match, names: FreshNames) -> None:
+    """Put the fused node where the last replaced node was (every input of the fused node is
+    defined before it, the output's readers come after it) and drop the replaced nodes. The output
+    keeps its ``Value``, so a graph output keeps its name."""
+    replaced = {id(n) for n in m.nodes}
+    last = max(i for i, n in enumerate(graph.nodes) if id(n) in replaced)
+    softmax = next(n for n in m.nodes if n.op == "Softmax")
+    inputs = [m.q, m.k, m.v] + ([m.mask] if m.mask is not None else [])
+    fused = Node(OP, names(f"{softmax.name}/attention"), inputs, [m.output], _attrs(m), version=1)
+    graph.nodes.insert(last + 1, fused)
+    remove_nodes(graph, m.nodes)
+    m.output.producer = fused

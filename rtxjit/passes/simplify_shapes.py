@@ -1,0 +1,97 @@
+"""Remove views and conversions that change nothing, and merge chains of them.
+
+Rewrites:
+    Identity(x) => x
+    Dropout(x) (inference, mask unused) => x
+    Cast(x, to=dtype of x) => x;  CastLike(x, y) where x and y have one dtype => x
+    Reshape|Flatten|Squeeze|Unsqueeze(x) whose output has x's static shape => x
+    Transpose(x, perm=identity) => x
+    Reshape(Reshape|Flatten|Squeeze|Unsqueeze(x), s) => Reshape(x, s)
+        (s without 0 "copy this dim" entries, or with them resolved from a static output shape)
+    Transpose(Transpose(x, p), q) => Transpose(x, [p[i] for i in q])
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rtxjit.ir.graph import Graph, Node
+from rtxjit.ir.rewrite import (FreshNames, infers_same, is_graph_output, make_constant, remove_nodes,
+                               replace_all_uses)
+from rtxjit.passes.base import PassResult
+
+VIEWS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+
+
+def simplify_shapes(graph: Graph) -> PassResult:
+    names = FreshNames(graph)
+    removed, modified = [], False
+    for node in graph.nodes:
+        while _merge_chain(node, names):  # Transpose(Transpose(..)) chains of any length
+            modified = True
+        if _is_no_op(graph, node) and replace_all_uses(graph, node.outputs[0], node.inputs[0]):
+            removed.append(node)
+    remove_nodes(graph, removed)
+    return PassResult(graph, modified or bool(removed))
+
+
+def _is_no_op(graph: Graph, node: Node) -> bool:
+    """Whether the node's first output equals its first input."""
+    x, y = node.inputs[0] if node.inputs else None, node.outputs[0]
+    if x is None or y is None:
+        return False
+    if node.op == "Identity":
+        return True
+    if node.op == "Dropout":
+        return all(m is None or not _used(graph, m) for m in node.outputs[1:])
+    if node.op in ("Cast", "CastLike"):
+        return x.type.dtype is y.type.dtype
+    if node.op in VIEWS:
+        return x.type.static and x.type == y.type
+    if node.op == "Transpose":
+        return _perm(node) == list(range(x.type.rank))
+    return False
+
+
+def _used(graph: Graph, value) -> bool:
+    return is_graph_output(graph, value) or any(value in n.inputs for n in graph.nodes)
+
+
+def _merge_chain(node: Node, names: FreshNames) -> bool:
+    """Make ``node`` read past a view of the same family that feeds it, where its output type
+    stays the same (symbolic dims included); whether it did."""
+    inner = node.inputs[0].producer if node.inputs and node.inputs[0] is not None else None
+    if inner is None:
+        return False
+    inputs, attrs = [inner.inputs[0]] + node.inputs[1:], dict(node.attrs)
+    if node.op == "Transpose" and inner.op == "Transpose":
+        inner_perm = _perm(inner)
+        attrs["perm"] = [inner_perm[i] for i in _perm(node)]
+    elif node.op == "Reshape" and inner.op in VIEWS:
+        target = _reshape_target(node)
+        if target is None:
+            return False
+        inputs[1] = target if target is node.inputs[1] else make_constant(names, f"{node.name}_shape", target)
+    else:
+        return False
+    if not infers_same(node, inputs, attrs):
+        return False
+    node.inputs, node.attrs = inputs, attrs
+    return True
+
+
+def _reshape_target(node: Node):
+    """The Reshape's target shape as a constant that does not depend on its input's shape: the
+    shape input itself, or the static output shape; None where there is neither."""
+    shape = node.inputs[1]
+    if shape.is_const and (node.attrs.get("allowzero") or not (np.asarray(shape.const) == 0).any()):
+        return shape
+    out = node.outputs[0].type
+    return np.array(out.shape, np.int64) if out.static and 0 not in out.shape else None
+
+
+def _perm(node: Node) -> list:
+    perm = node.attrs.get("perm")
+    rank = node.inputs[0].type.rank
+    return list(reversed(range(rank))) if perm is None else list(perm)
+

@@ -1,0 +1,68 @@
+import functools
+
+import numpy as np
+import pytest
+
+from rtxjit.passes.fold_constants import fold_constants
+from tests.passes.helpers import apply, model, node, ops, random
+
+F32, F16 = np.float32, np.float16
+
+
+@pytest.mark.parametrize("dtype", [F32, F16], ids=["fp32", "fp16"])
+def test_chain_of_constant_nodes_folds_to_one_constant(dtype):
+    a, b = random((3, 4), dtype, 1), random((3, 4), dtype, 2)
+    m = model([node("Add", ["a", "b"], ["s"]), node("Sqrt", ["s2"], ["r"]), node("Mul", ["s", "s"], ["s2"]),
+               node("Mul", ["x", "r"], ["y"])],
+              {"x": (dtype, [3, 4])}, {"y": (dtype, [3, 4])}, {"a": a, "b": b})
+    _, g, modified = apply(fold_constants, m, {"x": random((3, 4), dtype)}, dtype)
+    assert modified and ops(g) == {"Mul": 1}
+    folded = g.nodes[0].inputs[1]
+    s = (a.astype(np.float64) + b).astype(dtype)  # each node rounds to its dtype
+    want = np.sqrt(s.astype(np.float64) ** 2).astype(dtype)
+    assert folded.name == "r" and folded.const.dtype == dtype
+    np.testing.assert_array_equal(folded.const, want)
+
+
+def test_transpose_of_a_weight_folds():
+    w = random((4, 3))
+    m = model([node("Transpose", ["w"], ["wt"], perm=[1, 0]), node("MatMul", ["x", "wt"], ["y"])],
+              {"x": (F32, [2, 3])}, {"y": (F32, [2, 4])}, {"w": w})
+    _, g, _ = apply(fold_constants, m, {"x": random((2, 3))})
+    assert ops(g) == {"MatMul": 1}
+    np.testing.assert_array_equal(g.nodes[0].inputs[1].const, w.T)
+
+
+def test_view_of_a_constant_folds_only_where_nothing_else_reads_the_constant():
+    w = random((2, 6))
+    shape = np.array([3, 4], np.int64)
+    alone = model([node("Reshape", ["w", "s"], ["v"]), node("Add", ["x", "v"], ["y"])],
+                  {"x": (F32, [3, 4])}, {"y": (F32, [3, 4])}, {"w": w, "s": shape})
+    _, g, _ = apply(fold_constants, alone, {"x": random((3, 4))})
+    assert ops(g) == {"Add": 1}
+    shared = model([node("Reshape", ["w", "s"], ["v"]), node("Add", ["x", "v"], ["y"]),
+                    node("Add", ["z", "w"], ["y2"])],
+                   {"x": (F32, [3, 4]), "z": (F32, [2, 6])}, {"y": (F32, [3, 4]), "y2": (F32, [2, 6])},
+                   {"w": w, "s": shape})
+    _, g, modified = apply(fold_constants, shared, {"x": random((3, 4)), "z": random((2, 6))})
+    assert not modified and ops(g) == {"Reshape": 1, "Add": 2}
+
+
+def test_output_over_the_size_limit_is_not_folded():
+    m = model([node("Neg", ["a"], ["n"]), node("Add", ["x", "n"], ["y"])],
+              {"x": (F32, [3, 4])}, {"y": (F32, [3, 4])}, {"a": random((3, 4))})
+    _, g, modified = apply(functools.partial(fold_constants, numel_limit=8), m, {"x": random((3, 4))})
+    assert not modified and ops(g) == {"Neg": 1, "Add": 1}
+
+
+def test_folded_graph_output_keeps_its_name():
+    m = model([node("Neg", ["a"], ["n"]), node("Relu", ["x"], ["y"])],
+              {"x": (F32, [4])}, {"y": (F32, [4]), "n": (F32, [4])}, {"a": random((4,))})
+    _, g, _ = apply(fold_constants, m, {"x": random((4,))})
+    assert ops(g) == {"Relu": 1} and g.outputs[1].name == "n" and g.outputs[1].is_const
+
+
+def test_node_reading_a_graph_input_is_not_folded():
+    m = model([node("Add", ["x", "a"], ["y"])], {"x": (F32, [4])}, {"y": (F32, [4])}, {"a": random((4,))})
+    _, g, modified = apply(fold_constants, m, {"x": random((4,))})
+    assert not modified and ops(g) == {"Add": 1}
