@@ -3,7 +3,8 @@
 Every helper edits the graph in place. The contract they keep: ``graph.nodes`` stays in topological
 order, every ``Value.producer`` names the node that lists the value among its outputs, and the names
 of the graph's inputs and outputs never change (a rewrite that would replace a graph output instead
-makes the surviving node produce that output's ``Value``).
+makes the surviving node produce that output's ``Value``). The readers of each value are
+``graph.consumers()`` (value name -> [(node, input index)]).
 """
 
 from __future__ import annotations
@@ -35,11 +36,6 @@ def copy_graph(graph: Graph) -> Graph:
                 v.producer = node
         nodes.append(node)
     return Graph(graph.name, [new(v) for v in graph.inputs], [new(v) for v in graph.outputs], nodes, graph.opset)
-
-
-def consumers(graph: Graph) -> dict:
-    """Value name -> list of (node, input index)."""
-    return graph.consumers()
 
 
 def use_count(graph: Graph, value: Value, uses: dict = None) -> int:

@@ -45,9 +45,10 @@ def test_second_run_changes_nothing():
 
 @pytest.mark.gpu
 @DTYPES
-def test_bert_encoder_on_the_gpu(dtype):
+@pytest.mark.parametrize("hidden,heads", [(128, 2), (96, 4), (256, 2)], ids=["d64", "d24", "d128"])
+def test_bert_encoder_on_the_gpu(dtype, hidden, heads):
     """Several query and key blocks per (batch, head) on the GPU's smaller blocks."""
-    proto = bert_encoder(dtype=dtype, hidden=128, heads=2)
+    proto = bert_encoder(dtype=dtype, hidden=hidden, heads=heads)
     feeds = demo_inputs(proto, batch=3, seq=200)
     g = fuse_attention(import_model(proto)).graph
     got = InferenceSession(g, device="cuda", optimize=False).run(None, feeds)[0]
@@ -175,7 +176,7 @@ def test_transpose_used_elsewhere_stays_and_the_op_reads_its_output():
 
 # ---- the op on its own --------------------------------------------------------------------------
 
-def _run_op(arrays: list, attrs: dict, dtype) -> tuple:
+def _run_op(arrays: list, attrs: dict, dtype, device: str = "cpu") -> tuple:
     """(kernel output, float64 reference) of one rtxjit.Attention node on ``arrays`` (q, k, v, mask)."""
     dt = DType.from_numpy(dtype)
     inputs = [Value(f"in{i}", TensorType(dt if i < 3 else DType.FP32, a.shape)) for i, a in enumerate(arrays)]
@@ -185,13 +186,14 @@ def _run_op(arrays: list, attrs: dict, dtype) -> tuple:
     g = Graph("attention", inputs, [out], [Node("rtxjit.Attention", "att", inputs, [out], attrs, 1)])
     out.producer = g.nodes[0]
     feeds = {v.name: a for v, a in zip(inputs, arrays)}
-    got = InferenceSession(g, device="cpu", optimize=False).run(None, feeds)[0]
+    got = InferenceSession(g, device=device, optimize=False).run(None, feeds)[0]
     (want,) = opdef.run_reference(arrays, opdef.bind_attrs(attrs, "test"), 1)
     return got, want
 
 
 @DTYPES
-def test_op_with_strided_layouts_broadcast_mask_and_several_key_blocks(dtype):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_op_with_strided_layouts_broadcast_mask_and_several_key_blocks(dtype, device):
     """Sk = 160 needs two key blocks even at the interpreter's 128; Dv != Dk; the mask broadcasts
     over batch and query rows and hides whole key blocks from some rows (-inf), which must not
     turn into NaN."""
@@ -204,7 +206,7 @@ def test_op_with_strided_layouts_broadcast_mask_and_several_key_blocks(dtype):
     mask[:, 2, :, 140:] = -10000.0
     attrs = {"scale": 0.3, "q_perm": (0, 2, 1, 3), "k_perm": (2, 0, 3, 1), "v_perm": (0, 1, 2, 3),
              "out_perm": (2, 0, 1, 3)}
-    got, want = _run_op([q, k, v, mask], attrs, dtype)
+    got, want = _run_op([q, k, v, mask], attrs, dtype, device)
     assert got.shape == (sq, b, h, dv) and np.isfinite(got).all()
     assert rel_error(got, want) <= TOL[dtype]
 
