@@ -84,9 +84,10 @@ def attention_model(dtype=F32, b=2, heads=2, sq=16, sk=16, d=16, scale="mul", ma
     if k_layout == "bert":
         nodes.append(node("Transpose", ["k4"], ["kt"], perm=[0, 2, 3, 1]))
     else:
-        nodes += [node("Transpose", ["k4"], ["k"], perm=[0, 2, 1, 3]), node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2])]
+        nodes += [node("Transpose", ["k4"], ["k"], perm=[0, 2, 1, 3]),
+                  node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2])]
     nodes.append(node("MatMul", ["q", "kt"], ["scores"]))
-    x = {"mul": "scaled", "mul_left": "scaled", "div": "scaled"}.get(scale, "scores")
+    x = "scaled" if scale in ("mul", "mul_left", "div") else "scores"
     if scale in ("mul", "div"):
         nodes.append(node(scale.capitalize(), ["scores", "c" if scale == "mul" else "sqrt_d"], ["scaled"]))
     elif scale == "mul_left":

@@ -25,7 +25,6 @@ from __future__ import annotations
 import numpy as np
 
 from rtxjit.codegen.templates.attention import attention_config, render_attention
-from rtxjit.codegen.view import View
 from rtxjit.errors import ModelError, ShapeError, UnsupportedOpError
 from rtxjit.ir.registry import Kind, op
 from rtxjit.ir.types import DType, TensorType, broadcast_shapes
