@@ -16,6 +16,7 @@ from rtxjit.passes.eliminate_common_subexpressions import eliminate_common_subex
 from rtxjit.passes.eliminate_dead_code import eliminate_dead_code
 from rtxjit.passes.fold_batchnorm import fold_batchnorm
 from rtxjit.passes.fold_constants import fold_constants
+from rtxjit.passes.fuse_attention import fuse_attention
 from rtxjit.passes.simplify_shapes import simplify_shapes
 
 PIPELINE = [
@@ -23,7 +24,8 @@ PIPELINE = [
     ("simplify_shapes", simplify_shapes),
     ("fold_constants", fold_constants),
     ("fold_batchnorm", fold_batchnorm),
-    # (fusion passes go here: pointwise, epilogue, attention)
+    # fuse: attention first, while its scale, mask Add and Casts are still plain nodes
+    ("fuse_attention", fuse_attention),
     # clean up
     ("eliminate_common_subexpressions", eliminate_common_subexpressions),
     ("eliminate_dead_code", eliminate_dead_code),

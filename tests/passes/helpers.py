@@ -45,7 +45,7 @@ def ops(graph) -> Counter:
 
 
 def run(graph, feeds: dict) -> list:
-    return InferenceSession(graph, device="cpu", optimize=False).run(None, feeds)
+    return InferenceSession(graph, optimize=False).run(None, feeds)
 
 
 def apply(pass_fn, proto, feeds: dict, dtype=np.float32, onnxruntime: bool = True):

@@ -177,7 +177,7 @@ def test_transpose_used_elsewhere_stays_and_the_op_reads_its_output():
 
 # ---- the op on its own --------------------------------------------------------------------------
 
-def _run_op(arrays: list, attrs: dict, dtype, device: str = "cpu") -> tuple:
+def _run_op(arrays: list, attrs: dict, dtype, device: str = None) -> tuple:
     """(kernel output, float64 reference) of one rtxjit.Attention node on ``arrays`` (q, k, v, mask)."""
     dt = DType.from_numpy(dtype)
     inputs = [Value(f"in{i}", TensorType(dt if i < 3 else DType.FP32, a.shape)) for i, a in enumerate(arrays)]
@@ -193,7 +193,7 @@ def _run_op(arrays: list, attrs: dict, dtype, device: str = "cpu") -> tuple:
 
 
 @DTYPES
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device", [pytest.param(None, id="default"), pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_op_with_strided_layouts_broadcast_mask_and_several_key_blocks(dtype, device):
     """Sk = 160 needs two key blocks even at the interpreter's 128; Dv != Dk; the mask broadcasts
     over batch and query rows and hides whole key blocks from some rows (-inf), which must not
