@@ -90,6 +90,7 @@ class OpDef:
         self.tolerance = tolerance or {}
         self.reference_fn: Optional[Callable] = None
         self.lower_fn: Optional[Callable] = None
+        self.expr_fn: Optional[Callable] = None
         self.attr_defaults: dict = {}
         self.wants_outputs = False
         for p in inspect.signature(infer).parameters.values():
@@ -107,6 +108,21 @@ class OpDef:
     def lower(self, fn: Callable) -> Callable:
         self.lower_fn = fn
         return fn
+
+    def expr(self, fn: Callable) -> Callable:
+        """A pointwise op's Triton expression: ``fn(in_dtypes, out_dtype, attrs) -> (expr, scalars)``
+        over inputs ``x0, x1, ...`` (in compute types; an omitted optional input's dtype is None, and
+        it takes no ``x`` name) and scalar arguments ``s0, s1, ...``. Declaring it gives the op its
+        lowering onto the pointwise template, and makes it fusable (rtxjit/passes/fuse_pointwise.py)."""
+        self.expr_fn = fn
+        self.lower_fn = self._lower_expr
+        return fn
+
+    def _lower_expr(self, ctx, *xs, **attrs) -> None:
+        given = [x for x in xs if x is not None]
+        dtypes = [None if x is None else x.dtype for x in xs]
+        expr, scalars = self.expr_fn(dtypes, ctx.outputs[0].dtype, attrs)
+        ctx.pointwise(expr, given, ctx.outputs[0], tuple(scalars))
 
     def bind_attrs(self, attrs: dict, where: str) -> dict:
         """The node's attributes completed with defaults; an unknown or missing one is an error."""

@@ -17,6 +17,7 @@ from rtxjit.passes.eliminate_dead_code import eliminate_dead_code
 from rtxjit.passes.fold_batchnorm import fold_batchnorm
 from rtxjit.passes.fold_constants import fold_constants
 from rtxjit.passes.fuse_attention import fuse_attention
+from rtxjit.passes.fuse_pointwise import fuse_pointwise
 from rtxjit.passes.simplify_shapes import simplify_shapes
 
 PIPELINE = [
@@ -26,6 +27,7 @@ PIPELINE = [
     ("fold_batchnorm", fold_batchnorm),
     # fuse: attention first, while its scale, mask Add and Casts are still plain nodes
     ("fuse_attention", fuse_attention),
+    ("fuse_pointwise", fuse_pointwise),
     # clean up
     ("eliminate_common_subexpressions", eliminate_common_subexpressions),
     ("eliminate_dead_code", eliminate_dead_code),

@@ -14,7 +14,8 @@ from rtxjit.ir.types import DType
 
 
 def render_pointwise(expr: str, in_dtypes: tuple, out_dtype: DType, rank: int, n_scalars: int = 0,
-                     wide: bool = False) -> KernelSource:
+                     wide: bool = False, prologue: tuple = ()) -> KernelSource:
+    """``prologue`` are statements (fused ops, see ``codegen/compose.py``) that run before ``expr``."""
     n_in = len(in_dtypes)
     params = ["out_ptr", "out_off"]
     for k in range(n_in):
@@ -42,7 +43,10 @@ def render_pointwise(expr: str, in_dtypes: tuple, out_dtype: DType, rank: int, n
 
     for k, dt in enumerate(in_dtypes):
         lines.append(f"    x{k} = tl.load(x{k}_ptr + {offset(f'x{k}')}, mask=mask){load_cast(dt)}")
+    lines.extend(f"    {line}" for line in prologue)
     lines.append(f"    y = {expr}")
     lines.append(f"    tl.store(out_ptr + {offset('out')}, y.to({TL[out_dtype]}), mask=mask)")
-    header = f"pointwise rank={rank} in={[d.short for d in in_dtypes]} out={out_dtype.short} expr={expr}"
+    header = f"pointwise rank={rank} in={[d.short for d in in_dtypes]} out={out_dtype.short}"
+    if not prologue:
+        header += f" expr={expr}"
     return render("pointwise", header, "\n".join(lines))

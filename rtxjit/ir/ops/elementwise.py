@@ -91,20 +91,20 @@ def same_type(*xs: TensorType, where: str = "inputs") -> TensorType:
     return TensorType(xs[0].dtype, broadcast_shapes(*[x.shape for x in xs]))
 
 
-def lower_expr(expr: str, scalars=lambda attrs: ()):
-    """A ``lower`` that runs ``expr`` over every given input, broadcast to the output."""
+def fixed_expr(expr: str, scalars=lambda attrs: ()):
+    """An ``expr`` hook giving the same expression for every dtype; ``scalars(attrs)`` are its s0, s1, ..."""
 
-    def lower(ctx, *xs, **attrs):
-        ctx.pointwise(expr, [x for x in xs if x is not None], ctx.outputs[0], scalars(attrs))
+    def hook(in_dtypes, out_dtype, attrs):
+        return expr, tuple(scalars(attrs))
 
-    return lower
+    return hook
 
 
 def _declare_unary(name: str, expr: str, ref, rng) -> None:
     samples = [Sample([Rand(s.inputs[0].shape, None, *rng)]) for s in UNARY_SHAPES]
     d = op(name, since=1, kind=Kind.POINTWISE, samples=samples)(lambda x: x)
     d.reference(ref)
-    d.lower(lower_expr(expr))
+    d.expr(fixed_expr(expr))
 
 
 def _declare_binary(name: str, expr: str, ref, out_dtype=None, samples=None, since=7) -> None:
@@ -114,7 +114,7 @@ def _declare_binary(name: str, expr: str, ref, out_dtype=None, samples=None, sin
 
     d = op(name, since=since, kind=Kind.POINTWISE, samples=samples or _bcast_samples())(infer)
     d.reference(ref)
-    d.lower(lower_expr(expr))
+    d.expr(fixed_expr(expr))
 
 
 for _name, (_expr, _ref, _rng) in UNARY.items():
@@ -143,10 +143,9 @@ def _(a, b):
     return a / b
 
 
-@div.lower
-def _(ctx, a, b):
-    expr = "x0 // x1" if not a.dtype.is_float else "x0 / x1"
-    ctx.pointwise(expr, [a, b], ctx.outputs[0])
+@div.expr
+def _(in_dtypes, out_dtype, attrs):
+    return ("x0 / x1" if in_dtypes[0].is_float else "x0 // x1"), ()
 
 
 def pow_expr(x: str, y: str) -> str:
@@ -183,13 +182,11 @@ def _(x, y):
     return np.power(x, y).astype(x.dtype)
 
 
-@pow_.lower
-def _(ctx, x, y):
-    if x.dtype.is_float:
-        expr = pow_expr("x0", "x1.to(tl.float32)")
-    else:
-        expr = int_pow_expr("x0.to(tl.float64)", "x1.to(tl.float64)")
-    ctx.pointwise(expr, [x, y], ctx.outputs[0])
+@pow_.expr
+def _(in_dtypes, out_dtype, attrs):
+    if in_dtypes[0].is_float:
+        return pow_expr("x0", "x1.to(tl.float32)"), ()
+    return int_pow_expr("x0.to(tl.float64)", "x1.to(tl.float64)"), ()
 
 
 @op("Not", since=1, kind=Kind.POINTWISE, samples=[Sample([Rand((2, 3), "bool")], float_types=("-",))])
@@ -198,7 +195,7 @@ def not_(x: TensorType) -> TensorType:
 
 
 not_.reference(np.logical_not)
-not_.lower(lower_expr("x0 == 0"))
+not_.expr(fixed_expr("x0 == 0"))
 
 
 @op("LeakyRelu", since=6, kind=Kind.POINTWISE, samples=UNARY_SHAPES + [Sample([Rand((3, 4))], {"alpha": 0.3})])
@@ -211,7 +208,7 @@ def _(x, *, alpha=0.01):
     return np.where(x >= 0, x, x * alpha)
 
 
-leaky_relu.lower(lower_expr("tl.where(x0 >= 0, x0, x0 * s0)", lambda a: (float(a["alpha"]),)))
+leaky_relu.expr(fixed_expr("tl.where(x0 >= 0, x0, x0 * s0)", lambda a: (float(a["alpha"]),)))
 
 
 @op("HardSigmoid", since=6, kind=Kind.POINTWISE,
@@ -225,7 +222,7 @@ def _(x, *, alpha=0.2, beta=0.5):
     return np.clip(x * alpha + beta, 0, 1)
 
 
-hard_sigmoid.lower(lower_expr("tl.minimum(tl.maximum(x0 * s0 + s1, 0.0), 1.0)",
+hard_sigmoid.expr(fixed_expr("tl.minimum(tl.maximum(x0 * s0 + s1, 0.0), 1.0)",
                               lambda a: (float(a["alpha"]), float(a["beta"]))))
 
 
@@ -239,7 +236,7 @@ def _(x, *, alpha=1.0):
     return np.where(x > 0, x, alpha * (np.exp(x) - 1))
 
 
-elu.lower(lower_expr("tl.where(x0 > 0, x0, s0 * (tl.exp(x0) - 1.0))", lambda a: (float(a["alpha"]),)))
+elu.expr(fixed_expr("tl.where(x0 > 0, x0, s0 * (tl.exp(x0) - 1.0))", lambda a: (float(a["alpha"]),)))
 
 
 @op("Gelu", since=20, kind=Kind.POINTWISE,
@@ -257,14 +254,12 @@ def _(x, *, approximate="none"):
     return 0.5 * x * (1 + _erf(x / np.sqrt(2)))
 
 
-@gelu.lower
-def _(ctx, x, *, approximate="none"):
-    if approximate == "tanh":
+@gelu.expr
+def _(in_dtypes, out_dtype, attrs):
+    if attrs["approximate"] == "tanh":
         inner = "0.7978845608028654 * (x0 + 0.044715 * x0 * x0 * x0)"
-        expr = f"0.5 * x0 * (1.0 + {tanh_expr(inner)})"
-    else:
-        expr = "0.5 * x0 * (1.0 + tl.erf(x0 * 0.7071067811865476))"
-    ctx.pointwise(expr, [x], ctx.outputs[0])
+        return f"0.5 * x0 * (1.0 + {tanh_expr(inner)})", ()
+    return "0.5 * x0 * (1.0 + tl.erf(x0 * 0.7071067811865476))", ()
 
 
 def _variadic(name: str, fn: str, ref, since: int = 8) -> None:
@@ -273,16 +268,16 @@ def _variadic(name: str, fn: str, ref, since: int = 8) -> None:
             raise ModelError(f"{name} needs at least one input")
         return same_type(*xs)
 
-    def lower(ctx, *xs):
-        expr = "x0"
-        for k in range(1, len(xs)):
-            expr = fn.format(a=expr, b=f"x{k}")
-        ctx.pointwise(expr, list(xs), ctx.outputs[0])
+    def expr(in_dtypes, out_dtype, attrs):
+        text = "x0"
+        for k in range(1, len(in_dtypes)):
+            text = fn.format(a=text, b=f"x{k}")
+        return text, ()
 
     samples = _bcast_samples() + [Sample([Rand((2, 3)), Rand((3,)), Rand((2, 1))])]
     d = op(name, since=since, kind=Kind.POINTWISE, samples=samples)(infer)
     d.reference(lambda *xs: _reduce(ref, xs))
-    d.lower(lower)
+    d.expr(expr)
 
 
 def _reduce(fn, xs):
@@ -308,7 +303,7 @@ def where(cond: TensorType, x: TensorType, y: TensorType) -> TensorType:
 
 
 where.reference(np.where)
-where.lower(lower_expr("tl.where(x0, x1, x2)"))
+where.expr(fixed_expr("tl.where(x0, x1, x2)"))
 
 
 @op("Clip", since=11, kind=Kind.POINTWISE,
@@ -327,17 +322,18 @@ def _(x, lo=None, hi=None):
     return x
 
 
-@clip.lower
-def _(ctx, x, lo=None, hi=None):
+@clip.expr
+def _(in_dtypes, out_dtype, attrs):
     """NaN passes through (as np.clip and onnxruntime do): tl.maximum would return the bound."""
-    expr, inputs = "x0", [x]
+    expr, k = "x0", 0
+    lo, hi = (list(in_dtypes) + [None, None])[1:3]
     if lo is not None:
-        inputs.append(lo)
-        expr = f"tl.maximum({expr}, x{len(inputs) - 1}, propagate_nan=tl.PropagateNan.ALL)"
+        k += 1
+        expr = f"tl.maximum({expr}, x{k}, propagate_nan=tl.PropagateNan.ALL)"
     if hi is not None:
-        inputs.append(hi)
-        expr = f"tl.minimum({expr}, x{len(inputs) - 1}, propagate_nan=tl.PropagateNan.ALL)"
-    ctx.pointwise(expr, inputs, ctx.outputs[0])
+        k += 1
+        expr = f"tl.minimum({expr}, x{k}, propagate_nan=tl.PropagateNan.ALL)"
+    return expr, ()
 
 
 @op("Cast", since=6, kind=Kind.POINTWISE,
@@ -357,16 +353,21 @@ def _(x, *, to, saturate=1, round_mode="up"):
     return np.asarray(x).astype(dt.to_numpy())
 
 
+def cast_expr(in_dtypes, out_dtype, attrs):
+    """Cast and CastLike: a conversion (bool: x != 0). fp8 needs ONNX's saturating conversion,
+    which a plain conversion does not do, so it is refused rather than rounded wrongly."""
+    if out_dtype.short.startswith("fp8") or in_dtypes[0].short.startswith("fp8"):
+        raise UnsupportedOpError(f"{'CastLike' if len(in_dtypes) > 1 else 'Cast'} to or from fp8 "
+                                 "is not supported yet")
+    return ("x0 != 0" if out_dtype is DType.BOOL else "x0"), ()
+
+
+cast.expr(cast_expr)
+
+
 def lower_cast(ctx, x, *rest, **attrs):
-    """Cast and CastLike: a conversion in the store (bool: x != 0). fp8 needs ONNX's saturating
-    conversion, which the store's does not do, so it is refused rather than rounded wrongly."""
-    out = ctx.outputs[0]
-    if out.dtype.short.startswith("fp8") or x.dtype.short.startswith("fp8"):
-        raise UnsupportedOpError(f"{ctx.where}: Cast to or from fp8 is not supported yet")
-    ctx.pointwise("x0 != 0" if out.dtype is DType.BOOL else "x0", [x], out)
-
-
-cast.lower(lower_cast)
+    expr, _ = cast_expr([x.dtype], ctx.outputs[0].dtype, attrs)
+    ctx.pointwise(expr, [x], ctx.outputs[0])
 
 
 @op("CastLike", since=15, kind=Kind.POINTWISE,

@@ -1,0 +1,49 @@
+"""Fused epilogues: pointwise programs spliced between a product tile and its store.
+
+The matmul and conv templates call ``epilogue_lines`` inside their EPILOGUE hook. The product tile
+``y`` (after any bias) is the program's input 0; each extra input ``k`` (a residual, a bias of the
+consumer, a scale...) is loaded as ``e{k}`` at the tile's positions through strides that the
+template names (``rows`` / ``cols`` for a matrix, the NCHW strides for a conv). Scalars of the
+program are the kernel arguments ``es0, es1, ...``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from rtxjit.codegen.compose import compose
+from rtxjit.codegen.dtypes import load_cast
+from rtxjit.ir.types import DType
+
+
+@dataclass(frozen=True)
+class FusedEpilogue:
+    program: tuple
+    product_dtype: DType
+    extra_dtypes: tuple
+
+    def _compose(self) -> tuple:
+        names = ["y"] + [f"e{k}" for k in range(len(self.extra_dtypes))]
+        return compose(self.program, names, [self.product_dtype, *self.extra_dtypes], scalar_prefix="es")
+
+    @property
+    def scalars(self) -> tuple:
+        return self._compose()[2]
+
+    def params(self, strides: list) -> list:
+        """Per extra input: pointer, offset and one stride per name in ``strides``; then scalars."""
+        out = []
+        for k in range(len(self.extra_dtypes)):
+            out += [f"e{k}_ptr", f"e{k}_off"] + [f"e{k}_{s}" for s in strides]
+        return out + [f"es{i}" for i in range(len(self.scalars))]
+
+    def lines(self, address: Callable[[int], str]) -> list:
+        """Statements turning ``y`` into the program's result; ``address(k)`` is extra ``k``'s tile."""
+        out = [f"    e{k} = tl.load({address(k)}, mask=mask, other=0){load_cast(dt)}"
+               for k, dt in enumerate(self.extra_dtypes)]
+        stmts, result, _ = self._compose()
+        return out + [f"    {s}" for s in stmts] + [f"    y = {result}"]
+
+    def header(self) -> str:
+        return " epilogue=" + "+".join(step[0] for step in self.program)
