@@ -16,6 +16,7 @@ EXPECTED_FAILURES = {
     r"test_(add|sub|mul|div|equal|greater|less|greater_equal|less_equal|max|min)_(uint32|uint64)(_expanded)?":
         _NO_DTYPE.format("uint32 / uint64"),
     r"test_pow_types_float32_uint(32|64)": _NO_DTYPE.format("uint32 / uint64"),
+    r"test_mod_(mixed_sign_int16|uint16|uint32|uint64)": _NO_DTYPE.format("int16 / uint16 / uint32 / uint64"),
     r"test_equal_string(_broadcast)?": "string tensors are not supported",
     r"test_cast(like)?_(no_saturate_)?\w*FNUZ\w*": _NO_DTYPE.format("float8 *FNUZ"),
     r"test_cast(like)?_e8m0_\w+": _NO_DTYPE.format("float8e8m0"),
@@ -39,6 +40,12 @@ EXPECTED_FAILURES = {
     # (rtxjit/ir/host.py) covers integer and bool shape arithmetic only.
     r"test_(blackman|hamming|hann)window(_symmetric)?_expanded":
         "Range limit is float arithmetic on a graph input: not known on the host before the run",
+    # bf16 graphs compute through the interpreter's uint16 storage; the graph's own expanded
+    # function builds a bf16 constant through numpy, which has no bf16.
+    r"test_attention_(3d|4d|4d_attn_mask)_causal_bf16_expanded": "bf16 constant of shape: no numpy bf16 on the host",
+    # Fusion keeps fp32 between fused ops and rounds once; the reference rounds to fp16 after every
+    # op. Two of 192 elements differ by one fp16 ulp, over this case's rtol of 1e-3.
+    r"test_attention_4d_causal_fp16_expanded": "fp16: fused chain rounds once (1 ulp off the per-op rounding)",
     r"test_range_bfloat16_type_positive_delta":
         "a bf16 host input (Range start/limit/delta) cannot be read on the host (torch has no bf16 numpy)",
 }

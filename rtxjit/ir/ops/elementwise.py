@@ -407,3 +407,24 @@ def _(ctx, x, scale, bias, mean, var, *, epsilon=1e-5, momentum=0.9, training_mo
     channel = (x.shape[1],) + (1,) * (x.rank - 2)
     params = [p.reshape(channel) for p in (scale, bias, mean, var)]
     ctx.pointwise("(x0 - x3) / tl.sqrt(x4 + s0) * x1 + x2", [x] + params, ctx.outputs[0], (float(epsilon),))
+
+
+@op("Mod", since=10, kind=Kind.POINTWISE,
+    samples=[Sample([Rand((2, 3, 4), "int64", -9, 9), Rand((4,), "int64", 1, 5)], float_types=("-",)),
+             Sample([Rand((2, 3), "int32", -9, 9), np.array([-3, 2, 4], np.int32)], float_types=("-",)),
+             Sample([Rand((2, 3)), Rand((3,), None, 0.5, 2)], {"fmod": 1})])
+def mod(a: TensorType, b: TensorType, *, fmod: int = 0) -> TensorType:
+    return same_type(a, b)
+
+
+@mod.reference
+def _(a, b, *, fmod=0):
+    return np.fmod(a, b) if fmod else np.mod(a, b)
+
+
+@mod.expr
+def _(in_dtypes, out_dtype, attrs):
+    """Triton's % truncates (C's fmod); fmod=0 takes the divisor's sign, as Python's % does."""
+    if attrs["fmod"]:
+        return "x0 % x1", ()
+    return "tl.where(((x0 % x1) != 0) & (((x0 % x1) < 0) != (x1 < 0)), (x0 % x1) + x1, x0 % x1)", ()
