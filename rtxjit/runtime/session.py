@@ -67,6 +67,7 @@ class InferenceSession:
         self._const_tensors: dict = {}
         self._upload_constants()
         self.last_trace: dict = {}
+        self.last_executable = None
 
     # -- onnxruntime-style introspection
     def get_inputs(self) -> list:
@@ -95,11 +96,22 @@ class InferenceSession:
                     exe = Executable(plan, self.device, self._const_tensors)
                     self._executables[key] = exe
         self.last_trace = exe.plan.trace
+        self.last_executable = exe
         results = exe.run(tensors)
         out = [results[n] for n in names]
         if as_numpy:
             return [t.cpu().numpy() for t in out]
         return out
+
+    @property
+    def launches_per_inference(self) -> int:
+        """Kernel launches of the last run's plan (replayed as one CUDA graph on the GPU)."""
+        return len(self.last_executable.plan.steps) if self.last_executable else 0
+
+    @property
+    def activation_bytes(self) -> int:
+        """Intermediate memory of the last run's plan: its arena plus its outputs."""
+        return self.last_executable.activation_bytes if self.last_executable else 0
 
     def plan_for(self, feeds: dict):
         """The execution plan that ``run`` uses for these feeds (for inspection and tests)."""
