@@ -44,3 +44,8 @@ def dump_passes() -> str | None:
 def verify_passes() -> bool:
     """RTXJIT_VERIFY_PASSES=1 runs the IR verifier after every pass (debug mode)."""
     return os.environ.get("RTXJIT_VERIFY_PASSES", "0") == "1"
+
+
+def autotune_enabled() -> bool:
+    """RTXJIT_AUTOTUNE=0 turns off timing tile configurations on first use (the heuristic's pick runs)."""
+    return os.environ.get("RTXJIT_AUTOTUNE", "1") != "0"

@@ -1,6 +1,7 @@
 """Generated source is deterministic: same template, parameters and dtypes give the same bytes."""
 
 import numpy as np
+import pytest
 
 import rtxjit
 from rtxjit.codegen.templates.pointwise import render_pointwise
@@ -37,3 +38,14 @@ def test_view_broadcast_and_permute():
     assert View.of(0, DType.FP32, (2, 3)).permute((1, 0)).strides == (1, 3)
     assert not View.of(0, DType.FP32, (2, 3)).permute((1, 0)).contiguous
     np.testing.assert_equal(View.of(0, DType.FP32, (4, 5)).slice(1, 1, 2, 2).strides, (5, 2))
+
+
+def test_reshape_of_a_strided_view_matches_numpy():
+    base = np.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5)
+    for perm, shape in [((0, 2, 1, 3), (2, 4, 3, 5)), ((0, 1, 3, 2), (6, 5, 4)), ((0, 3, 1, 2), (2, 5, 12))]:
+        v = View.of(0, DType.FP32, base.shape).permute(perm).reshape(shape)
+        got = np.lib.stride_tricks.as_strided(base.reshape(-1), shape, [s * 8 for s in v.strides])
+        np.testing.assert_array_equal(got, base.transpose(perm).reshape(shape))
+    strided = View.of(0, DType.FP32, (2, 3, 4, 5)).permute((0, 2, 1, 3))
+    with pytest.raises(ValueError):
+        strided.reshape((2, 4, 15))  # dims 1 and 3 of the view are not adjacent in memory

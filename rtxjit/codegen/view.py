@@ -49,9 +49,16 @@ class View:
         return all(st == c for d, st, c in zip(self.shape, self.strides, contiguous_strides(self.shape)) if d != 1)
 
     def reshape(self, shape) -> "View":
-        if not self.contiguous:
-            raise ValueError("reshape of a non-contiguous view")
-        return View.of(self.buf, self.dtype, shape, self.offset)
+        """The same elements under ``shape``, without moving data (torch's ``view``): splitting or
+        merging dims works where the merged dims are laid out contiguously among themselves;
+        otherwise ValueError (the caller copies)."""
+        shape = tuple(int(d) for d in shape)
+        if self.contiguous:
+            return View.of(self.buf, self.dtype, shape, self.offset)
+        strides = view_strides(self.shape, self.strides, shape)
+        if strides is None:
+            raise ValueError(f"a view of shape {self.shape} and strides {self.strides} cannot be seen as {shape}")
+        return replace(self, shape=shape, strides=strides)
 
     def permute(self, perm) -> "View":
         return replace(self, shape=tuple(self.shape[p] for p in perm), strides=tuple(self.strides[p] for p in perm))
@@ -82,6 +89,41 @@ class View:
 
     def with_dtype(self, dtype: DType) -> "View":
         return replace(self, dtype=dtype)
+
+
+def view_strides(shape, strides, new_shape):
+    """Strides that address the elements of (shape, strides) in row-major order under
+    ``new_shape``, or None where no such strides exist (numpy's no-copy reshape rule)."""
+    old = [(d, s) for d, s in zip(shape, strides) if d != 1]
+    new = [d for d in new_shape if d != 1]
+    out: list = []
+    i = j = 0
+    while i < len(old) or j < len(new):
+        if i >= len(old) or j >= len(new):
+            return None
+        # take the fewest old dims and new dims that cover the same number of elements
+        oi, nj, op, np_ = i + 1, j + 1, old[i][0], new[j]
+        while op != np_:
+            if op < np_:
+                if oi >= len(old):
+                    return None
+                op *= old[oi][0]
+                oi += 1
+            else:
+                if nj >= len(new):
+                    return None
+                np_ *= new[nj]
+                nj += 1
+        for k in range(i, oi - 1):  # the old dims of the group must be contiguous among themselves
+            if old[k][1] != old[k + 1][0] * old[k + 1][1]:
+                return None
+        group = [old[oi - 1][1]]
+        for d in reversed(new[j + 1:nj]):
+            group.insert(0, group[0] * d)
+        out.extend(group)
+        i, j = oi, nj
+    it = iter(out)
+    return tuple(1 if d == 1 else next(it) for d in new_shape)
 
 
 def collapse(shape, *stride_sets) -> tuple:

@@ -12,6 +12,7 @@ from typing import Optional
 from rtxjit.ir.graph import Graph
 from rtxjit.ir.rewrite import copy_graph
 from rtxjit.passes.base import Pass, PassError, PassManager, PassResult, PassTiming, conditions  # noqa: F401
+from rtxjit.passes.convert_precision import convert_precision, precision_dtype
 from rtxjit.passes.eliminate_common_subexpressions import eliminate_common_subexpressions
 from rtxjit.passes.eliminate_dead_code import eliminate_dead_code
 from rtxjit.passes.fold_batchnorm import fold_batchnorm
@@ -34,9 +35,17 @@ PIPELINE = [
 ]
 
 
-def optimize(graph: Graph, verify: bool = False, dump: Optional[str] = None, steps: Optional[list] = None) -> tuple:
+def optimize(graph: Graph, verify: bool = False, dump: Optional[str] = None, steps: Optional[list] = None,
+             precision: Optional[str] = None) -> tuple:
     """``(optimized graph, [PassTiming])``: the pipeline run on a copy (``graph`` is left as it is).
-    ``verify`` runs the IR verifier after every pass; ``dump`` is a directory or "-" (stderr)."""
-    manager = PassManager(PIPELINE if steps is None else steps, verify=verify, dump=dump)
+    ``verify`` runs the IR verifier after every pass; ``dump`` is a directory or "-" (stderr).
+    ``precision`` ("fp16" or "bf16") adds ``convert_precision`` after canonicalization (after
+    "fold_batchnorm", so BatchNorm folds in fp32; first where the steps have none), before fusion."""
+    steps = list(PIPELINE if steps is None else steps)
+    if precision is not None:
+        dtype = precision_dtype(precision)
+        at = next((i + 1 for i, (name, _) in enumerate(steps) if name == "fold_batchnorm"), 0)
+        steps.insert(at, (f"convert_precision_{dtype.short}", lambda g: convert_precision(g, dtype)))
+    manager = PassManager(steps, verify=verify, dump=dump)
     result = manager(copy_graph(graph))
     return result.graph, manager.timings

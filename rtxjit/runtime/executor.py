@@ -9,6 +9,7 @@ import torch
 
 from rtxjit.codegen.source import load_kernel
 from rtxjit.errors import KernelError
+from rtxjit.runtime import autotune
 from rtxjit.runtime.memory import plan_arena
 from rtxjit.runtime.plan import Buf, Plan
 
@@ -61,6 +62,8 @@ class Executable:
             args = [static.get(a.index, a) if isinstance(a, Buf) else a for a in step.args]
             slots = tuple(j for j, a in enumerate(args) if isinstance(a, Buf))
             self.launches.append((fn[step.grid], args, slots, step.constexprs, step))
+        # launches with several tile configurations, timed at the first run (before any capture)
+        self.untuned = {j for j, step in enumerate(plan.steps) if step.choices} if autotune.enabled() else set()
         self.runs = 0
         self.graph = None
         self.use_cuda_graph = cuda_graphs and device.kind == "cuda"
@@ -86,16 +89,29 @@ class Executable:
             return out
 
     def _launch_all(self, bufs: dict) -> None:
-        for launcher, args, slots, constexprs, step in self.launches:
+        for i, (launcher, args, slots, constexprs, step) in enumerate(self.launches):
             if slots:
                 args = list(args)
                 for j in slots:
                     args[j] = bufs[args[j].index]
             try:
+                if i in self.untuned:
+                    launcher, constexprs = self._tune(i, args)
                 launcher(*args, **constexprs)
             except Exception as exc:  # a compile or launch failure names the node and kernel
                 raise KernelError(f"kernel {step.kernel.name}:{step.kernel.short_key} of node '{step.node}' "
                                   f"failed: {type(exc).__name__}: {exc}") from exc
+
+    def _tune(self, i: int, args: list) -> tuple:
+        """Time launch ``i``'s configurations on its live arguments; keep the fastest from now on."""
+        launcher, unbound, slots, _, step = self.launches[i]
+        fn = load_kernel(step.kernel, self.device.interpret)
+        best = autotune.choose(step.tune_key, list(step.choices),
+                               lambda c: fn[step.choices[c][0]](*args, **step.choices[c][1]))
+        grid, constexprs = step.choices[best]
+        self.launches[i] = (fn[grid], unbound, slots, constexprs, step)
+        self.untuned.discard(i)
+        return fn[grid], constexprs
 
     def _outputs(self, bufs: dict) -> dict:
         out = {}

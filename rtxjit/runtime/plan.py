@@ -38,6 +38,10 @@ class Launch:
     args: tuple  # Buf | int | float
     constexprs: dict
     node: str
+    # autotuning (see runtime/autotune.py): alternative (grid, constexprs) pairs, the first being
+    # grid/constexprs above, and the key the chosen one is remembered under; empty = fixed launch
+    choices: tuple = ()
+    tune_key: tuple = ()
 
 
 @dataclass
@@ -79,6 +83,7 @@ class LowerCtx:
         self.out_types = out_types
         self.kernels: list = []
         self.aliased: set = set()
+        self.epilogue = None  # (program, extra input views) for a fused MatMul/Gemm/Conv (ops/fused.py)
 
     @property
     def interpret(self) -> bool:
@@ -94,6 +99,22 @@ class LowerCtx:
         self._b.plan.steps.append(Launch(src, tuple(int(g) for g in grid), tuple(args), constexprs, self.node.name))
         self.kernels.append(f"{src.name}:{src.short_key}")
 
+    def launch_tuned(self, src: KernelSource, choices: list, args: list, tune_key: tuple) -> None:
+        """Like ``launch``, with several ``(grid, constexprs)`` configurations: the first runs until
+        the executor has timed them all on the GPU (once per ``tune_key``, see runtime/autotune.py)."""
+        choices = [(tuple(int(g) for g in grid), cx) for grid, cx in choices]
+        grid, constexprs = choices[0]
+        if any(g == 0 for g in grid):
+            return
+        tuned = tuple(choices) if len(choices) > 1 and not self.interpret else ()
+        self._b.plan.steps.append(Launch(src, grid, tuple(args), constexprs, self.node.name, tuned, tune_key))
+        self.kernels.append(f"{src.name}:{src.short_key}")
+
+    @property
+    def sm(self):
+        """The compute capability of the target GPU as an int (90 for an H100), None on the CPU."""
+        return self._b.device.sm
+
     def ptr(self, view: View) -> Buf:
         """The launch argument for the data pointer of ``view``'s buffer (pass ``view.offset`` too)."""
         return Buf(view.buf)
@@ -103,12 +124,20 @@ class LowerCtx:
         return self._b.max_offset(*views) > WIDE_LIMIT
 
     def alias(self, index: int, view: View) -> None:
-        """Output ``index`` is ``view`` (a contiguous view of an input): nothing is computed."""
-        if not view.contiguous:
-            raise RtxjitError(f"{self.where}: alias of a non-contiguous view")
+        """Output ``index`` is ``view`` (a view of an input, possibly strided): nothing is computed.
+        Readers take strided views as they come; one that needs contiguous data asks
+        ``contiguous`` (a copy is made then)."""
         self._b.plan.buffers[self.outputs[index].buf].numel = 0  # the output's own buffer is not needed
         self.outputs[index] = view
         self.aliased.add(index)
+
+    def contiguous(self, view: View) -> View:
+        """``view`` itself if contiguous, else a contiguous copy of it in a new buffer."""
+        if view.contiguous:
+            return view
+        dense = self.temp(view.dtype, view.shape)
+        self.copy(view, dense)
+        return dense
 
     def const(self, value: np.ndarray) -> View:
         return self._b.upload(np.ascontiguousarray(value), f"{self.node.name}/const")
@@ -117,13 +146,15 @@ class LowerCtx:
         idx = self._b.plan.add_buffer(BufferSpec(dtype, int(np.prod(shape, dtype=np.int64)), "temp"))
         return View.of(idx, dtype, shape)
 
-    def pointwise(self, expr: str, inputs: list, out: View, scalars: tuple = ()) -> None:
-        """``out = expr(inputs...)`` with numpy broadcasting of the inputs to ``out.shape``."""
+    def pointwise(self, expr: str, inputs: list, out: View, scalars: tuple = (), prologue: tuple = ()) -> None:
+        """``out = expr(inputs...)`` with numpy broadcasting of the inputs to ``out.shape``;
+        ``prologue`` statements run first (a fused chain of ops)."""
         views = [v.broadcast_to(out.shape) for v in inputs]
         shape, strides = collapse(out.shape, out.strides, *[v.strides for v in views])
         n = out.numel
         src = render_pointwise(expr, tuple(v.dtype for v in views), out.dtype, len(shape), len(scalars),
-                               wide=n > WIDE_LIMIT or self._b.max_offset(out, *views) > WIDE_LIMIT)
+                               wide=n > WIDE_LIMIT or self._b.max_offset(out, *views) > WIDE_LIMIT,
+                               prologue=tuple(prologue))
         block = self._b.pointwise_block(n)
         args: list = [Buf(out.buf), out.offset]
         for v in views:
@@ -175,7 +206,8 @@ class PlanBuilder:
         for v in self.graph.outputs:
             e = env[v.name]
             view = self._device_view(v.name, e)
-            if view.buf in self.plan.inputs.values() or self.plan.buffers[view.buf].role == "const":
+            if (view.buf in self.plan.inputs.values() or self.plan.buffers[view.buf].role == "const"
+                    or not view.contiguous):
                 copy = View.of(self.plan.add_buffer(BufferSpec(view.dtype, view.numel, "temp")), view.dtype, view.shape)
                 LowerCtx(self, Node("Identity", f"output:{v.name}", [], []), [], []).copy(view, copy)
                 view = copy
@@ -253,5 +285,5 @@ class PlanBuilder:
             self.plan.trace[node.name] = ["alias"]
         else:
             self.plan.trace[node.name] = list(ctx.kernels)
-        if opdef.kind is not Kind.ALIAS and not ctx.kernels and any(o is not None and o.numel for o in outs):
+        if not ctx.kernels and any(o is not None and o.numel and i not in ctx.aliased for i, o in enumerate(outs)):
             raise ModelError(f"{where}: lowering emitted no kernel")

@@ -13,6 +13,7 @@ from rtxjit import config, passes
 from rtxjit.errors import InputError
 from rtxjit.ir.graph import Graph
 from rtxjit.ir.types import DType, TensorType
+from rtxjit.passes.precision_legality import check_precision
 from rtxjit.runtime.device import Device, detect
 from rtxjit.runtime.executor import Executable, torch_dtype
 from rtxjit.runtime.plan import PlanBuilder
@@ -45,10 +46,13 @@ class InferenceSession:
     ``model`` is a path, serialized bytes, an ``onnx.ModelProto`` or an ``rtxjit.ir.Graph``.
     ``device`` is "cuda", "cpu" (Triton's interpreter) or None (a GPU if torch sees one).
     ``optimize`` runs the pass pipeline (``rtxjit.passes``) once; ``pass_timings`` says how long
-    each pass took.
+    each pass took. ``precision`` ("fp16" or "bf16") converts the model's fp32 values to that type
+    (inputs and outputs stay fp32); None runs the model's own types. On a GPU, a type its SM cannot
+    run (bf16 below sm_80, fp8 below sm_89) is an UnsupportedOpError naming the node.
     """
 
-    def __init__(self, model, device: Optional[str] = None, providers=None, optimize: bool = True):
+    def __init__(self, model, device: Optional[str] = None, providers=None, optimize: bool = True,
+                 precision: Optional[str] = None):
         if isinstance(model, Graph):
             self.graph = model
         else:
@@ -56,10 +60,13 @@ class InferenceSession:
 
             self.graph = import_model(model)
         self.pass_timings: list = []
-        if optimize:
+        if optimize or precision is not None:
             self.graph, self.pass_timings = passes.optimize(self.graph, verify=config.verify_passes(),
-                                                            dump=config.dump_passes())
+                                                            dump=config.dump_passes(), precision=precision,
+                                                            steps=None if optimize else [])
         self.device: Device = detect(device)
+        if self.device.sm is not None:
+            check_precision(self.graph, self.device.sm)
         self._tdev = torch.device(self.device.torch_device)
         self._lock = threading.Lock()
         self._executables: dict = {}

@@ -3,51 +3,105 @@
     out[n, g*N + co, oh, ow] = sum_k A[m, k] * B[k, co] (+ bias[g*N + co])
 
 with ``m = (n, oh, ow)`` flattened (``M = batch * OH * OW``), ``N`` the output channels per group
-and ``k = (ci, kh, kw)`` flattened (``K = C * KH * KW``, ``C`` the input channels per group). ``B``
-is the weight ``[Cout, C, KH, KW]`` read in place: it is contiguous over ``(ci, kh, kw)``, so its
-K index is linear. ``A`` is never built: each tile is gathered from the input on the fly, and
-taps that fall into the padding are masked to zero. ``program_id(1)`` is the group.
+and ``k`` a tap ``(kh, kw, ci)`` (``K = C * KH * KW``, ``C`` the input channels per group).
+``A`` is never built: each tile is gathered from the input on the fly, and taps that fall into the
+padding are masked to zero. ``B`` is the weight, addressed through its four strides, so it may be
+stored in any order: the lowering passes it pre-transposed to ``[KH, KW, C, Cout]`` (output
+channels contiguous, 16-byte loads) when it is a constant. ``program_id(1)`` is the group.
 
-Every size, stride, pad and dilation is a run-time argument: one compiled kernel per dtype and
-bias flag serves every shape. The K loop and the epilogue are the matmul template's.
+Two K loops (``tap_major``):
+- tap-major (the default): one loop step covers one tap ``(kh, kw)`` and ``BLOCK_K`` input
+  channels. The tap and channel block come from scalar arithmetic on the step number, so the loop
+  stays a single loop that Triton pipelines (``num_stages``), and the per-element work is a
+  multiply-add: the row's input address and padding test depend on the tap only, not on ``ci``.
+- flat: ``k`` runs over ``(ci, kh, kw)`` flattened, split per element with div/mod. Used when a
+  group has few input channels (the 3-channel stem, depthwise), where a block of channels per tap
+  would be mostly padding.
+
+Every size, stride, pad and dilation is a run-time argument: one compiled kernel per dtype, bias
+flag, loop kind and unit-stride set serves every shape. The epilogue is the matmul template's.
 """
 
 from __future__ import annotations
 
 from rtxjit.codegen.source import KernelSource, render
-from rtxjit.codegen.templates.matmul import (bias_params, epilogue, int64_suffix, k_loop, signature,
-                                             tile_indices)
+from rtxjit.codegen.templates.matmul import (acc_type, bias_params, epilogue, int64_suffix, k_loop, product,
+                                             scaled, signature, tile_indices)
+from rtxjit.codegen.dtypes import TL
 from rtxjit.ir.types import DType
 
 GEOMETRY = ["C", "H", "W", "OH", "OW", "KH", "KW", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w"]
-STRIDES = ["x_sn", "x_sc", "x_sh", "x_sw", "w_sco", "out_sn", "out_sc", "out_sh", "out_sw"]
-
-_GATHER = [
-    # k -> (ci, kh, kw); the tap of output pixel m at k is x[n, g*C + ci, ih, iw]
-    "        kw = rk % KW",
-    "        kh = (rk // KW) % KH",
-    "        ci = rk // (KW * KH)",
-    "        ih = ih0[:, None] + kh[None, :] * dil_h",
-    "        iw = iw0[:, None] + kw[None, :] * dil_w",
-    "        a_mask = (rm[:, None] < M) & (rk[None, :] < K) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)",
-    "        a_addr = x_ptr + x_base[:, None] + ci[None, :] * x_sc + ih * x_sh + iw * x_sw",
-    "        a = tl.load(a_addr, mask=a_mask, other=0.0)",
-    "        b_mask = (rk[:, None] < K) & (rn[None, :] < N)",
-    "        b = tl.load(w_ptr + w_off + co[None, :] * w_sco + rk[:, None], mask=b_mask, other=0.0)",
-]
+STRIDES = ["x_sn", "x_sc", "x_sh", "x_sw", "w_sco", "w_sci", "w_skh", "w_skw", "out_sn", "out_sc", "out_sh",
+           "out_sw"]
 
 
-def render_conv2d(dtype: DType, has_bias: bool, wide: bool = False) -> KernelSource:
+def _flat_gather(unit: frozenset) -> list:
+    return [
+        # k -> (ci, kh, kw); the tap of output pixel m at k is x[n, g*C + ci, ih, iw]
+        "        kw = rk % KW",
+        "        kh = (rk // KW) % KH",
+        "        ci = rk // (KW * KH)",
+        "        ih = ih0[:, None] + kh[None, :] * dil_h",
+        "        iw = iw0[:, None] + kw[None, :] * dil_w",
+        "        a_mask = (rm[:, None] < M) & (rk[None, :] < K) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)",
+        f"        a_addr = x_ptr + x_base[:, None] + ci[None, :] * x_sc + ih * x_sh + {scaled('iw', 'x_sw', unit)}",
+        "        a = tl.load(a_addr, mask=a_mask, other=0.0)",
+        "        b_mask = (rk[:, None] < K) & (rn[None, :] < N)",
+        "        w_tap = ci * w_sci + kh * w_skh + kw * w_skw",
+        f"        b = tl.load(w_ptr + w_off + {scaled('co[None, :]', 'w_sco', unit)} + w_tap[:, None], mask=b_mask,"
+        " other=0.0)",
+    ]
+
+
+def _tap_major_loop(dtype: DType, wide: bool, unit: frozenset) -> list:
+    w = int64_suffix(wide)
+    a_cols = scaled("ci[None, :]", "x_sc", unit)  # channels-last input: 16-byte loads, pipelined
+    return [
+        f"    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype={TL[acc_type(dtype)]})",
+        "    m_ok = rm < M",
+        "    n_ok = rn < N",
+        f"    w_cols = w_ptr + w_off + {scaled('co', 'w_sco', unit)}",
+        f"    rc = tl.arange(0, BLOCK_K){w}",
+        "    c_steps = tl.cdiv(C, BLOCK_K)",
+        "    for step in range(0, KH * KW * c_steps):",
+        "        tap = step // c_steps",
+        "        c0 = (step - tap * c_steps) * BLOCK_K",
+        "        kh = tap // KW",
+        "        kw = tap - kh * KW",
+        "        ih = ih0 + kh * dil_h",
+        "        iw = iw0 + kw * dil_w",
+        "        row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)",
+        f"        a_rows = x_ptr + x_base + ih * x_sh + {scaled('iw', 'x_sw', unit)}",
+        "        ci = c0 + rc",
+        "        b_rows = w_cols + kh * w_skh + kw * w_skw",
+        "        if EVEN_K:",
+        f"            a = tl.load(a_rows[:, None] + {a_cols}, mask=row_ok[:, None], other=0.0)",
+        "            b = tl.load(b_rows[None, :] + ci[:, None] * w_sci, mask=n_ok[None, :], other=0.0)",
+        "        else:",
+        f"            a = tl.load(a_rows[:, None] + {a_cols}, mask=row_ok[:, None] & (ci[None, :] < C),"
+        " other=0.0)",
+        "            b = tl.load(b_rows[None, :] + ci[:, None] * w_sci, mask=n_ok[None, :] & (ci[:, None] < C),"
+        " other=0.0)",
+        f"        acc = {product(dtype)}",
+    ]
+
+
+def render_conv2d(dtype: DType, has_bias: bool, wide: bool = False, tap_major: bool = True,
+                  unit: frozenset = frozenset()) -> KernelSource:
     """The kernel for ``Conv`` over 2-D NCHW views.
 
     Arguments, in order: ``out, x, w`` (and ``bias``) as pointer and offset; ``M, N, K``; the
     geometry (``C`` input channels per group, ``H, W, OH, OW, KH, KW``, strides, begin pads,
-    dilations); the strides of ``x``, of ``w`` along output channels and of ``out`` (and
-    ``bias_sm, bias_sn``, the bias viewed as ``[M, Cout]``). Block sizes are constexprs.
+    dilations); the strides of ``x``, of ``w`` (along output channels, input channels, kh, kw) and
+    of ``out`` (and ``bias_sm, bias_sn``, the bias viewed as ``[M, Cout]``). Block sizes,
+    ``GROUP_M`` and ``EVEN_K`` (``C`` a multiple of ``BLOCK_K``, tap-major loop only) are
+    constexprs. ``unit`` names strides that are 1 for this launch (``x_sc`` for a channels-last
+    input, ``x_sw``, ``w_sco``, ``out_sw``).
     """
     params = ["out_ptr", "out_off", "x_ptr", "x_off", "w_ptr", "w_off", *bias_params(has_bias)]
     params += ["M", "N", "K", *GEOMETRY, *STRIDES]
     params += ["bias_sm", "bias_sn"] if has_bias else []
+    loop = _tap_major_loop(dtype, wide, unit) if tap_major else k_loop(_flat_gather(unit), dtype, wide)
     lines = [
         signature("conv2d", params),
         *tile_indices(wide),
@@ -59,10 +113,13 @@ def render_conv2d(dtype: DType, has_bias: bool, wide: bool = False) -> KernelSou
         "    ih0 = oh * stride_h - pad_h",
         "    iw0 = ow * stride_w - pad_w",
         "    x_base = x_off + nb * x_sn + g * C * x_sc",
-        *k_loop(_GATHER, dtype, wide),
+        *loop,
         "    mask = (rm[:, None] < M) & (rn[None, :] < N)",
-        "    out_pixel = nb * out_sn + oh * out_sh + ow * out_sw",
+        f"    out_pixel = nb * out_sn + oh * out_sh + {scaled('ow', 'out_sw', unit)}",
         *epilogue("out_ptr + out_off + out_pixel[:, None] + co[None, :] * out_sc", dtype, has_bias,
                   scaled=False, cols="co"),
     ]
-    return render("conv2d", f"conv2d implicit gemm in={dtype.short} bias={has_bias}", "\n".join(lines))
+    header = f"conv2d implicit gemm in={dtype.short} bias={has_bias} loop={'tap' if tap_major else 'flat'}"
+    if unit:
+        header += f" unit_strides={','.join(sorted(unit))}"
+    return render("conv2d", header, "\n".join(lines))

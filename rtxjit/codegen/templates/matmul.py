@@ -24,7 +24,8 @@ from rtxjit.codegen.dtypes import TL
 from rtxjit.codegen.source import KernelSource, render
 from rtxjit.ir.types import DType
 
-BLOCK_PARAMS = ["BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_K: tl.constexpr"]
+BLOCK_PARAMS = ["BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_K: tl.constexpr",
+                "GROUP_M: tl.constexpr", "EVEN_K: tl.constexpr"]
 
 
 def signature(name: str, params: list) -> str:
@@ -41,13 +42,24 @@ def int64_suffix(wide: bool) -> str:
 
 
 def tile_indices(wide: bool) -> list:
-    """Lines that give the tile's row indices ``rm`` and column indices ``rn`` from program_id(0)."""
+    """Lines that give the tile's row indices ``rm`` and column indices ``rn`` from program_id(0).
+
+    Tiles are walked in groups of ``GROUP_M`` tile rows, column by column inside a group, so the
+    programs that run at the same time share rows of A and columns of B in L2 (Triton's matmul
+    tutorial's "grouped ordering"); ``GROUP_M = 1`` is plain row-major order.
+    """
     w = int64_suffix(wide)
     return [
         "    pid = tl.program_id(0)",
+        "    grid_m = tl.cdiv(M, BLOCK_M)",
         "    grid_n = tl.cdiv(N, BLOCK_N)",
-        f"    rm = (pid // grid_n) * BLOCK_M + tl.arange(0, BLOCK_M){w}",
-        f"    rn = (pid % grid_n) * BLOCK_N + tl.arange(0, BLOCK_N){w}",
+        "    group_width = GROUP_M * grid_n",
+        "    first_m = (pid // group_width) * GROUP_M",
+        "    group_rows = tl.minimum(grid_m - first_m, GROUP_M)",
+        "    pid_m = first_m + (pid % group_width) % group_rows",
+        "    pid_n = (pid % group_width) // group_rows",
+        f"    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M){w}",
+        f"    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N){w}",
     ]
 
 
@@ -67,11 +79,11 @@ def k_loop(load_tiles: list, dtype: DType, wide: bool) -> list:
         "    for k0 in range(0, K, BLOCK_K):",
         f"        rk = k0 + tl.arange(0, BLOCK_K){int64_suffix(wide)}",
         *load_tiles,
-        f"        acc = {_product(dtype)}",
+        f"        acc = {product(dtype)}",
     ]
 
 
-def _product(dtype: DType) -> str:
+def product(dtype: DType) -> str:
     """``acc + a @ b`` for one K step. fp64 has no ``tl.dot`` on the GPU (Triton 3.6 rejects it), so
     it multiplies and sums over a ``[BLOCK_M, BLOCK_K, BLOCK_N]`` tile instead."""
     if dtype is DType.FP64:
@@ -117,13 +129,32 @@ def _batch_offsets(operands: list, batch_rank: int, wide: bool) -> list:
     return lines
 
 
+def scaled(index: str, stride: str, unit: frozenset) -> str:
+    """``index * stride``, or ``index`` alone where the view's stride is known to be 1: Triton then
+    sees the contiguous axis and loads 16 bytes per access."""
+    return index if stride in unit else f"{index} * {stride}"
+
+
+def masked_load(name: str, addr: str, mask: str, k_mask: str) -> list:
+    """Loop-body lines that load ``name`` from ``addr`` under ``mask``, and also under ``k_mask``
+    unless ``EVEN_K`` (K a multiple of ``BLOCK_K``: no K tail, so the K loads need no mask)."""
+    return [
+        "        if EVEN_K:",
+        f"            {name} = tl.load({addr}, mask={mask}, other=0.0)",
+        "        else:",
+        f"            {name} = tl.load({addr}, mask={mask} & {k_mask}, other=0.0)",
+    ]
+
+
 def render_matmul(dtype: DType, out_dtype: DType, batch_rank: int, has_bias: bool,
-                  wide: bool = False) -> KernelSource:
+                  wide: bool = False, unit: frozenset = frozenset()) -> KernelSource:
     """``out[b] = alpha * (a[b] @ b[b]) + beta * bias[b]`` for every batch index ``b``.
 
     Arguments, in order: ``out, a, b`` (and ``bias``) as pointer and offset; ``alpha`` (and
     ``beta``); ``M, N, K``; the matrix strides of each operand; then per batch dim its size and the
-    operands' strides along it. Block sizes are constexprs.
+    operands' strides along it. Block sizes, ``GROUP_M`` and ``EVEN_K`` are constexprs. ``unit``
+    names the matrix strides (``a_sk``, ``b_sn``, ...) that are 1 for this launch: a source
+    specialization (the argument is still passed), as Triton's own ``== 1`` specialization would be.
     """
     operands = ["out", "a", "b"] + (["bias"] if has_bias else [])
     params = ["out_ptr", "out_off", "a_ptr", "a_off", "b_ptr", "b_off", *bias_params(has_bias), "alpha"]
@@ -132,39 +163,107 @@ def render_matmul(dtype: DType, out_dtype: DType, batch_rank: int, has_bias: boo
     params += ["bias_sm", "bias_sn"] if has_bias else []
     for d in range(batch_rank):
         params += [f"size{d}"] + [f"{name}_sb{d}" for name in operands]
-    loads = [
-        "        a_mask = (rm[:, None] < M) & (rk[None, :] < K)",
-        "        a = tl.load(a_ptr + a_off + rm[:, None] * a_sm + rk[None, :] * a_sk, mask=a_mask, other=0.0)",
-        "        b_mask = (rk[:, None] < K) & (rn[None, :] < N)",
-        "        b = tl.load(b_ptr + b_off + rk[:, None] * b_sk + rn[None, :] * b_sn, mask=b_mask, other=0.0)",
-    ]
+    a_addr = f"a_ptr + a_off + {scaled('rm[:, None]', 'a_sm', unit)} + {scaled('rk[None, :]', 'a_sk', unit)}"
+    b_addr = f"b_ptr + b_off + {scaled('rk[:, None]', 'b_sk', unit)} + {scaled('rn[None, :]', 'b_sn', unit)}"
+    loads = [*masked_load("a", a_addr, "(rm[:, None] < M)", "(rk[None, :] < K)"),
+             *masked_load("b", b_addr, "(rn[None, :] < N)", "(rk[:, None] < K)")]
+    out_addr = f"out_ptr + out_off + {scaled('rm[:, None]', 'out_sm', unit)} + {scaled('rn[None, :]', 'out_sn', unit)}"
     lines = [
         signature("matmul", params),
         *_batch_offsets(operands, batch_rank, wide),
         *tile_indices(wide),
         *k_loop(loads, dtype, wide),
         "    mask = (rm[:, None] < M) & (rn[None, :] < N)",
-        *epilogue("out_ptr + out_off + rm[:, None] * out_sm + rn[None, :] * out_sn", out_dtype, has_bias, True),
+        *epilogue(out_addr, out_dtype, has_bias, True),
     ]
     header = f"matmul in={dtype.short} out={out_dtype.short} batch_rank={batch_rank} bias={has_bias}"
+    if unit:
+        header += f" unit_strides={','.join(sorted(unit))}"
     return render("matmul", header, "\n".join(lines))
 
 
-def tile_config(m: int, n: int, k: int, dtype: DType, interpret: bool) -> dict:
-    """Block sizes (and warps) for a product of this size: each a power of two, at least 16 (the
-    smallest ``tl.dot`` tile), no larger than the problem needs.
+def unit_strides(**strides) -> frozenset:
+    """The names among ``strides`` (name=value) whose value is 1, for ``render_matmul``'s ``unit``."""
+    return frozenset(name for name, st in strides.items() if st == 1)
 
-    On the GPU, 64x64x32 with 4 warps is a moderate default for every SM. Triton's interpreter runs
-    each program in Python with numpy tiles, so there fewer, larger tiles are faster: a 256^3 fp32
-    MatMul took 7.1 s with 16^3 tiles, 230 ms with 64x64x32, 161 ms with 128^3 and 24 ms with 256^3.
-    fp64 multiplies in a 3-D tile (see ``_product``), so its blocks stay small.
+
+# Tile configurations per SM family, for 16-bit operands on tensor cores:
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Hopper (sm_90) has 228 KB of shared memory
+# per SM: 128x256x64 in 3 stages takes 144 KB. Ampere / Ada / consumer Blackwell keep to 32-64 KB
+# stages (sm_86/89/120 have about 100 KB); older SMs get 2 stages.
+TENSOR_CORE_CONFIGS = {
+    90: [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+         (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 256, 64, 8, 4), (64, 64, 64, 4, 4),
+         (64, 32, 64, 4, 4), (32, 64, 64, 4, 4)],
+    80: [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
+         (64, 64, 64, 4, 3), (64, 32, 64, 4, 3), (32, 64, 64, 4, 3)],
+    70: [(128, 128, 32, 8, 2), (128, 64, 32, 4, 2), (64, 128, 32, 4, 2), (64, 64, 32, 4, 2),
+         (32, 64, 32, 4, 2)],
+}
+# fp32 operands multiply with input_precision="ieee" (FMA, no tensor cores): moderate tiles.
+FP32_CONFIGS = [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (32, 64, 32, 4, 3),
+                (128, 128, 32, 8, 2)]
+TUNE_CANDIDATES = 5  # configurations timed by the autotuner, the heuristic's best first
+
+
+def sm_family(sm: int) -> int:
+    """The key of ``TENSOR_CORE_CONFIGS`` for compute capability ``sm`` (80, 90, ... as ints)."""
+    if 90 <= sm < 110:  # Hopper and datacenter Blackwell: large shared memory, wgmma / tcgen05
+        return 90
+    if sm >= 80:  # Ampere, Ada, consumer Blackwell
+        return 80
+    return 70
+
+
+def tile_configs(m: int, n: int, k: int, dtype: DType, interpret: bool, sm: int = 90, sm_count: int = 132,
+                 batch: int = 1, k_cap: int = None) -> list:
+    """Candidate launch configurations for a product of this size, best guess first.
+
+    Each is a dict of constexprs for the launch (``BLOCK_M/N/K``, ``GROUP_M``, ``EVEN_K``,
+    ``num_warps``, ``num_stages``). The interpreter and fp64 get one fixed choice. On a GPU the SM
+    family's table is clipped to the problem (no block above the next power of two of its dim, at
+    least 16; ``BLOCK_K`` also at most ``k_cap``, the K extent one step may cover, e.g. Conv's
+    channels per tap) and ranked by an estimate of run time: waves of tiles over ``sm_count`` SMs
+    times the tile's work over its efficiency (arithmetic intensity ``BM*BN/(BM+BN)``, saturating at
+    128x128). The first ``TUNE_CANDIDATES`` are what the autotuner times.
+    """
+    if interpret or dtype is DType.FP64:
+        return [tile_config(m, n, min(k, k_cap or k), dtype, interpret)]
+    table = FP32_CONFIGS if dtype is DType.FP32 else TENSOR_CORE_CONFIGS[sm_family(sm)]
+    k_lim = _next_pow2(min(k, k_cap or k))
+    seen, ranked = set(), []
+    for bm, bn, bk, warps, stages in table:
+        bm, bn, bk = (max(16, min(b, _next_pow2(d))) for b, d in ((bm, m), (bn, n), (bk, k_lim)))
+        if (bm, bn, bk) in seen:
+            continue
+        seen.add((bm, bn, bk))
+        tiles = -(-m // bm) * -(-n // bn) * max(batch, 1)
+        waves = -(-tiles // sm_count)
+        efficiency = min(1.0, (bm * bn / (bm + bn)) / 64.0)
+        cost = waves * bm * bn / efficiency
+        ranked.append((cost, -bm * bn, len(ranked), {
+            "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "EVEN_K": k % bk == 0,
+            "num_warps": warps if bm * bn >= 64 * 64 else 4, "num_stages": stages}))
+    ranked.sort(key=lambda r: r[:3])
+    return [r[3] for r in ranked[:TUNE_CANDIDATES]]
+
+
+def tile_config(m: int, n: int, k: int, dtype: DType, interpret: bool) -> dict:
+    """Block sizes (and warps) of the interpreter and of fp64: each a power of two, at least 16
+    (the smallest ``tl.dot`` tile), no larger than the problem needs.
+
+    Triton's interpreter runs each program in Python with numpy tiles, so there fewer, larger tiles
+    are faster: a 256^3 fp32 MatMul took 7.1 s with 16^3 tiles, 230 ms with 64x64x32, 161 ms with
+    128^3 and 24 ms with 256^3. fp64 multiplies in a 3-D tile (see ``product``), so its blocks stay
+    small. GPU configurations of other dtypes come from ``tile_configs``.
     """
     if dtype is DType.FP64:
         caps = (32, 32, 16)
     else:
         caps = (256, 256, 256) if interpret else (64, 64, 32)
     blocks = [max(16, min(cap, _next_pow2(d))) for d, cap in zip((m, n, k), caps)]
-    return {"BLOCK_M": blocks[0], "BLOCK_N": blocks[1], "BLOCK_K": blocks[2], "num_warps": 4}
+    return {"BLOCK_M": blocks[0], "BLOCK_N": blocks[1], "BLOCK_K": blocks[2], "GROUP_M": 8,
+            "EVEN_K": k % blocks[2] == 0, "num_warps": 4}
 
 
 def tile_count(m: int, n: int, cfg: dict) -> int:

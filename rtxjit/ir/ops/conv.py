@@ -12,10 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from rtxjit.codegen.templates.conv import render_conv2d
-from rtxjit.codegen.templates.matmul import tile_config, tile_count
-from rtxjit.codegen.view import View, contiguous_strides
+from rtxjit.codegen.view import View
 from rtxjit.errors import ModelError, ShapeError, UnsupportedOpError
-from rtxjit.ir.ops.matmul import check_dot_type
+from rtxjit.ir.ops.matmul import check_dot_type, emit_matmul, launch_tiles
 from rtxjit.ir.registry import Kind, Rand, Sample, op
 from rtxjit.ir.types import TensorType
 
@@ -103,7 +102,13 @@ def _check_channels(x: TensorType, w: TensorType, b, group: int) -> None:
              Sample([Rand((1, 3, 8, 7)), Rand((4, 3, 4, 4)), Rand((4,))], {"auto_pad": "SAME_LOWER"}),
              Sample([Rand((2, 3, 9, 9)), Rand((4, 3, 3, 3))], {"auto_pad": "VALID", "strides": [2, 1]}),
              Sample([Rand((2, 3, 10)), Rand((4, 3, 3)), Rand((4,))], {"pads": [1, 2], "strides": [2]}),
-             Sample([Rand((1, 6, 12)), Rand((6, 2, 3))], {"group": 3, "dilations": [3]})])
+             Sample([Rand((1, 6, 12)), Rand((6, 2, 3))], {"group": 3, "dilations": [3]}),
+             # tap-major K loop (>= 16 channels per group), with and without a channel tail
+             Sample([Rand((1, 20, 6, 5)), Rand((8, 20, 3, 3)), Rand((8,))], {"pads": [1, 1, 1, 1], "strides": [2, 1]}),
+             Sample([Rand((2, 32, 5, 5)), Rand((8, 16, 3, 3))], {"group": 2, "pads": [1, 0, 1, 2]}),
+             # 1x1, stride 1: a batched GEMM
+             Sample([Rand((2, 6, 5, 4)), Rand((3, 6, 1, 1)), Rand((3,))]),
+             Sample([Rand((2, 6, 7)), Rand((5, 6, 1))])])
 def conv(x: TensorType, w: TensorType, b: TensorType = None, *, auto_pad: str = "NOTSET", dilations=None,
          group: int = 1, kernel_shape=None, pads=None, strides=None) -> TensorType:
     if len({t.dtype for t in (x, w, b) if t is not None}) != 1:
@@ -134,17 +139,57 @@ def _(x, w, b=None, *, group=1, **attrs):
 
 
 def _unsqueeze_h(v: View) -> View:
-    """A 1-D conv operand ``[N, C, L]`` as ``[N, C, 1, L]`` (operands are contiguous buffers)."""
-    return v.reshape(v.shape[:2] + (1,) + v.shape[2:])
+    """A 1-D conv operand ``[N, C, L]`` as ``[N, C, 1, L]`` (any strides: views only)."""
+    return View(v.buf, v.dtype, v.shape[:2] + (1,) + v.shape[2:], v.strides[:2] + (0,) + v.strides[2:], v.offset)
 
 
-def _k_linear(ctx, w: View) -> View:
-    """The weight with its K dims (ci, kh, kw) contiguous, as the template reads it: copied if not."""
-    if w.strides[1:] == contiguous_strides(w.shape[1:]):
+TAP_MAJOR_MIN_CHANNELS = 16  # below this many input channels per group, Conv's K loop is flat
+
+
+def _weight(ctx, w: View, index: int = 1) -> View:
+    """The weight as the kernel reads it best: a constant weight ``[Cout, C, *kernel]`` is uploaded
+    once more, transposed to ``[*kernel, C, Cout]`` (output channels contiguous, so the B tile loads
+    16 bytes at a time), and returned as a view of the same logical shape; others stay as they are
+    (the kernel reads any strides)."""
+    value = ctx.node.inputs[index]
+    if value is None or value.const is None or tuple(value.const.shape) != w.shape:
         return w
-    dense = ctx.temp(w.dtype, w.shape)
-    ctx.copy(w, dense)
-    return dense
+    rank = w.rank
+    perm = tuple(range(2, rank)) + (1, 0)  # [Cout, C, *k] -> [*k, C, Cout]
+    dense = ctx.const(np.ascontiguousarray(np.transpose(value.const, perm)))
+    back = [0] * rank
+    for i, p in enumerate(perm):
+        back[p] = i
+    return dense.permute(back)
+
+
+def _pointwise_gemm(ctx, x: View, w: View, b, out: View) -> None:
+    """A 1x1 convolution with stride 1, no padding and one group is a batched GEMM per image:
+    ``out[n] ([Cout, H*W]) = w ([Cout, C]) @ x[n] ([C, H*W]) (+ bias[:, None])``."""
+    batch, c_in = x.shape[:2]
+    c_out = w.shape[0]
+    pixels = int(np.prod(x.shape[2:], dtype=np.int64))
+    xm = x.reshape((batch, c_in, pixels))
+    om = out.reshape((batch, c_out, pixels))
+    wm = View(w.buf, w.dtype, (c_out, c_in), w.strides[:2], w.offset)  # the kernel dims are all 1
+    bias = b.reshape((c_out, 1)) if b is not None else None
+    emit_matmul(ctx, wm, xm, om, bias)
+
+
+def _channels_last(ctx, x: View) -> View:
+    """``x`` ``[N, C, H, W]`` copied to an NHWC buffer, seen as the same NCHW view with channels-last
+    strides: the tap-major kernel then reads channels contiguously (16-byte loads that Triton can
+    stage through shared memory asynchronously, so the K loop pipelines). The graph stays NCHW; the
+    copy costs one pass over the input (a layout pass could keep activations NHWC between convs)."""
+    n, c, h, w = x.shape
+    nhwc = ctx.temp(x.dtype, (n, h, w, c)).permute([0, 3, 1, 2])
+    ctx.copy(x, nhwc)
+    return nhwc
+
+
+def _is_pointwise(x: View, geo: ConvGeometry, group: int) -> bool:
+    return (group == 1 and all(k == 1 for k in geo.kernel) and all(s == 1 for s in geo.strides)
+            and not any(geo.pads_begin) and x.contiguous)
 
 
 @conv.lower
@@ -154,7 +199,11 @@ def _(ctx, x, w, b=None, *, group=1, **attrs):
         raise UnsupportedOpError(f"{ctx.where}: Conv over {x.rank - 2} spatial dims is not supported "
                                  "(1-D and 2-D are)")
     geo = conv_geometry(x.shape[2:], w.shape[2:], **attrs)
-    out, w = ctx.outputs[0], _k_linear(ctx, w)
+    out = ctx.outputs[0]
+    if _is_pointwise(x, geo, group) and out.contiguous:
+        _pointwise_gemm(ctx, x, w, b, out)
+        return
+    w = _weight(ctx, w)
     if x.rank == 3:
         x, w, out, geo = _unsqueeze_h(x), _unsqueeze_h(w), _unsqueeze_h(out), geo.as_2d()
     emit_conv2d(ctx, x, w, b, out, geo, group)
@@ -165,16 +214,20 @@ def emit_conv2d(ctx, x: View, w: View, b, out: View, geo: ConvGeometry, group: i
     of ``[BLOCK_M pixels, BLOCK_N channels]`` in each group."""
     batch, c_in, h, wd = x.shape
     c_out = w.shape[0]
+    c = c_in // group  # input channels per group
     m = batch * geo.out[0] * geo.out[1]  # output pixels
     n = c_out // group  # output channels per group
-    k = (c_in // group) * geo.kernel[0] * geo.kernel[1]  # taps per output: (ci, kh, kw)
+    k = c * geo.kernel[0] * geo.kernel[1]  # taps per output: (kh, kw, ci)
     bias = [b.broadcast_to((m, c_out))] if b is not None else []  # the epilogue reads it as [M, Cout]
+    tap_major = c >= TAP_MAJOR_MIN_CHANNELS
+    if tap_major and x.strides[1] != 1:
+        x = _channels_last(ctx, x)
     args = []
     for v in [out, x, w] + bias:
         args += [ctx.ptr(v), v.offset]
-    args += [m, n, k, c_in // group, h, wd, *geo.out, *geo.kernel, *geo.strides, *geo.pads_begin,
-             *geo.dilations]
-    args += [*x.strides, w.strides[0], *out.strides] + [st for v in bias for st in v.strides]
-    cfg = tile_config(m, n, k, x.dtype, ctx.interpret)
-    src = render_conv2d(x.dtype, b is not None, wide=ctx.needs_wide(out, x, w))
-    ctx.launch(src, (tile_count(m, n, cfg), group), args, **cfg)
+    args += [m, n, k, c, h, wd, *geo.out, *geo.kernel, *geo.strides, *geo.pads_begin, *geo.dilations]
+    args += [*x.strides, *w.strides, *out.strides] + [st for v in bias for st in v.strides]
+    unit = frozenset(name for name, st in (("x_sc", x.strides[1]), ("x_sw", x.strides[3]), ("w_sco", w.strides[0]),
+                                           ("out_sw", out.strides[3])) if st == 1)
+    src = render_conv2d(x.dtype, b is not None, wide=ctx.needs_wide(out, x, w), tap_major=tap_major, unit=unit)
+    launch_tiles(ctx, src, args, m, n, k, x.dtype, group, k_cap=c if tap_major else None)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from rtxjit.codegen.templates.matmul import render_matmul, tile_config, tile_count
+from rtxjit.codegen.templates.matmul import render_matmul, tile_configs, tile_count, unit_strides
 from rtxjit.codegen.view import View
 from rtxjit.errors import ModelError, ShapeError, UnsupportedOpError
 from rtxjit.ir.registry import Kind, Rand, Sample, op
 from rtxjit.ir.types import DType, TensorType, broadcast_shapes
+from rtxjit.runtime import autotune
 
 DOT_TYPES = (DType.FP32, DType.FP16, DType.BF16, DType.FP64)
 
@@ -49,10 +50,12 @@ def emit_matmul(ctx, a: View, b: View, out: View, bias: View = None, alpha: floa
     views = [out, a.broadcast_to(batch + a.shape[-2:]), b.broadcast_to(batch + b.shape[-2:])]
     if bias is not None:
         views.append(bias.broadcast_to(out.shape))
-    cfg = tile_config(m, n, k, a.dtype, ctx.interpret)
     # the batch rank is the graph's, never collapsed by value: a symbolic batch of 1 or of 3 runs
     # the same kernel source
-    src = render_matmul(a.dtype, out.dtype, len(batch), bias is not None, wide=ctx.needs_wide(*views))
+    unit = unit_strides(out_sm=out.strides[-2], out_sn=out.strides[-1], a_sm=views[1].strides[-2],
+                        a_sk=views[1].strides[-1], b_sk=views[2].strides[-2], b_sn=views[2].strides[-1])
+    src = render_matmul(a.dtype, out.dtype, len(batch), bias is not None, wide=ctx.needs_wide(*views),
+                        unit=unit)
     args = []
     for v in views:
         args += [ctx.ptr(v), v.offset]
@@ -62,7 +65,18 @@ def emit_matmul(ctx, a: View, b: View, out: View, bias: View = None, alpha: floa
         args += list(v.strides[-2:])
     for d, size in enumerate(batch):
         args += [size] + [v.strides[d] for v in views]
-    ctx.launch(src, (tile_count(m, n, cfg), int(np.prod(batch, dtype=np.int64))), args, **cfg)
+    nbatch = int(np.prod(batch, dtype=np.int64))
+    launch_tiles(ctx, src, args, m, n, k, a.dtype, nbatch)
+
+
+def launch_tiles(ctx, src, args: list, m: int, n: int, k: int, dtype, nbatch: int, k_cap: int = None) -> None:
+    """Launch a tiled product kernel (MatMul's or Conv's) over ``[m, n]`` tiles times ``nbatch``,
+    with the candidate tile configurations of ``tile_configs``, timed on first use on a GPU."""
+    on_gpu = not ctx.interpret
+    cfgs = tile_configs(m, n, k, dtype, ctx.interpret, sm=ctx.sm or 90,
+                        sm_count=autotune.sm_count() if on_gpu else 1, batch=nbatch, k_cap=k_cap)
+    choices = [((tile_count(m, n, c), nbatch), c) for c in cfgs]
+    ctx.launch_tuned(src, choices, args, autotune.tune_key(src.key, ctx.sm, m, n, k, nbatch))
 
 
 # --- MatMul

@@ -28,7 +28,7 @@ def _(x, *, perm=None):
 @transpose.lower
 def _(ctx, x, *, perm=None):
     perm = list(reversed(range(x.rank))) if perm is None else list(perm)
-    ctx.copy(x.permute(perm), ctx.outputs[0])
+    ctx.alias(0, x.permute(perm))  # a strided view: readers address it directly, no copy
 
 
 @op("Concat", since=4, kind=Kind.MOVEMENT,
@@ -103,10 +103,10 @@ def _(x, split=None, *, axis=0, num_outputs=None, _outputs=1):
 def _(ctx, x, split=None, *, axis=0, num_outputs=None):
     a = norm_axis(axis, x.rank)
     start = 0
-    for out, t in zip(ctx.outputs, ctx.out_types):
+    for i, (out, t) in enumerate(zip(ctx.outputs, ctx.out_types)):
         length = t.shape[a]
         if out is not None:
-            ctx.copy(x.slice(a, start, length), out)
+            ctx.alias(i, x.slice(a, start, length))
         start += length
 
 
@@ -158,7 +158,7 @@ def _(ctx, x, starts, ends, axes=None, steps=None):
     view = x
     for a, start, length, step in slice_params(x.shape, starts, ends, axes, steps):
         view = view.slice(a, start, length, step)
-    ctx.copy(view, ctx.outputs[0])
+    ctx.alias(0, view)
 
 
 @op("Expand", since=8, kind=Kind.MOVEMENT, host_inputs=(1,),
@@ -176,7 +176,7 @@ def _(x, shape):
 
 @expand.lower
 def _(ctx, x, shape):
-    ctx.copy(x, ctx.outputs[0])
+    ctx.alias(0, x.broadcast_to(ctx.outputs[0].shape))  # stride 0 where broadcast
 
 
 @op("Gather", since=1, kind=Kind.MOVEMENT,
@@ -197,7 +197,7 @@ def _(data, indices, *, axis=0):
 
 @gather.lower
 def _(ctx, data, indices, *, axis=0):
-    out = ctx.outputs[0]
+    out, data, indices = ctx.outputs[0], ctx.contiguous(data), ctx.contiguous(indices)
     a = norm_axis(axis, data.rank)
     inner = int(np.prod(data.shape[a + 1:], dtype=np.int64))
     n = out.numel

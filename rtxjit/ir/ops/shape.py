@@ -18,7 +18,12 @@ def norm_axis(axis: int, rank: int, what: str = "axis") -> int:
 
 
 def _alias(ctx, x, *rest, **attrs):
-    ctx.alias(0, x.reshape(ctx.out_types[0].shape))
+    """The output is a view of ``x``; a strided ``x`` that no view can reshape is copied."""
+    shape = ctx.out_types[0].shape
+    try:
+        ctx.alias(0, x.reshape(shape))
+    except ValueError:
+        ctx.copy(x, ctx.outputs[0].reshape(x.shape))
 
 
 def _length(v) -> int:

@@ -1,0 +1,126 @@
+"""Autotuning: a launch with several tile configurations is timed once, on the GPU, with its live
+arguments, and the fastest configuration is remembered for the rest of the process.
+
+A plan's ``Launch`` may carry ``choices`` — ``(grid, constexprs)`` pairs, the heuristic's guess
+first — and a ``tune_key``: the kernel source's key, the SM and the problem's sizes rounded up to
+powers of two (``bucket``). At the first run of a plan the executor calls ``choose`` there; a key
+seen before (an earlier plan, another binding of the same bucket) reuses the remembered choice
+without timing. Timing needs a GPU: under Triton's interpreter the executor never calls this, and
+the first choice (the heuristic's) runs. Each trial writes the launch's outputs, which is harmless:
+a launch's outputs never share memory with its inputs, and the chosen configuration runs last.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Callable, Optional
+
+from rtxjit import config
+
+_lock = threading.Lock()
+_chosen: dict = {}  # tune key -> constexprs of the fastest choice
+_timings: dict = {}  # tune key -> [(constexprs, median ms | inf)], for reports and benchmarks
+_sm_counts: dict = {}
+
+
+def enabled() -> bool:
+    return config.autotune_enabled()
+
+
+def bucket(n: int) -> int:
+    """``n`` rounded up to a power of two: shapes in one bucket share a tuning result."""
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+def tune_key(src_key: str, sm: Optional[int], *sizes: int) -> tuple:
+    return (src_key, sm, *(bucket(int(s)) for s in sizes))
+
+
+def sm_count() -> int:
+    """Multiprocessors of the current CUDA device (132 on an H100 SXM), for the tile heuristic."""
+    import torch
+
+    dev = torch.cuda.current_device()
+    if dev not in _sm_counts:
+        _sm_counts[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
+    return _sm_counts[dev]
+
+
+def remembered(key: tuple, choices: list) -> Optional[int]:
+    """The index in ``choices`` of the configuration remembered under ``key``, if any."""
+    cfg = _chosen.get(key)
+    if cfg is None:
+        return None
+    for i, (_, constexprs) in enumerate(choices):
+        if constexprs == cfg:
+            return i
+    return None
+
+
+def choose(key: tuple, choices: list, run: Callable[[int], None]) -> int:
+    """The index of the fastest of ``choices``; ``run(i)`` launches choice ``i`` once.
+
+    A choice that fails to compile or launch (for example too much shared memory on this SM) counts
+    as infinitely slow; if every choice fails, the first one's error is raised.
+    """
+    if len(choices) == 1:
+        return 0
+    with _lock:
+        hit = remembered(key, choices)
+        if hit is not None:
+            return hit
+        times, first_error = [], None
+        for i in range(len(choices)):
+            try:
+                times.append(time_ms(lambda: run(i)))
+            except Exception as exc:  # noqa: BLE001 - a failing configuration is only a slow one
+                first_error = first_error or exc
+                times.append(math.inf)
+        if all(math.isinf(t) for t in times):
+            raise first_error
+        best = min(range(len(times)), key=lambda i: (times[i], i))
+        _chosen[key] = dict(choices[best][1])
+        _timings[key] = [(dict(c), t) for (_, c), t in zip(choices, times)]
+        return best
+
+
+def time_ms(fn: Callable[[], None], budget_ms: float = 2.0, rounds: int = 5) -> float:
+    """Median time of one call of ``fn`` in ms, with CUDA events: one warm-up call (it compiles),
+    then ``rounds`` timed rounds of enough calls to fill about ``budget_ms / rounds`` each."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    once = max(start.elapsed_time(end), 1e-3)
+    reps = max(1, min(100, int(budget_ms / rounds / once)))
+    samples = []
+    for _ in range(rounds):
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / reps)
+    samples.sort()
+    return samples[len(samples) // 2]
+
+
+def timings(key: tuple) -> list:
+    """``[(constexprs, ms)]`` of every choice timed under ``key`` (empty if it was never timed)."""
+    return list(_timings.get(key, []))
+
+
+def forget() -> None:
+    """Drop every remembered choice (tests, benchmarks)."""
+    with _lock:
+        _chosen.clear()
+        _timings.clear()

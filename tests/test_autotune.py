@@ -1,0 +1,96 @@
+"""Tuned kernel templates: tile candidates per SM, autotuning bookkeeping, and Conv with constant
+(pre-transposed) weights, checked against the float64 reference on the CPU interpreter."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+import rtxjit
+from rtxjit.codegen.templates.matmul import TUNE_CANDIDATES, sm_family, tile_configs
+from rtxjit.ir.registry import get_op
+from rtxjit.ir.types import DType
+from rtxjit.runtime import autotune
+
+
+def test_tile_configs_fit_the_problem_and_rank_large_tiles_first_for_large_problems():
+    cfgs = tile_configs(4096, 4096, 4096, DType.FP16, interpret=False, sm=90, sm_count=132)
+    assert 1 < len(cfgs) <= TUNE_CANDIDATES
+    assert (cfgs[0]["BLOCK_M"], cfgs[0]["BLOCK_N"]) in ((128, 256), (256, 128))
+    assert all(c["EVEN_K"] for c in cfgs)
+    small = tile_configs(20, 9, 40, DType.FP16, interpret=False, sm=80, sm_count=108)
+    for c in small:
+        assert c["BLOCK_M"] <= 32 and c["BLOCK_N"] == 16 and c["BLOCK_K"] <= 64
+        assert c["EVEN_K"] == (40 % c["BLOCK_K"] == 0)
+    assert len({tuple(sorted(c.items())) for c in small}) == len(small)  # no duplicates after clipping
+    conv = tile_configs(100352, 64, 576, DType.FP16, interpret=False, sm=90, sm_count=132, k_cap=64)
+    assert all(c["BLOCK_K"] <= 64 for c in conv)
+
+
+def test_interpreter_and_fp64_get_one_fixed_choice():
+    assert len(tile_configs(512, 512, 512, DType.FP16, interpret=True)) == 1
+    assert len(tile_configs(512, 512, 512, DType.FP64, interpret=False, sm=90)) == 1
+
+
+def test_sm_families():
+    assert [sm_family(s) for s in (70, 75, 80, 86, 89, 90, 100, 120)] == [70, 70, 80, 80, 80, 90, 90, 80]
+
+
+def test_tune_key_buckets_sizes():
+    assert autotune.tune_key("k", 90, 100, 768, 3000) == autotune.tune_key("k", 90, 128, 700, 4096)
+    assert autotune.tune_key("k", 90, 100, 768, 3000) != autotune.tune_key("k", 80, 100, 768, 3000)
+
+
+def test_choose_remembers_without_timing_again(monkeypatch):
+    autotune.forget()
+    calls = []
+    monkeypatch.setattr(autotune, "time_ms", lambda fn: (fn(), calls.append(1), 3.0 - len(calls))[2])
+    choices = [((1,), {"BLOCK_M": 16}), ((2,), {"BLOCK_M": 32}), ((3,), {"BLOCK_M": 64})]
+    ran = []
+    best = autotune.choose(("k",), choices, ran.append)
+    assert best == 2 and ran == [0, 1, 2]
+    assert autotune.choose(("k",), choices, ran.append) == 2 and ran == [0, 1, 2]
+    assert [t for _, t in autotune.timings(("k",))] == [2.0, 1.0, 0.0]
+    autotune.forget()
+
+
+def test_choose_skips_failing_choices(monkeypatch):
+    autotune.forget()
+    monkeypatch.setattr(autotune, "time_ms", lambda fn: (fn(), 1.0)[1])
+
+    def run(i):
+        if i == 0:
+            raise RuntimeError("out of shared memory")
+
+    assert autotune.choose(("f",), [((1,), {"a": 0}), ((1,), {"a": 1})], run) == 1
+    autotune.forget()
+
+
+def _conv_model(x_shape, w, b, attrs):
+    inits = [onnx.numpy_helper.from_array(w, "w")] + ([onnx.numpy_helper.from_array(b, "b")] if b is not None else [])
+    node = helper.make_node("Conv", ["x", "w"] + (["b"] if b is not None else []), ["y"], **attrs)
+    out = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    graph = helper.make_graph([node], "conv", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x_shape)],
+                              [out], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model
+
+
+@pytest.mark.parametrize("x_shape,w_shape,attrs", [
+    ((2, 20, 7, 6), (8, 20, 3, 3), {"pads": [1, 1, 1, 1], "strides": [2, 1]}),  # tap-major, channel tail
+    ((1, 32, 6, 6), (16, 16, 3, 3), {"group": 2, "pads": [1, 1, 1, 1]}),  # tap-major, grouped
+    ((2, 3, 9, 9), (6, 3, 7, 7), {"pads": [3, 3, 3, 3], "strides": [2, 2]}),  # flat (stem)
+    ((2, 24, 5, 5), (10, 24, 1, 1), {}),  # 1x1: batched GEMM
+    ((2, 24, 5, 5), (10, 24, 1, 1), {"strides": [2, 2]}),  # 1x1 stride 2: implicit GEMM
+    ((2, 18, 11), (4, 18, 3), {"pads": [1, 1]}),  # 1-D
+])
+def test_conv_with_constant_weights(x_shape, w_shape, attrs, rng):
+    x = rng.uniform(-1, 1, x_shape).astype(np.float32)
+    w = rng.uniform(-1, 1, w_shape).astype(np.float32)
+    b = rng.uniform(-1, 1, w_shape[:1]).astype(np.float32)
+    (got,) = rtxjit.InferenceSession(_conv_model(x_shape, w, b, attrs)).run(None, {"x": x})
+    want = get_op("Conv").reference_fn(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), **attrs)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
