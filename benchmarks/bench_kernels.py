@@ -73,7 +73,7 @@ def matmul_case(m, k, n, rng):
 
 def conv_case(batch, c, hw, cout, ksize, stride, rng):
     x = torch.from_numpy(rng.uniform(-1, 1, (batch, c, hw, hw)).astype(np.float16)).cuda()
-    w = rng.uniform(-1, 1, (cout, c, ksize, ksize)).astype(np.float16) / np.sqrt(c * ksize * ksize)
+    w = (rng.uniform(-1, 1, (cout, c, ksize, ksize)) / np.sqrt(c * ksize * ksize)).astype(np.float16)
     bias = rng.uniform(-1, 1, (cout,)).astype(np.float16)
     pad = ksize // 2
     attrs = dict(pads=[pad] * 4, strides=[stride] * 2)

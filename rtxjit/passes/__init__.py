@@ -18,6 +18,7 @@ from rtxjit.passes.eliminate_dead_code import eliminate_dead_code
 from rtxjit.passes.fold_batchnorm import fold_batchnorm
 from rtxjit.passes.fold_constants import fold_constants
 from rtxjit.passes.fuse_attention import fuse_attention
+from rtxjit.passes.fuse_epilogue import fuse_epilogue
 from rtxjit.passes.fuse_pointwise import fuse_pointwise
 from rtxjit.passes.merge_parallel_matmuls import merge_parallel_matmuls
 from rtxjit.passes.simplify_shapes import simplify_shapes
@@ -32,6 +33,7 @@ PIPELINE = [
     ("merge_parallel_matmuls", merge_parallel_matmuls),
     ("fuse_attention", fuse_attention),
     ("fuse_pointwise", fuse_pointwise),
+    ("fuse_epilogue", fuse_epilogue),
     # clean up
     ("eliminate_common_subexpressions", eliminate_common_subexpressions),
     ("eliminate_dead_code", eliminate_dead_code),

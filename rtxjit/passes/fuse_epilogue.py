@@ -52,7 +52,7 @@ def _reader(graph: Graph, anchor: Node, uses: dict):
     reader = next(iter(readers.values()))
     if not (fusable(reader) or reader.op == "rtxjit.Pointwise"):
         return None
-    return reader if reader.outputs[0].type.shape == product.type.shape else None
+    return reader if reader.outputs[0].type == product.type else None  # same shape and dtype
 
 
 def _program(reader: Node, product) -> tuple:

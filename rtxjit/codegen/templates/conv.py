@@ -86,8 +86,13 @@ def _tap_major_loop(dtype: DType, wide: bool, unit: frozenset) -> list:
     ]
 
 
+def _extra_addr(k: int) -> str:
+    """Extra epilogue input ``k`` (an NCHW view) at the tile's pixels and output channels."""
+    return f"e{k}_ptr + e{k}_off + (nb * e{k}_sn + oh * e{k}_sh + ow * e{k}_sw)[:, None] + co[None, :] * e{k}_sc"
+
+
 def render_conv2d(dtype: DType, has_bias: bool, wide: bool = False, tap_major: bool = True,
-                  unit: frozenset = frozenset()) -> KernelSource:
+                  unit: frozenset = frozenset(), fused=None) -> KernelSource:
     """The kernel for ``Conv`` over 2-D NCHW views.
 
     Arguments, in order: ``out, x, w`` (and ``bias``) as pointer and offset; ``M, N, K``; the
@@ -101,6 +106,7 @@ def render_conv2d(dtype: DType, has_bias: bool, wide: bool = False, tap_major: b
     params = ["out_ptr", "out_off", "x_ptr", "x_off", "w_ptr", "w_off", *bias_params(has_bias)]
     params += ["M", "N", "K", *GEOMETRY, *STRIDES]
     params += ["bias_sm", "bias_sn"] if has_bias else []
+    params += fused.params(["sn", "sc", "sh", "sw"]) if fused else []  # extras as NCHW views
     loop = _tap_major_loop(dtype, wide, unit) if tap_major else k_loop(_flat_gather(unit), dtype, wide)
     lines = [
         signature("conv2d", params),
@@ -117,9 +123,29 @@ def render_conv2d(dtype: DType, has_bias: bool, wide: bool = False, tap_major: b
         "    mask = (rm[:, None] < M) & (rn[None, :] < N)",
         f"    out_pixel = nb * out_sn + oh * out_sh + {scaled('ow', 'out_sw', unit)}",
         *epilogue("out_ptr + out_off + out_pixel[:, None] + co[None, :] * out_sc", dtype, has_bias,
-                  scaled=False, cols="co"),
+                  scaled=False, cols="co", fused=fused, fused_addr=_extra_addr),
     ]
     header = f"conv2d implicit gemm in={dtype.short} bias={has_bias} loop={'tap' if tap_major else 'flat'}"
+    header += fused.header() if fused else ""
     if unit:
         header += f" unit_strides={','.join(sorted(unit))}"
     return render("conv2d", header, "\n".join(lines))
+
+
+def render_nchw_to_nhwc() -> KernelSource:
+    """Copy a contiguous ``[N, C, H*W]`` tensor to ``[N, H*W, C]``: per image a tiled transpose of a
+    ``[BLOCK_C, BLOCK_P]`` tile, read along pixels and written along channels (Triton moves the
+    tile through shared memory between the two layouts, so both sides are coalesced). Arguments:
+    ``y, x`` as pointer and offset, ``C, P`` (pixels) and ``x_sn``; ``program_id(1)`` is the image."""
+    body = "\n".join([
+        "def nchw_to_nhwc(y_ptr, y_off, x_ptr, x_off, C, P, x_sn, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):",
+        "    pid = tl.program_id(0)",
+        "    nb = tl.program_id(1).to(tl.int64)",
+        "    grid_p = tl.cdiv(P, BLOCK_P)",
+        "    rc = (pid // grid_p) * BLOCK_C + tl.arange(0, BLOCK_C)",
+        "    rp = (pid % grid_p) * BLOCK_P + tl.arange(0, BLOCK_P)",
+        "    mask = (rc[:, None] < C) & (rp[None, :] < P)",
+        "    t = tl.load(x_ptr + x_off + nb * x_sn + rc[:, None] * P + rp[None, :], mask=mask)",
+        "    tl.store(y_ptr + y_off + nb * P * C + rp[None, :] * C + rc[:, None], t, mask=mask)",
+    ])
+    return render("nchw_to_nhwc", "NCHW -> NHWC tiled transpose", body)

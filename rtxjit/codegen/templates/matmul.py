@@ -93,11 +93,14 @@ def product(dtype: DType) -> str:
     return "tl.dot(a, b, acc)"
 
 
-def epilogue(out_addr: str, out_dtype: DType, has_bias: bool, scaled: bool, cols: str = "rn") -> list:
+def epilogue(out_addr: str, out_dtype: DType, has_bias: bool, scaled: bool, cols: str = "rn",
+             fused=None, fused_addr=None) -> list:
     """EPILOGUE hook: the accumulator tile ``acc`` becomes ``y``, stored at ``out_addr`` under ``mask``.
 
     ``y = alpha * acc + beta * bias`` (``scaled``) or ``acc + bias``; the bias is a strided view
-    addressed by the tile's rows ``rm`` and columns ``cols``. Fused activations go after the bias.
+    addressed by the tile's rows ``rm`` and columns ``cols``. A ``fused`` epilogue (a pointwise
+    program, see templates/epilogue.py) runs after the bias; ``fused_addr(k)`` addresses its
+    extra input ``k`` at the tile.
     """
     lines = ["    # epilogue", f"    y = {'alpha * acc' if scaled else 'acc'}"]
     if has_bias:
@@ -106,6 +109,8 @@ def epilogue(out_addr: str, out_dtype: DType, has_bias: bool, scaled: bool, cols
             f"    bias = tl.load(bias_addr, mask=mask, other=0.0).to({TL[acc_type(out_dtype)]})",
             f"    y = y + {'beta * bias' if scaled else 'bias'}",
         ]
+    if fused is not None:
+        lines += fused.lines(fused_addr)
     lines.append(f"    tl.store({out_addr}, y.to({TL[out_dtype]}), mask=mask)")
     return lines
 
@@ -147,7 +152,7 @@ def masked_load(name: str, addr: str, mask: str, k_mask: str) -> list:
 
 
 def render_matmul(dtype: DType, out_dtype: DType, batch_rank: int, has_bias: bool,
-                  wide: bool = False, unit: frozenset = frozenset()) -> KernelSource:
+                  wide: bool = False, unit: frozenset = frozenset(), fused=None) -> KernelSource:
     """``out[b] = alpha * (a[b] @ b[b]) + beta * bias[b]`` for every batch index ``b``.
 
     Arguments, in order: ``out, a, b`` (and ``bias``) as pointer and offset; ``alpha`` (and
@@ -156,11 +161,13 @@ def render_matmul(dtype: DType, out_dtype: DType, batch_rank: int, has_bias: boo
     names the matrix strides (``a_sk``, ``b_sn``, ...) that are 1 for this launch: a source
     specialization (the argument is still passed), as Triton's own ``== 1`` specialization would be.
     """
-    operands = ["out", "a", "b"] + (["bias"] if has_bias else [])
+    extras = [f"e{k}" for k in range(len(fused.extra_dtypes))] if fused else []
+    operands = ["out", "a", "b"] + (["bias"] if has_bias else []) + extras
     params = ["out_ptr", "out_off", "a_ptr", "a_off", "b_ptr", "b_off", *bias_params(has_bias), "alpha"]
     params += ["beta"] if has_bias else []
     params += ["M", "N", "K", "out_sm", "out_sn", "a_sm", "a_sk", "b_sk", "b_sn"]
     params += ["bias_sm", "bias_sn"] if has_bias else []
+    params += fused.params(["sm", "sn"]) if fused else []
     for d in range(batch_rank):
         params += [f"size{d}"] + [f"{name}_sb{d}" for name in operands]
     a_addr = f"a_ptr + a_off + {scaled('rm[:, None]', 'a_sm', unit)} + {scaled('rk[None, :]', 'a_sk', unit)}"
@@ -174,9 +181,11 @@ def render_matmul(dtype: DType, out_dtype: DType, batch_rank: int, has_bias: boo
         *tile_indices(wide),
         *k_loop(loads, dtype, wide),
         "    mask = (rm[:, None] < M) & (rn[None, :] < N)",
-        *epilogue(out_addr, out_dtype, has_bias, True),
+        *epilogue(out_addr, out_dtype, has_bias, True, fused=fused,
+                  fused_addr=lambda k: f"e{k}_ptr + e{k}_off + rm[:, None] * e{k}_sm + rn[None, :] * e{k}_sn"),
     ]
     header = f"matmul in={dtype.short} out={out_dtype.short} batch_rank={batch_rank} bias={has_bias}"
+    header += fused.header() if fused else ""
     if unit:
         header += f" unit_strides={','.join(sorted(unit))}"
     return render("matmul", header, "\n".join(lines))

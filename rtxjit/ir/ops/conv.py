@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rtxjit.codegen.templates.conv import render_conv2d
+from rtxjit.codegen.templates.conv import render_conv2d, render_nchw_to_nhwc
 from rtxjit.codegen.view import View
 from rtxjit.errors import ModelError, ShapeError, UnsupportedOpError
-from rtxjit.ir.ops.matmul import check_dot_type, emit_matmul, launch_tiles
+from rtxjit.ir.ops.matmul import check_dot_type, emit_matmul, epilogue_args, launch_tiles, take_epilogue
 from rtxjit.ir.registry import Kind, Rand, Sample, op
 from rtxjit.ir.types import TensorType
 
@@ -144,6 +144,7 @@ def _unsqueeze_h(v: View) -> View:
 
 
 TAP_MAJOR_MIN_CHANNELS = 16  # below this many input channels per group, Conv's K loop is flat
+NHWC_BLOCK = 64  # tile of the NCHW -> NHWC transpose
 
 
 def _weight(ctx, w: View, index: int = 1) -> View:
@@ -183,7 +184,13 @@ def _channels_last(ctx, x: View) -> View:
     copy costs one pass over the input (a layout pass could keep activations NHWC between convs)."""
     n, c, h, w = x.shape
     nhwc = ctx.temp(x.dtype, (n, h, w, c)).permute([0, 3, 1, 2])
-    ctx.copy(x, nhwc)
+    if not x.contiguous:
+        ctx.copy(x, nhwc)
+        return nhwc
+    p = h * w
+    grid = (-(-c // NHWC_BLOCK) * -(-p // NHWC_BLOCK), n)
+    ctx.launch(render_nchw_to_nhwc(), grid, [ctx.ptr(nhwc), nhwc.offset, ctx.ptr(x), x.offset, c, p, x.strides[0]],
+               BLOCK_C=NHWC_BLOCK, BLOCK_P=NHWC_BLOCK)
     return nhwc
 
 
@@ -219,7 +226,9 @@ def emit_conv2d(ctx, x: View, w: View, b, out: View, geo: ConvGeometry, group: i
     n = c_out // group  # output channels per group
     k = c * geo.kernel[0] * geo.kernel[1]  # taps per output: (kh, kw, ci)
     bias = [b.broadcast_to((m, c_out))] if b is not None else []  # the epilogue reads it as [M, Cout]
-    tap_major = c >= TAP_MAJOR_MIN_CHANNELS
+    # taps x channels for wide inputs; a strided 1x1 conv reads a quarter of its input or less, so
+    # neither a channels-last copy of all of it nor a tap loop pays there: it runs flat
+    tap_major = c >= TAP_MAJOR_MIN_CHANNELS and geo.kernel[0] * geo.kernel[1] > 1
     if tap_major and x.strides[1] != 1:
         x = _channels_last(ctx, x)
     args = []
@@ -229,5 +238,8 @@ def emit_conv2d(ctx, x: View, w: View, b, out: View, geo: ConvGeometry, group: i
     args += [*x.strides, *w.strides, *out.strides] + [st for v in bias for st in v.strides]
     unit = frozenset(name for name, st in (("x_sc", x.strides[1]), ("x_sw", x.strides[3]), ("w_sco", w.strides[0]),
                                            ("out_sw", out.strides[3])) if st == 1)
-    src = render_conv2d(x.dtype, b is not None, wide=ctx.needs_wide(out, x, w), tap_major=tap_major, unit=unit)
+    fused, extras = take_epilogue(ctx, x.dtype, out.shape)
+    args += epilogue_args(ctx, fused, extras, lambda e: e.strides)
+    src = render_conv2d(x.dtype, b is not None, wide=ctx.needs_wide(out, x, w, *extras), tap_major=tap_major,
+                        unit=unit, fused=fused)
     launch_tiles(ctx, src, args, m, n, k, x.dtype, group, k_cap=c if tap_major else None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from rtxjit.codegen.templates.epilogue import FusedEpilogue
 from rtxjit.codegen.templates.matmul import render_matmul, tile_configs, tile_count, unit_strides
 from rtxjit.codegen.view import View
 from rtxjit.errors import ModelError, ShapeError, UnsupportedOpError
@@ -39,6 +40,28 @@ def _check_inner(op_name: str, k_a, k_b) -> None:
         raise ShapeError(f"{op_name}: inner dimensions {k_a} and {k_b} differ")
 
 
+def take_epilogue(ctx, product_dtype, shape) -> tuple:
+    """``(FusedEpilogue or None, extra input views broadcast to shape)``: the fused epilogue the
+    lowering of an ``rtxjit.Epilogue`` node left on ``ctx`` (see ops/fused.py), taken once."""
+    if ctx.epilogue is None:
+        return None, []
+    program, extras = ctx.epilogue
+    ctx.epilogue = None
+    extras = [e.broadcast_to(shape) for e in extras]
+    return FusedEpilogue(program, product_dtype, tuple(e.dtype for e in extras)), extras
+
+
+def epilogue_args(ctx, fused, extras: list, strides) -> list:
+    """Launch arguments of a fused epilogue: each extra's pointer, offset and ``strides(view)``,
+    then the program's scalars."""
+    if fused is None:
+        return []
+    args = []
+    for e in extras:
+        args += [ctx.ptr(e), e.offset, *strides(e)]
+    return args + list(fused.scalars)
+
+
 def emit_matmul(ctx, a: View, b: View, out: View, bias: View = None, alpha: float = 1.0,
                 beta: float = 1.0) -> None:
     """Launch ``out = alpha * (a @ b) + beta * bias`` where ``a`` is ``[..., M, K]``, ``b`` is
@@ -54,8 +77,9 @@ def emit_matmul(ctx, a: View, b: View, out: View, bias: View = None, alpha: floa
     # the same kernel source
     unit = unit_strides(out_sm=out.strides[-2], out_sn=out.strides[-1], a_sm=views[1].strides[-2],
                         a_sk=views[1].strides[-1], b_sk=views[2].strides[-2], b_sn=views[2].strides[-1])
-    src = render_matmul(a.dtype, out.dtype, len(batch), bias is not None, wide=ctx.needs_wide(*views),
-                        unit=unit)
+    fused, extras = take_epilogue(ctx, a.dtype, out.shape)
+    src = render_matmul(a.dtype, out.dtype, len(batch), bias is not None, wide=ctx.needs_wide(*views, *extras),
+                        unit=unit, fused=fused)
     args = []
     for v in views:
         args += [ctx.ptr(v), v.offset]
@@ -63,8 +87,9 @@ def emit_matmul(ctx, a: View, b: View, out: View, bias: View = None, alpha: floa
     args += [m, n, k]
     for v in views:
         args += list(v.strides[-2:])
+    args += epilogue_args(ctx, fused, extras, lambda e: e.strides[-2:])
     for d, size in enumerate(batch):
-        args += [size] + [v.strides[d] for v in views]
+        args += [size] + [v.strides[d] for v in views + extras]
     nbatch = int(np.prod(batch, dtype=np.int64))
     launch_tiles(ctx, src, args, m, n, k, a.dtype, nbatch)
 

@@ -1,0 +1,61 @@
+import numpy as np
+import pytest
+
+from rtxjit.passes.fuse_epilogue import fuse_epilogue
+from rtxjit.passes.fuse_pointwise import fuse_pointwise
+from tests.passes.helpers import apply, model, node, ops, random
+
+F32, F16 = np.float32, np.float16
+
+
+def _fused(graph):
+    return fuse_pointwise(graph).graph
+
+
+def _both(graph):
+    return fuse_epilogue(_fused(graph))
+
+
+@pytest.mark.parametrize("dtype", [F32, F16], ids=["fp32", "fp16"])
+def test_matmul_bias_gelu_runs_in_the_matmul(dtype):
+    nodes = [node("MatMul", ["x", "w"], ["p"]), node("Add", ["p", "b"], ["a"]), node("Gelu", ["a"], ["y"])]
+    m = model(nodes, {"x": (dtype, [2, 5, 8])}, {"y": (dtype, [2, 5, 6])},
+              {"w": random((8, 6), dtype, 1), "b": random((6,), dtype, 2)}, opset=20)
+    _, g, modified = apply(_both, m, {"x": random((2, 5, 8), dtype)}, dtype, onnxruntime=dtype == F32)
+    assert modified and ops(g) == {"rtxjit.Epilogue": 1}
+    assert g.nodes[0].attrs["anchor"] == "MatMul" and g.nodes[0].outputs[0] is g.outputs[0]
+
+
+@pytest.mark.parametrize("dtype", [F32, F16], ids=["fp32", "fp16"])
+def test_conv_residual_relu_runs_in_the_conv(dtype):
+    nodes = [node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]), node("Add", ["c", "r"], ["a"]),
+             node("Relu", ["a"], ["y"])]
+    m = model(nodes, {"x": (dtype, [2, 3, 6, 6]), "r": (dtype, [2, 4, 6, 6])}, {"y": (dtype, [2, 4, 6, 6])},
+              {"w": random((4, 3, 3, 3), dtype, 1), "b": random((4,), dtype, 2)})
+    feeds = {"x": random((2, 3, 6, 6), dtype), "r": random((2, 4, 6, 6), dtype, 3)}
+    _, g, _ = apply(_both, m, feeds, dtype, onnxruntime=dtype == F32)
+    assert ops(g) == {"rtxjit.Epilogue": 1}
+    assert [v.name for v in g.nodes[0].inputs] == ["x", "w", "b", "r"]
+
+
+def test_gemm_with_alpha_beta_then_relu():
+    nodes = [node("Gemm", ["x", "w", "c"], ["p"], alpha=0.5, beta=2.0, transB=1), node("Relu", ["p"], ["y"])]
+    m = model(nodes, {"x": (F32, [4, 7])}, {"y": (F32, [4, 3])}, {"w": random((3, 7), F32, 1), "c": random((3,), F32, 2)})
+    _, g, _ = apply(fuse_epilogue, m, {"x": random((4, 7))}, F32)
+    assert ops(g) == {"rtxjit.Epilogue": 1}
+
+
+def test_a_product_with_two_readers_or_a_dtype_change_is_not_fused():
+    nodes = [node("MatMul", ["x", "w"], ["p"]), node("Relu", ["p"], ["y"]), node("Exp", ["p"], ["z"]),
+             node("MatMul", ["x", "w"], ["q"]), node("Cast", ["q"], ["c"], to=10)]
+    m = model(nodes, {"x": (F32, [3, 4])}, {"y": (F32, [3, 5]), "z": (F32, [3, 5]), "c": (F16, [3, 5])},
+              {"w": random((4, 5))})
+    _, g, modified = apply(fuse_epilogue, m, {"x": random((3, 4))}, F32)
+    assert not modified and ops(g)["MatMul"] == 2
+
+
+def test_a_product_that_is_a_graph_output_is_not_fused():
+    nodes = [node("MatMul", ["x", "w"], ["p"]), node("Relu", ["p"], ["y"])]
+    m = model(nodes, {"x": (F32, [3, 4])}, {"y": (F32, [3, 5]), "p": (F32, [3, 5])}, {"w": random((4, 5))})
+    _, g, modified = apply(fuse_epilogue, m, {"x": random((3, 4))}, F32)
+    assert not modified
