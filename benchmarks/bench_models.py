@@ -639,9 +639,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ONNX exporter; auto tries torchscript (dynamo=False), then dynamo")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="folder for JSON + markdown")
     p.add_argument("--quick", action="store_true", help="few iterations, to check that everything runs")
+    p.add_argument("--merge", action="store_true", help="keep the other cases of an earlier run's JSON")
     p.add_argument("--dry-run", action="store_true",
                    help="CPU plumbing check: tiny models, eager and rtxjit (Triton interpreter) only")
     return p.parse_args(argv)
+
+
+def _merge_previous(report: dict, path: Path, running: set) -> dict:
+    """``report`` plus the cases of an earlier run at ``path`` that this run does not repeat (one
+    GPU call per case keeps each call short)."""
+    if not path.exists():
+        return report
+    old = json.loads(path.read_text())
+    report["cases"] = [c for c in old.get("cases", []) if c.get("case") not in running]
+    report["results"] = [r for r in old.get("results", []) if r.get("case") not in running]
+    return report
 
 
 def main(argv=None) -> int:
@@ -658,6 +670,8 @@ def main(argv=None) -> int:
     stem = "bench_models_dryrun" if args.dry_run else "bench_models"
     report = {"environment": environment(cuda), "settings": vars(settings) | {"dry_run": args.dry_run},
               "cases": [], "results": []}
+    if args.merge:
+        report = _merge_previous(report, args.out / f"{stem}.json", {c.name for c in cases})
     torch.set_grad_enabled(False)
     with tempfile.TemporaryDirectory(prefix="bench_models_") as tmp:
         for case in cases:
