@@ -186,7 +186,7 @@ def main():
             json.dump({"device": dev, "rows": rows}, f, indent=1, default=str)
     with open(os.path.join(args.out, "bench_kernels.md"), "w") as f:
         f.write(f"# MatMul / Conv kernels, fp16, {dev} (TFLOP/s; after/torch = speed relative to torch)\n\n")
-        f.write("| case | torch | before | after | after/torch | heuristic pick | rel err |\n|---|---|---|---|---|---|---|\n")
+        f.write("| case | torch | before | after | after/torch | heuristic pick (autotuner timing, warm L2, not comparable) | rel err |\n|---|---|---|---|---|---|---|\n")
         for r in rows:
             if "error" in r:
                 f.write(f"| {r['case']} | error: {r['error'][:80]} | | | | | |\n")

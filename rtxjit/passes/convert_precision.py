@@ -59,7 +59,7 @@ def convert_precision(graph: Graph, dtype: Union[str, DType]) -> PassResult:
     boundary: set = set()  # ids of the Cast nodes that keep the graph's inputs and outputs fp32
     nodes = _cast_inputs(graph, dtype, names, boundary) + _split_outputs(graph, names, boundary)  # in order
     constants: dict = {}  # id of an fp32 constant -> its converted copy
-    modified = bool(nodes)
+    modified = bool(boundary)
     for node in nodes:
         if id(node) in boundary:
             continue

@@ -64,12 +64,15 @@ def _merge(graph: Graph, group: list, names: FreshNames) -> None:
     weights = [m.inputs[1].const for m, _, _ in group]
     dtype = weights[0].dtype
     biases = [b if b is not None else np.zeros(w.shape[1], dtype) for (_, _, b), w in zip(group, weights)]
+    wtype = group[0][0].inputs[1].type.dtype  # bf16 data is held as float32 arrays: keep the IR dtype
     w = make_constant(names, "merged_w", np.concatenate(weights, axis=1))
+    w.type = w.type.with_dtype(wtype)
     matmul = make_node(names, "MatMul", [x, w], base="merged_matmul")
     new = [matmul]
     y = matmul.outputs[0]
     if any(add is not None for _, add, _ in group):
         bias = make_constant(names, "merged_b", np.concatenate(biases).astype(dtype))
+        bias.type = bias.type.with_dtype(wtype)
         add = make_node(names, "Add", [y, bias], base="merged_add")
         new.append(add)
         y = add.outputs[0]

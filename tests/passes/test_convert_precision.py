@@ -155,6 +155,13 @@ def test_fp16_and_fp64_values_are_left_alone():
     assert g.outputs[1].type.dtype is DType.FP64
 
 
+def test_a_graph_without_fp32_values_is_not_modified():
+    m = model([node("Neg", ["x"], ["y"])], {"x": (np.int64, SHAPE)}, {"y": (np.int64, SHAPE)})
+    before = import_model(m)
+    result = convert_precision(copy_graph(before), DType.FP16)
+    assert not result.modified and str(result.graph) == str(before)
+
+
 def test_an_fp32_model_keeps_its_types_without_the_option():
     m = resnet_cnn()
     graph = InferenceSession(m).graph
