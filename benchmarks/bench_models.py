@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+from collections import Counter
 import datetime
 import gc
 import importlib.metadata
@@ -290,25 +291,19 @@ def make_rtxjit(ctx: Context) -> Runner:
     outputs = [o.name for o in sess.get_outputs()]
     first = ctx.output_names[0]
     names = [first] + [n for n in outputs if n != first] if first in outputs else outputs
-    return Runner(lambda: sess.run(names, feeds), launches=lambda: rtxjit_launches(sess))
+    info: dict = {}
+    return Runner(lambda: sess.run(names, feeds), launches=lambda: rtxjit_launches(sess, info), info=info)
 
 
-def rtxjit_launches(sess) -> Optional[int]:
-    """Kernel launches per inference of the session's (last built) plan; None if unreadable.
-
-    Prefers an official ``sess.launches_per_inference`` (attribute or method) when it exists.
-    """
-    official = getattr(sess, "launches_per_inference", None)
-    if callable(official):
-        official = official()
-    if official is not None:
-        return int(official)
-    executables = getattr(sess, "_executables", None)
-    if not executables:
-        return None
-    plan = getattr(list(executables.values())[-1], "plan", None)
-    steps = getattr(plan, "steps", None)
-    return None if steps is None else len(steps)
+def rtxjit_launches(sess, info: dict) -> int:
+    """Kernel launches per inference of the session's last plan; also records into ``info`` the
+    kernel mix, the optimized graph's ops and rtxjit's own activation memory (its arena)."""
+    steps = sess.last_executable.plan.steps
+    info["rtxjit_kernels"] = dict(Counter(step.kernel.name for step in steps))
+    info["rtxjit_ops"] = dict(Counter(n.attrs["anchor"] + "+epilogue" if n.op == "rtxjit.Epilogue" else n.op
+                                      for n in sess.graph.nodes))
+    info["rtxjit_activation_mib"] = sess.activation_bytes / 2**20
+    return sess.launches_per_inference
 
 
 # Add a system here (e.g. torch.compile(backend="rtxjit")) and it shows up in every table.

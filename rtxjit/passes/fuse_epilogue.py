@@ -25,13 +25,13 @@ ANCHORS = ("MatMul", "Gemm", "Conv")
 def fuse_epilogue(graph: Graph) -> PassResult:
     uses = graph.consumers()
     names = FreshNames(graph)
-    fused = 0
+    taken: set = set()  # readers already merged into a product (a residual Add of two convs)
     for anchor in list(graph.nodes):
         reader = _reader(graph, anchor, uses)
-        if reader is not None:
+        if reader is not None and id(reader) not in taken:
             _fuse(graph, anchor, reader, names)
-            fused += 1
-    return PassResult(graph, fused > 0)
+            taken.add(id(reader))
+    return PassResult(graph, bool(taken))
 
 
 def _anchor_ok(node: Node) -> bool:

@@ -59,3 +59,12 @@ def test_a_product_that_is_a_graph_output_is_not_fused():
     m = model(nodes, {"x": (F32, [3, 4])}, {"y": (F32, [3, 5]), "p": (F32, [3, 5])}, {"w": random((4, 5))})
     _, g, modified = apply(fuse_epilogue, m, {"x": random((3, 4))}, F32)
     assert not modified
+
+
+def test_an_add_of_two_convs_fuses_into_one_of_them():
+    nodes = [node("Conv", ["x", "w1"], ["c1"]), node("Conv", ["x", "w2"], ["c2"]), node("Add", ["c1", "c2"], ["a"]),
+             node("Relu", ["a"], ["y"])]
+    m = model(nodes, {"x": (F32, [1, 3, 5, 5])}, {"y": (F32, [1, 4, 5, 5])},
+              {"w1": random((4, 3, 1, 1), F32, 1), "w2": random((4, 3, 1, 1), F32, 2)})
+    _, g, _ = apply(_both, m, {"x": random((1, 3, 5, 5))}, F32)
+    assert ops(g) == {"Conv": 1, "rtxjit.Epilogue": 1}

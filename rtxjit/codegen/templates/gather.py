@@ -27,3 +27,25 @@ def gather(out_ptr, out_off, data_ptr, data_off, idx_ptr, idx_off, n, n_idx, inn
     tl.store(out_ptr + out_off + i, x.to({TL[dtype]}), mask=mask)
 """
     return render("gather", f"gather data={dtype.short} index={index_dtype.short}", body)
+
+
+def render_gather_elements(dtype: DType, rank: int, axis: int) -> KernelSource:
+    """``out[i] = data[i with i[axis] replaced by index[i]]`` (ONNX GatherElements): the output has
+    the index's shape; data and index are strided views, sizes and strides run-time arguments."""
+    params = ["out_ptr", "out_off", "data_ptr", "data_off", "idx_ptr", "idx_off", "n"]
+    params += [f"size{d}" for d in range(rank)] + [f"idx_st{d}" for d in range(rank)]
+    params += [f"data_st{d}" for d in range(rank)] + ["axis_len", "BLOCK: tl.constexpr"]
+    lines = [f"def gather_elements({', '.join(params)}):",
+             "    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)",
+             "    mask = i < n",
+             "    rem = i"]
+    for d in reversed(range(1, rank)):
+        lines += [f"    i{d} = rem % size{d}", f"    rem = rem // size{d}"]
+    lines.append("    i0 = rem")
+    idx_off = " + ".join(f"i{d} * idx_st{d}" for d in range(rank))
+    lines += [f"    j = tl.load(idx_ptr + idx_off + {idx_off}, mask=mask, other=0).to(tl.int64)",
+              "    j = tl.where(j < 0, j + axis_len, j)"]
+    src_off = " + ".join(f"{'j' if d == axis else f'i{d}'} * data_st{d}" for d in range(rank))
+    lines += [f"    x = tl.load(data_ptr + data_off + {src_off}, mask=mask)",
+              f"    tl.store(out_ptr + out_off + i, x.to({TL[dtype]}), mask=mask)"]
+    return render("gather_elements", f"gather_elements data={dtype.short} rank={rank} axis={axis}", "\n".join(lines))

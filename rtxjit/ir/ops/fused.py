@@ -63,7 +63,7 @@ def _(*xs, anchor, anchor_attrs, n_anchor, program):
 
 @epilogue.lower
 def _(ctx, *xs, anchor, anchor_attrs, n_anchor, program):
-    ctx.epilogue = (program, list(xs[n_anchor:]))
+    ctx.epilogue = (program, [e.broadcast_to(ctx.outputs[0].shape) for e in xs[n_anchor:]])
     get_op(anchor).lower_fn(ctx, *xs[:n_anchor], **dict(anchor_attrs))
     if ctx.epilogue is not None:
         raise RuntimeError(f"{ctx.where}: {anchor}'s lowering did not apply its epilogue")

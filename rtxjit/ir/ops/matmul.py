@@ -45,10 +45,20 @@ def take_epilogue(ctx, product_dtype, shape) -> tuple:
     lowering of an ``rtxjit.Epilogue`` node left on ``ctx`` (see ops/fused.py), taken once."""
     if ctx.epilogue is None:
         return None, []
-    program, extras = ctx.epilogue
+    program, extras = ctx.epilogue  # views of the node's output shape
     ctx.epilogue = None
-    extras = [e.broadcast_to(shape) for e in extras]
+    extras = [_as_shape(ctx, e, tuple(shape)) for e in extras]
     return FusedEpilogue(program, product_dtype, tuple(e.dtype for e in extras)), extras
+
+
+def _as_shape(ctx, view: View, shape: tuple) -> View:
+    """``view`` seen with the product kernel's output shape (a 1x1 Conv runs as ``[N, C, H*W]``)."""
+    if view.shape == shape:
+        return view
+    try:
+        return view.reshape(shape)
+    except ValueError:
+        return ctx.contiguous(view).reshape(shape)
 
 
 def epilogue_args(ctx, fused, extras: list, strides) -> list:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rtxjit.codegen.templates.gather import render_gather
+from rtxjit.codegen.templates.gather import render_gather, render_gather_elements
 from rtxjit.errors import ModelError, ShapeError
 from rtxjit.ir.ops.shape import norm_axis
 from rtxjit.ir.registry import Kind, Rand, Sample, known, op
@@ -206,3 +206,30 @@ def _(ctx, data, indices, *, axis=0):
     args = [ctx.ptr(out), out.offset, ctx.ptr(data), data.offset, ctx.ptr(indices), indices.offset,
             n, max(indices.numel, 1), max(inner, 1), data.shape[a]]
     ctx.launch(src, (-(-n // block),), args, BLOCK=block)
+
+
+@op("GatherElements", since=11, kind=Kind.MOVEMENT,
+    samples=[Sample([Rand((3, 4)), np.array([[0, 2, 1, 0], [-1, 0, 2, 2]], np.int64)]),
+             Sample([Rand((2, 3, 4)), np.array([[[3, 0], [1, -4], [2, 2]]], np.int32)], {"axis": 2})])
+def gather_elements(data: TensorType, indices: TensorType, *, axis: int = 0) -> TensorType:
+    norm_axis(axis, data.rank)
+    if indices.rank != data.rank:
+        raise ShapeError(f"GatherElements index rank {indices.rank} != data rank {data.rank}")
+    return data.with_shape(indices.shape)
+
+
+@gather_elements.reference
+def _(data, indices, *, axis=0):
+    idx = np.where(indices < 0, indices + data.shape[axis], indices)
+    return np.take_along_axis(data, idx, axis=axis)
+
+
+@gather_elements.lower
+def _(ctx, data, indices, *, axis=0):
+    out = ctx.outputs[0]
+    a = norm_axis(axis, data.rank)
+    src = render_gather_elements(data.dtype, data.rank, a)
+    block = 1024
+    args = [ctx.ptr(out), out.offset, ctx.ptr(data), data.offset, ctx.ptr(indices), indices.offset, out.numel,
+            *out.shape, *indices.strides, *data.strides, data.shape[a]]
+    ctx.launch(src, (-(-out.numel // block),), args, BLOCK=block)
