@@ -3,11 +3,11 @@
 Rewrites:
     f(g(x, a), b) => rtxjit.Pointwise(x, a, b){program: [g, f]}   (and longer chains, trees)
 
-A pointwise node (its op declares an ``expr`` hook) joins the group of the node that reads it when
-that node is its only reader, is pointwise too, and its value is not a graph output; the value
-must broadcast to the group's output shape (each element is then recomputed where it is read, which
-is what the unfused kernel's broadcast load did). Joining a node into its single reader's group can
-never create a cycle. The group becomes one ``rtxjit.Pointwise`` node that produces the sink's
+A pointwise node (its op declares an ``expr`` hook) joins a group when every node that reads it is
+in that one group and its value is not a graph output; the value must broadcast to the group's
+output shape (each element is then recomputed where it is read, which is what the unfused
+kernel's broadcast load did). Since nothing outside the group reads it, joining cannot create a
+cycle. The group becomes one ``rtxjit.Pointwise`` node that produces the sink's
 output value (its name is kept); intermediate values stay in registers, in their compute type.
 """
 
@@ -47,11 +47,9 @@ def _groups(graph: Graph) -> dict:
         if not fusable(node):
             continue
         sink = node
-        reader = _single_reader(graph, node, uses)
-        if reader is not None and id(reader) in sink_of:
-            candidate = sink_of[id(reader)]
-            if size[id(candidate)] < MAX_GROUP and _fits(node, candidate):
-                sink = candidate
+        candidate = _readers_group(graph, node, uses, sink_of)
+        if candidate is not None and size[id(candidate)] < MAX_GROUP and _fits(node, candidate):
+            sink = candidate
         sink_of[id(node)] = sink
         size[id(sink)] = size.get(id(sink), 0) + 1
     groups: dict = {}
@@ -61,12 +59,18 @@ def _groups(graph: Graph) -> dict:
     return groups
 
 
-def _single_reader(graph: Graph, node: Node, uses: dict):
+def _readers_group(graph: Graph, node: Node, uses: dict, sink_of: dict):
+    """The sink of the one group that holds every reader of ``node``'s value, if there is one.
+
+    Readers are grouped before the node (reverse topological order). When all of them are in one
+    group the node can join it: nothing outside the group reads the value, so no cycle can form,
+    and the fused code computes it once and reuses it (gelu's x read twice, for example)."""
     out = node.outputs[0]
-    readers = {id(n): n for n, _ in uses.get(out.name, [])}
-    if is_graph_output(graph, out) or len(readers) != 1:
+    readers = [n for n, _ in uses.get(out.name, [])]
+    if is_graph_output(graph, out) or not readers or any(id(r) not in sink_of for r in readers):
         return None
-    return next(iter(readers.values()))
+    sinks = {id(sink_of[id(r)]) for r in readers}
+    return sink_of[id(readers[0])] if len(sinks) == 1 else None
 
 
 def _fits(node: Node, sink: Node) -> bool:

@@ -115,6 +115,13 @@ class LowerCtx:
         """The compute capability of the target GPU as an int (90 for an H100), None on the CPU."""
         return self._b.device.sm
 
+    def readers(self, index: int = 0) -> list:
+        """The graph nodes that read output ``index`` of this node (empty for a graph output)."""
+        value = self.node.outputs[index]
+        if value is None or any(v is value for v in self._b.graph.outputs):
+            return []
+        return [n for n, _ in self._b.consumers().get(value.name, [])]
+
     def ptr(self, view: View) -> Buf:
         """The launch argument for the data pointer of ``view``'s buffer (pass ``view.offset`` too)."""
         return Buf(view.buf)
@@ -176,6 +183,12 @@ class PlanBuilder:
         self.interpret = device.interpret
         self.plan = Plan()
         self.session_consts = session_consts  # constants already on the device, by value name
+        self._consumers = None
+
+    def consumers(self) -> dict:
+        if self._consumers is None:
+            self._consumers = self.graph.consumers()
+        return self._consumers
 
     def max_offset(self, *views: View) -> int:
         return max(v.offset + sum((d - 1) * abs(s) for d, s in zip(v.shape, v.strides)) for v in views)

@@ -34,12 +34,20 @@ def test_a_value_that_is_a_graph_output_ends_a_group():
     assert {n.outputs[0].name for n in g.nodes} == {"m", "y"}
 
 
-def test_a_value_with_two_readers_is_not_recomputed():
+def test_a_value_read_twice_inside_one_group_joins_it():
     nodes = [node("Exp", ["x"], ["e"]), node("Add", ["e", "x"], ["a"]), node("Mul", ["e", "x"], ["b"]),
              node("Sub", ["a", "b"], ["y"])]
     m = model(nodes, {"x": (F32, [5])}, {"y": (F32, [5])})
     _, g, _ = apply(fuse_pointwise, m, {"x": random((5,))}, F32)
-    assert ops(g) == {"Exp": 1, "rtxjit.Pointwise": 1}
+    assert ops(g) == {"rtxjit.Pointwise": 1}
+    assert [s[0] for s in g.nodes[0].attrs["program"]] == ["Exp", "Add", "Mul", "Sub"]
+
+
+def test_a_value_read_by_two_groups_is_not_recomputed():
+    nodes = [node("Exp", ["x"], ["e"]), node("Add", ["e", "x"], ["y"]), node("Mul", ["e", "x"], ["z"])]
+    m = model(nodes, {"x": (F32, [5])}, {"y": (F32, [5]), "z": (F32, [5])})
+    _, g, _ = apply(fuse_pointwise, m, {"x": random((5,))}, F32)
+    assert ops(g) == {"Exp": 1, "Add": 1, "Mul": 1}
 
 
 def test_nothing_to_fuse_is_unmodified():

@@ -206,14 +206,39 @@ def _(ctx, x, w, b=None, *, group=1, **attrs):
         raise UnsupportedOpError(f"{ctx.where}: Conv over {x.rank - 2} spatial dims is not supported "
                                  "(1-D and 2-D are)")
     geo = conv_geometry(x.shape[2:], w.shape[2:], **attrs)
-    out = ctx.outputs[0]
-    if _is_pointwise(x, geo, group) and out.contiguous:
+    out = _channels_last_output(ctx) if x.rank == 4 else ctx.outputs[0]
+    nhwc = out is not ctx.outputs[0]
+    if _is_pointwise(x, geo, group):
         _pointwise_gemm(ctx, x, w, b, out)
-        return
-    w = _weight(ctx, w)
-    if x.rank == 3:
-        x, w, out, geo = _unsqueeze_h(x), _unsqueeze_h(w), _unsqueeze_h(out), geo.as_2d()
-    emit_conv2d(ctx, x, w, b, out, geo, group)
+    else:
+        w = _weight(ctx, w)
+        if x.rank == 3:
+            x, w, out, geo = _unsqueeze_h(x), _unsqueeze_h(w), _unsqueeze_h(out), geo.as_2d()
+        emit_conv2d(ctx, x, w, b, out, geo, group)
+    if nhwc:
+        ctx.alias(0, out)
+
+
+def _channels_last_output(ctx) -> View:
+    """Where every reader is a conv that reads channels-last (the tap-major loop, see
+    ``emit_conv2d``), the output is written NHWC (seen as an NCHW view with channels-last strides),
+    so those readers need no layout copy: the layout choice is made per edge, the graph stays NCHW.
+    Otherwise the planned (NCHW) output."""
+    out = ctx.outputs[0]
+    readers = ctx.readers()
+    if not readers or not all(_reads_channels_last(r) for r in readers):
+        return out
+    n, c, h, w = out.shape
+    return ctx.temp(out.dtype, (n, h, w, c)).permute([0, 3, 1, 2])
+
+
+def _reads_channels_last(node) -> bool:
+    anchor = node.attrs.get("anchor", node.op)
+    if anchor != "Conv" or node.inputs[0].type.rank != 4:
+        return False
+    w = node.inputs[1].type.shape
+    group = dict(node.attrs.get("anchor_attrs", node.attrs)).get("group", 1)
+    return isinstance(w[1], int) and w[1] >= TAP_MAJOR_MIN_CHANNELS and w[2] * w[3] > 1 and group == 1
 
 
 def emit_conv2d(ctx, x: View, w: View, b, out: View, geo: ConvGeometry, group: int) -> None:

@@ -197,6 +197,8 @@ def _(data, indices, *, axis=0):
 
 @gather.lower
 def _(ctx, data, indices, *, axis=0):
+    if _gather_as_view(ctx, data, axis):
+        return
     out, data, indices = ctx.outputs[0], ctx.contiguous(data), ctx.contiguous(indices)
     a = norm_axis(axis, data.rank)
     inner = int(np.prod(data.shape[a + 1:], dtype=np.int64))
@@ -206,6 +208,22 @@ def _(ctx, data, indices, *, axis=0):
     args = [ctx.ptr(out), out.offset, ctx.ptr(data), data.offset, ctx.ptr(indices), indices.offset,
             n, max(indices.numel, 1), max(inner, 1), data.shape[a]]
     ctx.launch(src, (-(-n // block),), args, BLOCK=block)
+
+
+def _gather_as_view(ctx, data, axis: int) -> bool:
+    """A Gather of one constant index (ViT's q/k/v picks, class-token reads) is a view: a slice of
+    length 1 along the axis, reshaped to the output. Returns whether it was done that way."""
+    index = ctx.node.inputs[1]
+    if not index.is_const or index.const.size != 1:
+        return False
+    a = norm_axis(axis, data.rank)
+    i = int(index.const.reshape(-1)[0])
+    i = i + data.shape[a] if i < 0 else i
+    try:
+        ctx.alias(0, data.slice(a, i, 1).reshape(ctx.out_types[0].shape))
+    except ValueError:
+        return False
+    return True
 
 
 @op("GatherElements", since=11, kind=Kind.MOVEMENT,
