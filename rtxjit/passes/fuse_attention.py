@@ -197,8 +197,8 @@ def _take_qk(qk: Node, uses: _Uses, m: _Match) -> bool:
     q, kt = qk.inputs
     if q is kt or q.type.rank != 4 or kt.type.rank != 4:
         return False
-    m.q, m.perms["q_perm"] = _absorb_transposes(q, qk, uses, m)
-    m.k, kt_perm = _absorb_transposes(kt, qk, uses, m)
+    m.q, m.perms["q_perm"] = _absorb_transposes(q, qk, uses, m, scales=True)
+    m.k, kt_perm = _absorb_transposes(kt, qk, uses, m, scales=True)
     m.perms["k_perm"] = tuple(kt_perm[i] for i in SWAP_LAST)
     return True
 
@@ -211,16 +211,28 @@ def _perm_of(node: Node) -> tuple:
     return tuple(reversed(range(rank))) if perm is None else tuple(int(p) for p in perm)
 
 
-def _absorb_transposes(value: Value, reader: Node, uses: _Uses, m: _Match) -> tuple:
+def _absorb_transposes(value: Value, reader: Node, uses: _Uses, m: _Match, scales: bool = False) -> tuple:
     """``(stored, perm)`` with ``value == transpose(stored, perm)``: walks back through
-    Transposes that only ``reader`` (or the next Transpose in the chain) uses, composing perms."""
+    Transposes that only ``reader`` (or the next node in the chain) uses, composing perms. With
+    ``scales`` (Q and K), a private Mul or Div by a scalar constant on the way is absorbed into the
+    op's scale too: torch's export of scaled_dot_product_attention scales Q and K by sqrt(scale)."""
     perm = (0, 1, 2, 3)
-    while value.producer is not None and value.producer.op == "Transpose" and uses.private(value, reader):
+    while value.producer is not None and uses.private(value, reader):
         t = value.producer
-        inner = _perm_of(t)
-        perm = tuple(inner[i] for i in perm)  # transpose(transpose(x, inner), perm)
+        if t.op == "Transpose":
+            inner = _perm_of(t)
+            perm = tuple(inner[i] for i in perm)  # transpose(transpose(x, inner), perm)
+            m.nodes.append(t)
+            value, reader = t.inputs[0], t
+            continue
+        saved = m.scale
+        scaled = _split_scale(t, m) if scales and t.op in ("Mul", "Div") else None
+        if scaled is None:
+            m.scale = saved
+            break
+        m.scale *= saved
         m.nodes.append(t)
-        value, reader = t.inputs[0], t
+        value, reader = scaled, t
     return value, perm
 
 

@@ -13,13 +13,16 @@ kernel and no round trip through memory. The node produces the reader's output v
 
 from __future__ import annotations
 
+import numpy as np
+
 from rtxjit.codegen.compose import freeze
-from rtxjit.ir.graph import Graph, Node
-from rtxjit.ir.rewrite import FreshNames, is_graph_output, remove_nodes
+from rtxjit.ir.graph import Graph, Node, Value
+from rtxjit.ir.rewrite import FreshNames, is_graph_output, make_constant, make_node, remove_nodes
 from rtxjit.passes.base import PassResult
 from rtxjit.passes.fuse_pointwise import fusable, program_of
 
 ANCHORS = ("MatMul", "Gemm", "Conv")
+VIEWS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 
 
 def fuse_epilogue(graph: Graph) -> PassResult:
@@ -42,17 +45,71 @@ def _anchor_ok(node: Node) -> bool:
     return node.op == "Gemm"
 
 
+def _only_reader(graph: Graph, value, uses: dict):
+    readers = {id(n): n for n, _ in uses.get(value.name, [])}
+    if is_graph_output(graph, value) or len(readers) != 1:
+        return None
+    return next(iter(readers.values()))
+
+
 def _reader(graph: Graph, anchor: Node, uses: dict):
+    """The pointwise node to fuse after ``anchor``, reading the product directly or through a
+    chain of reshaping views (a Gemm on ``[B*S, E]`` whose residual add is on ``[B, S, E]``)."""
     if anchor.op not in ANCHORS or not _anchor_ok(anchor):
         return None
     product = anchor.outputs[0]
-    readers = {id(n): n for n, _ in uses.get(product.name, [])}
-    if is_graph_output(graph, product) or len(readers) != 1:
+    value, reader = product, _only_reader(graph, product, uses)
+    while reader is not None and reader.op in VIEWS and product.type.static:
+        value, reader = reader.outputs[0], _only_reader(graph, reader.outputs[0], uses)
+    if reader is None or not (fusable(reader) or reader.op == "rtxjit.Pointwise"):
         return None
-    reader = next(iter(readers.values()))
-    if not (fusable(reader) or reader.op == "rtxjit.Pointwise"):
+    out = reader.outputs[0].type
+    if out.dtype is not product.type.dtype or out.shape != value.type.shape:
         return None
-    return reader if reader.outputs[0].type == product.type else None  # same shape and dtype
+    if value is not product and any(v is not value and v is not None and v.type.rank and v.type.shape != out.shape
+                                    for v in reader.inputs):
+        return None  # through views, other inputs must be full-size (reshaped along) or scalars
+    return reader
+
+
+def _into_product_shape(graph: Graph, anchor: Node, reader: Node, names: FreshNames) -> None:
+    """Where views stand between the product and ``reader``, make ``reader`` work in the product's
+    shape: it reads the product itself, its other inputs through Reshapes to that shape, and a
+    Reshape after it restores its output's shape (all views: no kernel, no copy)."""
+    product = anchor.outputs[0]
+    view_out = next(v for v in reader.inputs if v is not product and _from_views(v, product))
+    target = make_constant(names, "epilogue_shape", np.array(product.type.shape, np.int64))
+    back = make_constant(names, "epilogue_back", np.array(reader.outputs[0].type.shape, np.int64))
+    new_inputs = []
+    for v in reader.inputs:
+        if v is view_out:
+            new_inputs.append(product)
+        elif v is not None and v.type.rank:
+            view = make_node(names, "Reshape", [v, target], base="epilogue_view")
+            graph.nodes.insert(graph.nodes.index(reader), view)
+            new_inputs.append(view.outputs[0])
+        else:
+            new_inputs.append(v)
+    chain, v = [], view_out
+    while v is not product:  # the views between product and reader: only the reader read them
+        chain.append(v.producer)
+        v = v.producer.inputs[0]
+    remove_nodes(graph, chain)
+    result = reader.outputs[0]
+    inner = Value(names("epilogue_out"), result.type.with_shape(product.type.shape))
+    reader.inputs, reader.outputs, inner.producer = new_inputs, [inner], reader
+    restore = Node("Reshape", names("epilogue_restore"), [inner, back], [result], {"allowzero": 0}, 14)
+    result.producer = restore
+    graph.nodes.insert(graph.nodes.index(reader) + 1, restore)
+
+
+def _from_views(value, product) -> bool:
+    while value is not None and value is not product:
+        node = value.producer
+        if node is None or node.op not in VIEWS:
+            return False
+        value = node.inputs[0]
+    return value is product
 
 
 def _program(reader: Node, product) -> tuple:
@@ -70,6 +127,8 @@ def _program(reader: Node, product) -> tuple:
 
 
 def _fuse(graph: Graph, anchor: Node, reader: Node, names: FreshNames) -> None:
+    if anchor.outputs[0] not in reader.inputs:
+        _into_product_shape(graph, anchor, reader, names)
     program, extras = _program(reader, anchor.outputs[0])
     attrs = {"anchor": anchor.op, "anchor_attrs": freeze(anchor.attrs), "n_anchor": len(anchor.inputs),
              "program": program}

@@ -220,3 +220,25 @@ def test_op_fully_masked_row_is_nan_as_in_the_reference():
     assert np.array_equal(np.isnan(got), np.isnan(want)) and np.isnan(want).sum() == 2 * 16
     ok = ~np.isnan(want)
     assert rel_error(got[ok], want[ok]) <= TOL[F32]
+
+
+def test_q_and_k_scaled_separately_fold_into_the_scale():
+    """torch's export of scaled_dot_product_attention: Mul(q, sqrt(s)), Mul(k^T, sqrt(s))."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from rtxjit.passes.fuse_attention import fuse_attention as fuse
+    from tests.passes.helpers import apply, ops, random
+
+    s = np.array(0.25 ** 0.5, np.float32)
+    nodes = [helper.make_node("Mul", ["q", "s"], ["qs"]), helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+             helper.make_node("Mul", ["kt", "s"], ["ks"]), helper.make_node("MatMul", ["qs", "ks"], ["sc"]),
+             helper.make_node("Softmax", ["sc"], ["p"], axis=-1), helper.make_node("MatMul", ["p", "v"], ["y"])]
+    shape = [2, 3, 5, 4]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in "qkv"]
+    g = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+                          [numpy_helper.from_array(s, "s")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = {n: random(shape, np.float32, i) for i, n in enumerate("qkv")}
+    _, out, _ = apply(fuse, m, feeds, np.float32)
+    assert ops(out) == {"rtxjit.Attention": 1}
+    assert abs(out.nodes[0].attrs["scale"] - 0.25) < 1e-6

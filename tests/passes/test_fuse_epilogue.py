@@ -68,3 +68,15 @@ def test_an_add_of_two_convs_fuses_into_one_of_them():
               {"w1": random((4, 3, 1, 1), F32, 1), "w2": random((4, 3, 1, 1), F32, 2)})
     _, g, _ = apply(_both, m, {"x": random((1, 3, 5, 5))}, F32)
     assert ops(g) == {"Conv": 1, "rtxjit.Epilogue": 1}
+
+
+def test_a_residual_add_behind_a_reshape_fuses_into_the_gemm():
+    """ViT's attention output projection: Gemm on [B*S, E], Reshape to [B, S, E], residual Add."""
+    shape = np.array([2, 3, 4], np.int64)
+    nodes = [node("Gemm", ["x", "w", "b"], ["p"], transB=1),
+             node("Reshape", ["p", "shape"], ["r"]), node("Add", ["r", "res"], ["y"])]
+    m = model(nodes, {"x": (F32, [6, 5]), "res": (F32, [2, 3, 4])}, {"y": (F32, [2, 3, 4])},
+              {"w": random((4, 5), F32, 1), "b": random((4,), F32, 2), "shape": shape})
+    feeds = {"x": random((6, 5)), "res": random((2, 3, 4), F32, 3)}
+    _, g, _ = apply(_both, m, feeds, F32)
+    assert ops(g)["rtxjit.Epilogue"] == 1 and "Add" not in ops(g)
