@@ -26,13 +26,34 @@ VIEWS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 def simplify_shapes(graph: Graph) -> PassResult:
     names = FreshNames(graph)
     removed, modified = [], False
-    for node in graph.nodes:
+    for i, node in enumerate(graph.nodes):
         while _merge_chain(node, names):  # Transpose(Transpose(..)) chains of any length
+            modified = True
+        if _transpose_is_reshape(node):
+            graph.nodes[i] = node = _as_reshape(node, names)
             modified = True
         if _is_no_op(graph, node) and replace_all_uses(graph, node.outputs[0], node.inputs[0]):
             removed.append(node)
     remove_nodes(graph, removed)
     return PassResult(graph, modified or bool(removed))
+
+
+def _transpose_is_reshape(node: Node) -> bool:
+    """A Transpose that moves only dims of size 1 keeps the element order: it is a Reshape (which
+    later passes see through, e.g. epilogue fusion across ``[S, 1, E] -> [1, S, E]``)."""
+    if node.op != "Transpose" or not node.inputs[0].type.static:
+        return False
+    shape, perm = node.inputs[0].type.shape, _perm(node)
+    moved = [p for p in perm if shape[p] != 1]
+    return moved == sorted(moved) and perm != list(range(len(shape)))
+
+
+def _as_reshape(node: Node, names: FreshNames) -> Node:
+    out = node.outputs[0]
+    target = make_constant(names, "transpose_shape", np.array(out.type.shape, np.int64))
+    reshape = Node("Reshape", node.name, [node.inputs[0], target], [out], {"allowzero": 0}, 14)
+    out.producer = reshape
+    return reshape
 
 
 def _is_no_op(graph: Graph, node: Node) -> bool:

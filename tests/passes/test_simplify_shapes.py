@@ -125,3 +125,10 @@ def test_cast_between_a_graph_input_and_a_graph_output_stays():
     m = model([node("Cast", ["x"], ["y"], to=1)], {"x": (F32, [4])}, {"y": (F32, [4])})
     _, g, modified = apply(simplify_shapes, m, {"x": random((4,))})
     assert not modified and ops(g) == {"Cast": 1}
+
+
+def test_a_transpose_of_size_one_dims_becomes_a_reshape():
+    m = model([node("Transpose", ["x"], ["t"], perm=[1, 0, 2]), node("Relu", ["t"], ["y"])],
+              {"x": (F32, [5, 1, 4])}, {"y": (F32, [1, 5, 4])})
+    _, g, modified = apply(simplify_shapes, m, {"x": random((5, 1, 4))}, F32)
+    assert modified and ops(g) == {"Reshape": 1, "Relu": 1}

@@ -148,7 +148,19 @@ def _(ctx, a, b):
     b2 = b.reshape(b.shape + (1,)) if b.rank == 1 else b
     batch = broadcast_shapes(a2.shape[:-2], b2.shape[:-2])
     out = ctx.outputs[0].reshape(batch + (a2.shape[-2], b2.shape[-1]))
+    if b2.rank == 2 and batch:
+        a2, out = _fold_batch_into_rows(a2, out)
     emit_matmul(ctx, a2, b2, out)
+
+
+def _fold_batch_into_rows(a: View, out: View) -> tuple:
+    """``[..., M, K] @ [K, N]`` as one ``[prod(...) * M, K] @ [K, N]`` product where the views allow
+    it: a ViT's ``[197, 1, 768]`` activations would otherwise run 197 products of one row each."""
+    rows = int(np.prod(a.shape[:-1], dtype=np.int64))
+    try:
+        return a.reshape((rows, a.shape[-1])), out.reshape((rows, out.shape[-1]))
+    except ValueError:
+        return a, out
 
 
 # --- Gemm
