@@ -11,7 +11,9 @@ from tests.oprunner import run_onnxruntime
 def _model(nodes, x_shape, y_shape, inits=()):
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)], list(inits))
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8  # readable by older onnxruntime builds too
+    return m
 
 
 def test_gather_of_a_constant_index_of_a_transpose_is_a_view():
