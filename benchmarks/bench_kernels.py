@@ -29,7 +29,7 @@ import rtxjit
 import rtxjit.ir.ops.conv as conv_ops
 import rtxjit.ir.ops.matmul as matmul_ops
 from rtxjit.codegen.templates.matmul import tile_config
-from rtxjit.ir.types import DType
+
 from rtxjit.runtime import autotune
 
 FP16 = onnx.TensorProto.FLOAT16

@@ -119,7 +119,7 @@ def bert_encoder(dtype=np.float32, batch="N", seq="S", hidden: int = 64, heads: 
     ctx = b.node("Reshape", [ctx, b.const("merge_shape", np.array([0, 0, hidden], np.int64))])
     x = _layer_norm(b, b.node("Add", [_linear(b, ctx, hidden, hidden), "hidden"]), hidden)
     h = b.node("Gelu", [_linear(b, x, hidden, ffn)])
-    y = _layer_norm(b, b.node("Add", [_linear(b, h, ffn, hidden), x]), hidden)
+    _layer_norm(b, b.node("Add", [_linear(b, h, ffn, hidden), x]), hidden)
     b.nodes[-1].output[0] = "encoded"
     elem = _elem(dtype)
     inputs = [helper.make_tensor_value_info("hidden", elem, [batch, seq, hidden]),

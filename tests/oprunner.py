@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from rtxjit.ir.registry import Rand, Unknown
+from rtxjit.ir.registry import Rand
 from rtxjit.ir.types import DType, TensorType
 
 OPSET = 21

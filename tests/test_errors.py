@@ -1,7 +1,6 @@
 """Bad input gets a clear error that names what is wrong."""
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper
 

@@ -17,7 +17,8 @@ from onnx import numpy_helper
 from rtxjit.errors import ModelError, RtxjitError, UnsupportedOpError
 from rtxjit.ir import host
 from rtxjit.ir.graph import Graph, Node, Value
-from rtxjit.ir.registry import Unknown, get_op
+from rtxjit.ir.registry import get_op
+from rtxjit.ir.rewrite import infer_args
 from rtxjit.ir.types import DType, TensorType
 from rtxjit.ir.verify import verify
 
@@ -200,16 +201,8 @@ def _import_node(n: onnx.NodeProto, index: int, opset: int, values: dict):
                                  f"(rtxjit implements it from version {opdef.since})")
     attrs = opdef.bind_attrs({a.name: _attr_value(a, where) for a in n.attribute}, where)
     ins = [values[i] if i else None for i in n.input]
-    infer_args = []
-    for i, v in enumerate(ins):
-        if v is None:
-            infer_args.append(None)
-        elif i in opdef.host_inputs:
-            infer_args.append(v.const if v.is_const else Unknown(v.type))
-        else:
-            infer_args.append(v.type)
     try:
-        out_types = opdef.infer(infer_args, attrs, len(n.output))
+        out_types = opdef.infer(infer_args(opdef, ins), attrs, len(n.output))
     except RtxjitError:
         raise
     except (ValueError, IndexError, KeyError, TypeError) as exc:

@@ -12,13 +12,13 @@ from typing import Optional
 
 import numpy as np
 
-from rtxjit.codegen.source import KernelSource, load_kernel
+from rtxjit.codegen.source import KernelSource
 from rtxjit.codegen.templates.pointwise import render_pointwise
 from rtxjit.codegen.view import View, collapse
-from rtxjit.errors import ModelError, RtxjitError, ShapeError, UnsupportedOpError
+from rtxjit.errors import ModelError, ShapeError, UnsupportedOpError
 from rtxjit.ir import host
 from rtxjit.ir.graph import Graph, Node
-from rtxjit.ir.registry import Kind, get_op
+from rtxjit.ir.registry import get_op
 from rtxjit.ir.types import DType, TensorType, is_static
 
 WIDE_LIMIT = 2**31 - 1
