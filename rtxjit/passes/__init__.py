@@ -19,6 +19,7 @@ from rtxjit.passes.fold_batchnorm import fold_batchnorm
 from rtxjit.passes.fold_constants import fold_constants
 from rtxjit.passes.fuse_attention import fuse_attention
 from rtxjit.passes.fuse_epilogue import fuse_epilogue
+from rtxjit.passes.fuse_normalization import fuse_normalization
 from rtxjit.passes.fuse_pointwise import fuse_pointwise
 from rtxjit.passes.merge_parallel_matmuls import merge_parallel_matmuls
 from rtxjit.passes.simplify_shapes import simplify_shapes
@@ -28,6 +29,7 @@ PIPELINE = [
     ("simplify_shapes", simplify_shapes),
     ("fold_constants", fold_constants),
     ("fold_batchnorm", fold_batchnorm),
+    ("fuse_normalization", fuse_normalization),
     # fuse: one product for parallel projections; attention while its scale, mask Add and Casts
     # are still plain nodes; then chains of pointwise ops
     ("merge_parallel_matmuls", merge_parallel_matmuls),

@@ -11,7 +11,8 @@ once; otherwise the kernel loops over column blocks: online max/sum for softmax,
 combination of per-block mean and M2 for layernorm, then a second pass that writes the row.
 
 Modes: ``sum``, ``mean``, ``max``, ``min`` (one value per row, written at the flat row index),
-``softmax``, ``logsoftmax`` and ``layernorm`` (the output has the input's shape and strides).
+``softmax``, ``logsoftmax``, ``layernorm`` and ``rmsnorm`` (``x * rsqrt(mean(x^2) + eps) * scale``)
+(the output has the input's shape and strides).
 Floats accumulate in fp32 (fp64 stays fp64); integers in their own type; bool as int32.
 """
 
@@ -22,7 +23,8 @@ from rtxjit.codegen.source import KernelSource, render
 from rtxjit.ir.types import DType
 
 ROW_MODES = ("sum", "mean", "max", "min")
-SAME_SHAPE_MODES = ("softmax", "logsoftmax", "layernorm")
+SAME_SHAPE_MODES = ("softmax", "logsoftmax", "layernorm", "rmsnorm")
+EPS_MODES = ("layernorm", "rmsnorm")  # modes that take an ``eps`` argument
 
 
 def acc_type(dtype: DType) -> DType:
@@ -88,7 +90,7 @@ class _Spec:
         p += ["w_ptr", "w_off"] if self.scale else []
         p += ["b_ptr", "b_off"] if self.bias else []
         p += ["mean_ptr", "mean_off", "rstd_ptr", "rstd_off"] if self.stats else []
-        p += ["n_rows", "n_cols"] + (["eps"] if self.mode == "layernorm" else [])
+        p += ["n_rows", "n_cols"] + (["eps"] if self.mode in EPS_MODES else [])
         p += [f"ksize{d}" for d in range(self.kept_rank)] + [f"kst{d}" for d in range(self.kept_rank)]
         p += [f"csize{d}" for d in range(self.red_rank)]
         for prefix in self.col_operands.values():
@@ -175,10 +177,10 @@ def _softmax_body(spec: _Spec) -> list:
     return lines
 
 
-# ---- layernorm ---------------------------------------------------------------------------------
+# ---- layernorm / rmsnorm -----------------------------------------------------------------------
 
-def _layernorm_value(spec: _Spec) -> str:
-    value = "(x - mean) * rstd"
+def _norm_value(spec: _Spec) -> str:
+    value = "(x - mean) * rstd" if spec.mode == "layernorm" else "x * rstd"
     if spec.scale:
         value += " * scale"
     if spec.bias:
@@ -191,7 +193,7 @@ def _layernorm_body(spec: _Spec) -> list:
     lines += ["        mean = tl.sum(x, 1, keep_dims=True) / n_cols",
               "        d = tl.where(mask, x - mean, 0.0)",
               "        rstd = 1.0 / tl.sqrt(tl.sum(d * d, 1, keep_dims=True) / n_cols + eps)",
-              _store_tile(spec, _layernorm_value(spec), "        "),
+              _store_tile(spec, _norm_value(spec), "        "),
               "    else:",
               f"        mean = tl.zeros([BLOCK_R, 1], {spec.acc})",
               f"        m2 = tl.zeros([BLOCK_R, 1], {spec.acc})",
@@ -207,19 +209,36 @@ def _layernorm_body(spec: _Spec) -> list:
               "        rstd = 1.0 / tl.sqrt(m2 / n_cols + eps)",
               "        for c0 in range(0, n_cols, BLOCK_C):"]
     lines += _load_tile(spec, "c0", "            ")
-    lines.append(_store_tile(spec, _layernorm_value(spec), "            "))
+    lines.append(_store_tile(spec, _norm_value(spec), "            "))
+    return lines
+
+
+def _rmsnorm_body(spec: _Spec) -> list:
+    lines = ["    if ONE_BLOCK:"] + _load_tile(spec, "0", "        ")
+    lines += ["        rstd = 1.0 / tl.sqrt(tl.sum(x * x, 1, keep_dims=True) / n_cols + eps)",
+              _store_tile(spec, _norm_value(spec), "        "),
+              "    else:",
+              f"        ss = tl.zeros([BLOCK_R, 1], {spec.acc})",
+              "        for c0 in range(0, n_cols, BLOCK_C):"]
+    lines += _load_tile(spec, "c0", "            ", affine=False)
+    lines += ["            ss = ss + tl.sum(x * x, 1, keep_dims=True)",
+              "        rstd = 1.0 / tl.sqrt(ss / n_cols + eps)",
+              "        for c0 in range(0, n_cols, BLOCK_C):"]
+    lines += _load_tile(spec, "c0", "            ")
+    lines.append(_store_tile(spec, _norm_value(spec), "            "))
     return lines
 
 
 _BODIES = {"sum": _row_body, "mean": _row_body, "max": _row_body, "min": _row_body,
-           "softmax": _softmax_body, "logsoftmax": _softmax_body, "layernorm": _layernorm_body}
+           "softmax": _softmax_body, "logsoftmax": _softmax_body, "layernorm": _layernorm_body,
+           "rmsnorm": _rmsnorm_body}
 
 
 def render_reduce(mode: str, in_dtype: DType, out_dtype: DType, kept_rank: int, red_rank: int, *,
                   scale: bool = False, bias: bool = False, stats_dtype: DType = None,
                   wide: bool = False) -> KernelSource:
-    """A row-reduction kernel. ``scale``/``bias``/``stats_dtype`` apply to layernorm only: the
-    optional scale and bias operands and the dtype of the optional Mean/InvStdDev outputs."""
+    """A row-reduction kernel. ``scale``/``bias``/``stats_dtype`` apply to layernorm (rmsnorm: scale)
+    only: the optional scale and bias operands and the dtype of the optional Mean/InvStdDev outputs."""
     if mode not in _BODIES:
         raise ValueError(f"unknown row-reduction mode '{mode}'")
     spec = _Spec(mode, in_dtype, out_dtype, kept_rank, red_rank, scale, bias, stats_dtype is not None, wide)

@@ -1,5 +1,5 @@
-"""Row reductions: ReduceSum/Mean/Max/Min, Softmax, LogSoftmax and LayerNormalization, all lowered
-onto the row-reduction template (``codegen/templates/reduce.py``) through ``row_reduce``."""
+"""Row reductions: ReduceSum/Mean/Max/Min, Softmax, LogSoftmax, LayerNormalization and the internal
+``rtxjit.RMSNorm`` (made by ``passes/fuse_normalization.py``), all lowered onto the row-reduction template (``codegen/templates/reduce.py``) through ``row_reduce``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Optional
 
 import numpy as np
 
-from rtxjit.codegen.templates.reduce import render_reduce
+from rtxjit.codegen.templates.reduce import EPS_MODES, render_reduce
 from rtxjit.codegen.view import View, collapse
 from rtxjit.errors import ModelError, ShapeError, UnsupportedOpError
 from rtxjit.ir.ops.shape import norm_axis
@@ -49,8 +49,8 @@ def row_reduce(ctx, x: View, axes: list, mode: str, out: View, *, scale: Optiona
                bias: Optional[View] = None, eps: float = 0.0, stats: tuple = ()) -> None:
     """Launch the row-reduction kernel of ``mode`` over the sorted ``axes`` of ``x``.
 
-    Row modes write one value per kept index to the contiguous ``out``; softmax, logsoftmax and
-    layernorm write ``out``, contiguous and of x's shape, at x's offsets (x is made contiguous). ``scale``/``bias`` broadcast to the reduced dims;
+    Row modes write one value per kept index to the contiguous ``out``; softmax, logsoftmax,
+    layernorm and rmsnorm write ``out``, contiguous and of x's shape, at x's offsets (x is made contiguous). ``scale``/``bias`` broadcast to the reduced dims;
     ``stats`` are layernorm's (Mean, InvStdDev) views, one value per row each.
     """
     x = _contiguous(ctx, x)
@@ -70,7 +70,7 @@ def row_reduce(ctx, x: View, axes: list, mode: str, out: View, *, scale: Optiona
     for p in (scale, bias, *stats):
         if p is not None:
             args += [ctx.ptr(p), p.offset]
-    args += [n_rows, n_cols] + ([float(eps)] if mode == "layernorm" else [])
+    args += [n_rows, n_cols] + ([float(eps)] if mode in EPS_MODES else [])
     args += [*kshape, *kst, *cshape]
     for st in cstrides:
         args += list(st)
@@ -254,3 +254,30 @@ def _stats_views(ctx) -> tuple:
         return ()
     t = ctx.out_types[1]
     return tuple(o if o is not None else ctx.temp(t.dtype, t.shape) for o in wanted)
+
+
+# ---- rtxjit.RMSNorm ----------------------------------------------------------------------------
+
+@op("rtxjit.RMSNorm", since=1, kind=Kind.ROW)
+def rms_norm(x: TensorType, scale: TensorType = None, *, axis: int = -1, epsilon: float = 1e-5) -> TensorType:
+    """``x * rsqrt(mean(x^2 over axes axis..) + epsilon) * scale``; ``scale`` broadcasts to the
+    normalized dims (ONNX's RMSNormalization with stash_type 1: statistics in fp32)."""
+    norm_axis(axis, x.rank)
+    if not x.dtype.is_float:
+        raise ModelError(f"rtxjit.RMSNorm of {x.dtype.short} (a float type is needed)")
+    if scale is not None and scale.dtype is not x.dtype:
+        raise ModelError(f"rtxjit.RMSNorm: scale of {scale.dtype.short} for x of {x.dtype.short}")
+    return x
+
+
+@rms_norm.reference
+def _(x, scale=None, *, axis=-1, epsilon=1e-5):
+    axes = tuple(range(norm_axis(axis, x.ndim), x.ndim))
+    y = x / np.sqrt((x * x).mean(axes, keepdims=True) + epsilon)
+    return y if scale is None else y * scale
+
+
+@rms_norm.lower
+def _(ctx, x, scale=None, *, axis=-1, epsilon=1e-5):
+    a = norm_axis(axis, x.rank)
+    row_reduce(ctx, x, list(range(a, x.rank)), "rmsnorm", ctx.outputs[0], scale=scale, eps=epsilon)
