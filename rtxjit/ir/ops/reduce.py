@@ -37,14 +37,6 @@ def row_blocks(n_rows: int, n_cols: int, interpret: bool) -> tuple:
     return block_r, block_c, n_cols <= block_c
 
 
-def _contiguous(ctx, x: View) -> View:
-    if x.contiguous:
-        return x
-    tmp = ctx.temp(x.dtype, x.shape)
-    ctx.copy(x, tmp)
-    return tmp
-
-
 def row_reduce(ctx, x: View, axes: list, mode: str, out: View, *, scale: Optional[View] = None,
                bias: Optional[View] = None, eps: float = 0.0, stats: tuple = ()) -> None:
     """Launch the row-reduction kernel of ``mode`` over the sorted ``axes`` of ``x``.
@@ -53,7 +45,7 @@ def row_reduce(ctx, x: View, axes: list, mode: str, out: View, *, scale: Optiona
     layernorm and rmsnorm write ``out``, contiguous and of x's shape, at x's offsets (x is made contiguous). ``scale``/``bias`` broadcast to the reduced dims;
     ``stats`` are layernorm's (Mean, InvStdDev) views, one value per row each.
     """
-    x = _contiguous(ctx, x)
+    x = ctx.contiguous(x)
     kept = [d for d in range(x.rank) if d not in axes]
     v = x.permute(kept + list(axes))
     k = len(kept)
