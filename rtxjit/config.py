@@ -49,3 +49,10 @@ def verify_passes() -> bool:
 def autotune_enabled() -> bool:
     """RTXJIT_AUTOTUNE=0 turns off timing tile configurations on first use (the heuristic's pick runs)."""
     return os.environ.get("RTXJIT_AUTOTUNE", "1") != "0"
+
+
+def runtime_cache_dir() -> str | None:
+    """RTXJIT_RUNTIME_CACHE=DIR gives sessions created without ``runtime_cache=`` that runtime cache
+    directory (autotune decisions, the histogram of input shapes; runtime/cache.py)."""
+    value = os.environ.get("RTXJIT_RUNTIME_CACHE", "").strip()
+    return value or None

@@ -8,6 +8,12 @@ seen before (an earlier plan, another binding of the same bucket) reuses the rem
 without timing. Timing needs a GPU: under Triton's interpreter the executor never calls this, and
 the first choice (the heuristic's) runs. Each trial writes the launch's outputs, which is harmless:
 a launch's outputs never share memory with its inputs, and the chosen configuration runs last.
+
+With a runtime cache (runtime/cache.py), decisions outlive the process: ``attach(cache, keys)``
+reads the choices remembered there for ``keys`` (its entry key: the tune key, the SM's target and,
+through ``cache_key``, the Triton and codegen versions), and has ``choose`` write the decisions it
+makes later for the others. A stored choice is a hint, not trusted: one that matches none of the
+launch's choices is ignored and the launch is timed.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ _lock = threading.Lock()
 _chosen: dict = {}  # tune key -> constexprs of the fastest choice
 _timings: dict = {}  # tune key -> [(constexprs, median ms | inf)], for reports and benchmarks
 _sm_counts: dict = {}
+_sinks: dict = {}  # tune key -> RuntimeCache that the decision, once made, is written to
 
 
 def enabled() -> bool:
@@ -85,6 +92,9 @@ def choose(key: tuple, choices: list, run: Callable[[int], None]) -> int:
         best = min(range(len(times)), key=lambda i: (times[i], i))
         _chosen[key] = dict(choices[best][1])
         _timings[key] = [(dict(c), t) for (_, c), t in zip(choices, times)]
+        sink = _sinks.pop(key, None)
+        if sink is not None:
+            _store(sink, key)
         return best
 
 
@@ -132,3 +142,63 @@ def forget() -> None:
     with _lock:
         _chosen.clear()
         _timings.clear()
+        _sinks.clear()
+
+
+# --- persistence in a runtime cache ---------------------------------------------------------------
+
+def cache_entry_key(key: tuple) -> str:
+    """The runtime cache key of tune key ``key`` (``(src_key, sm, *buckets)``)."""
+    from rtxjit.runtime.cache import cache_key
+
+    sm = key[1] if len(key) > 1 else None
+    return cache_key(target=f"cuda:{sm}" if sm is not None else "interpreter", kind="autotune",
+                     tune_key=list(key))
+
+
+def attach(cache, keys) -> int:
+    """Remember the choices stored in ``cache`` for ``keys``; a decision ``choose`` makes later for
+    one of them (none stored, or a stored one that matches none of the launch's choices) is written
+    there, as is one this process made before. Returns how many choices were read."""
+    import warnings
+
+    found = 0
+    with _lock:
+        for key in keys:
+            key = tuple(key)
+            try:
+                record = cache.get_json(cache_entry_key(key))
+            except (OSError, ValueError, TypeError) as exc:
+                warnings.warn(f"rtxjit: runtime cache {cache}: cannot read a tile choice: {exc}", RuntimeWarning)
+                record = None
+            cfg = _stored_choice(record, key)
+            if key in _chosen:
+                if cfg != _chosen[key]:
+                    _store(cache, key)  # decided in this process before the cache was attached
+                continue
+            if cfg is not None:
+                _chosen[key] = cfg
+                found += 1
+            _sinks[key] = cache
+    return found
+
+
+def _stored_choice(record, key: tuple) -> Optional[dict]:
+    if not isinstance(record, dict) or record.get("tune_key") != list(key):
+        return None
+    cfg = record.get("chosen")
+    if not isinstance(cfg, dict) or not all(isinstance(v, (int, float, str, bool)) for v in cfg.values()):
+        return None
+    return cfg
+
+
+def _store(cache, key: tuple) -> None:
+    """Write the decision for ``key`` (caller holds ``_lock``); a failing write only warns."""
+    import warnings
+
+    record = {"tune_key": list(key), "chosen": _chosen[key],
+              "timings": [[c, None if math.isinf(t) else t] for c, t in _timings.get(key, [])]}
+    try:
+        cache.put_json(cache_entry_key(key), record)
+    except (OSError, ValueError, TypeError) as exc:
+        warnings.warn(f"rtxjit: runtime cache {cache}: cannot store a tile choice: {exc}", RuntimeWarning)

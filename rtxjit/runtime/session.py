@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -14,9 +15,12 @@ from rtxjit.errors import InputError
 from rtxjit.ir.graph import Graph
 from rtxjit.ir.types import DType, TensorType
 from rtxjit.passes.precision_legality import check_precision
+from rtxjit.runtime import autotune
+from rtxjit.runtime.cache import model_key, open_cache
 from rtxjit.runtime.device import Device, detect
 from rtxjit.runtime.executor import Executable, torch_dtype
 from rtxjit.runtime.plan import PlanBuilder
+from rtxjit.runtime.profiles import resolve_profiles, select
 
 ONNX_TYPE_NAMES = {
     DType.FP32: "tensor(float)", DType.FP16: "tensor(float16)", DType.BF16: "tensor(bfloat16)",
@@ -49,16 +53,27 @@ class InferenceSession:
     each pass took. ``precision`` ("fp16" or "bf16") converts the model's fp32 values to that type
     (inputs and outputs stay fp32); None runs the model's own types. On a GPU, a type its SM cannot
     run (bf16 below sm_80, fp8 below sm_89) is an UnsupportedOpError naming the node.
+    ``profiles`` (a ``Profile``, a dict of input name -> (min, opt, max) shapes, or a list of them;
+    see ``rtxjit.runtime.profiles``) bounds the input shapes ``run`` accepts; None is the default
+    profile from the model's symbolic dims. ``last_profile`` is the index of the profile that served
+    the last run.
+    ``runtime_cache`` (a ``RuntimeCache`` or a directory; None: RTXJIT_RUNTIME_CACHE, if set) keeps
+    tile choices across processes and counts each new binding of input shapes.
     """
 
     def __init__(self, model, device: Optional[str] = None, providers=None, optimize: bool = True,
-                 precision: Optional[str] = None):
+                 precision: Optional[str] = None, profiles=None, runtime_cache=None):
         if isinstance(model, Graph):
             self.graph = model
         else:
             from rtxjit.onnx.importer import import_model
 
             self.graph = import_model(model)
+        self.profiles: list = resolve_profiles(profiles, self.graph)
+        self._profile_of: dict = {}  # executable key -> index of the profile serving it
+        self.last_profile: Optional[int] = None
+        self.runtime_cache = open_cache(runtime_cache)
+        self._model_key = model_key(self.graph) if self.runtime_cache is not None else None
         self.pass_timings: list = []
         if optimize or precision is not None:
             self.graph, self.pass_timings = passes.optimize(self.graph, verify=config.verify_passes(),
@@ -96,14 +111,18 @@ class InferenceSession:
             (n, v.tobytes()) for n, v in sorted(host_values.items()))
         exe = self._executables.get(key)
         if exe is None:
+            self._profile_of[key] = select(self.profiles, {n: t.shape for n, t in types.items()})
             with self._lock:
                 exe = self._executables.get(key)
                 if exe is None:
                     plan = PlanBuilder(self.graph, self.device, frozenset(self._const_tensors)).build(types, host_values)
                     exe = Executable(plan, self.device, self._const_tensors)
                     self._executables[key] = exe
+                    if self.runtime_cache is not None:
+                        self._note_binding(plan, types)
         self.last_trace = exe.plan.trace
         self.last_executable = exe
+        self.last_profile = self._profile_of[key]
         results = exe.run(tensors)
         out = [results[n] for n in names]
         if as_numpy:
@@ -124,6 +143,14 @@ class InferenceSession:
         """The execution plan that ``run`` uses for these feeds (for inspection and tests)."""
         self.run(None, feeds)
         return self._executables[next(reversed(self._executables))].plan
+
+    def _note_binding(self, plan, types: dict) -> None:
+        """Runtime cache: count this binding of input shapes; reuse and keep the plan's tile choices."""
+        try:
+            self.runtime_cache.record_shapes(self._model_key, {n: t.shape for n, t in types.items()})
+        except OSError as exc:
+            warnings.warn(f"rtxjit: runtime cache {self.runtime_cache}: cannot record shapes: {exc}", RuntimeWarning)
+        autotune.attach(self.runtime_cache, [step.tune_key for step in plan.steps if step.choices])
 
     def _bind(self, feeds: dict):
         expected = {v.name: v for v in self.graph.inputs}
