@@ -38,6 +38,7 @@ keyed by ``cache_key``) use ``put``/``get`` with blobs, on a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -145,12 +146,13 @@ class CacheEntryError(Exception):
     """An entry failed a check (internal: turned into a warning and a miss)."""
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a unique temp file next to ``path``, then rename it over ``path``."""
+@contextlib.contextmanager
+def _replacing(path: Path):
+    """Yields a unique temp path next to ``path``; renamed over ``path`` when the block succeeds,
+    removed when it fails, so readers only ever see a whole file."""
     tmp = path.with_name(f"{path.name}{_TEMP_MARK}{os.getpid()}.{secrets.token_hex(6)}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -158,6 +160,12 @@ def _atomic_write(path: Path, data: bytes) -> None:
         except OSError:
             pass
         raise
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to a unique temp file next to ``path``, then rename it over ``path``."""
+    with _replacing(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def _check_key(key: str) -> str:
@@ -386,27 +394,17 @@ class RuntimeCache:
     # -- the single-file form
     def save(self, path) -> int:
         """Write every intact entry into one zip file at ``path``, atomically; returns the count."""
-        path = Path(path)
-        tmp = path.with_name(f"{path.name}{_TEMP_MARK}{os.getpid()}.{secrets.token_hex(6)}")
         count = 0
-        try:
-            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-                for key in self.entries():
-                    hit = self._read(key, check_versions=False)
-                    if hit is None:
-                        continue
-                    meta_bytes, _, blobs = hit
-                    for name, data in sorted(blobs.items()):
-                        zf.writestr(self._blob_path(key, name, hashlib.sha256(data).hexdigest()).name, data)
-                    zf.writestr(f"{key}.json", meta_bytes)
-                    count += 1
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        with _replacing(Path(path)) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for key in self.entries():
+                hit = self._read(key, check_versions=False)
+                if hit is None:
+                    continue
+                meta_bytes, _, blobs = hit
+                for name, data in sorted(blobs.items()):
+                    zf.writestr(self._blob_path(key, name, hashlib.sha256(data).hexdigest()).name, data)
+                zf.writestr(f"{key}.json", meta_bytes)
+                count += 1
         return count
 
     def load(self, path) -> int:
