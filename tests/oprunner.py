@@ -42,7 +42,7 @@ def random_array(spec: Rand, float_type: str, rng) -> np.ndarray:
     return np.asarray(a).astype(npdt)
 
 
-def single_node_model(opdef, sample, arrays: list, opset: int = OPSET):
+def single_node_model(opdef, sample, arrays: list, opset: int = None):
     """A model of one node; inputs at host positions become initializers, the rest graph inputs."""
     names, graph_inputs, inits, infer_args = [], [], [], []
     for i, a in enumerate(arrays):
@@ -65,6 +65,7 @@ def single_node_model(opdef, sample, arrays: list, opset: int = OPSET):
     outputs = [helper.make_tensor_value_info(n, t.dtype.onnx_code, t.shape) for n, t in zip(out_names, out_types)]
     node = helper.make_node(opdef.name, names, out_names, **sample.attrs)
     graph = helper.make_graph([node], f"test_{opdef.name}", graph_inputs, outputs, inits)
+    opset = opset or sample.opset or OPSET
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 10
     feeds = {f"in{i}": a for i, a in enumerate(arrays) if a is not None and i not in opdef.host_inputs}

@@ -73,6 +73,7 @@ class Sample:
     attrs: dict = field(default_factory=dict)
     outputs: int = 1
     float_types: tuple = ("fp32", "fp16")
+    opset: Optional[int] = None  # the test model's opset, where the op needs a newer one than the default
 
 
 _MISSING = object()

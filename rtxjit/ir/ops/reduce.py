@@ -273,3 +273,24 @@ def _(x, scale=None, *, axis=-1, epsilon=1e-5):
 def _(ctx, x, scale=None, *, axis=-1, epsilon=1e-5):
     a = norm_axis(axis, x.rank)
     row_reduce(ctx, x, list(range(a, x.rank)), "rmsnorm", ctx.outputs[0], scale=scale, eps=epsilon)
+
+
+@op("RMSNormalization", since=23, kind=Kind.ROW,
+    samples=[Sample([Rand((2, 3, 16)), Rand((16,))], opset=23),
+             Sample([Rand((2, 4, 5)), Rand((4, 5))], {"axis": 1, "epsilon": 1e-3}, opset=23)])
+def rms_normalization(x: TensorType, scale: TensorType, *, axis: int = -1, epsilon: float = 1e-5,
+                      stash_type: int = 1) -> TensorType:
+    """ONNX's own RMSNormalization (opset 23): the same kernel as the fused rtxjit.RMSNorm."""
+    if stash_type != 1:
+        raise UnsupportedOpError(f"RMSNormalization stash_type={stash_type}: statistics run in fp32 only")
+    return rms_norm.infer_fn(x, scale, axis=axis, epsilon=epsilon)
+
+
+@rms_normalization.reference
+def _(x, scale, *, axis=-1, epsilon=1e-5, stash_type=1):
+    return rms_norm.reference_fn(x, scale, axis=axis, epsilon=epsilon)
+
+
+@rms_normalization.lower
+def _(ctx, x, scale, *, axis=-1, epsilon=1e-5, stash_type=1):
+    rms_norm.lower_fn(ctx, x, scale, axis=axis, epsilon=epsilon)
