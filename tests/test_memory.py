@@ -45,3 +45,21 @@ def test_plan_arena_excludes_outputs():
     plan = _executable(sess).plan
     outs = {v.buf for v in plan.outputs.values()}
     assert not outs & set(plan_arena(plan, outs).offsets)
+
+
+def test_constants_made_by_lowerings_are_shared_across_shape_bindings():
+    model = resnet_cnn()
+    sess = rtxjit.InferenceSession(model)
+    first = sess.plan_for(demo_inputs(model, batch=1))
+    exe_first = sess.last_executable
+    sess.plan_for(demo_inputs(model, batch=3))
+    exe_second = sess.last_executable
+    assert exe_first is not exe_second and first is not exe_second.plan
+
+    def plan_consts(exe):
+        return {exe.plan.buffers[i].name: t.data_ptr() for i, t in exe.constants.items()
+                if exe.plan.buffers[i].data is not None}
+
+    a, b = plan_consts(exe_first), plan_consts(exe_second)
+    shared = set(a) & set(b)
+    assert shared and all(a[n] == b[n] for n in shared)

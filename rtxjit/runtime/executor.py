@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import warnings
 
+import numpy as np
 import torch
 
 from rtxjit.codegen.source import load_kernel
@@ -32,7 +34,8 @@ class Executable:
     runs copy the inputs into the graph's static buffers and replay it.
     """
 
-    def __init__(self, plan: Plan, device, const_tensors: dict, cuda_graphs: bool = True):
+    def __init__(self, plan: Plan, device, const_tensors: dict, cuda_graphs: bool = True,
+                 plan_consts: dict = None):
         self.plan = plan
         self.device = device
         self.tdev = torch.device(device.torch_device)
@@ -46,7 +49,7 @@ class Executable:
         for i, spec in enumerate(plan.buffers):
             if spec.role == "const":
                 if spec.data is not None:
-                    static[i] = torch.from_numpy(spec.data.reshape(-1).copy()).to(self.tdev)
+                    static[i] = self._plan_constant(spec, {} if plan_consts is None else plan_consts)
                 else:
                     static[i] = const_tensors[spec.name]
             elif spec.role == "temp" and i in self.arena_plan.offsets:
@@ -55,6 +58,7 @@ class Executable:
                 static[i] = self.arena[off:off + nbytes].view(torch_dtype(spec.dtype))
             elif spec.role == "temp" and i in used:
                 self.per_run.append((i, spec.numel, torch_dtype(spec.dtype)))
+        self.constants = {i: t for i, t in static.items() if plan.buffers[i].role == "const"}
         self.inputs = dict(plan.inputs)
         self.launches = []
         for step in plan.steps:
@@ -67,6 +71,18 @@ class Executable:
         self.runs = 0
         self.graph = None
         self.use_cuda_graph = cuda_graphs and device.kind == "cuda"
+
+    def _plan_constant(self, spec, shared: dict) -> torch.Tensor:
+        """A constant the lowering made (a pre-transposed conv weight, a fill value) on the device,
+        shared with every other binding of the session that made the same bytes: bindings of new
+        shapes must not each hold another copy of the weights."""
+        data = np.ascontiguousarray(spec.data)
+        key = (spec.name, data.dtype.str, data.shape, hashlib.sha256(data.view(np.uint8)).hexdigest())
+        tensor = shared.get(key)
+        if tensor is None:
+            tensor = torch.from_numpy(data.reshape(-1).copy()).to(self.tdev)
+            shared[key] = tensor
+        return tensor
 
     @property
     def activation_bytes(self) -> int:

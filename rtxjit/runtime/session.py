@@ -87,6 +87,7 @@ class InferenceSession:
         self._executables: dict = {}
         self._host_inputs = self._inputs_needed_on_host()
         self._const_tensors: dict = {}
+        self._plan_consts: dict = {}  # constants made by lowerings, shared across shape bindings
         self._upload_constants()
         self.last_trace: dict = {}
         self.last_executable = None
@@ -116,7 +117,7 @@ class InferenceSession:
                 exe = self._executables.get(key)
                 if exe is None:
                     plan = PlanBuilder(self.graph, self.device, frozenset(self._const_tensors)).build(types, host_values)
-                    exe = Executable(plan, self.device, self._const_tensors)
+                    exe = Executable(plan, self.device, self._const_tensors, plan_consts=self._plan_consts)
                     self._executables[key] = exe
                     if self.runtime_cache is not None:
                         self._note_binding(plan, types)
