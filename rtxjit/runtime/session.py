@@ -143,7 +143,7 @@ class InferenceSession:
     def plan_for(self, feeds: dict):
         """The execution plan that ``run`` uses for these feeds (for inspection and tests)."""
         self.run(None, feeds)
-        return self._executables[next(reversed(self._executables))].plan
+        return self.last_executable.plan
 
     def _note_binding(self, plan, types: dict) -> None:
         """Runtime cache: count this binding of input shapes; reuse and keep the plan's tile choices."""
