@@ -22,10 +22,11 @@ AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
 
 
 @dataclass(frozen=True)
-class ConvGeometry:
-    """Per spatial axis: kernel size, stride, dilation, padding before and after, output size.
+class WindowGeometry:
+    """Per spatial axis: kernel size, stride, dilation, padding before and after, output size —
+    of a Conv or a pooling window (rtxjit/ir/ops/pool.py uses it too).
 
-    ``pads_end`` is what the output size needs (it may be less than the attribute asks for: the
+    For Conv, ``pads_end`` is what the output size needs (it may be less than the attribute asks for: the
     rest is never read). Sizes are ints, or symbols where the input's dims are symbolic.
     """
 
@@ -36,9 +37,9 @@ class ConvGeometry:
     pads_end: tuple
     out: tuple
 
-    def as_2d(self) -> "ConvGeometry":
+    def as_2d(self) -> "WindowGeometry":
         """The same convolution over 2 spatial axes, a leading one of size 1 (for 1-D Conv)."""
-        return ConvGeometry((1,) + self.kernel, (1,) + self.strides, (1,) + self.dilations,
+        return WindowGeometry((1,) + self.kernel, (1,) + self.strides, (1,) + self.dilations,
                             (0,) + self.pads_begin, (0,) + self.pads_end, (1,) + self.out)
 
 
@@ -62,7 +63,7 @@ def _axis(size, k, s: int, d: int, pb: int, pe: int, auto_pad: str) -> tuple:
 
 
 def conv_geometry(spatial: tuple, w_spatial: tuple, *, auto_pad: str = "NOTSET", dilations=None,
-                  kernel_shape=None, pads=None, strides=None) -> ConvGeometry:
+                  kernel_shape=None, pads=None, strides=None) -> WindowGeometry:
     """The geometry of a Conv over input dims ``spatial`` from its attributes and weight dims."""
     rank = len(spatial)
     if auto_pad not in AUTO_PADS:
@@ -78,7 +79,7 @@ def conv_geometry(spatial: tuple, w_spatial: tuple, *, auto_pad: str = "NOTSET",
     per_axis = zip(spatial, kernel, strides, dilations, pads[:rank], pads[rank:])
     axes = [_axis(*args, auto_pad) for args in per_axis]
     out, pads_begin, pads_end = (tuple(a[i] for a in axes) for i in range(3))
-    return ConvGeometry(kernel, strides, dilations, pads_begin, pads_end, out)
+    return WindowGeometry(kernel, strides, dilations, pads_begin, pads_end, out)
 
 
 def _check_channels(x: TensorType, w: TensorType, b, group: int) -> None:
@@ -194,7 +195,7 @@ def _channels_last(ctx, x: View) -> View:
     return nhwc
 
 
-def _is_pointwise(x: View, geo: ConvGeometry, group: int) -> bool:
+def _is_pointwise(x: View, geo: WindowGeometry, group: int) -> bool:
     return (group == 1 and all(k == 1 for k in geo.kernel) and all(s == 1 for s in geo.strides)
             and not any(geo.pads_begin) and x.contiguous)
 
@@ -241,7 +242,7 @@ def _reads_channels_last(node) -> bool:
     return isinstance(w[1], int) and w[1] >= TAP_MAJOR_MIN_CHANNELS and w[2] * w[3] > 1 and group == 1
 
 
-def emit_conv2d(ctx, x: View, w: View, b, out: View, geo: ConvGeometry, group: int) -> None:
+def emit_conv2d(ctx, x: View, w: View, b, out: View, geo: WindowGeometry, group: int) -> None:
     """Launch the implicit-GEMM kernel for a 2-D NCHW convolution: one program per output tile
     of ``[BLOCK_M pixels, BLOCK_N channels]`` in each group."""
     batch, c_in, h, wd = x.shape

@@ -6,30 +6,17 @@ from __future__ import annotations
 
 import functools
 import itertools
-from dataclasses import dataclass
 
 import numpy as np
 
 from rtxjit.codegen.templates.pool import render_pool
 from rtxjit.codegen.view import contiguous_strides
 from rtxjit.errors import ModelError, ShapeError, UnsupportedOpError
+from rtxjit.ir.ops.conv import AUTO_PADS, WindowGeometry
 from rtxjit.ir.ops.reduce import WIDE_LIMIT, row_reduce
 from rtxjit.ir.registry import Kind, Rand, Sample, op
 from rtxjit.ir.types import DType, TensorType
 
-AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """A pooling window's placement along each spatial dim, and the output's spatial shape."""
-
-    kernel: tuple
-    strides: tuple
-    dilations: tuple
-    pads_begin: tuple
-    pads_end: tuple
-    out: tuple
 
 
 def _out_dim(size: int, k: int, s: int, d: int, pb: int, pe: int, ceil_mode: int) -> int:
@@ -42,7 +29,7 @@ def _out_dim(size: int, k: int, s: int, d: int, pb: int, pe: int, ceil_mode: int
     return n
 
 
-def geometry(spatial, kernel_shape, strides, pads, dilations, ceil_mode, auto_pad) -> Geometry:
+def geometry(spatial, kernel_shape, strides, pads, dilations, ceil_mode, auto_pad) -> WindowGeometry:
     """Resolve the ONNX pooling attributes over the concrete ``spatial`` input shape."""
     rank = len(kernel_shape)
     if len(spatial) != rank:
@@ -66,10 +53,10 @@ def geometry(spatial, kernel_shape, strides, pads, dilations, ceil_mode, auto_pa
                 for n, k, s, d, pb, pe in zip(spatial, kernel, strides, dilations, begin, end))
     if any(o <= 0 for o in out):
         raise ShapeError(f"pooling window {kernel} does not fit the input {tuple(spatial)}")
-    return Geometry(kernel, strides, dilations, tuple(begin), tuple(end), out)
+    return WindowGeometry(kernel, strides, dilations, tuple(begin), tuple(end), out)
 
 
-def _geometry_of(shape, attrs: dict) -> Geometry:
+def _geometry_of(shape, attrs: dict) -> WindowGeometry:
     return geometry(shape[2:], attrs["kernel_shape"], attrs["strides"], attrs["pads"], attrs["dilations"],
                     attrs["ceil_mode"], attrs["auto_pad"])
 
@@ -86,7 +73,7 @@ def _pool_type(x: TensorType, attrs: dict) -> TensorType:
 
 # ---- numpy reference ---------------------------------------------------------------------------
 
-def _windows(x: np.ndarray, g: Geometry, count_bounds):
+def _windows(x: np.ndarray, g: WindowGeometry, count_bounds):
     """Per window offset: the values (NaN outside the input), whether each position is counted
     (inside ``count_bounds``, a (lo, hi) pair per dim) and its flat spatial index (row-major)."""
     spatial = x.shape[2:]
@@ -105,7 +92,7 @@ def _outer_and(masks: list) -> np.ndarray:
     return functools.reduce(np.logical_and, np.ix_(*masks))
 
 
-def _max_pool_ref(x, g: Geometry, storage_order: int):
+def _max_pool_ref(x, g: WindowGeometry, storage_order: int):
     bounds = [(0, n) for n in x.shape[2:]]
     best = np.full(x.shape[:2] + g.out, -np.inf)
     arg = np.zeros(x.shape[:2] + g.out, np.int64)
@@ -124,13 +111,13 @@ def _column_major(flat: np.ndarray, spatial) -> np.ndarray:
     return np.ravel_multi_index(np.unravel_index(flat, spatial), spatial, order="F")
 
 
-def _avg_bounds(spatial, g: Geometry, count_include_pad: int) -> list:
+def _avg_bounds(spatial, g: WindowGeometry, count_include_pad: int) -> list:
     if count_include_pad:
         return [(-pb, n + pe) for n, pb, pe in zip(spatial, g.pads_begin, g.pads_end)]
     return [(0, n) for n in spatial]
 
 
-def _avg_pool_ref(x, g: Geometry, count_include_pad: int):
+def _avg_pool_ref(x, g: WindowGeometry, count_include_pad: int):
     total = np.zeros(x.shape[:2] + g.out)
     count = np.zeros(g.out)
     for values, counted, _ in _windows(x, g, _avg_bounds(x.shape[2:], g, count_include_pad)):
@@ -149,7 +136,7 @@ def _pool_block(n: int, interpret: bool) -> int:
     return block
 
 
-def lower_pool(ctx, x, g: Geometry, mode: str, count_include_pad: int = 0, storage_order: int = 0) -> None:
+def lower_pool(ctx, x, g: WindowGeometry, mode: str, count_include_pad: int = 0, storage_order: int = 0) -> None:
     """Launch the window kernel: ``mode`` "max" (with Indices if the node asks) or "avg"."""
     out = ctx.outputs[0]
     indices = ctx.outputs[1] if len(ctx.outputs) > 1 else None
