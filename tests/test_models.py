@@ -16,7 +16,7 @@ MODELS = {"cnn": resnet_cnn, "encoder": bert_encoder}
 
 # aten ops that only allocate, view or move bytes (also those Triton's interpreter uses to copy
 # kernel arguments); anything else would be torch computing part of the model.
-MEMORY_OPS = {"empty", "empty_strided", "new_empty", "view", "_unsafe_view", "slice", "as_strided", "detach",
+MEMORY_OPS = {"empty", "empty_like", "empty_strided", "new_empty", "view", "_unsafe_view", "slice", "as_strided", "detach",
               "alias", "lift_fresh", "set_", "copy_", "_to_copy", "_copy_from"}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import linecache
+import re
 import threading
 from dataclasses import dataclass
 
@@ -35,25 +36,58 @@ def render(name: str, header: str, body: str) -> KernelSource:
     return KernelSource(name, text)
 
 
+_DEF_RE = re.compile(r"^def (\w+)\((.*?)\):$", re.M | re.S)
+
+
+def parameters(src: KernelSource) -> list:
+    """``[(name, is_constexpr)]`` of the kernel function's parameters, in order."""
+    for m in _DEF_RE.finditer(src.text):
+        if m.group(1) == src.name:
+            return [(p.split(":")[0].strip(), "constexpr" in p) for p in m.group(2).split(",") if p.strip()]
+    raise ValueError(f"kernel {src.name}: no 'def {src.name}(...)' line in its source")
+
+
+def specialize(src: KernelSource, names) -> KernelSource:
+    """``src`` with the parameters ``names`` made ``tl.constexpr``: Triton then compiles the kernel
+    for their values (loop bounds, strides and sizes folded in). Deterministic: the same source and
+    names give the same text and key."""
+    names = set(names)
+    if not names:
+        return src
+    m = next(m for m in _DEF_RE.finditer(src.text) if m.group(1) == src.name)
+    params = []
+    for p in m.group(2).split(","):
+        name = p.split(":")[0].strip()
+        params.append(f"{name}: tl.constexpr" if name in names and ":" not in p else p.strip())
+    head = f"def {src.name}({', '.join(params)}):"
+    text = src.text[:m.start()] + head + src.text[m.end():]
+    text = text.replace("\n", f"\n# specialized: {', '.join(sorted(names))}\n", 1)
+    return KernelSource(src.name, text)
+
+
 _lock = threading.Lock()
 _loaded: dict = {}
 
 
-def load_kernel(src: KernelSource, interpret: bool):
-    """The Triton kernel for ``src``: a JITFunction, or an InterpretedFunction for the CPU."""
-    cache_key = (src.key, interpret)
+def load_kernel(src: KernelSource, interpret: bool, generic: bool = False):
+    """The Triton kernel for ``src``: a JITFunction, or an InterpretedFunction for the CPU.
+
+    ``generic`` compiles one binary for every value of the runtime arguments: Triton specializes
+    none of them (no divisibility or value-1 specialization), so a new shape never compiles again.
+    """
+    cache_key = (src.key, interpret, generic and not interpret)
     fn = _loaded.get(cache_key)
     if fn is not None:
         return fn
     with _lock:
         fn = _loaded.get(cache_key)
         if fn is None:
-            fn = _build(src, interpret)
+            fn = _build(src, interpret, generic)
             _loaded[cache_key] = fn
     return fn
 
 
-def _build(src: KernelSource, interpret: bool):
+def _build(src: KernelSource, interpret: bool, generic: bool):
     filename = f"<rtxjit-{src.name}-{src.short_key}>"
     linecache.cache[filename] = (len(src.text), None, src.text.splitlines(True), filename)
     namespace: dict = {"__name__": f"rtxjit_generated_{src.short_key}"}
@@ -62,7 +96,30 @@ def _build(src: KernelSource, interpret: bool):
     if interpret:
         from triton.runtime.interpreter import InterpretedFunction
 
-        return InterpretedFunction(fn)
+        return _Serialized(InterpretedFunction(fn))
     from triton.runtime.jit import JITFunction
 
+    if generic:
+        runtime = [name for name, const in parameters(src) if not const]
+        return JITFunction(fn, do_not_specialize=runtime)
     return JITFunction(fn)  # on the GPU: compiled on first launch, cached by Triton
+
+
+_interpreter_lock = threading.RLock()
+
+
+class _Serialized:
+    """An interpreted kernel whose launches hold one process-wide lock: Triton's interpreter patches
+    ``triton.language`` while a kernel runs, so two threads must not run kernels at once."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __getitem__(self, grid):
+        launch = self.fn[grid]
+
+        def run(*args, **kwargs):
+            with _interpreter_lock:
+                return launch(*args, **kwargs)
+
+        return run

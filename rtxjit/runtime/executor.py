@@ -1,19 +1,26 @@
-"""Runs a plan: binds buffers and launches its precomputed list of kernels."""
+"""Runs a plan: binds buffers and launches its precomputed list of kernels.
+
+An ``Executable`` is one binding of input shapes made ready to launch. It holds one or two
+*variants* of its launch list (see runtime/jit.py): the shape-generic fallback, ready at once, and
+later the specialized one, which the background specializer builds, checks and installs with one
+reference assignment. The hot path reads ``active`` once per run.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import threading
 import warnings
+from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
 
-from rtxjit.codegen.source import load_kernel
+from rtxjit.codegen.source import load_kernel, specialize
 from rtxjit.errors import KernelError
-from rtxjit.runtime import autotune
 from rtxjit.runtime.memory import plan_arena
-from rtxjit.runtime.plan import Buf, Plan
+from rtxjit.runtime.plan import Buf, Launch, Plan
 
 TORCH_DTYPES = {
     "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64,
@@ -21,16 +28,58 @@ TORCH_DTYPES = {
     "bool": torch.bool, "fp8e4m3": torch.float8_e4m3fn, "fp8e5m2": torch.float8_e5m2,
 }
 
+GENERIC, SPECIALIZED = "generic", "specialized"
+
 
 def torch_dtype(dtype) -> torch.dtype:
     return TORCH_DTYPES[dtype.short]
 
 
-class Executable:
-    """A plan made ready to launch: kernels loaded, constants on the device, intermediates placed in
-    one arena, arguments bound once. Per run only the inputs and the (fresh) outputs are bound.
+def shape_params(step: Launch) -> list:
+    """Names of the kernel parameters that a specialized kernel takes as constants: the integer
+    arguments that are not buffer offsets (an offset is the integer right after a buffer pointer;
+    offsets differ between the layers that share a kernel, so they stay runtime arguments)."""
+    from rtxjit.codegen.source import parameters
 
-    On a GPU, the second run of a binding captures the whole launch list as a CUDA graph; later
+    names = [name for name, _ in parameters(step.kernel)]
+    out = []
+    for j, a in enumerate(step.args):
+        if isinstance(a, int) and not isinstance(a, bool) and not (j > 0 and isinstance(step.args[j - 1], Buf)):
+            out.append(names[j])
+    return out
+
+
+def specialized_source(step: Launch):
+    """The source of ``step``'s specialized kernel (tests may replace this function)."""
+    return specialize(step.kernel, shape_params(step))
+
+
+@dataclass
+class Variant:
+    """One launch list of a binding, bound to an arena; on a GPU, its CUDA graph once captured.
+
+    ``launches`` holds ``(launcher, args, slots, constexprs, step)``: ``slots`` are the argument
+    positions bound per run (inputs and outputs). ``kinds[i]`` says which kernel serves step i.
+    """
+
+    kinds: list
+    launches: list
+    arena: torch.Tensor
+    static: dict
+    runs: int = 0
+    graph: Optional[object] = None
+    graph_bufs: dict = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return SPECIALIZED if any(k == SPECIALIZED for k in self.kinds) else GENERIC
+
+
+class Executable:
+    """A plan made ready to launch: constants on the device, intermediates placed in one arena,
+    arguments bound once. Per run only the inputs and the (fresh) outputs are bound.
+
+    On a GPU, the second run of a variant captures its whole launch list as a CUDA graph; later
     runs copy the inputs into the graph's static buffers and replay it.
     """
 
@@ -43,34 +92,22 @@ class Executable:
         out_bufs = {v.buf for v in plan.outputs.values()}
         used = out_bufs | {a.index for step in plan.steps for a in step.args if isinstance(a, Buf)}
         self.arena_plan = plan_arena(plan, exclude=out_bufs)
-        self.arena = torch.empty(self.arena_plan.size, dtype=torch.uint8, device=self.tdev)
-        static: dict = {}
+        self.constants: dict = {}
         self.per_run = []  # (buffer index, numel, torch dtype): graph outputs and unplaced temps
         for i, spec in enumerate(plan.buffers):
             if spec.role == "const":
                 if spec.data is not None:
-                    static[i] = self._plan_constant(spec, {} if plan_consts is None else plan_consts)
+                    self.constants[i] = self._plan_constant(spec, {} if plan_consts is None else plan_consts)
                 else:
-                    static[i] = const_tensors[spec.name]
-            elif spec.role == "temp" and i in self.arena_plan.offsets:
-                off = self.arena_plan.offsets[i]
-                nbytes = spec.numel * spec.dtype.itemsize
-                static[i] = self.arena[off:off + nbytes].view(torch_dtype(spec.dtype))
-            elif spec.role == "temp" and i in used:
+                    self.constants[i] = const_tensors[spec.name]
+            elif spec.role == "temp" and i not in self.arena_plan.offsets and i in used:
                 self.per_run.append((i, spec.numel, torch_dtype(spec.dtype)))
-        self.constants = {i: t for i, t in static.items() if plan.buffers[i].role == "const"}
         self.inputs = dict(plan.inputs)
-        self.launches = []
-        for step in plan.steps:
-            fn = load_kernel(step.kernel, device.interpret)
-            args = [static.get(a.index, a) if isinstance(a, Buf) else a for a in step.args]
-            slots = tuple(j for j, a in enumerate(args) if isinstance(a, Buf))
-            self.launches.append((fn[step.grid], args, slots, step.constexprs, step))
-        # launches with several tile configurations, timed at the first run (before any capture)
-        self.untuned = {j for j, step in enumerate(plan.steps) if step.choices} if autotune.enabled() else set()
-        self.runs = 0
-        self.graph = None
         self.use_cuda_graph = cuda_graphs and device.kind == "cuda"
+        self.generic = self.variant([GENERIC] * len(plan.steps))
+        self.active = self.generic  # the hot path's variant; replaced whole by ``install``
+        self.served = self.generic  # the variant of the last run
+        self.key = None  # the session's key of this binding (set by the session)
 
     def _plan_constant(self, spec, shared: dict) -> torch.Tensor:
         """A constant the lowering made (a pre-transposed conv weight, a fill value) on the device,
@@ -84,81 +121,110 @@ class Executable:
             shared[key] = tensor
         return tensor
 
+    # -- variants
+    def variant(self, kinds: list, configs: dict = None) -> Variant:
+        """A launch list over a new arena: step i runs its ``kinds[i]`` kernel; a specialized step
+        takes ``configs[i]`` (grid, constexprs) if given, else the plan's configuration."""
+        arena = torch.empty(self.arena_plan.size, dtype=torch.uint8, device=self.tdev)
+        static = dict(self.constants)
+        for i, off in self.arena_plan.offsets.items():
+            spec = self.plan.buffers[i]
+            static[i] = arena[off:off + spec.numel * spec.dtype.itemsize].view(torch_dtype(spec.dtype))
+        launches = []
+        for i, (step, kind) in enumerate(zip(self.plan.steps, kinds)):
+            args = [static.get(a.index, a) if isinstance(a, Buf) else a for a in step.args]
+            slots = tuple(j for j, a in enumerate(args) if isinstance(a, Buf))
+            fn, grid, constexprs = self.kernel(step, kind, (configs or {}).get(i))
+            launches.append((fn[grid], args, slots, constexprs, step))
+        return Variant(list(kinds), launches, arena, static)
+
+    def kernel(self, step: Launch, kind: str, config: tuple = None) -> tuple:
+        """``(kernel, grid, constexprs)`` of ``step``'s ``kind`` kernel."""
+        interpret = self.device.interpret
+        if kind == GENERIC:
+            return load_kernel(step.kernel, interpret, generic=True), step.generic_grid, step.generic_constexprs
+        grid, constexprs = config or (step.grid, step.constexprs)
+        return load_kernel(specialized_source(step), interpret), grid, constexprs
+
+    def install(self, variant: Variant) -> None:
+        """Serve ``variant`` from the next run on (one reference assignment under the run lock:
+        a run in progress finishes on the old variant)."""
+        with self.lock:
+            self.active = variant
+
     @property
     def activation_bytes(self) -> int:
         """Intermediate memory: the arena plus one run's outputs."""
         outputs = sum(n * torch.empty((), dtype=dt).element_size() for _, n, dt in self.per_run)
         return self.arena_plan.size + outputs
 
+    # -- running
     def run(self, feeds: dict) -> dict:
         with self.lock:
-            if self.graph is not None:
-                return self._replay(feeds)
-            bufs = {idx: feeds[name] for name, idx in self.inputs.items()}
-            for i, numel, dt in self.per_run:
-                bufs[i] = torch.empty(numel, dtype=dt, device=self.tdev)
-            self._launch_all(bufs)
-            self.runs += 1
-            out = self._outputs(bufs)
-            if self.use_cuda_graph and self.runs == 2:
-                self._capture(feeds)
+            v = self.served = self.active
+            if v.graph is not None:
+                return self._replay(v, feeds)
+            bufs = self.fresh_buffers(feeds)
+            launch_all(v.launches, bufs)
+            v.runs += 1
+            out = self.outputs(bufs)
+            if self.use_cuda_graph and v.runs == 2:
+                self.capture(v, feeds)
             return out
 
-    def _launch_all(self, bufs: dict) -> None:
-        for i, (launcher, args, slots, constexprs, step) in enumerate(self.launches):
-            if slots:
-                args = list(args)
-                for j in slots:
-                    args[j] = bufs[args[j].index]
-            try:
-                if i in self.untuned:
-                    launcher, constexprs = self._tune(i, args)
-                launcher(*args, **constexprs)
-            except Exception as exc:  # a compile or launch failure names the node and kernel
-                raise KernelError(f"kernel {step.kernel.name}:{step.kernel.short_key} of node '{step.node}' "
-                                  f"failed: {type(exc).__name__}: {exc}") from exc
+    def fresh_buffers(self, feeds: dict) -> dict:
+        bufs = {idx: feeds[name] for name, idx in self.inputs.items()}
+        for i, numel, dt in self.per_run:
+            bufs[i] = torch.empty(numel, dtype=dt, device=self.tdev)
+        return bufs
 
-    def _tune(self, i: int, args: list) -> tuple:
-        """Time launch ``i``'s configurations on its live arguments; keep the fastest from now on."""
-        launcher, unbound, slots, _, step = self.launches[i]
-        fn = load_kernel(step.kernel, self.device.interpret)
-        best = autotune.choose(step.tune_key, list(step.choices),
-                               lambda c: fn[step.choices[c][0]](*args, **step.choices[c][1]))
-        grid, constexprs = step.choices[best]
-        self.launches[i] = (fn[grid], unbound, slots, constexprs, step)
-        self.untuned.discard(i)
-        return fn[grid], constexprs
-
-    def _outputs(self, bufs: dict) -> dict:
+    def outputs(self, bufs: dict) -> dict:
         out = {}
         for name, v in self.plan.outputs.items():
             out[name] = bufs[v.buf][v.offset:v.offset + v.numel].view(v.shape)
         return out
 
-    def _capture(self, feeds: dict) -> None:
-        """Record the launch list into a CUDA graph over static input and output buffers."""
+    def capture(self, v: Variant, feeds: dict) -> bool:
+        """Record ``v``'s launch list into a CUDA graph over static input and output buffers. The
+        capture is thread-local: work another thread launches meanwhile is not disturbed."""
         bufs = {idx: torch.empty_like(feeds[name]) for name, idx in self.inputs.items()}
         for name, idx in self.inputs.items():
             bufs[idx].copy_(feeds[name])
         for i, numel, dt in self.per_run:
             bufs[i] = torch.empty(numel, dtype=dt, device=self.tdev)
         try:
+            here = torch.cuda.current_stream()
             side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
+            side.wait_stream(here)
             with torch.cuda.stream(side):
-                self._launch_all(bufs)  # warm: every kernel compiled and loaded before capture
-            torch.cuda.current_stream().wait_stream(side)
+                launch_all(v.launches, bufs)  # warm: every kernel compiled and loaded before capture
+            here.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._launch_all(bufs)
+            with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+                launch_all(v.launches, bufs)
+            here.wait_stream(side)
         except Exception as exc:  # graphs are an optimization: keep launching kernel by kernel
             warnings.warn(f"rtxjit: CUDA graph capture failed, running without it: {exc}")
             self.use_cuda_graph = False
-            return
-        self.graph, self.graph_bufs = graph, bufs
+            return False
+        v.graph, v.graph_bufs = graph, bufs
+        return True
 
-    def _replay(self, feeds: dict) -> dict:
+    def _replay(self, v: Variant, feeds: dict) -> dict:
         for name, idx in self.inputs.items():
-            self.graph_bufs[idx].copy_(feeds[name])
-        self.graph.replay()
-        return {k: v.clone() for k, v in self._outputs(self.graph_bufs).items()}
+            v.graph_bufs[idx].copy_(feeds[name])
+        v.graph.replay()
+        return {k: t.clone() for k, t in self.outputs(v.graph_bufs).items()}
+
+
+def launch_all(launches: list, bufs: dict) -> None:
+    for launcher, args, slots, constexprs, step in launches:
+        if slots:
+            args = list(args)
+            for j in slots:
+                args[j] = bufs[args[j].index]
+        try:
+            launcher(*args, **constexprs)
+        except Exception as exc:  # a compile or launch failure names the node and kernel
+            raise KernelError(f"kernel {step.kernel.name}:{step.kernel.short_key} of node '{step.node}' "
+                              f"failed: {type(exc).__name__}: {exc}") from exc

@@ -22,6 +22,26 @@ from rtxjit.ir.registry import get_op
 from rtxjit.ir.types import DType, TensorType, is_static
 
 WIDE_LIMIT = 2**31 - 1
+POINTWISE_CAP = 1024  # elements per program of a flat kernel on the GPU
+
+
+def _grid(grid) -> tuple:
+    return tuple(int(g) for g in grid)
+
+
+def _plain(args) -> tuple:
+    """Launch arguments as Python scalars (numpy integers would not specialize as constexprs)."""
+    out = []
+    for a in args:
+        if isinstance(a, (bool, np.bool_)):
+            out.append(bool(a))
+        elif isinstance(a, (int, np.integer)):
+            out.append(int(a))
+        elif isinstance(a, (float, np.floating)):
+            out.append(float(a))
+        else:
+            out.append(a)
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -42,6 +62,17 @@ class Launch:
     # grid/constexprs above, and the key the chosen one is remembered under; empty = fixed launch
     choices: tuple = ()
     tune_key: tuple = ()
+    # the shape-generic fallback: (grid, constexprs) of a configuration that does not depend on the
+    # binding's dynamic sizes, so one compiled kernel serves every shape (see runtime/jit.py)
+    generic: tuple = ()
+
+    @property
+    def generic_grid(self) -> tuple:
+        return self.generic[0] if self.generic else self.grid
+
+    @property
+    def generic_constexprs(self) -> dict:
+        return self.generic[1] if self.generic else self.constexprs
 
 
 @dataclass
@@ -93,22 +124,39 @@ class LowerCtx:
     def where(self) -> str:
         return f"node '{self.node.name}' ({self.node.op})"
 
-    def launch(self, src: KernelSource, grid: tuple, args: list, **constexprs) -> None:
+    def launch(self, src: KernelSource, grid: tuple, args: list, generic: tuple = (), **constexprs) -> None:
+        """Launch ``src`` over ``grid`` with ``constexprs`` (the configuration for this binding's
+        sizes). ``generic`` is ``(grid, constexprs)`` of a configuration chosen without the dynamic
+        sizes, for the shape-generic fallback kernel; leave it out where ``constexprs`` never depend
+        on them. On the interpreter the fallback takes the binding's configuration (nothing is
+        compiled there, and the interpreter's cost is per program)."""
         if any(g == 0 for g in grid):
             return
-        self._b.plan.steps.append(Launch(src, tuple(int(g) for g in grid), tuple(args), constexprs, self.node.name))
+        self._b.plan.steps.append(Launch(src, _grid(grid), _plain(args), constexprs, self.node.name,
+                                         generic=self._generic(generic)))
         self.kernels.append(f"{src.name}:{src.short_key}")
 
-    def launch_tuned(self, src: KernelSource, choices: list, args: list, tune_key: tuple) -> None:
+    def launch_tuned(self, src: KernelSource, choices: list, args: list, tune_key: tuple, generic: tuple = ()) -> None:
         """Like ``launch``, with several ``(grid, constexprs)`` configurations: the first runs until
         the executor has timed them all on the GPU (once per ``tune_key``, see runtime/autotune.py)."""
-        choices = [(tuple(int(g) for g in grid), cx) for grid, cx in choices]
+        choices = [(_grid(grid), cx) for grid, cx in choices]
         grid, constexprs = choices[0]
         if any(g == 0 for g in grid):
             return
         tuned = tuple(choices) if len(choices) > 1 and not self.interpret else ()
-        self._b.plan.steps.append(Launch(src, grid, tuple(args), constexprs, self.node.name, tuned, tune_key))
+        self._b.plan.steps.append(Launch(src, grid, _plain(args), constexprs, self.node.name, tuned, tune_key,
+                                         generic=self._generic(generic)))
         self.kernels.append(f"{src.name}:{src.short_key}")
+
+    def _generic(self, generic: tuple) -> tuple:
+        if not generic or self.interpret:
+            return ()
+        grid, constexprs = generic
+        return _grid(grid), dict(constexprs)
+
+    def generic_block(self, n: int) -> tuple:
+        """``(grid, {"BLOCK": b})`` of a flat kernel over ``n`` elements in blocks of the cap."""
+        return (-(-n // POINTWISE_CAP),), {"BLOCK": POINTWISE_CAP}
 
     @property
     def sm(self):
@@ -170,7 +218,7 @@ class LowerCtx:
         args += [n, *shape, *strides[0]]
         for st in strides[1:]:
             args += list(st)
-        self.launch(src, (-(-n // block),), args, BLOCK=block)
+        self.launch(src, (-(-n // block),), args, generic=self.generic_block(n), BLOCK=block)
 
     def copy(self, src: View, dst: View) -> None:
         self.pointwise("x0", [src], dst)
@@ -194,7 +242,7 @@ class PlanBuilder:
         return max(v.offset + sum((d - 1) * abs(s) for d, s in zip(v.shape, v.strides)) for v in views)
 
     def pointwise_block(self, n: int) -> int:
-        cap = 4096 if self.interpret else 1024
+        cap = 4096 if self.interpret else POINTWISE_CAP
         block = 128
         while block < n and block < cap:
             block *= 2

@@ -15,7 +15,7 @@ from rtxjit.errors import InputError
 from rtxjit.ir.graph import Graph
 from rtxjit.ir.types import DType, TensorType
 from rtxjit.passes.precision_legality import check_precision
-from rtxjit.runtime import autotune
+from rtxjit.runtime import autotune, jit
 from rtxjit.runtime.cache import model_key, open_cache
 from rtxjit.runtime.device import Device, detect
 from rtxjit.runtime.executor import Executable, torch_dtype
@@ -58,11 +58,18 @@ class InferenceSession:
     profile from the model's symbolic dims. ``last_profile`` is the index of the profile that served
     the last run.
     ``runtime_cache`` (a ``RuntimeCache`` or a directory; None: RTXJIT_RUNTIME_CACHE, if set) keeps
-    tile choices across processes and counts each new binding of input shapes.
+    compiled kernels (on a GPU) and tile choices across processes, and counts each new binding of
+    input shapes (the next process specializes the most frequent first).
+    ``specialize`` ("lazy", "eager" or "none"; None: RTXJIT_SPECIALIZE, else "lazy" on a GPU and
+    "none" under the interpreter) says when shape-specialized kernels replace the generic ones that
+    serve a new binding of input shapes at once (see ``rtxjit.runtime.jit``):
+    in the background, before the binding's first run returns, or never.
+    ``wait_for_specialization(timeout)`` waits for the background work; ``jit_stats()`` reports it.
     """
 
     def __init__(self, model, device: Optional[str] = None, providers=None, optimize: bool = True,
-                 precision: Optional[str] = None, profiles=None, runtime_cache=None):
+                 precision: Optional[str] = None, profiles=None, runtime_cache=None,
+                 specialize: Optional[str] = None):
         if isinstance(model, Graph):
             self.graph = model
         else:
@@ -82,6 +89,13 @@ class InferenceSession:
         self.device: Device = detect(device)
         if self.device.sm is not None:
             check_precision(self.graph, self.device.sm)
+        self.specialize = jit.resolve_mode(specialize or config.specialize_mode(), self.device)
+        self._jit = jit.Stats()
+        self._histogram = self._seen_shapes()
+        if self.runtime_cache is not None and self.device.kind == "cuda":
+            from rtxjit.runtime import kernel_store
+
+            kernel_store.activate(self.runtime_cache)
         self._tdev = torch.device(self.device.torch_device)
         self._lock = threading.Lock()
         self._executables: dict = {}
@@ -111,16 +125,16 @@ class InferenceSession:
         key = tuple((n, t.shape, t.dtype) for n, t in types.items()) + tuple(
             (n, v.tobytes()) for n, v in sorted(host_values.items()))
         exe = self._executables.get(key)
+        fresh = False
         if exe is None:
             self._profile_of[key] = select(self.profiles, {n: t.shape for n, t in types.items()})
             with self._lock:
                 exe = self._executables.get(key)
                 if exe is None:
-                    plan = PlanBuilder(self.graph, self.device, frozenset(self._const_tensors)).build(types, host_values)
-                    exe = Executable(plan, self.device, self._const_tensors, plan_consts=self._plan_consts)
-                    self._executables[key] = exe
-                    if self.runtime_cache is not None:
-                        self._note_binding(plan, types)
+                    exe = self._new_executable(key, types, host_values)
+                    fresh = True
+        if fresh and self.specialize != "none":
+            self._specialize(exe, tensors, types)
         self.last_trace = exe.plan.trace
         self.last_executable = exe
         self.last_profile = self._profile_of[key]
@@ -128,6 +142,62 @@ class InferenceSession:
         out = [results[n] for n in names]
         if as_numpy:
             return [t.cpu().numpy() for t in out]
+        return out
+
+    def _new_executable(self, key, types: dict, host_values: dict) -> Executable:
+        from rtxjit.runtime import compiler
+
+        plan = PlanBuilder(self.graph, self.device, frozenset(self._const_tensors)).build(types, host_values)
+        exe = Executable(plan, self.device, self._const_tensors, plan_consts=self._plan_consts)
+        exe.key = key
+        compiles, hits = compiler.prepare_generic(exe)
+        self._jit.add(compiles=compiles, cache_hits=hits)
+        self._executables[key] = exe
+        if self.runtime_cache is not None:
+            self._note_binding(plan, types)
+        return exe
+
+    def _specialize(self, exe: Executable, tensors: dict, types: dict) -> None:
+        shapes = {n: t.shape for n, t in types.items()}
+        if self.specialize == "eager":
+            self._jit.add(pending=1)
+            jit.specialize_now(exe, jit.snapshot(exe, tensors), self._jit)
+        else:
+            jit.specializer().submit(exe, jit.snapshot(exe, tensors), self._jit,
+                                     jit.frequency(self._histogram, shapes))
+
+    def _seen_shapes(self) -> dict:
+        """The runtime cache's histogram of this model's shape bindings (earlier processes)."""
+        if self.runtime_cache is None:
+            return {}
+        try:
+            return jit.histogram_of(self.runtime_cache.most_frequent_shapes(self._model_key, n=64))
+        except (OSError, ValueError):
+            return {}
+
+    def wait_for_specialization(self, timeout: Optional[float] = None) -> bool:
+        """Wait until every binding queued for specialization is done (installed, rejected or
+        failed); False if ``timeout`` seconds pass first."""
+        return jit.wait(self._jit, timeout)
+
+    def jit_stats(self) -> dict:
+        """Counters of the JIT: kernels compiled and loaded from caches, bindings pending and
+        specialized, kernels rejected by the check, failures; and, per node of the last run, which
+        kernel served it ("generic" or "specialized")."""
+        s = self._jit
+        with s.lock:
+            out = {"mode": self.specialize, "compiles": s.compiles, "cache_hits": s.cache_hits,
+                   "pending": s.pending, "specialized": s.specialized, "rejected": s.rejected,
+                   "failed": s.failed, "dropped": s.dropped, "errors": list(s.errors)}
+        served = {}
+        exe = self.last_executable
+        if exe is not None:
+            v = exe.served
+            for kind, step in zip(v.kinds, exe.plan.steps):
+                served.setdefault(step.node, set()).add(kind)
+            out["last_run"] = v.kind
+        out["served"] = {node: "specialized" if kinds == {"specialized"} else "generic" if kinds == {"generic"}
+                         else "mixed" for node, kinds in served.items()}
         return out
 
     @property

@@ -257,6 +257,17 @@ def tile_configs(m: int, n: int, k: int, dtype: DType, interpret: bool, sm: int 
     return [r[3] for r in ranked[:TUNE_CANDIDATES]]
 
 
+def generic_tile_config(a_dtype: DType, k_cap: int = None) -> dict:
+    """The configuration of the shape-generic fallback kernel on a GPU: moderate 64x64 tiles that
+    suit any size, chosen without the sizes (``k_cap``, Conv's channels per tap, is the model's)."""
+    bk = 16 if a_dtype is DType.FP64 else 32
+    if k_cap is not None:
+        bk = max(16, min(bk, _next_pow2(k_cap)))
+    bm = bn = 32 if a_dtype is DType.FP64 else 64
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "EVEN_K": False, "num_warps": 4,
+            "num_stages": 3}
+
+
 def tile_config(m: int, n: int, k: int, dtype: DType, interpret: bool) -> dict:
     """Block sizes (and warps) of the interpreter and of fp64: each a power of two, at least 16
     (the smallest ``tl.dot`` tile), no larger than the problem needs.

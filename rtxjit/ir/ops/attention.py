@@ -110,6 +110,9 @@ def _(ctx, q, k, v, mask=None, *, scale=1.0, q_perm=IDENTITY, k_perm=IDENTITY, v
     _launch(ctx, views, float(scale))
 
 
+GENERIC_ROWS = 1 << 20  # sequence length the fallback's blocks are chosen for: any (its blocks are the caps)
+
+
 def _launch(ctx, views: list, scale: float) -> None:
     """Launch the kernel on ``views`` = [Q, K, V, O] (+ mask), each a logical 4-D view."""
     q, k, v, out = views[:4]
@@ -125,4 +128,6 @@ def _launch(ctx, views: list, scale: float) -> None:
         args += list(x.strides)
     cfg = attention_config(sq, sk, dk, dv, q.dtype, ctx.interpret)
     grid = (-(-sq // cfg["BLOCK_M"]), out.shape[0] * out.shape[1])
-    ctx.launch(src, grid, args, **cfg)
+    gen = attention_config(GENERIC_ROWS, GENERIC_ROWS, dk, dv, q.dtype, ctx.interpret)  # head dims are the model's
+    generic = (-(-sq // gen["BLOCK_M"]), out.shape[0] * out.shape[1]), gen
+    ctx.launch(src, grid, args, generic=generic, **cfg)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from rtxjit.codegen.templates.epilogue import FusedEpilogue
-from rtxjit.codegen.templates.matmul import render_matmul, tile_configs, tile_count, unit_strides
+from rtxjit.codegen.templates.matmul import generic_tile_config, render_matmul, tile_configs, tile_count, unit_strides
 from rtxjit.codegen.view import View
 from rtxjit.errors import ModelError, ShapeError, UnsupportedOpError
 from rtxjit.ir.registry import Kind, Rand, Sample, op
@@ -111,7 +111,9 @@ def launch_tiles(ctx, src, args: list, m: int, n: int, k: int, dtype, nbatch: in
     cfgs = tile_configs(m, n, k, dtype, ctx.interpret, sm=ctx.sm or 90,
                         sm_count=autotune.sm_count() if on_gpu else 1, batch=nbatch, k_cap=k_cap)
     choices = [((tile_count(m, n, c), nbatch), c) for c in cfgs]
-    ctx.launch_tuned(src, choices, args, autotune.tune_key(src.key, ctx.sm, m, n, k, nbatch))
+    generic = generic_tile_config(a_dtype=dtype, k_cap=k_cap)
+    ctx.launch_tuned(src, choices, args, autotune.tune_key(src.key, ctx.sm, m, n, k, nbatch),
+                     generic=((tile_count(m, n, generic), nbatch), generic))
 
 
 # --- MatMul

@@ -128,8 +128,11 @@ def _avg_pool_ref(x, g: WindowGeometry, count_include_pad: int):
 
 # ---- lowering ----------------------------------------------------------------------------------
 
+POOL_CAP = 256  # outputs per program on the GPU
+
+
 def _pool_block(n: int, interpret: bool) -> int:
-    cap = 4096 if interpret else 256
+    cap = 4096 if interpret else POOL_CAP
     block = 64
     while block < n and block < cap:
         block *= 2
@@ -160,7 +163,8 @@ def lower_pool(ctx, x, g: WindowGeometry, mode: str, count_include_pad: int = 0,
     if indices is not None:
         args += list(contiguous_strides(spatial[::-1])[::-1] if storage_order else strides)
     block = _pool_block(n, ctx.interpret)
-    ctx.launch(src, (-(-n // block),), args, BLOCK=block)
+    generic = (-(-n // POOL_CAP),), {"BLOCK": POOL_CAP}
+    ctx.launch(src, (-(-n // block),), args, generic=generic, BLOCK=block)
 
 
 # ---- MaxPool / AveragePool ---------------------------------------------------------------------

@@ -27,6 +27,9 @@ def _pow2(n: int) -> int:
     return p
 
 
+GENERIC_ROW_BLOCKS = (4, 1024)  # (BLOCK_R, BLOCK_C) of the shape-generic fallback on the GPU (rows loop)
+
+
 def row_blocks(n_rows: int, n_cols: int, interpret: bool) -> tuple:
     """``(BLOCK_R, BLOCK_C, ONE_BLOCK)`` for rows of ``n_cols``: a row fits one block up to a cap
     (longer rows loop), and short rows pack into tiles of about ``tile`` elements. The interpreter
@@ -67,7 +70,9 @@ def row_reduce(ctx, x: View, axes: list, mode: str, out: View, *, scale: Optiona
     for st in cstrides:
         args += list(st)
     block_r, block_c, one = row_blocks(n_rows, n_cols, ctx.interpret)
-    ctx.launch(src, (-(-n_rows // block_r),), args, BLOCK_R=block_r, BLOCK_C=block_c, ONE_BLOCK=one)
+    gen_r, gen_c = GENERIC_ROW_BLOCKS
+    generic = (-(-n_rows // gen_r),), {"BLOCK_R": gen_r, "BLOCK_C": gen_c, "ONE_BLOCK": False}
+    ctx.launch(src, (-(-n_rows // block_r),), args, generic=generic, BLOCK_R=block_r, BLOCK_C=block_c, ONE_BLOCK=one)
 
 
 # ---- ReduceSum / ReduceMean / ReduceMax / ReduceMin --------------------------------------------

@@ -1,0 +1,268 @@
+"""Compiling kernels before their first launch: in parallel, and off the serving thread.
+
+A kernel is compiled by Triton's own JIT path (``JITFunction.warmup``: the same cache key as a
+launch, so the launch that follows finds the binary), and its launcher is built and loaded then too.
+
+- ``prepare_generic``: a new session's generic kernels, compiled by a pool of threads in this
+  process before the first run (the caller waits anyway; Triton's compiler and ``ptxas`` overlap).
+- ``prepare_specialized``: a binding's specialized kernels (every tile configuration offered). In the
+  background on a GPU they are compiled by worker processes (``spawn``), which write Triton's cache;
+  this process then only loads them. Compiling in threads of this process would hold the GIL for
+  up to ~100 ms at a time (measured on an H100 with triton 3.6), stalling the serving thread.
+
+Counting: a Triton compilation listener counts compilations and cache loads per calling thread;
+workers return their counts. Under Triton's interpreter nothing is compiled: preparing a kernel
+builds its interpreted function, counted as a compile.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
+from rtxjit.runtime.executor import GENERIC, SPECIALIZED, Executable, torch_dtype
+from rtxjit.runtime.plan import Buf
+
+THREADS = min(16, os.cpu_count() or 1)
+WORKERS = max(1, min(8, (os.cpu_count() or 2) // 2))
+
+_counts = threading.local()
+_listener_lock = threading.Lock()
+_listener_installed = False
+
+
+def _install_listener() -> None:
+    """Count Triton's compilations and cache hits in the calling thread (``_counting``)."""
+    global _listener_installed
+    with _listener_lock:
+        if _listener_installed:
+            return
+        import triton
+
+        compilation = getattr(getattr(triton, "knobs", None), "compilation", None)
+        if compilation is None or not hasattr(compilation, "listener"):
+            _listener_installed = True
+            return
+        previous = compilation.listener
+
+        def listener(*args, **kwargs):
+            tally = getattr(_counts, "tally", None)
+            if tally is not None:
+                tally[1 if kwargs.get("cache_hit") else 0] += 1
+            if previous is not None:
+                previous(*args, **kwargs)
+
+        compilation.listener = listener
+        _listener_installed = True
+
+
+class _counting:
+    """``with _counting() as tally``: tally == [compiles, cache hits] of Triton calls in this thread."""
+
+    def __enter__(self):
+        _install_listener()
+        self.outer = getattr(_counts, "tally", None)
+        _counts.tally = [0, 0]
+        return _counts.tally
+
+    def __exit__(self, *exc):
+        inner = _counts.tally
+        _counts.tally = self.outer
+        if self.outer is not None:
+            self.outer[0] += inner[0]
+            self.outer[1] += inner[1]
+        return False
+
+
+# --- what to compile ---------------------------------------------------------------------------
+
+def _items(exe: Executable, kind: str) -> list:
+    """``(source, generic, args, grid, constexprs)`` per distinct compilation of ``kind`` kernels:
+    pointer arguments as torch dtypes (Triton mocks them, 16-byte aligned as our buffers are)."""
+    items, seen = [], set()
+    for step in exe.plan.steps:
+        args = tuple(torch_dtype(exe.plan.buffers[a.index].dtype) if isinstance(a, Buf) else a for a in step.args)
+        if kind == GENERIC:
+            configs = [(step.generic_grid, step.generic_constexprs)]
+            src = step.kernel
+        else:
+            from rtxjit.runtime import autotune
+            from rtxjit.runtime.executor import specialized_source
+
+            configs = list(step.choices) if step.choices and autotune.enabled() else [(step.grid, step.constexprs)]
+            src = specialized_source(step)
+        for grid, constexprs in configs:
+            key = (src.key, kind, _arg_classes(args, kind == GENERIC), tuple(sorted(constexprs.items())))
+            if key not in seen:
+                seen.add(key)
+                items.append((src, kind == GENERIC, args, grid, dict(constexprs)))
+    return items
+
+
+def _arg_classes(args: tuple, generic: bool) -> tuple:
+    """What Triton's specialization sees of the arguments (equal classes: one compilation)."""
+    out = []
+    for a in args:
+        if isinstance(a, bool) or not isinstance(a, int):
+            out.append(str(a) if not isinstance(a, float) else "f")
+        elif generic:
+            out.append("i" if -2**31 <= a < 2**31 else "l")
+        else:
+            out.append((a, a % 16 == 0, a == 1))
+    return tuple(out)
+
+
+def _warm(src, generic: bool, args: tuple, grid: tuple, constexprs: dict) -> None:
+    """Compile one kernel and build its launcher (in this process)."""
+    from rtxjit.codegen.source import load_kernel
+
+    fn = load_kernel(src, False, generic=generic)
+    kernel = fn.warmup(*args, grid=grid, **constexprs)
+    if kernel is not None and hasattr(kernel, "_init_handles"):
+        kernel._init_handles()  # the launcher (a C module Triton builds and caches) and the module load
+
+
+# --- generic kernels, before the first run -------------------------------------------------------
+
+def prepare_generic(exe: Executable) -> tuple:
+    """Compile ``exe``'s generic kernels with a pool of threads; ``(compiles, cache hits)``."""
+    if exe.device.interpret:
+        return _prepare_interpreted(exe, GENERIC)
+    items = _items(exe, GENERIC)
+    with _counting() as tally:
+        _parallel(items)
+    return tally[0], tally[1]
+
+
+def _parallel(items: list) -> None:
+    lock = threading.Lock()
+    totals = [0, 0]
+
+    def one(item):
+        with _counting() as tally:
+            _warm(*item)
+        with lock:
+            totals[0] += tally[0]
+            totals[1] += tally[1]
+
+    if len(items) <= 1:
+        for item in items:
+            _warm(*item)
+        return
+    with ThreadPoolExecutor(min(THREADS, len(items)), thread_name_prefix="rtxjit-compile") as pool:
+        for f in [pool.submit(one, item) for item in items]:
+            f.result()  # a compile error surfaces here, naming the kernel through Triton
+    outer = getattr(_counts, "tally", None)
+    if outer is not None:
+        outer[0] += totals[0]
+        outer[1] += totals[1]
+
+
+def _prepare_interpreted(exe: Executable, kind: str) -> tuple:
+    from rtxjit.codegen import source
+
+    built = 0
+    for src, generic, *_ in _items(exe, kind):
+        if (src.key, True, False) not in source._loaded:
+            built += 1
+        source.load_kernel(src, True, generic=generic)
+    return built, 0
+
+
+# --- specialized kernels -------------------------------------------------------------------------
+
+def prepare_specialized(exe: Executable, background: bool) -> tuple:
+    """Compile ``exe``'s specialized kernels; ``(compiles, cache hits)``. In the background on a
+    GPU, worker processes compile and this thread only waits."""
+    if exe.device.interpret:
+        return _prepare_interpreted(exe, SPECIALIZED)
+    items = _items(exe, SPECIALIZED)
+    if not background:
+        with _counting() as tally:
+            _parallel(items)
+        return tally[0], tally[1]
+    pool = _worker_pool()
+    if pool is None:  # no worker processes here: compile in this thread
+        with _counting() as tally:
+            for item in items:
+                _warm(*item)
+        return tally[0], tally[1]
+    futures = [pool.submit(_worker_warm, src.name, src.text, generic, _portable(args), grid, constexprs)
+               for src, generic, args, grid, constexprs in items]
+    compiles = hits = 0
+    for f in futures:
+        c, h = f.result()
+        compiles += c
+        hits += h
+    return compiles, hits
+
+
+def _portable(args: tuple) -> tuple:
+    """Arguments for a worker process: torch dtypes by name."""
+    return tuple(("dtype", str(a).replace("torch.", "")) if a.__class__.__name__ == "dtype" else a for a in args)
+
+
+def _worker_warm(name: str, text: str, generic: bool, args: tuple, grid: tuple, constexprs: dict) -> tuple:
+    """In a worker process: compile one kernel from its generated text (sent by the parent, which
+    generated it) into Triton's cache; ``(compiles, cache hits)``."""
+    import torch
+
+    from rtxjit.codegen.source import KernelSource
+
+    real = tuple(getattr(torch, a[1]) if isinstance(a, tuple) and a and a[0] == "dtype" else a for a in args)
+    with _counting() as tally:
+        _warm(KernelSource(name, text), generic, real, grid, constexprs)
+    return tally[0], tally[1]
+
+
+_pool = None
+_pool_lock = threading.Lock()
+
+
+def _worker_pool():
+    """The process pool (spawned on first use, shut down at exit); None where it cannot start."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            try:
+                ctx = multiprocessing.get_context("spawn")
+                _pool = ProcessPoolExecutor(WORKERS, mp_context=ctx, initializer=_worker_init,
+                                            initargs=(dict(_worker_env()),))
+            except (OSError, ValueError):
+                _pool = False
+        return _pool or None
+
+
+def _worker_env() -> dict:
+    from rtxjit import config
+
+    env = {"RTXJIT_DEVICE": "cuda"}
+    for name in ("TRITON_CACHE_DIR", config.KERNEL_STORE_ENV):
+        if os.environ.get(name):
+            env[name] = os.environ[name]
+    return env
+
+
+def _worker_init(env: dict) -> None:
+    os.environ.update(env)
+    import rtxjit  # noqa: F401 - configures triton for the device first
+    from rtxjit.runtime import kernel_store
+
+    kernel_store.activate_from_env()
+
+
+def shutdown() -> None:
+    global _pool
+    with _pool_lock:
+        if _pool:
+            _pool.shutdown(wait=False, cancel_futures=True)
+        _pool = None
+
+
+def pool_started() -> Optional[bool]:
+    return None if _pool is None else bool(_pool)

@@ -1,0 +1,377 @@
+"""Just-in-time specialization: shape-generic kernels serve at once, specialized ones replace them.
+
+Each binding of input shapes (an ``Executable``) starts on its *generic* variant: every launch uses
+a kernel that Triton compiled without specializing any runtime argument, with a tile configuration
+chosen without the dynamic sizes (``Launch.generic``), so one binary serves every shape and a new
+shape compiles nothing. The first run of a binding enqueues it here (mode ``"lazy"``).
+
+The specializer's thread then, off the hot path:
+1. compiles the binding's *specialized* kernels: the same source with its shape arguments made
+   ``tl.constexpr`` (``executor.specialized_source``), every tile configuration the plan offers; on
+   a GPU in worker processes (runtime/compiler.py), so the serving thread never waits on the GIL;
+2. on a side stream, over its own arena and a snapshot of the binding's first live inputs: runs the
+   generic variant (the reference), times the tile configurations of tuned launches and keeps the
+   fastest (runtime/autotune.py), runs the specialized variant and compares every output within
+   the dtype's tolerance. A mismatch is traced to the launches that cause it (each specialized
+   alone among generic ones); those are discarded with a warning and never served;
+3. captures the new variant's CUDA graph (thread-local capture) and installs it with one reference
+   assignment (``Executable.install``): a run in progress finishes on the old variant.
+
+The queue is bounded, deduplicated per binding, and ordered by how often the runtime cache's
+histogram saw the binding's shapes in earlier processes (most frequent first), then by arrival.
+Modes: ``"lazy"`` (default on a GPU; background), ``"eager"`` (a binding is specialized in the
+calling thread before its first run returns), ``"none"`` (generic kernels only; the default under
+Triton's interpreter, where specializing gains nothing).
+"""
+
+from __future__ import annotations
+
+import atexit
+import heapq
+import itertools
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from rtxjit.errors import RtxjitError
+from rtxjit.runtime import autotune
+from rtxjit.runtime.executor import GENERIC, SPECIALIZED, Executable, launch_all
+
+MODES = ("lazy", "eager", "none")
+QUEUE_LIMIT = 256  # pending bindings; more are dropped (counted) and keep their generic kernels
+# relative tolerance (max |diff| over max |reference|) of the check, per output dtype
+CHECK_RTOL = {"fp64": 1e-6, "fp32": 1e-4, "fp16": 1e-2, "bf16": 1e-2, "fp8e4m3": 1.5e-1, "fp8e5m2": 2.5e-1}
+COMPILE_DELAY_S = 0.0  # test hook: a deterministic stand-in for compile time, added to each job
+
+
+def resolve_mode(mode: Optional[str], device) -> str:
+    if mode is None:
+        return "none" if device.interpret else "lazy"
+    if mode not in MODES:
+        raise RtxjitError(f"specialize='{mode}' is not a mode; use one of {', '.join(MODES)}")
+    return mode
+
+
+@dataclass
+class Stats:
+    """What the specializer did for one session (``InferenceSession.jit_stats()`` reports it)."""
+
+    compiles: int = 0  # kernels compiled for this session (specialized and generic)
+    cache_hits: int = 0  # kernels loaded from a cache instead
+    pending: int = 0  # bindings queued or being specialized
+    specialized: int = 0  # bindings whose specialized variant was installed
+    rejected: int = 0  # specialized kernels that failed the check (never served)
+    failed: int = 0  # bindings whose specialization raised (they keep their generic kernels)
+    dropped: int = 0  # bindings not queued because the queue was full
+    order: list = field(default_factory=list)  # binding keys in the order they were specialized
+    errors: list = field(default_factory=list)  # one line per failure
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    idle: threading.Condition = None
+
+    def __post_init__(self):
+        self.idle = threading.Condition(self.lock)
+
+    def add(self, **counts) -> None:
+        with self.lock:
+            for name, n in counts.items():
+                setattr(self, name, getattr(self, name) + n)
+            if self.pending == 0:
+                self.idle.notify_all()
+
+
+@dataclass(order=True)
+class _Job:
+    priority: tuple
+    exe: Executable = field(compare=False)
+    snapshot: dict = field(compare=False)
+    stats: Stats = field(compare=False)
+
+
+class Specializer:
+    """One background thread per process, shared by every session; a bounded priority queue."""
+
+    def __init__(self):
+        self._cv = threading.Condition()
+        self._heap: list = []
+        self._queued: set = set()  # id() of executables queued or running
+        self._seq = itertools.count()
+        self._thread: Optional[threading.Thread] = None
+        self._stop = False
+        self.paused = False  # test hook: hold the queue (jobs wait) until ``resume``
+
+    def submit(self, exe: Executable, snapshot: dict, stats: Stats, frequency: int = 0) -> bool:
+        """Queue ``exe`` (its first live inputs in ``snapshot``); False if it is already queued or
+        the queue is full."""
+        with self._cv:
+            if id(exe) in self._queued:
+                return False
+            if len(self._heap) >= QUEUE_LIMIT:
+                stats.add(dropped=1)
+                return False
+            self._queued.add(id(exe))
+            stats.add(pending=1)
+            heapq.heappush(self._heap, _Job((-frequency, next(self._seq)), exe, snapshot, stats))
+            self._start()
+            self._cv.notify()
+        return True
+
+    def cancel_pending(self) -> int:
+        """Drop every queued job (they keep their generic kernels); returns how many."""
+        with self._cv:
+            jobs, self._heap = self._heap, []
+            for job in jobs:
+                self._queued.discard(id(job.exe))
+        for job in jobs:
+            job.stats.add(pending=-1)
+        return len(jobs)
+
+    def pause(self) -> None:
+        with self._cv:
+            self.paused = True
+
+    def resume(self) -> None:
+        with self._cv:
+            self.paused = False
+            self._cv.notify_all()
+
+    def _start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name="rtxjit-specializer", daemon=True)
+            self._thread.start()
+
+    def shutdown(self) -> None:
+        """Stop the thread after its current job (at interpreter exit)."""
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and (self.paused or not self._heap):
+                    self._cv.wait()
+                if self._stop:
+                    for job in self._heap:
+                        job.stats.add(pending=-1)
+                    self._heap.clear()
+                    return
+                job = heapq.heappop(self._heap)
+            try:
+                specialize_now(job.exe, job.snapshot, job.stats, background=True)
+            finally:
+                with self._cv:
+                    self._queued.discard(id(job.exe))
+
+
+_specializer: Optional[Specializer] = None
+_specializer_lock = threading.Lock()
+
+
+def specializer() -> Specializer:
+    global _specializer
+    with _specializer_lock:
+        if _specializer is None:
+            _specializer = Specializer()
+            atexit.register(_specializer.shutdown)
+        return _specializer
+
+
+def snapshot(exe: Executable, feeds: dict) -> dict:
+    """Device copies of a run's inputs, kept for the check (a caller may reuse its tensors)."""
+    return {name: _copy(feeds[name]) for name in exe.inputs}
+
+
+# --- one job --------------------------------------------------------------------------------------
+
+def specialize_now(exe: Executable, feeds: dict, stats: Stats, background: bool = False) -> bool:
+    """Compile, tune, check and install ``exe``'s specialized variant; returns whether it was
+    installed. Failures are counted and warned about; the generic variant keeps serving."""
+    try:
+        stream = torch.cuda.Stream() if exe.device.kind == "cuda" else None
+        with torch.cuda.stream(stream) if stream is not None else _nothing():
+            if COMPILE_DELAY_S:
+                time.sleep(COMPILE_DELAY_S)
+            from rtxjit.runtime import compiler
+
+            compiles, hits = compiler.prepare_specialized(exe, background=background)
+            stats.add(compiles=compiles, cache_hits=hits)
+            variant, rejected = _checked_variant(exe, feeds)
+            stats.add(rejected=len(rejected))
+            if variant is None:
+                return False
+            if exe.use_cuda_graph:
+                exe.capture(variant, feeds)
+            if stream is not None:
+                stream.synchronize()
+        exe.install(variant)
+        with stats.lock:
+            stats.specialized += 1
+            stats.order.append(exe.key)
+        return True
+    except Exception as exc:  # noqa: BLE001 - a failed specialization leaves the fallback serving
+        warnings.warn(f"rtxjit: specialization of a binding failed; its generic kernels keep serving: "
+                      f"{type(exc).__name__}: {exc}", RuntimeWarning)
+        with stats.lock:
+            stats.failed += 1
+            stats.errors.append(f"{type(exc).__name__}: {exc}")
+        return False
+    finally:
+        stats.add(pending=-1)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _run(exe: Executable, variant, feeds: dict) -> dict:
+    bufs = exe.fresh_buffers(feeds)
+    launch_all(variant.launches, bufs)
+    return {k: _copy(v) for k, v in exe.outputs(bufs).items()}
+
+
+def _checked_variant(exe: Executable, feeds: dict) -> tuple:
+    """The specialized variant, with every launch whose specialized kernel disagrees with the
+    generic one put back on the generic kernel; and the indices of those launches."""
+    n = len(exe.plan.steps)
+    reference = _run(exe, exe.variant([GENERIC] * n), feeds)
+    configs = _tune(exe, feeds)
+    kinds = [SPECIALIZED] * n
+    variant = exe.variant(kinds, configs)
+    if not _mismatch(reference, _run(exe, variant, feeds)):
+        return variant, []
+    rejected = []
+    for i in range(n):
+        alone = [GENERIC] * n
+        alone[i] = SPECIALIZED
+        if _mismatch(reference, _run(exe, exe.variant(alone, configs), feeds)):
+            rejected.append(i)
+            kinds[i] = GENERIC
+    for i in rejected:
+        step = exe.plan.steps[i]
+        warnings.warn(f"rtxjit: the specialized kernel {step.kernel.name} of node '{step.node}' disagrees with "
+                      f"its generic kernel on the live inputs; it is discarded and the generic one keeps serving",
+                      RuntimeWarning)
+    variant = exe.variant(kinds, configs)
+    if _mismatch(reference, _run(exe, variant, feeds)):  # only combinations disagree: serve none
+        warnings.warn("rtxjit: specialized kernels disagree with the generic ones only in combination; "
+                      "the binding keeps its generic kernels", RuntimeWarning)
+        return None, list(range(n))
+    return variant, rejected
+
+
+def _tune(exe: Executable, feeds: dict) -> dict:
+    """Step index -> (grid, constexprs) of the fastest tile configuration, for launches that offer
+    several; timed on the GPU with the live data each launch sees in a run of the specialized
+    variant. Empty where autotuning is off or nothing is tuned."""
+    steps = exe.plan.steps
+    if not autotune.enabled() or not any(s.choices for s in steps):
+        return {}
+    variant = exe.variant([SPECIALIZED] * len(steps))
+    bufs = exe.fresh_buffers(feeds)
+    configs = {}
+    for i, (launcher, args, slots, constexprs, step) in enumerate(variant.launches):
+        args = list(args)
+        for j in slots:
+            args[j] = bufs[args[j].index]
+        if step.choices:
+            fn = exe.kernel(step, SPECIALIZED)[0]
+            best = autotune.choose(step.tune_key, list(step.choices),
+                                   lambda c: fn[step.choices[c][0]](*args, **step.choices[c][1]))
+            configs[i] = step.choices[best]
+            launcher, constexprs = fn[configs[i][0]], configs[i][1]
+        launcher(*args, **constexprs)
+    return configs
+
+
+def _mismatch(reference: dict, outputs: dict) -> Optional[str]:
+    """Why ``outputs`` differ from ``reference`` beyond the dtype's tolerance, or None (compared
+    on the host in float64: the check computes nothing with torch on the device)."""
+    for name, ref in reference.items():
+        dtype = _short(ref.dtype)
+        r, o = _host(ref), _host(outputs[name])
+        if r.dtype.kind == "f":
+            if not np.array_equal(np.isnan(r), np.isnan(o)):
+                return f"output '{name}': NaN at different positions"
+            inf = np.isinf(r)
+            if not np.array_equal(r[inf], o[inf]):
+                return f"output '{name}': infinities differ"
+            finite = np.isfinite(r)
+            if finite.any():
+                scale = float(np.abs(r[finite]).max())
+                err = float(np.abs(r[finite] - o[finite]).max())
+                rtol = CHECK_RTOL.get(dtype, 1e-2)
+                if not err <= rtol * max(scale, 1e-30):
+                    return f"output '{name}': max |diff| {err:.3g} > {rtol} x max |reference| {scale:.3g}"
+        elif not np.array_equal(r, o):
+            return f"output '{name}': values differ"
+    return None
+
+
+def _host(t: torch.Tensor) -> np.ndarray:
+    """A tensor on the host as numpy, floats widened to float64 (a copy, no device compute)."""
+    if t.dtype.is_floating_point:
+        host = torch.empty(t.shape, dtype=t.dtype)
+        host.copy_(t)
+        if t.dtype in (torch.float16, torch.float32, torch.float64):
+            return host.numpy().astype(np.float64)
+        return host.view(torch.uint8).numpy() if t.element_size() == 1 else _widen(host)
+    host = torch.empty(t.shape, dtype=t.dtype)
+    host.copy_(t)
+    return host.numpy()
+
+
+def _widen(host: torch.Tensor) -> np.ndarray:
+    """bf16 on the host as float64: its bits are the high half of a float32."""
+    bits = host.view(torch.int16).numpy().astype(np.uint16).astype(np.uint32) << 16
+    return bits.view(np.float32).astype(np.float64)
+
+
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(t)
+    out.copy_(t)
+    return out
+
+
+def wait(stats: Stats, timeout: Optional[float]) -> bool:
+    """Block until no binding of ``stats`` is pending; False if ``timeout`` seconds pass first."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with stats.lock:
+        while stats.pending > 0:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            stats.idle.wait(left)
+    return True
+
+
+def frequency(histogram: dict, shapes: dict) -> int:
+    return int(histogram.get(_shape_key(shapes), 0))
+
+
+def _shape_key(shapes: dict) -> tuple:
+    return tuple(sorted((n, tuple(int(d) for d in s)) for n, s in shapes.items()))
+
+
+def histogram_of(entries: list) -> dict:
+    """``most_frequent_shapes`` entries ([(shapes, count)]) as a lookup by shapes."""
+    return {_shape_key(shapes): count for shapes, count in entries}
+
+
+
+def _short(dtype: torch.dtype) -> str:
+    from rtxjit.runtime.executor import TORCH_DTYPES
+
+    return next((k for k, v in TORCH_DTYPES.items() if v == dtype), "")

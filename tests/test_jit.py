@@ -1,0 +1,308 @@
+"""The JIT runtime on the CPU: generic kernels serve a new binding at once, specialized ones are
+compiled in the background (a deterministic fake compile delay stands in for Triton), checked
+against the generic output and swapped in; modes, counters, the histogram order, the kernel store."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import rtxjit
+from rtxjit.codegen.source import KernelSource, specialize
+from rtxjit.runtime import executor, jit
+from rtxjit.runtime.cache import RuntimeCache, model_key
+
+RNG = np.random.default_rng(5)
+
+
+def _mlp() -> onnx.ModelProto:
+    """x[N, 8] -> MatMul + bias -> Relu -> Mul by a constant -> Softmax -> Sqrt: a matmul with a
+    fused epilogue, a row reduction and a pointwise kernel."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 6)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "b")
+    s = numpy_helper.from_array(np.array(0.5, np.float32), "s")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+             helper.make_node("Add", ["h", "b"], ["hb"], name="bias"),
+             helper.make_node("Relu", ["hb"], ["r"], name="relu"),
+             helper.make_node("Mul", ["r", "s"], ["m"], name="scale"),
+             helper.make_node("Softmax", ["m"], ["p"], name="softmax", axis=-1),
+             helper.make_node("Sqrt", ["p"], ["y"], name="sqrt")]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])], [w, b, s])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _pointwise() -> onnx.ModelProto:
+    nodes = [helper.make_node("Add", ["x", "x"], ["a"], name="add"),
+             helper.make_node("Tanh", ["a"], ["y"], name="tanh")]
+    graph = helper.make_graph(nodes, "pw", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _x(n: int, cols: int = 8) -> dict:
+    return {"x": RNG.standard_normal((n, cols)).astype(np.float32)}
+
+
+def _reference(model, feeds):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+@pytest.fixture
+def slow_compiler(monkeypatch):
+    """Every specialization job takes 0.2 s more: a deterministic stand-in for Triton's compile."""
+    monkeypatch.setattr(jit, "COMPILE_DELAY_S", 0.2)
+
+
+@pytest.fixture
+def paused():
+    """The shared specializer holds its queue until the test resumes it."""
+    spec = jit.specializer()
+    spec.pause()
+    yield spec
+    spec.cancel_pending()
+    spec.resume()
+
+
+def test_modes_are_checked_and_default_to_none_under_the_interpreter():
+    sess = rtxjit.InferenceSession(_pointwise())
+    assert sess.specialize == "none"
+    with pytest.raises(rtxjit.RtxjitError, match="specialize='sometimes' is not a mode"):
+        rtxjit.InferenceSession(_pointwise(), specialize="sometimes")
+
+
+def test_none_mode_serves_generic_kernels_only():
+    sess = rtxjit.InferenceSession(_mlp(), specialize="none")
+    feeds = _x(3)
+    np.testing.assert_allclose(sess.run(None, feeds)[0], _reference(_mlp(), feeds), rtol=1e-5, atol=1e-6)
+    stats = sess.jit_stats()
+    assert stats["pending"] == 0 and stats["specialized"] == 0
+    assert set(stats["served"].values()) == {"generic"} and stats["last_run"] == "generic"
+
+
+def test_lazy_state_machine_generic_then_specialized(slow_compiler, paused):
+    sess = rtxjit.InferenceSession(_mlp(), specialize="lazy")
+    feeds = _x(4)
+    ref = _reference(_mlp(), feeds)
+    first = sess.run(None, feeds)[0]  # served at once: the job waits in the paused queue
+    stats = sess.jit_stats()
+    assert stats["last_run"] == "generic" and stats["pending"] == 1 and stats["specialized"] == 0
+    assert sess.wait_for_specialization(timeout=0.05) is False  # still pending
+    paused.resume()
+    assert sess.wait_for_specialization(timeout=60)
+    second = sess.run(None, feeds)[0]
+    stats = sess.jit_stats()
+    assert stats["last_run"] == "specialized" and stats["pending"] == 0 and stats["specialized"] == 1
+    assert set(stats["served"].values()) == {"specialized"}
+    assert stats["compiles"] > 0 and stats["rejected"] == 0 and stats["failed"] == 0
+    np.testing.assert_allclose(first, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(second, first, rtol=1e-5, atol=1e-6)
+
+
+def test_outputs_identical_before_and_after_the_swap(slow_compiler):
+    sess = rtxjit.InferenceSession(_pointwise(), specialize="lazy")
+    feeds = {"x": RNG.standard_normal((7, 5)).astype(np.float32)}
+    before = sess.run(None, feeds)[0]
+    assert sess.wait_for_specialization(timeout=60)
+    after = sess.run(None, feeds)[0]
+    assert sess.jit_stats()["last_run"] == "specialized"
+    assert np.array_equal(before, after)
+    np.testing.assert_allclose(after, np.tanh(2 * feeds["x"].astype(np.float64)), rtol=1e-5, atol=1e-6)
+
+
+def test_a_new_shape_is_served_at_once_by_generic_kernels(paused):
+    sess = rtxjit.InferenceSession(_mlp(), specialize="lazy")
+    for n in (2, 3, 5):
+        feeds = _x(n)
+        np.testing.assert_allclose(sess.run(None, feeds)[0], _reference(_mlp(), feeds), rtol=1e-5, atol=1e-6)
+        assert sess.jit_stats()["last_run"] == "generic"
+    assert sess.jit_stats()["pending"] == 3  # all three wait; none blocked its run
+
+
+def test_eager_mode_specializes_before_the_first_run_returns():
+    sess = rtxjit.InferenceSession(_mlp(), specialize="eager")
+    feeds = _x(3)
+    out = sess.run(None, feeds)[0]
+    stats = sess.jit_stats()
+    assert stats["last_run"] == "specialized" and stats["specialized"] == 1 and stats["pending"] == 0
+    np.testing.assert_allclose(out, _reference(_mlp(), feeds), rtol=1e-5, atol=1e-6)
+
+
+def _wrong_pointwise(step):
+    """Test hook: the specialized kernel of every pointwise launch adds 1 to its result."""
+    src = specialize(step.kernel, executor.shape_params(step))
+    if step.kernel.name != "pointwise":
+        return src
+    assert "    y = " in src.text
+    return KernelSource(src.name, src.text.replace("    y = ", "    y = 1.0 + ", 1))
+
+
+def test_a_wrong_specialized_kernel_is_rejected_and_never_served(monkeypatch):
+    monkeypatch.setattr(executor, "specialized_source", _wrong_pointwise)
+    sess = rtxjit.InferenceSession(_mlp(), specialize="eager")
+    feeds = _x(3)
+    with pytest.warns(RuntimeWarning, match="disagrees with its generic kernel"):
+        out = sess.run(None, feeds)[0]
+    np.testing.assert_allclose(out, _reference(_mlp(), feeds), rtol=1e-5, atol=1e-6)
+    stats = sess.jit_stats()
+    assert stats["rejected"] >= 1 and stats["specialized"] == 1
+    exe = sess.last_executable
+    for kind, step in zip(exe.active.kinds, exe.plan.steps):
+        assert kind == ("generic" if step.kernel.name == "pointwise" else "specialized"), step.node
+    np.testing.assert_allclose(sess.run(None, feeds)[0], out, rtol=1e-6)  # still right after the swap
+
+
+def test_a_failed_specialization_keeps_the_fallback_serving(monkeypatch):
+    def broken(step):
+        raise RuntimeError("forced compile failure")
+
+    monkeypatch.setattr(executor, "specialized_source", broken)
+    sess = rtxjit.InferenceSession(_mlp(), specialize="lazy")
+    feeds = _x(2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = sess.run(None, feeds)[0]
+        assert sess.wait_for_specialization(timeout=60)
+    assert any("forced compile failure" in str(w.message) for w in caught)
+    stats = sess.jit_stats()
+    assert stats["failed"] == 1 and stats["specialized"] == 0 and "forced compile failure" in stats["errors"][0]
+    np.testing.assert_allclose(sess.run(None, feeds)[0], out)
+    assert sess.jit_stats()["last_run"] == "generic"
+
+
+def test_histogram_survives_a_restart_and_orders_the_queue(tmp_path, paused):
+    model = _mlp()
+    first = rtxjit.InferenceSession(model, runtime_cache=tmp_path, specialize="none")
+    for _ in range(3):
+        first.run(None, _x(5))  # one binding, counted once: record more bindings below
+    cache = RuntimeCache(tmp_path)
+    key = model_key(first.graph)
+    for _ in range(4):
+        cache.record_shapes(key, {"x": (5, 8)})
+    cache.record_shapes(key, {"x": (2, 8)})
+    # a "new process": a new session over the same cache directory
+    sess = rtxjit.InferenceSession(model, runtime_cache=str(tmp_path), specialize="lazy")
+    sess.run(None, _x(2))  # seen once before
+    sess.run(None, _x(5))  # seen five times: specialized first
+    paused.resume()
+    assert sess.wait_for_specialization(timeout=60)
+    order = [dict((n, s) for n, s, _ in k)["x"] for k in jit_order(sess)]
+    assert order == [(5, 8), (2, 8)]
+
+
+def jit_order(sess) -> list:
+    return list(sess._jit.order)
+
+
+def test_wait_for_specialization_without_work_returns_at_once():
+    sess = rtxjit.InferenceSession(_pointwise(), specialize="lazy")
+    assert sess.wait_for_specialization(timeout=0)
+
+
+def test_specialize_makes_shape_parameters_constexpr_deterministically():
+    src = KernelSource("k", "# h\nimport triton\n\n\ndef k(a_ptr, a_off, n, s0, BLOCK: tl.constexpr):\n    pass\n")
+    spec = specialize(src, ["n", "s0"])
+    assert "def k(a_ptr, a_off, n: tl.constexpr, s0: tl.constexpr, BLOCK: tl.constexpr):" in spec.text
+    assert spec.key == specialize(src, ["s0", "n"]).key != src.key
+    assert specialize(src, []) is src
+
+
+def test_check_tolerance_is_per_dtype():
+    import torch
+
+    ref = {"y": torch.tensor([1.0, 2.0, float("nan"), float("inf")], dtype=torch.float32)}
+    close = {"y": torch.tensor([1.0, 2.0 + 1e-5, float("nan"), float("inf")], dtype=torch.float32)}
+    far = {"y": torch.tensor([1.0, 2.01, float("nan"), float("inf")], dtype=torch.float32)}
+    nan_moved = {"y": torch.tensor([float("nan"), 2.0, 1.0, float("inf")], dtype=torch.float32)}
+    assert jit._mismatch(ref, close) is None
+    assert "max |diff|" in jit._mismatch(ref, far)
+    assert "NaN" in jit._mismatch(ref, nan_moved)
+    half = {k: v.half() for k, v in ref.items()}
+    assert jit._mismatch(half, {"y": far["y"].half()}) is None  # within fp16's 1e-2
+    ints = {"i": torch.tensor([1, 2, 3])}
+    assert "differ" in jit._mismatch(ints, {"i": torch.tensor([1, 2, 4])})
+
+
+# --- the kernel store (Triton's compiled kernels in the runtime cache) -----------------------------
+
+def _store(tmp_path):
+    from rtxjit.runtime import kernel_store
+
+    cache = RuntimeCache(tmp_path / "cache")
+    kernel_store.activate(cache)
+    return kernel_store, cache
+
+
+@pytest.fixture
+def triton_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    import triton
+
+    previous = triton.knobs.cache.manager_class
+    yield
+    from rtxjit.runtime import kernel_store
+
+    kernel_store._active = None
+    triton.knobs.cache.manager_class = previous
+
+
+def _compile_into(store_cls, key: str, files: dict) -> dict:
+    """What Triton's compile does on a miss: put every stage, then the group."""
+    mgr = store_cls(key)
+    group = {name: mgr.put(data, name) for name, data in files.items()}
+    mgr.put_group("k.json", group)
+    return group
+
+
+FILES = {"k.json": json.dumps({"name": "k", "shared": 0}), "k.cubin": b"\x7fELF" + bytes(range(200)),
+         "k.ttir": "module {}", "k.ptx": "// ptx"}
+
+
+def test_kernel_store_round_trip_keeps_metadata_and_binary(tmp_path, triton_cache):
+    ks, cache = _store(tmp_path)
+    assert ks.KernelStore("KEY1").get_group("k.json") is None  # a miss: Triton compiles
+    _compile_into(ks.KernelStore, "KEY1", FILES)
+    group = ks.KernelStore("KEY1").get_group("k.json")  # a new manager, as in a new process
+    assert sorted(group) == ["k.cubin", "k.json"]  # the IR stages are not kept
+    assert open(group["k.cubin"], "rb").read() == FILES["k.cubin"]
+    assert json.loads(open(group["k.json"]).read())["name"] == "k"
+    assert ks.KernelStore("KEY2").get_group("k.json") is None  # another kernel's key
+
+
+def test_kernel_store_rebuilds_corrupt_truncated_and_foreign_entries(tmp_path, triton_cache):
+    ks, cache = _store(tmp_path)
+    _compile_into(ks.KernelStore, "KEY1", FILES)
+    blobs = sorted(cache.path.glob("*.bin"))
+    cubin = next(p for p in blobs if p.read_bytes() == FILES["k.cubin"])
+    cubin.write_bytes(FILES["k.cubin"][:50])  # truncated
+    with pytest.warns(RuntimeWarning, match="rebuilt"):
+        assert ks.KernelStore("KEY1").get_group("k.json") is None
+    _compile_into(ks.KernelStore, "KEY1", FILES)  # the rebuild overwrites the bad entry
+    assert ks.KernelStore("KEY1").get_group("k.json") is not None
+    cubin = next(p for p in sorted(cache.path.glob("*.bin")) if p.read_bytes() == FILES["k.cubin"])
+    cubin.write_bytes(b"\x00" + FILES["k.cubin"][1:])  # one byte flipped
+    with pytest.warns(RuntimeWarning, match="rebuilt"):
+        assert ks.KernelStore("KEY1").get_group("k.json") is None
+    _compile_into(ks.KernelStore, "KEY1", FILES)
+    (meta,) = cache.path.glob("*.json")
+    record = json.loads(meta.read_text())
+    record["triton"] = "0.0.1"  # written by another Triton version
+    meta.write_text(json.dumps(record))
+    with pytest.warns(RuntimeWarning, match="rebuilt"):
+        assert ks.KernelStore("KEY1").get_group("k.json") is None
+
+
+def test_kernel_store_leaves_launcher_modules_in_tritons_folder(tmp_path, triton_cache):
+    ks, cache = _store(tmp_path)
+    mgr = ks.KernelStore("LAUNCH")
+    path = mgr.put(b"\x7fELF not really", "__triton_launcher.so", binary=True)
+    assert str(tmp_path / "triton") in path
+    assert not list(cache.path.glob("*.json"))
