@@ -306,3 +306,37 @@ def test_kernel_store_leaves_launcher_modules_in_tritons_folder(tmp_path, triton
     path = mgr.put(b"\x7fELF not really", "__triton_launcher.so", binary=True)
     assert str(tmp_path / "triton") in path
     assert not list(cache.path.glob("*.json"))
+
+
+# --- on a GPU ------------------------------------------------------------------------------------
+
+gpu = pytest.mark.gpu
+
+
+@gpu
+def test_gpu_lazy_specialization_swaps_in_checked_kernels(tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    from rtxjit.models import bert_encoder, demo_inputs
+
+    model = bert_encoder()
+    sess = rtxjit.InferenceSession(model, device="cuda", specialize="lazy", runtime_cache=tmp_path)
+    for seq in (16, 24):
+        feeds = demo_inputs(model, batch=2, seq=seq)
+        first = sess.run(None, feeds)[0]
+        assert sess.jit_stats()["last_run"] == "generic"
+        assert sess.wait_for_specialization(timeout=300)
+        stats = sess.jit_stats()
+        assert stats["failed"] == 0 and stats["rejected"] == 0, stats["errors"]
+        for _ in range(3):  # the third run replays the specialized variant's CUDA graph
+            again = sess.run(None, feeds)[0]
+        assert sess.jit_stats()["last_run"] == "specialized"
+        np.testing.assert_allclose(again, first, rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(first, _reference(model, feeds), rtol=1e-3, atol=1e-4)
+    assert sess.jit_stats()["specialized"] == 2
+    # a new session over the warm cache compiles nothing
+    warm = rtxjit.InferenceSession(model, device="cuda", specialize="eager", runtime_cache=tmp_path)
+    warm.run(None, demo_inputs(model, batch=2, seq=16))
+    assert warm.jit_stats()["compiles"] == 0, warm.jit_stats()

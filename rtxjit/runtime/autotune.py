@@ -89,7 +89,7 @@ def choose(key: tuple, choices: list, run: Callable[[int], None]) -> int:
                 times.append(math.inf)
         if all(math.isinf(t) for t in times):
             raise first_error
-        best = min(range(len(times)), key=lambda i: (times[i], i))
+        best = min(range(len(times)), key=lambda i: (round(times[i], 4), i))
         _chosen[key] = dict(choices[best][1])
         _timings[key] = [(dict(c), t) for (_, c), t in zip(choices, times)]
         sink = _sinks.pop(key, None)
@@ -99,32 +99,24 @@ def choose(key: tuple, choices: list, run: Callable[[int], None]) -> int:
 
 
 def time_ms(fn: Callable[[], None], reps: int = 10, rounds: int = 5) -> float:
-    """Median time of one call of ``fn`` in ms: one warm-up call (it compiles), then ``reps`` calls
-    captured in a CUDA graph, replayed ``rounds`` times between CUDA events. The graph keeps
-    Python's launch overhead (tens of microseconds, more than a small kernel runs) out of the
-    comparison; where capture fails the calls are timed as launched."""
+    """Median time of one call of ``fn`` in ms: one warm-up call (it compiles), then ``rounds`` of
+    ``reps`` calls launched back to back between CUDA events on the current stream.
+
+    No CUDA graph is captured here: timing runs on the specializer's thread, and a capture there
+    would make a device-wide synchronize in any other thread of the process fail while it lasts.
+    For kernels shorter than Python's launch overhead the times are that overhead, and the
+    heuristic's first choice wins ties."""
     import torch
 
+    stream = torch.cuda.current_stream()
     fn()
-    torch.cuda.synchronize()
+    stream.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(reps):
-                fn()
-        replay = graph.replay
-    except Exception:  # noqa: BLE001 - time without a graph
-        torch.cuda.synchronize()
-
-        def replay():
-            for _ in range(reps):
-                fn()
-    replay()
     samples = []
     for _ in range(rounds):
         start.record()
-        replay()
+        for _ in range(reps):
+            fn()
         end.record()
         end.synchronize()
         samples.append(start.elapsed_time(end) / reps)

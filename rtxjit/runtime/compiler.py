@@ -130,10 +130,24 @@ def prepare_generic(exe: Executable) -> tuple:
     """Compile ``exe``'s generic kernels with a pool of threads; ``(compiles, cache hits)``."""
     if exe.device.interpret:
         return _prepare_interpreted(exe, GENERIC)
-    items = _items(exe, GENERIC)
+    with _warmed_lock:
+        items = [it for it in _items(exe, GENERIC) if _item_key(it) not in _warmed]
+    if not items:
+        return 0, 0
     with _counting() as tally:
         _parallel(items)
+    with _warmed_lock:
+        _warmed.update(_item_key(it) for it in items)
     return tally[0], tally[1]
+
+
+_warmed: set = set()  # generic compilations done in this process (a new shape needs none)
+_warmed_lock = threading.Lock()
+
+
+def _item_key(item) -> tuple:
+    src, generic, args, grid, constexprs = item
+    return src.key, generic, _arg_classes(args, generic), tuple(sorted(constexprs.items()))
 
 
 def _parallel(items: list) -> None:

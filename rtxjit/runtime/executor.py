@@ -71,6 +71,12 @@ class Variant:
     graph_bufs: dict = field(default_factory=dict)
 
     @property
+    def eager_runs(self) -> int:
+        """Runs launched kernel by kernel before the CUDA graph is captured: the generic variant's
+        first run loads its kernels; a specialized one was run (and loaded) by the specializer."""
+        return 0 if self.kind == SPECIALIZED else 1
+
+    @property
     def kind(self) -> str:
         return SPECIALIZED if any(k == SPECIALIZED for k in self.kinds) else GENERIC
 
@@ -79,8 +85,9 @@ class Executable:
     """A plan made ready to launch: constants on the device, intermediates placed in one arena,
     arguments bound once. Per run only the inputs and the (fresh) outputs are bound.
 
-    On a GPU, the second run of a variant captures its whole launch list as a CUDA graph; later
-    runs copy the inputs into the graph's static buffers and replay it.
+    On a GPU, a variant's launch list is captured as a CUDA graph at its second run (the generic
+    variant) or its first (a specialized one, already loaded by the specializer); from then on a
+    run copies the inputs into the graph's static buffers and replays it.
     """
 
     def __init__(self, plan: Plan, device, const_tensors: dict, cuda_graphs: bool = True,
@@ -162,15 +169,14 @@ class Executable:
     def run(self, feeds: dict) -> dict:
         with self.lock:
             v = self.served = self.active
+            if v.graph is None and self.use_cuda_graph and v.runs >= v.eager_runs:
+                self.capture(v, feeds)  # instead of launching: the replay below runs it
+            v.runs += 1
             if v.graph is not None:
                 return self._replay(v, feeds)
             bufs = self.fresh_buffers(feeds)
             launch_all(v.launches, bufs)
-            v.runs += 1
-            out = self.outputs(bufs)
-            if self.use_cuda_graph and v.runs == 2:
-                self.capture(v, feeds)
-            return out
+            return self.outputs(bufs)
 
     def fresh_buffers(self, feeds: dict) -> dict:
         bufs = {idx: feeds[name] for name, idx in self.inputs.items()}
@@ -185,20 +191,17 @@ class Executable:
         return out
 
     def capture(self, v: Variant, feeds: dict) -> bool:
-        """Record ``v``'s launch list into a CUDA graph over static input and output buffers. The
-        capture is thread-local: work another thread launches meanwhile is not disturbed."""
+        """Record ``v``'s launch list into a CUDA graph over static input and output buffers (in the
+        serving thread; the capture is thread-local)."""
         bufs = {idx: torch.empty_like(feeds[name]) for name, idx in self.inputs.items()}
         for name, idx in self.inputs.items():
             bufs[idx].copy_(feeds[name])
         for i, numel, dt in self.per_run:
             bufs[i] = torch.empty(numel, dtype=dt, device=self.tdev)
-        try:
+        try:  # every kernel was loaded by the variant's first run (or the specializer's check)
             here = torch.cuda.current_stream()
             side = torch.cuda.Stream()
             side.wait_stream(here)
-            with torch.cuda.stream(side):
-                launch_all(v.launches, bufs)  # warm: every kernel compiled and loaded before capture
-            here.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
                 launch_all(v.launches, bufs)

@@ -14,8 +14,11 @@ The specializer's thread then, off the hot path:
    fastest (runtime/autotune.py), runs the specialized variant and compares every output within
    the dtype's tolerance. A mismatch is traced to the launches that cause it (each specialized
    alone among generic ones); those are discarded with a warning and never served;
-3. captures the new variant's CUDA graph (thread-local capture) and installs it with one reference
-   assignment (``Executable.install``): a run in progress finishes on the old variant.
+3. installs it with one reference assignment (``Executable.install``): a run in progress finishes
+   on the old variant. Its CUDA graph is captured by the serving thread at the variant's second
+   run, as the generic variant's was: a capture in this thread would make a device-wide
+   synchronize in any other thread fail while it lasts (measured: ``torch.cuda.synchronize`` raised
+   "operation not permitted when stream is capturing").
 
 The queue is bounded, deduplicated per binding, and ordered by how often the runtime cache's
 histogram saw the binding's shapes in earlier processes (most frequent first), then by arrival.
@@ -29,6 +32,7 @@ from __future__ import annotations
 import atexit
 import heapq
 import itertools
+import sys
 import threading
 import time
 import warnings
@@ -46,6 +50,7 @@ MODES = ("lazy", "eager", "none")
 QUEUE_LIMIT = 256  # pending bindings; more are dropped (counted) and keep their generic kernels
 # relative tolerance (max |diff| over max |reference|) of the check, per output dtype
 CHECK_RTOL = {"fp64": 1e-6, "fp32": 1e-4, "fp16": 1e-2, "bf16": 1e-2, "fp8e4m3": 1.5e-1, "fp8e5m2": 2.5e-1}
+BACKGROUND_SWITCH_S = 0.0005  # Python's thread switch interval while a background job runs (default 5 ms)
 COMPILE_DELAY_S = 0.0  # test hook: a deterministic stand-in for compile time, added to each job
 
 
@@ -195,6 +200,9 @@ def snapshot(exe: Executable, feeds: dict) -> dict:
 def specialize_now(exe: Executable, feeds: dict, stats: Stats, background: bool = False) -> bool:
     """Compile, tune, check and install ``exe``'s specialized variant; returns whether it was
     installed. Failures are counted and warned about; the generic variant keeps serving."""
+    switch = sys.getswitchinterval()
+    if background:  # the serving thread waits at most this long for the GIL while a job runs
+        sys.setswitchinterval(min(switch, BACKGROUND_SWITCH_S))
     try:
         stream = torch.cuda.Stream() if exe.device.kind == "cuda" else None
         with torch.cuda.stream(stream) if stream is not None else _nothing():
@@ -208,8 +216,6 @@ def specialize_now(exe: Executable, feeds: dict, stats: Stats, background: bool 
             stats.add(rejected=len(rejected))
             if variant is None:
                 return False
-            if exe.use_cuda_graph:
-                exe.capture(variant, feeds)
             if stream is not None:
                 stream.synchronize()
         exe.install(variant)
@@ -225,6 +231,7 @@ def specialize_now(exe: Executable, feeds: dict, stats: Stats, background: bool 
             stats.errors.append(f"{type(exc).__name__}: {exc}")
         return False
     finally:
+        sys.setswitchinterval(switch)
         stats.add(pending=-1)
 
 

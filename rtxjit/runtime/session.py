@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import threading
 import warnings
 from dataclasses import dataclass
@@ -147,8 +149,9 @@ class InferenceSession:
     def _new_executable(self, key, types: dict, host_values: dict) -> Executable:
         from rtxjit.runtime import compiler
 
-        plan = PlanBuilder(self.graph, self.device, frozenset(self._const_tensors)).build(types, host_values)
-        exe = Executable(plan, self.device, self._const_tensors, plan_consts=self._plan_consts)
+        with _no_gc():  # a new binding allocates many small objects: no collection pauses meanwhile
+            plan = PlanBuilder(self.graph, self.device, frozenset(self._const_tensors)).build(types, host_values)
+            exe = Executable(plan, self.device, self._const_tensors, plan_consts=self._plan_consts)
         exe.key = key
         compiles, hits = compiler.prepare_generic(exe)
         self._jit.add(compiles=compiles, cache_hits=hits)
@@ -288,6 +291,17 @@ class InferenceSession:
             host = torch.from_numpy(np.ascontiguousarray(v.const).reshape(-1).copy())
             t = host.to(self._tdev, dtype=torch_dtype(v.type.dtype))
             self._const_tensors[v.name] = t
+
+
+@contextlib.contextmanager
+def _no_gc():
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _dtype_of_torch(dt: torch.dtype, name: str) -> DType:
