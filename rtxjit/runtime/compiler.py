@@ -17,6 +17,7 @@ builds its interpreted function, counted as a compile.
 
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -247,6 +248,7 @@ def _worker_pool():
                 ctx = multiprocessing.get_context("spawn")
                 _pool = ProcessPoolExecutor(WORKERS, mp_context=ctx, initializer=_worker_init,
                                             initargs=(dict(_worker_env()),))
+                atexit.register(shutdown)  # before concurrent.futures' own exit hook runs
             except (OSError, ValueError):
                 _pool = False
         return _pool or None
@@ -274,7 +276,7 @@ def shutdown() -> None:
     global _pool
     with _pool_lock:
         if _pool:
-            _pool.shutdown(wait=False, cancel_futures=True)
+            _pool.shutdown(wait=True, cancel_futures=True)
         _pool = None
 
 

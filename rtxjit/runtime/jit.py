@@ -15,10 +15,10 @@ The specializer's thread then, off the hot path:
    the dtype's tolerance. A mismatch is traced to the launches that cause it (each specialized
    alone among generic ones); those are discarded with a warning and never served;
 3. installs it with one reference assignment (``Executable.install``): a run in progress finishes
-   on the old variant. Its CUDA graph is captured by the serving thread at the variant's second
-   run, as the generic variant's was: a capture in this thread would make a device-wide
-   synchronize in any other thread fail while it lasts (measured: ``torch.cuda.synchronize`` raised
-   "operation not permitted when stream is capturing").
+   on the old variant. Its CUDA graph is captured by the serving thread at the variant's first
+   run: while any stream captures, ``torch.cuda.synchronize`` in another thread fails ("operation
+   not permitted when stream is capturing", measured on an H100 in thread-local and global
+   capture modes alike), so this thread never captures (``BACKGROUND_CAPTURE``).
 
 The queue is bounded, deduplicated per binding, and ordered by how often the runtime cache's
 histogram saw the binding's shapes in earlier processes (most frequent first), then by arrival.
@@ -51,6 +51,7 @@ QUEUE_LIMIT = 256  # pending bindings; more are dropped (counted) and keep their
 # relative tolerance (max |diff| over max |reference|) of the check, per output dtype
 CHECK_RTOL = {"fp64": 1e-6, "fp32": 1e-4, "fp16": 1e-2, "bf16": 1e-2, "fp8e4m3": 1.5e-1, "fp8e5m2": 2.5e-1}
 BACKGROUND_SWITCH_S = 0.0005  # Python's thread switch interval while a background job runs (default 5 ms)
+BACKGROUND_CAPTURE = False  # capturing here breaks other threads' device synchronizes (see above)
 COMPILE_DELAY_S = 0.0  # test hook: a deterministic stand-in for compile time, added to each job
 
 
@@ -216,6 +217,8 @@ def specialize_now(exe: Executable, feeds: dict, stats: Stats, background: bool 
             stats.add(rejected=len(rejected))
             if variant is None:
                 return False
+            if exe.use_cuda_graph and BACKGROUND_CAPTURE:
+                exe.capture(variant, feeds)
             if stream is not None:
                 stream.synchronize()
         exe.install(variant)
