@@ -75,3 +75,10 @@ def specialize_mode() -> str | None:
     """RTXJIT_SPECIALIZE=lazy|eager|none: the default ``specialize`` mode of new sessions."""
     value = os.environ.get("RTXJIT_SPECIALIZE", "").strip().lower()
     return value or None
+
+
+def compile_workers() -> int | None:
+    """RTXJIT_COMPILE_WORKERS=N: worker processes for background compiles (default: a quarter of the
+    CPU cores, at most 4). Each holds a CUDA context (~0.6 GB of GPU memory on an H100 with torch)."""
+    value = os.environ.get("RTXJIT_COMPILE_WORKERS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None

@@ -27,7 +27,10 @@ from rtxjit.runtime.executor import GENERIC, SPECIALIZED, Executable, torch_dtyp
 from rtxjit.runtime.plan import Buf
 
 THREADS = min(16, os.cpu_count() or 1)
-WORKERS = max(1, min(8, (os.cpu_count() or 2) // 2))
+def _workers() -> int:
+    from rtxjit import config
+
+    return config.compile_workers() or max(1, min(4, (os.cpu_count() or 2) // 4))
 
 _counts = threading.local()
 _listener_lock = threading.Lock()
@@ -115,14 +118,24 @@ def _arg_classes(args: tuple, generic: bool) -> tuple:
     return tuple(out)
 
 
-def _warm(src, generic: bool, args: tuple, grid: tuple, constexprs: dict) -> None:
-    """Compile one kernel and build its launcher (in this process)."""
+def _warm(src, generic: bool, args: tuple, grid: tuple, constexprs: dict, load: bool = True) -> None:
+    """Compile one kernel and build its launcher; ``load`` also loads it onto the GPU (this process
+    will launch it). Without ``load`` no CUDA context is needed: compile workers stay off the GPU."""
     from rtxjit.codegen.source import load_kernel
 
     fn = load_kernel(src, False, generic=generic)
     kernel = fn.warmup(*args, grid=grid, **constexprs)
-    if kernel is not None and hasattr(kernel, "_init_handles"):
+    if kernel is None:
+        return
+    if load and hasattr(kernel, "_init_handles"):
         kernel._init_handles()  # the launcher (a C module Triton builds and caches) and the module load
+        return
+    try:  # only the launcher module, cached in Triton's folder for the process that loads the kernel
+        from triton.runtime import driver
+
+        driver.active.launcher_cls(kernel.src, kernel.metadata)
+    except Exception:  # noqa: BLE001 - the loading process builds it then
+        pass
 
 
 # --- generic kernels, before the first run -------------------------------------------------------
@@ -228,7 +241,7 @@ def _worker_warm(name: str, text: str, generic: bool, args: tuple, grid: tuple, 
 
     real = tuple(getattr(torch, a[1]) if isinstance(a, tuple) and a and a[0] == "dtype" else a for a in args)
     with _counting() as tally:
-        _warm(KernelSource(name, text), generic, real, grid, constexprs)
+        _warm(KernelSource(name, text), generic, real, grid, constexprs, load=False)
     return tally[0], tally[1]
 
 
@@ -246,7 +259,7 @@ def _worker_pool():
 
             try:
                 ctx = multiprocessing.get_context("spawn")
-                _pool = ProcessPoolExecutor(WORKERS, mp_context=ctx, initializer=_worker_init,
+                _pool = ProcessPoolExecutor(_workers(), mp_context=ctx, initializer=_worker_init,
                                             initargs=(dict(_worker_env()),))
                 atexit.register(shutdown)  # before concurrent.futures' own exit hook runs
             except (OSError, ValueError):
