@@ -72,7 +72,8 @@ def paused():
     spec.resume()
 
 
-def test_modes_are_checked_and_default_to_none_under_the_interpreter():
+def test_modes_are_checked_and_default_to_none_under_the_interpreter(monkeypatch):
+    monkeypatch.delenv("RTXJIT_SPECIALIZE", raising=False)
     sess = rtxjit.InferenceSession(_pointwise())
     assert sess.specialize == "none"
     with pytest.raises(rtxjit.RtxjitError, match="specialize='sometimes' is not a mode"):

@@ -69,6 +69,10 @@ _lock = threading.Lock()
 _loaded: dict = {}
 
 
+def is_loaded(src: KernelSource, interpret: bool, generic: bool = False) -> bool:
+    return (src.key, interpret, generic and not interpret) in _loaded
+
+
 def load_kernel(src: KernelSource, interpret: bool, generic: bool = False):
     """The Triton kernel for ``src``: a JITFunction, or an InterpretedFunction for the CPU.
 

@@ -23,6 +23,9 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
+from rtxjit.codegen.source import is_loaded, load_kernel
+from rtxjit.runtime import autotune
+from rtxjit.runtime import executor
 from rtxjit.runtime.executor import GENERIC, SPECIALIZED, Executable, torch_dtype
 from rtxjit.runtime.plan import Buf
 
@@ -92,11 +95,8 @@ def _items(exe: Executable, kind: str) -> list:
             configs = [(step.generic_grid, step.generic_constexprs)]
             src = step.kernel
         else:
-            from rtxjit.runtime import autotune
-            from rtxjit.runtime.executor import specialized_source
-
             configs = list(step.choices) if step.choices and autotune.enabled() else [(step.grid, step.constexprs)]
-            src = specialized_source(step)
+            src = executor.specialized_source(step)  # looked up per call: tests may replace it
         for grid, constexprs in configs:
             key = (src.key, kind, _arg_classes(args, kind == GENERIC), tuple(sorted(constexprs.items())))
             if key not in seen:
@@ -121,8 +121,6 @@ def _arg_classes(args: tuple, generic: bool) -> tuple:
 def _warm(src, generic: bool, args: tuple, grid: tuple, constexprs: dict, load: bool = True) -> None:
     """Compile one kernel and build its launcher; ``load`` also loads it onto the GPU (this process
     will launch it). Without ``load`` no CUDA context is needed: compile workers stay off the GPU."""
-    from rtxjit.codegen.source import load_kernel
-
     fn = load_kernel(src, False, generic=generic)
     kernel = fn.warmup(*args, grid=grid, **constexprs)
     if kernel is None:
@@ -189,13 +187,10 @@ def _parallel(items: list) -> None:
 
 
 def _prepare_interpreted(exe: Executable, kind: str) -> tuple:
-    from rtxjit.codegen import source
-
     built = 0
     for src, generic, *_ in _items(exe, kind):
-        if (src.key, True, False) not in source._loaded:
-            built += 1
-        source.load_kernel(src, True, generic=generic)
+        built += not is_loaded(src, True, generic)
+        load_kernel(src, True, generic=generic)
     return built, 0
 
 

@@ -111,9 +111,8 @@ class Executable:
                 self.per_run.append((i, spec.numel, torch_dtype(spec.dtype)))
         self.inputs = dict(plan.inputs)
         self.use_cuda_graph = cuda_graphs and device.kind == "cuda"
-        self.generic = self.variant([GENERIC] * len(plan.steps))
-        self.active = self.generic  # the hot path's variant; replaced whole by ``install``
-        self.served = self.generic  # the variant of the last run
+        self.active = self.variant([GENERIC] * len(plan.steps))  # replaced whole by ``install``
+        self.served = self.active  # the variant of the last run
         self.key = None  # the session's key of this binding (set by the session)
 
     def _plan_constant(self, spec, shared: dict) -> torch.Tensor:
@@ -129,10 +128,13 @@ class Executable:
         return tensor
 
     # -- variants
-    def variant(self, kinds: list, configs: dict = None) -> Variant:
-        """A launch list over a new arena: step i runs its ``kinds[i]`` kernel; a specialized step
-        takes ``configs[i]`` (grid, constexprs) if given, else the plan's configuration."""
-        arena = torch.empty(self.arena_plan.size, dtype=torch.uint8, device=self.tdev)
+    def new_arena(self) -> torch.Tensor:
+        return torch.empty(self.arena_plan.size, dtype=torch.uint8, device=self.tdev)
+
+    def variant(self, kinds: list, configs: dict = None, arena: torch.Tensor = None) -> Variant:
+        """A launch list over ``arena`` (a new one if None): step i runs its ``kinds[i]`` kernel; a
+        specialized step takes ``configs[i]`` (grid, constexprs) if given, else the plan's."""
+        arena = self.new_arena() if arena is None else arena
         static = dict(self.constants)
         for i, off in self.arena_plan.offsets.items():
             spec = self.plan.buffers[i]

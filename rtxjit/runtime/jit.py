@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from rtxjit.errors import RtxjitError
-from rtxjit.runtime import autotune
+from rtxjit.runtime import autotune, compiler
 from rtxjit.runtime.executor import GENERIC, SPECIALIZED, Executable, launch_all
 
 MODES = ("lazy", "eager", "none")
@@ -209,8 +209,6 @@ def specialize_now(exe: Executable, feeds: dict, stats: Stats, background: bool 
         with torch.cuda.stream(stream) if stream is not None else _nothing():
             if COMPILE_DELAY_S:
                 time.sleep(COMPILE_DELAY_S)
-            from rtxjit.runtime import compiler
-
             compiles, hits = compiler.prepare_specialized(exe, background=background)
             stats.add(compiles=compiles, cache_hits=hits)
             variant, rejected = _checked_variant(exe, feeds)
@@ -254,19 +252,21 @@ def _run(exe: Executable, variant, feeds: dict) -> dict:
 
 def _checked_variant(exe: Executable, feeds: dict) -> tuple:
     """The specialized variant, with every launch whose specialized kernel disagrees with the
-    generic one put back on the generic kernel; and the indices of those launches."""
+    generic one put back on the generic kernel; and the indices of those launches. Every trial run
+    here shares one arena, the one the returned variant keeps."""
     n = len(exe.plan.steps)
-    reference = _run(exe, exe.variant([GENERIC] * n), feeds)
-    configs = _tune(exe, feeds)
+    arena = exe.new_arena()
+    reference = _run(exe, exe.variant([GENERIC] * n, arena=arena), feeds)
+    configs = _tune(exe, feeds, arena)
     kinds = [SPECIALIZED] * n
-    variant = exe.variant(kinds, configs)
+    variant = exe.variant(kinds, configs, arena)
     if not _mismatch(reference, _run(exe, variant, feeds)):
         return variant, []
     rejected = []
     for i in range(n):
         alone = [GENERIC] * n
         alone[i] = SPECIALIZED
-        if _mismatch(reference, _run(exe, exe.variant(alone, configs), feeds)):
+        if _mismatch(reference, _run(exe, exe.variant(alone, configs, arena), feeds)):
             rejected.append(i)
             kinds[i] = GENERIC
     for i in rejected:
@@ -274,7 +274,7 @@ def _checked_variant(exe: Executable, feeds: dict) -> tuple:
         warnings.warn(f"rtxjit: the specialized kernel {step.kernel.name} of node '{step.node}' disagrees with "
                       f"its generic kernel on the live inputs; it is discarded and the generic one keeps serving",
                       RuntimeWarning)
-    variant = exe.variant(kinds, configs)
+    variant = exe.variant(kinds, configs, arena)
     if _mismatch(reference, _run(exe, variant, feeds)):  # only combinations disagree: serve none
         warnings.warn("rtxjit: specialized kernels disagree with the generic ones only in combination; "
                       "the binding keeps its generic kernels", RuntimeWarning)
@@ -282,14 +282,14 @@ def _checked_variant(exe: Executable, feeds: dict) -> tuple:
     return variant, rejected
 
 
-def _tune(exe: Executable, feeds: dict) -> dict:
+def _tune(exe: Executable, feeds: dict, arena) -> dict:
     """Step index -> (grid, constexprs) of the fastest tile configuration, for launches that offer
     several; timed on the GPU with the live data each launch sees in a run of the specialized
     variant. Empty where autotuning is off or nothing is tuned."""
     steps = exe.plan.steps
     if not autotune.enabled() or not any(s.choices for s in steps):
         return {}
-    variant = exe.variant([SPECIALIZED] * len(steps))
+    variant = exe.variant([SPECIALIZED] * len(steps), arena=arena)
     bufs = exe.fresh_buffers(feeds)
     configs = {}
     for i, (launcher, args, slots, constexprs, step) in enumerate(variant.launches):

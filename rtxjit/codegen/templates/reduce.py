@@ -158,24 +158,31 @@ def _softmax_value(spec: _Spec) -> str:
     return "x - m - tl.log(s)"
 
 
-def _softmax_body(spec: _Spec) -> list:
+def _two_pass(spec: _Spec, one_block: list, init: list, accumulate: list, finish: list, value: str) -> list:
+    """Row statistics, then the output ``value`` from them. With ``ONE_BLOCK`` a row fits one tile:
+    ``one_block`` computes the statistics from it. Otherwise the row's column blocks are walked
+    twice: ``init`` then ``accumulate`` per block (the affine parameters not loaded) and ``finish``
+    give the statistics; the second walk stores."""
     lines = ["    if ONE_BLOCK:"] + _load_tile(spec, "0", "        ")
-    lines += ["        m = tl.max(x, 1, keep_dims=True)",
-              "        s = tl.sum(tl.exp(x - m), 1, keep_dims=True)",
-              _store_tile(spec, _softmax_value(spec), "        "),
-              "    else:",
-              f"        m = tl.full([BLOCK_R, 1], float('-inf'), {spec.acc})",
-              f"        s = tl.zeros([BLOCK_R, 1], {spec.acc})",
-              "        for c0 in range(0, n_cols, BLOCK_C):"]
-    lines += _load_tile(spec, "c0", "            ")
-    lines += ["            m_new = tl.maximum(m, tl.max(x, 1, keep_dims=True))",
-              "            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 1, keep_dims=True)",
-              "            m = m_new",
-              "        for c0 in range(0, n_cols, BLOCK_C):"]
-    lines += _load_tile(spec, "c0", "            ")
-    lines.append(_store_tile(spec, _softmax_value(spec), "            "))
+    lines += [f"        {line}" for line in one_block]
+    lines += [_store_tile(spec, value, "        "), "    else:"]
+    lines += [f"        {line}" for line in init] + ["        for c0 in range(0, n_cols, BLOCK_C):"]
+    lines += _load_tile(spec, "c0", "            ", affine=False)
+    lines += [f"            {line}" for line in accumulate] + [f"        {line}" for line in finish]
+    lines += ["        for c0 in range(0, n_cols, BLOCK_C):"] + _load_tile(spec, "c0", "            ")
+    lines.append(_store_tile(spec, value, "            "))
     return lines
 
+
+def _softmax_body(spec: _Spec) -> list:
+    return _two_pass(
+        spec,
+        one_block=["m = tl.max(x, 1, keep_dims=True)", "s = tl.sum(tl.exp(x - m), 1, keep_dims=True)"],
+        init=[f"m = tl.full([BLOCK_R, 1], float('-inf'), {spec.acc})", f"s = tl.zeros([BLOCK_R, 1], {spec.acc})"],
+        accumulate=["m_new = tl.maximum(m, tl.max(x, 1, keep_dims=True))",
+                    "s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 1, keep_dims=True)",
+                    "m = m_new"],
+        finish=[], value=_softmax_value(spec))
 
 # ---- layernorm / rmsnorm -----------------------------------------------------------------------
 
@@ -189,45 +196,29 @@ def _norm_value(spec: _Spec) -> str:
 
 
 def _layernorm_body(spec: _Spec) -> list:
-    lines = ["    if ONE_BLOCK:"] + _load_tile(spec, "0", "        ")
-    lines += ["        mean = tl.sum(x, 1, keep_dims=True) / n_cols",
-              "        d = tl.where(mask, x - mean, 0.0)",
-              "        rstd = 1.0 / tl.sqrt(tl.sum(d * d, 1, keep_dims=True) / n_cols + eps)",
-              _store_tile(spec, _norm_value(spec), "        "),
-              "    else:",
-              f"        mean = tl.zeros([BLOCK_R, 1], {spec.acc})",
-              f"        m2 = tl.zeros([BLOCK_R, 1], {spec.acc})",
-              "        for c0 in range(0, n_cols, BLOCK_C):"]
-    lines += _load_tile(spec, "c0", "            ", affine=False)
-    lines += [f"            n_b = tl.minimum(n_cols - c0, BLOCK_C).to({spec.acc})",
-              "            b_mean = tl.sum(x, 1, keep_dims=True) / n_b",
-              "            d = tl.where(mask, x - b_mean, 0.0)",
-              "            total = c0 + n_b",
-              "            delta = b_mean - mean",
-              "            mean = mean + delta * (n_b / total)",
-              "            m2 = m2 + tl.sum(d * d, 1, keep_dims=True) + delta * delta * (c0 * n_b / total)",
-              "        rstd = 1.0 / tl.sqrt(m2 / n_cols + eps)",
-              "        for c0 in range(0, n_cols, BLOCK_C):"]
-    lines += _load_tile(spec, "c0", "            ")
-    lines.append(_store_tile(spec, _norm_value(spec), "            "))
-    return lines
+    return _two_pass(
+        spec,
+        one_block=["mean = tl.sum(x, 1, keep_dims=True) / n_cols",
+                   "d = tl.where(mask, x - mean, 0.0)",
+                   "rstd = 1.0 / tl.sqrt(tl.sum(d * d, 1, keep_dims=True) / n_cols + eps)"],
+        init=[f"mean = tl.zeros([BLOCK_R, 1], {spec.acc})", f"m2 = tl.zeros([BLOCK_R, 1], {spec.acc})"],
+        accumulate=[f"n_b = tl.minimum(n_cols - c0, BLOCK_C).to({spec.acc})",  # Chan's parallel variance
+                    "b_mean = tl.sum(x, 1, keep_dims=True) / n_b",
+                    "d = tl.where(mask, x - b_mean, 0.0)",
+                    "total = c0 + n_b",
+                    "delta = b_mean - mean",
+                    "mean = mean + delta * (n_b / total)",
+                    "m2 = m2 + tl.sum(d * d, 1, keep_dims=True) + delta * delta * (c0 * n_b / total)"],
+        finish=["rstd = 1.0 / tl.sqrt(m2 / n_cols + eps)"], value=_norm_value(spec))
 
 
 def _rmsnorm_body(spec: _Spec) -> list:
-    lines = ["    if ONE_BLOCK:"] + _load_tile(spec, "0", "        ")
-    lines += ["        rstd = 1.0 / tl.sqrt(tl.sum(x * x, 1, keep_dims=True) / n_cols + eps)",
-              _store_tile(spec, _norm_value(spec), "        "),
-              "    else:",
-              f"        ss = tl.zeros([BLOCK_R, 1], {spec.acc})",
-              "        for c0 in range(0, n_cols, BLOCK_C):"]
-    lines += _load_tile(spec, "c0", "            ", affine=False)
-    lines += ["            ss = ss + tl.sum(x * x, 1, keep_dims=True)",
-              "        rstd = 1.0 / tl.sqrt(ss / n_cols + eps)",
-              "        for c0 in range(0, n_cols, BLOCK_C):"]
-    lines += _load_tile(spec, "c0", "            ")
-    lines.append(_store_tile(spec, _norm_value(spec), "            "))
-    return lines
-
+    return _two_pass(
+        spec,
+        one_block=["rstd = 1.0 / tl.sqrt(tl.sum(x * x, 1, keep_dims=True) / n_cols + eps)"],
+        init=[f"ss = tl.zeros([BLOCK_R, 1], {spec.acc})"],
+        accumulate=["ss = ss + tl.sum(x * x, 1, keep_dims=True)"],
+        finish=["rstd = 1.0 / tl.sqrt(ss / n_cols + eps)"], value=_norm_value(spec))
 
 _BODIES = {"sum": _row_body, "mean": _row_body, "max": _row_body, "min": _row_body,
            "softmax": _softmax_body, "logsoftmax": _softmax_body, "layernorm": _layernorm_body,
