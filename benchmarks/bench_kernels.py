@@ -127,10 +127,10 @@ def run_rtxjit(model, feeds, ref):
     steps = exe.plan.steps
     tuned = []
     for i, step in enumerate(steps):
-        launch_cfg = exe.launches[i][3]
+        launch_cfg = exe.active.launches[i][3]
         tuned.append({"kernel": step.kernel.name, "chosen": launch_cfg,
                       "timings": [(c, t) for c, t in autotune.timings(step.tune_key)] if step.choices else []})
-    ms = bench(exe.graph.replay) if exe.graph is not None else bench(lambda: sess.run(None, feeds))
+    ms = bench(exe.active.graph.replay) if exe.active.graph is not None else bench(lambda: sess.run(None, feeds))
     return ms, rel, setup, tuned
 
 

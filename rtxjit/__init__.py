@@ -7,5 +7,6 @@ from rtxjit import config as _config  # noqa: E402
 _config.prepare_triton()
 
 from rtxjit.errors import (  # noqa: F401,E402
-    InputError, KernelError, ModelError, RtxjitError, ShapeError, UnsupportedOpError)
+    EngineError, InputError, KernelError, ModelError, RtxjitError, ShapeError, UnsupportedOpError)
 from rtxjit.runtime.session import InferenceSession  # noqa: F401,E402
+from rtxjit.runtime.engine import Engine, Refitter, build  # noqa: F401,E402

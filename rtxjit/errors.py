@@ -23,3 +23,8 @@ class InputError(RtxjitError, ValueError):
 
 class KernelError(RtxjitError, RuntimeError):
     """A generated kernel failed to compile or launch."""
+
+
+class EngineError(RtxjitError, ValueError):
+    """An engine file that is truncated, altered, of another version, or does not fit the device;
+    or an engine whose weights are missing (stripped and not refitted)."""

@@ -341,3 +341,114 @@ def test_gpu_lazy_specialization_swaps_in_checked_kernels(tmp_path):
     warm = rtxjit.InferenceSession(model, device="cuda", specialize="eager", runtime_cache=tmp_path)
     warm.run(None, demo_inputs(model, batch=2, seq=16))
     assert warm.jit_stats()["compiles"] == 0, warm.jit_stats()
+    # ... and serves the recorded, checked specialized kernels from its first run (loaded binaries)
+    feeds = demo_inputs(model, batch=2, seq=24)
+    out = warm.run(None, feeds)[0]
+    assert warm.jit_stats()["last_run"] == "specialized" and warm.jit_stats()["compiles"] == 0
+    assert warm.jit_stats()["pending"] == 0  # nothing left to specialize for a recorded binding
+    np.testing.assert_allclose(out, _reference(model, feeds), rtol=1e-3, atol=1e-4)
+    for _ in range(2):  # captured at its first run, replayed after
+        np.testing.assert_allclose(warm.run(None, feeds)[0], out, rtol=1e-3, atol=1e-4)
+
+
+WARM_CHILD = """
+import json, sys, numpy as np, onnx, rtxjit
+from rtxjit.models import bert_encoder, demo_inputs
+model = bert_encoder()
+sess = rtxjit.InferenceSession(model, device="cuda", specialize="lazy", runtime_cache=sys.argv[1])
+feeds = demo_inputs(model, batch=2, seq=16)
+out = sess.run(None, feeds)[0]
+sess.wait_for_specialization(timeout=300)
+s = sess.jit_stats()
+np.save(sys.argv[2], out)
+print(json.dumps({"compiles": s["compiles"], "last_run": s["last_run"], "specialized": s["specialized"]}))
+"""
+
+
+@gpu
+def test_gpu_a_new_process_with_a_warm_cache_serves_specialized_binaries_without_compiling(tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    from rtxjit.models import bert_encoder, demo_inputs
+
+    runs = []
+    for i in range(2):
+        proc = subprocess.run([sys.executable, "-c", WARM_CHILD, str(tmp_path / "cache"), str(tmp_path / f"{i}.npy")],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert runs[0]["specialized"] == 1 and runs[0]["compiles"] > 0
+    assert runs[1] == {"compiles": 0, "last_run": "specialized", "specialized": 0}, runs
+    model = bert_encoder()
+    ref = _reference(model, demo_inputs(model, batch=2, seq=16))
+    for i in range(2):
+        np.testing.assert_allclose(np.load(tmp_path / f"{i}.npy"), ref, rtol=1e-3, atol=1e-4)
+
+
+def test_direct_launches_pass_every_parameter_in_order_with_per_run_buffers_bound():
+    """The direct path calls Triton's launcher as its JIT does: grid, stream, function, metadata,
+    no hooks, then every parameter (constexprs included) in the kernel's order."""
+    model = _mlp()
+    sess = rtxjit.InferenceSession(model, device="cpu")
+    sess.run(None, _x(3))
+    exe = sess.last_executable
+    calls = []
+
+    class FakeKernel:
+        function, packed_metadata = "fn", ("meta",)
+
+        def run(self, *args):
+            calls.append(args)
+
+    launches = exe.active.launches
+    direct = executor.bind_direct(launches, [FakeKernel() for _ in launches])
+    assert direct is not None and len(direct) == len(launches)
+    bufs = exe.fresh_buffers({n: np.zeros(1) for n in exe.inputs})
+    executor.launch_direct(direct, bufs, stream=7)
+    from rtxjit.codegen.source import parameters
+
+    for (launcher, args, slots, constexprs, step, grid), call in zip(launches, calls):
+        g = tuple(grid) + (1,) * (3 - len(grid))
+        assert call[:9] == g + (7, "fn", ("meta",), None, None, None)
+        names = [n for n, _ in parameters(step.kernel)]
+        assert len(call) - 9 == len(names)
+        for j, (name, value) in enumerate(zip(names, call[9:])):
+            if j in slots:
+                assert value is bufs[args[j].index]
+            elif name in constexprs:
+                assert value == constexprs[name]
+            else:
+                assert value is args[j] or value == args[j]
+    # a kernel object without the launcher's attributes: no direct launches
+    assert executor.bind_direct(launches, [None] * len(launches)) is None
+
+
+def test_a_binary_entry_keeps_the_parameter_order_through_the_runtime_cache(tmp_path):
+    """The launcher of a stored kernel is rebuilt from its signature: the order of parameters
+    must survive the cache's JSON (which sorts object keys)."""
+    from types import SimpleNamespace
+
+    from rtxjit.runtime import binaries
+
+    class Meta(SimpleNamespace):
+        def _asdict(self):
+            return dict(vars(self))
+
+    target = SimpleNamespace(backend="cuda", arch=90, warp_size=32)
+    signature = {"z_ptr": "*fp16", "a_n": "i32", "m_BLOCK": "constexpr"}
+    kernel = SimpleNamespace(name="k", asm={"cubin": b"\x7fELF-bytes"},
+                             metadata=Meta(target=target, num_warps=4, shared=0, name="k"),
+                             src=SimpleNamespace(signature=signature, constants={(2,): 64},
+                                                 fn=SimpleNamespace(arg_names=list(signature))))
+    meta, cubin = binaries.entry_of(kernel)
+    cache = RuntimeCache(tmp_path)
+    cache.put("k1", meta, {"cubin": cubin})
+    back, blobs = cache.get("k1")
+    assert [k for k, _ in back["signature"]] == ["z_ptr", "a_n", "m_BLOCK"]
+    assert back["constants"] == [[[2], 64]] and blobs["cubin"] == cubin
+    assert back["metadata"]["target"] == {"backend": "cuda", "arch": 90, "warp_size": 32}

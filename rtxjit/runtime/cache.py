@@ -49,6 +49,7 @@ import time
 import warnings
 import zipfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -82,11 +83,23 @@ def _sha(text: str) -> str:
 @functools.lru_cache(maxsize=None)
 def codegen_version() -> str:
     """sha256 over rtxjit/codegen/**/*.py (relative paths and contents), once per process."""
-    root = Path(__file__).resolve().parent.parent / "codegen"
+    return _tree_hash("codegen")
+
+
+@functools.lru_cache(maxsize=None)
+def compiler_version() -> str:
+    """sha256 over the code that turns a model into an optimized graph (rtxjit/ir, onnx, passes)."""
+    return _tree_hash("ir", "onnx", "passes")
+
+
+def _tree_hash(*folders: str) -> str:
+    package = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
-    for p in sorted(root.rglob("*.py")):
-        h.update(p.relative_to(root).as_posix().encode() + b"\0")
-        h.update(p.read_bytes() + b"\0")
+    for folder in folders:
+        root = package / folder
+        for p in sorted(root.rglob("*.py")):
+            h.update(p.relative_to(package).as_posix().encode() + b"\0")
+            h.update(p.read_bytes() + b"\0")
     return h.hexdigest()
 
 
@@ -196,21 +209,33 @@ def _verify(key: str, meta_bytes: bytes, read_blob, check_versions: bool = True)
     meta, listed = record.get("meta"), record.get("blobs")
     if not isinstance(meta, dict) or not isinstance(listed, dict):
         raise CacheEntryError("metadata lacks its 'meta' or 'blobs' object")
-    blobs = {}
     for name, info in sorted(listed.items()):
         sha = info.get("sha256") if isinstance(info, dict) else None
         if not _BLOB_RE.fullmatch(name) or not isinstance(sha, str) or not _SHA_RE.fullmatch(sha):
             raise CacheEntryError(f"bad blob entry {name!r}")
+
+    def fetch(name: str):
+        info = listed[name]
         try:
-            data = read_blob(name, sha)
+            data = read_blob(name, info["sha256"])
         except (OSError, KeyError) as exc:
-            raise CacheEntryError(f"blob '{name}' cannot be read: {exc}") from None
+            return CacheEntryError(f"blob '{name}' cannot be read: {exc}")
         if len(data) != info.get("size"):
-            raise CacheEntryError(f"blob '{name}' has {len(data)} bytes, metadata says {info.get('size')}")
-        if hashlib.sha256(data).hexdigest() != sha:
-            raise CacheEntryError(f"blob '{name}' does not match its sha256 (corrupt)")
-        blobs[name] = data
-    return meta, blobs
+            return CacheEntryError(f"blob '{name}' has {len(data)} bytes, metadata says {info.get('size')}")
+        if hashlib.sha256(data).hexdigest() != info["sha256"]:
+            return CacheEntryError(f"blob '{name}' does not match its sha256 (corrupt)")
+        return data
+
+    names = sorted(listed)
+    if len(names) > 1:  # reading and hashing release the GIL: large entries are checked in parallel
+        with ThreadPoolExecutor(min(8, len(names)), thread_name_prefix="rtxjit-cache-read") as pool:
+            fetched = list(pool.map(fetch, names))
+    else:
+        fetched = [fetch(n) for n in names]
+    for data in fetched:
+        if isinstance(data, CacheEntryError):
+            raise data
+    return meta, dict(zip(names, fetched))
 
 
 class RuntimeCache:

@@ -98,14 +98,14 @@ def _items(exe: Executable, kind: str) -> list:
             configs = list(step.choices) if step.choices and autotune.enabled() else [(step.grid, step.constexprs)]
             src = executor.specialized_source(step)  # looked up per call: tests may replace it
         for grid, constexprs in configs:
-            key = (src.key, kind, _arg_classes(args, kind == GENERIC), tuple(sorted(constexprs.items())))
+            key = (src.key, kind, arg_classes(args, kind == GENERIC), tuple(sorted(constexprs.items())))
             if key not in seen:
                 seen.add(key)
                 items.append((src, kind == GENERIC, args, grid, dict(constexprs)))
     return items
 
 
-def _arg_classes(args: tuple, generic: bool) -> tuple:
+def arg_classes(args: tuple, generic: bool) -> tuple:
     """What Triton's specialization sees of the arguments (equal classes: one compilation)."""
     out = []
     for a in args:
@@ -159,7 +159,7 @@ _warmed_lock = threading.Lock()
 
 def _item_key(item) -> tuple:
     src, generic, args, grid, constexprs = item
-    return src.key, generic, _arg_classes(args, generic), tuple(sorted(constexprs.items()))
+    return src.key, generic, arg_classes(args, generic), tuple(sorted(constexprs.items()))
 
 
 def _parallel(items: list) -> None:

@@ -58,8 +58,9 @@ def specialized_source(step: Launch):
 class Variant:
     """One launch list of a binding, bound to an arena; on a GPU, its CUDA graph once captured.
 
-    ``launches`` holds ``(launcher, args, slots, constexprs, step)``: ``slots`` are the argument
+    ``launches`` holds ``(launcher, args, slots, constexprs, step, grid)``: ``slots`` are the argument
     positions bound per run (inputs and outputs). ``kinds[i]`` says which kernel serves step i.
+    ``direct``, once every kernel is loaded (on a GPU), holds the same list as ``Direct`` launches.
     """
 
     kinds: list
@@ -69,6 +70,7 @@ class Variant:
     runs: int = 0
     graph: Optional[object] = None
     graph_bufs: dict = field(default_factory=dict)
+    direct: Optional[list] = None
 
     @property
     def eager_runs(self) -> int:
@@ -114,6 +116,8 @@ class Executable:
         self.active = self.variant([GENERIC] * len(plan.steps))  # replaced whole by ``install``
         self.served = self.active  # the variant of the last run
         self.key = None  # the session's key of this binding (set by the session)
+        self.store = None  # (runtime cache, model key) where its checked variant is recorded, if any
+        self.recorded = False  # serving a variant recorded by an earlier process (runtime/warm.py)
 
     def _plan_constant(self, spec, shared: dict) -> torch.Tensor:
         """A constant the lowering made (a pre-transposed conv weight, a fill value) on the device,
@@ -144,7 +148,7 @@ class Executable:
             args = [static.get(a.index, a) if isinstance(a, Buf) else a for a in step.args]
             slots = tuple(j for j, a in enumerate(args) if isinstance(a, Buf))
             fn, grid, constexprs = self.kernel(step, kind, (configs or {}).get(i))
-            launches.append((fn[grid], args, slots, constexprs, step))
+            launches.append((fn[grid], args, slots, constexprs, step, grid))
         return Variant(list(kinds), launches, arena, static)
 
     def kernel(self, step: Launch, kind: str, config: tuple = None) -> tuple:
@@ -170,15 +174,33 @@ class Executable:
     # -- running
     def run(self, feeds: dict) -> dict:
         with self.lock:
-            v = self.served = self.active
+            v = self.active
             if v.graph is None and self.use_cuda_graph and v.runs >= v.eager_runs:
+                old = self.served
+                if old is not v and old.graph is not None:
+                    # a newly installed variant: this run replays the old graph, and the new one is
+                    # captured while the GPU runs it (a capture only records; it launches nothing)
+                    out = self._replay(old, feeds)
+                    self.capture(v, feeds)
+                    return out
                 self.capture(v, feeds)  # instead of launching: the replay below runs it
+            self.served = v
             v.runs += 1
             if v.graph is not None:
                 return self._replay(v, feeds)
-            bufs = self.fresh_buffers(feeds)
-            launch_all(v.launches, bufs)
-            return self.outputs(bufs)
+            return self.run_eager(v, feeds)
+
+    def run_eager(self, v: Variant, feeds: dict) -> dict:
+        """``v``'s launches kernel by kernel over fresh outputs: through Triton's JIT dispatch until
+        every kernel is loaded, then as ``Direct`` launches."""
+        bufs = self.fresh_buffers(feeds)
+        if v.direct is not None and _aligned(feeds):
+            launch_direct(v.direct, bufs)
+        else:
+            kernels = launch_all(v.launches, bufs)
+            if v.direct is None and self.device.kind == "cuda":
+                v.direct = bind_direct(v.launches, kernels)
+        return self.outputs(bufs)
 
     def fresh_buffers(self, feeds: dict) -> dict:
         bufs = {idx: feeds[name] for name, idx in self.inputs.items()}
@@ -205,8 +227,17 @@ class Executable:
             side = torch.cuda.Stream()
             side.wait_stream(here)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
-                launch_all(v.launches, bufs)
+            # capture_begin/end rather than ``torch.cuda.graph``: that context synchronizes the device
+            # and empties the allocator's cache first, which would wait for the work in flight
+            with torch.cuda.stream(side):
+                graph.capture_begin(capture_error_mode="thread_local")
+                try:
+                    if v.direct is not None:
+                        launch_direct(v.direct, bufs)
+                    else:
+                        launch_all(v.launches, bufs)
+                finally:
+                    graph.capture_end()
             here.wait_stream(side)
         except Exception as exc:  # graphs are an optimization: keep launching kernel by kernel
             warnings.warn(f"rtxjit: CUDA graph capture failed, running without it: {exc}")
@@ -222,14 +253,84 @@ class Executable:
         return {k: t.clone() for k, t in self.outputs(v.graph_bufs).items()}
 
 
-def launch_all(launches: list, bufs: dict) -> None:
-    for launcher, args, slots, constexprs, step in launches:
+def launch_all(launches: list, bufs: dict) -> list:
+    """Launch through Triton's JIT dispatch (which compiles or loads on first use); returns what
+    each launch returned (on a GPU, Triton's compiled kernel)."""
+    kernels = []
+    for launcher, args, slots, constexprs, step, _ in launches:
         if slots:
             args = list(args)
             for j in slots:
                 args[j] = bufs[args[j].index]
         try:
-            launcher(*args, **constexprs)
+            kernels.append(launcher(*args, **constexprs))
         except Exception as exc:  # a compile or launch failure names the node and kernel
             raise KernelError(f"kernel {step.kernel.name}:{step.kernel.short_key} of node '{step.node}' "
                               f"failed: {type(exc).__name__}: {exc}") from exc
+    return kernels
+
+
+# -- direct launches
+
+class Direct:
+    """One launch of a loaded Triton kernel without the JIT's dispatch (argument binding, key
+    lookup: ~25 us a launch measured): the launcher is called with the arguments in the kernel's
+    parameter order, constexpr values included, as Triton's own ``run`` does.
+
+    Valid while the per-run arguments keep the 16-byte alignment the kernel was specialized for
+    (``_aligned``); the arena and the buffers allocated per run always do."""
+
+    __slots__ = ("kernel", "run", "function", "packed", "grid", "args", "slots")
+
+    def __init__(self, kernel, grid: tuple, args: list, slots: tuple):
+        self.kernel = kernel
+        self.run, self.function, self.packed = kernel.run, kernel.function, kernel.packed_metadata
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.args, self.slots = args, slots
+
+
+def bind_direct(launches: list, kernels: list) -> Optional[list]:
+    """``Direct`` launches for ``launches``, given the compiled kernels their JIT launches returned;
+    None where that is not possible (a Triton without these attributes, a profiler's launch hooks
+    set, parameters that are neither passed nor constexpr)."""
+    try:
+        from triton import knobs
+
+        if _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook):
+            return None
+    except (ImportError, AttributeError):
+        return None
+    from rtxjit.codegen.source import parameters
+
+    out = []
+    for (launcher, args, slots, constexprs, step, grid), kernel in zip(launches, kernels):
+        if kernel is None or not all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):
+            return None
+        names = [name for name, _ in parameters(step.kernel)]  # a specialized kernel keeps them
+        tail = names[len(args):]  # the constexprs; the others (num_warps, ...) are launch options
+        if any(n not in constexprs for n in tail) or any(n in constexprs for n in names[:len(args)]):
+            return None
+        out.append(Direct(kernel, grid, list(args) + [constexprs[n] for n in tail], slots))
+    return out
+
+
+def _hooked(hook) -> bool:
+    """Whether a Triton launch hook is set (Triton 3.6+ keeps an empty ``HookChain`` there)."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def launch_direct(direct: list, bufs: dict, stream: Optional[int] = None) -> None:
+    """Launch ``direct`` on ``stream`` (a CUDA stream handle; default: the current stream)."""
+    stream = torch.cuda.current_stream().cuda_stream if stream is None else stream
+    for d in direct:
+        args = d.args
+        if d.slots:
+            args = list(args)
+            for j in d.slots:
+                args[j] = bufs[args[j].index]
+        g = d.grid
+        d.run(g[0], g[1], g[2], stream, d.function, d.packed, None, None, None, *args)
+
+
+def _aligned(feeds: dict) -> bool:
+    return all(t.data_ptr() % 16 == 0 for t in feeds.values())

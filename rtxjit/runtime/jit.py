@@ -30,6 +30,8 @@ Triton's interpreter, where specializing gains nothing).
 from __future__ import annotations
 
 import atexit
+import contextlib
+import gc
 import heapq
 import itertools
 import sys
@@ -44,15 +46,40 @@ import torch
 
 from rtxjit.errors import RtxjitError
 from rtxjit.runtime import autotune, compiler
-from rtxjit.runtime.executor import GENERIC, SPECIALIZED, Executable, launch_all
+from rtxjit.runtime.executor import GENERIC, SPECIALIZED, Executable, bind_direct, launch_direct
 
 MODES = ("lazy", "eager", "none")
 QUEUE_LIMIT = 256  # pending bindings; more are dropped (counted) and keep their generic kernels
 # relative tolerance (max |diff| over max |reference|) of the check, per output dtype
 CHECK_RTOL = {"fp64": 1e-6, "fp32": 1e-4, "fp16": 1e-2, "bf16": 1e-2, "fp8e4m3": 1.5e-1, "fp8e5m2": 2.5e-1}
-BACKGROUND_SWITCH_S = 0.0005  # Python's thread switch interval while a background job runs (default 5 ms)
+BACKGROUND_SWITCH_S = 0.0001  # Python's thread switch interval while a background job runs (default 5 ms)
 BACKGROUND_CAPTURE = False  # capturing here breaks other threads' device synchronizes (see above)
 COMPILE_DELAY_S = 0.0  # test hook: a deterministic stand-in for compile time, added to each job
+
+
+_gc_pauses = 0
+_gc_lock = threading.Lock()
+_gc_was_enabled = False
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """No garbage-collection pauses while the block runs (in any thread: a collection stops every
+    thread, and one over a large heap takes milliseconds). Nested and concurrent blocks count;
+    the collector is enabled again, if it was, when the last one ends."""
+    global _gc_pauses, _gc_was_enabled
+    with _gc_lock:
+        if _gc_pauses == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_pauses += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pauses -= 1
+            if _gc_pauses == 0 and _gc_was_enabled:
+                gc.enable()
 
 
 def resolve_mode(mode: Optional[str], device) -> str:
@@ -205,25 +232,8 @@ def specialize_now(exe: Executable, feeds: dict, stats: Stats, background: bool 
     if background:  # the serving thread waits at most this long for the GIL while a job runs
         sys.setswitchinterval(min(switch, BACKGROUND_SWITCH_S))
     try:
-        stream = torch.cuda.Stream() if exe.device.kind == "cuda" else None
-        with torch.cuda.stream(stream) if stream is not None else _nothing():
-            if COMPILE_DELAY_S:
-                time.sleep(COMPILE_DELAY_S)
-            compiles, hits = compiler.prepare_specialized(exe, background=background)
-            stats.add(compiles=compiles, cache_hits=hits)
-            variant, rejected = _checked_variant(exe, feeds)
-            stats.add(rejected=len(rejected))
-            if variant is None:
-                return False
-            if exe.use_cuda_graph and BACKGROUND_CAPTURE:
-                exe.capture(variant, feeds)
-            if stream is not None:
-                stream.synchronize()
-        exe.install(variant)
-        with stats.lock:
-            stats.specialized += 1
-            stats.order.append(exe.key)
-        return True
+        with gc_paused():  # the job's garbage must not stop the serving thread for a collection
+            return _specialize(exe, feeds, stats, background)
     except Exception as exc:  # noqa: BLE001 - a failed specialization leaves the fallback serving
         warnings.warn(f"rtxjit: specialization of a binding failed; its generic kernels keep serving: "
                       f"{type(exc).__name__}: {exc}", RuntimeWarning)
@@ -236,6 +246,42 @@ def specialize_now(exe: Executable, feeds: dict, stats: Stats, background: bool 
         stats.add(pending=-1)
 
 
+def _specialize(exe: Executable, feeds: dict, stats: Stats, background: bool) -> bool:
+    """The job itself (``specialize_now`` counts its failure)."""
+    stream = torch.cuda.Stream() if exe.device.kind == "cuda" else None
+    with torch.cuda.stream(stream) if stream is not None else _nothing():
+        if COMPILE_DELAY_S:
+            time.sleep(COMPILE_DELAY_S)
+        compiles, hits = compiler.prepare_specialized(exe, background=background)
+        stats.add(compiles=compiles, cache_hits=hits)
+        variant, rejected = _checked_variant(exe, feeds)
+        stats.add(rejected=len(rejected))
+        if variant is None:
+            return False
+        if exe.use_cuda_graph and BACKGROUND_CAPTURE:
+            exe.capture(variant, feeds)
+        if stream is not None:
+            stream.synchronize()
+    exe.install(variant)
+    with stats.lock:
+        stats.specialized += 1
+        stats.order.append(exe.key)
+    _record(exe, variant)
+    return True
+
+
+def _record(exe: Executable, variant) -> None:
+    """Keep the installed variant in the runtime cache for the next process (runtime/warm.py)."""
+    if exe.store is None:
+        return
+    from rtxjit.runtime import warm
+
+    try:
+        warm.save_variant(exe.store[0], exe.store[1], exe, variant)
+    except (OSError, ValueError, TypeError) as exc:
+        warnings.warn(f"rtxjit: runtime cache: cannot record a specialized binding: {exc}", RuntimeWarning)
+
+
 class _nothing:
     def __enter__(self):
         return self
@@ -245,9 +291,8 @@ class _nothing:
 
 
 def _run(exe: Executable, variant, feeds: dict) -> dict:
-    bufs = exe.fresh_buffers(feeds)
-    launch_all(variant.launches, bufs)
-    return {k: _copy(v) for k, v in exe.outputs(bufs).items()}
+    """One run of ``variant`` (its first loads its kernels and binds its direct launches)."""
+    return {k: _copy(v) for k, v in exe.run_eager(variant, feeds).items()}
 
 
 def _checked_variant(exe: Executable, feeds: dict) -> tuple:
@@ -292,18 +337,35 @@ def _tune(exe: Executable, feeds: dict, arena) -> dict:
     variant = exe.variant([SPECIALIZED] * len(steps), arena=arena)
     bufs = exe.fresh_buffers(feeds)
     configs = {}
-    for i, (launcher, args, slots, constexprs, step) in enumerate(variant.launches):
+    for i, (launcher, args, slots, constexprs, step, _) in enumerate(variant.launches):
         args = list(args)
         for j in slots:
             args[j] = bufs[args[j].index]
         if step.choices:
             fn = exe.kernel(step, SPECIALIZED)[0]
-            best = autotune.choose(step.tune_key, list(step.choices),
-                                   lambda c: fn[step.choices[c][0]](*args, **step.choices[c][1]))
+            trials = [_Trial(fn, grid, args, cfg, step) for grid, cfg in step.choices]
+            best = autotune.choose(step.tune_key, list(step.choices), lambda c: trials[c]())
             configs[i] = step.choices[best]
             launcher, constexprs = fn[configs[i][0]], configs[i][1]
         launcher(*args, **constexprs)
     return configs
+
+
+class _Trial:
+    """One tile configuration's launch while it is timed: through the JIT once (it compiles or
+    loads), then direct, so short kernels are not timed as Python's dispatch overhead."""
+
+    def __init__(self, fn, grid, args: list, constexprs: dict, step):
+        self.fn, self.grid, self.args, self.constexprs, self.step = fn, grid, args, constexprs, step
+        self.direct = None
+
+    def __call__(self) -> None:
+        if self.direct:
+            launch_direct(self.direct, {})
+            return
+        kernel = self.fn[self.grid](*self.args, **self.constexprs)
+        if self.direct is None:
+            self.direct = bind_direct([(None, self.args, (), self.constexprs, self.step, self.grid)], [kernel]) or False
 
 
 def _mismatch(reference: dict, outputs: dict) -> Optional[str]:

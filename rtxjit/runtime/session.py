@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import threading
 import warnings
 from dataclasses import dataclass
@@ -17,7 +15,7 @@ from rtxjit.errors import InputError
 from rtxjit.ir.graph import Graph
 from rtxjit.ir.types import DType, TensorType
 from rtxjit.passes.precision_legality import check_precision
-from rtxjit.runtime import autotune, jit
+from rtxjit.runtime import autotune, jit, warm
 from rtxjit.runtime.cache import model_key, open_cache
 from rtxjit.runtime.device import Device, detect
 from rtxjit.runtime.executor import Executable, torch_dtype
@@ -72,22 +70,12 @@ class InferenceSession:
     def __init__(self, model, device: Optional[str] = None, providers=None, optimize: bool = True,
                  precision: Optional[str] = None, profiles=None, runtime_cache=None,
                  specialize: Optional[str] = None):
-        if isinstance(model, Graph):
-            self.graph = model
-        else:
-            from rtxjit.onnx.importer import import_model
-
-            self.graph = import_model(model)
+        self.runtime_cache = open_cache(runtime_cache)
+        self.pass_timings: list = []
+        self.graph, self._model_key = self._optimized_graph(model, optimize, precision)
         self.profiles: list = resolve_profiles(profiles, self.graph)
         self._profile_of: dict = {}  # executable key -> index of the profile serving it
         self.last_profile: Optional[int] = None
-        self.runtime_cache = open_cache(runtime_cache)
-        self._model_key = model_key(self.graph) if self.runtime_cache is not None else None
-        self.pass_timings: list = []
-        if optimize or precision is not None:
-            self.graph, self.pass_timings = passes.optimize(self.graph, verify=config.verify_passes(),
-                                                            dump=config.dump_passes(), precision=precision,
-                                                            steps=None if optimize else [])
         self.device: Device = detect(device)
         if self.device.sm is not None:
             check_precision(self.graph, self.device.sm)
@@ -107,6 +95,30 @@ class InferenceSession:
         self._upload_constants()
         self.last_trace: dict = {}
         self.last_executable = None
+
+    def _optimized_graph(self, model, optimize: bool, precision: Optional[str]) -> tuple:
+        """``(graph, model key)``: the model imported and optimized, or, with a runtime cache that
+        recorded this model file (or these bytes) under the same options, the recorded graph."""
+        cache = self.runtime_cache
+        identity = warm.model_identity(model) if cache is not None else None
+        options = {"optimize": bool(optimize), "precision": precision}
+        if identity is not None:
+            hit = warm.load_graph(cache, identity, options)
+            if hit is not None:
+                return hit
+        if isinstance(model, Graph):
+            graph = model
+        else:
+            from rtxjit.onnx.importer import import_model
+
+            graph = import_model(model)
+        key = model_key(graph) if cache is not None else None
+        if optimize or precision is not None:
+            graph, self.pass_timings = passes.optimize(graph, verify=config.verify_passes(), dump=config.dump_passes(),
+                                                       precision=precision, steps=None if optimize else [])
+        if identity is not None:
+            warm.save_graph_later(cache, identity, options, graph, key)
+        return graph, key
 
     # -- onnxruntime-style introspection
     def get_inputs(self) -> list:
@@ -135,12 +147,15 @@ class InferenceSession:
                 if exe is None:
                     exe = self._new_executable(key, types, host_values)
                     fresh = True
-        if fresh and self.specialize != "none":
+        queue = fresh and self.specialize != "none" and not exe.recorded
+        if queue and self.specialize == "eager":
             self._specialize(exe, tensors, types)
         self.last_trace = exe.plan.trace
         self.last_executable = exe
         self.last_profile = self._profile_of[key]
         results = exe.run(tensors)
+        if queue and self.specialize == "lazy":  # after the run: its launches do not share the GIL
+            self._specialize(exe, tensors, types)
         out = [results[n] for n in names]
         if as_numpy:
             return [t.cpu().numpy() for t in out]
@@ -149,12 +164,21 @@ class InferenceSession:
     def _new_executable(self, key, types: dict, host_values: dict) -> Executable:
         from rtxjit.runtime import compiler
 
-        with _no_gc():  # a new binding allocates many small objects: no collection pauses meanwhile
+        with jit.gc_paused():  # a new binding allocates many small objects: no collection pauses meanwhile
             plan = PlanBuilder(self.graph, self.device, frozenset(self._const_tensors)).build(types, host_values)
             exe = Executable(plan, self.device, self._const_tensors, plan_consts=self._plan_consts)
         exe.key = key
-        compiles, hits = compiler.prepare_generic(exe)
-        self._jit.add(compiles=compiles, cache_hits=hits)
+        recorded = None
+        if self.runtime_cache is not None:
+            exe.store = (self.runtime_cache, self._model_key)
+            recorded = warm.load_variant(self.runtime_cache, self._model_key, exe)
+        if recorded is not None:  # kernels checked and tuned by an earlier process: served at once
+            exe.install(recorded)
+            self._jit.add(cache_hits=len({id(d.kernel) for d in recorded.direct}))
+            exe.recorded = True
+        else:
+            compiles, hits = compiler.prepare_generic(exe)
+            self._jit.add(compiles=compiles, cache_hits=hits)
         self._executables[key] = exe
         if self.runtime_cache is not None:
             self._note_binding(plan, types)
@@ -291,17 +315,6 @@ class InferenceSession:
             host = torch.from_numpy(np.ascontiguousarray(v.const).reshape(-1).copy())
             t = host.to(self._tdev, dtype=torch_dtype(v.type.dtype))
             self._const_tensors[v.name] = t
-
-
-@contextlib.contextmanager
-def _no_gc():
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _dtype_of_torch(dt: torch.dtype, name: str) -> DType:
