@@ -406,3 +406,17 @@ def test_refit_from_another_model_is_an_error(tmp_path):
     after = consts(refitter.refit().graph)
     assert all(after[w].tobytes() != before[w].tobytes() for w in refitter.weights())
     assert all(after[n] is before[n] for n in before if n not in refitter.weights())
+
+
+def test_a_session_runs_an_engine_with_its_profiles(tmp_path):
+    from rtxjit.models import DEMO_MODELS, demo_inputs
+
+    model = DEMO_MODELS["cnn"]()
+    engine = rtxjit.build(model, targets=["sm_90"], profiles={"image": [(1, 3, 32, 32), (2, 3, 32, 32), (2, 3, 32, 32)]})
+    engine.save(tmp_path / "e.rtx")
+    loaded = rtxjit.Engine.load(tmp_path / "e.rtx", device="cpu")
+    sess = rtxjit.InferenceSession(loaded, device="cpu")
+    feeds = demo_inputs(model, batch=2)
+    np.testing.assert_array_equal(sess.run(None, feeds)[0], rtxjit.InferenceSession(model, device="cpu").run(None, feeds)[0])
+    with pytest.raises(rtxjit.errors.InputError, match="image"):
+        sess.run(None, demo_inputs(model, batch=3))

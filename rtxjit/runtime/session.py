@@ -47,7 +47,9 @@ def _node_arg(v) -> NodeArg:
 class InferenceSession:
     """Runs a model with generated Triton kernels.
 
-    ``model`` is a path, serialized bytes, an ``onnx.ModelProto`` or an ``rtxjit.ir.Graph``.
+    ``model`` is a path, serialized bytes, an ``onnx.ModelProto``, an ``rtxjit.ir.Graph`` or an
+    ``rtxjit.Engine`` (already optimized: ``optimize`` and ``precision`` do not apply; its profiles
+    are the default).
     ``device`` is "cuda", "cpu" (Triton's interpreter) or None (a GPU if torch sees one).
     ``optimize`` runs the pass pipeline (``rtxjit.passes``) once; ``pass_timings`` says how long
     each pass took. ``precision`` ("fp16" or "bf16") converts the model's fp32 values to that type
@@ -70,9 +72,17 @@ class InferenceSession:
     def __init__(self, model, device: Optional[str] = None, providers=None, optimize: bool = True,
                  precision: Optional[str] = None, profiles=None, runtime_cache=None,
                  specialize: Optional[str] = None):
+        from rtxjit.runtime.engine import Engine
+
         self.runtime_cache = open_cache(runtime_cache)
         self.pass_timings: list = []
-        self.graph, self._model_key = self._optimized_graph(model, optimize, precision)
+        self.engine = model if isinstance(model, Engine) else None
+        if self.engine is not None:  # optimized when built; a stripped engine names its missing weights here
+            self.graph = self.engine.graph
+            self._model_key = model_key(self.graph) if self.runtime_cache is not None else None
+            profiles = self.engine.profiles if profiles is None else profiles
+        else:
+            self.graph, self._model_key = self._optimized_graph(model, optimize, precision)
         self.profiles: list = resolve_profiles(profiles, self.graph)
         self._profile_of: dict = {}  # executable key -> index of the profile serving it
         self.last_profile: Optional[int] = None
