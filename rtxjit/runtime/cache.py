@@ -181,6 +181,16 @@ def _atomic_write(path: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def _read_blob(path: Path) -> bytearray:
+    """A blob's bytes, writable (arrays made over them need no copy to become tensors)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        data = bytearray(size)
+        if f.readinto(data) != size:
+            raise OSError(f"{path}: short read")
+    return data
+
+
 def _check_key(key: str) -> str:
     if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
         raise ValueError(f"runtime cache key {key!r} must be 1-128 characters of [0-9A-Za-z_-]")
@@ -300,7 +310,7 @@ class RuntimeCache:
                 self._warn(path, f"cannot be read: {exc}")
                 return None
             try:
-                meta, blobs = _verify(key, meta_bytes, lambda n, h: self._blob_path(key, n, h).read_bytes(),
+                meta, blobs = _verify(key, meta_bytes, lambda n, h: _read_blob(self._blob_path(key, n, h)),
                                       check_versions)
                 return meta_bytes, meta, blobs
             except CacheEntryError as exc:

@@ -85,7 +85,7 @@ class _counting:
 
 # --- what to compile ---------------------------------------------------------------------------
 
-def _items(exe: Executable, kind: str) -> list:
+def _items(exe: Executable, kind: str, tuned: bool = True) -> list:
     """``(source, generic, args, grid, constexprs)`` per distinct compilation of ``kind`` kernels:
     pointer arguments as torch dtypes (Triton mocks them, 16-byte aligned as our buffers are)."""
     items, seen = [], set()
@@ -95,7 +95,8 @@ def _items(exe: Executable, kind: str) -> list:
             configs = [(step.generic_grid, step.generic_constexprs)]
             src = step.kernel
         else:
-            configs = list(step.choices) if step.choices and autotune.enabled() else [(step.grid, step.constexprs)]
+            every = tuned and step.choices and autotune.enabled()
+            configs = list(step.choices) if every else [(step.grid, step.constexprs)]
             src = executor.specialized_source(step)  # looked up per call: tests may replace it
         for grid, constexprs in configs:
             key = (src.key, kind, arg_classes(args, kind == GENERIC), tuple(sorted(constexprs.items())))
@@ -196,12 +197,13 @@ def _prepare_interpreted(exe: Executable, kind: str) -> tuple:
 
 # --- specialized kernels -------------------------------------------------------------------------
 
-def prepare_specialized(exe: Executable, background: bool) -> tuple:
-    """Compile ``exe``'s specialized kernels; ``(compiles, cache hits)``. In the background on a
-    GPU, worker processes compile and this thread only waits."""
+def prepare_specialized(exe: Executable, background: bool, tuned: bool = True) -> tuple:
+    """Compile ``exe``'s specialized kernels (with ``tuned``, in every tile configuration offered,
+    else in the plan's); ``(compiles, cache hits)``. In the background on a GPU, worker processes
+    compile and this thread only waits."""
     if exe.device.interpret:
         return _prepare_interpreted(exe, SPECIALIZED)
-    items = _items(exe, SPECIALIZED)
+    items = _items(exe, SPECIALIZED, tuned)
     if not background:
         with _counting() as tally:
             _parallel(items)

@@ -147,17 +147,24 @@ class Executable:
         for i, (step, kind) in enumerate(zip(self.plan.steps, kinds)):
             args = [static.get(a.index, a) if isinstance(a, Buf) else a for a in step.args]
             slots = tuple(j for j, a in enumerate(args) if isinstance(a, Buf))
-            fn, grid, constexprs = self.kernel(step, kind, (configs or {}).get(i))
-            launches.append((fn[grid], args, slots, constexprs, step, grid))
+            grid, constexprs = self.config(step, kind, (configs or {}).get(i))
+            launches.append((_Launcher(self, step, kind, grid), args, slots, constexprs, step, grid))
         return Variant(list(kinds), launches, arena, static)
 
     def kernel(self, step: Launch, kind: str, config: tuple = None) -> tuple:
         """``(kernel, grid, constexprs)`` of ``step``'s ``kind`` kernel."""
         interpret = self.device.interpret
+        grid, constexprs = self.config(step, kind, config)
         if kind == GENERIC:
-            return load_kernel(step.kernel, interpret, generic=True), step.generic_grid, step.generic_constexprs
-        grid, constexprs = config or (step.grid, step.constexprs)
+            return load_kernel(step.kernel, interpret, generic=True), grid, constexprs
         return load_kernel(specialized_source(step), interpret), grid, constexprs
+
+    @staticmethod
+    def config(step: Launch, kind: str, config: tuple = None) -> tuple:
+        """``(grid, constexprs)`` of ``step``'s ``kind`` kernel (``config`` for a specialized one)."""
+        if kind == GENERIC:
+            return step.generic_grid, step.generic_constexprs
+        return config or (step.grid, step.constexprs)
 
     def install(self, variant: Variant) -> None:
         """Serve ``variant`` from the next run on (one reference assignment under the run lock:
@@ -173,6 +180,12 @@ class Executable:
 
     # -- running
     def run(self, feeds: dict) -> dict:
+        out = self._run(feeds)
+        if _watch is not None:
+            _watch()
+        return out
+
+    def _run(self, feeds: dict) -> dict:
         with self.lock:
             v = self.active
             if v.graph is None and self.use_cuda_graph and v.runs >= v.eager_runs:
@@ -251,6 +264,29 @@ class Executable:
             v.graph_bufs[idx].copy_(feeds[name])
         v.graph.replay()
         return {k: t.clone() for k, t in self.outputs(v.graph_bufs).items()}
+
+
+_watch = None  # called after every run while set (runtime/jit.py: while a background job runs)
+
+
+def watch_runs(fn) -> None:
+    global _watch
+    _watch = fn
+
+
+class _Launcher:
+    """A step's Triton launcher, made at its first call: a variant served by direct launches of
+    loaded binaries (runtime/warm.py) never creates its JIT functions."""
+
+    __slots__ = ("exe", "step", "kind", "grid", "fn")
+
+    def __init__(self, exe: Executable, step: Launch, kind: str, grid: tuple):
+        self.exe, self.step, self.kind, self.grid, self.fn = exe, step, kind, grid, None
+
+    def __call__(self, *args, **constexprs):
+        if self.fn is None:
+            self.fn = self.exe.kernel(self.step, self.kind)[0][self.grid]
+        return self.fn(*args, **constexprs)
 
 
 def launch_all(launches: list, bufs: dict) -> list:

@@ -18,7 +18,7 @@ The specializer's thread then, off the hot path:
    on the old variant. Its CUDA graph is captured by the serving thread at the variant's first
    run: while any stream captures, ``torch.cuda.synchronize`` in another thread fails ("operation
    not permitted when stream is capturing", measured on an H100 in thread-local and global
-   capture modes alike), so this thread never captures (``BACKGROUND_CAPTURE``).
+   capture modes alike), so this thread never captures.
 
 The queue is bounded, deduplicated per binding, and ordered by how often the runtime cache's
 histogram saw the binding's shapes in earlier processes (most frequent first), then by arrival.
@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from rtxjit.errors import RtxjitError
-from rtxjit.runtime import autotune, compiler
+from rtxjit.runtime import autotune, compiler, executor
 from rtxjit.runtime.executor import GENERIC, SPECIALIZED, Executable, bind_direct, launch_direct
 
 MODES = ("lazy", "eager", "none")
@@ -53,7 +53,6 @@ QUEUE_LIMIT = 256  # pending bindings; more are dropped (counted) and keep their
 # relative tolerance (max |diff| over max |reference|) of the check, per output dtype
 CHECK_RTOL = {"fp64": 1e-6, "fp32": 1e-4, "fp16": 1e-2, "bf16": 1e-2, "fp8e4m3": 1.5e-1, "fp8e5m2": 2.5e-1}
 BACKGROUND_SWITCH_S = 0.0001  # Python's thread switch interval while a background job runs (default 5 ms)
-BACKGROUND_CAPTURE = False  # capturing here breaks other threads' device synchronizes (see above)
 COMPILE_DELAY_S = 0.0  # test hook: a deterministic stand-in for compile time, added to each job
 
 
@@ -80,6 +79,49 @@ def gc_paused():
             _gc_pauses -= 1
             if _gc_pauses == 0 and _gc_was_enabled:
                 gc.enable()
+
+
+# --- the serving thread first --------------------------------------------------------------------
+# The specializer shares the GIL and the GPU with the threads that serve requests. Between pieces
+# of its work it waits (``_yield_to_serving``, at most YIELD_LIMIT_S) while a serving thread does
+# slow Python work (a new binding's plan and first run, ``serving()``) and until the GPU work of
+# the last run is done (an event recorded after each run while a job is in progress).
+YIELD_LIMIT_S = 0.05
+
+_held = 0
+_held_lock = threading.Lock()
+_last_run: list = [None]  # the event recorded after the last run, while a job is in progress
+
+
+@contextlib.contextmanager
+def serving():
+    """Marks slow work of a serving thread: the background job pauses at its next checkpoint."""
+    global _held
+    with _held_lock:
+        _held += 1
+    try:
+        yield
+    finally:
+        with _held_lock:
+            _held -= 1
+
+
+def _note_run() -> None:
+    event = torch.cuda.Event()
+    event.record()
+    _last_run[0] = event
+
+
+def _yield_to_serving() -> None:
+    if threading.current_thread() is not _specializer_thread():
+        return  # an eager job runs in the serving thread itself
+    deadline = time.monotonic() + YIELD_LIMIT_S
+    while time.monotonic() < deadline:
+        event = _last_run[0]
+        if _held or (event is not None and not event.query()):
+            time.sleep(0.0002)
+            continue
+        return
 
 
 def resolve_mode(mode: Optional[str], device) -> str:
@@ -218,6 +260,10 @@ def specializer() -> Specializer:
         return _specializer
 
 
+def _specializer_thread():
+    return _specializer._thread if _specializer is not None else None
+
+
 def snapshot(exe: Executable, feeds: dict) -> dict:
     """Device copies of a run's inputs, kept for the check (a caller may reuse its tensors)."""
     return {name: _copy(feeds[name]) for name in exe.inputs}
@@ -231,6 +277,8 @@ def specialize_now(exe: Executable, feeds: dict, stats: Stats, background: bool 
     switch = sys.getswitchinterval()
     if background:  # the serving thread waits at most this long for the GIL while a job runs
         sys.setswitchinterval(min(switch, BACKGROUND_SWITCH_S))
+    if background and exe.device.kind == "cuda":
+        executor.watch_runs(_note_run)
     try:
         with gc_paused():  # the job's garbage must not stop the serving thread for a collection
             return _specialize(exe, feeds, stats, background)
@@ -242,32 +290,49 @@ def specialize_now(exe: Executable, feeds: dict, stats: Stats, background: bool 
             stats.errors.append(f"{type(exc).__name__}: {exc}")
         return False
     finally:
+        executor.watch_runs(None)
+        _last_run[0] = None
         sys.setswitchinterval(switch)
         stats.add(pending=-1)
 
 
 def _specialize(exe: Executable, feeds: dict, stats: Stats, background: bool) -> bool:
-    """The job itself (``specialize_now`` counts its failure)."""
+    """The job itself (``specialize_now`` counts its failure). In the background, a binding whose
+    launches offer several tile configurations is specialized in two passes: first with the
+    plan's heuristic configuration (one kernel per launch: swapped in soon), then with every
+    configuration compiled and timed (the fastest checked and swapped in when ready)."""
+    tunable = autotune.enabled() and any(len(step.choices or ()) > 1 for step in exe.plan.steps)
+    passes = (False, True) if background and tunable else (tunable,)
+    installed = None
+    for tuned in passes:
+        variant = _specialized_pass(exe, feeds, stats, background, tuned)
+        if variant is None:
+            break
+        exe.install(variant)
+        if installed is None:
+            with stats.lock:
+                stats.specialized += 1
+                stats.order.append(exe.key)
+        installed = variant
+    if installed is None:
+        return False
+    _record(exe, installed)
+    return True
+
+
+def _specialized_pass(exe: Executable, feeds: dict, stats: Stats, background: bool, tuned: bool):
+    """Compile, check (and with ``tuned``, time) the specialized variant; None if none passes."""
     stream = torch.cuda.Stream() if exe.device.kind == "cuda" else None
     with torch.cuda.stream(stream) if stream is not None else _nothing():
         if COMPILE_DELAY_S:
             time.sleep(COMPILE_DELAY_S)
-        compiles, hits = compiler.prepare_specialized(exe, background=background)
+        compiles, hits = compiler.prepare_specialized(exe, background=background, tuned=tuned)
         stats.add(compiles=compiles, cache_hits=hits)
-        variant, rejected = _checked_variant(exe, feeds)
+        variant, rejected = _checked_variant(exe, feeds, tuned)
         stats.add(rejected=len(rejected))
-        if variant is None:
-            return False
-        if exe.use_cuda_graph and BACKGROUND_CAPTURE:
-            exe.capture(variant, feeds)
         if stream is not None:
             stream.synchronize()
-    exe.install(variant)
-    with stats.lock:
-        stats.specialized += 1
-        stats.order.append(exe.key)
-    _record(exe, variant)
-    return True
+    return variant
 
 
 def _record(exe: Executable, variant) -> None:
@@ -292,17 +357,18 @@ class _nothing:
 
 def _run(exe: Executable, variant, feeds: dict) -> dict:
     """One run of ``variant`` (its first loads its kernels and binds its direct launches)."""
+    _yield_to_serving()
     return {k: _copy(v) for k, v in exe.run_eager(variant, feeds).items()}
 
 
-def _checked_variant(exe: Executable, feeds: dict) -> tuple:
+def _checked_variant(exe: Executable, feeds: dict, tuned: bool = True) -> tuple:
     """The specialized variant, with every launch whose specialized kernel disagrees with the
     generic one put back on the generic kernel; and the indices of those launches. Every trial run
     here shares one arena, the one the returned variant keeps."""
     n = len(exe.plan.steps)
     arena = exe.new_arena()
     reference = _run(exe, exe.variant([GENERIC] * n, arena=arena), feeds)
-    configs = _tune(exe, feeds, arena)
+    configs = _tune(exe, feeds, arena) if tuned else {}
     kinds = [SPECIALIZED] * n
     variant = exe.variant(kinds, configs, arena)
     if not _mismatch(reference, _run(exe, variant, feeds)):
@@ -344,6 +410,7 @@ def _tune(exe: Executable, feeds: dict, arena) -> dict:
         if step.choices:
             fn = exe.kernel(step, SPECIALIZED)[0]
             trials = [_Trial(fn, grid, args, cfg, step) for grid, cfg in step.choices]
+            _yield_to_serving()
             best = autotune.choose(step.tune_key, list(step.choices), lambda c: trials[c]())
             configs[i] = step.choices[best]
             launcher, constexprs = fn[configs[i][0]], configs[i][1]
@@ -371,6 +438,7 @@ class _Trial:
 def _mismatch(reference: dict, outputs: dict) -> Optional[str]:
     """Why ``outputs`` differ from ``reference`` beyond the dtype's tolerance, or None (compared
     on the host in float64: the check computes nothing with torch on the device)."""
+    _yield_to_serving()
     for name, ref in reference.items():
         dtype = _short(ref.dtype)
         r, o = _host(ref), _host(outputs[name])

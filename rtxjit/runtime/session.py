@@ -149,14 +149,29 @@ class InferenceSession:
         key = tuple((n, t.shape, t.dtype) for n, t in types.items()) + tuple(
             (n, v.tobytes()) for n, v in sorted(host_values.items()))
         exe = self._executables.get(key)
-        fresh = False
         if exe is None:
-            self._profile_of[key] = select(self.profiles, {n: t.shape for n, t in types.items()})
-            with self._lock:
-                exe = self._executables.get(key)
-                if exe is None:
-                    exe = self._new_executable(key, types, host_values)
-                    fresh = True
+            with jit.serving():  # a new binding: the background specializer waits meanwhile
+                exe, results = self._first_run(key, types, host_values, tensors)
+        else:
+            self.last_trace = exe.plan.trace
+            self.last_executable = exe
+            self.last_profile = self._profile_of[key]
+            results = exe.run(tensors)
+        out = [results[n] for n in names]
+        if as_numpy:
+            return [t.cpu().numpy() for t in out]
+        return out
+
+    def _first_run(self, key, types: dict, host_values: dict, tensors: dict) -> tuple:
+        """``(executable, outputs)`` of a run whose binding has no executable yet (unless another
+        thread made it meanwhile): plan, kernels (recorded, or generic), specialization queued."""
+        self._profile_of[key] = select(self.profiles, {n: t.shape for n, t in types.items()})
+        fresh = False
+        with self._lock:
+            exe = self._executables.get(key)
+            if exe is None:
+                exe = self._new_executable(key, types, host_values)
+                fresh = True
         queue = fresh and self.specialize != "none" and not exe.recorded
         if queue and self.specialize == "eager":
             self._specialize(exe, tensors, types)
@@ -166,10 +181,7 @@ class InferenceSession:
         results = exe.run(tensors)
         if queue and self.specialize == "lazy":  # after the run: its launches do not share the GIL
             self._specialize(exe, tensors, types)
-        out = [results[n] for n in names]
-        if as_numpy:
-            return [t.cpu().numpy() for t in out]
-        return out
+        return exe, results
 
     def _new_executable(self, key, types: dict, host_values: dict) -> Executable:
         from rtxjit.runtime import compiler
@@ -322,7 +334,8 @@ class InferenceSession:
 
     def _upload_constants(self) -> None:
         for v in self.graph.constants():
-            host = torch.from_numpy(np.ascontiguousarray(v.const).reshape(-1).copy())
+            data = np.ascontiguousarray(v.const).reshape(-1)
+            host = torch.from_numpy(data if data.flags.writeable else data.copy())
             t = host.to(self._tdev, dtype=torch_dtype(v.type.dtype))
             self._const_tensors[v.name] = t
 

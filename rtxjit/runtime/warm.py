@@ -94,7 +94,7 @@ def load_variant(cache, model_key: str, exe: Executable) -> Optional[Variant]:
             kernels.append(_load(cache, rec["binary"]))
         if any(k is None for k in kernels):
             return None
-        variant = exe.variant(kinds, configs)
+        variant = exe.variant(kinds, configs, arena=exe.active.arena)  # the generic variant is dropped
         variant.direct = bind_direct(variant.launches, kernels)
         return variant if variant.direct is not None else None
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
@@ -112,7 +112,7 @@ def _load(cache, key: str):
     if entry is None:
         return None
     meta, blobs = entry
-    loaded = binaries.load(meta, blobs["cubin"])
+    loaded = binaries.load(meta, bytes(blobs["cubin"]))
     with _lock:
         return _loaded.setdefault(key, loaded)
 
