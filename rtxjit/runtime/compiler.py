@@ -20,7 +20,7 @@ from __future__ import annotations
 import atexit
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Optional
 
 from rtxjit.codegen.source import is_loaded, load_kernel
@@ -30,10 +30,13 @@ from rtxjit.runtime.executor import GENERIC, SPECIALIZED, Executable, torch_dtyp
 from rtxjit.runtime.plan import Buf
 
 THREADS = min(16, os.cpu_count() or 1)
+
+
 def _workers() -> int:
     from rtxjit import config
 
     return config.compile_workers() or max(1, min(4, (os.cpu_count() or 2) // 4))
+
 
 _counts = threading.local()
 _listener_lock = threading.Lock()
@@ -197,10 +200,11 @@ def _prepare_interpreted(exe: Executable, kind: str) -> tuple:
 
 # --- specialized kernels -------------------------------------------------------------------------
 
-def prepare_specialized(exe: Executable, background: bool, tuned: bool = True) -> tuple:
+def prepare_specialized(exe: Executable, background: bool, tuned: bool = True, between=None) -> tuple:
     """Compile ``exe``'s specialized kernels (with ``tuned``, in every tile configuration offered,
     else in the plan's); ``(compiles, cache hits)``. In the background on a GPU, worker processes
-    compile and this thread only waits."""
+    compile and this thread only waits; it hands them a few kernels at a time (the pool's own
+    threads pickle and unpickle in this process, under the GIL), calling ``between()`` before each."""
     if exe.device.interpret:
         return _prepare_interpreted(exe, SPECIALIZED)
     items = _items(exe, SPECIALIZED, tuned)
@@ -214,13 +218,20 @@ def prepare_specialized(exe: Executable, background: bool, tuned: bool = True) -
             for item in items:
                 _warm(*item)
         return tally[0], tally[1]
-    futures = [pool.submit(_worker_warm, src.name, src.text, generic, _portable(args), grid, constexprs)
-               for src, generic, args, grid, constexprs in items]
     compiles = hits = 0
-    for f in futures:
+    pending = set()
+    for src, generic, args, grid, constexprs in items:
+        if len(pending) >= 2 * _workers():  # each worker busy, one more queued
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for f in done:
+                c, h = f.result()
+                compiles, hits = compiles + c, hits + h
+        if between is not None:
+            between()
+        pending.add(pool.submit(_worker_warm, src.name, src.text, generic, _portable(args), grid, constexprs))
+    for f in pending:
         c, h = f.result()
-        compiles += c
-        hits += h
+        compiles, hits = compiles + c, hits + h
     return compiles, hits
 
 

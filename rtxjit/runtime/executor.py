@@ -29,6 +29,7 @@ TORCH_DTYPES = {
 }
 
 GENERIC, SPECIALIZED = "generic", "specialized"
+PACE_LAUNCHES = 8  # a paced run (background work) lets the GPU drain after this many launches
 
 
 def torch_dtype(dtype) -> torch.dtype:
@@ -203,14 +204,15 @@ class Executable:
                 return self._replay(v, feeds)
             return self.run_eager(v, feeds)
 
-    def run_eager(self, v: Variant, feeds: dict) -> dict:
+    def run_eager(self, v: Variant, feeds: dict, pace=None) -> dict:
         """``v``'s launches kernel by kernel over fresh outputs: through Triton's JIT dispatch until
-        every kernel is loaded, then as ``Direct`` launches."""
+        every kernel is loaded, then as ``Direct`` launches. ``pace()``, if given, is called after
+        every PACE_LAUNCHES launches (the background specializer waits there for the GPU)."""
         bufs = self.fresh_buffers(feeds)
         if v.direct is not None and _aligned(feeds):
-            launch_direct(v.direct, bufs)
+            launch_direct(v.direct, bufs, pace=pace)
         else:
-            kernels = launch_all(v.launches, bufs)
+            kernels = launch_all(v.launches, bufs, pace=pace)
             if v.direct is None and self.device.kind == "cuda":
                 v.direct = bind_direct(v.launches, kernels)
         return self.outputs(bufs)
@@ -289,11 +291,13 @@ class _Launcher:
         return self.fn(*args, **constexprs)
 
 
-def launch_all(launches: list, bufs: dict) -> list:
+def launch_all(launches: list, bufs: dict, pace=None) -> list:
     """Launch through Triton's JIT dispatch (which compiles or loads on first use); returns what
     each launch returned (on a GPU, Triton's compiled kernel)."""
     kernels = []
-    for launcher, args, slots, constexprs, step, _ in launches:
+    for i, (launcher, args, slots, constexprs, step, _) in enumerate(launches):
+        if pace is not None and i and i % PACE_LAUNCHES == 0:
+            pace()
         if slots:
             args = list(args)
             for j in slots:
@@ -355,10 +359,12 @@ def _hooked(hook) -> bool:
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
-def launch_direct(direct: list, bufs: dict, stream: Optional[int] = None) -> None:
+def launch_direct(direct: list, bufs: dict, stream: Optional[int] = None, pace=None) -> None:
     """Launch ``direct`` on ``stream`` (a CUDA stream handle; default: the current stream)."""
     stream = torch.cuda.current_stream().cuda_stream if stream is None else stream
-    for d in direct:
+    for i, d in enumerate(direct):
+        if pace is not None and i and i % PACE_LAUNCHES == 0:
+            pace()
         args = d.args
         if d.slots:
             args = list(args)

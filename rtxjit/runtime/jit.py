@@ -112,8 +112,12 @@ def _note_run() -> None:
     _last_run[0] = event
 
 
+def _in_background() -> bool:
+    return threading.current_thread() is _specializer_thread()
+
+
 def _yield_to_serving() -> None:
-    if threading.current_thread() is not _specializer_thread():
+    if not _in_background():
         return  # an eager job runs in the serving thread itself
     deadline = time.monotonic() + YIELD_LIMIT_S
     while time.monotonic() < deadline:
@@ -326,7 +330,8 @@ def _specialized_pass(exe: Executable, feeds: dict, stats: Stats, background: bo
     with torch.cuda.stream(stream) if stream is not None else _nothing():
         if COMPILE_DELAY_S:
             time.sleep(COMPILE_DELAY_S)
-        compiles, hits = compiler.prepare_specialized(exe, background=background, tuned=tuned)
+        compiles, hits = compiler.prepare_specialized(exe, background=background, tuned=tuned,
+                                                      between=_yield_to_serving)
         stats.add(compiles=compiles, cache_hits=hits)
         variant, rejected = _checked_variant(exe, feeds, tuned)
         stats.add(rejected=len(rejected))
@@ -356,9 +361,18 @@ class _nothing:
 
 
 def _run(exe: Executable, variant, feeds: dict) -> dict:
-    """One run of ``variant`` (its first loads its kernels and binds its direct launches)."""
+    """One run of ``variant`` (its first loads its kernels and binds its direct launches); in the
+    background, paced: a request arriving meanwhile queues behind a few of its kernels, not a run."""
     _yield_to_serving()
-    return {k: _copy(v) for k, v in exe.run_eager(variant, feeds).items()}
+    pace = _pace if _in_background() and exe.device.kind == "cuda" else None
+    return {k: _copy(v) for k, v in exe.run_eager(variant, feeds, pace=pace).items()}
+
+
+def _pace() -> None:
+    event = torch.cuda.Event()
+    event.record()
+    event.synchronize()
+    _yield_to_serving()
 
 
 def _checked_variant(exe: Executable, feeds: dict, tuned: bool = True) -> tuple:
