@@ -47,8 +47,13 @@ def tune_key(src_key: str, sm: Optional[int], *sizes: int) -> tuple:
     return (src_key, sm, *(bucket(int(s)) for s in sizes))
 
 
+assumed_sm_count = None  # set while plans are built for a GPU that is not here (runtime/aot.py)
+
+
 def sm_count() -> int:
     """Multiprocessors of the current CUDA device (132 on an H100 SXM), for the tile heuristic."""
+    if assumed_sm_count is not None:
+        return assumed_sm_count
     import torch
 
     dev = torch.cuda.current_device()

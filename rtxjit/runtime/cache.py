@@ -263,6 +263,11 @@ class RuntimeCache:
     def __repr__(self) -> str:
         return f"RuntimeCache({str(self.path)!r})"
 
+    def __eq__(self, other) -> bool:
+        return isinstance(other, RuntimeCache) and other.path.resolve() == self.path.resolve()
+
+    __hash__ = object.__hash__
+
     # -- entries
     def _meta_path(self, key: str) -> Path:
         return self.path / f"{key}.json"

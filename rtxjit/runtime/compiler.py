@@ -148,13 +148,23 @@ def prepare_generic(exe: Executable) -> tuple:
         return _prepare_interpreted(exe, GENERIC)
     with _warmed_lock:
         items = [it for it in _items(exe, GENERIC) if _item_key(it) not in _warmed]
+    items, stored = _without_stored(exe, items)
     if not items:
-        return 0, 0
+        return 0, stored
     with _counting() as tally:
         _parallel(items)
     with _warmed_lock:
         _warmed.update(_item_key(it) for it in items)
-    return tally[0], tally[1]
+    return tally[0], tally[1] + stored
+
+
+def _without_stored(exe: Executable, items: list) -> tuple:
+    """``(items, n)``: the compilations that no store (engine, runtime cache) holds a binary for,
+    and how many it holds (they are loaded now, not compiled)."""
+    from rtxjit.runtime import warm
+
+    left = [it for it in items if warm.find(warm.item_key(exe.device, it[0].key, it[1], it[2], it[4])) is None]
+    return left, len(items) - len(left)
 
 
 _warmed: set = set()  # generic compilations done in this process (a new shape needs none)
@@ -207,7 +217,12 @@ def prepare_specialized(exe: Executable, background: bool, tuned: bool = True, b
     threads pickle and unpickle in this process, under the GIL), calling ``between()`` before each."""
     if exe.device.interpret:
         return _prepare_interpreted(exe, SPECIALIZED)
-    items = _items(exe, SPECIALIZED, tuned)
+    items, stored = _without_stored(exe, _items(exe, SPECIALIZED, tuned))
+    compiles, hits = _compile_specialized(items, background, between)
+    return compiles, hits + stored
+
+
+def _compile_specialized(items: list, background: bool, between) -> tuple:
     if not background:
         with _counting() as tally:
             _parallel(items)

@@ -440,19 +440,24 @@ class Engine:
 
 
 def build(model, targets=("current",), profiles=None, precision: Optional[str] = None, strip_weights: bool = False,
-          optimize: bool = True) -> Engine:
+          optimize: bool = True, kernels: bool = False, progress=None) -> Engine:
     """An engine of ``model`` (an ONNX path, bytes or ModelProto, or an rtxjit Graph): imported,
     optimized by the pass pipeline (``precision`` "fp16"/"bf16" converts fp32 to it), checked for
     precision legality on every SM of ``targets`` (an UnsupportedOpError naming the op and the
     target), with ``profiles`` resolved against its inputs. ``strip_weights`` keeps no weight
     data (the engine lists the weights; refit with ``Refitter``). No GPU is needed unless a target
-    is "current"."""
+    is "current". ``kernels`` also compiles the engine's kernels for every target (runtime/aot.py;
+    no GPU needed), calling ``progress(done, total, what)`` after each."""
     sms = parse_targets(targets)
     graph = _optimized(model, precision, optimize)
     _check_targets(graph, sms)
     resolved = resolve_profiles(profiles, graph)
     short = passes.precision_dtype(precision).short if precision is not None else None
     engine = Engine(graph, resolved, sms, short, bool(optimize))
+    if kernels:  # before stripping: a lowering may read weights (a pre-transposed conv weight)
+        from rtxjit.runtime import aot
+
+        engine.build_report = aot.compile_kernels(engine, progress=progress)
     if strip_weights:
         for v in weight_values(graph):
             v.const = placeholder(v.type.dtype)

@@ -119,6 +119,7 @@ class Executable:
         self.key = None  # the session's key of this binding (set by the session)
         self.store = None  # (runtime cache, model key) where its checked variant is recorded, if any
         self.recorded = False  # serving a variant recorded by an earlier process (runtime/warm.py)
+        self.tune = True  # whether specialization times tile configurations (not for AOT engines)
 
     def _plan_constant(self, spec, shared: dict) -> torch.Tensor:
         """A constant the lowering made (a pre-transposed conv weight, a fill value) on the device,
@@ -287,8 +288,45 @@ class _Launcher:
 
     def __call__(self, *args, **constexprs):
         if self.fn is None:
-            self.fn = self.exe.kernel(self.step, self.kind)[0][self.grid]
+            self.fn = self._resolve(constexprs)
         return self.fn(*args, **constexprs)
+
+    def _resolve(self, constexprs: dict):
+        if self.exe.device.kind == "cuda":
+            from rtxjit.runtime import warm
+
+            stored = warm.find(warm.step_key(self.exe.device, self.exe.plan, self.step, self.kind, constexprs))
+            if stored is not None:
+                from rtxjit.codegen.source import parameters
+
+                names = [name for name, _ in parameters(self.step.kernel)]
+                return _Stored(stored, self.grid, names[len(self.step.args):], self._jit)
+        return self._jit()
+
+    def _jit(self):
+        return self.exe.kernel(self.step, self.kind)[0][self.grid]
+
+
+class _Stored:
+    """A step launched through a kernel loaded from a store (an engine, the runtime cache): no
+    compile. An argument that is not 16-byte aligned (what the stored kernel assumes of its
+    buffers, as every buffer rtxjit allocates is) goes through Triton's JIT instead."""
+
+    __slots__ = ("kernel", "grid", "tail", "make_jit", "jit")
+
+    def __init__(self, kernel, grid: tuple, tail: list, make_jit):
+        self.kernel, self.grid = kernel, tuple(grid) + (1,) * (3 - len(grid))
+        self.tail, self.make_jit, self.jit = tail, make_jit, None
+
+    def __call__(self, *args, **constexprs):
+        if any(a.data_ptr() % 16 for a in args if isinstance(a, torch.Tensor)):
+            if self.jit is None:
+                self.jit = self.make_jit()
+            return self.jit(*args, **constexprs)
+        k, g = self.kernel, self.grid
+        k.run(g[0], g[1], g[2], torch.cuda.current_stream().cuda_stream, k.function, k.packed_metadata,
+              None, None, None, *args, *[constexprs[n] for n in self.tail])
+        return k
 
 
 def launch_all(launches: list, bufs: dict, pace=None) -> list:

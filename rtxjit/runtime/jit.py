@@ -305,7 +305,8 @@ def _specialize(exe: Executable, feeds: dict, stats: Stats, background: bool) ->
     launches offer several tile configurations is specialized in two passes: first with the
     plan's heuristic configuration (one kernel per launch: swapped in soon), then with every
     configuration compiled and timed (the fastest checked and swapped in when ready)."""
-    tunable = autotune.enabled() and any(len(step.choices or ()) > 1 for step in exe.plan.steps)
+    _record(exe, exe.active, binaries_only=True)  # the generic kernels too: a new shape in a later process
+    tunable = exe.tune and autotune.enabled() and any(len(step.choices or ()) > 1 for step in exe.plan.steps)
     passes = (False, True) if background and tunable else (tunable,)
     installed = None
     for tuned in passes:
@@ -340,14 +341,18 @@ def _specialized_pass(exe: Executable, feeds: dict, stats: Stats, background: bo
     return variant
 
 
-def _record(exe: Executable, variant) -> None:
-    """Keep the installed variant in the runtime cache for the next process (runtime/warm.py)."""
-    if exe.store is None:
+def _record(exe: Executable, variant, binaries_only: bool = False) -> None:
+    """Keep the installed variant (or only its kernels) in the runtime cache for the next process
+    (runtime/warm.py)."""
+    if exe.store is None or variant.direct is None:
         return
     from rtxjit.runtime import warm
 
     try:
-        warm.save_variant(exe.store[0], exe.store[1], exe, variant)
+        if binaries_only:
+            warm.save_binaries(exe.store[0], exe, variant)
+        else:
+            warm.save_variant(exe.store[0], exe.store[1], exe, variant)
     except (OSError, ValueError, TypeError) as exc:
         warnings.warn(f"rtxjit: runtime cache: cannot record a specialized binding: {exc}", RuntimeWarning)
 

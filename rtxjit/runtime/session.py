@@ -96,6 +96,11 @@ class InferenceSession:
             from rtxjit.runtime import kernel_store
 
             kernel_store.activate(self.runtime_cache)
+            warm.add_source(self.runtime_cache)
+        self._tune = True
+        if self.engine is not None and self.device.kind == "cuda" and self.engine.has_binaries_for(self.device.sm):
+            warm.add_source(warm.EngineBinaries(self.engine))
+            self._tune = False  # tile timing would compile the tiles the engine does not hold
         self._tdev = torch.device(self.device.torch_device)
         self._lock = threading.Lock()
         self._executables: dict = {}
@@ -190,6 +195,7 @@ class InferenceSession:
             plan = PlanBuilder(self.graph, self.device, frozenset(self._const_tensors)).build(types, host_values)
             exe = Executable(plan, self.device, self._const_tensors, plan_consts=self._plan_consts)
         exe.key = key
+        exe.tune = self._tune
         recorded = None
         if self.runtime_cache is not None:
             exe.store = (self.runtime_cache, self._model_key)

@@ -22,8 +22,84 @@ from rtxjit.runtime.cache import cache_key, target_of
 from rtxjit.runtime.executor import GENERIC, SPECIALIZED, Executable, Variant, bind_direct, specialized_source
 from rtxjit.runtime.plan import Buf
 
-_loaded: dict = {}  # runtime-cache key -> binaries.Loaded (bindings share kernels)
+_sources: list = []  # where binaries are looked up: runtime caches and engines (``add_source``)
+_found: dict = {}  # binary key -> a loaded kernel, or None (looked up everywhere, absent)
 _lock = threading.Lock()
+
+
+def add_source(source) -> None:
+    """Look up binaries in ``source`` too (an object with ``get(key) -> (meta, blobs) | None``:
+    a RuntimeCache, or ``EngineBinaries``); forgets earlier misses."""
+    with _lock:
+        if not any(s is source or s == source for s in _sources):
+            _sources.append(source)
+        for key in [k for k, v in _found.items() if v is None]:
+            del _found[key]
+
+
+class EngineBinaries:
+    """An engine's compiled kernels (runtime/aot.py) as a source of binaries."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, EngineBinaries) and other.engine is self.engine
+
+    __hash__ = object.__hash__
+
+    def __repr__(self) -> str:
+        return f"engine {self.engine.path or '(in memory)'}"
+
+    def get(self, key: str):
+        entry = self.engine.binaries.get(key)
+        return None if entry is None else (entry["meta"], {"cubin": entry["data"]})
+
+
+def remember(key: str, kernel) -> None:
+    """A kernel loaded in this process under ``key`` (later lookups need no store)."""
+    with _lock:
+        _found[key] = kernel
+
+
+def find(key: str):
+    """The kernel stored under binary key ``key``, loaded onto the current GPU; None if no source
+    has it (or it does not load here: another SM, too much shared memory)."""
+    with _lock:
+        if key in _found:
+            return _found[key]
+        sources = list(_sources)
+    kernel = None
+    for source in sources:
+        entry = source.get(key)
+        if entry is None:
+            continue
+        meta, blobs = entry
+        try:
+            kernel = binaries.load(meta, bytes(blobs["cubin"]))
+            break
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            warnings.warn(f"rtxjit: the stored kernel {key[:12]} in {source} cannot be loaded ({exc}); "
+                          "it is compiled again", RuntimeWarning)
+    with _lock:
+        return _found.setdefault(key, kernel)
+
+
+def item_key(device, src_key: str, generic: bool, args: tuple, constexprs: dict) -> str:
+    """The binary key of one compilation: ``args`` with buffers as torch dtypes."""
+    from rtxjit.runtime.compiler import arg_classes
+
+    return cache_key(target=target_of(device),
+                     **binaries.binary_key(src_key, generic, arg_classes(args, generic), constexprs))
+
+
+def step_key(device, plan, step, kind: str, constexprs: dict) -> str:
+    """The binary key of ``step``'s ``kind`` kernel with ``constexprs``."""
+    from rtxjit.runtime.executor import torch_dtype
+
+    args = tuple(torch_dtype(plan.buffers[a.index].dtype) if isinstance(a, Buf) else a for a in step.args)
+    src = step.kernel if kind == GENERIC else specialized_source(step)
+    return item_key(device, src.key, kind == GENERIC, args, constexprs)
 
 
 def binding_id(key: tuple) -> list:
@@ -42,29 +118,34 @@ def _record_key(exe: Executable, model_key: str) -> str:
     return cache_key(target=target_of(exe.device), kind="variant", model=model_key, binding=binding_id(exe.key))
 
 
-def _binary_key(exe: Executable, step, kind: str, constexprs: dict) -> str:
-    from rtxjit.runtime.compiler import arg_classes
-    from rtxjit.runtime.executor import torch_dtype
-
-    args = tuple(torch_dtype(exe.plan.buffers[a.index].dtype) if isinstance(a, Buf) else a for a in step.args)
-    src = step.kernel if kind == GENERIC else specialized_source(step)
-    return cache_key(target=target_of(exe.device),
-                     **binaries.binary_key(src.key, kind == GENERIC, arg_classes(args, kind == GENERIC), constexprs))
+def save_binaries(cache, exe: Executable, variant: Variant) -> Optional[list]:
+    """Store the compiled kernels of ``variant`` (its direct launches bound) in ``cache``; their
+    binary keys, or None if some kernel cannot be stored."""
+    if variant.direct is None:
+        return None
+    keys = []
+    for (_, _, _, constexprs, step, _), kind, d in zip(variant.launches, variant.kinds, variant.direct):
+        bkey = step_key(exe.device, exe.plan, step, kind, constexprs)
+        if not (cache.path / f"{bkey}.json").exists():
+            entry = binaries.entry_of(d.kernel)
+            if entry is None:
+                return None
+            cache.put(bkey, entry[0], {"cubin": entry[1]})
+        remember(bkey, d.kernel)
+        keys.append(bkey)
+    return keys
 
 
 def save_variant(cache, model_key: str, exe: Executable, variant: Variant) -> bool:
-    """Record ``variant`` (checked, with its direct launches bound) for later processes; False if
-    it cannot be (no direct launches, a kernel that is not a stored binary)."""
-    if variant.direct is None or exe.key is None:
+    """Record ``variant`` (checked, with its direct launches bound) for later processes: its
+    kernels, and per step which one serves it; False if it cannot be."""
+    if exe.key is None:
+        return False
+    keys = save_binaries(cache, exe, variant)
+    if keys is None:
         return False
     steps = []
-    for (_, _, _, constexprs, step, grid), kind, d in zip(variant.launches, variant.kinds, variant.direct):
-        entry = binaries.entry_of(d.kernel)
-        if entry is None:
-            return False
-        bkey = _binary_key(exe, step, kind, constexprs)
-        if not (cache.path / f"{bkey}.json").exists():
-            cache.put(bkey, entry[0], {"cubin": entry[1]})
+    for (_, _, _, constexprs, step, grid), kind, bkey in zip(variant.launches, variant.kinds, keys):
         src = step.kernel if kind == GENERIC else specialized_source(step)
         steps.append({"kind": kind, "source": src.key, "grid": list(grid), "constexprs": dict(constexprs),
                       "binary": bkey})
@@ -91,7 +172,7 @@ def load_variant(cache, model_key: str, exe: Executable) -> Optional[Variant]:
                 return None
             kinds.append(kind)
             configs[i] = (tuple(rec["grid"]), dict(rec["constexprs"]))
-            kernels.append(_load(cache, rec["binary"]))
+            kernels.append(find(rec["binary"]))
         if any(k is None for k in kernels):
             return None
         variant = exe.variant(kinds, configs, arena=exe.active.arena)  # the generic variant is dropped
@@ -101,20 +182,6 @@ def load_variant(cache, model_key: str, exe: Executable) -> Optional[Variant]:
         warnings.warn(f"rtxjit runtime cache: the recorded kernels of a binding cannot be used ({exc}); "
                       "it starts on generic kernels", RuntimeWarning)
         return None
-
-
-def _load(cache, key: str):
-    with _lock:
-        hit = _loaded.get(key)
-    if hit is not None:
-        return hit
-    entry = cache.get(key)
-    if entry is None:
-        return None
-    meta, blobs = entry
-    loaded = binaries.load(meta, bytes(blobs["cubin"]))
-    with _lock:
-        return _loaded.setdefault(key, loaded)
 
 
 # --- the optimized graph -------------------------------------------------------------------------
