@@ -2,16 +2,31 @@
 
     rtxjit build   --onnx m.onnx [--shapes x:8x3x224x224 | --min-shapes .. --opt-shapes .. --max-shapes ..]
                    [--fp16 | --bf16] [--sm 89,90 | --sm current] [--strip-weights] --save-engine m.rtx
-    rtxjit run     (--onnx m.onnx | --load-engine m.rtx) [--shapes ..] [--fp16 | --bf16] [--runtime-cache DIR]
-                   [--warmup N] [--iterations N] [--device cuda|cpu]
-    rtxjit profile (--onnx m.onnx | --load-engine m.rtx) [--shapes ..] [--warmup N] [--iterations N]
+    rtxjit run     (--onnx m.onnx | --load-engine m.rtx [--refit-onnx m.onnx]) [--shapes ..] [--fp16 | --bf16]
+                   [--runtime-cache DIR] [--specialize lazy|eager|none] [--warmup N] [--iterations N]
+                   [--device cuda|cpu]
+    rtxjit profile (same model flags as run) [--export-profile FILE.json]
     rtxjit inspect (--onnx m.onnx | --load-engine m.rtx) [--passes] [--launches] [--kernel INDEX|NAME]
+                   [--specialized] [--shapes ..]
     rtxjit demo    (the built-in models against onnxruntime)
 
-``--shapes`` takes trtexec's syntax (``name:1x3x224x224,other:1x128``). ``run``, ``profile`` and
-``inspect --kernel`` feed random non-zero inputs of each input's type (integers: small, 0 or 1);
-an input that ``--shapes`` leaves out takes its symbolic dims from the inputs it names, else the
-shape its optimization profile is tuned for (``opt``; for an engine, the profile it was built with).
+``build`` needs no GPU when ``--sm`` names the targets (the default, ``current``, is the GPU's SM)
+and prints a progress line per phase on stderr (import, passes and checks, save; a bar redrawn in
+place on a terminal). ``--shapes`` takes trtexec's syntax (``name:1x3x224x224,other:1x128``); for
+``build`` it fixes those inputs' shapes (min = opt = max). ``run``, ``profile`` and ``inspect
+--kernel`` feed random non-zero inputs of each input's type (integers 0 or 1, safe as indices and
+flags); an input that ``--shapes`` leaves out takes its symbolic dims from the inputs it names,
+else the shape its first optimization profile is tuned for (``opt``; for an engine, the profile it
+was built with). ``run`` and ``profile`` time the steady state: after the warm-up they wait for
+the background specializer (``--specialize``) to serve its kernels.
+
+``profile`` times every kernel launch of the plan alone (CUDA events on a GPU, wall time under the
+CPU interpreter) and prints, per launch, its node, kernel, which variant served it, time, share of
+the total, bytes and flops, and on a GPU the roofline floor and the percentage of it reached
+(``rtxjit.runtime.roofline`` says how each is counted). ``inspect`` prints the imported graph
+(``--passes``: after the pass pipeline; an engine's metadata and optimized graph), or with
+``--launches`` / ``--kernel`` the plan's launches and a kernel's generated Triton source for the
+given shapes (built without running it), so ``--kernel 3 > k.py`` gives a Python file.
 
 Errors that a user can fix (a missing or malformed file, a bad ``--shapes``, an unknown input, an
 input outside the engine's profiles, a weight-stripped engine) print one line, ``rtxjit: error:
@@ -88,6 +103,7 @@ def _load_engine(args):
 def _open(args, **kwargs):
     """``(session, what)``: a session of ``--onnx`` or ``--load-engine``, and a name for messages."""
     cache = getattr(args, "runtime_cache", None)
+    kwargs.setdefault("specialize", getattr(args, "specialize", None))
     if args.load_engine:
         from rtxjit.errors import EngineError
 
@@ -278,11 +294,16 @@ def _describe_profile(profile) -> str:
 
 def cmd_build(args) -> int:
     import rtxjit
+    from rtxjit.errors import EngineError
     from rtxjit.onnx.importer import import_model
     from rtxjit.runtime.engine import parse_targets
 
     sms = parse_targets(_targets(args.sm))
     profile = _profile_arg(args)
+    target = Path(args.save_engine)
+    if target.is_dir() or not target.parent.is_dir():
+        raise EngineError(f"cannot save engine to '{target}': "
+                          + ("it is a folder" if target.is_dir() else f"folder '{target.parent}' does not exist"))
     progress = Progress(["import", "passes and checks", "save"])
     start = time.perf_counter()
     with progress.phase("import"):
@@ -346,7 +367,7 @@ def cmd_run(args) -> int:
 
 # --- profile ------------------------------------------------------------------------------------
 
-PROFILE_COLUMNS = ("#", "node", "kernel", "variant", "time ms", "share", "bytes", "flops", "floor ms",
+PROFILE_COLUMNS = ("#", "node", "kernel", "variant", "time us", "share", "bytes", "flops", "floor us",
                    "% roofline")
 
 
@@ -369,7 +390,7 @@ def _profile_table(rows: list) -> list:
     """Lines of the table: fixed column order, widths from the longest node and kernel names."""
     wn = max([len("node")] + [len(r["node"]) for r in rows])
     wk = max([len("kernel")] + [len(r["kernel"]) for r in rows])
-    widths = (4, wn, wk, 11, 10, 7, 9, 9, 10, 10)
+    widths = (4, wn, wk, 11, 11, 7, 9, 9, 10, 10)
     left = {1, 2, 3}
 
     def line(cells) -> str:
@@ -380,15 +401,15 @@ def _profile_table(rows: list) -> list:
 
     out = [line(PROFILE_COLUMNS)]
     for r in rows:
-        out.append(line((str(r["index"]), r["node"], r["kernel"], r["variant"], f"{r['seconds'] * 1e3:.4f}",
+        out.append(line((str(r["index"]), r["node"], r["kernel"], r["variant"], f"{r['seconds'] * 1e6:.2f}",
                          f"{r['share'] * 100:.1f}%", _si(r["bytes"]), _si(r["flops"]),
-                         na(r["floor_seconds"], lambda x: f"{x * 1e3:.4f}"),
+                         na(r["floor_seconds"], lambda x: f"{x * 1e6:.2f}"),
                          na(r["roofline"], lambda x: f"{x * 100:.1f}%"))))
     total = sum(r["seconds"] for r in rows)
     floors = [r["floor_seconds"] for r in rows]
     floor = None if any(f is None for f in floors) else sum(floors)
-    out.append(line(("", "total", "", "", f"{total * 1e3:.4f}", "100.0%", _si(sum(r["bytes"] for r in rows)),
-                     _si(sum(r["flops"] for r in rows)), na(floor, lambda x: f"{x * 1e3:.4f}"),
+    out.append(line(("", "total", "", "", f"{total * 1e6:.2f}", "100.0%", _si(sum(r["bytes"] for r in rows)),
+                     _si(sum(r["flops"] for r in rows)), na(floor, lambda x: f"{x * 1e6:.2f}"),
                      na(None if floor is None or total <= 0 else floor / total, lambda x: f"{x * 100:.1f}%"))))
     return out
 
@@ -529,7 +550,7 @@ def cmd_inspect(args) -> int:
             graph, _ = passes.optimize(graph, precision=args.precision)
         print(graph)
         return 0
-    sess, what = _open(args, specialize="none")
+    sess, what = _open(args, specialize="none")  # the plan only: nothing runs
     shapes = _input_shapes(sess, args.shapes, what)
     plan = _plan(sess, shapes)
     if args.launches:
@@ -630,6 +651,15 @@ def _shapes_arg(p) -> None:
                         "shapes)")
 
 
+def _run_args(p) -> None:
+    p.add_argument("--runtime-cache", default=None, metavar="DIR", help="keep compiled kernels across processes")
+    p.add_argument("--specialize", choices=["lazy", "eager", "none"], default=None,
+                   help="when shape-specialized kernels replace the generic ones (default: lazy on a GPU, none on "
+                        "the CPU); timing starts once they serve")
+    p.add_argument("--refit-onnx", default=None, metavar="MODEL.onnx",
+                   help="a weight-stripped engine's weights, from the model it was built from")
+
+
 def _timing_args(p, warmup: int, iterations: int) -> None:
     p.add_argument("--warmup", type=_count(0), default=warmup, metavar="N", help=f"untimed runs first ({warmup})")
     p.add_argument("--iterations", type=_count(1), default=iterations, metavar="N",
@@ -661,9 +691,7 @@ def parser() -> argparse.ArgumentParser:
     _model_args(r)
     _shapes_arg(r)
     _precision_args(r, "--onnx only")
-    r.add_argument("--runtime-cache", default=None, metavar="DIR", help="keep compiled kernels across processes")
-    r.add_argument("--refit-onnx", default=None, metavar="MODEL.onnx",
-                   help="a weight-stripped engine's weights, from the model it was built from")
+    _run_args(r)
     _timing_args(r, 2, 10)
     r.set_defaults(fn=cmd_run)
 
@@ -671,9 +699,7 @@ def parser() -> argparse.ArgumentParser:
     _model_args(f)
     _shapes_arg(f)
     _precision_args(f, "--onnx only")
-    f.add_argument("--runtime-cache", default=None, metavar="DIR", help="keep compiled kernels across processes")
-    f.add_argument("--refit-onnx", default=None, metavar="MODEL.onnx",
-                   help="a weight-stripped engine's weights, from the model it was built from")
+    _run_args(f)
     f.add_argument("--export-profile", default=None, metavar="FILE.json", help="also write the table as JSON")
     _timing_args(f, 2, 10)
     f.set_defaults(fn=cmd_profile)

@@ -224,6 +224,12 @@ class Specializer:
             self._thread = threading.Thread(target=self._loop, name="rtxjit-specializer", daemon=True)
             self._thread.start()
 
+    def stop_soon(self) -> None:
+        """Drop queued jobs and mark the thread to stop (the interpreter is exiting)."""
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+
     def shutdown(self) -> None:
         """Stop the thread after its current job (at interpreter exit)."""
         with self._cv:
@@ -261,6 +267,9 @@ def specializer() -> Specializer:
         if _specializer is None:
             _specializer = Specializer()
             atexit.register(_specializer.shutdown)
+            # and before the exit hooks of the process pool and the kernel store's scratch folder:
+            # threading's hooks run first (this one is registered after the pool's)
+            getattr(threading, "_register_atexit", lambda fn: None)(_specializer.stop_soon)
         return _specializer
 
 
@@ -287,6 +296,9 @@ def specialize_now(exe: Executable, feeds: dict, stats: Stats, background: bool 
         with gc_paused():  # the job's garbage must not stop the serving thread for a collection
             return _specialize(exe, feeds, stats, background)
     except Exception as exc:  # noqa: BLE001 - a failed specialization leaves the fallback serving
+        if _specializer is not None and _specializer._stop:  # the interpreter is exiting under the job
+            stats.add(dropped=1)
+            return False
         warnings.warn(f"rtxjit: specialization of a binding failed; its generic kernels keep serving: "
                       f"{type(exc).__name__}: {exc}", RuntimeWarning)
         with stats.lock:

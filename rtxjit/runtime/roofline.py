@@ -122,27 +122,35 @@ def _best_seconds(fn, runs: int) -> float:
     return best
 
 
+def _copy_bandwidth(nbytes: int, runs: int) -> float:
+    import torch
+
+    n = nbytes // 4
+    src = torch.ones(n, dtype=torch.float32, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * n * 4 / _best_seconds(lambda: dst.copy_(src), runs)
+
+
+def _matmul_peak(size: int, dtype, runs: int) -> float:
+    import torch
+
+    a = torch.randn(size, size, dtype=dtype, device="cuda")
+    b = torch.randn(size, size, dtype=dtype, device="cuda")
+    return 2 * size ** 3 / _best_seconds(lambda: torch.matmul(a, b), runs)
+
+
 def measure_machine(copy_bytes: int = 1 << 30, matmul_size: int = 8192, runs: int = 10) -> Machine:
     """Bandwidth and peaks of the current CUDA device (see the module docstring)."""
     import torch
 
-    n = copy_bytes // 4
-    src = torch.empty(n, dtype=torch.float32, device="cuda").fill_(1.0)
-    dst = torch.empty_like(src)
-    bandwidth = 2 * n * 4 / _best_seconds(lambda: dst.copy_(src), runs)
-    del src, dst
-    a = torch.randn(matmul_size, matmul_size, dtype=torch.float16, device="cuda")
-    b = torch.randn(matmul_size, matmul_size, dtype=torch.float16, device="cuda")
-    peak16 = 2 * matmul_size ** 3 / _best_seconds(lambda: torch.matmul(a, b), runs)
-    half = matmul_size // 2
-    a32, b32 = a[:half, :half].float(), b[:half, :half].float()
+    bandwidth = _copy_bandwidth(copy_bytes, runs)
+    peak16 = _matmul_peak(matmul_size, torch.float16, runs)
     tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False  # rtxjit multiplies fp32 in IEEE mode
     try:
-        peak32 = 2 * half ** 3 / _best_seconds(lambda: torch.matmul(a32, b32), max(3, runs // 3))
+        peak32 = _matmul_peak(matmul_size // 2, torch.float32, max(3, runs // 3))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
-    del a, b, a32, b32
     torch.cuda.empty_cache()
     return Machine(torch.cuda.get_device_name(), bandwidth, peak16, peak32)
 
