@@ -1,7 +1,7 @@
 """The ``rtxjit`` command line, in the spirit of ``trtexec`` / ``tensorrt_rtx``.
 
     rtxjit build   --onnx m.onnx [--shapes x:8x3x224x224 | --min-shapes .. --opt-shapes .. --max-shapes ..]
-                   [--fp16 | --bf16] [--sm 89,90 | --sm current] [--strip-weights] --save-engine m.rtx
+                   [--fp16 | --bf16] [--sm 89,90 | --sm current] [--strip-weights] [--no-kernels] --save-engine m.rtx
     rtxjit run     (--onnx m.onnx | --load-engine m.rtx [--refit-onnx m.onnx]) [--shapes ..] [--fp16 | --bf16]
                    [--runtime-cache DIR] [--specialize lazy|eager|none] [--warmup N] [--iterations N]
                    [--device cuda|cpu]
@@ -226,6 +226,14 @@ class Progress:
         filled = round(self.WIDTH * self.done / len(self.phases))
         return "[" + "#" * filled + "." * (self.WIDTH - filled) + f"] {self.done}/{len(self.phases)}"
 
+    def step(self, done: int, total: int, what: str) -> None:
+        """Progress inside a phase (kernels compiled: ``done`` of ``total``)."""
+        if self.tty:
+            self.stream.write(f"\r\033[Kbuild {self._bar()} kernels {done}/{total} {what}")
+        elif done == total or done % 10 == 0:
+            self.stream.write(f"build {self._bar()} kernels {done}/{total}\n")
+        self.stream.flush()
+
     @contextmanager
     def phase(self, name: str):
         start = time.perf_counter()
@@ -304,14 +312,15 @@ def cmd_build(args) -> int:
     if target.is_dir() or not target.parent.is_dir():
         raise EngineError(f"cannot save engine to '{target}': "
                           + ("it is a folder" if target.is_dir() else f"folder '{target.parent}' does not exist"))
-    progress = Progress(["import", "passes and checks", "save"])
+    progress = Progress(["import", "passes, checks and kernels", "save"])
     start = time.perf_counter()
     with progress.phase("import"):
         graph = import_model(args.onnx)
     imported = time.perf_counter()
-    with progress.phase("passes and checks"):
+    with progress.phase("passes, checks and kernels"):
         engine = rtxjit.build(graph, targets=list(sms), profiles=profile, precision=args.precision,
-                              strip_weights=args.strip_weights)
+                              strip_weights=args.strip_weights, kernels=not args.no_kernels,
+                              progress=progress.step)
     built = time.perf_counter()
     with progress.phase("save"):
         path = engine.save(args.save_engine)
@@ -330,7 +339,9 @@ def cmd_build(args) -> int:
               "rtxjit.Refitter(engine).refit_from_onnx(model), or run with --refit-onnx)")
     else:
         print(f"stripped: no ({len(weights)} weights, {weight_bytes:,} bytes stored)")
-    print(f"compiled kernels: {len(engine.binaries)}")
+    report = getattr(engine, "build_report", None)
+    per = ", ".join(f"sm_{sm}: {n}" for sm, n in sorted((report or {}).get("per_target", {}).items()))
+    print(f"compiled kernels: {len(engine.binaries)}" + (f" ({per}; {report['seconds']:.1f} s)" if report else ""))
     for i, p in enumerate(engine.profiles):
         print(f"profile {i}: {_describe_profile(p)}")
     return 0
@@ -684,6 +695,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--sm", default=None, metavar="SMS",
                    help="SM targets: 80,86,89,90,120 (or sm_90), or 'current' (the GPU's; the default)")
     b.add_argument("--strip-weights", action="store_true", help="store no weights (refit them later)")
+    b.add_argument("--no-kernels", action="store_true",
+                   help="store no compiled kernels (the GPU compiles them at first use); by default every "
+                        "kernel of the profiles is compiled for each target, no GPU needed")
     b.add_argument("--save-engine", required=True, metavar="ENGINE", help="where to write the engine")
     b.set_defaults(fn=cmd_build)
 

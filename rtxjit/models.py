@@ -88,6 +88,40 @@ def resnet_cnn(dtype=np.float32, batch="N", size: int = 32, width: int = 16, cla
                    [helper.make_tensor_value_info("logits", elem, [batch, classes])])
 
 
+def _bottleneck(b: _Builder, x: str, cin: int, mid: int, stride: int) -> str:
+    y = _conv_bn(b, x, cin, mid, 1, 1, relu=True)
+    y = _conv_bn(b, y, mid, mid, 3, stride, relu=True)
+    y = _conv_bn(b, y, mid, 4 * mid, 1, 1, relu=False)
+    skip = x if stride == 1 and cin == 4 * mid else _conv_bn(b, x, cin, 4 * mid, 1, stride, relu=False)
+    return b.node("Relu", [b.node("Add", [y, skip])])
+
+
+def resnet50_like(dtype=np.float32, batch="N", size=224, classes: int = 1000, seed: int = 0,
+                  layers=(3, 4, 6, 3)) -> onnx.ModelProto:
+    """ResNet-50's architecture (7x7 stem, bottleneck stages of 3, 4, 6, 3 blocks, 25.6M weights)
+    with seeded random weights: for engine sizes and refit checks where torchvision is absent.
+    ``size`` may be a symbol ("S"): one engine then serves several image sizes."""
+    b = _Builder(seed, dtype)
+    w = b.weight("conv_w", (64, 3, 7, 7))
+    y = b.node("Conv", ["image", w], kernel_shape=[7, 7], strides=[2, 2], pads=[3, 3, 3, 3])
+    bn = [b.weight("bn_scale", (64,), 0.2, 1.0), b.weight("bn_bias", (64,), 0.1),
+          b.weight("bn_mean", (64,), 0.1), b.weight("bn_var", (64,), 0.2, 1.0)]
+    y = b.node("Relu", [b.node("BatchNormalization", [y] + bn, epsilon=1e-5)])
+    y = b.node("MaxPool", [y], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    cin = 64
+    for stage, blocks in enumerate(layers):
+        mid = 64 * 2 ** stage
+        for i in range(blocks):
+            y = _bottleneck(b, y, cin, mid, 2 if i == 0 and stage > 0 else 1)
+            cin = 4 * mid
+    y = b.node("Flatten", [b.node("GlobalAveragePool", [y])], axis=1)
+    y = b.node("Gemm", [y, b.weight("fc_w", (classes, cin)), b.weight("fc_b", (classes,), 0.1)], transB=1)
+    b.nodes[-1].output[0] = "logits"
+    elem = _elem(dtype)
+    return b.model("resnet50_like", [helper.make_tensor_value_info("image", elem, [batch, 3, size, size])],
+                   [helper.make_tensor_value_info("logits", elem, [batch, classes])])
+
+
 # --- BERT-style encoder layer -----------------------------------------------------------------
 
 def _linear(b: _Builder, x: str, cin: int, cout: int) -> str:

@@ -3,6 +3,7 @@ progress bar in process."""
 
 import io
 import json
+import re
 import subprocess
 import sys
 
@@ -40,7 +41,7 @@ def built(tmp_path_factory):
     onnx.save(resnet_cnn(), str(model))
     full, stripped = folder / "cnn.rtx", folder / "cnn_stripped.rtx"
     runs = {"full": _rtxjit("build", "--onnx", model, "--sm", "90", "--save-engine", full),
-            "stripped": _rtxjit("build", "--onnx", model, "--sm", "sm_90", "--strip-weights",
+            "stripped": _rtxjit("build", "--onnx", model, "--sm", "sm_90", "--strip-weights", "--no-kernels",
                                 "--min-shapes", "image:1x3x32x32", "--opt-shapes", "image:2x3x32x32",
                                 "--max-shapes", "image:8x3x32x32", "--save-engine", stripped)}
     return {"folder": folder, "model": model, "full": full, "stripped": stripped, "runs": runs}
@@ -79,6 +80,9 @@ def test_build_without_a_gpu_for_named_targets(built):
     assert stripped.returncode == 0, stripped.stderr
     assert "targets: sm_90" in full.stdout and "stripped: no" in full.stdout
     assert "stripped: yes" in stripped.stdout
+    # kernels compiled for sm_90 on this machine with no GPU (none with --no-kernels)
+    assert re.search(r"compiled kernels: [1-9]\d* \(sm_90: [1-9]", full.stdout), full.stdout
+    assert "compiled kernels: 0" in stripped.stdout and "kernels 10/" in full.stderr
     assert "profile 0: image [1..8, 3, 32, 32] opt [2, 3, 32, 32]" in stripped.stdout
     for line in ("engine: ", "size: ", "build time: "):
         assert line in full.stdout
