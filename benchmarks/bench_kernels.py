@@ -130,7 +130,7 @@ def run_rtxjit(model, feeds, ref):
         launch_cfg = exe.active.launches[i][3]
         tuned.append({"kernel": step.kernel.name, "chosen": launch_cfg,
                       "timings": [(c, t) for c, t in autotune.timings(step.tune_key)] if step.choices else []})
-    ms = bench(exe.active.graph.replay) if exe.active.graph is not None else bench(lambda: sess.run(None, feeds))
+    ms = bench(lambda: [g.replay() for g in exe.active.graph]) if exe.active.graph is not None else bench(lambda: sess.run(None, feeds))
     return ms, rel, setup, tuned
 
 

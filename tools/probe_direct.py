@@ -37,7 +37,7 @@ def main() -> None:
         out[f"{name}_us_per_launch"] = float(np.median(times) * 1e6 / len(v.launches))
     caps = []
     for _ in range(5):
-        v.graph = None
+        v.graph, v.parts, v.captured, v.graph_bufs = None, [], 0, {}
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         exe.capture(v, tensors)

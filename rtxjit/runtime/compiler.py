@@ -163,6 +163,8 @@ def _without_stored(exe: Executable, items: list) -> tuple:
     and how many it holds (they are loaded now, not compiled)."""
     from rtxjit.runtime import warm
 
+    if not warm.has_sources():
+        return items, 0
     left = [it for it in items if warm.find(warm.item_key(exe.device, it[0].key, it[1], it[2], it[4])) is None]
     return left, len(items) - len(left)
 

@@ -8,6 +8,7 @@ reference assignment. The hot path reads ``active`` once per run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 import warnings
@@ -30,6 +31,7 @@ TORCH_DTYPES = {
 
 GENERIC, SPECIALIZED = "generic", "specialized"
 PACE_LAUNCHES = 8  # a paced run (background work) lets the GPU drain after this many launches
+CAPTURE_PART = 32  # launches captured per run while an older variant's graphs still serve
 
 
 def torch_dtype(dtype) -> torch.dtype:
@@ -69,8 +71,10 @@ class Variant:
     arena: torch.Tensor
     static: dict
     runs: int = 0
-    graph: Optional[object] = None
+    graph: Optional[tuple] = None  # its CUDA graphs, replayed in order, once all are captured
     graph_bufs: dict = field(default_factory=dict)
+    parts: list = field(default_factory=list)  # the graphs captured so far
+    captured: int = 0  # launches recorded into ``parts``
     direct: Optional[list] = None
 
     @property
@@ -193,12 +197,15 @@ class Executable:
             if v.graph is None and self.use_cuda_graph and v.runs >= v.eager_runs:
                 old = self.served
                 if old is not v and old.graph is not None:
-                    # a newly installed variant: this run replays the old graph, and the new one is
-                    # captured while the GPU runs it (a capture only records; it launches nothing)
+                    # a newly installed variant: this run replays the old graphs, and a part of the
+                    # new one is captured while the GPU runs them (a capture only records); the new
+                    # variant serves once all of it is recorded, a few runs later
                     out = self._replay(old, feeds)
-                    self.capture(v, feeds)
+                    with hold():
+                        self.capture(v, feeds, limit=CAPTURE_PART)
                     return out
-                self.capture(v, feeds)  # instead of launching: the replay below runs it
+                with hold():
+                    self.capture(v, feeds)  # instead of launching: the replay below runs it
             self.served = v
             v.runs += 1
             if v.graph is not None:
@@ -230,14 +237,20 @@ class Executable:
             out[name] = bufs[v.buf][v.offset:v.offset + v.numel].view(v.shape)
         return out
 
-    def capture(self, v: Variant, feeds: dict) -> bool:
-        """Record ``v``'s launch list into a CUDA graph over static input and output buffers (in the
-        serving thread; the capture is thread-local)."""
-        bufs = {idx: torch.empty_like(feeds[name]) for name, idx in self.inputs.items()}
-        for name, idx in self.inputs.items():
-            bufs[idx].copy_(feeds[name])
-        for i, numel, dt in self.per_run:
-            bufs[i] = torch.empty(numel, dtype=dt, device=self.tdev)
+    def capture(self, v: Variant, feeds: dict, limit: Optional[int] = None) -> bool:
+        """Record ``v``'s launch list into CUDA graphs over static input and output buffers (in the
+        serving thread; the capture is thread-local): the next ``limit`` launches not yet recorded
+        (all of them if None) into one more graph. ``v.graph`` is set, the tuple of its graphs
+        replayed in order, once every launch is recorded."""
+        if not v.graph_bufs:
+            bufs = {idx: torch.empty_like(feeds[name]) for name, idx in self.inputs.items()}
+            for name, idx in self.inputs.items():
+                bufs[idx].copy_(feeds[name])
+            for i, numel, dt in self.per_run:
+                bufs[i] = torch.empty(numel, dtype=dt, device=self.tdev)
+            v.graph_bufs = bufs
+        start = v.captured
+        end = len(v.launches) if limit is None else min(len(v.launches), start + limit)
         try:  # every kernel was loaded by the variant's first run (or the specializer's check)
             here = torch.cuda.current_stream()
             side = torch.cuda.Stream()
@@ -249,9 +262,9 @@ class Executable:
                 graph.capture_begin(capture_error_mode="thread_local")
                 try:
                     if v.direct is not None:
-                        launch_direct(v.direct, bufs)
+                        launch_direct(v.direct[start:end], v.graph_bufs)
                     else:
-                        launch_all(v.launches, bufs)
+                        launch_all(v.launches[start:end], v.graph_bufs)
                 finally:
                     graph.capture_end()
             here.wait_stream(side)
@@ -259,17 +272,22 @@ class Executable:
             warnings.warn(f"rtxjit: CUDA graph capture failed, running without it: {exc}")
             self.use_cuda_graph = False
             return False
-        v.graph, v.graph_bufs = graph, bufs
+        v.parts.append(graph)
+        v.captured = end
+        if end == len(v.launches):
+            v.graph = tuple(v.parts)
         return True
 
     def _replay(self, v: Variant, feeds: dict) -> dict:
         for name, idx in self.inputs.items():
             v.graph_bufs[idx].copy_(feeds[name])
-        v.graph.replay()
+        for graph in v.graph:
+            graph.replay()
         return {k: t.clone() for k, t in self.outputs(v.graph_bufs).items()}
 
 
 _watch = None  # called after every run while set (runtime/jit.py: while a background job runs)
+hold = contextlib.nullcontext  # marks slow work of a serving thread (runtime/jit.py: ``serving``)
 
 
 def watch_runs(fn) -> None:
@@ -292,9 +310,9 @@ class _Launcher:
         return self.fn(*args, **constexprs)
 
     def _resolve(self, constexprs: dict):
-        if self.exe.device.kind == "cuda":
-            from rtxjit.runtime import warm
+        from rtxjit.runtime import warm
 
+        if self.exe.device.kind == "cuda" and warm.has_sources():
             stored = warm.find(warm.step_key(self.exe.device, self.exe.plan, self.step, self.kind, constexprs))
             if stored is not None:
                 from rtxjit.codegen.source import parameters

@@ -106,6 +106,9 @@ def serving():
             _held -= 1
 
 
+executor.hold = serving  # the serving thread's CUDA-graph captures count as slow work too
+
+
 def _note_run() -> None:
     event = torch.cuda.Event()
     event.record()

@@ -56,6 +56,10 @@ class EngineBinaries:
         return None if entry is None else (entry["meta"], {"cubin": entry["data"]})
 
 
+def has_sources() -> bool:
+    return bool(_sources)
+
+
 def remember(key: str, kernel) -> None:
     """A kernel loaded in this process under ``key`` (later lookups need no store)."""
     with _lock:
