@@ -160,7 +160,7 @@ class CacheEntryError(Exception):
 
 
 @contextlib.contextmanager
-def _replacing(path: Path):
+def replacing(path: Path):
     """Yields a unique temp path next to ``path``; renamed over ``path`` when the block succeeds,
     removed when it fails, so readers only ever see a whole file."""
     tmp = path.with_name(f"{path.name}{_TEMP_MARK}{os.getpid()}.{secrets.token_hex(6)}")
@@ -177,7 +177,7 @@ def _replacing(path: Path):
 
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to a unique temp file next to ``path``, then rename it over ``path``."""
-    with _replacing(path) as tmp:
+    with replacing(path) as tmp:
         tmp.write_bytes(data)
 
 
@@ -435,7 +435,7 @@ class RuntimeCache:
     def save(self, path) -> int:
         """Write every intact entry into one zip file at ``path``, atomically; returns the count."""
         count = 0
-        with _replacing(Path(path)) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        with replacing(Path(path)) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             for key in self.entries():
                 hit = self._read(key, check_versions=False)
                 if hit is None:

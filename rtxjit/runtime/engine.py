@@ -80,7 +80,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import struct
 import zipfile
 import zlib
@@ -627,24 +626,17 @@ def _write_zip(path: Path, members: list) -> None:
     """Members into a zip next to ``path`` under a temp name, synced, then renamed over ``path``."""
     if not path.parent.is_dir():
         raise EngineError(f"cannot save engine to '{path}': folder '{path.parent}' does not exist")
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}.{secrets.token_hex(6)}")
-    try:
-        with open(tmp, "wb") as f:
-            with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
-                for name, data in members:
-                    info = zipfile.ZipInfo(name, date_time=_ZIP_TIME)
-                    info.compress_type = zipfile.ZIP_STORED
-                    info.external_attr = 0o644 << 16
-                    z.writestr(info, data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    from rtxjit.runtime.cache import replacing
+
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+            for name, data in members:
+                info = zipfile.ZipInfo(name, date_time=_ZIP_TIME)
+                info.compress_type = zipfile.ZIP_STORED
+                info.external_attr = 0o644 << 16
+                z.writestr(info, data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _read_zip(path: Path) -> dict:
