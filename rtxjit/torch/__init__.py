@@ -1,0 +1,17 @@
+"""``torch.compile(model, backend="rtxjit")``: rtxjit as a dynamo backend (see ``compiler.py``).
+
+The name "rtxjit" is registered through the ``torch_dynamo_backends`` entry point in
+pyproject.toml, so torch finds the backend without an import of rtxjit first: torch imports this
+module when the name is first used. By then torch._dynamo has imported Triton; on a CPU-only
+machine ``_interpreter.enable_late`` turns Triton's interpreter on anyway.
+"""
+
+from rtxjit.torch import _interpreter
+
+_interpreter.enable_late()
+
+import rtxjit  # noqa: E402,F401  (prepares Triton when it is not imported yet)
+from rtxjit.torch.compiler import (  # noqa: E402,F401
+    GradientError, RtxjitFallbackWarning, backend, export_count, sessions)
+
+__all__ = ["backend", "sessions", "export_count", "GradientError", "RtxjitFallbackWarning"]
