@@ -15,3 +15,18 @@ from rtxjit.torch.compiler import (  # noqa: E402,F401
     GradientError, RtxjitFallbackWarning, backend, export_count, sessions)
 
 __all__ = ["backend", "sessions", "export_count", "GradientError", "RtxjitFallbackWarning"]
+
+
+def _register() -> None:
+    """Also register by name on import: where rtxjit runs from a source tree without its package
+    metadata (no entry point), ``import rtxjit.torch`` before ``torch.compile`` is enough."""
+    import torch._dynamo
+
+    try:
+        if "rtxjit" not in torch._dynamo.list_backends(exclude_tags=()):
+            torch._dynamo.register_backend(backend, name="rtxjit")
+    except Exception:  # noqa: BLE001 - the entry point registered it already
+        pass
+
+
+_register()

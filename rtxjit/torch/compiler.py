@@ -307,10 +307,11 @@ def _hint(v):
 
 
 def _real_like(fake: torch.Tensor) -> torch.Tensor:
+    """A real tensor of ``fake``'s shape, dtype and device (the part's weights live there too)."""
     shape = [_hint(d) for d in fake.shape]
     if fake.dtype.is_floating_point:
-        return torch.randn(shape, dtype=fake.dtype)
-    return torch.zeros(shape, dtype=fake.dtype)
+        return torch.randn(shape, dtype=fake.dtype, device=fake.device)
+    return torch.zeros(shape, dtype=fake.dtype, device=fake.device)
 
 
 def _export(module: torch.nn.Module, args: tuple, input_names: list, dynamic_axes: dict) -> onnx.ModelProto:
