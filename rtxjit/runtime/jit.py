@@ -258,6 +258,10 @@ class Specializer:
             finally:
                 with self._cv:
                     self._queued.discard(id(job.exe))
+                # drop the finished job before waiting for the next one: otherwise this frame keeps
+                # the last binding (its arenas, input snapshot, kernels) alive after its session
+                # is gone (tests/test_concurrency.py, issue 8)
+                job = None
 
 
 _specializer: Optional[Specializer] = None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+import weakref
 from typing import Optional
 
 from rtxjit.runtime import binaries
@@ -31,6 +32,7 @@ def add_source(source) -> None:
     """Look up binaries in ``source`` too (an object with ``get(key) -> (meta, blobs) | None``:
     a RuntimeCache, or ``EngineBinaries``); forgets earlier misses."""
     with _lock:
+        _sources[:] = [s for s in _sources if getattr(s, "alive", True)]  # engines dropped since
         if not any(s is source or s == source for s in _sources):
             _sources.append(source)
         for key in [k for k, v in _found.items() if v is None]:
@@ -38,21 +40,29 @@ def add_source(source) -> None:
 
 
 class EngineBinaries:
-    """An engine's compiled kernels (runtime/aot.py) as a source of binaries."""
+    """An engine's compiled kernels (runtime/aot.py) as a source of binaries. It holds the engine
+    weakly: a dropped engine (and its weights) is not kept alive by this process-wide list; its
+    kernels already loaded stay usable (``_found``)."""
 
     def __init__(self, engine):
-        self.engine = engine
+        self._engine = weakref.ref(engine)
+        self.name = str(engine.path or "(in memory)")
+
+    @property
+    def alive(self) -> bool:
+        return self._engine() is not None
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, EngineBinaries) and other.engine is self.engine
+        return isinstance(other, EngineBinaries) and other._engine() is self._engine() is not None
 
     __hash__ = object.__hash__
 
     def __repr__(self) -> str:
-        return f"engine {self.engine.path or '(in memory)'}"
+        return f"engine {self.name}"
 
     def get(self, key: str):
-        entry = self.engine.binaries.get(key)
+        engine = self._engine()
+        entry = None if engine is None else engine.binaries.get(key)
         return None if entry is None else (entry["meta"], {"cubin": entry["data"]})
 
 
