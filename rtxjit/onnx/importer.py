@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from rtxjit.errors import ModelError, RtxjitError, UnsupportedOpError
+from rtxjit.errors import ModelError, RtxjitError, ShapeError, UnsupportedOpError
 from rtxjit.ir import host
 from rtxjit.ir.graph import Graph, Node, Value
 from rtxjit.ir.registry import get_op
@@ -54,11 +54,21 @@ def load_model(model) -> onnx.ModelProto:
 def tensor_to_array(t: onnx.TensorProto) -> tuple:
     """(numpy array, DType) of an ONNX tensor. bf16 data is held as float32 values."""
     dtype = _dtype(t.data_type, f"tensor '{t.name}'")
+    dims = [int(d) for d in t.dims]
+    if any(d < 0 for d in dims):
+        raise ModelError(f"tensor '{t.name}': negative dimension in its shape {dims}")
+    if t.HasField("raw_data") and len(t.raw_data) != dtype.itemsize * int(np.prod(dims, dtype=object)):
+        raise ModelError(f"tensor '{t.name}': {len(t.raw_data)} bytes of data, but shape {dims} of "
+                         f"{dtype.short} needs {dtype.itemsize * int(np.prod(dims, dtype=object))}")
+    try:
+        arr = np.asarray(numpy_helper.to_array(t))
+    except (ValueError, TypeError, OverflowError, MemoryError) as exc:
+        raise ModelError(f"tensor '{t.name}' ({dtype.short}, shape {dims}): its data does not fit its "
+                         f"type and shape: {exc}") from None
     if dtype is DType.BF16:
-        arr = onnx.numpy_helper.to_array(t)
-        bits = np.asarray(arr).view(np.uint16).astype(np.uint32) << 16
+        bits = arr.view(np.uint16).astype(np.uint32) << 16
         return bits.view(np.float32), dtype
-    return np.asarray(numpy_helper.to_array(t)), dtype
+    return arr, dtype
 
 
 def _dtype(code: int, where: str) -> DType:
@@ -79,6 +89,8 @@ def _value_type(vi: onnx.ValueInfoProto, where: str) -> TensorType:
     dims = []
     for i, d in enumerate(tt.shape.dim):
         if d.HasField("dim_value"):
+            if d.dim_value < 0:
+                raise ModelError(f"{where} '{vi.name}': dimension {i} is {d.dim_value} (negative)")
             dims.append(int(d.dim_value))
         elif d.dim_param:
             dims.append(d.dim_param)
@@ -87,12 +99,30 @@ def _value_type(vi: onnx.ValueInfoProto, where: str) -> TensorType:
     return TensorType(dtype, tuple(dims))
 
 
-def _attr_value(a: onnx.AttributeProto, where: str):
+_SCALAR_FIELDS = {onnx.AttributeProto.FLOAT: "f", onnx.AttributeProto.INT: "i", onnx.AttributeProto.STRING: "s",
+                  onnx.AttributeProto.TENSOR: "t"}
+
+
+def _attr_value(a: onnx.AttributeProto, where: str, schema=None):
+    """A Python value of an attribute, after checking its type against the op's ONNX schema."""
+    expected = schema.attributes[a.name].type if schema is not None and a.name in schema.attributes else None
+    lists = (onnx.AttributeProto.FLOATS, onnx.AttributeProto.INTS)
+    if expected is not None and a.type != expected and not (expected == onnx.AttributeProto.TENSOR and a.type in lists):
+        def name(t):
+            return onnx.AttributeProto.AttributeType.Name(t) if t in onnx.AttributeProto.AttributeType.values() else t
+
+        raise ModelError(f"{where}: attribute '{a.name}' is of type {name(a.type)}, expected {name(expected)}")
+    field = _SCALAR_FIELDS.get(a.type)
+    if field is not None and not a.HasField(field):
+        raise ModelError(f"{where}: attribute '{a.name}' has no value")
     if a.type == onnx.AttributeProto.TENSOR:
         return tensor_to_array(a.t)[0]
     if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
         raise UnsupportedOpError(f"{where}: attribute '{a.name}' holds a subgraph; control flow is not supported")
-    v = onnx.helper.get_attribute_value(a)
+    try:
+        v = onnx.helper.get_attribute_value(a)
+    except (ValueError, TypeError) as exc:
+        raise ModelError(f"{where}: attribute '{a.name}' holds no readable value: {exc}") from None
     if isinstance(v, bytes):
         return v.decode()
     if isinstance(v, list):
@@ -150,6 +180,48 @@ def import_model(model) -> Graph:
     return _import(load_model(model))
 
 
+def _check_names(g: onnx.GraphProto) -> None:
+    """Every name is text: protobuf hands back bytes for a string field that is not valid UTF-8."""
+    def check(x, what):
+        if not isinstance(x, str):
+            raise ModelError(f"{what} {x[:40]!r} is not valid UTF-8 text (corrupt model?)")
+
+    check(g.name, "graph name")
+    for t in g.initializer:
+        check(t.name, "initializer name")
+    for vi in list(g.input) + list(g.output):
+        check(vi.name, "graph input/output name")
+        if vi.type.HasField("tensor_type"):
+            for d in vi.type.tensor_type.shape.dim:
+                check(d.dim_param, f"dimension name of '{vi.name}'")
+    for n in g.node:
+        for x, what in [(n.name, "node name"), (n.op_type, "op type"), (n.domain, "domain")]:
+            check(x, what)
+        for x in list(n.input) + list(n.output):
+            check(x, f"input/output name of node '{n.name}'")
+        for a in n.attribute:
+            check(a.name, f"attribute name of node '{n.name}'")
+
+
+def _check_window_attrs(where: str, attrs: dict) -> None:
+    """The window attributes of convolutions and pools (the same names in every ONNX op that has
+    them): strides, dilations and kernel sizes are positive, pads are not negative."""
+    for name, low in (("strides", 1), ("dilations", 1), ("kernel_shape", 1), ("pads", 0)):
+        value = attrs.get(name)
+        if isinstance(value, (list, tuple)) and any(not isinstance(v, int) or v < low for v in value):
+            raise ModelError(f"{where}: attribute '{name}' is {list(value)}; every entry must be >= {low}")
+
+
+def _check_size(where: str, out_types) -> None:
+    """An output whose known dims alone make more than 2**63 bytes cannot exist (huge dims)."""
+    for t in out_types:
+        if t is not None:
+            size = int(np.prod([d for d in t.shape if isinstance(d, int)], dtype=object)) * t.dtype.itemsize
+            if size >= 2 ** 63:
+                raise ShapeError(f"{where}: output shape {t.shape} ({t.dtype.short}) is too large "
+                                 f"({size:.3g} bytes)")
+
+
 def _import(proto: onnx.ModelProto) -> Graph:
     opset = None
     for imp in proto.opset_import:
@@ -160,6 +232,7 @@ def _import(proto: onnx.ModelProto) -> Graph:
     if opset < MIN_OPSET:
         raise UnsupportedOpError(f"model opset {opset} is below the supported range {MIN_OPSET}-{MAX_TESTED_OPSET}")
     g = proto.graph
+    _check_names(g)
     values: dict = {}
     for init in g.initializer:
         arr, dtype = tensor_to_array(init)
@@ -193,13 +266,15 @@ def _import_node(n: onnx.NodeProto, index: int, opset: int, values: dict):
         raise UnsupportedOpError(f"{where}: domain '{n.domain}' is not supported")
     opdef = get_op(n.op_type, where)
     try:
-        version = onnx.defs.get_schema(n.op_type, opset).since_version
+        schema = onnx.defs.get_schema(n.op_type, opset)
+        version = schema.since_version
     except Exception:
-        version = opset
+        schema, version = None, opset
     if version < opdef.since:
         raise UnsupportedOpError(f"{where}: {n.op_type} version {version} is not supported "
                                  f"(rtxjit implements it from version {opdef.since})")
-    attrs = opdef.bind_attrs({a.name: _attr_value(a, where) for a in n.attribute}, where)
+    attrs = opdef.bind_attrs({a.name: _attr_value(a, where, schema) for a in n.attribute}, where)
+    _check_window_attrs(where, attrs)
     ins = [values[i] if i else None for i in n.input]
     try:
         out_types = opdef.infer(infer_args(opdef, ins), attrs, len(n.output))
@@ -209,6 +284,7 @@ def _import_node(n: onnx.NodeProto, index: int, opset: int, values: dict):
         raise ModelError(f"{where}: {exc}") from exc
     if len(out_types) < len([o for o in n.output if o]):
         raise ModelError(f"{where}: has {len(n.output)} outputs, {n.op_type} gives {len(out_types)}")
+    _check_size(where, out_types)
     known = all(v is None or v.is_const for v in ins)
     if host.runs_on_host(opdef, known, out_types) and (known or all(t.static for t in _types(ins))):
         args = [None if v is None else v.const for v in ins]

@@ -28,6 +28,9 @@ def fold_batchnorm(graph: Graph) -> PassResult:
         conv = _conv_feeding(graph, bn, uses)
         if conv is not None and _fold(graph, conv, bn, names):
             folded.append(bn)
+            # the folded BatchNormalization's readers now read the Conv: count uses again, or a
+            # second BatchNormalization of that output would be folded into the same Conv
+            uses = graph.consumers()
     remove_nodes(graph, folded)
     return PassResult(graph, bool(folded))
 

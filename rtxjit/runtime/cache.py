@@ -8,8 +8,9 @@ can be explained by diffing two outputs.
 
 Store. A directory, in the style of Triton's ``FileCacheManager``. An entry is
 
-    <key>.json              metadata: schema, key, versions, the caller's meta, and the sha256 and
-                            size of every blob; written LAST: its presence commits the entry
+    <key>.json              metadata: schema, key, versions, the caller's meta, the sha256 and
+                            size of every blob, and the sha256 of the record itself; written LAST:
+                            its presence commits the entry
     <key>.<name>.<h>.bin    optional binary blobs (a cubin, its Triton metadata ...); <h> is the
                             first 16 hex digits of the blob's sha256, so the metadata of one writer
                             never meets the blobs of another writing the same key
@@ -53,7 +54,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
-SCHEMA = 1
+SCHEMA = 2  # 2: the metadata carries a sha256 of its own record (a flipped byte in it is caught)
 HISTOGRAM_CAP = 64  # distinct shape bindings kept per model (the least frequent are dropped)
 
 _KEY_RE = re.compile(r"[0-9A-Za-z_-]{1,128}")
@@ -197,12 +198,23 @@ def _check_key(key: str) -> str:
     return key
 
 
+def _record_digest(record: dict):
+    """sha256 of a metadata record's canonical JSON, its own "sha256" field left out; None when the
+    record holds what JSON cannot (NaN, read from a damaged file)."""
+    body = {k: v for k, v in record.items() if k != "sha256"}
+    try:
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        return None
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _verify(key: str, meta_bytes: bytes, read_blob, check_versions: bool = True) -> tuple:
     """The (meta, blobs) of an entry whose metadata file holds ``meta_bytes``; ``read_blob(name,
     sha256)`` returns a blob's bytes. Raises CacheEntryError saying what is wrong."""
     try:
         record = json.loads(meta_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CacheEntryError(f"metadata is not valid JSON (truncated?): {exc}") from None
     if not isinstance(record, dict):
         raise CacheEntryError("metadata is not a JSON object")
@@ -216,6 +228,8 @@ def _verify(key: str, meta_bytes: bytes, read_blob, check_versions: bool = True)
         if record.get("codegen") != codegen_version():
             raise CacheEntryError("written by another version of rtxjit's codegen "
                                   f"({str(record.get('codegen'))[:12]}, this is {codegen_version()[:12]})")
+    if record.get("sha256") != _record_digest(record):
+        raise CacheEntryError("metadata does not match its sha256 (corrupt)")
     meta, listed = record.get("meta"), record.get("blobs")
     if not isinstance(meta, dict) or not isinstance(listed, dict):
         raise CacheEntryError("metadata lacks its 'meta' or 'blobs' object")
@@ -287,7 +301,9 @@ class RuntimeCache:
         listed = {n: {"sha256": hashlib.sha256(d).hexdigest(), "size": len(d)} for n, d in sorted(blobs.items())}
         record = {"schema": SCHEMA, "key": key, "triton": triton_version(), "codegen": codegen_version(),
                   "meta": meta, "blobs": listed}
-        text = json.dumps(record, sort_keys=True, indent=1, allow_nan=False).encode()  # meta must be JSON
+        json.dumps(record, allow_nan=False)  # meta must be JSON: TypeError or ValueError otherwise
+        record["sha256"] = _record_digest(record)
+        text = json.dumps(record, sort_keys=True, indent=1, allow_nan=False).encode()
         for name, data in sorted(blobs.items()):
             _atomic_write(self._blob_path(key, name, listed[name]["sha256"]), bytes(data))
         self._write_meta(key, text)

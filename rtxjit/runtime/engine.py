@@ -645,7 +645,7 @@ def _read_zip(path: Path) -> dict:
         raise EngineError(f"engine file '{path}' does not exist")
     where = f"engine file '{path}'"
     bad = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, struct.error, zlib.error,
-           NotImplementedError, KeyError, IndexError)
+           NotImplementedError, KeyError, IndexError, RuntimeError)  # RuntimeError: a flag bit zipfile refuses
     try:
         z = zipfile.ZipFile(path)
     except bad as exc:
@@ -659,6 +659,9 @@ def _read_zip(path: Path) -> dict:
         if dups:
             raise EngineError(f"{where}: members {dups} appear more than once")
         for info in infos:
+            if info.flag_bits & 0x1:
+                raise EngineError(f"{where}: member '{info.filename}' is marked encrypted; engine members are "
+                                  "plain (the file is corrupt)")
             if info.compress_type != zipfile.ZIP_STORED:
                 raise EngineError(f"{where}: member '{info.filename}' is compressed (method {info.compress_type}); "
                                   "engine members are stored")

@@ -77,3 +77,15 @@ def test_shared_weight_is_not_changed_in_place():
     assert ops(g) == {"Conv": 2}
     assert g.nodes[1].inputs[1].const is before.nodes[2].inputs[1].const
     np.testing.assert_array_equal(before.nodes[0].inputs[1].const, inits["w"])
+
+
+def test_a_second_batchnorm_of_a_folded_output_read_twice_stays():
+    """Conv -> BN_a -> y1; BN_b(y1) -> y2; Add(y1, y2): BN_a folds into the Conv, whose output then
+    has two readers, so BN_b must stay (it was once folded into the same Conv: a wrong result
+    found by tools/fuzz.py)."""
+    inits = {"w": random((C, 3, 3, 3), F32, 5), "b": random((C,), F32, 6), **_bn_params(F32)}
+    nodes = [node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]), _bn("c", "y1"), _bn("y1", "y2"),
+             node("Add", ["y1", "y2"], ["s"])]
+    m = model(nodes, {"x": (F32, [1, 3, 5, 5])}, {"s": (F32, [1, C, 5, 5])}, inits)
+    _, g, modified = apply(fold_batchnorm, m, {"x": random((1, 3, 5, 5))}, onnxruntime=True)
+    assert modified and ops(g) == {"Conv": 1, "BatchNormalization": 1, "Add": 1}

@@ -223,8 +223,24 @@ def layer_norm(x: TensorType, scale: TensorType, bias: TensorType = None, *, axi
         stash = DType.from_onnx(stash_type)
     except KeyError:
         raise UnsupportedOpError(f"LayerNormalization stash_type {stash_type} is not supported") from None
+    normalized = x.shape[a:]
+    for name, t in (("scale", scale), ("bias", bias)):
+        if t is not None and not _broadcasts_to(t.shape, normalized):
+            raise ShapeError(f"LayerNormalization {name} of shape {list(t.shape)} does not broadcast to the "
+                             f"normalized shape {list(normalized)} (axis {axis} of {list(x.shape)})")
     stats = TensorType(stash, x.shape[:a] + (1,) * (x.rank - a))
     return (x, stats, stats)[:_outputs]
+
+
+def _broadcasts_to(shape: tuple, target: tuple) -> bool:
+    """ONNX's unidirectional broadcast: ``shape`` right-aligned onto ``target``, each dim equal or 1
+    (symbols compare by name; a symbol against anything else is left to run time)."""
+    if len(shape) > len(target):
+        return False
+    for d, t in zip(reversed(shape), reversed(target)):
+        if isinstance(d, int) and isinstance(t, int) and d not in (1, t):
+            return False
+    return True
 
 
 @layer_norm.reference
