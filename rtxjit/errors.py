@@ -28,3 +28,7 @@ class KernelError(RtxjitError, RuntimeError):
 class EngineError(RtxjitError, ValueError):
     """An engine file that is truncated, altered, of another version, or does not fit the device;
     or an engine whose weights are missing (stripped and not refitted)."""
+
+
+class GradientError(RtxjitError, RuntimeError):
+    """A compiled model was called in a way that needs gradients; rtxjit runs inference only."""

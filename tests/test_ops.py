@@ -42,3 +42,21 @@ def test_op_matches_onnxruntime(name, index, float_type, rng):
     assert len(got) == len(want)
     for k, (g, w) in enumerate(zip(got, want)):
         assert_close(g, np.asarray(w), float_type, f"{name} sample {index} {float_type} output {k} vs {source}")
+
+
+def test_relu_keeps_nan_as_onnxruntime_does():
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = np.random.default_rng(3).standard_normal((2, 5)).astype(np.float32)
+    x[0, 1] = x[1, 3] = np.nan
+    x[1, 0] = -np.inf
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = rtxjit.InferenceSession(model, device="cpu").run(None, {"x": x})[0]
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(got[~np.isnan(got)], want[~np.isnan(want)])

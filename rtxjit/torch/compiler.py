@@ -46,15 +46,11 @@ from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
 from torch.fx.passes.operator_support import OperatorSupportBase
 from torch.utils import _pytree as pytree
 
-from rtxjit.errors import RtxjitError, UnsupportedOpError
+from rtxjit.errors import GradientError, RtxjitError, UnsupportedOpError  # noqa: F401 - re-exported
 
 OPSET = 17
 SESSION_OPTIONS = ("device", "runtime_cache", "specialize", "precision", "profiles")
 _KNOWN_OPTIONS = set(SESSION_OPTIONS) | {"strict"}
-
-
-class GradientError(RtxjitError, RuntimeError):
-    """A compiled model was called in a way that needs gradients; rtxjit runs inference only."""
 
 
 class RtxjitFallbackWarning(UserWarning):

@@ -31,7 +31,7 @@ def _erf(x):
 
 UNARY = {
     # name: (expression, float64 reference, sample input range)
-    "Relu": ("tl.where(x0 > 0, x0, 0)", lambda x: np.maximum(x, 0), (-2, 2)),
+    "Relu": ("tl.where(x0 < 0, 0, x0)", lambda x: np.maximum(x, 0), (-2, 2)),  # NaN stays NaN
     "Neg": ("-x0", np.negative, (-2, 2)),
     "Abs": ("tl.abs(x0)", np.abs, (-2, 2)),
     "Sqrt": ("tl.sqrt(x0)", np.sqrt, (0.1, 4)),
