@@ -1,0 +1,72 @@
+"""Feeds at the edges (issue 8): non-contiguous, wrongly typed, NaN/Inf, empty and very large
+inputs behave as onnxruntime does or raise an InputError naming the input."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+import rtxjit
+from rtxjit.models import bert_encoder, demo_inputs, resnet_cnn
+
+
+def _ort(model, feeds):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    model = bert_encoder(hidden=8, heads=2, ffn=16)
+    return model, rtxjit.InferenceSession(model, device="cpu"), demo_inputs(model, batch=2, seq=4)
+
+
+def test_a_non_contiguous_torch_feed_gives_the_contiguous_result(encoder):
+    model, sess, feeds = encoder
+    want = sess.run(None, feeds)[0]
+    strided = {k: torch.from_numpy(v.copy()).transpose(0, -1).contiguous().transpose(0, -1) for k, v in feeds.items()}
+    assert not strided["hidden"].is_contiguous()
+    np.testing.assert_array_equal(sess.run(None, strided)[0].numpy(), want)
+
+
+@pytest.mark.parametrize("make", [lambda v: v.astype(np.float64), lambda v: v.astype(np.int32), lambda v: v.tolist()],
+                         ids=["float64", "int32", "list"])
+def test_a_wrongly_typed_feed_is_an_input_error_naming_it(encoder, make):
+    model, sess, feeds = encoder
+    with pytest.raises(rtxjit.InputError, match="input 'hidden'.*expected dtype fp32"):
+        sess.run(None, {k: make(v) if k == "hidden" else v for k, v in feeds.items()})
+
+
+def test_nan_and_inf_in_a_feed_land_where_onnxruntime_puts_them(encoder):
+    model, sess, feeds = encoder
+    bad = {k: v.copy() for k, v in feeds.items()}
+    bad["hidden"][0, 1, 2] = np.nan  # spreads over batch 0 (attention mixes positions); batch 1 stays finite
+    bad["hidden"][0, 3, 0] = np.inf
+    got, want = sess.run(None, bad)[0], _ort(model, bad)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    finite = np.isfinite(want)
+    assert np.isnan(got).any() and finite.any()
+    np.testing.assert_allclose(got[finite], want[finite], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["encoder_seq", "cnn_batch"])
+def test_an_empty_feed_runs_when_its_profile_allows_it(case):
+    if case == "encoder_seq":
+        model = bert_encoder(hidden=8, heads=2, ffn=16)
+        feeds = {"hidden": np.ones((2, 0, 8), np.float32), "mask": np.zeros((2, 0), np.float32)}
+    else:
+        model = resnet_cnn(size=8, width=4)
+        feeds = {"image": np.ones((0, 3, 8, 8), np.float32)}
+    profile = {k: [v.shape, tuple(max(d, 1) for d in v.shape), tuple(4 if d == 0 else d for d in v.shape)]
+               for k, v in feeds.items()}
+    got = rtxjit.InferenceSession(model, device="cpu", profiles=profile).run(None, feeds)[0]
+    assert got.shape == _ort(model, feeds).shape and got.size == 0
+
+
+def test_empty_or_huge_feeds_outside_the_default_profile_are_input_errors_naming_the_range(encoder):
+    model, sess, feeds = encoder
+    with pytest.raises(rtxjit.InputError, match=r"input 'hidden' shape \(2, 0, 8\).*1\.\.4096"):
+        sess.run(None, {"hidden": np.ones((2, 0, 8), np.float32), "mask": np.zeros((2, 0), np.float32)})
+    with pytest.raises(rtxjit.InputError, match=r"input 'hidden' shape \(1, 100000, 8\)"):
+        sess.run(None, {"hidden": np.ones((1, 100000, 8), np.float32), "mask": np.zeros((1, 100000), np.float32)})
