@@ -54,6 +54,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
+PARALLEL_READ_BYTES = 8 << 20  # an entry this large has its blobs read and checked by a thread pool
 SCHEMA = 2  # 2: the metadata carries a sha256 of its own record (a flipped byte in it is caught)
 HISTOGRAM_CAP = 64  # distinct shape bindings kept per model (the least frequent are dropped)
 
@@ -251,7 +252,8 @@ def _verify(key: str, meta_bytes: bytes, read_blob, check_versions: bool = True)
         return data
 
     names = sorted(listed)
-    if len(names) > 1:  # reading and hashing release the GIL: large entries are checked in parallel
+    total = sum(info.get("size", 0) for info in listed.values() if isinstance(info.get("size"), int))
+    if len(names) > 1 and total >= PARALLEL_READ_BYTES:  # reading and hashing release the GIL
         with ThreadPoolExecutor(min(8, len(names)), thread_name_prefix="rtxjit-cache-read") as pool:
             fetched = list(pool.map(fetch, names))
     else:
