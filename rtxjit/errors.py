@@ -32,3 +32,17 @@ class EngineError(RtxjitError, ValueError):
 
 class GradientError(RtxjitError, RuntimeError):
     """A compiled model was called in a way that needs gradients; rtxjit runs inference only."""
+
+
+class CacheError(RtxjitError, ValueError):
+    """A runtime-cache key, blob name or entry that is not valid (a damaged entry is reported as a
+    warning and rebuilt, never trusted)."""
+
+
+class UsageError(RtxjitError, ValueError, TypeError):
+    """An argument of rtxjit's API of the wrong type or value (an option, a device name, a count of
+    inputs); the message names the argument and what is accepted."""
+
+
+class InternalError(RtxjitError, RuntimeError):
+    """A broken invariant inside rtxjit: a bug, please report it with the model that shows it."""

@@ -105,3 +105,61 @@ def test_unknown_output_name(session):
 def test_errors_share_one_base_class():
     for cls in (InputError, ModelError, UnsupportedOpError):
         assert issubclass(cls, rtxjit.RtxjitError)
+
+
+# -- one error hierarchy (issue 8): every exception rtxjit raises on purpose is an RtxjitError
+
+import ast  # noqa: E402
+import builtins  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import rtxjit.errors as errors  # noqa: E402
+
+PACKAGE = Path(rtxjit.__file__).parent
+# (file, builtin exception): raised as a signal that its callers catch and turn into a named error
+SIGNALS = {("ir/types.py", "KeyError"),       # DType lookups: the importer names the attribute
+           ("runtime/cache.py", "OSError")}   # a short read of a blob: the entry is a miss, rebuilt
+
+
+def _raised_builtins(root: Path = PACKAGE):
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                call = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+                name = call.id if isinstance(call, ast.Name) else None
+                if isinstance(getattr(builtins, name or "", None), type) and issubclass(getattr(builtins, name),
+                                                                                      BaseException):
+                    yield rel, name, node.lineno
+
+
+def test_rtxjit_raises_only_its_own_errors():
+    found = [(f, name, line) for f, name, line in _raised_builtins()
+             if (f, name) not in SIGNALS and name not in ("StopIteration", "SystemExit", "KeyboardInterrupt")]
+    assert found == [], "raise an rtxjit.errors class (ModelError, ShapeError, UsageError, ...) instead: " + str(found)
+
+
+def test_the_audit_sees_a_builtin_raise(tmp_path):
+    (tmp_path / "bad.py").write_text("def f(e):\n    raise ValueError('x')\n    raise e\n    raise TypeError\n")
+    assert list(_raised_builtins(tmp_path)) == [("bad.py", "ValueError", 2), ("bad.py", "TypeError", 4)]
+
+
+def test_every_error_class_is_an_rtxjit_error_and_a_familiar_builtin():
+    classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, Exception)]
+    assert len(classes) >= 10
+    for c in classes:
+        assert issubclass(c, errors.RtxjitError), c
+        if c is not errors.RtxjitError:  # callers catching ValueError / RuntimeError keep working
+            assert any(issubclass(c, b) for b in (ValueError, RuntimeError, TypeError)), c
+    from rtxjit.passes.base import PassError
+    from rtxjit.runtime.cache import CacheEntryError
+    assert issubclass(PassError, errors.RtxjitError) and issubclass(CacheEntryError, errors.CacheError)
+
+
+def test_api_misuse_is_a_usage_error_naming_the_argument(tmp_path):
+    with pytest.raises(errors.UsageError, match="runtime_cache"):
+        rtxjit.InferenceSession(_model(), runtime_cache=3.5)
+    from rtxjit.runtime.cache import RuntimeCache
+    cache = RuntimeCache(tmp_path)
+    with pytest.raises(errors.CacheError, match="key"):
+        cache.get("not a valid key!")

@@ -181,6 +181,26 @@ def test_new_input_shapes_are_served_without_export_or_compile(monkeypatch):
     assert stats["compiles"] == compiles and stats["failed"] == 0 and stats["last_run"] == "generic", stats
 
 
+def test_dynamic_true_serves_every_shape_from_the_first_export():
+    torch.manual_seed(0)
+    model = EncoderLayer().eval()
+    compiled = torch.compile(model, backend="rtxjit", dynamic=True)  # symbolic from the first call
+    exports = rt.export_count()
+    with torch.no_grad():
+        x = torch.randn(2, 8, 16)
+        _close(compiled(x), model(x))
+        session = rt.sessions()[-1]
+        compiles = session.jit_stats()["compiles"]
+        for shape in [(3, 5, 16), (4, 7, 16)]:
+            x = torch.randn(*shape)
+            before = session.last_executable
+            _close(compiled(x), model(x))
+            assert session.last_executable is not before
+    stats = session.jit_stats()
+    assert rt.export_count() == exports + 1 and rt.sessions()[-1] is session
+    assert stats["compiles"] == compiles and stats["last_run"] == "generic", stats
+
+
 CHILD = """
 import sys, torch
 assert "rtxjit" not in sys.modules

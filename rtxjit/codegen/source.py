@@ -14,6 +14,8 @@ import re
 import threading
 from dataclasses import dataclass
 
+from rtxjit.errors import InternalError
+
 PRELUDE = "import triton\nimport triton.language as tl\nfrom triton.language.extra import libdevice\n\n\n"
 
 
@@ -44,7 +46,7 @@ def parameters(src: KernelSource) -> list:
     for m in _DEF_RE.finditer(src.text):
         if m.group(1) == src.name:
             return [(p.split(":")[0].strip(), "constexpr" in p) for p in m.group(2).split(",") if p.strip()]
-    raise ValueError(f"kernel {src.name}: no 'def {src.name}(...)' line in its source")
+    raise InternalError(f"kernel {src.name}: no 'def {src.name}(...)' line in its source")
 
 
 def specialize(src: KernelSource, names) -> KernelSource:

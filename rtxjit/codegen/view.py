@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from rtxjit.errors import ShapeError
 from rtxjit.ir.types import DType
 
 
@@ -57,7 +58,7 @@ class View:
             return View.of(self.buf, self.dtype, shape, self.offset)
         strides = view_strides(self.shape, self.strides, shape)
         if strides is None:
-            raise ValueError(f"a view of shape {self.shape} and strides {self.strides} cannot be seen as {shape}")
+            raise ShapeError(f"a view of shape {self.shape} and strides {self.strides} cannot be seen as {shape}")
         return replace(self, shape=shape, strides=strides)
 
     def permute(self, perm) -> "View":
@@ -68,7 +69,7 @@ class View:
         shape = tuple(shape)
         lead = len(shape) - self.rank
         if lead < 0:
-            raise ValueError(f"cannot broadcast {self.shape} to {shape}")
+            raise ShapeError(f"cannot broadcast {self.shape} to {shape}")
         strides = [0] * lead
         for d_in, st, d_out in zip(self.shape, self.strides, shape[lead:]):
             if d_in == d_out:
@@ -76,7 +77,7 @@ class View:
             elif d_in == 1:
                 strides.append(0)
             else:
-                raise ValueError(f"cannot broadcast {self.shape} to {shape}")
+                raise ShapeError(f"cannot broadcast {self.shape} to {shape}")
         return replace(self, shape=shape, strides=tuple(strides))
 
     def slice(self, axis: int, start: int, length: int, step: int = 1) -> "View":

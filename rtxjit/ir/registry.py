@@ -28,7 +28,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from rtxjit.errors import ModelError, UnsupportedOpError
+from rtxjit.errors import InternalError, ModelError, UnsupportedOpError
 from rtxjit.ir.types import TensorType
 
 
@@ -160,7 +160,7 @@ REGISTRY: dict = {}
 def op(name: str, since: int, kind: Kind, host_inputs=(), samples=(), tolerance=None):
     def deco(fn: Callable) -> OpDef:
         if name in REGISTRY:
-            raise RuntimeError(f"op {name} is declared twice")
+            raise InternalError(f"op {name} is declared twice")
         d = OpDef(name, since, kind, fn, host_inputs, samples, tolerance)
         REGISTRY[name] = d
         return d

@@ -14,6 +14,8 @@ from typing import Callable, Union
 
 import numpy as np
 
+from rtxjit.errors import ShapeError, UnsupportedOpError
+
 Dim = Union[int, str]
 Shape = tuple  # tuple[Dim, ...]
 
@@ -55,7 +57,7 @@ class DType(enum.Enum):
 
     def to_numpy(self) -> np.dtype:
         if self.value[2] is None:
-            raise TypeError(f"{self.short} has no numpy dtype")
+            raise UnsupportedOpError(f"dtype {self.short} has no numpy dtype")
         return np.dtype(self.value[2])
 
     @staticmethod
@@ -135,7 +137,7 @@ def broadcast_shapes(*shapes: Shape) -> Shape:
             if chosen == 1:
                 chosen = d
             elif isinstance(d, int) and isinstance(chosen, int):
-                raise ValueError(f"shapes {shapes} do not broadcast")
+                raise ShapeError(f"shapes {shapes} do not broadcast")
             elif isinstance(chosen, str) and isinstance(d, int):
                 chosen = d  # a symbol must equal the concrete dim it broadcasts with
         out.append(chosen)

@@ -18,6 +18,7 @@ import torch
 from onnx import helper
 
 from rtxjit import config
+from rtxjit.errors import InputError, UsageError
 from rtxjit.runtime.session import InferenceSession
 
 DEVICES = {"CPU": "cpu", "CUDA": "cuda"}
@@ -70,7 +71,7 @@ class RtxjitRep(onnx_backend.BackendRep):
             if isinstance(inputs, np.ndarray):
                 inputs = [inputs]
             if len(inputs) != len(self.input_names):
-                raise ValueError(f"the model takes {len(self.input_names)} inputs {self.input_names}, "
+                raise InputError(f"the model takes {len(self.input_names)} inputs {self.input_names}, "
                                  f"got {len(inputs)}")
             feeds = {n: to_feed(x) for n, x in zip(self.input_names, inputs)}
         outs = self.session.run(None, feeds)
@@ -94,7 +95,7 @@ class RtxjitBackend(onnx_backend.Backend):
         super().prepare(model, device, **kwargs)  # onnx's checker: a malformed model fails here
         kind = device.split(":")[0]
         if kind not in DEVICES:
-            raise ValueError(f"unknown device '{device}': use 'CPU' or 'CUDA'")
+            raise UsageError(f"unknown device '{device}': use 'CPU' or 'CUDA'")
         return RtxjitRep(InferenceSession(model, device=DEVICES[kind]))
 
     @classmethod

@@ -27,6 +27,7 @@ from typing import Callable, Optional
 import torch
 
 from rtxjit.codegen.source import KernelSource, load_kernel, specialize
+from rtxjit.errors import KernelError
 from rtxjit.ir.types import TensorType
 from rtxjit.runtime import autotune, binaries, warm
 from rtxjit.runtime.device import Device
@@ -96,7 +97,7 @@ def _compile_all(work: list):
     for proc, request in procs:
         out, err = proc.communicate(request)
         if proc.returncode != 0:
-            raise RuntimeError(f"an ahead-of-time compile worker failed: {err.decode(errors='replace')[-2000:]}")
+            raise KernelError(f"an ahead-of-time compile worker failed: {err.decode(errors='replace')[-2000:]}")
         results.append(json.loads(out))
     for i in range(len(work)):
         r = results[i % n][i // n]
@@ -167,7 +168,7 @@ def compile_one(src, generic: bool, args: tuple, constexprs: dict, sm: int) -> t
     kernel = triton.compile(ASTSource(fn, signature, consts, attrs), target=target, options=options.__dict__)
     entry = binaries.entry_of(kernel)
     if entry is None:
-        raise RuntimeError(f"kernel {src.name}: Triton gave no cubin for sm_{sm}")
+        raise KernelError(f"kernel {src.name}: Triton gave no cubin for sm_{sm}")
     return entry
 
 

@@ -22,6 +22,8 @@ from collections import namedtuple
 from types import SimpleNamespace
 from typing import Optional
 
+from rtxjit.errors import KernelError
+
 BINARY_EXT = "cubin"
 
 
@@ -81,7 +83,7 @@ class Loaded:
         self.module, self.function, self.n_regs, self.n_spills, n_max_threads = driver.active.utils.load_binary(
             self.name, cubin, self.metadata.shared, device)
         if self.metadata.num_warps * self.metadata.warp_size > n_max_threads:
-            raise RuntimeError(f"kernel {self.name}: {self.metadata.num_warps} warps exceed the "
+            raise KernelError(f"kernel {self.name}: {self.metadata.num_warps} warps exceed the "
                                f"{n_max_threads} threads it can run with")
 
 
@@ -92,6 +94,6 @@ def load(meta: dict, cubin: bytes) -> Loaded:
 
     current = driver.active.get_current_target()
     if (target["backend"], target["arch"]) != (current.backend, current.arch):
-        raise RuntimeError(f"kernel {meta.get('name')} was built for {target['backend']} {target['arch']}, "
+        raise KernelError(f"kernel {meta.get('name')} was built for {target['backend']} {target['arch']}, "
                            f"this GPU is {current.backend} {current.arch}")
     return Loaded(meta, cubin)

@@ -54,6 +54,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
+from rtxjit.errors import CacheError, UsageError
+
 PARALLEL_READ_BYTES = 8 << 20  # an entry this large has its blobs read and checked by a thread pool
 SCHEMA = 2  # 2: the metadata carries a sha256 of its own record (a flipped byte in it is caught)
 HISTOGRAM_CAP = 64  # distinct shape bindings kept per model (the least frequent are dropped)
@@ -71,7 +73,7 @@ def canonical_json(obj) -> str:
     other non-JSON type (a set, bytes, an object) is an error rather than its ``str()``."""
 
     def reject(o):
-        raise TypeError(f"cache key component of type {type(o).__name__} is not JSON; pass ints, floats, "
+        raise UsageError(f"cache key component of type {type(o).__name__} is not JSON; pass ints, floats, "
                         "strings, bools, None, lists or dicts (hash bytes first)")
 
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False,
@@ -124,7 +126,7 @@ def target_of(device) -> str:
 def _key_parts(target: str, components: dict) -> dict:
     overlap = {"schema", "codegen", "triton", "target"} & set(components)
     if overlap:
-        raise TypeError(f"cache key components {sorted(overlap)} are reserved")
+        raise UsageError(f"cache key components {sorted(overlap)} are reserved")
     return {"schema": SCHEMA, "codegen": codegen_version(), "triton": triton_version(), "target": target,
             **components}
 
@@ -157,7 +159,7 @@ def model_key(graph) -> str:
 
 # --- the store ----------------------------------------------------------------------------------
 
-class CacheEntryError(Exception):
+class CacheEntryError(CacheError):
     """An entry failed a check (internal: turned into a warning and a miss)."""
 
 
@@ -195,7 +197,7 @@ def _read_blob(path: Path) -> bytearray:
 
 def _check_key(key: str) -> str:
     if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
-        raise ValueError(f"runtime cache key {key!r} must be 1-128 characters of [0-9A-Za-z_-]")
+        raise CacheError(f"runtime cache key {key!r} must be 1-128 characters of [0-9A-Za-z_-]")
     return key
 
 
@@ -297,9 +299,9 @@ class RuntimeCache:
         blobs = dict(blobs or {})
         for name, data in blobs.items():
             if not isinstance(name, str) or not _BLOB_RE.fullmatch(name):
-                raise ValueError(f"blob name {name!r} must be 1-64 characters of [0-9A-Za-z_-]")
+                raise CacheError(f"blob name {name!r} must be 1-64 characters of [0-9A-Za-z_-]")
             if not isinstance(data, (bytes, bytearray, memoryview)):
-                raise TypeError(f"blob '{name}' must be bytes, not {type(data).__name__}")
+                raise UsageError(f"blob '{name}' must be bytes, not {type(data).__name__}")
         listed = {n: {"sha256": hashlib.sha256(d).hexdigest(), "size": len(d)} for n, d in sorted(blobs.items())}
         record = {"schema": SCHEMA, "key": key, "triton": triton_version(), "codegen": codegen_version(),
                   "meta": meta, "blobs": listed}
@@ -511,4 +513,4 @@ def open_cache(value) -> Optional[RuntimeCache]:
             return None
     if isinstance(value, (str, os.PathLike)):
         return RuntimeCache(value)
-    raise TypeError(f"runtime_cache must be a RuntimeCache or a directory path, not {type(value).__name__}")
+    raise UsageError(f"runtime_cache must be a RuntimeCache or a directory path, not {type(value).__name__}")

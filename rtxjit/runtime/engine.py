@@ -679,7 +679,7 @@ def _parse_meta(path: Path, members: dict) -> dict:
     where = f"engine file '{path}'"
 
     def no_constants(name):
-        raise ValueError(f"non-JSON constant {name}")
+        raise EngineError(f"non-JSON constant {name}")
 
     try:
         meta = json.loads(members[ENGINE_JSON].decode("utf-8"), parse_constant=no_constants)

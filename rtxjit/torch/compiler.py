@@ -46,7 +46,7 @@ from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
 from torch.fx.passes.operator_support import OperatorSupportBase
 from torch.utils import _pytree as pytree
 
-from rtxjit.errors import GradientError, RtxjitError, UnsupportedOpError  # noqa: F401 - re-exported
+from rtxjit.errors import GradientError, RtxjitError, UnsupportedOpError, UsageError  # noqa: F401 - re-exported
 
 OPSET = 17
 SESSION_OPTIONS = ("device", "runtime_cache", "specialize", "precision", "profiles")
@@ -83,7 +83,7 @@ def backend(gm: torch.fx.GraphModule, example_inputs, options: Optional[dict] = 
     options = dict(options or {})
     unknown = set(options) - _KNOWN_OPTIONS
     if unknown:
-        raise ValueError(f"rtxjit backend: unknown options {sorted(unknown)}; known: {sorted(_KNOWN_OPTIONS)}")
+        raise UsageError(f"rtxjit backend: unknown options {sorted(unknown)}; known: {sorted(_KNOWN_OPTIONS)}")
     strict = bool(options.pop("strict", False))
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     consts = {}  # placeholder name -> real tensor (parameters and buffers)
@@ -365,10 +365,33 @@ class _Exportable(torch.nn.Module):
             elif kind == "const":
                 args.append(getattr(self, a))
             elif kind == "size":
-                args.append(xs[a].shape[b])
+                args.append(_sym_value(a, b, xs))
             else:
                 args.append(a)
         return tuple(pytree.tree_leaves(self.sub(*args)))
+
+
+def _sym_value(expr, dims: dict, xs: tuple):
+    """The value of dynamo's size expression ``expr`` (a sympy expression over the symbols of input
+    dims, ``dims``: symbol -> (input, dim)), computed from the inputs' shapes so that the ONNX
+    tracer records it as shape arithmetic."""
+    import sympy
+
+    if expr.is_Integer:
+        return int(expr)
+    if expr.is_Symbol:
+        k, d = dims[expr]
+        return xs[k].shape[d]
+    values = [_sym_value(a, dims, xs) for a in expr.args]
+    if isinstance(expr, sympy.Add):
+        return functools.reduce(operator.add, values)
+    if isinstance(expr, sympy.Mul):
+        return functools.reduce(operator.mul, values)
+    if type(expr).__name__ in ("FloorDiv", "CleanDiv"):
+        return values[0] // values[1]
+    if type(expr).__name__ in ("Mod", "PythonMod"):
+        return values[0] % values[1]
+    raise UnsupportedOpError(f"symbolic size {expr}: rtxjit cannot express {type(expr).__name__} of input dims")
 
 
 class _RtxjitPart(torch.nn.Module):
@@ -418,7 +441,7 @@ def _compile_part(sub: torch.fx.GraphModule, call: torch.fx.Node, real_args: tup
             specs.append(("input", k, None))
             dims = {}
             for d, s in enumerate(getattr(meta, "shape", ())):
-                if isinstance(s, torch.SymInt):
+                if isinstance(s, torch.SymInt) and not s.node.expr.is_number:
                     expr = s.node.expr
                     symbols.setdefault(expr, (k, d))
                     dims[d] = str(expr)
@@ -429,12 +452,13 @@ def _compile_part(sub: torch.fx.GraphModule, call: torch.fx.Node, real_args: tup
     for j, (kind, a, meta) in enumerate(specs):  # SymInt inputs: recomputed from a tensor's shape
         if kind != "value":
             continue
-        if isinstance(meta, torch.SymInt):
-            hit = symbols.get(meta.node.expr)
-            if hit is None:
-                raise UnsupportedOpError(f"part '{call.target}': symbolic int input {meta} is not a dim of any of "
-                                         "its tensor inputs")
-            specs[j] = ("size", hit[0], hit[1])
+        if isinstance(meta, torch.SymInt) and not meta.node.expr.is_number:
+            expr = meta.node.expr
+            missing = [str(f) for f in expr.free_symbols if f not in symbols]
+            if missing:
+                raise UnsupportedOpError(f"part '{call.target}': symbolic int input {expr} uses {missing}, not a dim "
+                                         "of any of its tensor inputs")
+            specs[j] = ("size", expr, {f: symbols[f] for f in expr.free_symbols})
         else:
             specs[j] = ("value", a, None)
     out_values = sub(*real_args)

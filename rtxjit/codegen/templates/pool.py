@@ -16,6 +16,7 @@ from __future__ import annotations
 from rtxjit.codegen.dtypes import TL
 from rtxjit.codegen.source import KernelSource, render
 from rtxjit.codegen.templates.reduce import acc_type, extreme_literal
+from rtxjit.errors import InternalError
 from rtxjit.ir.types import DType
 
 
@@ -61,7 +62,7 @@ def _window_loops(mode: str, rank: int, indices: bool, acc: str, other: str) -> 
 def render_pool(mode: str, dtype: DType, rank: int, indices: bool = False, wide: bool = False) -> KernelSource:
     """``mode`` is "max" or "avg"; ``rank`` the number of spatial dims."""
     if mode not in ("max", "avg"):
-        raise ValueError(f"unknown pooling mode '{mode}'")
+        raise InternalError(f"unknown pooling mode '{mode}'")
     acc = TL[acc_type(dtype)]
     pid = "tl.program_id(0).to(tl.int64)" if wide or indices else "tl.program_id(0)"
     lines = [f"def pool_{mode}({', '.join(_params(mode, rank, indices))}):",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from rtxjit.codegen.dtypes import TL, compute_type
 from rtxjit.codegen.source import KernelSource, render
+from rtxjit.errors import InternalError
 from rtxjit.ir.types import DType
 
 ROW_MODES = ("sum", "mean", "max", "min")
@@ -231,7 +232,7 @@ def render_reduce(mode: str, in_dtype: DType, out_dtype: DType, kept_rank: int, 
     """A row-reduction kernel. ``scale``/``bias``/``stats_dtype`` apply to layernorm (rmsnorm: scale)
     only: the optional scale and bias operands and the dtype of the optional Mean/InvStdDev outputs."""
     if mode not in _BODIES:
-        raise ValueError(f"unknown row-reduction mode '{mode}'")
+        raise InternalError(f"unknown row-reduction mode '{mode}'")
     spec = _Spec(mode, in_dtype, out_dtype, kept_rank, red_rank, scale, bias, stats_dtype is not None, wide)
     pid = "tl.program_id(0).to(tl.int64)" if wide else "tl.program_id(0)"
     cols0 = "tl.arange(0, BLOCK_C).to(tl.int64)" if wide else "tl.arange(0, BLOCK_C)"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from rtxjit.codegen.compose import compose
+from rtxjit.errors import InternalError, ShapeError
 from rtxjit.ir.registry import Kind, get_op, op
 from rtxjit.ir.types import TensorType
 
@@ -51,7 +52,7 @@ def epilogue(*xs: TensorType, anchor: str, anchor_attrs: tuple, n_anchor: int, p
     product = get_op(anchor).infer(list(xs[:n_anchor]), dict(anchor_attrs), 1)[0]
     out = program_type(program, [product] + list(xs[n_anchor:]))
     if out.shape != product.shape:
-        raise ValueError(f"an epilogue must keep the product's shape {product.shape}, got {out.shape}")
+        raise ShapeError(f"an epilogue must keep the product's shape {product.shape}, got {out.shape}")
     return out
 
 
@@ -66,4 +67,4 @@ def _(ctx, *xs, anchor, anchor_attrs, n_anchor, program):
     ctx.epilogue = (program, [e.broadcast_to(ctx.outputs[0].shape) for e in xs[n_anchor:]])
     get_op(anchor).lower_fn(ctx, *xs[:n_anchor], **dict(anchor_attrs))
     if ctx.epilogue is not None:
-        raise RuntimeError(f"{ctx.where}: {anchor}'s lowering did not apply its epilogue")
+        raise InternalError(f"{ctx.where}: {anchor}'s lowering did not apply its epilogue")
