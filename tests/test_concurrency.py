@@ -12,6 +12,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -298,3 +299,56 @@ def test_interpreter_exit_with_queued_work_is_clean_and_prompt():
     assert "queued" in proc.stdout and "Traceback" not in proc.stderr and "Exception" not in proc.stderr, proc.stderr
     # imports take most of it; the exit itself waits for at most the one job in progress
     assert time.time() - t0 < 30
+
+
+# -- the compile workers (used for background compiles on a GPU; their plumbing runs anywhere)
+
+UNGUARDED = textwrap.dedent("""
+    # a user's script without an `if __name__ == "__main__":` guard
+    from rtxjit.runtime import compiler
+    print("top level ran", flush=True)
+    pool = compiler._Workers(2, {})
+    futures = [pool.submit("k", "not python (", True, [], [1], {}) for _ in range(3)]
+    for f in futures:
+        try:
+            f.result(60)
+        except compiler.KernelError as exc:
+            print("error named", "kernel k" in str(exc), flush=True)
+    pool.shutdown()
+""")
+
+
+def test_compile_workers_do_not_run_the_users_main_module_again(tmp_path):
+    script = tmp_path / "serve.py"
+    script.write_text(UNGUARDED)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=TIMEOUT_S,
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("top level ran") == 1 and proc.stdout.count("error named True") == 3, proc.stdout
+
+
+def test_a_compile_worker_that_dies_fails_its_task_naming_it_and_is_restarted(monkeypatch):
+    from rtxjit.runtime import compiler
+
+    pool = compiler._Workers(1, {})
+    try:
+        real_start = compiler._Workers._start
+
+        def dying(self, i):  # a worker that exits before answering
+            log = tempfile.TemporaryFile()
+            proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stderr.write('out of memory'); sys.exit(3)"],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
+            proc.log = log
+            self.procs[i] = proc
+            return proc
+
+        monkeypatch.setattr(compiler._Workers, "_start", dying)
+        with pytest.raises(compiler.KernelError, match=r"exited with status 3 .*kernel k1.*out of memory"):
+            pool.submit("k1", "x", True, [], [1], {}).result(TIMEOUT_S)
+        monkeypatch.setattr(compiler._Workers, "_start", real_start)
+        with pytest.raises(compiler.KernelError, match="kernel k2: SyntaxError"):  # a fresh worker answered
+            pool.submit("k2", "not python (", True, [], [1], {}).result(TIMEOUT_S)
+        assert pool.procs[0].poll() is None
+    finally:
+        pool.shutdown()
+    assert all(p.poll() is not None for p in pool.procs)

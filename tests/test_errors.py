@@ -118,7 +118,8 @@ import rtxjit.errors as errors  # noqa: E402
 PACKAGE = Path(rtxjit.__file__).parent
 # (file, builtin exception): raised as a signal that its callers catch and turn into a named error
 SIGNALS = {("ir/types.py", "KeyError"),       # DType lookups: the importer names the attribute
-           ("runtime/cache.py", "OSError")}   # a short read of a blob: the entry is a miss, rebuilt
+           ("runtime/cache.py", "OSError"),   # a short read of a blob: the entry is a miss, rebuilt
+           ("runtime/compiler.py", "TypeError")}  # json's default hook: "not JSON"
 
 
 def _raised_builtins(root: Path = PACKAGE):

@@ -50,6 +50,31 @@ def test_nan_and_inf_in_a_feed_land_where_onnxruntime_puts_them(encoder):
     np.testing.assert_allclose(got[finite], want[finite], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("indices", [False, True], ids=["values", "with_indices"])
+def test_max_pooling_keeps_a_nan_wherever_it_lies_in_the_window(indices):
+    """As torch's max_pool2d and numpy's max do; onnxruntime keeps a NaN only where it comes first
+    in its window (it compares ``x > max``), an accident of its loop order rtxjit does not copy."""
+    from onnx import TensorProto, helper
+
+    outs = ["y", "i"] if indices else ["y"]
+    node = helper.make_node("MaxPool", ["x"], outs, kernel_shape=[2, 2], strides=[2, 2])
+    graph = helper.make_graph([node], "pool", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT if o == "y" else TensorProto.INT64,
+                                                             None) for o in outs])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.random.default_rng(3).standard_normal((1, 2, 4, 4)).astype(np.float32)
+    x[0, 0, 1, 1] = np.nan   # last in its window
+    x[0, 1, 2, 2] = np.nan   # first in its window
+    x[0, 1, 0, 1] = np.inf
+    got = rtxjit.InferenceSession(model, device="cpu").run(None, {"x": x})
+    want, where = torch.nn.functional.max_pool2d(torch.from_numpy(x), 2, return_indices=True)
+    np.testing.assert_array_equal(got[0], want.numpy())  # NaN positions included
+    assert np.isnan(got[0]).sum() == 2
+    if indices:
+        plane = np.arange(2).reshape(1, 2, 1, 1) * 16  # ONNX counts over the whole tensor, torch per plane
+        np.testing.assert_array_equal(got[1], where.numpy() + plane)
+
+
 @pytest.mark.parametrize("case", ["encoder_seq", "cnn_batch"])
 def test_an_empty_feed_runs_when_its_profile_allows_it(case):
     if case == "encoder_seq":

@@ -6,7 +6,7 @@ launch, so the launch that follows finds the binary), and its launcher is built 
 - ``prepare_generic``: a new session's generic kernels, compiled by a pool of threads in this
   process before the first run (the caller waits anyway; Triton's compiler and ``ptxas`` overlap).
 - ``prepare_specialized``: a binding's specialized kernels (every tile configuration offered). In the
-  background on a GPU they are compiled by worker processes (``spawn``), which write Triton's cache;
+  background on a GPU they are compiled by worker processes (``_Workers``), which write Triton's cache;
   this process then only loads them. Compiling in threads of this process would hold the GIL for
   up to ~100 ms at a time (measured on an H100 with triton 3.6), stalling the serving thread.
 
@@ -18,12 +18,18 @@ builds its interpreted function, counted as a compile.
 from __future__ import annotations
 
 import atexit
+import json
 import os
+import queue
+import subprocess
+import sys
+import tempfile
 import threading
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Optional
 
 from rtxjit.codegen.source import is_loaded, load_kernel
+from rtxjit.errors import KernelError
 from rtxjit.runtime import autotune
 from rtxjit.runtime import executor
 from rtxjit.runtime.executor import GENERIC, SPECIALIZED, Executable, torch_dtype
@@ -216,7 +222,7 @@ def prepare_specialized(exe: Executable, background: bool, tuned: bool = True, b
     """Compile ``exe``'s specialized kernels (with ``tuned``, in every tile configuration offered,
     else in the plan's); ``(compiles, cache hits)``. In the background on a GPU, worker processes
     compile and this thread only waits; it hands them a few kernels at a time (the pool's own
-    threads pickle and unpickle in this process, under the GIL), calling ``between()`` before each."""
+    threads encode and decode in this process, under the GIL), calling ``between()`` before each."""
     if exe.device.interpret:
         return _prepare_interpreted(exe, SPECIALIZED)
     items, stored = _without_stored(exe, _items(exe, SPECIALIZED, tuned))
@@ -245,7 +251,7 @@ def _compile_specialized(items: list, background: bool, between) -> tuple:
                 compiles, hits = compiles + c, hits + h
         if between is not None:
             between()
-        pending.add(pool.submit(_worker_warm, src.name, src.text, generic, _portable(args), grid, constexprs))
+        pending.add(pool.submit(src.name, src.text, generic, _portable(args), grid, constexprs))
     for f in pending:
         c, h = f.result()
         compiles, hits = compiles + c, hits + h
@@ -253,7 +259,7 @@ def _compile_specialized(items: list, background: bool, between) -> tuple:
 
 
 def _portable(args: tuple) -> tuple:
-    """Arguments for a worker process: torch dtypes by name."""
+    """Arguments for a worker process (sent as JSON): torch dtypes by name."""
     return tuple(("dtype", str(a).replace("torch.", "")) if a.__class__.__name__ == "dtype" else a for a in args)
 
 
@@ -264,32 +270,139 @@ def _worker_warm(name: str, text: str, generic: bool, args: tuple, grid: tuple, 
 
     from rtxjit.codegen.source import KernelSource
 
-    real = tuple(getattr(torch, a[1]) if isinstance(a, tuple) and a and a[0] == "dtype" else a for a in args)
+    real = tuple(getattr(torch, a[1]) if isinstance(a, (tuple, list)) and a and a[0] == "dtype" else a for a in args)
     with _counting() as tally:
-        _warm(KernelSource(name, text), generic, real, grid, constexprs, load=False)
+        _warm(KernelSource(name, text), generic, real, tuple(grid), constexprs, load=False)
     return tally[0], tally[1]
+
+
+class _Workers:
+    """Compile worker processes, each ``python -c "from rtxjit.runtime.compiler import serve;
+    serve()"`` fed one JSON line per kernel (its generated text) and answering one line. Not
+    ``multiprocessing``: a spawned child re-imports the user's ``__main__``, which runs a script
+    without an ``if __name__ == "__main__"`` guard a second time. A worker that dies fails its task
+    (the specialization falls back and is counted) and is restarted for the next one."""
+
+    def __init__(self, n: int, env: dict):
+        self.env = {**os.environ, **env}
+        self.tasks: queue.Queue = queue.Queue()
+        self.procs: list = [None] * n
+        self.threads = [threading.Thread(target=self._feed, args=(i,), daemon=True, name=f"rtxjit-compile-{i}")
+                        for i in range(n)]
+        for t in self.threads:
+            t.start()
+
+    def submit(self, *task) -> Future:
+        f: Future = Future()
+        self.tasks.put((f, task))
+        return f
+
+    def _start(self, i: int):
+        proc = self.procs[i]
+        if proc is None or proc.poll() is not None:
+            log = tempfile.TemporaryFile()
+            proc = subprocess.Popen([sys.executable, "-c", "from rtxjit.runtime.compiler import serve; serve()"],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=self.env)
+            proc.log = log
+            self.procs[i] = proc
+        return proc
+
+    def _feed(self, i: int) -> None:
+        while True:
+            item = self.tasks.get()
+            if item is None:
+                return
+            f, task = item
+            if not f.set_running_or_notify_cancel():
+                continue
+            try:
+                proc = self._start(i)
+                try:
+                    proc.stdin.write(json.dumps(task, default=_plain).encode() + b"\n")
+                    proc.stdin.flush()
+                    line = proc.stdout.readline()
+                except BrokenPipeError:  # it died before reading the task
+                    line = b""
+                if not line:
+                    proc.wait(timeout=10)
+                    proc.log.seek(0)
+                    raise KernelError(f"compile worker {i} exited with status {proc.returncode} while compiling "
+                                      f"kernel {task[0]}: {proc.log.read().decode(errors='replace')[-2000:]}")
+                answer = json.loads(line)
+                if "error" in answer:
+                    raise KernelError(f"kernel {task[0]}: {answer['error']}")
+                f.set_result(tuple(answer["result"]))
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+                f.set_exception(exc)
+
+    def shutdown(self) -> None:
+        while True:  # queued tasks are cancelled
+            try:
+                item = self.tasks.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].cancel()
+        for _ in self.threads:
+            self.tasks.put(None)
+        for t in self.threads:
+            t.join(timeout=30)
+        for proc in self.procs:
+            if proc is not None:
+                proc.stdin.close()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                proc.log.close()
+
+
+def _plain(value):
+    """JSON for numpy scalars in a task (shape parameters may be numpy ints)."""
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def serve() -> None:
+    """A compile worker (see ``_Workers``): one JSON task per line on stdin, one answer per line."""
+    import rtxjit  # noqa: F401 - configures triton for the device first
+    from rtxjit.runtime import kernel_store
+
+    kernel_store.activate_from_env()
+    for line in sys.stdin.buffer:
+        try:
+            answer = {"result": _worker_warm(*json.loads(line))}
+        except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises KernelError
+            answer = {"error": f"{type(exc).__name__}: {str(exc)[-2000:]}"}
+        sys.stdout.write(json.dumps(answer) + "\n")
+        sys.stdout.flush()
 
 
 _pool = None
 _pool_lock = threading.Lock()
+_exited = False
 
 
 def _worker_pool():
-    """The process pool (spawned on first use, shut down at exit); None where it cannot start."""
+    """The worker processes (started on first use, shut down at exit); None where they cannot start."""
     global _pool
     with _pool_lock:
+        if _exited:  # a job still running while the interpreter exits: the specializer drops it
+            raise KernelError("the interpreter is exiting: rtxjit's compile workers are shut down")
         if _pool is None:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
             try:
-                ctx = multiprocessing.get_context("spawn")
-                _pool = ProcessPoolExecutor(_workers(), mp_context=ctx, initializer=_worker_init,
-                                            initargs=(dict(_worker_env()),))
-                atexit.register(shutdown)  # before concurrent.futures' own exit hook runs
-            except (OSError, ValueError):
+                _pool = _Workers(_workers(), _worker_env())
+                atexit.register(_exit)
+            except (OSError, RuntimeError):
                 _pool = False
         return _pool or None
+
+
+def _exit() -> None:
+    global _exited
+    _exited = True  # first: no job starts a new pool while this one shuts down
+    shutdown()
 
 
 def _worker_env() -> dict:
@@ -302,19 +415,11 @@ def _worker_env() -> dict:
     return env
 
 
-def _worker_init(env: dict) -> None:
-    os.environ.update(env)
-    import rtxjit  # noqa: F401 - configures triton for the device first
-    from rtxjit.runtime import kernel_store
-
-    kernel_store.activate_from_env()
-
-
 def shutdown() -> None:
     global _pool
     with _pool_lock:
         if _pool:
-            _pool.shutdown(wait=True, cancel_futures=True)
+            _pool.shutdown()
         _pool = None
 
 

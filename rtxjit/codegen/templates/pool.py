@@ -51,11 +51,11 @@ def _window_loops(mode: str, rank: int, indices: bool, acc: str, other: str) -> 
         lines += [f"{pad}acc += v", f"{pad}cnt += in{last}.to(tl.float32)"]
     elif indices:
         flat = " + ".join(f"h{d} * imul{d}" for d in range(rank))
-        lines += [f"{pad}take = ok{last} & (v > acc)",
+        lines += [f"{pad}take = ok{last} & ((v > acc) | ((v != v) & (acc == acc)))",  # NaN wins, as in max
                   f"{pad}acc = tl.where(take, v, acc)",
                   f"{pad}arg = tl.where(take, nc * plane + {flat}, arg)"]
     else:
-        lines.append(f"{pad}acc = tl.maximum(acc, v)")
+        lines.append(f"{pad}acc = tl.maximum(acc, v, propagate_nan=tl.PropagateNan.ALL)")  # NaN in, NaN out
     return lines
 
 
