@@ -75,7 +75,9 @@ def markdown(report: dict) -> str:
              f"{report['device']} · torch {report['torch']} · triton {report['triton']} · {report['date']}", "",
              f"Wall-clock ms of each call, synchronized (first / third call at each sequence length, in order "
              f"{SEQS}). The first call of a shape includes any compile it waits for; rtxjit's later calls "
-             "also gain the specialized kernels its background thread swaps in.", "",
+             "also gain the specialized kernels its background thread swaps in. The systems run one after "
+             "another, each in a fresh process; they share Triton's and inductor's on-disk caches, so a later "
+             "rtxjit process may find kernels there (compiles counts this process's own).", "",
              "| system | " + " | ".join(f"s{s} first / third" for s in SEQS) + " | max rel err | rtxjit exports / "
              "sessions / compiles |", "|---|" + "---:|" * (len(SEQS) + 2)]
     for r in report["results"]:
