@@ -5,7 +5,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import rtxjit
-from rtxjit.errors import InputError, ModelError, UnsupportedOpError
+from rtxjit.errors import InputError, ModelError, ShapeError, UnsupportedOpError
 
 
 def _model(op="Relu", opset=17, **attrs):
@@ -164,3 +164,15 @@ def test_api_misuse_is_a_usage_error_naming_the_argument(tmp_path):
     cache = RuntimeCache(tmp_path)
     with pytest.raises(errors.CacheError, match="key"):
         cache.get("not a valid key!")
+
+
+@pytest.mark.parametrize("pad", [10**6, 10**12], ids=["larger_than_memory", "past_int64"])
+def test_an_intermediate_larger_than_the_device_memory_is_a_shape_error_naming_the_node(pad):
+    """Found by tools/fuzz.py: huge pads made the arena size wrap around int64 (a TypeError in torch)."""
+    node = helper.make_node("MaxPool", ["x"], ["y"], name="pool", kernel_shape=[2, 2], pads=[pad] * 4)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    sess = rtxjit.InferenceSession(model)
+    with pytest.raises(ShapeError, match=r"node 'pool' \(MaxPool\): an output of shape .* more than the device's memory"):
+        sess.run(None, {"x": np.random.default_rng(0).standard_normal((1, 1, 4, 4)).astype(np.float32)})

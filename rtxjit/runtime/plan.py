@@ -7,6 +7,7 @@ allocates the intermediate buffers and launches the list: no per-node Python dec
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -312,6 +313,10 @@ class PlanBuilder:
         for t in out_types:
             if not is_static(t.shape):
                 raise ShapeError(f"{where}: output shape {t.shape} is not concrete after binding the inputs")
+            size = math.prod(t.shape) * t.dtype.itemsize  # Python ints: no int64 wrap-around
+            if size > self.device.memory_bytes:
+                raise ShapeError(f"{where}: an output of shape {list(t.shape)} ({t.dtype.short}) needs {size:.3g} "
+                                 f"bytes, more than the device's memory ({self.device.memory_bytes:.3g} bytes)")
         inputs_known = all(a is not None for a, v in zip(host_args, node.inputs) if v is not None)
         if host.runs_on_host(opdef, inputs_known, out_types):
             values = host.evaluate(opdef, host_args, types, node.attrs, out_types)
