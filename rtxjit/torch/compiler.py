@@ -21,8 +21,11 @@ part with real example tensors, which is enough for the straight-line graphs dyn
 - Dynamic shapes: dims that dynamo marks symbolic become named symbolic dims of the ONNX inputs
   (symbol names kept, so rtxjit checks that equal dims agree); a ``SymInt`` input of a part is
   recomputed from the shape of a tensor input that carries the same symbol. One session then
-  serves every shape with its generic kernels. Dynamo compiles a static graph first and a symbolic
-  one at the second distinct shape (automatic dynamic); from then on no export and no compile.
+  serves every shape with its generic kernels; a size expression of input dims (``s0*s1``,
+  ``s0//2``) is computed from the inputs' shapes. Dynamo compiles a static graph first and a
+  symbolic one at the second distinct shape (automatic dynamic); from then on no export and no
+  compile. With ``torch.compile(..., dynamic=True)`` the first graph is already symbolic: one
+  export serves every shape.
 - Sessions are shared by ONNX bytes (a recompile of the same graph reuses its session) and listed
   by ``sessions()``; ``options`` may carry ``device``, ``runtime_cache``, ``specialize``,
   ``precision`` and ``profiles``, passed to ``InferenceSession``.
