@@ -201,6 +201,30 @@ def test_dynamic_true_serves_every_shape_from_the_first_export():
     assert stats["compiles"] == compiles and stats["last_run"] == "generic", stats
 
 
+class Flatten2d(torch.nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.lin = torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        y = self.lin(x.reshape(b * t, d))          # a size expression of two symbols: s0*s1
+        return torch.relu(y.reshape(b, t // 1, d)) + x.mean()
+
+
+def test_size_expressions_of_symbolic_dims_are_computed_from_the_inputs():
+    torch.manual_seed(0)
+    model = Flatten2d().eval()
+    compiled = torch.compile(model, backend="rtxjit", dynamic=True)
+    exports = rt.export_count()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", rt.RtxjitFallbackWarning)  # no part falls back to eager
+        for shape in [(2, 3, 8), (4, 5, 8), (3, 7, 8)]:
+            x = torch.randn(*shape)
+            _close(compiled(x), model(x))
+    assert rt.export_count() == exports + 1
+
+
 CHILD = """
 import sys, torch
 assert "rtxjit" not in sys.modules
