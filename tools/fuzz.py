@@ -622,17 +622,18 @@ def check_cache(folder: Path, seed: int) -> tuple:
 # --- the long run ----------------------------------------------------------------------------------
 
 def _cases(target: str, rnd, folder: Path):
-    """An endless stream of (callable -> (Outcome, description)) for one target."""
+    """An endless stream of (name, callable -> (Outcome, description)) for one target; the name
+    replays the case (``check_model_mutation(base, mutation, seed)``, ``check_engine(folder, seed)``)."""
     mutations = sorted(MODEL_MUTATIONS) + ["bytes"]
     while True:
         seed = rnd.randrange(2 ** 31)
         if target == "importer":
             base, mutation = rnd.choice(sorted(base_models())), rnd.choice(mutations)
-            yield lambda: check_model_mutation(base, mutation, seed)
+            yield f"{base}/{mutation}/{seed}", lambda: check_model_mutation(base, mutation, seed)
         elif target == "engine":
-            yield lambda: check_engine(folder, seed)
+            yield f"engine/{seed}", lambda: check_engine(folder, seed)
         else:
-            yield lambda: check_cache(folder, seed)
+            yield f"cache/{seed}", lambda: check_cache(folder, seed)
 
 
 def run(targets: list, examples: int, seconds: float, timeout: float, seed: int) -> dict:
@@ -646,14 +647,14 @@ def run(targets: list, examples: int, seconds: float, timeout: float, seed: int)
             counts = {"cases": 0, **{kind: 0 for kind in KINDS}}
             findings = []
             start = time.perf_counter()
-            for case in _cases(target, rnd, Path(tmp)):
+            for name, case in _cases(target, rnd, Path(tmp)):
                 if counts["cases"] >= examples or time.perf_counter() - start > per_target_s:
                     break
                 try:
                     with watchdog(timeout):
                         outcome, what = case()
                 except Hang as exc:
-                    outcome, what = Outcome("hang", str(exc)), "?"
+                    outcome, what = Outcome("hang", str(exc)), name
                 except Exception as exc:  # noqa: BLE001 - a fault of this script, not of rtxjit
                     outcome, what = _crash(exc, "harness"), "harness"
                     outcome.kind = "harness"
