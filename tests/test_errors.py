@@ -176,3 +176,27 @@ def test_an_intermediate_larger_than_the_device_memory_is_a_shape_error_naming_t
     sess = rtxjit.InferenceSession(model)
     with pytest.raises(ShapeError, match=r"node 'pool' \(MaxPool\): an output of shape .* more than the device's memory"):
         sess.run(None, {"x": np.random.default_rng(0).standard_normal((1, 1, 4, 4)).astype(np.float32)})
+
+
+def test_a_missing_required_input_is_a_model_error_naming_it():
+    """Found by tools/fuzz.py: a BatchNormalization without its variance crashed fold_batchnorm."""
+    rng = np.random.default_rng(0)
+    inits = [helper.make_tensor(n, TensorProto.FLOAT, [2], rng.random(2).tolist()) for n in ("s", "b", "m")]
+    node = helper.make_node("BatchNormalization", ["x", "s", "b", "m", ""], ["y"], name="bn")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(ModelError, match=r"node 'bn' \(BatchNormalization.*required input 4 \('input_var'\) is missing"):
+        rtxjit.InferenceSession(model)
+
+
+def test_a_shape_tensor_of_absurd_length_is_a_shape_error_not_a_hang():
+    """Found by tools/fuzz.py: a Reshape whose shape input is a data input of length 2**31 hung the
+    importer building a 2**31-dim unknown shape."""
+    node = helper.make_node("Reshape", ["x", "shape"], ["y"], name="reshape")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4]),
+                                            helper.make_tensor_value_info("shape", TensorProto.INT64, [2 ** 31])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(ShapeError, match=r"node 'reshape' \(Reshape.*rank 2147483648.*up to 64"):
+        rtxjit.InferenceSession(model)

@@ -212,6 +212,16 @@ def _check_window_attrs(where: str, attrs: dict) -> None:
             raise ModelError(f"{where}: attribute '{name}' is {list(value)}; every entry must be >= {low}")
 
 
+def _check_required_inputs(where: str, n: onnx.NodeProto, schema) -> None:
+    """Every input the op's schema marks required is given (a blank name omits an optional one)."""
+    if schema is None:
+        return
+    single = onnx.defs.OpSchema.FormalParameterOption.Single
+    for i, formal in enumerate(schema.inputs):
+        if formal.option == single and (i >= len(n.input) or not n.input[i]):
+            raise ModelError(f"{where}: required input {i} ('{formal.name}') is missing")
+
+
 def _check_size(where: str, out_types) -> None:
     """An output whose known dims alone make more than 2**63 bytes cannot exist (huge dims)."""
     for t in out_types:
@@ -276,10 +286,13 @@ def _import_node(n: onnx.NodeProto, index: int, opset: int, values: dict):
     attrs = opdef.bind_attrs({a.name: _attr_value(a, where, schema) for a in n.attribute}, where)
     _check_window_attrs(where, attrs)
     ins = [values[i] if i else None for i in n.input]
+    _check_required_inputs(where, n, schema)
     try:
         out_types = opdef.infer(infer_args(opdef, ins), attrs, len(n.output))
-    except RtxjitError:
-        raise
+    except RtxjitError as exc:
+        if str(exc).startswith("node '"):
+            raise
+        raise type(exc)(f"{where}: {exc}") from exc  # the op's inference does not know the node's name
     except (ValueError, IndexError, KeyError, TypeError) as exc:
         raise ModelError(f"{where}: {exc}") from exc
     if len(out_types) < len([o for o in n.output if o]):

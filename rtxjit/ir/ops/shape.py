@@ -26,6 +26,9 @@ def _alias(ctx, x, *rest, **attrs):
         ctx.copy(x, ctx.outputs[0].reshape(x.shape))
 
 
+MAX_RANK = 64  # a shape tensor longer than this cannot describe a tensor anything runs on
+
+
 def _length(v) -> int:
     """Number of entries of a 1-D host input, known or not."""
     if known(v):
@@ -33,6 +36,8 @@ def _length(v) -> int:
     n = v.type.shape[0] if v.type.rank else 1
     if not isinstance(n, int):
         raise ShapeError("the length of a shape tensor must be known")
+    if n > MAX_RANK:
+        raise ShapeError(f"a shape tensor of {n} entries (rank {n}); rtxjit supports ranks up to {MAX_RANK}")
     return n
 
 
