@@ -147,12 +147,19 @@ def mut_drop_node(m, rnd):
     return f"dropped node {n.name or i} ({n.op_type})"
 
 
-def mut_drop_attr(m, rnd):
-    nodes = [n for n in m.graph.node if n.attribute]
+def _pick_entry(m, rnd, field: str):
+    """(node, index) of a random entry of ``field`` ("attribute", "input") over nodes having one."""
+    nodes = [n for n in m.graph.node if getattr(n, field)]
     if not nodes:
-        return "no attribute"
+        return None, None
     n = rnd.choice(nodes)
-    j = rnd.randrange(len(n.attribute))
+    return n, rnd.randrange(len(getattr(n, field)))
+
+
+def mut_drop_attr(m, rnd):
+    n, j = _pick_entry(m, rnd, "attribute")
+    if n is None:
+        return "no attribute"
     name = n.attribute[j].name
     del n.attribute[j]
     return f"dropped attribute {name} of {n.op_type}"
@@ -248,11 +255,9 @@ def mut_input_type(m, rnd):
 
 
 def mut_dangling(m, rnd):
-    nodes = [n for n in m.graph.node if n.input]
-    if not nodes:
+    n, j = _pick_entry(m, rnd, "input")
+    if n is None:
         return "no node"
-    n = rnd.choice(nodes)
-    j = rnd.randrange(len(n.input))
     n.input[j] = "dangling_" + str(rnd.randrange(100))
     return f"{n.op_type} input {j} -> dangling"
 

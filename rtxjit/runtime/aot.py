@@ -30,6 +30,7 @@ from rtxjit.codegen.source import KernelSource, load_kernel, specialize
 from rtxjit.errors import KernelError
 from rtxjit.ir.types import TensorType
 from rtxjit.runtime import autotune, binaries, warm
+from rtxjit.runtime.compiler import from_portable, portable
 from rtxjit.runtime.device import Device
 from rtxjit.runtime.executor import shape_params, torch_dtype
 from rtxjit.runtime.plan import Buf, PlanBuilder
@@ -88,7 +89,7 @@ def _compile_all(work: list):
     shares = [work[i::n] for i in range(n)]
     procs = []
     for share in shares:
-        request = [{"name": w[2].name, "text": w[2].text, "generic": w[3], "args": _portable(w[4]),
+        request = [{"name": w[2].name, "text": w[2].text, "generic": w[3], "args": portable(w[4]),
                     "constexprs": w[6], "sm": w[0]} for w in share]
         proc = subprocess.Popen([sys.executable, "-c", "from rtxjit.runtime.aot import serve; serve()"],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
@@ -110,14 +111,10 @@ def serve() -> None:
     request = json.loads(sys.stdin.buffer.read())
     out = []
     for r in request:
-        args = tuple(getattr(torch, a[1]) if isinstance(a, list) and a and a[0] == "dtype" else a for a in r["args"])
-        meta, cubin = compile_one(KernelSource(r["name"], r["text"]), r["generic"], args, r["constexprs"], r["sm"])
+        meta, cubin = compile_one(KernelSource(r["name"], r["text"]), r["generic"], from_portable(r["args"]),
+                                  r["constexprs"], r["sm"])
         out.append({"meta": meta, "cubin": base64.b64encode(cubin).decode()})
     sys.stdout.write(json.dumps(out))
-
-
-def _portable(args: tuple) -> list:
-    return [["dtype", str(a).replace("torch.", "")] if isinstance(a, torch.dtype) else a for a in args]
 
 
 def _plans(graph, profiles: list, device: Device):

@@ -28,6 +28,8 @@ import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Optional
 
+import torch
+
 from rtxjit.codegen.source import is_loaded, load_kernel
 from rtxjit.errors import KernelError
 from rtxjit.runtime import autotune
@@ -251,28 +253,30 @@ def _compile_specialized(items: list, background: bool, between) -> tuple:
                 compiles, hits = compiles + c, hits + h
         if between is not None:
             between()
-        pending.add(pool.submit(src.name, src.text, generic, _portable(args), grid, constexprs))
+        pending.add(pool.submit(src.name, src.text, generic, portable(args), grid, constexprs))
     for f in pending:
         c, h = f.result()
         compiles, hits = compiles + c, hits + h
     return compiles, hits
 
 
-def _portable(args: tuple) -> tuple:
-    """Arguments for a worker process (sent as JSON): torch dtypes by name."""
-    return tuple(("dtype", str(a).replace("torch.", "")) if a.__class__.__name__ == "dtype" else a for a in args)
+def portable(args: tuple) -> list:
+    """Kernel arguments for a worker process, as JSON: torch dtypes by name (``from_portable``
+    reverses it; also the ahead-of-time workers' format, runtime/aot.py)."""
+    return [["dtype", str(a).replace("torch.", "")] if isinstance(a, torch.dtype) else a for a in args]
+
+
+def from_portable(args: list) -> tuple:
+    return tuple(getattr(torch, a[1]) if isinstance(a, list) and a and a[0] == "dtype" else a for a in args)
 
 
 def _worker_warm(name: str, text: str, generic: bool, args: tuple, grid: tuple, constexprs: dict) -> tuple:
     """In a worker process: compile one kernel from its generated text (sent by the parent, which
     generated it) into Triton's cache; ``(compiles, cache hits)``."""
-    import torch
-
     from rtxjit.codegen.source import KernelSource
 
-    real = tuple(getattr(torch, a[1]) if isinstance(a, (tuple, list)) and a and a[0] == "dtype" else a for a in args)
     with _counting() as tally:
-        _warm(KernelSource(name, text), generic, real, tuple(grid), constexprs, load=False)
+        _warm(KernelSource(name, text), generic, from_portable(args), tuple(grid), constexprs, load=False)
     return tally[0], tally[1]
 
 
