@@ -130,6 +130,69 @@ for _name, (_expr, _ref) in LOGICAL.items():
 
 
 
+_SPECIALS = np.array([[0.5, -1.5, np.nan, np.inf], [-np.inf, 2.5, -0.0, 3.0]], np.float32)
+
+
+@op("IsNaN", since=9, kind=Kind.POINTWISE, samples=[Sample([_SPECIALS]), Sample([Rand((2, 3))])])
+def is_nan(x: TensorType) -> TensorType:
+    return x.with_dtype(DType.BOOL)
+
+
+is_nan.reference(np.isnan)
+is_nan.expr(fixed_expr("x0 != x0"))
+
+
+@op("IsInf", since=10, kind=Kind.POINTWISE,
+    samples=[Sample([_SPECIALS]), Sample([_SPECIALS], {"detect_negative": 0}),
+             Sample([_SPECIALS], {"detect_positive": 0})])
+def is_inf(x: TensorType, *, detect_negative: int = 1, detect_positive: int = 1) -> TensorType:
+    return x.with_dtype(DType.BOOL)
+
+
+@is_inf.reference
+def _(x, *, detect_negative=1, detect_positive=1):
+    return (np.isposinf(x) & bool(detect_positive)) | (np.isneginf(x) & bool(detect_negative))
+
+
+@is_inf.expr
+def _(in_dtypes, out_dtype, attrs):
+    terms = [t for flag, t in ((attrs["detect_positive"], "(x0 == float('inf'))"),
+                               (attrs["detect_negative"], "(x0 == float('-inf'))")) if flag]
+    return (" | ".join(terms) if terms else "x0 != x0 & (x0 == x0)"), ()
+
+
+@op("Sign", since=13, kind=Kind.POINTWISE,
+    samples=UNARY_SHAPES + [Sample([np.nan_to_num(_SPECIALS)]),  # NaN: numpy and onnxruntime's fp32 keep it,
+                            Sample([np.array([-3, 0, 5], np.int64)], float_types=("-",))])  # its fp16 gives 0
+def sign(x: TensorType) -> TensorType:
+    return x
+
+
+sign.reference(np.sign)
+sign.expr(fixed_expr("tl.where(x0 > 0, 1, tl.where(x0 < 0, -1, x0))"))  # 0 and NaN stay
+
+
+@op("Round", since=11, kind=Kind.POINTWISE,
+    samples=[Sample([Rand((3, 4), None, -6, 6)]),
+             Sample([np.array([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 2.4, -2.6, np.nan, np.inf], np.float32)])])
+def round_(x: TensorType) -> TensorType:
+    return x
+
+
+round_.reference(np.round)  # half to even, as ONNX says
+
+
+@round_.expr
+def _(in_dtypes, out_dtype, attrs):
+    """Half to even: floor, then up past .5, and at exactly .5 up only from an odd floor. Values
+    at or above 2**mantissa bits are whole already (and inf, which the arithmetic would make NaN)."""
+    whole = 4503599627370496.0 if in_dtypes[0] is DType.FP64 else 8388608.0
+    f, d = "tl.floor(x0)", "(x0 - tl.floor(x0))"
+    odd = f"({f} - 2.0 * tl.floor({f} * 0.5))"
+    inner = f"tl.where({d} > 0.5, {f} + 1.0, tl.where({d} < 0.5, {f}, {f} + {odd}))"
+    return f"tl.where(tl.abs(x0) >= {whole}, x0, {inner})", ()
+
+
 @op("Div", since=7, kind=Kind.POINTWISE, samples=_bcast_samples(0.5, 2))
 def div(a: TensorType, b: TensorType) -> TensorType:
     return same_type(a, b)
