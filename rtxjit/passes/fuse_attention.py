@@ -4,12 +4,14 @@ The pattern is found from its Softmax, walking back to the scores product and fo
 product with V:
 
     MatMul(Q, KT) -> [Mul by a scalar c | Div by a scalar c] -> [Add mask] -> Softmax(axis=-1)
-                  -> MatMul(probs, V)
+                  -> [Where(IsNaN(probs), 0, probs)] -> MatMul(probs, V)
 
 with float-to-float ``Cast`` nodes allowed anywhere in the chain (transformers' eager attention
 runs the softmax in fp32 for fp16 models: ``Cast -> Softmax -> Cast``); the fused kernel keeps
 fp32 scores and statistics, and casts the probabilities to V's type, as that chain does. A scale
-folded into Q (or into Q's weights) is just part of Q, and the op's scale is 1.
+folded into Q (or into Q's weights) is just part of Q, and the op's scale is 1. The
+``Where(IsNaN(p), 0, p)`` that torch's exporters put after the softmax of scaled_dot_product_attention
+(a row with every key masked by ``-inf`` is NaN) becomes the op's ``nan_rows_zero``.
 
 Transposes into Q, K^T and V, and out of the result, are absorbed into the op's perms (see
 ``rtxjit/ir/ops/attention.py`` for the convention) when nothing else uses their results: the op
@@ -54,6 +56,7 @@ class _Match:
     v: Optional[Value] = None
     mask: Optional[Value] = None
     scale: float = 1.0
+    nan_rows_zero: bool = False
     perms: dict = field(default_factory=dict)
     output: Optional[Value] = None
 
@@ -110,9 +113,16 @@ def _match(softmax: Node, uses: _Uses) -> Optional[_Match]:
 
 
 def _forward_to_pv(softmax: Node, uses: _Uses, m: _Match) -> Optional[Node]:
-    """The MatMul(probs, V) that consumes the softmax, through float Casts."""
+    """The MatMul(probs, V) that consumes the softmax, through float Casts and one
+    ``Where(IsNaN(p), 0, p)``."""
     value = softmax.outputs[0]
     while True:
+        zeroed = None if m.nan_rows_zero else _nan_to_zero(value, uses)
+        if zeroed is not None:
+            m.nodes.extend(zeroed)
+            m.nan_rows_zero = True
+            value = zeroed[1].outputs[0]
+            continue
         user = uses.only_user(value)
         if user is None:
             return None
@@ -124,6 +134,24 @@ def _forward_to_pv(softmax: Node, uses: _Uses, m: _Match) -> Optional[Node]:
             m.nodes.append(user)
             return user
         return None
+
+
+def _nan_to_zero(value: Value, uses: _Uses) -> Optional[tuple]:
+    """``(IsNaN, Where)`` when ``value`` is read only by ``IsNaN(value)`` and by
+    ``Where(that, 0, value)`` (and the IsNaN's result only by that Where), else None."""
+    readers = uses.consumers.get(value.name, [])
+    if value.name in uses.graph_outputs or len(readers) != 2:
+        return None
+    by_op = {node.op: node for node, _ in readers}
+    isnan, where = by_op.get("IsNaN"), by_op.get("Where")
+    if isnan is None or where is None or uses.only_user(isnan.outputs[0]) is not where:
+        return None
+    cond, zero, kept = where.inputs
+    if cond is not isnan.outputs[0] or kept is not value or not zero.is_const or zero.const.size != 1:
+        return None
+    if float(np.asarray(zero.const, np.float64).reshape(())) != 0.0 or where.outputs[0].type != value.type:
+        return None
+    return isnan, where
 
 
 def _backward_to_qk(softmax: Node, uses: _Uses, m: _Match) -> bool:
@@ -277,7 +305,10 @@ def _inputs(m: _Match) -> list:
 
 
 def _attrs(m: _Match) -> dict:
-    return {"scale": m.scale, **{k: tuple(v) for k, v in sorted(m.perms.items())}}
+    attrs = {"scale": m.scale, **{k: tuple(v) for k, v in sorted(m.perms.items())}}
+    if m.nan_rows_zero:
+        attrs["nan_rows_zero"] = 1
+    return attrs
 
 
 def _rewrite(graph: Graph, m: _Match, names: FreshNames) -> None:

@@ -18,10 +18,17 @@ mantissa bits for fp32's tolerance); fp16 / bf16 use the default (tensor cores).
 probabilities are cast to V's dtype before the second product, as an unfused graph would store
 them.
 
-Fully masked rows: a row whose scores are all ``-inf`` gives NaN, as the unfused reference does
-(0 / 0); a row that is ``-inf`` only in some key blocks is exact, because the maximum used to shift
-the exponentials is replaced by 0 while it is still ``-inf`` (``exp2(-inf - -inf)`` would be NaN).
-Finite masks (``-10000``, ``finfo.min``) need nothing special.
+Masks and non-finite values, as the unfused graph computes them:
+- With a mask, scores stay in natural units (``scale * q.k + mask``) and only the difference to the
+  row maximum is multiplied by ``log2(e)``: the most negative finite float, which Hugging Face uses
+  for padding, times ``log2(e)`` would overflow to ``-inf`` and turn a fully masked row into 0 / 0.
+  A row whose keys are all masked by ``finfo.min`` thus averages V uniformly, as onnxruntime does.
+- A row whose scores are all ``-inf`` gives NaN, as the unfused reference does (0 / 0); a row that
+  is ``-inf`` only in some key blocks is exact, because the maximum used to shift the exponentials
+  is replaced by 0 while it is still ``-inf`` (``exp2(-inf - -inf)`` would be NaN).
+- ``nan_rows_zero``: the graph replaced NaN probabilities by 0 (``Where(IsNaN(p), 0, p)``, how
+  torch exports scaled_dot_product_attention with a boolean mask); a row whose softmax is NaN (all
+  keys masked by ``-inf``, or a NaN score) then gives 0. Its normalizer is 0 or NaN exactly then.
 """
 
 from __future__ import annotations
@@ -105,19 +112,22 @@ def _key_block(dtype: DType, has_mask: bool) -> list:
         "        kt = tl.load(k_ptr + k_off + rdk[:, None] * k_sd + rn[None, :] * k_ss, mask=kt_mask, other=0.0)",
         f"        s = {_dot('q', 'kt', dtype)} * qk_scale",
     ]
+    # Without a mask, scores are in base-2 units (log2(e) folded into qk_scale); with one, in
+    # natural units until the difference to the row maximum (see the module's docstring).
+    to2 = f" * {LOG2E!r}" if has_mask else ""
     if has_mask:
         lines += [
             "        s_mask = (rm[:, None] < SQ) & (rn[None, :] < SK)",
             "        bias = tl.load(mask_ptr + mask_off + rm[:, None] * mask_sq + rn[None, :] * mask_sk,",
             "                       mask=s_mask, other=0.0)",
-            f"        s = s + bias.to(tl.float32) * {LOG2E!r}",
+            "        s = s + bias.to(tl.float32)",
         ]
     lines += [
         "        s = tl.where(rn[None, :] < SK, s, float('-inf'))",
         "        m_new = tl.maximum(m_i, tl.max(s, 1))",
         "        m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)",
-        "        p = tl.exp2(s - m_safe[:, None])",
-        "        alpha = tl.exp2(m_i - m_safe)",
+        f"        p = tl.exp2((s - m_safe[:, None]){to2})",
+        f"        alpha = tl.exp2((m_i - m_safe){to2})",
         "        l_i = l_i * alpha + tl.sum(p, 1)",
         "        v_mask = (rn[:, None] < SK) & (rdv[None, :] < DV)",
         "        v = tl.load(v_ptr + v_off + rn[:, None] * v_ss + rdv[None, :] * v_sd, mask=v_mask, other=0.0)",
@@ -127,30 +137,34 @@ def _key_block(dtype: DType, has_mask: bool) -> list:
     return lines
 
 
-def render_attention(dtype: DType, out_dtype: DType, has_mask: bool, wide: bool = False) -> KernelSource:
+def render_attention(dtype: DType, out_dtype: DType, has_mask: bool, wide: bool = False,
+                     nan_rows_zero: bool = False) -> KernelSource:
     """The fused attention kernel for Q/K/V of ``dtype`` writing ``out_dtype``.
 
     Arguments, in order: ``q, k, v, out`` (and ``mask``) as pointer and offset; ``scale``; the head
     count ``H`` (``program_id(1)`` is ``b * H + h``); ``SQ, SK, DK, DV``; the batch, head, sequence
     and dim strides of ``q, k, v, out`` (K's sequence stride first: K is ``[B, H, Sk, DK]``, not
     transposed); then the mask's batch, head, query and key strides. Block sizes are constexprs.
+    ``nan_rows_zero``: a row whose softmax is NaN gives 0 (see the module's docstring).
     """
     lines = [
         _signature(_params(has_mask)),
         *_prologue(has_mask, wide),
         "    q_mask = (rm[:, None] < SQ) & (rdk[None, :] < DK)",
         "    q = tl.load(q_ptr + q_off + rm[:, None] * q_ss + rdk[None, :] * q_sd, mask=q_mask, other=0.0)",
-        f"    qk_scale = scale * {LOG2E!r}",
+        "    qk_scale = scale" + ("" if has_mask else f" * {LOG2E!r}"),
         "    m_i = tl.full([BLOCK_M], float('-inf'), tl.float32)",
         "    l_i = tl.zeros([BLOCK_M], tl.float32)",
         "    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)",
         *_key_block(dtype, has_mask),
+        "    y = tl.where(l_i[:, None] > 0.0, acc / l_i[:, None], 0.0)" if nan_rows_zero else
         "    y = acc / l_i[:, None]",
         "    out_mask = (rm[:, None] < SQ) & (rdv[None, :] < DV)",
         f"    tl.store(out_ptr + out_off + rm[:, None] * out_ss + rdv[None, :] * out_sd, y.to({TL[out_dtype]}),",
         "             mask=out_mask)",
     ]
-    header = f"attention in={dtype.short} out={out_dtype.short} mask={has_mask} wide={wide}"
+    header = (f"attention in={dtype.short} out={out_dtype.short} mask={has_mask} wide={wide}"
+              f"{' nan_rows_zero' if nan_rows_zero else ''}")
     return render("attention", header, "\n".join(lines))
 
 

@@ -18,6 +18,10 @@ tensor from the stored one, with ONNX Transpose's meaning (``logical = np.transp
 ``mask`` (optional) is added to the scaled scores and broadcasts (numpy rules) to ``[B, H, Sq, Sk]``;
 it may be of any float type. The batch and head dims of Q, K and V broadcast too. Q, K and V share
 one float dtype, which is the output's.
+
+``nan_rows_zero`` (0 or 1): NaN probabilities are replaced by 0 before the product with V, as the
+``Where(IsNaN(p), 0, p)`` that torch exports after a masked softmax does: a row whose keys are all
+masked by ``-inf`` gives 0 instead of NaN.
 """
 
 from __future__ import annotations
@@ -62,7 +66,8 @@ def inverse(perm) -> tuple:
 
 @op("rtxjit.Attention", since=1, kind=Kind.ATTENTION)
 def attention(q: TensorType, k: TensorType, v: TensorType, mask: TensorType = None, *, scale: float = 1.0,
-              q_perm=IDENTITY, k_perm=IDENTITY, v_perm=IDENTITY, out_perm=IDENTITY) -> TensorType:
+              q_perm=IDENTITY, k_perm=IDENTITY, v_perm=IDENTITY, out_perm=IDENTITY,
+              nan_rows_zero: int = 0) -> TensorType:
     if len({q.dtype, k.dtype, v.dtype}) != 1 or not q.dtype.is_float:
         raise ModelError(f"rtxjit.Attention needs Q, K and V of one float type, got {q}, {k}, {v}")
     bq, hq, sq, dk = _logical(q, q_perm, "q")
@@ -83,7 +88,8 @@ def attention(q: TensorType, k: TensorType, v: TensorType, mask: TensorType = No
 
 
 @attention.reference
-def _(q, k, v, mask=None, *, scale=1.0, q_perm=IDENTITY, k_perm=IDENTITY, v_perm=IDENTITY, out_perm=IDENTITY):
+def _(q, k, v, mask=None, *, scale=1.0, q_perm=IDENTITY, k_perm=IDENTITY, v_perm=IDENTITY, out_perm=IDENTITY,
+      nan_rows_zero=0):
     ql, kl, vl = (np.transpose(x, p).astype(np.float64) for x, p in ((q, q_perm), (k, k_perm), (v, v_perm)))
     s = scale * (ql @ np.swapaxes(kl, -1, -2))
     if mask is not None:
@@ -91,12 +97,14 @@ def _(q, k, v, mask=None, *, scale=1.0, q_perm=IDENTITY, k_perm=IDENTITY, v_perm
     with np.errstate(invalid="ignore"):  # a row of -inf is NaN, as in the unfused graph
         e = np.exp(s - s.max(-1, keepdims=True))
         p = e / e.sum(-1, keepdims=True)
+    if nan_rows_zero:
+        p = np.where(np.isnan(p), 0.0, p)
     return np.transpose(p @ vl, out_perm)
 
 
 @attention.lower
 def _(ctx, q, k, v, mask=None, *, scale=1.0, q_perm=IDENTITY, k_perm=IDENTITY, v_perm=IDENTITY,
-      out_perm=IDENTITY):
+      out_perm=IDENTITY, nan_rows_zero=0):
     if q.dtype not in KERNEL_TYPES:
         raise UnsupportedOpError(f"{ctx.where}: attention of {q.dtype.short} is not supported "
                                  f"(rtxjit runs it for {', '.join(d.short for d in KERNEL_TYPES)})")
@@ -107,19 +115,19 @@ def _(ctx, q, k, v, mask=None, *, scale=1.0, q_perm=IDENTITY, k_perm=IDENTITY, v
              vl.broadcast_to((b, h) + vl.shape[2:]), out]
     if mask is not None:
         views.append(mask.broadcast_to((b, h, sq, kl.shape[2])))
-    _launch(ctx, views, float(scale))
+    _launch(ctx, views, float(scale), bool(nan_rows_zero))
 
 
 GENERIC_ROWS = 1 << 20  # sequence length the fallback's blocks are chosen for: any (its blocks are the caps)
 
 
-def _launch(ctx, views: list, scale: float) -> None:
+def _launch(ctx, views: list, scale: float, nan_rows_zero: bool = False) -> None:
     """Launch the kernel on ``views`` = [Q, K, V, O] (+ mask), each a logical 4-D view."""
     q, k, v, out = views[:4]
     sq, dk = q.shape[2:]
     sk, dv = v.shape[2:]
     has_mask = len(views) == 5
-    src = render_attention(q.dtype, out.dtype, has_mask, wide=ctx.needs_wide(*views))
+    src = render_attention(q.dtype, out.dtype, has_mask, wide=ctx.needs_wide(*views), nan_rows_zero=nan_rows_zero)
     args = []
     for x in views:
         args += [ctx.ptr(x), x.offset]
