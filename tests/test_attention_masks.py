@@ -89,3 +89,19 @@ def test_the_masked_pattern_is_fused_into_one_node(mask):
     graph, _ = optimize(import_model(proto))
     assert [n.op for n in graph.nodes].count("rtxjit.Attention") == 1
     assert "Softmax" not in [n.op for n in graph.nodes] and "IsNaN" not in [n.op for n in graph.nodes]
+
+
+@pytest.mark.parametrize("mask", MASKS)
+def test_no_interpreter_warnings_reach_the_user(mask):
+    """Masked-off lanes of interpreted kernels overflow and divide by zero (-inf scores, padding):
+    rtxjit silences numpy's warnings about them inside its own launches, whatever the user's
+    warning filters say."""
+    import warnings
+
+    proto, feeds = attention_graph(np.float32, mask)
+    sess = rtxjit.InferenceSession(proto)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sess.run(None, feeds)
+        rtxjit.InferenceSession(proto, optimize=False).run(None, feeds)
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in caught]

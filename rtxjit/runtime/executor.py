@@ -219,10 +219,13 @@ class Executable:
         bufs = self.fresh_buffers(feeds)
         if v.direct is not None and _aligned(feeds):
             launch_direct(v.direct, bufs, pace=pace)
-        else:
+        elif self.device.kind == "cuda":
             kernels = launch_all(v.launches, bufs, pace=pace)
-            if v.direct is None and self.device.kind == "cuda":
+            if v.direct is None:
                 v.direct = bind_direct(v.launches, kernels)
+        else:
+            with interpreter_quiet():
+                launch_all(v.launches, bufs, pace=pace)
         return self.outputs(bufs)
 
     def fresh_buffers(self, feeds: dict) -> dict:
@@ -345,6 +348,21 @@ class _Stored:
         k.run(g[0], g[1], g[2], torch.cuda.current_stream().cuda_stream, k.function, k.packed_metadata,
               None, None, None, *args, *[constexprs[n] for n in self.tail])
         return k
+
+
+_QUIET = threading.RLock()
+
+
+@contextlib.contextmanager
+def interpreter_quiet():
+    """Around kernels run by Triton's interpreter. It computes every lane of a block with numpy,
+    masked-off ones too (padding past a tensor's end, -inf lanes of a masked softmax), and numpy
+    warns about those (overflow, invalid value, All-NaN slice) though they are never stored. The
+    warnings are silenced here, inside rtxjit's own launches, and nowhere else: np.errstate is
+    per thread; warnings.catch_warnings changes process-wide state, hence the lock."""
+    with _QUIET, warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
 
 
 def launch_all(launches: list, bufs: dict, pace=None) -> list:
