@@ -95,3 +95,43 @@ def test_empty_or_huge_feeds_outside_the_default_profile_are_input_errors_naming
         sess.run(None, {"hidden": np.ones((2, 0, 8), np.float32), "mask": np.zeros((2, 0), np.float32)})
     with pytest.raises(rtxjit.InputError, match=r"input 'hidden' shape \(1, 100000, 8\)"):
         sess.run(None, {"hidden": np.ones((1, 100000, 8), np.float32), "mask": np.zeros((1, 100000), np.float32)})
+
+
+def _embedding_model():
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = np.arange(5 * 3, dtype=np.float32).reshape(5, 3)
+    g = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["y"], name="embed")], "g",
+                          [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 3])],
+                          [numpy_helper.from_array(table, "table")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("bad", [5, -6, 1000])
+def test_an_index_out_of_range_from_a_graph_input_is_an_input_error_naming_it(bad):
+    """onnxruntime raises for an embedding id outside the table; so does rtxjit, naming the input,
+    the value and the node, for the fused and unfused graph alike."""
+    m = _embedding_model()
+    ids = np.array([[0, 1, 2, 3], [4, -5, bad, 1]], np.int64)
+    with pytest.raises(Exception):
+        ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})
+    for optimize in (True, False):
+        sess = rtxjit.InferenceSession(m, optimize=optimize)
+        with pytest.raises(rtxjit.InputError, match=rf"input 'ids': index {bad} is out of range \[-5, 4\].*'embed'"):
+            sess.run(None, {"ids": ids})
+        ok = np.array([[0, 1, 2, 3], [4, -5, -1, 1]], np.int64)
+        want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ok})
+        np.testing.assert_array_equal(sess.run(None, {"ids": ok})[0], want[0])
+
+
+def test_an_out_of_range_index_in_a_torch_feed_never_reads_outside_the_table():
+    """Feeds already on the device are not read back for the check: the kernel masks the index."""
+    m = _embedding_model()
+    ids = torch.tensor([[0, 1, 2, 3], [4, 7, -9, 1]], dtype=torch.int64)
+    y = rtxjit.InferenceSession(m, optimize=False).run(None, {"ids": ids})[0]
+    table = np.arange(15, dtype=np.float32).reshape(5, 3)
+    np.testing.assert_array_equal(y[0].cpu().numpy(), table[[0, 1, 2, 3]])
+    assert np.isfinite(y.cpu().numpy()).all()

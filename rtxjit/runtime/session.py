@@ -105,6 +105,7 @@ class InferenceSession:
         self._lock = threading.Lock()
         self._executables: dict = {}
         self._host_inputs = self._inputs_needed_on_host()
+        self._index_inputs = index_inputs(self.graph)
         self._const_tensors: dict = {}
         self._plan_consts: dict = {}  # constants made by lowerings, shared across shape bindings
         self._upload_constants()
@@ -311,6 +312,8 @@ class InferenceSession:
                                          f"binds '{want}' to {first[0]}")
             if name in self._host_inputs:
                 host_values[name] = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
+            if name in self._index_inputs and not isinstance(x, torch.Tensor):
+                check_indices(name, x, self._index_inputs[name], feeds)
             tensors[name] = self._to_device(x, dt)
             types[name] = TensorType(dt, shape)
         return tensors, types, host_values
@@ -344,6 +347,53 @@ class InferenceSession:
             host = torch.from_numpy(data if data.flags.writeable else data.copy())
             t = host.to(self._tdev, dtype=torch_dtype(v.type.dtype))
             self._const_tensors[v.name] = t
+
+
+@dataclass(frozen=True)
+class IndexUse:
+    """A graph input read as the indices of a Gather: valid values lie in [-n, n) where n is
+    ``dim`` (an int), or dim ``axis`` of graph input ``data`` (bound at run time)."""
+
+    node: str
+    op: str
+    axis: int
+    dim: Optional[int]
+    data: Optional[str]
+
+
+def index_inputs(graph: Graph) -> dict:
+    """Graph inputs that are Gather indices as they are: input name -> [IndexUse]. Found once per
+    session; the check on each run is a min and a max over host feeds."""
+    inputs = {v.name for v in graph.inputs}
+    found: dict = {}
+    for node in graph.nodes:
+        if node.op != "Gather" or len(node.inputs) < 2 or node.inputs[1] is None:
+            continue
+        data, idx = node.inputs[0], node.inputs[1]
+        if idx.name not in inputs:
+            continue
+        axis = int(node.attrs.get("axis", 0)) % max(data.type.rank, 1)
+        dim = data.type.shape[axis]
+        if isinstance(dim, int):
+            found.setdefault(idx.name, []).append(IndexUse(node.name, node.op, axis, dim, None))
+        elif data.name in inputs:
+            found.setdefault(idx.name, []).append(IndexUse(node.name, node.op, axis, None, data.name))
+    return found
+
+
+def check_indices(name: str, x: np.ndarray, uses: list, feeds: dict) -> None:
+    """An InputError naming the input, the bad value and the node when a host feed holds an index
+    out of [-n, n), as onnxruntime raises. (Feeds already on the GPU are not read back: the kernels
+    mask out-of-range indices and never read outside the table.)"""
+    if x.size == 0:
+        return
+    lo, hi = int(x.min()), int(x.max())
+    for use in uses:
+        n = use.dim if use.dim is not None else int(np.shape(feeds[use.data])[use.axis])
+        if lo < -n or hi >= n:
+            bad = hi if hi >= n else lo
+            raise InputError(f"input '{name}': index {bad} is out of range [{-n}, {n - 1}] of axis {use.axis} "
+                             f"of node '{use.node}' ({use.op})")
 
 
 def _dtype_of_torch(dt: torch.dtype, name: str) -> DType:

@@ -55,8 +55,8 @@ def _config(name: str, d: dict):
         return tf.DistilBertConfig(vocab_size=vocab, dim=h, n_layers=L, n_heads=nh, hidden_dim=inter,
                                    max_position_embeddings=pos), tf.DistilBertModel
     if name == "gpt2":
-        return tf.GPT2Config(vocab_size=vocab, n_embd=h, n_layer=L, n_head=nh, n_inner=inter,
-                             n_positions=pos), tf.GPT2Model
+        return tf.GPT2Config(vocab_size=vocab, n_embd=h, n_layer=L, n_head=nh, n_inner=inter, n_positions=pos,
+                             bos_token_id=0, eos_token_id=0), tf.GPT2Model
     if name == "gpt_neox":
         return tf.GPTNeoXConfig(max_position_embeddings=pos, **common), tf.GPTNeoXModel
     if name == "llama":
@@ -66,13 +66,14 @@ def _config(name: str, d: dict):
     if name == "mistral":
         return tf.MistralConfig(num_key_value_heads=kv, max_position_embeddings=pos, **common), tf.MistralModel
     if name == "phi3":
-        return tf.Phi3Config(num_key_value_heads=kv, max_position_embeddings=pos, pad_token_id=0,
-                             **common), tf.Phi3Model
+        return tf.Phi3Config(num_key_value_heads=kv, max_position_embeddings=pos, pad_token_id=0, bos_token_id=1,
+                             eos_token_id=2, **common), tf.Phi3Model
     if name == "t5_encoder":
         return tf.T5Config(vocab_size=vocab, d_model=h, d_kv=h // nh, d_ff=inter, num_layers=L, num_heads=nh,
-                           feed_forward_proj="gated-gelu" if False else "relu"), tf.T5EncoderModel
+                           relative_attention_num_buckets=32 if h >= 256 else 8), tf.T5EncoderModel
     if name == "clip_text":
-        return tf.CLIPTextConfig(max_position_embeddings=pos, **common), tf.CLIPTextModel
+        return tf.CLIPTextConfig(max_position_embeddings=pos, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+                                 **common), tf.CLIPTextModel
     if name == "clip_vision":
         return tf.CLIPVisionConfig(hidden_size=h, num_hidden_layers=L, num_attention_heads=nh, intermediate_size=inter,
                                    image_size=32 if h < 256 else 224, patch_size=8 if h < 256 else 32), \
@@ -80,7 +81,8 @@ def _config(name: str, d: dict):
     if name == "whisper_encoder":
         return tf.WhisperConfig(vocab_size=vocab, d_model=h, encoder_layers=L, decoder_layers=1,
                                 encoder_attention_heads=nh, decoder_attention_heads=nh, encoder_ffn_dim=inter,
-                                decoder_ffn_dim=inter, num_mel_bins=16 if h < 256 else 80,
+                                decoder_ffn_dim=inter, num_mel_bins=16 if h < 256 else 80, pad_token_id=0,
+                                bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
                                 max_source_positions=16 if h < 256 else 1500), None
     raise KeyError(name)
 
@@ -102,10 +104,8 @@ def build(name: str, size: str = "tiny", seed: int = 0):
     """(model, make_feeds): make_feeds(padding, batch, seq) -> dict of torch tensors."""
     d = dims(name, size)
     cfg, cls = _config(name, d)
-    try:
-        cfg._attn_implementation = "sdpa"
-    except Exception:  # pragma: no cover
-        pass
+    # transformers' default: SDPA where the architecture has it (MPNet has only its eager attention)
+    cfg._attn_implementation = "eager" if name == "mpnet" else "sdpa"
     torch.manual_seed(seed)
     if name == "whisper_encoder":
         import transformers as tf
