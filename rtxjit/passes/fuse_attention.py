@@ -57,6 +57,7 @@ class _Match:
     mask: Optional[Value] = None
     scale: float = 1.0
     nan_rows_zero: bool = False
+    kv_group: int = 1
     perms: dict = field(default_factory=dict)
     output: Optional[Value] = None
 
@@ -109,7 +110,64 @@ def _match(softmax: Node, uses: _Uses) -> Optional[_Match]:
         return None
     m.v, m.perms["v_perm"] = _absorb_transposes(pv.inputs[1], pv, uses, m)
     m.output, m.perms["out_perm"] = _absorb_output_transposes(pv, uses, m)
+    _absorb_kv_repeat(m, uses)
     return m if _legal(m) else None
+
+
+def _absorb_kv_repeat(m: _Match, uses: _Uses) -> None:
+    """Grouped-query attention: K and V each repeated ``g`` times along the head axis, as
+    transformers' ``repeat_kv`` exports it (``[B, Hkv, S, D] -> Unsqueeze(2) -> Expand to
+    [B, Hkv, g, S, D] -> Reshape to [B, Hkv * g, S, D]``), become the op's ``kv_group`` and the op
+    reads the unrepeated tensors. Both must repeat by the same ``g`` with private intermediates."""
+    found = []
+    for name, value in (("k_perm", m.k), ("v_perm", m.v)):
+        if tuple(m.perms[name][:2]) != (0, 1):
+            return
+        reader = _reader_in(m, value)
+        chain = _repeat_chain(value, reader, uses)
+        if chain is None:
+            return
+        found.append(chain)
+    (k, gk, k_nodes), (v, gv, v_nodes) = found
+    if gk != gv:
+        return
+    m.k, m.v, m.kv_group = k, v, gk
+    m.nodes.extend(k_nodes + v_nodes)
+
+
+def _reader_in(m: _Match, value: Value) -> Optional[Node]:
+    """The node of the match that reads ``value``."""
+    return next((n for n in m.nodes if any(i is value for i in n.inputs)), None)
+
+
+def _repeat_chain(value: Value, reader: Optional[Node], uses: _Uses) -> Optional[tuple]:
+    """``(x, g, nodes)`` when ``value`` is ``x [B, Hkv, S, D]`` with each head repeated ``g`` times
+    (see ``_absorb_kv_repeat``), else None. Shapes decide: Unsqueeze or Reshape may insert the axis."""
+    nodes = []
+    expected = ("Reshape", "Expand", ("Unsqueeze", "Reshape"))
+    for ops in expected:
+        node = value.producer
+        if reader is None or node is None or node.op not in ((ops,) if isinstance(ops, str) else ops):
+            return None
+        if not uses.private(value, reader):
+            return None
+        nodes.append(node)
+        reader, value = node, node.inputs[0]
+    x = value
+    (b, h, s, d) = nodes[0].outputs[0].type.shape
+    expanded = nodes[1].outputs[0].type.shape
+    unsqueezed = nodes[2].outputs[0].type.shape
+    if x.type.rank != 4 or len(expanded) != 5 or len(unsqueezed) != 5:
+        return None
+    bx, hkv, sx, dx = x.type.shape
+    g = expanded[2]
+    if not (isinstance(g, int) and isinstance(h, int) and isinstance(hkv, int) and h == hkv * g and g > 1):
+        return None
+    if tuple(unsqueezed) != (bx, hkv, 1, sx, dx) or tuple(expanded) != (bx, hkv, g, sx, dx):
+        return None
+    if (b, s, d) != (bx, sx, dx):
+        return None
+    return x, g, nodes
 
 
 def _forward_to_pv(softmax: Node, uses: _Uses, m: _Match) -> Optional[Node]:
@@ -308,6 +366,8 @@ def _attrs(m: _Match) -> dict:
     attrs = {"scale": m.scale, **{k: tuple(v) for k, v in sorted(m.perms.items())}}
     if m.nan_rows_zero:
         attrs["nan_rows_zero"] = 1
+    if m.kv_group > 1:
+        attrs["kv_group"] = m.kv_group
     return attrs
 
 

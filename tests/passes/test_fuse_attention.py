@@ -243,3 +243,30 @@ def test_q_and_k_scaled_separately_fold_into_the_scale():
     _, out, _ = apply(fuse, m, feeds, np.float32)
     assert ops(out) == {"rtxjit.Attention": 1}
     assert abs(out.nodes[0].attrs["scale"] - 0.25) < 1e-6
+
+
+@DTYPES
+def test_grouped_query_attention_reads_unrepeated_k_and_v(dtype):
+    """transformers' repeat_kv as exported: K/V [B, Hkv, S, D] -> Unsqueeze(2) -> Expand
+    [B, Hkv, g, S, D] -> Reshape [B, Hkv * g, S, D]; the op takes kv_group = g and the
+    unrepeated K and V (no copy of the repeated heads)."""
+
+    b, hkv, g, s, d = 2, 2, 3, 10, 8
+    nodes = [node("Unsqueeze", ["k", "ax2"], ["k5"]), node("Expand", ["k5", "shape5"], ["ke"]),
+             node("Reshape", ["ke", "shape4"], ["kr"]), node("Unsqueeze", ["v", "ax2"], ["v5"]),
+             node("Expand", ["v5", "shape5"], ["ve"]), node("Reshape", ["ve", "shape4"], ["vr"]),
+             node("Transpose", ["kr"], ["kt"], perm=[0, 1, 3, 2]), node("MatMul", ["q", "kt"], ["s0"]),
+             node("Mul", ["s0", "c"], ["s1"]), node("Add", ["s1", "mask"], ["s2"]),
+             node("Softmax", ["s2"], ["p"], axis=-1), node("MatMul", ["p", "vr"], ["y"])]
+    inits = {"ax2": np.array([2], np.int64), "shape5": np.array([b, hkv, g, s, d], np.int64),
+             "shape4": np.array([b, hkv * g, s, d], np.int64), "c": np.array(d ** -0.5, dtype)}
+    inputs = {"q": (dtype, [b, hkv * g, s, d]), "k": (dtype, [b, hkv, s, d]), "v": (dtype, [b, hkv, s, d]),
+              "mask": (dtype, [b, 1, 1, s])}
+    proto = model(nodes, inputs, {"y": (dtype, [b, hkv * g, s, d])}, inits)
+    feeds = {n: random(shape, dtype, i) for i, (n, (_, shape)) in enumerate(inputs.items())}
+    feeds["mask"] = np.where(np.arange(s) < 7, 0, np.finfo(dtype).min).astype(dtype).reshape(1, 1, 1, s).repeat(b, 0)
+    _, graph, modified = apply(fuse_attention, proto, feeds, dtype)
+    fused = [n for n in graph.nodes if n.op == "rtxjit.Attention"]
+    assert modified and len(fused) == 1 and fused[0].attrs["kv_group"] == g
+    assert [v.name for v in fused[0].inputs[1:3]] == ["k", "v"] and "Expand" not in ops(graph)
+

@@ -52,7 +52,7 @@ def _params(has_mask: bool) -> list:
     params = []
     for name in OPERANDS + (("mask",) if has_mask else ()):
         params += [f"{name}_ptr", f"{name}_off"]
-    params += ["scale", "H", "SQ", "SK", "DK", "DV"]
+    params += ["scale", "H", "KV_GROUP", "SQ", "SK", "DK", "DV"]
     for name in OPERANDS:
         params += _strides(name)
     if has_mask:
@@ -91,13 +91,15 @@ def _prologue(has_mask: bool, wide: bool) -> list:
         f"    bh = tl.program_id(1){w}",
         "    b = bh // H",
         "    h = bh % H",
+        "    hkv = h // KV_GROUP",
         f"    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M){w}",
         f"    rn0 = tl.arange(0, BLOCK_N){w}",
         f"    rdk = tl.arange(0, BLOCK_DK){w}",
         f"    rdv = tl.arange(0, BLOCK_DV){w}",
     ]
     for name in OPERANDS:
-        lines.append(f"    {name}_off = {name}_off + b * {name}_sb + h * {name}_sh")
+        head = "hkv" if name in ("k", "v") else "h"
+        lines.append(f"    {name}_off = {name}_off + b * {name}_sb + {head} * {name}_sh")
     if has_mask:
         lines.append("    mask_off = mask_off + b * mask_sb + h * mask_sh")
     return lines
@@ -142,7 +144,8 @@ def render_attention(dtype: DType, out_dtype: DType, has_mask: bool, wide: bool 
     """The fused attention kernel for Q/K/V of ``dtype`` writing ``out_dtype``.
 
     Arguments, in order: ``q, k, v, out`` (and ``mask``) as pointer and offset; ``scale``; the head
-    count ``H`` (``program_id(1)`` is ``b * H + h``); ``SQ, SK, DK, DV``; the batch, head, sequence
+    count ``H`` (``program_id(1)`` is ``b * H + h``); ``KV_GROUP`` (query heads per K/V head: K and V
+    are read at head ``h // KV_GROUP``, grouped-query attention); ``SQ, SK, DK, DV``; the batch, head, sequence
     and dim strides of ``q, k, v, out`` (K's sequence stride first: K is ``[B, H, Sk, DK]``, not
     transposed); then the mask's batch, head, query and key strides. Block sizes are constexprs.
     ``nan_rows_zero``: a row whose softmax is NaN gives 0 (see the module's docstring).

@@ -19,6 +19,9 @@ tensor from the stored one, with ONNX Transpose's meaning (``logical = np.transp
 it may be of any float type. The batch and head dims of Q, K and V broadcast too. Q, K and V share
 one float dtype, which is the output's.
 
+``kv_group`` (grouped-query attention): K and V have ``H / kv_group`` heads, and query head ``h``
+reads K/V head ``h // kv_group`` (what repeating each K/V head ``kv_group`` times would give).
+
 ``nan_rows_zero`` (0 or 1): NaN probabilities are replaced by 0 before the product with V, as the
 ``Where(IsNaN(p), 0, p)`` that torch exports after a masked softmax does: a row whose keys are all
 masked by ``-inf`` gives 0 instead of NaN.
@@ -67,7 +70,7 @@ def inverse(perm) -> tuple:
 @op("rtxjit.Attention", since=1, kind=Kind.ATTENTION)
 def attention(q: TensorType, k: TensorType, v: TensorType, mask: TensorType = None, *, scale: float = 1.0,
               q_perm=IDENTITY, k_perm=IDENTITY, v_perm=IDENTITY, out_perm=IDENTITY,
-              nan_rows_zero: int = 0) -> TensorType:
+              nan_rows_zero: int = 0, kv_group: int = 1) -> TensorType:
     if len({q.dtype, k.dtype, v.dtype}) != 1 or not q.dtype.is_float:
         raise ModelError(f"rtxjit.Attention needs Q, K and V of one float type, got {q}, {k}, {v}")
     bq, hq, sq, dk = _logical(q, q_perm, "q")
@@ -76,6 +79,13 @@ def attention(q: TensorType, k: TensorType, v: TensorType, mask: TensorType = No
     if not (_same(dk, dk2) and _same(sk, sv)):
         raise ShapeError(f"rtxjit.Attention: Q [.., {sq}, {dk}], K [.., {sk}, {dk2}] and V [.., {sv}, {dv}] "
                          "do not fit together")
+    g = int(kv_group)
+    if g < 1:
+        raise ShapeError(f"rtxjit.Attention: kv_group {g} must be >= 1")
+    if g > 1:
+        if not all(isinstance(d, int) for d in (hq, hk, hv)) or hk != hv or hq != hk * g:
+            raise ShapeError(f"rtxjit.Attention: {hq} query heads and {hk} / {hv} K / V heads do not fit kv_group {g}")
+        hk = hv = hq
     b, h = broadcast_shapes((bq, hq), (bk, hk), (bv, hv))
     if mask is not None:
         scores = (b, h, sq, sk)
@@ -89,8 +99,9 @@ def attention(q: TensorType, k: TensorType, v: TensorType, mask: TensorType = No
 
 @attention.reference
 def _(q, k, v, mask=None, *, scale=1.0, q_perm=IDENTITY, k_perm=IDENTITY, v_perm=IDENTITY, out_perm=IDENTITY,
-      nan_rows_zero=0):
+      nan_rows_zero=0, kv_group=1):
     ql, kl, vl = (np.transpose(x, p).astype(np.float64) for x, p in ((q, q_perm), (k, k_perm), (v, v_perm)))
+    kl, vl = np.repeat(kl, kv_group, axis=1), np.repeat(vl, kv_group, axis=1)
     s = scale * (ql @ np.swapaxes(kl, -1, -2))
     if mask is not None:
         s = s + mask.astype(np.float64)
@@ -104,24 +115,25 @@ def _(q, k, v, mask=None, *, scale=1.0, q_perm=IDENTITY, k_perm=IDENTITY, v_perm
 
 @attention.lower
 def _(ctx, q, k, v, mask=None, *, scale=1.0, q_perm=IDENTITY, k_perm=IDENTITY, v_perm=IDENTITY,
-      out_perm=IDENTITY, nan_rows_zero=0):
+      out_perm=IDENTITY, nan_rows_zero=0, kv_group=1):
     if q.dtype not in KERNEL_TYPES:
         raise UnsupportedOpError(f"{ctx.where}: attention of {q.dtype.short} is not supported "
                                  f"(rtxjit runs it for {', '.join(d.short for d in KERNEL_TYPES)})")
     out = ctx.outputs[0].permute(inverse(_perm(out_perm, "out_perm")))  # the logical [B, H, Sq, Dv] view
     b, h, sq, dv = out.shape
     ql, kl, vl = (x.permute(_perm(p, "perm")) for x, p in ((q, q_perm), (k, k_perm), (v, v_perm)))
-    views = [ql.broadcast_to((b, h) + ql.shape[2:]), kl.broadcast_to((b, h) + kl.shape[2:]),
-             vl.broadcast_to((b, h) + vl.shape[2:]), out]
+    hkv = h // int(kv_group)
+    views = [ql.broadcast_to((b, h) + ql.shape[2:]), kl.broadcast_to((b, hkv) + kl.shape[2:]),
+             vl.broadcast_to((b, hkv) + vl.shape[2:]), out]
     if mask is not None:
         views.append(mask.broadcast_to((b, h, sq, kl.shape[2])))
-    _launch(ctx, views, float(scale), bool(nan_rows_zero))
+    _launch(ctx, views, float(scale), bool(nan_rows_zero), int(kv_group))
 
 
 GENERIC_ROWS = 1 << 20  # sequence length the fallback's blocks are chosen for: any (its blocks are the caps)
 
 
-def _launch(ctx, views: list, scale: float, nan_rows_zero: bool = False) -> None:
+def _launch(ctx, views: list, scale: float, nan_rows_zero: bool = False, kv_group: int = 1) -> None:
     """Launch the kernel on ``views`` = [Q, K, V, O] (+ mask), each a logical 4-D view."""
     q, k, v, out = views[:4]
     sq, dk = q.shape[2:]
@@ -131,7 +143,7 @@ def _launch(ctx, views: list, scale: float, nan_rows_zero: bool = False) -> None
     args = []
     for x in views:
         args += [ctx.ptr(x), x.offset]
-    args += [scale, out.shape[1], sq, sk, dk, dv]
+    args += [scale, out.shape[1], kv_group, sq, sk, dk, dv]
     for x in views:
         args += list(x.strides)
     cfg = attention_config(sq, sk, dk, dv, q.dtype, ctx.interpret)

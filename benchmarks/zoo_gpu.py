@@ -1,0 +1,236 @@
+"""The model zoo at full size on a GPU (fp16, random weights, transformers' default SDPA attention,
+left-padded batches): rtxjit's InferenceSession (ONNX from each exporter) and
+``torch.compile(backend="rtxjit")`` against eager PyTorch, beside torch.compile's compiled callable
+captured in a CUDA graph (the replays timed), and eager.
+
+    python benchmarks/zoo_gpu.py --out DIR                  # every model, one process each
+    python benchmarks/zoo_gpu.py --model bert --out DIR     # one model (what each process runs)
+    python benchmarks/zoo_gpu.py --model bert --tiny        # CPU smoke run: tiny config, no timing
+
+Errors: max |out - eager| / max |eager| over the whole output (padded positions included), fp16.
+Timing: CUDA events around each call after warm-up, median of ``--iters`` (rtxjit after its
+specialized kernels are in). Writes ``zoo_gpu.json`` and ``zoo_gpu.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import rtxjit  # noqa: E402  (before transformers, which imports triton)
+import torch  # noqa: E402
+
+from tests.zoo import archs  # noqa: E402
+
+MODELS = ["bert", "gpt2", "llama", "t5_encoder", "whisper_encoder"]
+BATCH, SEQ = 4, 128
+FP16_TOL = 1e-2
+
+
+def rel_err(out, ref) -> float:
+    out, ref = out.detach().float(), ref.detach().float()
+    if out.shape != ref.shape:
+        return float("nan")
+    if not torch.equal(torch.isnan(out), torch.isnan(ref)):
+        return float("inf")
+    ok = ~torch.isnan(ref)
+    return ((out[ok] - ref[ok]).abs().max() / ref[ok].abs().max().clamp_min(1e-30)).item()
+
+
+def time_ms(call, iters: int, cuda: bool) -> float:
+    for _ in range(5):
+        call()
+    times = []
+    for _ in range(iters):
+        if cuda:
+            torch.cuda.synchronize()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            call()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def graphed(fn, cuda: bool):
+    """fn's work captured in a CUDA graph; the returned callable replays it (its output is static)."""
+    if not cuda:
+        return fn
+    out = None
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    holder = {"out": out}
+
+    def replay():
+        g.replay()
+        return holder["out"]
+
+    return replay
+
+
+def first(out):
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return getattr(out, "last_hidden_state", out)
+
+
+def run_model(name: str, tiny: bool, iters: int) -> dict:
+    cuda = torch.cuda.is_available() and not tiny
+    dev = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.float16 if cuda else torch.float32
+    model, make_feeds = archs.build(name, "tiny" if tiny else "full")
+    model = model.to(dev, dtype)
+    feeds = make_feeds("left", BATCH, 16 if tiny else SEQ)
+    feeds = {k: (v.to(dev, dtype) if v.is_floating_point() else v.to(dev)) for k, v in feeds.items()}
+    wrapped = archs.Wrapped(model, list(feeds)).eval()
+    args = tuple(feeds.values())
+    rec = {"model": name, "dims": archs.dims(name, "tiny" if tiny else "full"), "batch": BATCH,
+           "feeds": {k: list(v.shape) for k, v in feeds.items()}, "padding": "left", "systems": {}}
+    with torch.no_grad():
+        ref = first(wrapped(*args))
+        rec["systems"]["eager"] = {"ms": time_ms(lambda: wrapped(*args), iters, cuda)}
+        if cuda:
+            try:
+                t = time.perf_counter()
+                compiled = torch.compile(wrapped)
+                compiled(*args)
+                replay = graphed(lambda: compiled(*args), cuda)
+                rec["systems"]["compile_cudagraph"] = {
+                    "ms": time_ms(replay, iters, cuda), "err": rel_err(first(replay()), ref),
+                    "first_s": time.perf_counter() - t}
+            except Exception as exc:
+                rec["systems"]["compile_cudagraph"] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+            torch._dynamo.reset()
+        for exporter, dynamo in (("torchscript", False), ("dynamo", True)):
+            key = f"rtxjit_{exporter}"
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = os.path.join(tmp, "model.onnx")
+                    t = time.perf_counter()
+                    archs.export(name, model, feeds, dynamo, path)
+                    export_s = time.perf_counter() - t
+                    t = time.perf_counter()
+                    sess = rtxjit.InferenceSession(path, specialize="eager" if cuda else None)
+                    names = [i.name for i in sess.get_inputs()]
+                    sfeeds = {n: feeds[n] for n in names}
+                    out = sess.run(None, sfeeds)[0]
+                    first_s = time.perf_counter() - t
+                    out = torch.as_tensor(out)
+                    err = rel_err(out.to(ref.device), ref)
+                    ops = sorted({n.op for n in sess.graph.nodes})
+                    rec["systems"][key] = {"err": err, "export_s": export_s, "first_s": first_s,
+                                           "launches": sess.launches_per_inference,
+                                           "ms": time_ms(lambda: sess.run(None, sfeeds), iters, cuda),
+                                           "fused_attention": sum(n.op == "rtxjit.Attention" for n in sess.graph.nodes),
+                                           "ops": ops}
+            except Exception as exc:
+                rec["systems"][key] = {"error": f"{type(exc).__name__}: {str(exc)[:800]}",
+                                       "trace": traceback.format_exc()[-1500:]}
+        try:
+            import rtxjit.torch as rtxjit_torch
+
+            torch._dynamo.reset()
+            t = time.perf_counter()
+            compiled = torch.compile(wrapped, backend="rtxjit")
+            out = first(compiled(*args))
+            first_s = time.perf_counter() - t
+            for sess in rtxjit_torch.sessions():
+                sess.wait_for_specialization(timeout=600)
+            rec["systems"]["compile_rtxjit"] = {"err": rel_err(out, ref), "first_s": first_s,
+                                                "ms": time_ms(lambda: compiled(*args), iters, cuda)}
+        except Exception as exc:
+            rec["systems"]["compile_rtxjit"] = {"error": f"{type(exc).__name__}: {str(exc)[:800]}",
+                                                "trace": traceback.format_exc()[-1500:]}
+    return rec
+
+
+def markdown(records: list, device: str) -> str:
+    cols = ["eager", "compile_cudagraph", "rtxjit_torchscript", "rtxjit_dynamo", "compile_rtxjit"]
+    lines = [f"# Model zoo at full size, fp16, left-padded batch {BATCH} x {SEQ} ({device})", "",
+             "ms: median steady-state latency (CUDA events); err: max|out - eager| / max|eager| (fp16 "
+             f"tolerance {FP16_TOL}); ratio: rtxjit time / torch.compile+CUDA graph time.", "",
+             "| model | " + " | ".join(cols) + " | ratio (ts / dynamo) |", "|" + "---|" * (len(cols) + 2)]
+    for r in records:
+        cells = []
+        for c in cols:
+            s = r.get("systems", {}).get(c, {})
+            if "error" in s:
+                cells.append("error: " + s["error"][:80].replace("|", "/"))
+            elif "ms" in s:
+                cells.append(f"{s['ms']:.3f} ms" + (f", err {s['err']:.1e}" if "err" in s else ""))
+            else:
+                cells.append("-")
+        ref = r.get("systems", {}).get("compile_cudagraph", {}).get("ms")
+        ratios = []
+        for c in ("rtxjit_torchscript", "rtxjit_dynamo"):
+            ms = r.get("systems", {}).get(c, {}).get("ms")
+            ratios.append(f"{ms / ref:.2f}" if ms and ref else "-")
+        lines.append(f"| {r['model']} | " + " | ".join(cells) + f" | {' / '.join(ratios)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=MODELS)
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--iters", type=int, default=100)
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if a.model:
+        rec = run_model(a.model, a.tiny, 5 if a.tiny else a.iters)
+        (out / f"zoo_gpu_{a.model}.json").write_text(json.dumps(rec, indent=1, default=str))
+        print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk in ("ms", "err", "error")}
+                          for k, v in rec["systems"].items()}), flush=True)
+        return 0
+    records = []
+    for name in a.models.split(","):
+        cmd = [sys.executable, __file__, "--model", name, "--out", str(out), "--iters", str(a.iters)]
+        if a.tiny:
+            cmd.append("--tiny")
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        print(f"{name}: rc={proc.returncode} {time.perf_counter() - t:.0f}s {proc.stdout.strip()[-600:]}",
+              flush=True)
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], flush=True)
+        f = out / f"zoo_gpu_{name}.json"
+        records.append(json.loads(f.read_text()) if f.exists() else {"model": name, "systems": {},
+                                                                        "error": proc.stderr[-1000:]})
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (interpreter)"
+    env = {"device": device, "torch": torch.__version__, "triton": __import__("triton").__version__,
+           "transformers": __import__("transformers").__version__, "date": time.strftime("%Y-%m-%d")}
+    (out / "zoo_gpu.json").write_text(json.dumps({"env": env, "records": records}, indent=1, default=str))
+    (out / "zoo_gpu.md").write_text(markdown(records, device) + "\n" + json.dumps(env) + "\n")
+    print(markdown(records, device))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
