@@ -62,3 +62,34 @@ def test_zoo_matches_onnxruntime(name, exporter, padding, tmp_path_factory):
     assert np.array_equal(np.isnan(got), np.isnan(want)), "NaN positions differ from onnxruntime's"
     err = archs.rel_err(got, want)
     assert err <= TOL, f"relative error {err:.2e} against onnxruntime"
+
+
+# arch -> reason, for torch.compile(backend="rtxjit") against eager
+COMPILE_EXPECTED_FAILURES: dict = {}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.xfail(reason=COMPILE_EXPECTED_FAILURES[n],
+                                                                             strict=True)]
+                                               if n in COMPILE_EXPECTED_FAILURES else []) for n in archs.ARCHS])
+def test_zoo_through_torch_compile_matches_eager(name):
+    """torch.compile(model, backend="rtxjit") on every padding against eager PyTorch (fp32)."""
+    import torch
+
+    import rtxjit.torch  # noqa: F401  (registers the backend)
+
+    torch._dynamo.reset()
+    model, make_feeds = archs.build(name, "tiny")
+    paddings = archs.PADDINGS if name not in ("whisper_encoder", "clip_vision") else ("right",)
+    feeds = [make_feeds(p) for p in paddings]
+    wrapped = archs.Wrapped(model, list(feeds[0])).eval()
+    compiled = torch.compile(wrapped, backend="rtxjit")
+    try:
+        with torch.no_grad():
+            for padding, f in zip(paddings, feeds):
+                want = wrapped(*f.values()).numpy()
+                got = compiled(*f.values()).numpy()
+                assert np.array_equal(np.isnan(got), np.isnan(want)), f"{padding}: NaN positions differ from eager"
+                err = archs.rel_err(got, want)
+                assert err <= TOL, f"{padding}: relative error {err:.2e} against eager"
+    finally:
+        torch._dynamo.reset()
