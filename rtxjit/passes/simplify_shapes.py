@@ -9,6 +9,9 @@ Rewrites:
     Reshape(Reshape|Flatten|Squeeze|Unsqueeze(x), s) => Reshape(x, s)
         (s without 0 "copy this dim" entries, or with them resolved from a static output shape)
     Transpose(Transpose(x, p), q) => Transpose(x, [p[i] for i in q])
+    Reshape(Transpose(Reshape(x [A, B, *r] -> [A*B, *r]), [0, *p]) -> [A, B, *]) => Transpose(x, [0, 1, *(p + 1)])
+        (torch's dynamo exporter transposes K of [B, H, S, D] as [B*H, S, D]: a 4-D transpose, which
+        attention fusion absorbs, instead of a copy for the merge)
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ def simplify_shapes(graph: Graph) -> PassResult:
         if _transpose_is_reshape(node):
             graph.nodes[i] = node = _as_reshape(node, names)
             modified = True
+        merged = _transpose_of_merged_batch(node)
+        if merged is not None:
+            graph.nodes[i] = node = merged
+            modified = True
         if _is_no_op(graph, node) and replace_all_uses(graph, node.outputs[0], node.inputs[0]):
             removed.append(node)
     remove_nodes(graph, removed)
@@ -46,6 +53,28 @@ def _transpose_is_reshape(node: Node) -> bool:
     shape, perm = node.inputs[0].type.shape, _perm(node)
     moved = [p for p in perm if shape[p] != 1]
     return moved == sorted(moved) and perm != list(range(len(shape)))
+
+
+def _transpose_of_merged_batch(node: Node):
+    """The Transpose that ``Reshape(Transpose(Reshape(x, [A*B, *r]), [0, *p]), [A, B, *])`` is
+    (see the module's docstring), producing the node's output; None where the chain is not that."""
+    if node.op != "Reshape":
+        return None
+    t = node.inputs[0].producer
+    if t is None or t.op != "Transpose":
+        return None
+    perm = _perm(t)
+    r = t.inputs[0].producer
+    if perm[0] != 0 or r is None or r.op not in VIEWS:
+        return None
+    x, merged, out = r.inputs[0], r.outputs[0].type.shape, node.outputs[0].type.shape
+    if x.type.rank != len(merged) + 1 or tuple(x.type.shape[2:]) != tuple(merged[1:]):
+        return None
+    if tuple(out) != tuple(x.type.shape[:2]) + tuple(t.outputs[0].type.shape[1:]):
+        return None
+    new = Node("Transpose", node.name, [x], [node.outputs[0]], {"perm": [0, 1] + [p + 1 for p in perm[1:]]}, 13)
+    node.outputs[0].producer = new
+    return new
 
 
 def _as_reshape(node: Node, names: FreshNames) -> Node:

@@ -132,3 +132,21 @@ def test_a_transpose_of_size_one_dims_becomes_a_reshape():
               {"x": (F32, [5, 1, 4])}, {"y": (F32, [1, 5, 4])})
     _, g, modified = apply(simplify_shapes, m, {"x": random((5, 1, 4))}, F32)
     assert modified and ops(g) == {"Reshape": 1, "Relu": 1}
+
+
+@pytest.mark.parametrize("split", [[2, 3, 4, 5], [2, 3, 5, 4]], ids=["to_4d", "mismatch"])
+def test_transpose_of_merged_batch_becomes_a_4d_transpose(split):
+    """torch's dynamo exporter: K [B, H, S, D] -> Reshape [B*H, S, D] -> Transpose(0, 2, 1) ->
+    Reshape [B, H, D, S] is Transpose(K, (0, 1, 3, 2)); a split that does not undo the merge stays."""
+    nodes = [node("Reshape", ["x", "merged"], ["m"]), node("Transpose", ["m"], ["t"], perm=[0, 2, 1]),
+             node("Reshape", ["t", "split"], ["y"])]
+    proto = model(nodes, {"x": (np.float32, [2, 3, 5, 4])}, {"y": (np.float32, [2, 3, 4, 5])},
+                  {"merged": np.array([6, 5, 4], np.int64), "split": np.array(split, np.int64)})
+    proto.graph.output[0].type.tensor_type.shape.dim[2].dim_value = split[2]
+    proto.graph.output[0].type.tensor_type.shape.dim[3].dim_value = split[3]
+    _, g, _ = apply(simplify_shapes, proto, {"x": random((2, 3, 5, 4))})
+    last = g.nodes[-1]
+    if split == [2, 3, 4, 5]:
+        assert last.op == "Transpose" and list(last.attrs["perm"]) == [0, 1, 3, 2] and last.inputs[0].name == "x"
+    else:
+        assert last.op == "Reshape"
