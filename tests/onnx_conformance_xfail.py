@@ -51,4 +51,11 @@ EXPECTED_FAILURES = {
     # ---- reductions, scans, TopK (issue 14) ----
     # ---- indexing, scatter, Tile, Trilu, Einsum (issue 14) ----
     # ---- ops expanded from ONNX function bodies (issue 14) ----
+    # The importer inlines these ops' bodies (rtxjit/onnx/functions.py); each fails for the same
+    # reason as its `_expanded` case above, outside the importer.
+    r"test_(blackman|hamming|hann)window(_symmetric)?":
+        "Range limit is float arithmetic on a graph input: not known on the host before the run",
+    r"test_attention_(3d_causal|4d_causal|4d_attn_mask_causal|4d_padded_kv|4d_causal_padded_kv)_bf16":
+        "bf16 constant (CastLike of -inf) evaluated on the host: no numpy bf16",
+    r"test_attention_4d_causal_fp16": "fp16: fused chain rounds once (1 ulp off the per-op rounding)",
 }

@@ -2,12 +2,14 @@
 ``rtxjit.onnx.backend.RtxjitBackend``.
 
 Selection. A node test is selected when every op in its model is in rtxjit's registry (default
-domain). ONNX test names do not follow the op names reliably (``test_leakyrelu``,
-``test_batchnorm_epsilon``, ``test_greater_equal``, ``test_reduce_sum_...``), so each case's model
-says which ops it tests. The same rule decides the ``_expanded`` variants (the op's function body
-inlined): one is selected only when all of its ops are supported, so it tests rtxjit's composition
-of ops it has; one that needs an op rtxjit lacks would only fail for that reason, and is picked up
-by itself once the op is registered. The selection becomes one ``include`` regex.
+domain), or is one the importer expands into registry ops from its ONNX function body or from the
+model's local function (rtxjit/onnx/functions.py; ``expands`` below). ONNX test names do not
+follow the op names reliably (``test_leakyrelu``, ``test_batchnorm_epsilon``,
+``test_greater_equal``, ``test_reduce_sum_...``), so each case's model says which ops it tests.
+The same rule decides the ``_expanded`` variants (the op's function body inlined by the test's
+author): one is selected only when all of its ops are supported or expand, so it tests rtxjit's
+composition of ops it has; one that needs an op rtxjit lacks would only fail for that reason, and
+is picked up by itself once the op is registered. The selection becomes one ``include`` regex.
 
 Expected failures are ``EXPECTED_FAILURES`` in ``tests/onnx_conformance_xfail.py``: a case-name
 regex (without the ``_cpu`` / ``_cuda`` suffix) -> the reason. They run as strict xfails, so a
@@ -19,14 +21,18 @@ process where torch sees a GPU and the interpreter is off.
 
 from __future__ import annotations
 
+import functools
 import re
 
+import onnx
 import onnx.backend.test
 import pytest
 from onnx.backend.test.loader import load_model_tests
 
+from rtxjit.errors import RtxjitError
 from rtxjit.ir.registry import all_ops
 from rtxjit.onnx.backend import RtxjitBackend
+from rtxjit.onnx.importer import import_model
 from tests.onnx_conformance_xfail import EXPECTED_FAILURES
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -38,9 +44,47 @@ def model_ops(model) -> set:
     return {(n.domain, n.op_type) for n in nodes}
 
 
+# The importer's words for an op it has neither in the registry nor as a function body.
+MISSING_OP = re.compile(r"op \S+ is not supported by rtxjit|domain '[^']*' is not supported")
+EXPANDED = "expanded from its function body"  # the importer's prefix of an error inside a body
+
+
+def expands(model, missing: set) -> bool:
+    """Whether the importer expands every op of ``missing`` (ops outside the registry) from ONNX
+    function bodies or the model's local functions, down to registry ops (bodies nest, and a
+    context-dependent body depends on the node's input types, so the import itself answers)."""
+    local = {(f.domain, f.name) for f in model.functions}
+    opset = max((i.version for i in model.opset_import if i.domain in DEFAULT_DOMAINS), default=None)
+    if opset is None:
+        return False
+    for domain, op in missing - local:
+        if domain not in DEFAULT_DOMAINS:
+            return False
+        try:
+            schema = onnx.defs.get_schema(op, opset)
+        except onnx.defs.SchemaError:
+            return False
+        if not (schema.has_function or schema.has_context_dependent_function):
+            return False
+    try:
+        import_model(model)
+    except RtxjitError as exc:
+        # Failed inside a body for a reason other than a missing op: selected, an expected failure
+        # with its reason. Failed before reaching a body (opset floor, a sequence input): whether
+        # the op expands is not known, so the case is left out, as a missing op leaves it out.
+        return EXPANDED in str(exc) and not MISSING_OP.search(str(exc))
+    return True
+
+
+@functools.cache
 def selected_case_names() -> list:
     supported = {(d, name) for name in all_ops() for d in DEFAULT_DOMAINS}
-    return sorted(case.name for case in load_model_tests(kind="node") if model_ops(case.model) <= supported)
+    names = []
+    for case in load_model_tests(kind="node"):
+        ops = model_ops(case.model)
+        if ops <= supported or expands(case.model, ops - supported):
+            names.append(case.name)
+    return sorted(names)
 
 
 def devices() -> list:

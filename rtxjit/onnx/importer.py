@@ -3,6 +3,8 @@
 Opsets 13 to 21 of the default domain are the supported range; a node is accepted when the ONNX
 version its opset resolves to is one whose semantics the registry implements (``OpDef.since``).
 Initializers become constants; shape-only nodes whose inputs are known are folded to constants.
+A node whose op the registry lacks (or lacks in the node's version) is replaced by the body of its
+ONNX function, or of the model-local function it calls (rtxjit/onnx/functions.py).
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from onnx import numpy_helper
 from rtxjit.errors import ModelError, RtxjitError, ShapeError, UnsupportedOpError
 from rtxjit.ir import host
 from rtxjit.ir.graph import Graph, Node, Value
-from rtxjit.ir.registry import get_op
+from rtxjit.ir.registry import all_ops, get_op
 from rtxjit.ir.rewrite import infer_args
 from rtxjit.ir.types import DType, TensorType
 from rtxjit.ir.verify import verify
+from rtxjit.onnx import functions
 
 MIN_OPSET = 13
 MAX_TESTED_OPSET = 21
@@ -256,9 +259,10 @@ def _import(proto: onnx.ModelProto) -> Graph:
         v = Value(vi.name, _value_type(vi, "graph input"))
         values[vi.name] = v
         inputs.append(v)
+    scope = _Scope(proto)
     nodes = []
     for i, n in enumerate(_topological(list(g.node), set(values))):
-        nodes.append(_import_node(n, i, opset, values))
+        nodes.extend(_import_or_expand(n, i, opset, values, scope, ()))
     outputs = []
     for vo in g.output:
         if vo.name not in values:
@@ -267,6 +271,63 @@ def _import(proto: onnx.ModelProto) -> Graph:
     graph = Graph(g.name or "main", inputs, outputs, [n for n in nodes if n is not None], opset)
     verify(graph)
     return graph
+
+
+class _Scope:
+    """What expanding functions needs across one model: the registry, the model's local functions
+    and the names already taken."""
+
+    def __init__(self, proto: onnx.ModelProto):
+        self.ops = all_ops()
+        self.functions = functions.local_functions(proto)
+        g = proto.graph
+        taken = [t.name for t in g.initializer] + [vi.name for vi in list(g.input) + list(g.output)]
+        for n in list(g.node) + [n for f in proto.functions for n in f.node]:
+            taken += [n.name, *n.input, *n.output]
+        self.names = functions.Names(taken)
+
+
+def _import_or_expand(n: onnx.NodeProto, index: int, opset: int, values: dict, scope: _Scope, stack: tuple) -> list:
+    """The IR nodes of one ONNX node: its registry op, or the imported body of its function."""
+    name = n.name or f"{n.op_type}_{index}"
+    where = f"node '{name}' ({n.op_type}, opset {opset})"
+    found = _function_of(n, opset, values, scope, where)
+    if found is None:
+        node = _import_node(n, index, opset, values)
+        return [] if node is None else [node]
+    body, defaults, key = found
+    if key in stack or len(stack) >= functions.MAX_DEPTH:
+        raise ModelError(f"{where}: its function calls itself (through {' -> '.join(k[1] for k in stack)})")
+    inner = functions.inline(n, name, body, defaults, scope.names, where)
+    body_opset = functions.body_opset(body, "", opset)
+    out = []
+    try:
+        for i, m in enumerate(_topological(inner, set(values))):
+            out.extend(_import_or_expand(m, i, body_opset, values, scope, stack + (key,)))
+    except RtxjitError as exc:
+        raise type(exc)(f"{where}, expanded from its function body: {exc}") from exc
+    lacking = [o for o in n.output if o and o not in values]
+    if lacking:
+        raise ModelError(f"{where}: its function body does not compute output(s) {lacking}")
+    return out
+
+
+def _function_of(n: onnx.NodeProto, opset: int, values: dict, scope: _Scope, where: str):
+    """(body, attribute defaults, key) of the function that stands in for the node, or None where the
+    registry implements the node (or nothing does: ``_import_node`` then says so)."""
+    if n.domain not in functions.DEFAULT_DOMAINS:
+        fn = scope.functions.get((n.domain, n.op_type, n.overload))
+        return None if fn is None else (fn, functions.local_defaults(fn), (n.domain, n.op_type, n.overload))
+    try:
+        schema = onnx.defs.get_schema(n.op_type, opset)
+    except Exception:  # onnx.defs.SchemaError: not an ONNX op at this opset
+        return None
+    opdef = scope.ops.get(n.op_type)
+    if opdef is not None and schema.since_version >= opdef.since:
+        return None
+    types = [values[i].type if i else None for i in n.input]
+    found = functions.schema_function(n, schema, opset, types, where)
+    return None if found is None else (*found, ("", n.op_type, ""))
 
 
 def _import_node(n: onnx.NodeProto, index: int, opset: int, values: dict):
