@@ -10,10 +10,14 @@ many rows per program). When a whole row fits in one block (constexpr ``ONE_BLOC
 once; otherwise the kernel loops over column blocks: online max/sum for softmax, and Chan's
 combination of per-block mean and M2 for layernorm, then a second pass that writes the row.
 
-Modes: ``sum``, ``mean``, ``max``, ``min`` (one value per row, written at the flat row index),
+Modes: ``sum``, ``mean``, ``max``, ``min``, ``prod``, ``l1``, ``l2``, ``sumsquare``, ``logsum``,
+``logsumexp`` (max-shifted: a max pass, then a sum pass), ``argmax``/``argmin`` (``_last`` variants
+take the last of equal extremes; int64 indices) (one value per row, written at the flat row index),
 ``softmax``, ``logsoftmax``, ``layernorm`` and ``rmsnorm`` (``x * rsqrt(mean(x^2) + eps) * scale``)
 (the output has the input's shape and strides).
-Floats accumulate in fp32 (fp64 stays fp64); integers in their own type; bool as int32.
+Floats accumulate in fp32 (fp64 stays fp64); integers in their own type; bool as int32. The modes
+with a float result (``l2``, ``logsum``, ``logsumexp``) accumulate integers in fp64 and truncate the
+result toward zero on the store, as onnxruntime does.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from rtxjit.codegen.source import KernelSource, render
 from rtxjit.errors import InternalError
 from rtxjit.ir.types import DType
 
-ROW_MODES = ("sum", "mean", "max", "min")
+ROW_MODES = ("sum", "mean", "max", "min", "prod", "l1", "l2", "sumsquare", "logsum", "logsumexp")
+ARG_MODES = ("argmax", "argmin", "argmax_last", "argmin_last")  # int64 index of the row's extreme
+FLOAT_RESULT_MODES = ("l2", "logsum", "logsumexp")  # computed in a float type even for integer inputs
 SAME_SHAPE_MODES = ("softmax", "logsoftmax", "layernorm", "rmsnorm")
 EPS_MODES = ("layernorm", "rmsnorm")  # modes that take an ``eps`` argument
 
@@ -74,7 +80,11 @@ class _Spec:
         self.bias = bias
         self.stats = stats
         self.wide = wide
-        self.acc = TL[acc_type(in_dtype)]
+        acc = acc_type(in_dtype)
+        if mode in FLOAT_RESULT_MODES and not acc.is_float:
+            acc = DType.FP64
+        self.acc_dtype = acc
+        self.acc = TL[acc]
 
     @property
     def col_operands(self) -> dict:
@@ -100,10 +110,14 @@ class _Spec:
 
     def other(self) -> str:
         """The value masked-off columns load as: the identity of the mode's first reduction."""
-        if self.mode in ("max", "softmax", "logsoftmax"):
+        if self.acc_dtype.is_float and self.mode == "logsumexp":
+            return "float('-inf')"
+        if self.mode in ("max", "softmax", "logsoftmax", "argmax", "argmax_last"):
             return extreme_literal(self.in_dtype, lowest=True)
-        if self.mode == "min":
+        if self.mode in ("min", "argmin", "argmin_last"):
             return extreme_literal(self.in_dtype, lowest=False)
+        if self.mode == "prod":
+            return "1"
         return "0"
 
 
@@ -132,22 +146,88 @@ def _store_rows(ptr: str, value: str, dtype: DType) -> str:
 
 # ---- one value per row -------------------------------------------------------------------------
 
-_COMBINE = {"sum": "acc + x", "mean": "acc + x", "max": "tl.maximum(acc, x)", "min": "tl.minimum(acc, x)"}
-_FINISH = {"sum": "tl.sum", "mean": "tl.sum", "max": "tl.max", "min": "tl.min"}
+_ELEM = {"l1": "tl.abs(x)", "l2": "x * x", "sumsquare": "x * x"}  # what is summed, where not x itself
+_COMBINE = {"max": "tl.maximum(acc, {e})", "min": "tl.minimum(acc, {e})", "prod": "acc * {e}"}  # else acc + e
+_FINISH = {"max": "tl.max({v}, 1, keep_dims=True)", "min": "tl.min({v}, 1, keep_dims=True)",
+           "prod": "tl.reduce({v}, 1, _mul, keep_dims=True)"}
+_POST = {"mean": "r / n_cols", "l2": "tl.sqrt(r)", "logsum": "tl.log(r)"}
+
+PROD_HELPER = """@triton.jit
+def _mul(a, b):
+    return a * b
+"""
 
 
 def _row_body(spec: _Spec) -> list:
-    finish = _FINISH[spec.mode]
+    finish = _FINISH.get(spec.mode, "tl.sum({v}, 1, keep_dims=True)")
+    elem = _ELEM.get(spec.mode, "x")
     lines = ["    if ONE_BLOCK:"] + _load_tile(spec, "0", "        ")
-    lines += [f"        r = {finish}(x, 1, keep_dims=True)", "    else:"]
+    lines += ["        r = " + finish.format(v=elem), "    else:"]
     lines.append(f"        acc = tl.full([BLOCK_R, BLOCK_C], {spec.other()}, {spec.acc})")
     lines.append("        for c0 in range(0, n_cols, BLOCK_C):")
     lines += _load_tile(spec, "c0", "            ")
-    lines.append(f"            acc = {_COMBINE[spec.mode]}")
-    lines.append(f"        r = {finish}(acc, 1, keep_dims=True)")
-    if spec.mode == "mean":
-        lines.append("    r = r / n_cols")
+    lines.append("            acc = " + _COMBINE.get(spec.mode, "acc + {e}").format(e=elem))
+    lines.append("        r = " + finish.format(v="acc"))
+    if spec.mode in _POST:
+        lines.append(f"    r = {_POST[spec.mode]}")
     lines.append(_store_rows("y", "r", spec.out_dtype))
+    return lines
+
+
+def _logsumexp_body(spec: _Spec) -> list:
+    """Max-shifted: ``log(sum(exp(x - m))) + m`` with ``m`` the row's max, or 0 where that max is
+    infinite (as onnxruntime: a row holding +inf gives +inf, a row of -inf gives -inf)."""
+    lines = ["    if ONE_BLOCK:"] + _load_tile(spec, "0", "        ")
+    lines += ["        m = tl.max(x, 1, keep_dims=True)",
+              "        m = tl.where(tl.abs(m) == float('inf'), 0.0, m)",
+              "        s = tl.sum(tl.exp(x - m), 1, keep_dims=True)",
+              "    else:",
+              f"        acc = tl.full([BLOCK_R, BLOCK_C], float('-inf'), {spec.acc})",
+              "        for c0 in range(0, n_cols, BLOCK_C):"]
+    lines += _load_tile(spec, "c0", "            ")
+    lines += ["            acc = tl.maximum(acc, x)",
+              "        m = tl.max(acc, 1, keep_dims=True)",
+              "        m = tl.where(tl.abs(m) == float('inf'), 0.0, m)",
+              f"        s = tl.zeros([BLOCK_R, 1], {spec.acc})",
+              "        for c0 in range(0, n_cols, BLOCK_C):"]
+    lines += _load_tile(spec, "c0", "            ")
+    lines += ["            s = s + tl.sum(tl.exp(x - m), 1, keep_dims=True)",
+              "    r = tl.log(s) + m",
+              _store_rows("y", "r", spec.out_dtype)]
+    return lines
+
+
+def _arg_body(spec: _Spec) -> list:
+    """onnxruntime's sequential scan: the first element is the running best, a later one replaces it
+    when strictly greater (``_last``: greater or equal). So NaN never wins after the first element,
+    and a row whose first element is NaN gives 0. Per block: the extreme of the non-NaN elements and
+    its first (last) index; blocks combine in order."""
+    is_max = spec.mode.startswith("argmax")
+    last = spec.mode.endswith("_last")
+    red = "tl.max" if is_max else "tl.min"
+    better = ">" if is_max else "<"
+    pick = ("tl.max(tl.where(hit, cols, -1), 1, keep_dims=True)" if last
+            else "tl.min(tl.where(hit, cols, n_cols), 1, keep_dims=True)")
+    block = [f"xs = tl.where(x != x, {spec.other()}, x)",
+             f"b = {red}(xs, 1, keep_dims=True)",
+             "hit = mask & (x == b)",
+             f"bi = {pick}"]
+    lines = ["    if ONE_BLOCK:"] + _load_tile(spec, "0", "        ")
+    lines += [f"        {line}" for line in block] + ["        idx = bi.to(tl.int64)", "    else:"]
+    lines += [f"        best = tl.full([BLOCK_R, 1], {spec.other()}, {spec.acc})",
+              "        idx = tl.zeros([BLOCK_R, 1], tl.int64)",
+              "        for c0 in range(0, n_cols, BLOCK_C):"]
+    lines += _load_tile(spec, "c0", "            ")
+    lines += [f"            {line}" for line in block]
+    if last:
+        lines.append(f"            take = (bi >= 0) & (b {better}= best)")
+    else:
+        lines.append(f"            take = (bi < n_cols) & (b {better} best)")
+    lines += ["            best = tl.where(take, b, best)",
+              "            idx = tl.where(take, bi.to(tl.int64), idx)",
+              f"    first = tl.load(x_ptr + x_off + row_off, mask=row_mask, other=0).to({spec.acc})",
+              "    idx = tl.where(first != first, 0, idx)",
+              _store_rows("y", "idx", spec.out_dtype)]
     return lines
 
 
@@ -221,9 +301,9 @@ def _rmsnorm_body(spec: _Spec) -> list:
         accumulate=["ss = ss + tl.sum(x * x, 1, keep_dims=True)"],
         finish=["rstd = 1.0 / tl.sqrt(ss / n_cols + eps)"], value=_norm_value(spec))
 
-_BODIES = {"sum": _row_body, "mean": _row_body, "max": _row_body, "min": _row_body,
-           "softmax": _softmax_body, "logsoftmax": _softmax_body, "layernorm": _layernorm_body,
-           "rmsnorm": _rmsnorm_body}
+_BODIES = {**{m: _row_body for m in ROW_MODES}, **{m: _arg_body for m in ARG_MODES},
+           "logsumexp": _logsumexp_body, "softmax": _softmax_body, "logsoftmax": _softmax_body,
+           "layernorm": _layernorm_body, "rmsnorm": _rmsnorm_body}
 
 
 def render_reduce(mode: str, in_dtype: DType, out_dtype: DType, kept_rank: int, red_rank: int, *,
@@ -247,4 +327,5 @@ def render_reduce(mode: str, in_dtype: DType, out_dtype: DType, kept_rank: int, 
     header = (f"reduce mode={mode} in={in_dtype.short} out={out_dtype.short} kept_rank={kept_rank} "
               f"red_rank={red_rank} scale={scale} bias={bias} "
               f"stats={stats_dtype.short if stats_dtype else None} wide={wide}")
-    return render(f"reduce_{mode}", header, "\n".join(lines))
+    helpers = PROD_HELPER + "\n\n" if mode == "prod" else ""
+    return render(f"reduce_{mode}", header, helpers + "\n".join(lines))

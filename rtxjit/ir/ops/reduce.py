@@ -1,5 +1,7 @@
-"""Row reductions: ReduceSum/Mean/Max/Min, Softmax, LogSoftmax, LayerNormalization and the internal
-``rtxjit.RMSNorm`` (made by ``passes/fuse_normalization.py``), all lowered onto the row-reduction template (``codegen/templates/reduce.py``) through ``row_reduce``."""
+"""Row reductions: ReduceSum/Mean/Max/Min, ReduceProd/L1/L2/LogSum/LogSumExp/SumSquare, ArgMax/ArgMin,
+Softmax, LogSoftmax, LayerNormalization and the internal ``rtxjit.RMSNorm`` (made by
+``passes/fuse_normalization.py``), all lowered onto the row-reduction template
+(``codegen/templates/reduce.py``) through ``row_reduce``."""
 
 from __future__ import annotations
 
@@ -166,6 +168,167 @@ def _declare_reduction(name: str, mode: str, fn, identity) -> None:
 
 for _name, (_mode, _fn, _identity) in REDUCTIONS.items():
     _declare_reduction(_name, _mode, _fn, _identity)
+
+
+# ---- ReduceProd / L1 / L2 / LogSum / LogSumExp / SumSquare ------------------------------------
+# Opset 13 gives the axes as an attribute, opset 18 as an input (with noop_with_empty_axes): the
+# shared inference above takes both. With empty axes and noop_with_empty_axes=1 the reduction is the
+# identity but the composite's elementwise step still runs (opset 18's wording; onnxruntime does so):
+# ReduceLogSum gives log(x), ReduceSumSquare x*x, ReduceL1 and ReduceL2 |x|.
+
+def _logsumexp_ref(x, axis, keepdims):
+    m = np.max(x, axis=axis, keepdims=True, initial=-np.inf)
+    m = np.where(np.isinf(m), 0, m)  # as onnxruntime: an infinite max shifts by 0
+    with np.errstate(divide="ignore"):
+        r = np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True)) + m
+    return r if keepdims else np.squeeze(r, axis)
+
+
+COMPOSITES = {
+    # name: (template mode, numpy reduction (x, axis, keepdims), elementwise step of the noop form:
+    #        numpy, Triton over x0)
+    "ReduceProd": ("prod", lambda x, a, k: np.prod(x, axis=a, keepdims=k), (lambda x: x, "x0")),
+    "ReduceL1": ("l1", lambda x, a, k: np.sum(np.abs(x), axis=a, keepdims=k), (np.abs, "tl.abs(x0)")),
+    "ReduceL2": ("l2", lambda x, a, k: np.sqrt(np.sum(x * x, axis=a, keepdims=k)), (np.abs, "tl.abs(x0)")),
+    "ReduceSumSquare": ("sumsquare", lambda x, a, k: np.sum(x * x, axis=a, keepdims=k), (lambda x: x * x, "x0 * x0")),
+    "ReduceLogSum": ("logsum", lambda x, a, k: np.log(np.sum(x, axis=a, keepdims=k)), (np.log, "tl.log({x})")),
+    "ReduceLogSumExp": ("logsumexp", _logsumexp_ref, (lambda x: x, "x0")),
+}
+
+_COMPOSITE_SAMPLES = [
+    Sample([Rand((2, 3, 5), None, 0.2, 2.0)]),
+    Sample([Rand((2, 3, 5), None, 0.2, 2.0), np.array([1], np.int64)]),
+    Sample([Rand((2, 3, 4, 5), None, 0.2, 2.0), np.array([0, -1], np.int64)], {"keepdims": 0}),
+    Sample([Rand((3, 4), None, 0.2, 2.0), np.array([], np.int64)], {"noop_with_empty_axes": 1}),
+    Sample([Rand((2, 3, 5), None, 0.2, 2.0)], {"axes": [1]}, opset=13),
+    Sample([Rand((2, 3, 5), None, 0.2, 2.0)], {"axes": [0, -1], "keepdims": 0}, opset=13),
+    # a row longer than the interpreter's block (4096), not a power of two: the kernel loops
+    Sample([Rand((3, 5000), None, 0.95, 1.05), np.array([1], np.int64)], {"keepdims": 0}, float_types=("fp32",)),
+]
+_COMPOSITE_INT_SAMPLE = Sample([Rand((2, 3, 4), "int32", -4, 4), np.array([1], np.int64)], float_types=("-",))
+_LOGSUMEXP_SAMPLES = [
+    Sample([Rand((4, 37), None, 200, 1000), np.array([1], np.int64)]),  # exp overflows unshifted
+    Sample([Rand((4, 37), None, -1000, -200), np.array([1], np.int64)]),  # exp underflows unshifted
+    Sample([np.array([[np.inf, 1, 2], [-np.inf, -np.inf, -np.inf], [3, -np.inf, 1]], np.float32),
+            np.array([1], np.int64)]),
+    Sample([Rand((3, 5000), None, -50, 300), np.array([1], np.int64)], {"keepdims": 0}),
+]
+
+
+def _composite_samples(mode: str) -> list:
+    if mode == "logsumexp":
+        return _COMPOSITE_SAMPLES + _LOGSUMEXP_SAMPLES
+    if mode in ("prod", "l1", "l2", "sumsquare"):
+        return _COMPOSITE_SAMPLES + [_COMPOSITE_INT_SAMPLE]
+    return list(_COMPOSITE_SAMPLES)
+
+
+def _composite_infer(x: TensorType, axes_in=None, *, axes=None, keepdims: int = 1,
+                     noop_with_empty_axes: int = 0) -> TensorType:
+    if x.dtype is DType.BOOL:
+        raise ModelError("a composite reduction (ReduceProd, ReduceL1, ...) of bool")
+    return _reduce_infer(x, axes_in, axes=axes, keepdims=keepdims, noop_with_empty_axes=noop_with_empty_axes)
+
+
+def _composite_reference(fn, noop):
+    def reference(x, axes_in=None, *, axes=None, keepdims=1, noop_with_empty_axes=0):
+        red = reduced_axes(x.ndim, axes_in, axes, noop_with_empty_axes)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return noop(x) if red is None else fn(x, tuple(red), bool(keepdims))
+
+    return reference
+
+
+def _composite_lower(mode: str, noop_expr: str):
+    def lower(ctx, x, axes_in=None, *, axes=None, keepdims=1, noop_with_empty_axes=0):
+        red = reduced_axes(x.rank, axes_in, axes, noop_with_empty_axes)
+        if red is None:
+            arg = "x0" if x.dtype.is_float else "x0.to(tl.float64)"  # log of an integer
+            ctx.pointwise(noop_expr.format(x=arg), [x], ctx.outputs[0])
+            return
+        row_reduce(ctx, x, red, mode, ctx.outputs[0])
+
+    return lower
+
+
+def _declare_composite(name: str, mode: str, fn, noop) -> None:
+    d = op(name, since=13, kind=Kind.ROW, host_inputs=(1,), samples=_composite_samples(mode))(_composite_infer)
+    d.reference(_composite_reference(fn, noop[0]))
+    d.lower(_composite_lower(mode, noop[1]))
+
+
+for _name, (_mode, _fn, _noop) in COMPOSITES.items():
+    _declare_composite(_name, _mode, _fn, _noop)
+
+
+# ---- ArgMax / ArgMin ---------------------------------------------------------------------------
+# onnxruntime scans each row in order, replacing the running best only by a strictly greater
+# (select_last_index: greater or equal) value: NaN after the first element never wins, and a row
+# that starts with NaN gives 0. The kernel and the reference do the same.
+
+def _nan_rows() -> np.ndarray:
+    rng = np.random.default_rng(14)
+    x = rng.integers(-3, 4, size=(4, 4500)).astype(np.float32)  # many ties, across blocks
+    x[rng.random(x.shape) < 0.2] = np.nan
+    x[0, 0] = x[2, 0] = np.nan
+    return x
+
+
+_ARG_SAMPLES = [
+    Sample([Rand((2, 3, 5))]),
+    Sample([Rand((2, 3, 5))], {"axis": -1, "keepdims": 0}),
+    Sample([Rand((4, 3, 5))], {"axis": 1, "select_last_index": 1}),
+    Sample([np.array([[1, np.nan, 3, np.nan, 3], [np.nan, 1, 2, 5, 5], [2, 2, 2, 2, 2], [np.nan] * 5], np.float32)],
+           {"axis": 1}),
+    Sample([np.array([[1, np.nan, 3, np.nan, 3], [np.nan, 1, 2, 5, 5], [2, 2, 2, 2, 2], [np.nan] * 5], np.float32)],
+           {"axis": 1, "select_last_index": 1}),
+    Sample([Rand((3, 5000))], {"axis": 1}),
+    Sample([_nan_rows()], {"axis": 1, "keepdims": 0}),
+    Sample([_nan_rows()], {"axis": 1, "keepdims": 0, "select_last_index": 1}),
+    Sample([Rand((3, 4100), "int32", -3, 3)], {"axis": 1, "select_last_index": 1}, float_types=("-",)),
+    Sample([Rand((5, 4), "int64", -3, 3)], {"axis": 0}, float_types=("-",)),
+]
+
+
+def _arg_infer(x: TensorType, *, axis: int = 0, keepdims: int = 1, select_last_index: int = 0) -> TensorType:
+    a = norm_axis(axis, x.rank)
+    if x.dtype is DType.BOOL:
+        raise ModelError("ArgMax/ArgMin of bool")
+    if isinstance(x.shape[a], int) and x.shape[a] == 0:
+        raise ShapeError(f"ArgMax/ArgMin over axis {axis} of size 0")
+    shape = tuple(1 if i == a else d for i, d in enumerate(x.shape)) if keepdims else x.shape[:a] + x.shape[a + 1:]
+    return TensorType(DType.INT64, shape)
+
+
+def _arg_reference(is_max: bool):
+    def reference(x, *, axis=0, keepdims=1, select_last_index=0):
+        a = norm_axis(axis, x.ndim)
+        find = np.argmax if is_max else np.argmin
+        xs = np.where(np.isnan(x), -np.inf if is_max else np.inf, x) if x.dtype.kind == "f" else x
+        if select_last_index:
+            idx = x.shape[a] - 1 - find(np.flip(xs, a), axis=a)
+        else:
+            idx = find(xs, axis=a)
+        if x.dtype.kind == "f":
+            idx = np.where(np.isnan(np.take(x, 0, axis=a)), 0, idx)
+        idx = idx.astype(np.int64)
+        return np.expand_dims(idx, a) if keepdims else idx
+
+    return reference
+
+
+def _arg_lower(mode: str):
+    def lower(ctx, x, *, axis=0, keepdims=1, select_last_index=0):
+        suffix = "_last" if select_last_index else ""
+        row_reduce(ctx, x, [norm_axis(axis, x.rank)], mode + suffix, ctx.outputs[0])
+
+    return lower
+
+
+for _name, _mode in (("ArgMax", "argmax"), ("ArgMin", "argmin")):
+    _d = op(_name, since=13, kind=Kind.ROW, samples=_ARG_SAMPLES)(_arg_infer)
+    _d.reference(_arg_reference(_mode == "argmax"))
+    _d.lower(_arg_lower(_mode))
 
 
 # ---- Softmax / LogSoftmax ----------------------------------------------------------------------
