@@ -51,6 +51,9 @@ EXPECTED_FAILURES = {
     # ---- reductions, scans, TopK (issue 14) ----
     r"test_top_k_uint64": _NO_DTYPE.format("uint64"),
     # ---- indexing, scatter, Tile, Trilu, Einsum (issue 14) ----
+    # Einsum's batch matmul runs the MatMul template (emit_matmul); on Triton's interpreter its
+    # tl.dot of bf16 operands gives wrong values (a plain bf16 MatMul gives 7.9e8 for ones @ ones).
+    r"test_einsum_batch_matmul_bfloat16": "bf16 tl.dot of the matmul template is wrong on the CPU interpreter",
     # ---- ops expanded from ONNX function bodies (issue 14) ----
     # The importer inlines these ops' bodies (rtxjit/onnx/functions.py); each fails for the same
     # reason as its `_expanded` case above, outside the importer.

@@ -1,3 +1,4 @@
 """Every op, once. Importing this package fills the registry."""
 
-from rtxjit.ir.ops import attention, conv, elementwise, fused, matmul, movement, pool, reduce, scan, shape  # noqa: F401
+from rtxjit.ir.ops import (attention, conv, einsum, elementwise, fused, indexing, matmul, movement, pool,  # noqa: F401
+                           reduce, scan, shape)

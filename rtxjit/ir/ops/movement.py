@@ -1,4 +1,7 @@
-"""Data movement: Transpose, Concat, Split, Slice, Expand (strided views + the copy kernel), Gather."""
+"""Data movement: Transpose, Concat, Split, Slice, Expand (strided views + the copy kernel), Gather.
+
+Gather and GatherElements mask an out-of-range index (never read outside the table): its output
+elements are 0. (GatherND, ScatterND and ScatterElements are in ops/indexing.py.)"""
 
 from __future__ import annotations
 
@@ -190,9 +193,27 @@ def gather(data: TensorType, indices: TensorType, *, axis: int = 0) -> TensorTyp
     return data.with_shape(data.shape[:a] + indices.shape + data.shape[a + 1:])
 
 
+def take_masked(data: np.ndarray, indices: np.ndarray, axis: int, along: bool = False) -> np.ndarray:
+    """``np.take`` (or ``np.take_along_axis``) with ONNX's negative indices, where an index outside
+    ``[-n, n)`` gives 0 as the kernels do (they mask the read; onnxruntime rejects such an index)."""
+    n = data.shape[axis]
+    idx = np.asarray(indices).astype(np.int64)
+    idx = np.where(idx < 0, idx + n, idx)
+    ok = (idx >= 0) & (idx < n)
+    safe = np.where(ok, idx, 0)
+    if n == 0:
+        shape = idx.shape if along else data.shape[:axis] + idx.shape + data.shape[axis + 1:]
+        return np.zeros(shape, data.dtype)
+    if along:
+        return np.where(ok, np.take_along_axis(data, safe, axis=axis), np.zeros((), data.dtype))
+    out = np.take(data, safe, axis=axis)
+    keep = ok.reshape((1,) * axis + ok.shape + (1,) * (data.ndim - axis - 1))
+    return np.where(keep, out, np.zeros((), data.dtype))
+
+
 @gather.reference
 def _(data, indices, *, axis=0):
-    return np.take(data, indices, axis=axis)
+    return take_masked(data, indices, norm_axis(axis, data.ndim))
 
 
 @gather.lower
@@ -219,6 +240,8 @@ def _gather_as_view(ctx, data, axis: int) -> bool:
     a = norm_axis(axis, data.rank)
     i = int(index.const.reshape(-1)[0])
     i = i + data.shape[a] if i < 0 else i
+    if not 0 <= i < data.shape[a]:
+        return False  # out of range: the kernel masks the read (a view would address outside the table)
     try:
         ctx.alias(0, data.slice(a, i, 1).reshape(ctx.out_types[0].shape))
     except ValueError:
@@ -238,8 +261,7 @@ def gather_elements(data: TensorType, indices: TensorType, *, axis: int = 0) -> 
 
 @gather_elements.reference
 def _(data, indices, *, axis=0):
-    idx = np.where(indices < 0, indices + data.shape[axis], indices)
-    return np.take_along_axis(data, idx, axis=axis)
+    return take_masked(data, indices, norm_axis(axis, data.ndim), along=True)
 
 
 @gather_elements.lower
