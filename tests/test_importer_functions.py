@@ -1,6 +1,7 @@
 """Ops that rtxjit's registry lacks but ONNX defines as functions (opset-23 Attention and
 RotaryEmbedding, Mish, Celu, ...), and model-local functions, are expanded inline by the importer
-(rtxjit/onnx/functions.py) and match onnxruntime."""
+(rtxjit/onnx/functions.py) and match onnxruntime. opset-23 Attention that rtxjit.Attention can
+compute is translated into it instead (rtxjit/onnx/native.py); the rest is expanded."""
 
 import numpy as np
 import onnxruntime as ort
@@ -246,3 +247,26 @@ def test_attention_with_bad_attributes_is_an_rtxjit_error_naming_the_node(rng):
     inputs = [("Q", FLOAT, [1, 3, 8]), ("K", FLOAT, [1, 3, 8]), ("V", FLOAT, [1, 3, 8])]
     with pytest.raises(rtxjit.RtxjitError, match="the_node"):
         rtxjit.InferenceSession(_model("Attention", inputs))
+
+
+@pytest.mark.parametrize("case,fused", [("float_mask", True), ("bool_causal", True), ("gqa_3d", True),
+                                        ("softcap", False)])
+def test_attention_23_runs_as_the_fused_op_where_it_can(rng, case, fused):
+    from rtxjit.onnx.importer import import_model
+
+    q, k, v = _qkv(rng, hq=4, hkv=2 if case == "gqa_3d" else 4)
+    feeds, attrs, types = {"Q": q, "K": k, "V": v}, {}, None
+    if case == "float_mask":
+        feeds["M"] = np.where(rng.random((2, 1, 3, 5)) < 0.3, np.float32(np.finfo(np.float32).min), 0).astype(np.float32)
+    if case == "bool_causal":
+        feeds["M"] = rng.random((2, 4, 3, 5)) < 0.7
+        attrs, types = {"is_causal": 1}, {"M": TP.BOOL}
+    if case == "gqa_3d":
+        feeds = {n: x.transpose(0, 2, 1, 3).reshape(x.shape[0], x.shape[2], -1) for n, x in feeds.items()}
+        attrs = {"q_num_heads": 4, "kv_num_heads": 2, "is_causal": 1}
+    if case == "softcap":
+        attrs = {"softcap": 2.0}
+    model = _attention(feeds, attrs, types=types)
+    ops = [n.op for n in import_model(model).nodes]
+    assert ("rtxjit.Attention" in ops) == fused and ("Softmax" not in ops) == fused, ops
+    _check(model, feeds)

@@ -24,6 +24,7 @@ from rtxjit.ir.rewrite import infer_args
 from rtxjit.ir.types import DType, TensorType
 from rtxjit.ir.verify import verify
 from rtxjit.onnx import functions
+from rtxjit.onnx import native as natives
 
 MIN_OPSET = 13
 MAX_TESTED_OPSET = 21
@@ -291,6 +292,13 @@ def _import_or_expand(n: onnx.NodeProto, index: int, opset: int, values: dict, s
     """The IR nodes of one ONNX node: its registry op, or the imported body of its function."""
     name = n.name or f"{n.op_type}_{index}"
     where = f"node '{name}' ({n.op_type}, opset {opset})"
+    native = None if n.domain not in functions.DEFAULT_DOMAINS or n.op_type in scope.ops else \
+        natives.translate(n, opset, [values[i].type if i else None for i in n.input], scope.names.fresh)
+    if native is not None:
+        out = []
+        for i, m in enumerate(native):
+            out.extend(_import_or_expand(m, i, opset, values, scope, stack))
+        return out
     found = _function_of(n, opset, values, scope, where)
     if found is None:
         node = _import_node(n, index, opset, values)
@@ -333,14 +341,19 @@ def _function_of(n: onnx.NodeProto, opset: int, values: dict, scope: _Scope, whe
 def _import_node(n: onnx.NodeProto, index: int, opset: int, values: dict):
     name = n.name or f"{n.op_type}_{index}"
     where = f"node '{name}' ({n.op_type}, opset {opset})"
-    if n.domain not in ("", "ai.onnx"):
+    if n.domain == natives.RTXJIT_DOMAIN:  # rtxjit's own fused ops, written by rtxjit/onnx/native.py
+        opdef = get_op(f"{natives.RTXJIT_DOMAIN}.{n.op_type}", where)
+    elif n.domain not in ("", "ai.onnx"):
         raise UnsupportedOpError(f"{where}: domain '{n.domain}' is not supported")
-    opdef = get_op(n.op_type, where)
+    else:
+        opdef = get_op(n.op_type, where)
     try:
+        if n.domain == natives.RTXJIT_DOMAIN:
+            raise LookupError("not an ONNX op")
         schema = onnx.defs.get_schema(n.op_type, opset)
         version = schema.since_version
     except Exception:
-        schema, version = None, opset
+        schema, version = None, max(opset, opdef.since)
     if version < opdef.since:
         raise UnsupportedOpError(f"{where}: {n.op_type} version {version} is not supported "
                                  f"(rtxjit implements it from version {opdef.since})")
@@ -376,7 +389,7 @@ def _import_node(n: onnx.NodeProto, index: int, opset: int, values: dict):
             raise ModelError(f"{where}: output '{o}' is already defined")
         outs.append(Value(o, t))
         values[o] = outs[-1]
-    node = Node(n.op_type, name, ins, outs, attrs, version)
+    node = Node(opdef.name, name, ins, outs, attrs, version)
     for v in outs:
         if v is not None:
             v.producer = node
