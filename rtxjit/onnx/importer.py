@@ -348,12 +348,10 @@ def _import_node(n: onnx.NodeProto, index: int, opset: int, values: dict):
     else:
         opdef = get_op(n.op_type, where)
     try:
-        if n.domain == natives.RTXJIT_DOMAIN:
-            raise LookupError("not an ONNX op")
-        schema = onnx.defs.get_schema(n.op_type, opset)
-        version = schema.since_version
-    except Exception:
-        schema, version = None, max(opset, opdef.since)
+        schema = None if n.domain == natives.RTXJIT_DOMAIN else onnx.defs.get_schema(n.op_type, opset)
+    except Exception:  # onnx.defs.SchemaError: not an ONNX op at this opset
+        schema = None
+    version = schema.since_version if schema is not None else max(opset, opdef.since)
     if version < opdef.since:
         raise UnsupportedOpError(f"{where}: {n.op_type} version {version} is not supported "
                                  f"(rtxjit implements it from version {opdef.since})")
