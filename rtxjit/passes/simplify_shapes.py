@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from rtxjit.ir.graph import Graph, Node
+from rtxjit.ir.graph import Graph, Node, Value
 from rtxjit.ir.rewrite import (FreshNames, infers_same, is_graph_output, make_constant, remove_nodes,
                                replace_all_uses)
+from rtxjit.ir.types import TensorType
 from rtxjit.passes.base import PassResult
 
 VIEWS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
@@ -28,20 +29,28 @@ VIEWS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 
 def simplify_shapes(graph: Graph) -> PassResult:
     names = FreshNames(graph)
-    removed, modified = [], False
+    removed, modified, inserts, bypassed = [], False, [], []
     for i, node in enumerate(graph.nodes):
         while _merge_chain(node, names):  # Transpose(Transpose(..)) chains of any length
             modified = True
         if _transpose_is_reshape(node):
             graph.nodes[i] = node = _as_reshape(node, names)
             modified = True
-        merged = _transpose_of_merged_batch(node)
+        merged = _transpose_of_merged_batch(node, names)
         if merged is not None:
-            graph.nodes[i] = node = merged
+            bypassed.append(node.inputs[0].producer)  # the inner Transpose, then its Reshape
+            bypassed.append(bypassed[-1].inputs[0].producer)
+            split, graph.nodes[i] = merged
+            node = graph.nodes[i]
+            if split is not None:
+                inserts.append((i, split))
             modified = True
         if _is_no_op(graph, node) and replace_all_uses(graph, node.outputs[0], node.inputs[0]):
             removed.append(node)
+    for i, split in reversed(inserts):
+        graph.nodes.insert(i, split)
     remove_nodes(graph, removed)
+    _remove_unread(graph, bypassed)
     return PassResult(graph, modified or bool(removed))
 
 
@@ -55,9 +64,22 @@ def _transpose_is_reshape(node: Node) -> bool:
     return moved == sorted(moved) and perm != list(range(len(shape)))
 
 
-def _transpose_of_merged_batch(node: Node):
-    """The Transpose that ``Reshape(Transpose(Reshape(x, [A*B, *r]), [0, *p]), [A, B, *])`` is
-    (see the module's docstring), producing the node's output; None where the chain is not that."""
+def _remove_unread(graph: Graph, nodes: list) -> None:
+    """Drop the nodes (in order) whose outputs nothing reads any more: the chains a rewrite
+    bypassed, so that later passes see single readers (attention fusion's legality) without
+    waiting for dead-code elimination at the end of the pipeline."""
+    for node in nodes:
+        uses = graph.consumers()
+        if node in graph.nodes and not any(uses.get(o.name) or _used(graph, o) for o in node.outputs if o is not None):
+            remove_nodes(graph, [node])
+
+
+def _transpose_of_merged_batch(node: Node, names: FreshNames):
+    """``(split, transpose)`` for ``Reshape(Transpose(Reshape(x, [N, *r]), [0, *p]), [A, B, *])``
+    (see the module's docstring): ``Transpose(split, [0, 1, *(p + 1)])`` producing the node's output,
+    where ``split`` is ``Reshape(x, [A, B, *r])``, or None when ``x`` is ``[A, B, *r]`` already
+    (a ``[B, Hkv, g, S, D]`` x, grouped-query attention's repeated K, needs the split). None where
+    the chain is not that; the inner nodes are left for dead-code elimination."""
     if node.op != "Reshape":
         return None
     t = node.inputs[0].producer
@@ -68,13 +90,25 @@ def _transpose_of_merged_batch(node: Node):
     if perm[0] != 0 or r is None or r.op not in VIEWS:
         return None
     x, merged, out = r.inputs[0], r.outputs[0].type.shape, node.outputs[0].type.shape
-    if x.type.rank != len(merged) + 1 or tuple(x.type.shape[2:]) != tuple(merged[1:]):
+    k = len(merged) - 1
+    if len(out) != k + 2 or tuple(out[2:]) != tuple(t.outputs[0].type.shape[1:]):
         return None
-    if tuple(out) != tuple(x.type.shape[:2]) + tuple(t.outputs[0].type.shape[1:]):
+    if x.type.rank <= k or tuple(x.type.shape[x.type.rank - k:]) != tuple(merged[1:]):
         return None
+    lead, a_b = x.type.shape[:x.type.rank - k], tuple(out[:2])
+    split = None
+    if tuple(lead) != a_b:
+        static = all(isinstance(d, int) for d in tuple(lead) + a_b)
+        if not static or int(np.prod(lead)) != a_b[0] * a_b[1]:
+            return None
+        shape = make_constant(names, f"{node.name}_split_shape", np.array(a_b + tuple(merged[1:]), np.int64))
+        value = Value(names(f"{node.name}_split"), TensorType(x.type.dtype, a_b + tuple(merged[1:])))
+        split = Node("Reshape", names(f"{node.name}_split_node"), [x, shape], [value], {"allowzero": 0}, 14)
+        value.producer = split
+        x = value
     new = Node("Transpose", node.name, [x], [node.outputs[0]], {"perm": [0, 1] + [p + 1 for p in perm[1:]]}, 13)
     node.outputs[0].producer = new
-    return new
+    return split, new
 
 
 def _as_reshape(node: Node, names: FreshNames) -> Node:
