@@ -18,14 +18,17 @@ from rtxjit.codegen.source import KernelSource, render
 from rtxjit.ir.types import DType
 
 
-def _index_lines(rank: int) -> list:
+def row_index_lines(rank: int, offsets=(("row_off", "kst"), ("out_row", "okst"))) -> list:
+    """Kernel lines that split the flat row number ``rows`` over the ``rank`` kept dims (sizes
+    ``ksize{d}``) and give each ``(name, prefix)`` of ``offsets`` its row offset through strides
+    ``{prefix}{d}``. Shared by the scan and top-k templates."""
     lines = ["    ri_rem = rows"]
     for d in reversed(range(rank)):
         if d:
             lines += [f"    ri{d} = ri_rem % ksize{d}", f"    ri_rem = ri_rem // ksize{d}"]
         else:
             lines.append(f"    ri{d} = ri_rem")
-    for name, prefix in (("row_off", "kst"), ("out_row", "okst")):
+    for name, prefix in offsets:
         lines.append(f"    {name} = " + " + ".join(f"ri{d} * {prefix}{d}" for d in range(rank)))
     return lines
 
@@ -45,7 +48,7 @@ def render_cumsum(in_dtype: DType, out_dtype: DType, kept_rank: int, *, exclusiv
              f"    rows = {pid} * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]",
              "    row_mask = rows < n_rows",
              f"    cols0 = {cols0}[None, :]"]
-    lines += _index_lines(kept_rank)
+    lines += row_index_lines(kept_rank)
     lines += [f"    carry = tl.zeros([BLOCK_R, 1], {acc})",
               "    for c0 in range(0, n_cols, BLOCK_C):",
               "        i = c0 + cols0",

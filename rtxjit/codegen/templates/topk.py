@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from rtxjit.codegen.dtypes import TL, compute_type
 from rtxjit.codegen.source import KernelSource, render
+from rtxjit.codegen.templates.scan import row_index_lines
 from rtxjit.ir.types import DType
 
 
@@ -45,15 +46,7 @@ def _key_lines(dtype: DType, largest: bool, indent: str) -> list:
 
 
 def _index_lines(rank: int) -> list:
-    lines = ["    ri_rem = rows"]
-    for d in reversed(range(rank)):
-        if d:
-            lines += [f"    ri{d} = ri_rem % ksize{d}", f"    ri_rem = ri_rem // ksize{d}"]
-        else:
-            lines.append(f"    ri{d} = ri_rem")
-    for name, prefix in (("row_off", "kst"), ("v_row", "vkst"), ("i_row", "ikst")):
-        lines.append(f"    {name} = " + " + ".join(f"ri{d} * {prefix}{d}" for d in range(rank)))
-    return lines
+    return row_index_lines(rank, (("row_off", "kst"), ("v_row", "vkst"), ("i_row", "ikst")))
 
 
 def render_topk(dtype: DType, kept_rank: int, *, largest: bool, wide: bool = False) -> KernelSource:
