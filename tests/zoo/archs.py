@@ -118,12 +118,17 @@ def build(name: str, size: str = "tiny", seed: int = 0):
 
     def make_feeds(padding: str, batch: int = 3, seq: int = 8) -> dict:
         g = torch.Generator().manual_seed(seed + 1)
-        if name == "clip_vision":
-            s = cfg.image_size
-            return {"pixel_values": torch.randn(batch, 3, s, s, generator=g)}
-        if name == "whisper_encoder":
-            frames = 2 * cfg.max_source_positions
-            return {"input_features": torch.randn(batch, cfg.num_mel_bins, frames, generator=g)}
+        if name in ("clip_vision", "whisper_encoder"):
+            # no attention mask: padding is zeros in the input itself (silence after or before the
+            # audio, a blank strip of the image), and "masked_row" is a row of zeros only
+            if name == "clip_vision":
+                x = torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=g)
+            else:
+                x = torch.randn(batch, cfg.num_mel_bins, 2 * cfg.max_source_positions, generator=g)
+            width = x.shape[-1]
+            keep = padding_mask(padding, batch, width).bool()
+            x = x * keep.view(batch, *([1] * (x.dim() - 2)), width)
+            return {"pixel_values" if name == "clip_vision" else "input_features": x}
         ids = torch.randint(3, d["vocab"], (batch, seq), generator=g)
         mask = padding_mask(padding, batch, seq)
         ids = ids.masked_fill(mask == 0, 1)

@@ -43,8 +43,6 @@ for _name in archs.ARCHS:
         _reason = EXPECTED_FAILURES.get((_name, _exporter))
         _marks = [pytest.mark.xfail(reason=_reason, strict=True)] if _reason else []
         for _padding in archs.PADDINGS:
-            if _name in ("whisper_encoder", "clip_vision") and _padding != "right":
-                continue  # no attention mask: one batch is the case
             CASES.append(pytest.param(_name, _exporter, _padding, marks=_marks, id=f"{_name}-{_exporter}-{_padding}"))
 
 
@@ -79,7 +77,7 @@ def test_zoo_through_torch_compile_matches_eager(name):
 
     torch._dynamo.reset()
     model, make_feeds = archs.build(name, "tiny")
-    paddings = archs.PADDINGS if name not in ("whisper_encoder", "clip_vision") else ("right",)
+    paddings = archs.PADDINGS
     feeds = [make_feeds(p) for p in paddings]
     wrapped = archs.Wrapped(model, list(feeds[0])).eval()
     compiled = torch.compile(wrapped, backend="rtxjit")
