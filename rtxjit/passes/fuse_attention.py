@@ -108,7 +108,7 @@ def _match(softmax: Node, uses: _Uses) -> Optional[_Match]:
     pv = _forward_to_pv(softmax, uses, m)
     if pv is None or not _backward_to_qk(softmax, uses, m):
         return None
-    m.v, m.perms["v_perm"] = _absorb_transposes(pv.inputs[1], pv, uses, m)
+    m.v, m.perms["v_perm"] = _absorb_transposes(pv.inputs[1], pv, uses, m, casts=True)
     m.output, m.perms["out_perm"] = _absorb_output_transposes(pv, uses, m)
     _absorb_kv_repeat(m, uses)
     return m if _legal(m) else None
@@ -297,16 +297,20 @@ def _perm_of(node: Node) -> tuple:
     return tuple(reversed(range(rank))) if perm is None else tuple(int(p) for p in perm)
 
 
-def _absorb_transposes(value: Value, reader: Node, uses: _Uses, m: _Match, scales: bool = False) -> tuple:
+def _absorb_transposes(value: Value, reader: Node, uses: _Uses, m: _Match, scales: bool = False,
+                       casts: bool = False) -> tuple:
     """``(stored, perm)`` with ``value == transpose(stored, perm)``: walks back through
     Transposes that only ``reader`` (or the next node in the chain) uses, composing perms. With
     ``scales`` (Q and K), a private Mul or Div by a scalar constant on the way is absorbed into the
-    op's scale too: torch's export of scaled_dot_product_attention scales Q and K by sqrt(scale)."""
+    op's scale too: torch's export of scaled_dot_product_attention scales Q and K by sqrt(scale).
+    With ``casts`` (V), a float Cast is absorbed too: the TorchScript export of an fp16 model's
+    attention upcasts V and computes the product with V (and what follows) in fp32; the op then
+    reads V in its stored type and writes the fp32 result (``out_dtype``)."""
     perm = (0, 1, 2, 3)
     while value.producer is not None and uses.private(value, reader):
         t = value.producer
-        if t.op == "Transpose":
-            inner = _perm_of(t)
+        if t.op == "Transpose" or (casts and t.op == "Cast" and _float_cast(t)):
+            inner = _perm_of(t) if t.op == "Transpose" else (0, 1, 2, 3)
             perm = tuple(inner[i] for i in perm)  # transpose(transpose(x, inner), perm)
             m.nodes.append(t)
             value, reader = t.inputs[0], t
@@ -347,7 +351,7 @@ def _broadcasts_to(shape, target) -> bool:
 
 def _legal(m: _Match) -> bool:
     """The operands fit the kernel, and the fused op's inferred type is the replaced output's."""
-    if m.q.type.dtype not in KERNEL_TYPES or m.output.type.dtype is not m.q.type.dtype:
+    if m.q.type.dtype not in KERNEL_TYPES or m.output.type.dtype not in KERNEL_TYPES:
         return False
     if any(x.type.rank != 4 for x in (m.q, m.k, m.v)):
         return False
@@ -364,6 +368,8 @@ def _inputs(m: _Match) -> list:
 
 def _attrs(m: _Match) -> dict:
     attrs = {"scale": m.scale, **{k: tuple(v) for k, v in sorted(m.perms.items())}}
+    if m.output is not None and m.output.type.dtype is not m.q.type.dtype:
+        attrs["out_dtype"] = m.output.type.dtype.onnx_code
     if m.nan_rows_zero:
         attrs["nan_rows_zero"] = 1
     if m.kv_group > 1:

@@ -270,3 +270,26 @@ def test_grouped_query_attention_reads_unrepeated_k_and_v(dtype):
     assert modified and len(fused) == 1 and fused[0].attrs["kv_group"] == g
     assert [v.name for v in fused[0].inputs[1:3]] == ["k", "v"] and "Expand" not in ops(graph)
 
+
+
+def test_fp16_attention_whose_export_upcasts_scores_and_v_fuses_with_an_fp32_output():
+    """The TorchScript export of an fp16 model's SDPA: fp16 Q.K^T, Cast to fp32, + mask, Softmax,
+    Where(IsNaN), then Cast(V) to fp32 and an fp32 product (and fp32 from there on). The op reads
+    fp16 Q/K/V and writes fp32 (out_dtype); within fp16's tolerance of the graph."""
+    f16, f32 = np.float16, np.float32
+    b, h, s, d = 2, 3, 12, 8
+    nodes = [node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]), node("MatMul", ["q", "kt"], ["s0"]),
+             node("Mul", ["s0", "c"], ["s1"]), node("Cast", ["s1"], ["s2"], to=1), node("Add", ["s2", "mask"], ["s3"]),
+             node("Softmax", ["s3"], ["p0"], axis=-1), node("IsNaN", ["p0"], ["nan"]),
+             node("Where", ["nan", "zero", "p0"], ["p"]), node("Cast", ["v"], ["v32"], to=1),
+             node("MatMul", ["p", "v32"], ["y"])]
+    inputs = {"q": (f16, [b, h, s, d]), "k": (f16, [b, h, s, d]), "v": (f16, [b, h, s, d]), "mask": (f32, [b, 1, 1, s])}
+    proto = model(nodes, inputs, {"y": (f32, [b, h, s, d])},
+                  {"c": np.array(d ** -0.5, f16), "zero": np.array([0.0], f32)})
+    feeds = {n: random(shape, dt, i) for i, (n, (dt, shape)) in enumerate(inputs.items())}
+    feeds["mask"] = np.where(np.arange(s) < 9, 0, -np.inf).astype(f32).reshape(1, 1, 1, s).repeat(b, 0)
+    feeds["mask"][1] = -np.inf  # a fully masked batch row: 0 through Where(IsNaN)
+    _, graph, modified = apply(fuse_attention, proto, feeds, np.float16)
+    fused = [n for n in graph.nodes if n.op == "rtxjit.Attention"]
+    assert modified and len(fused) == 1 and fused[0].attrs["out_dtype"] == 1 and fused[0].attrs["nan_rows_zero"] == 1
+    assert ops(graph) == {"rtxjit.Attention": 1}

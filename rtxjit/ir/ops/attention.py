@@ -19,6 +19,10 @@ tensor from the stored one, with ONNX Transpose's meaning (``logical = np.transp
 it may be of any float type. The batch and head dims of Q, K and V broadcast too. Q, K and V share
 one float dtype, which is the output's.
 
+``out_dtype`` (an ONNX element type code; 0: Q's type): the output's float type where the graph
+computed the product with V in another precision than Q and K (an fp16 model whose export upcasts V
+and the probabilities to fp32); the kernel reads V in its stored type.
+
 ``kv_group`` (grouped-query attention): K and V have ``H / kv_group`` heads, and query head ``h``
 reads K/V head ``h // kv_group`` (what repeating each K/V head ``kv_group`` times would give).
 
@@ -70,7 +74,7 @@ def inverse(perm) -> tuple:
 @op("rtxjit.Attention", since=1, kind=Kind.ATTENTION)
 def attention(q: TensorType, k: TensorType, v: TensorType, mask: TensorType = None, *, scale: float = 1.0,
               q_perm=IDENTITY, k_perm=IDENTITY, v_perm=IDENTITY, out_perm=IDENTITY,
-              nan_rows_zero: int = 0, kv_group: int = 1) -> TensorType:
+              nan_rows_zero: int = 0, kv_group: int = 1, out_dtype: int = 0) -> TensorType:
     if len({q.dtype, k.dtype, v.dtype}) != 1 or not q.dtype.is_float:
         raise ModelError(f"rtxjit.Attention needs Q, K and V of one float type, got {q}, {k}, {v}")
     bq, hq, sq, dk = _logical(q, q_perm, "q")
@@ -94,12 +98,15 @@ def attention(q: TensorType, k: TensorType, v: TensorType, mask: TensorType = No
         if not mask.dtype.is_float:
             raise ModelError(f"rtxjit.Attention: mask of {mask.dtype.short} (an additive float mask is needed)")
     logical = (b, h, sq, dv)
-    return TensorType(q.dtype, tuple(logical[p] for p in _perm(out_perm, "out_perm")))
+    dtype = DType.from_onnx(out_dtype) if out_dtype else q.dtype
+    if dtype not in KERNEL_TYPES:
+        raise ModelError(f"rtxjit.Attention: out_dtype {dtype.short} is not a float type the kernel writes")
+    return TensorType(dtype, tuple(logical[p] for p in _perm(out_perm, "out_perm")))
 
 
 @attention.reference
 def _(q, k, v, mask=None, *, scale=1.0, q_perm=IDENTITY, k_perm=IDENTITY, v_perm=IDENTITY, out_perm=IDENTITY,
-      nan_rows_zero=0, kv_group=1):
+      nan_rows_zero=0, kv_group=1, out_dtype=0):
     ql, kl, vl = (np.transpose(x, p).astype(np.float64) for x, p in ((q, q_perm), (k, k_perm), (v, v_perm)))
     kl, vl = np.repeat(kl, kv_group, axis=1), np.repeat(vl, kv_group, axis=1)
     s = scale * (ql @ np.swapaxes(kl, -1, -2))
@@ -115,7 +122,7 @@ def _(q, k, v, mask=None, *, scale=1.0, q_perm=IDENTITY, k_perm=IDENTITY, v_perm
 
 @attention.lower
 def _(ctx, q, k, v, mask=None, *, scale=1.0, q_perm=IDENTITY, k_perm=IDENTITY, v_perm=IDENTITY,
-      out_perm=IDENTITY, nan_rows_zero=0, kv_group=1):
+      out_perm=IDENTITY, nan_rows_zero=0, kv_group=1, out_dtype=0):
     if q.dtype not in KERNEL_TYPES:
         raise UnsupportedOpError(f"{ctx.where}: attention of {q.dtype.short} is not supported "
                                  f"(rtxjit runs it for {', '.join(d.short for d in KERNEL_TYPES)})")
