@@ -400,24 +400,27 @@ def _sym_value(expr, dims: dict, xs: tuple):
 class _RtxjitPart(torch.nn.Module):
     """Runs one part with an InferenceSession; output structure and devices as in eager."""
 
-    def __init__(self, session, positions: list, feed_names: list, out_spec, out_ranks: list):
+    def __init__(self, session, positions: list, feed_names: list, out_spec, out_ranks: list, out_dtypes: list):
         super().__init__()
         self.session = session
         self.positions = positions
         self.feed_names = feed_names
         self.out_spec = out_spec
         self.out_ranks = out_ranks
+        self.out_dtypes = out_dtypes
 
     def forward(self, *args):
         feeds = {name: args[i] for name, i in zip(self.feed_names, self.positions)}
         outs = self.session.run(None, feeds)
         device = next((args[i].device for i in self.positions), None)
         fixed = []
-        for t, rank in zip(outs, self.out_ranks):
+        for t, rank, dtype in zip(outs, self.out_ranks, self.out_dtypes):
             if t.dim() != rank and rank == 0:
                 t = t.reshape(())
             if device is not None and t.device != device:
                 t = t.to(device)
+            if t.dtype != dtype:  # the exporter may widen (an fp16 model's SDPA comes out fp32): eager's type
+                t = t.to(dtype)
             fixed.append(t)
         return pytree.tree_unflatten(fixed, self.out_spec)
 
@@ -481,7 +484,7 @@ def _compile_part(sub: torch.fx.GraphModule, call: torch.fx.Node, real_args: tup
     feed_names = {v.name for v in session.get_inputs()}
     kept = [(f"i{k}", pos) for k, pos in enumerate(positions) if f"i{k}" in feed_names]
     return _RtxjitPart(session, [p for _, p in kept], [n for n, _ in kept], out_spec,
-                       [t.dim() for t in leaves])
+                       [t.dim() for t in leaves], [t.dtype for t in leaves])
 
 
 def _session_for(model: onnx.ModelProto, options: dict):

@@ -91,3 +91,27 @@ def test_zoo_through_torch_compile_matches_eager(name):
                 assert err <= TOL, f"{padding}: relative error {err:.2e} against eager"
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_fp16_models_through_torch_compile_keep_eager_dtypes(name):
+    """fp16 models whose graph splits (transformers' cache concatenation runs eagerly): the
+    TorchScript export of an fp16 SDPA part widens its output to fp32; each part hands on eager's
+    dtype, so the next part gets the fp16 it was exported for (this raised an InputError)."""
+    import torch
+
+    import rtxjit.torch  # noqa: F401
+
+    torch._dynamo.reset()
+    model, make_feeds = archs.build(name, "tiny")
+    model = model.half()
+    feeds = make_feeds("left")
+    wrapped = archs.Wrapped(model, list(feeds)).eval()
+    try:
+        with torch.no_grad():
+            want = wrapped(*feeds.values())
+            got = torch.compile(wrapped, backend="rtxjit")(*feeds.values())
+        assert got.dtype == want.dtype == torch.float16
+        assert archs.rel_err(got.float().numpy(), want.float().numpy()) <= 1e-2
+    finally:
+        torch._dynamo.reset()
