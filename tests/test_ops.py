@@ -60,3 +60,25 @@ def test_relu_keeps_nan_as_onnxruntime_does():
     got = rtxjit.InferenceSession(model, device="cpu").run(None, {"x": x})[0]
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
     np.testing.assert_array_equal(got[~np.isnan(got)], want[~np.isnan(want)])
+
+
+@pytest.mark.parametrize("op_name", ["ReduceMax", "ReduceMin", "ReduceSum", "ReduceMean"])
+def test_a_long_reduction_over_few_rows_runs_in_two_stages_as_onnxruntime(op_name):
+    """One row of 65536 elements (with a NaN in one of them, for max/min): two launches (parts,
+    then the parts' results), onnxruntime's value."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    x = np.random.default_rng(5).uniform(-2, 2, (4, 8, 2048)).astype(np.float32)
+    if op_name in ("ReduceMax", "ReduceMin"):
+        x[2, 3, 100] = np.nan
+    g = helper.make_graph([helper.make_node(op_name, ["x"], ["y"], keepdims=0)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    m.ir_version = 8
+    sess = rtxjit.InferenceSession(m)
+    got = sess.run(None, {"x": x})[0]
+    want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert sess.launches_per_inference == 2
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
