@@ -25,7 +25,9 @@ def _model(op, inputs, attrs=None, outputs=("Y",), opset=23, domain="", function
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, t, s) for n, t, s in inputs if n],
                               [helper.make_tensor_value_info(o, FLOAT, None) for o in outputs if o])
     opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, 1) for d in extra_opsets]
-    return helper.make_model(graph, opset_imports=opsets, functions=list(functions))
+    model = helper.make_model(graph, opset_imports=opsets, functions=list(functions))
+    model.ir_version = max(8, helper.find_min_ir_version_for(opsets[:1]))  # older onnxruntimes refuse newer IRs
+    return model
 
 
 def _numpy(x):
