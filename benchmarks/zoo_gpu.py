@@ -9,7 +9,9 @@ captured in a CUDA graph (the replays timed), and eager.
 
 Errors: max |out - eager| / max |eager| over the tokens that are not padding (``err``; what a padded
 query position holds differs between eager SDPA and every ONNX export, onnxruntime's included) and
-over the whole output (``err_all``), fp16.
+over the whole output (``err_all``), fp16; ``err_vs_fp32``: against the same model run in fp32 by
+eager PyTorch, for every system eager fp16 included (a model whose fp16 activations run near fp16's
+range, such as T5 with random weights, is off fp32 by more than fp16's tolerance in every system).
 Timing: CUDA events around each call after warm-up, median of ``--iters`` (rtxjit after its
 specialized kernels are in). Writes ``zoo_gpu.json`` and ``zoo_gpu.md`` under ``--out``.
 """
@@ -148,6 +150,11 @@ def run_model(name: str, tiny: bool, iters: int, exporters: list) -> dict:
     dev = torch.device("cuda" if cuda else "cpu")
     dtype = torch.float16 if cuda else torch.float32
     model, make_feeds = archs.build(name, "tiny" if tiny else "full")
+    model32 = None
+    if dtype is not torch.float32:  # the fp32 model: how far fp16 itself (eager's included) lands from it
+        import copy
+
+        model32 = copy.deepcopy(model).to(dev, torch.float32)
     model = model.to(dev, dtype)
     feeds = make_feeds("left", BATCH, 16 if tiny else SEQ)
     feeds = {k: (v.to(dev, dtype) if v.is_floating_point() else v.to(dev)) for k, v in feeds.items()}
@@ -162,12 +169,20 @@ def run_model(name: str, tiny: bool, iters: int, exporters: list) -> dict:
 
     def errs(out) -> dict:
         out = out.to(ref.device)
-        return {"err": rel_err(out, ref, valid), "err_all": rel_err(out, ref)}
+        e = {"err": rel_err(out, ref, valid), "err_all": rel_err(out, ref)}
+        if ref32 is not None:
+            e["err_vs_fp32"] = rel_err(out, ref32, valid)
+        return e
 
     with torch.no_grad():
         ref = first(wrapped(*args))
+        ref32 = None
+        if model32 is not None:
+            args32 = tuple(a.float() if a.is_floating_point() else a for a in args)
+            ref32 = first(archs.Wrapped(model32, list(feeds)).eval()(*args32))
+            del model32
         runners["eager"] = lambda: wrapped(*args)
-        rec["systems"]["eager"] = {}
+        rec["systems"]["eager"] = {"err_vs_fp32": rel_err(ref, ref32, valid)} if ref32 is not None else {}
         if cuda:
             try:
                 t = time.perf_counter()
