@@ -418,16 +418,41 @@ class RuntimeCache:
     def record_shapes(self, model_key: str, shapes: dict) -> None:
         """Count one binding of input shapes (``{input name: dims}``) for a model.
 
-        Read, merge, write with an atomic replace: the record is never lost or torn, but two
-        processes recording at the same instant can lose one of the two increments (last writer
-        wins), which a histogram of hints can afford. At most HISTOGRAM_CAP bindings are kept.
+        Read, merge, write with an atomic replace, under an advisory lock on the record's lock
+        file (flock: between processes, and between sessions of one process that share the
+        directory): two writers at one instant used to drop each other's bindings (last writer
+        wins; seen in the concurrency test under load). Where no lock can be taken the merge goes
+        ahead unlocked, which a histogram of hints can afford. At most HISTOGRAM_CAP bindings are kept.
         """
         entry = canonical_json({n: [int(d) for d in dims] for n, dims in shapes.items()})
         key = self._histogram_key(model_key)
-        counts = self._histogram(key)
-        counts[entry] = counts.get(entry, 0) + 1
-        kept = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:HISTOGRAM_CAP]
-        self.put_json(key, {"model": model_key, "counts": dict(kept)})
+        with self._locked(key):
+            counts = self._histogram(key)
+            counts[entry] = counts.get(entry, 0) + 1
+            kept = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:HISTOGRAM_CAP]
+            self.put_json(key, {"model": model_key, "counts": dict(kept)})
+
+    @contextlib.contextmanager
+    def _locked(self, key: str):
+        """An exclusive flock on ``<meta path>.lock`` for the block (nothing where fcntl or the file
+        is not available: the caller's merge then runs unlocked)."""
+        try:
+            import fcntl
+
+            lock_path = self._meta_path(key).with_suffix(".lock")
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(lock_path, "a+")
+        except (ImportError, OSError):
+            yield
+            return
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            except OSError:
+                pass
+            yield
+        finally:
+            handle.close()  # closing releases the lock
 
     def _histogram(self, key: str) -> dict:
         record = self.get_json(key, check_versions=False)
