@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ if str(REPO) not in sys.path:
 import rtxjit  # noqa: E402  (before transformers, which imports triton)
 import torch  # noqa: E402
 
+from benchmarks.bench_models import time_calls  # noqa: E402
 from tests.zoo import archs  # noqa: E402
 
 MODELS = ["bert", "gpt2", "llama", "t5_encoder", "whisper_encoder"]
@@ -58,23 +58,10 @@ def rel_err(out, ref, valid=None) -> float:
 
 
 def time_ms(call, iters: int, cuda: bool) -> float:
+    """Median ms of ``iters`` synchronized calls after 5 warm-up calls (bench_models' timer)."""
     for _ in range(5):
         call()
-    times = []
-    for _ in range(iters):
-        if cuda:
-            torch.cuda.synchronize()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            call()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t = time.perf_counter()
-            call()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    return time_calls(call, iters, cuda)["median_ms"]
 
 
 def graphed(fn, cuda: bool):

@@ -30,6 +30,9 @@ PIPELINE = [
     ("fold_constants", fold_constants),
     ("fold_batchnorm", fold_batchnorm),
     ("fuse_normalization", fuse_normalization),
+    # what the rewrites above bypassed goes now: fusion's single-reader checks must see live readers
+    # only (simplify_shapes' merged-batch rewrite leaves the repeated K's old Reshape reading it)
+    ("eliminate_dead_code", eliminate_dead_code),
     # fuse: one product for parallel projections; attention while its scale, mask Add and Casts
     # are still plain nodes; then chains of pointwise ops
     ("merge_parallel_matmuls", merge_parallel_matmuls),

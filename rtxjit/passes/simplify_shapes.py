@@ -29,7 +29,7 @@ VIEWS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 
 def simplify_shapes(graph: Graph) -> PassResult:
     names = FreshNames(graph)
-    removed, modified, inserts, bypassed = [], False, [], []
+    removed, modified, inserts = [], False, []
     for i, node in enumerate(graph.nodes):
         while _merge_chain(node, names):  # Transpose(Transpose(..)) chains of any length
             modified = True
@@ -37,9 +37,7 @@ def simplify_shapes(graph: Graph) -> PassResult:
             graph.nodes[i] = node = _as_reshape(node, names)
             modified = True
         merged = _transpose_of_merged_batch(node, names)
-        if merged is not None:
-            bypassed.append(node.inputs[0].producer)  # the inner Transpose, then its Reshape
-            bypassed.append(bypassed[-1].inputs[0].producer)
+        if merged is not None:  # the bypassed Transpose and Reshape are left to dead-code elimination
             split, graph.nodes[i] = merged
             node = graph.nodes[i]
             if split is not None:
@@ -50,7 +48,6 @@ def simplify_shapes(graph: Graph) -> PassResult:
     for i, split in reversed(inserts):
         graph.nodes.insert(i, split)
     remove_nodes(graph, removed)
-    _remove_unread(graph, bypassed)
     return PassResult(graph, modified or bool(removed))
 
 
@@ -62,16 +59,6 @@ def _transpose_is_reshape(node: Node) -> bool:
     shape, perm = node.inputs[0].type.shape, _perm(node)
     moved = [p for p in perm if shape[p] != 1]
     return moved == sorted(moved) and perm != list(range(len(shape)))
-
-
-def _remove_unread(graph: Graph, nodes: list) -> None:
-    """Drop the nodes (in order) whose outputs nothing reads any more: the chains a rewrite
-    bypassed, so that later passes see single readers (attention fusion's legality) without
-    waiting for dead-code elimination at the end of the pipeline."""
-    for node in nodes:
-        uses = graph.consumers()
-        if node in graph.nodes and not any(uses.get(o.name) or _used(graph, o) for o in node.outputs if o is not None):
-            remove_nodes(graph, [node])
 
 
 def _transpose_of_merged_batch(node: Node, names: FreshNames):

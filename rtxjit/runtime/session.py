@@ -355,7 +355,6 @@ class IndexUse:
     ``dim`` (an int), or dim ``axis`` of graph input ``data`` (bound at run time)."""
 
     node: str
-    op: str
     axis: int
     dim: Optional[int]
     data: Optional[str]
@@ -375,9 +374,9 @@ def index_inputs(graph: Graph) -> dict:
         axis = int(node.attrs.get("axis", 0)) % max(data.type.rank, 1)
         dim = data.type.shape[axis]
         if isinstance(dim, int):
-            found.setdefault(idx.name, []).append(IndexUse(node.name, node.op, axis, dim, None))
+            found.setdefault(idx.name, []).append(IndexUse(node.name, axis, dim, None))
         elif data.name in inputs:
-            found.setdefault(idx.name, []).append(IndexUse(node.name, node.op, axis, None, data.name))
+            found.setdefault(idx.name, []).append(IndexUse(node.name, axis, None, data.name))
     return found
 
 
@@ -393,7 +392,7 @@ def check_indices(name: str, x: np.ndarray, uses: list, feeds: dict) -> None:
         if lo < -n or hi >= n:
             bad = hi if hi >= n else lo
             raise InputError(f"input '{name}': index {bad} is out of range [{-n}, {n - 1}] of axis {use.axis} "
-                             f"of node '{use.node}' ({use.op})")
+                             f"of node '{use.node}' (Gather)")
 
 
 def _dtype_of_torch(dt: torch.dtype, name: str) -> DType:
