@@ -1,4 +1,4 @@
 """Every op, once. Importing this package fills the registry."""
 
-from rtxjit.ir.ops import (attention, conv, einsum, elementwise, fused, indexing, matmul, movement, pool,  # noqa: F401
-                           reduce, scan, shape)
+from rtxjit.ir.ops import (attention, conv, einsum, elementwise, fused, indexing, matmul, movement, norm,  # noqa: F401
+                           pad, pool, reduce, resize, scan, shape)
