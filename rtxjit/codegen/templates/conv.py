@@ -1,25 +1,38 @@
-"""2-D convolution (NCHW) as an implicit GEMM on ``tl.dot``, per group:
+"""Convolution (NCHW / NCDHW) and transposed convolution as an implicit GEMM on ``tl.dot``, per group:
 
-    out[n, g*N + co, oh, ow] = sum_k A[m, k] * B[k, co] (+ bias[g*N + co])
+    out[n, g*N + co, (od,) oh, ow] = sum_k A[m, k] * B[k, co] (+ bias[g*N + co])
 
-with ``m = (n, oh, ow)`` flattened (``M = batch * OH * OW``), ``N`` the output channels per group
-and ``k`` a tap ``(kh, kw, ci)`` (``K = C * KH * KW``, ``C`` the input channels per group).
-``A`` is never built: each tile is gathered from the input on the fly, and taps that fall into the
-padding are masked to zero. ``B`` is the weight, addressed through its four strides, so it may be
-stored in any order: the lowering passes it pre-transposed to ``[KH, KW, C, Cout]`` (output
-channels contiguous, 16-byte loads) when it is a constant. ``program_id(1)`` is the group.
+with ``m = (n, (od,) oh, ow)`` flattened (``M = batch * (OD *) OH * OW``), ``N`` the output channels
+per group and ``k`` a tap ``(ci, (kd,) kh, kw)`` (``K = C * (KD *) KH * KW``, ``C`` the input channels
+per group). ``A`` is never built: each tile is gathered from the input on the fly, and taps that fall
+into the padding are masked to zero. ``B`` is the weight ``[Cout, C, (KD,) KH, KW]``, addressed
+through its strides, so it may be stored in any order: the lowering passes it pre-transposed to
+``[(KD,) KH, KW, C, Cout]`` (output channels contiguous, 16-byte loads) when it is a constant.
+``program_id(1)`` is the group.
+
+Two template options, both off for the 2-D convolution (whose source they leave as it was):
+- ``depth``: a third spatial axis ``d`` before ``h`` (Conv3d); its sizes, stride, pad, dilation and
+  strides are extra arguments after those of ``h``'s kind (``D, OD, KD, ...``, ``x_sd, w_skd, out_sd``).
+- ``transposed`` (ConvTranspose), in gather form: output pixel ``o`` sums the input pixels ``i``
+  and taps ``k`` with ``o = i * stride - pad + k * dil``, i.e. ``i = (o + pad - k * dil) / stride``
+  where that divides exactly and lands inside the input. ``pad_*`` are ConvTranspose's begin pads,
+  ``H, W`` the input size, ``OH, OW`` the output size, and the weight is seen in Conv's layout
+  ``[Cout, C, ...]`` (the lowering rearranges ConvTranspose's ``[Cin, Cout/group, ...]``). A tap
+  that does not divide is masked like a padding tap: with stride s, ``1 - 1/s`` of each axis's taps
+  multiply zeros (correct first; a sub-pixel split into s^d ordinary convolutions would skip them).
 
 Two K loops (``tap_major``):
-- tap-major (the default): one loop step covers one tap ``(kh, kw)`` and ``BLOCK_K`` input
+- tap-major (the default): one loop step covers one tap ``((kd,) kh, kw)`` and ``BLOCK_K`` input
   channels. The tap and channel block come from scalar arithmetic on the step number, so the loop
   stays a single loop that Triton pipelines (``num_stages``), and the per-element work is a
   multiply-add: the row's input address and padding test depend on the tap only, not on ``ci``.
-- flat: ``k`` runs over ``(ci, kh, kw)`` flattened, split per element with div/mod. Used when a
+- flat: ``k`` runs over ``(ci, (kd,) kh, kw)`` flattened, split per element with div/mod. Used when a
   group has few input channels (the 3-channel stem, depthwise), where a block of channels per tap
   would be mostly padding.
 
 Every size, stride, pad and dilation is a run-time argument: one compiled kernel per dtype, bias
-flag, loop kind and unit-stride set serves every shape. The epilogue is the matmul template's.
+flag, loop kind, unit-stride set and the two options serves every shape. The epilogue is the
+matmul template's.
 """
 
 from __future__ import annotations
@@ -30,32 +43,94 @@ from rtxjit.codegen.templates.matmul import (acc_type, bias_params, epilogue, in
 from rtxjit.codegen.dtypes import TL
 from rtxjit.ir.types import DType
 
-GEOMETRY = ["C", "H", "W", "OH", "OW", "KH", "KW", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w"]
-STRIDES = ["x_sn", "x_sc", "x_sh", "x_sw", "w_sco", "w_sci", "w_skh", "w_skw", "out_sn", "out_sc", "out_sh",
-           "out_sw"]
+
+def _geometry(axes: str) -> list:
+    """``C``, then per spatial axis its input size, output size, kernel size, stride, begin pad and
+    dilation, each group in axis order (``H, W, OH, OW, KH, KW, stride_h, ...`` for 2-D)."""
+    big = [a.upper() for a in axes]
+    return (["C", *big, *(f"O{a}" for a in big), *(f"K{a}" for a in big)]
+            + [f"{kind}_{a}" for kind in ("stride", "pad", "dil") for a in axes])
 
 
-def _flat_gather(unit: frozenset) -> list:
+def _strides(axes: str) -> list:
+    """The strides of ``x``, of ``w`` (along output channels, input channels, then the kernel axes)
+    and of ``out``, each in dim order."""
+    return ([f"x_s{a}" for a in "nc" + axes] + ["w_sco", "w_sci"] + [f"w_sk{a}" for a in axes]
+            + [f"out_s{a}" for a in "nc" + axes])
+
+
+def _split(index: str, axes: str, prefix: str, size: str, rest: str) -> list:
+    """Lines that split a flat ``index`` (row-major over ``rest`` then ``axes``) into
+    ``{prefix}{a}`` per axis (innermost first) and ``rest``: ``kw = rk % KW``, ``kh = (rk // KW) % KH``,
+    ``ci = rk // (KW * KH)``."""
+    lines, inner = [], []
+    for a in reversed(axes):
+        if not inner:
+            div = index
+        elif len(inner) == 1:
+            div = f"({index} // {inner[0]})"
+        else:
+            div = f"({index} // ({' * '.join(inner)}))"
+        lines.append(f"{prefix}{a} = {div} % {size}{a.upper()}")
+        inner.append(f"{size}{a.upper()}")
+    tail = inner[0] if len(inner) == 1 else f"({' * '.join(inner)})"
+    return lines, f"{index} // {tail}"
+
+
+def _tap_rows(axes: str, transposed: bool, base: str, tap: str) -> tuple:
+    """Lines giving the input position ``i{a}`` of each axis for tap ``k{a}`` from the per-row base
+    ``i{a}0`` (``t{a}0`` when transposed), ``[:, None]``/``[None, :]`` per ``base``/``tap``, and the
+    position's validity test."""
+    lines, tests = [], []
+    for a in axes:
+        if transposed:
+            lines += [f"t{a} = t{a}0{base} - k{a}{tap} * dil_{a}", f"i{a} = t{a} // stride_{a}"]
+            tests.append(f"(t{a} >= 0) & (i{a} * stride_{a} == t{a}) & (i{a} < {a.upper()})")
+        else:
+            lines.append(f"i{a} = i{a}0{base} + k{a}{tap} * dil_{a}")
+            tests.append(f"(i{a} >= 0) & (i{a} < {a.upper()})")
+    return lines, " & ".join(tests)
+
+
+def _input_offset(axes: str, unit: frozenset) -> str:
+    """``id * x_sd + ih * x_sh + iw * x_sw`` (the last scaled by its stride unless it is 1)."""
+    terms = [f"i{a} * x_s{a}" for a in axes[:-1]] + [scaled(f"i{axes[-1]}", f"x_s{axes[-1]}", unit)]
+    return " + ".join(terms)
+
+
+def _flat_gather(axes: str, transposed: bool, unit: frozenset) -> list:
+    split, ci = _split("rk", axes, "k", "K", "ci")
+    rows, valid = _tap_rows(axes, transposed, "[:, None]", "[None, :]")
+    w_tap = " + ".join(["ci * w_sci"] + [f"k{a} * w_sk{a}" for a in axes])
     return [
         # k -> (ci, kh, kw); the tap of output pixel m at k is x[n, g*C + ci, ih, iw]
-        "        kw = rk % KW",
-        "        kh = (rk // KW) % KH",
-        "        ci = rk // (KW * KH)",
-        "        ih = ih0[:, None] + kh[None, :] * dil_h",
-        "        iw = iw0[:, None] + kw[None, :] * dil_w",
-        "        a_mask = (rm[:, None] < M) & (rk[None, :] < K) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)",
-        f"        a_addr = x_ptr + x_base[:, None] + ci[None, :] * x_sc + ih * x_sh + {scaled('iw', 'x_sw', unit)}",
+        *(f"        {line}" for line in split),
+        f"        ci = {ci}",
+        *(f"        {line}" for line in rows),
+        f"        a_mask = (rm[:, None] < M) & (rk[None, :] < K) & {valid}",
+        f"        a_addr = x_ptr + x_base[:, None] + ci[None, :] * x_sc + {_input_offset(axes, unit)}",
         "        a = tl.load(a_addr, mask=a_mask, other=0.0)",
         "        b_mask = (rk[:, None] < K) & (rn[None, :] < N)",
-        "        w_tap = ci * w_sci + kh * w_skh + kw * w_skw",
+        f"        w_tap = {w_tap}",
         f"        b = tl.load(w_ptr + w_off + {scaled('co[None, :]', 'w_sco', unit)} + w_tap[:, None], mask=b_mask,"
         " other=0.0)",
     ]
 
 
-def _tap_major_loop(dtype: DType, wide: bool, unit: frozenset) -> list:
+def _tap_split(axes: str) -> list:
+    """Loop-body lines that split ``tap`` into ``k{a}`` per axis with scalar arithmetic."""
+    if axes == "hw":
+        return ["        kh = tap // KW", "        kw = tap - kh * KW"]
+    return ["        kd = tap // (KH * KW)", "        khw = tap - kd * (KH * KW)",
+            "        kh = khw // KW", "        kw = khw - kh * KW"]
+
+
+def _tap_major_loop(dtype: DType, wide: bool, unit: frozenset, axes: str, transposed: bool) -> list:
     w = int64_suffix(wide)
     a_cols = scaled("ci[None, :]", "x_sc", unit)  # channels-last input: 16-byte loads, pipelined
+    taps = " * ".join(f"K{a.upper()}" for a in axes)
+    rows, valid = _tap_rows(axes, transposed, "", "")
+    b_rows = " + ".join(["w_cols"] + [f"k{a} * w_sk{a}" for a in axes])
     return [
         f"    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype={TL[acc_type(dtype)]})",
         "    m_ok = rm < M",
@@ -63,17 +138,15 @@ def _tap_major_loop(dtype: DType, wide: bool, unit: frozenset) -> list:
         f"    w_cols = w_ptr + w_off + {scaled('co', 'w_sco', unit)}",
         f"    rc = tl.arange(0, BLOCK_K){w}",
         "    c_steps = tl.cdiv(C, BLOCK_K)",
-        "    for step in range(0, KH * KW * c_steps):",
+        f"    for step in range(0, {taps} * c_steps):",
         "        tap = step // c_steps",
         "        c0 = (step - tap * c_steps) * BLOCK_K",
-        "        kh = tap // KW",
-        "        kw = tap - kh * KW",
-        "        ih = ih0 + kh * dil_h",
-        "        iw = iw0 + kw * dil_w",
-        "        row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)",
-        f"        a_rows = x_ptr + x_base + ih * x_sh + {scaled('iw', 'x_sw', unit)}",
+        *_tap_split(axes),
+        *(f"        {line}" for line in rows),
+        f"        row_ok = m_ok & {valid}",
+        f"        a_rows = x_ptr + x_base + {_input_offset(axes, unit)}",
         "        ci = c0 + rc",
-        "        b_rows = w_cols + kh * w_skh + kw * w_skw",
+        f"        b_rows = {b_rows}",
         "        if EVEN_K:",
         f"            a = tl.load(a_rows[:, None] + {a_cols}, mask=row_ok[:, None], other=0.0)",
         "            b = tl.load(b_rows[None, :] + ci[:, None] * w_sci, mask=n_ok[None, :], other=0.0)",
@@ -86,50 +159,70 @@ def _tap_major_loop(dtype: DType, wide: bool, unit: frozenset) -> list:
     ]
 
 
-def _extra_addr(k: int) -> str:
-    """Extra epilogue input ``k`` (an NCHW view) at the tile's pixels and output channels."""
-    return f"e{k}_ptr + e{k}_off + (nb * e{k}_sn + oh * e{k}_sh + ow * e{k}_sw)[:, None] + co[None, :] * e{k}_sc"
+def _pixel(axes: str, stride: str, unit: frozenset = frozenset(), last: str = None) -> str:
+    """``nb * {stride}n + od * {stride}d + oh * {stride}h + ow * {stride}w``."""
+    terms = [f"nb * {stride}n"] + [f"o{a} * {stride}{a}" for a in axes[:-1]]
+    a = axes[-1]
+    terms.append(scaled(f"o{a}", f"{stride}{a}", unit) if last is None else f"o{a} * {stride}{a}")
+    return " + ".join(terms)
 
 
 def render_conv2d(dtype: DType, has_bias: bool, wide: bool = False, tap_major: bool = True,
-                  unit: frozenset = frozenset(), fused=None) -> KernelSource:
-    """The kernel for ``Conv`` over 2-D NCHW views.
+                  unit: frozenset = frozenset(), fused=None, depth: bool = False,
+                  transposed: bool = False) -> KernelSource:
+    """The kernel for ``Conv`` over 2-D NCHW views (3-D NCDHW ones with ``depth``; ConvTranspose's
+    gather form with ``transposed``).
 
     Arguments, in order: ``out, x, w`` (and ``bias``) as pointer and offset; ``M, N, K``; the
     geometry (``C`` input channels per group, ``H, W, OH, OW, KH, KW``, strides, begin pads,
-    dilations); the strides of ``x``, of ``w`` (along output channels, input channels, kh, kw) and
-    of ``out`` (and ``bias_sm, bias_sn``, the bias viewed as ``[M, Cout]``). Block sizes,
-    ``GROUP_M`` and ``EVEN_K`` (``C`` a multiple of ``BLOCK_K``, tap-major loop only) are
-    constexprs. ``unit`` names strides that are 1 for this launch (``x_sc`` for a channels-last
-    input, ``x_sw``, ``w_sco``, ``out_sw``).
+    dilations: ``D``, ``OD``, ... first in each group with ``depth``); the strides of ``x``, of
+    ``w`` (along output channels, input channels, (kd,) kh, kw) and of ``out`` (and ``bias_sm,
+    bias_sn``, the bias viewed as ``[M, Cout]``). Block sizes, ``GROUP_M`` and ``EVEN_K`` (``C`` a
+    multiple of ``BLOCK_K``, tap-major loop only) are constexprs. ``unit`` names strides that are 1
+    for this launch (``x_sc`` for a channels-last input, ``x_sw``, ``w_sco``, ``out_sw``).
     """
+    axes = "dhw" if depth else "hw"
+    name = f"conv{'_transpose' if transposed else ''}{len(axes)}d"
     params = ["out_ptr", "out_off", "x_ptr", "x_off", "w_ptr", "w_off", *bias_params(has_bias)]
-    params += ["M", "N", "K", *GEOMETRY, *STRIDES]
+    params += ["M", "N", "K", *_geometry(axes), *_strides(axes)]
     params += ["bias_sm", "bias_sn"] if has_bias else []
-    params += fused.params(["sn", "sc", "sh", "sw"]) if fused else []  # extras as NCHW views
-    loop = _tap_major_loop(dtype, wide, unit) if tap_major else k_loop(_flat_gather(unit), dtype, wide)
+    params += fused.params([f"s{a}" for a in "nc" + axes]) if fused else []  # extras as NC(D)HW views
+    if tap_major:
+        loop = _tap_major_loop(dtype, wide, unit, axes, transposed)
+    else:
+        loop = k_loop(_flat_gather(axes, transposed, unit), dtype, wide)
+    split, nb = _split("rm", axes, "o", "O", "nb")
+    if transposed:  # i = (o + pad - k * dil) / stride
+        bases = [f"    t{a}0 = o{a} + pad_{a}" for a in axes]
+    else:
+        bases = [f"    i{a}0 = o{a} * stride_{a} - pad_{a}" for a in axes]
     lines = [
-        signature("conv2d", params),
+        signature(name, params),
         *tile_indices(wide),
         f"    g = tl.program_id(1){int64_suffix(wide)}",
         "    co = g * N + rn",
-        "    ow = rm % OW",
-        "    oh = (rm // OW) % OH",
-        "    nb = rm // (OW * OH)",
-        "    ih0 = oh * stride_h - pad_h",
-        "    iw0 = ow * stride_w - pad_w",
+        *(f"    {line}" for line in split),
+        f"    nb = {nb}",
+        *bases,
         "    x_base = x_off + nb * x_sn + g * C * x_sc",
         *loop,
         "    mask = (rm[:, None] < M) & (rn[None, :] < N)",
-        f"    out_pixel = nb * out_sn + oh * out_sh + {scaled('ow', 'out_sw', unit)}",
+        f"    out_pixel = {_pixel(axes, 'out_s', unit)}",
         *epilogue("out_ptr + out_off + out_pixel[:, None] + co[None, :] * out_sc", dtype, has_bias,
-                  scaled=False, cols="co", fused=fused, fused_addr=_extra_addr),
+                  scaled=False, cols="co", fused=fused,
+                  fused_addr=lambda k: _extra_addr(k, axes)),
     ]
-    header = f"conv2d implicit gemm in={dtype.short} bias={has_bias} loop={'tap' if tap_major else 'flat'}"
+    kind = "implicit gemm (gather)" if transposed else "implicit gemm"
+    header = f"{name} {kind} in={dtype.short} bias={has_bias} loop={'tap' if tap_major else 'flat'}"
     header += fused.header() if fused else ""
     if unit:
         header += f" unit_strides={','.join(sorted(unit))}"
-    return render("conv2d", header, "\n".join(lines))
+    return render(name, header, "\n".join(lines))
+
+
+def _extra_addr(k: int, axes: str) -> str:
+    """Extra epilogue input ``k`` (an NC(D)HW view) at the tile's pixels and output channels."""
+    return f"e{k}_ptr + e{k}_off + ({_pixel(axes, f'e{k}_s', last='plain')})[:, None] + co[None, :] * e{k}_sc"
 
 
 def render_nchw_to_nhwc() -> KernelSource:

@@ -1,8 +1,10 @@
 """Conv: ONNX's N-D attributes resolved to per-axis geometry, run as an implicit GEMM on ``tl.dot``.
 
 2-D convolutions run on the ``conv2d`` template directly; 1-D ones run on it too, as 2-D with
-``H = 1`` (views only). 3-D convolutions are not supported yet. The float64 reference is written
-for any rank with numpy's sliding windows.
+``H = 1`` (views only); 3-D ones run on its ``depth`` variant (``conv3d``: one more spatial axis in
+the gather, the same tiles, loops and epilogue). ``emit_conv`` is shared with ConvTranspose
+(ops/conv_transpose.py), which runs on the template's ``transposed`` variant. The float64 reference
+is written for any rank with numpy's sliding windows.
 """
 
 from __future__ import annotations
@@ -109,7 +111,16 @@ def _check_channels(x: TensorType, w: TensorType, b, group: int) -> None:
              Sample([Rand((2, 32, 5, 5)), Rand((8, 16, 3, 3))], {"group": 2, "pads": [1, 0, 1, 2]}),
              # 1x1, stride 1: a batched GEMM
              Sample([Rand((2, 6, 5, 4)), Rand((3, 6, 1, 1)), Rand((3,))]),
-             Sample([Rand((2, 6, 7)), Rand((5, 6, 1))])])
+             Sample([Rand((2, 6, 7)), Rand((5, 6, 1))]),
+             # 3-D (video models: r3d / mc3 / r(2+1)d stems and blocks)
+             Sample([Rand((1, 3, 4, 7, 6)), Rand((4, 3, 3, 3, 3)), Rand((4,))],
+                    {"pads": [1, 1, 1, 1, 1, 1], "strides": [1, 2, 2]}),
+             Sample([Rand((2, 4, 3, 5, 5)), Rand((6, 2, 2, 3, 3))],
+                    {"group": 2, "dilations": [1, 2, 1], "auto_pad": "SAME_UPPER"}),
+             Sample([Rand((1, 16, 4, 3, 3)), Rand((8, 16, 3, 1, 1)), Rand((8,))], {"pads": [1, 0, 0, 1, 0, 0]}),
+             Sample([Rand((1, 16, 2, 4, 5)), Rand((8, 16, 1, 3, 3))], {"pads": [0, 1, 1, 0, 1, 0], "strides": [1, 2, 1]}),
+             Sample([Rand((1, 4, 3, 4, 4)), Rand((6, 4, 1, 1, 1)), Rand((6,))], {"strides": [2, 2, 2]}),
+             Sample([Rand((1, 6, 2, 3, 4)), Rand((5, 6, 1, 1, 1))])])
 def conv(x: TensorType, w: TensorType, b: TensorType = None, *, auto_pad: str = "NOTSET", dilations=None,
          group: int = 1, kernel_shape=None, pads=None, strides=None) -> TensorType:
     if len({t.dtype for t in (x, w, b) if t is not None}) != 1:
@@ -150,22 +161,27 @@ NHWC_BLOCK = 64  # tile of the NCHW -> NHWC transpose
 
 def _weight(ctx, w: View, index: int = 1) -> View:
     """The weight as the kernel reads it best: a constant weight ``[Cout, C, *kernel]`` is uploaded
-    once more, transposed to ``[*kernel, C, Cout]`` (output channels contiguous, so the B tile loads
-    16 bytes at a time), and returned as a view of the same logical shape; others stay as they are
-    (the kernel reads any strides)."""
+    once more, transposed (``dense_weight``); others stay as they are (the kernel reads any strides)."""
     value = ctx.node.inputs[index]
     if value is None or value.const is None or tuple(value.const.shape) != w.shape:
         return w
-    rank = w.rank
+    return dense_weight(ctx, value.const)
+
+
+def dense_weight(ctx, array: np.ndarray) -> View:
+    """A host weight ``[Cout, C, *kernel]`` uploaded transposed to ``[*kernel, C, Cout]`` (output
+    channels contiguous, so the B tile loads 16 bytes at a time), returned as a view of the
+    logical shape ``[Cout, C, *kernel]``."""
+    rank = array.ndim
     perm = tuple(range(2, rank)) + (1, 0)  # [Cout, C, *k] -> [*k, C, Cout]
-    dense = ctx.const(np.ascontiguousarray(np.transpose(value.const, perm)))
+    dense = ctx.const(np.ascontiguousarray(np.transpose(array, perm)))
     back = [0] * rank
     for i, p in enumerate(perm):
         back[p] = i
     return dense.permute(back)
 
 
-def _pointwise_gemm(ctx, x: View, w: View, b, out: View) -> None:
+def pointwise_gemm(ctx, x: View, w: View, b, out: View) -> None:
     """A 1x1 convolution with stride 1, no padding and one group is a batched GEMM per image:
     ``out[n] ([Cout, H*W]) = w ([Cout, C]) @ x[n] ([C, H*W]) (+ bias[:, None])``."""
     batch, c_in = x.shape[:2]
@@ -178,17 +194,23 @@ def _pointwise_gemm(ctx, x: View, w: View, b, out: View) -> None:
     emit_matmul(ctx, wm, xm, om, bias)
 
 
+def _channels_last_perm(rank: int) -> list:
+    """The permutation that shows an ``[N, *spatial, C]`` buffer as ``[N, C, *spatial]``."""
+    return [0, rank - 1] + list(range(1, rank - 1))
+
+
 def _channels_last(ctx, x: View) -> View:
-    """``x`` ``[N, C, H, W]`` copied to an NHWC buffer, seen as the same NCHW view with channels-last
-    strides: the tap-major kernel then reads channels contiguously (16-byte loads that Triton can
-    stage through shared memory asynchronously, so the K loop pipelines). The graph stays NCHW; the
-    copy costs one pass over the input (a layout pass could keep activations NHWC between convs)."""
-    n, c, h, w = x.shape
-    nhwc = ctx.temp(x.dtype, (n, h, w, c)).permute([0, 3, 1, 2])
+    """``x`` ``[N, C, (D,) H, W]`` copied to an N(D)HWC buffer, seen as the same NC(D)HW view with
+    channels-last strides: the tap-major kernel then reads channels contiguously (16-byte loads that
+    Triton can stage through shared memory asynchronously, so the K loop pipelines). The graph stays
+    NCHW; the copy costs one pass over the input (a layout pass could keep activations NHWC between
+    convs)."""
+    n, c = x.shape[:2]
+    nhwc = ctx.temp(x.dtype, (n, *x.shape[2:], c)).permute(_channels_last_perm(x.rank))
     if not x.contiguous:
         ctx.copy(x, nhwc)
         return nhwc
-    p = h * w
+    p = int(np.prod(x.shape[2:], dtype=np.int64))
     grid = (-(-c // NHWC_BLOCK) * -(-p // NHWC_BLOCK), n)
     ctx.launch(render_nchw_to_nhwc(), grid, [ctx.ptr(nhwc), nhwc.offset, ctx.ptr(x), x.offset, c, p, x.strides[0]],
                BLOCK_C=NHWC_BLOCK, BLOCK_P=NHWC_BLOCK)
@@ -203,69 +225,78 @@ def _is_pointwise(x: View, geo: WindowGeometry, group: int) -> bool:
 @conv.lower
 def _(ctx, x, w, b=None, *, group=1, **attrs):
     check_dot_type(ctx, x.dtype)
-    if x.rank not in (3, 4):
-        raise UnsupportedOpError(f"{ctx.where}: Conv over {x.rank - 2} spatial dims is not supported "
-                                 "(1-D and 2-D are)")
     geo = conv_geometry(x.shape[2:], w.shape[2:], **attrs)
-    out = _channels_last_output(ctx) if x.rank == 4 else ctx.outputs[0]
-    nhwc = out is not ctx.outputs[0]
+    out = channels_last_output(ctx)
     if _is_pointwise(x, geo, group):
-        _pointwise_gemm(ctx, x, w, b, out)
+        pointwise_gemm(ctx, x, w, b, out)
     else:
-        w = _weight(ctx, w)
-        if x.rank == 3:
-            x, w, out, geo = _unsqueeze_h(x), _unsqueeze_h(w), _unsqueeze_h(out), geo.as_2d()
-        emit_conv2d(ctx, x, w, b, out, geo, group)
-    if nhwc:
+        emit_conv(ctx, x, _weight(ctx, w), b, out, geo, group)
+    if out is not ctx.outputs[0]:
         ctx.alias(0, out)
 
 
-def _channels_last_output(ctx) -> View:
-    """Where every reader is a conv that reads channels-last (the tap-major loop, see
-    ``emit_conv2d``), the output is written NHWC (seen as an NCHW view with channels-last strides),
-    so those readers need no layout copy: the layout choice is made per edge, the graph stays NCHW.
-    Otherwise the planned (NCHW) output."""
+def channels_last_output(ctx) -> View:
+    """Where every reader is a convolution that reads channels-last (the tap-major loop, see
+    ``emit_conv``), the 2-D or 3-D output is written N(D)HWC (seen as an NC(D)HW view with
+    channels-last strides), so those readers need no layout copy: the layout choice is made per
+    edge, the graph stays NCHW. Otherwise the planned (NCHW) output."""
     out = ctx.outputs[0]
     readers = ctx.readers()
-    if not readers or not all(_reads_channels_last(r) for r in readers):
+    if out.rank not in (4, 5) or not readers or not all(_reads_channels_last(r) for r in readers):
         return out
-    n, c, h, w = out.shape
-    return ctx.temp(out.dtype, (n, h, w, c)).permute([0, 3, 1, 2])
+    n, c = out.shape[:2]
+    return ctx.temp(out.dtype, (n, *out.shape[2:], c)).permute(_channels_last_perm(out.rank))
 
 
 def _reads_channels_last(node) -> bool:
     anchor = node.attrs.get("anchor", node.op)
-    if anchor != "Conv" or node.inputs[0].type.rank != 4:
+    if anchor not in ("Conv", "ConvTranspose") or node.inputs[0].type.rank not in (4, 5):
         return False
     w = node.inputs[1].type.shape
     group = dict(node.attrs.get("anchor_attrs", node.attrs)).get("group", 1)
-    return isinstance(w[1], int) and w[1] >= TAP_MAJOR_MIN_CHANNELS and w[2] * w[3] > 1 and group == 1
+    c = w[1] if anchor == "Conv" else w[0]  # input channels (of the one group)
+    if not all(isinstance(d, int) for d in (c, *w[2:])):
+        return False
+    return tap_major(c, w[2:]) and group == 1
 
 
-def emit_conv2d(ctx, x: View, w: View, b, out: View, geo: WindowGeometry, group: int) -> None:
-    """Launch the implicit-GEMM kernel for a 2-D NCHW convolution: one program per output tile
-    of ``[BLOCK_M pixels, BLOCK_N channels]`` in each group."""
-    batch, c_in, h, wd = x.shape
+def tap_major(c: int, kernel: tuple) -> bool:
+    """Whether a convolution with ``c`` input channels per group runs the tap-major K loop: taps x
+    channels for wide inputs; a strided 1x1 conv reads a quarter of its input or less, so neither a
+    channels-last copy of all of it nor a tap loop pays there: it runs flat."""
+    return c >= TAP_MAJOR_MIN_CHANNELS and int(np.prod(kernel)) > 1
+
+
+def emit_conv(ctx, x: View, w: View, b, out: View, geo: WindowGeometry, group: int, transposed: bool = False) -> None:
+    """Launch the implicit-GEMM kernel for an NC(D)HW convolution, 1-D (as 2-D), 2-D or 3-D: one
+    program per output tile of ``[BLOCK_M pixels, BLOCK_N channels]`` in each group. ``w`` is
+    ``[Cout, C, *kernel]`` (any strides); ``transposed`` runs ConvTranspose's gather form (``geo``
+    from ``conv_transpose_geometry``, ``x`` the input)."""
+    if x.rank == 3:
+        x, w, out, geo = _unsqueeze_h(x), _unsqueeze_h(w), _unsqueeze_h(out), geo.as_2d()
+    if x.rank not in (4, 5):
+        raise UnsupportedOpError(f"{ctx.where}: {ctx.node.op} over {x.rank - 2} spatial dims is not supported "
+                                 "(1-D, 2-D and 3-D are)")
+    batch, c_in = x.shape[:2]
+    spatial = x.shape[2:]
     c_out = w.shape[0]
     c = c_in // group  # input channels per group
-    m = batch * geo.out[0] * geo.out[1]  # output pixels
+    m = batch * int(np.prod(geo.out, dtype=np.int64))  # output pixels
     n = c_out // group  # output channels per group
-    k = c * geo.kernel[0] * geo.kernel[1]  # taps per output: (kh, kw, ci)
+    k = c * int(np.prod(geo.kernel, dtype=np.int64))  # taps per output: (ci, (kd,) kh, kw)
     bias = [b.broadcast_to((m, c_out))] if b is not None else []  # the epilogue reads it as [M, Cout]
-    # taps x channels for wide inputs; a strided 1x1 conv reads a quarter of its input or less, so
-    # neither a channels-last copy of all of it nor a tap loop pays there: it runs flat
-    tap_major = c >= TAP_MAJOR_MIN_CHANNELS and geo.kernel[0] * geo.kernel[1] > 1
-    if tap_major and x.strides[1] != 1:
+    taps = tap_major(c, geo.kernel)
+    if taps and x.strides[1] != 1:
         x = _channels_last(ctx, x)
     args = []
     for v in [out, x, w] + bias:
         args += [ctx.ptr(v), v.offset]
-    args += [m, n, k, c, h, wd, *geo.out, *geo.kernel, *geo.strides, *geo.pads_begin, *geo.dilations]
+    args += [m, n, k, c, *spatial, *geo.out, *geo.kernel, *geo.strides, *geo.pads_begin, *geo.dilations]
     args += [*x.strides, *w.strides, *out.strides] + [st for v in bias for st in v.strides]
-    unit = frozenset(name for name, st in (("x_sc", x.strides[1]), ("x_sw", x.strides[3]), ("w_sco", w.strides[0]),
-                                           ("out_sw", out.strides[3])) if st == 1)
+    unit = frozenset(name for name, st in (("x_sc", x.strides[1]), ("x_sw", x.strides[-1]), ("w_sco", w.strides[0]),
+                                           ("out_sw", out.strides[-1])) if st == 1)
     fused, extras = take_epilogue(ctx, x.dtype, out.shape)
     args += epilogue_args(ctx, fused, extras, lambda e: e.strides)
-    src = render_conv2d(x.dtype, b is not None, wide=ctx.needs_wide(out, x, w, *extras), tap_major=tap_major,
-                        unit=unit, fused=fused)
-    launch_tiles(ctx, src, args, m, n, k, x.dtype, group, k_cap=c if tap_major else None)
+    src = render_conv2d(x.dtype, b is not None, wide=ctx.needs_wide(out, x, w, *extras), tap_major=taps,
+                        unit=unit, fused=fused, depth=x.rank == 5, transposed=transposed)
+    launch_tiles(ctx, src, args, m, n, k, x.dtype, group, k_cap=c if taps else None)
