@@ -63,4 +63,14 @@ EXPECTED_FAILURES = {
         "bf16 constant (CastLike of -inf) evaluated on the host: no numpy bf16",
     r"test_attention_4d_(causal_)?fp16": ("fp16: the fused attention kernel keeps fp32 scores and probabilities "
                                           "and rounds once (2 of 192 elements 1 ulp off the per-op rounding)"),
+    # ---- Pad, DepthToSpace, SpaceToDepth (issue 15) ----
+    # CenterCropPad's body computes Pad's pads and Slice's bounds from the graph input `shape`
+    # through Max/Sub/Div/Concat; the session reads a graph input on the host only where a host
+    # position consumes it directly (runtime/session.py, _inputs_needed_on_host), so the pads are
+    # "computed on the device" at plan time.
+    r"test_center_crop_pad_(crop|pad|crop_and_pad|crop_axes_chw|crop_axes_hwc|crop_negative_axes_hwc)(_expanded)?":
+        "graph input 'shape' reaches Pad's pads through host arithmetic: not read on the host before the run",
+    # These bodies (newly selected now that Pad exists) take Shape of a bf16 input on the host at
+    # import; rtxjit/ir/host.py stands in a numpy array of the input's dtype, and numpy has no bf16.
+    r"test_attention_4d_(causal_)?padded_kv_bf16_expanded": "Shape of a bf16 value on the host: no numpy bf16",
 }
