@@ -177,7 +177,13 @@ def lower_pool(ctx, x, g: WindowGeometry, mode: str, count_include_pad: int = 0,
              Sample([Rand((1, 2, 7, 6))], {"kernel_shape": [3, 2], "auto_pad": "SAME_UPPER"}),
              Sample([Rand((1, 2, 5, 6))], {"kernel_shape": [2, 2], "auto_pad": "SAME_LOWER",
                                            "storage_order": 1}, outputs=2),
-             Sample([Rand((2, 3, 9))], {"kernel_shape": [3], "strides": [2], "auto_pad": "VALID"})])
+             Sample([Rand((2, 3, 9))], {"kernel_shape": [3], "strides": [2], "auto_pad": "VALID"}),
+             Sample([Rand((2, 3, 10))], {"kernel_shape": [3], "dilations": [2], "pads": [1, 2], "ceil_mode": 1,
+                                         "strides": [2]}, outputs=2),
+             Sample([Rand((1, 2, 5, 6, 5))], {"kernel_shape": [3, 3, 3], "strides": [2, 2, 2],
+                                              "pads": [1, 1, 1, 1, 1, 1]}, outputs=2),
+             Sample([Rand((1, 2, 4, 5, 6))], {"kernel_shape": [1, 3, 2], "strides": [1, 2, 2], "pads": [0, 1, 0, 0, 1, 1],
+                                              "ceil_mode": 1, "storage_order": 1}, outputs=2)])
 def max_pool(x: TensorType, *, kernel_shape, auto_pad: str = "NOTSET", ceil_mode: int = 0, dilations=None,
              pads=None, storage_order: int = 0, strides=None, _outputs: int = 1):
     y = _pool_type(x, dict(kernel_shape=kernel_shape, auto_pad=auto_pad, ceil_mode=ceil_mode,
@@ -210,7 +216,14 @@ def _(ctx, x, *, kernel_shape, auto_pad="NOTSET", ceil_mode=0, dilations=None, p
                                            "count_include_pad": 1}),
              Sample([Rand((1, 2, 8, 7))], {"kernel_shape": [2, 3], "dilations": [2, 2], "pads": [1, 1, 1, 1],
                                            "count_include_pad": 1}),
-             Sample([Rand((2, 3, 9))], {"kernel_shape": [3], "strides": [2], "auto_pad": "SAME_UPPER"})])
+             Sample([Rand((2, 3, 9))], {"kernel_shape": [3], "strides": [2], "auto_pad": "SAME_UPPER"}),
+             Sample([Rand((2, 3, 10))], {"kernel_shape": [4], "strides": [3], "pads": [2, 1], "ceil_mode": 1}),
+             Sample([Rand((1, 2, 5, 6, 5))], {"kernel_shape": [3, 3, 3], "strides": [2, 2, 2],
+                                              "pads": [1, 1, 1, 1, 1, 1], "count_include_pad": 1}),
+             Sample([Rand((1, 2, 4, 5, 6))], {"kernel_shape": [2, 3, 2], "strides": [2, 2, 1], "dilations": [1, 1, 2],
+                                              "pads": [1, 0, 1, 0, 1, 0]}),
+             Sample([Rand((1, 2, 4, 5, 6))], {"kernel_shape": [2, 3, 2], "strides": [2, 2, 1], "auto_pad": "SAME_LOWER",
+                                              "count_include_pad": 1})])
 def avg_pool(x: TensorType, *, kernel_shape, auto_pad: str = "NOTSET", ceil_mode: int = 0,
              count_include_pad: int = 0, dilations=None, pads=None, strides=None) -> TensorType:
     if not x.dtype.is_float:
@@ -235,7 +248,8 @@ def _(ctx, x, *, kernel_shape, auto_pad="NOTSET", ceil_mode=0, count_include_pad
 
 # ---- GlobalAveragePool / GlobalMaxPool ---------------------------------------------------------
 
-_GLOBAL_SAMPLES = [Sample([Rand((2, 3, 7, 7))]), Sample([Rand((1, 4, 5))]), Sample([Rand((2, 2, 3, 4, 2))])]
+_GLOBAL_SAMPLES = [Sample([Rand((2, 3, 7, 7))]), Sample([Rand((1, 4, 5))]), Sample([Rand((2, 2, 3, 4, 2))]),
+                   Sample([Rand((1, 3, 4, 6, 5))])]
 
 
 def _global_infer(x: TensorType) -> TensorType:
