@@ -19,6 +19,7 @@ from rtxjit.passes.fold_batchnorm import fold_batchnorm
 from rtxjit.passes.fold_constants import fold_constants
 from rtxjit.passes.fuse_attention import fuse_attention
 from rtxjit.passes.fuse_epilogue import fuse_epilogue
+from rtxjit.passes.fuse_group_norm import fuse_group_norm
 from rtxjit.passes.fuse_normalization import fuse_normalization
 from rtxjit.passes.fuse_pointwise import fuse_pointwise
 from rtxjit.passes.merge_parallel_matmuls import merge_parallel_matmuls
@@ -30,6 +31,7 @@ PIPELINE = [
     ("fold_constants", fold_constants),
     ("fold_batchnorm", fold_batchnorm),
     ("fuse_normalization", fuse_normalization),
+    ("fuse_group_norm", fuse_group_norm),
     # what the rewrites above bypassed goes now: fusion's single-reader checks must see live readers
     # only (simplify_shapes' merged-batch rewrite leaves the repeated K's old Reshape reading it)
     ("eliminate_dead_code", eliminate_dead_code),
