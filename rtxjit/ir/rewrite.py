@@ -148,7 +148,7 @@ class FreshNames:
 
 def make_constant(names: FreshNames, base: str, value: np.ndarray) -> Value:
     """A new constant holding ``value`` under a fresh name."""
-    value = np.ascontiguousarray(value)
+    value = np.array(value, order="C")  # not np.ascontiguousarray, which makes a 0-d value 1-d
     return Value(names(base), const_type(value), value)
 
 

@@ -52,7 +52,8 @@ def _fold(node: Node) -> bool:
     results = opdef.run_reference(args, node.attrs, len(node.outputs))
     for v, r in zip(node.outputs, results):
         if v is not None:
-            v.const = np.ascontiguousarray(np.asarray(r).astype(v.type.dtype.to_numpy()).reshape(v.type.shape))
+            # np.array, not np.ascontiguousarray: that one turns a 0-d result into shape (1,)
+            v.const = np.array(r, dtype=v.type.dtype.to_numpy(), order="C").reshape(v.type.shape)
     return True
 
 

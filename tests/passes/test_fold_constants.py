@@ -66,3 +66,19 @@ def test_node_reading_a_graph_input_is_not_folded():
     m = model([node("Add", ["x", "a"], ["y"])], {"x": (F32, [4])}, {"y": (F32, [4])}, {"a": random((4,))})
     _, g, modified = apply(fold_constants, m, {"x": random((4,))})
     assert not modified and ops(g) == {"Add": 1}
+
+
+def test_a_folded_scalar_stays_0_d():
+    """DINOv2's TorchScript export computes a grid side as Cast(Pow(4.0, 0.5)) of scalar constants and
+    Unsqueezes it into a Concat: the folded constant must keep shape () (np.ascontiguousarray made it
+    (1,), and the host Concat of the Unsqueezed [1, 1] with the other [1] pieces raised)."""
+    m = model([node("Pow", ["a", "b"], ["p"]), node("Cast", ["p"], ["c"], to=7),
+               node("Unsqueeze", ["c", "ax"], ["u"]), node("Concat", ["u", "n"], ["shape"], axis=0),
+               node("Add", ["x", "x"], ["y"])],
+              {"x": (F32, [2, 2, 1])}, {"y": (F32, [2, 2, 1]), "shape": (np.int64, [2])},
+              {"a": np.array(4.0, F32), "b": np.array(0.5, F32), "ax": np.array([0], np.int64),
+               "n": np.array([2], np.int64)})
+    _, g, modified = apply(fold_constants, m, {"x": random((2, 2, 1))})
+    assert modified
+    for v in {v.name: v for n in g.nodes for v in n.inputs if v is not None and v.const is not None}.values():
+        assert v.const.shape == tuple(v.type.shape), v
