@@ -142,3 +142,25 @@ def test_nearest_ties_round_as_onnxruntime():
                    [scales])
         got = rtxjit.InferenceSession(m).run(None, {"x": x})[0]
         np.testing.assert_array_equal(got, _ort(m, {"x": x})[0], err_msg=nearest_mode)
+
+
+@pytest.mark.parametrize("mode", ["linear", "cubic"])
+def test_integer_linear_and_cubic_round_half_to_even_and_saturate(mode):
+    """uint8 images: the weighted sum is rounded half to even and clamped into [0, 255] (cubic
+    overshoots near edges), as onnx's reference does; tf_crop_and_resize's fill of 300 saturates
+    to 255. (onnxruntime truncates toward zero and wraps the fill: compared with the reference.)"""
+    x = np.random.default_rng(2).integers(0, 256, (1, 2, 5, 6)).astype(np.uint8)
+    x[0, 0, 2] = 255
+    x[0, 0, 3] = 0  # a step edge: cubic overshoots on both sides
+    attrs = dict(mode=mode, coordinate_transformation_mode="tf_crop_and_resize", extrapolation_value=300.0,
+                 axes=[2, 3])
+    roi = np.array([-0.1, 0.0, 1.0, 1.2], np.float32)
+    sizes = np.array([11, 9], np.int64)
+    node = helper.make_node("Resize", ["x", "roi", "", "sizes"], ["y"], **attrs)
+    m = _model([node], [helper.make_tensor_value_info("x", TensorProto.UINT8, x.shape)], TensorProto.UINT8,
+               [numpy_helper.from_array(roi, "roi"), numpy_helper.from_array(sizes, "sizes")])
+    got = rtxjit.InferenceSession(m).run(None, {"x": x})[0]
+    opdef = rtxjit.ir.registry.all_ops()["Resize"]
+    want = opdef.run_reference([x, roi.astype(np.float64), None, sizes], opdef.bind_attrs(attrs, "Resize"), 1)[0]
+    assert got.dtype == np.uint8 and (want == 255).any() and (mode == "linear" or (want == 0).any())
+    np.testing.assert_array_equal(got, want)

@@ -14,6 +14,11 @@ multiplies by ``roi_end - roi_start``; onnxruntime and onnx's reference ignore i
 pytorch_half_pixel maps a length-1 output to 0, as the spec and onnxruntime say (onnx's
 reference uses -0.5; linear and nearest give the same value either way).
 
+Linear and cubic of an integer tensor round the weighted sum half to even and saturate, as onnx's
+reference casts (onnxruntime truncates toward zero: its results are up to 1 lower). Nearest moves
+values without arithmetic, so any type works; tf_crop_and_resize's fill value is saturated into
+an integer type (onnxruntime wraps it).
+
 Antialiasing (opset 18) follows onnx's reference: when a linear or cubic axis is downscaled, its
 filter is stretched by ``1 / scale`` (more taps, a count known at lowering) and its weights are
 normalized. Upsample (opsets 7 to 9) is not registered: the importer's opset floor (13) is above
@@ -250,6 +255,9 @@ _SCALES_2X = np.array([1, 1, 2, 2], np.float32)
                {"mode": "linear", "antialias": 1, "axes": [2, 3]}),
         Sample([Rand((2, 3, 4, 3)), None, None, np.array([3, 4, 3, 5], np.int64)],
                {"mode": "cubic", "coordinate_transformation_mode": "asymmetric"}),  # 4 cubic axes: two launches
+        Sample([Rand((1, 3, 4), "bool"), np.array([-0.2, 0.1, 1.1, 0.9], np.float32), None, np.array([5, 3], np.int64)],
+               {"mode": "nearest", "coordinate_transformation_mode": "tf_crop_and_resize", "axes": [1, 2],
+                "extrapolation_value": 1.0}, float_types=("fp32",)),
     ])
 def resize(x: TensorType, roi=None, scales=None, sizes=None, *, antialias: int = 0, axes=None,
            coordinate_transformation_mode: str = "half_pixel", cubic_coeff_a: float = -0.75,
