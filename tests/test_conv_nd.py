@@ -49,17 +49,20 @@ class Video(torch.nn.Module):
 
 
 class Decoder(torch.nn.Module):
-    """ConvTranspose2d upsampling: stride 2 with output_padding 1 and 2 groups, stride 2 without
-    padding, then a 16-channel one (the tap-major loop)."""
+    """ConvTranspose2d upsampling: stride 2 with output_padding 1 (16 channels: the tap-major loop,
+    reading the Conv before it channels-last), then with 2 groups, stride 2 without padding, and a
+    16-channel one that reads its producer's channels-last output."""
 
     def __init__(self):
         super().__init__()
-        self.up1 = torch.nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2)
+        self.conv = torch.nn.Conv2d(4, 16, 3, padding=1)
+        self.up0 = torch.nn.ConvTranspose2d(16, 16, 3, stride=2, padding=1, output_padding=1)
+        self.up1 = torch.nn.ConvTranspose2d(16, 6, 3, stride=2, padding=1, output_padding=1, groups=2)
         self.up2 = torch.nn.ConvTranspose2d(6, 16, 2, stride=2, bias=False)
-        self.up3 = torch.nn.ConvTranspose2d(16, 5, 3, stride=2, padding=1, output_padding=1, dilation=1)
+        self.up3 = torch.nn.ConvTranspose2d(16, 5, 3, padding=1)
 
     def forward(self, x):
-        return self.up3(torch.relu(self.up2(torch.relu(self.up1(x)))))
+        return self.up3(self.up2(torch.relu(self.up1(self.up0(self.conv(x))))))
 
 
 class Signal(torch.nn.Module):
@@ -76,7 +79,7 @@ class Signal(torch.nn.Module):
 
 
 MODULES = {"video": (Video, (1, 3, 4, 16, 16), {"conv3d", "pool_max"}),
-           "decoder": (Decoder, (1, 4, 5, 5), {"conv_transpose2d"}),
+           "decoder": (Decoder, (1, 4, 3, 3), {"conv2d", "conv_transpose2d"}),
            "signal": (Signal, (2, 4, 9), {"conv_transpose2d", "pool_avg", "conv2d"})}
 
 
@@ -132,6 +135,7 @@ def test_exported_module_matches_onnxruntime(name, exporter, float_type, tmp_pat
     assert rel_error(got, want) <= TOL[float_type], rel_error(got, want)
     launched = {step.kernel.name for step in sess.last_executable.plan.steps}
     assert kernels <= launched, launched
+    assert "nchw_to_nhwc" not in launched  # each tap-major conv reads its producer's channels-last output
 
 
 # --- fused epilogues --------------------------------------------------------------------------
