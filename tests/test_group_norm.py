@@ -140,6 +140,39 @@ def test_long_groups_split_into_parts():
     _check(proto, {"x": x}, np.float32, {"rtxjit.GroupNorm": 1}, launches=2)
 
 
+@pytest.mark.parametrize("split", [True, False], ids=["parts-of-several-blocks", "one-program-per-row"])
+def test_long_rows_walk_several_blocks(monkeypatch, split):
+    """The loops over column blocks (Chan's combination of block statistics) that the GPU's rows
+    take: parts of 4 blocks each, or (where rows are many) one program walking its whole row."""
+    from rtxjit.ir.ops import norm
+
+    if split:
+        monkeypatch.setattr(norm, "SPLIT_CHUNK", 4 * norm.INTERPRET_BLOCK_C)
+    else:
+        monkeypatch.setattr(norm, "SPLIT_MAX_ROWS", 0)
+    shape = (1, 16, 64, 64)
+    proto = _exported_pattern(shape, 2, np.float32, [node("Sigmoid", ["gn"], ["sig"]), node("Mul", ["gn", "sig"], ["y"])],
+                              y="y")
+    x = random(shape, np.float32, 11) * 4.0 + 10.0
+    _check(proto, {"x": x}, np.float32, {"rtxjit.GroupNorm": 1}, launches=2 if split else 1)
+
+
+def test_a_norm_of_a_flattened_view_reads_x_through_a_reshape():
+    """diffusers' attention blocks normalize ``[N, C, H*W]`` of a ``[N, C, H, W]`` tensor; with the
+    Reshapes merged, the norm's input and restored shapes differ: fused all the same."""
+    shape, restored = (2, 8, 4, 3), (2, 8, 12)
+    nodes = [node("Reshape", ["x", "grouped_shape"], ["grouped"]),
+             node("InstanceNormalization", ["grouped", "ones", "zeros"], ["normed"], epsilon=1e-6),
+             node("Reshape", ["normed", "flat_shape"], ["back"]),
+             node("Mul", ["back", "gamma"], ["scaled"]),
+             node("Add", ["scaled", "beta"], ["y"])]
+    inits = {"grouped_shape": np.array([2, 4, -1], np.int64), "flat_shape": np.array(restored, np.int64),
+             "ones": np.ones(4, np.float32), "zeros": np.zeros(4, np.float32),
+             "gamma": random((8, 1), np.float32, 3), "beta": random((8, 1), np.float32, 4)}
+    proto = model(nodes, {"x": (np.float32, list(shape))}, {"y": (np.float32, list(restored))}, inits)
+    _check(proto, {"x": random(shape, np.float32, 12)}, np.float32, {"rtxjit.GroupNorm": 1, "Reshape": 1}, launches=1)
+
+
 def test_erf_gelu_after_the_norm_fuses_and_a_second_reader_stops_the_chain():
     """GELU (x/sqrt2 -> Erf -> +1 -> *x -> *0.5, x read twice) joins the kernel; a value also read
     by a node outside the chain (the residual Add of a graph input) ends it before that value."""

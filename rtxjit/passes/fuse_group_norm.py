@@ -4,9 +4,9 @@ pass and one normalizing pass that also applies the affine and the activation be
 
 Rewrites (x ``[N, C, ...]`` with C known; s, b, gamma, beta constants; G = num_groups):
 
-    Reshape(x, [N, G, -1]) -> InstanceNormalization(s[G], b[G]){eps} -> Reshape(to x's shape)
+    Reshape(x, [N, G, -1]) -> InstanceNormalization(s[G], b[G]){eps} -> Reshape(to [N, C, ...])
         [-> Mul(gamma)] [-> Add(beta)]          (gamma, beta per channel: [C, 1, 1], [1, C, 1, 1], scalar)
-        => rtxjit.GroupNorm(x, scale[C], bias[C]){num_groups: G, epsilon: eps}
+        => rtxjit.GroupNorm(x seen as [N, C, ...], scale[C], bias[C]){num_groups: G, epsilon: eps}
            scale[c] = s[g(c)] * gamma[c], bias[c] = b[g(c)] * gamma[c] + beta[c]  (in float64, rounded once)
     rtxjit.GroupNorm, GroupNormalization-21 or InstanceNormalization, then a chain P of pointwise ops
         => rtxjit.GroupNorm(x, scale, bias, constants of P){program: P}
@@ -14,7 +14,10 @@ Rewrites (x ``[N, C, ...]`` with C known; s, b, gamma, beta constants; G = num_g
 The TorchScript exporter (opset 17) reshapes back through ``Shape(x)``, which the importer folds
 where x's shape is static; the dynamo exporter (onnxscript, opset 18+) emits the same chain with a
 constant target shape (checked with torch 2.13: neither emits GroupNormalization). SiLU arrives as
-``Mul(y, Sigmoid(y))`` from both.
+``Mul(y, Sigmoid(y))`` from both. x's shape before the first Reshape may differ from the one restored
+after it where it has the same N and C (diffusers' attention blocks group-normalize a ``[N, C, H*W]``
+view of a ``[N, C, H, W]`` tensor, and simplify_shapes merges the two Reshapes): the fused node then
+reads x through a Reshape to the restored shape (a view).
 
 The chain: the nodes after the norm, in graph order, that read its value or each other, each with
 an ``expr`` hook (rtxjit/passes/fuse_pointwise.py's ``fusable``), its other inputs constants (so no
@@ -40,7 +43,7 @@ from rtxjit.errors import RtxjitError
 from rtxjit.ir.graph import Graph, Node, Value
 from rtxjit.ir.ops.norm import STASH_TYPES
 from rtxjit.ir.registry import get_op
-from rtxjit.ir.rewrite import FreshNames, infer_args, is_graph_output, remove_nodes
+from rtxjit.ir.rewrite import FreshNames, infer_args, is_graph_output, make_constant, make_node, remove_nodes
 from rtxjit.ir.types import DType, TensorType
 from rtxjit.passes.base import PassResult
 from rtxjit.passes.fuse_pointwise import fusable, program_of
@@ -61,6 +64,11 @@ class _Match:
     groups: int
     epsilon: float
     chain: list = field(default_factory=list)  # the pointwise nodes fused after it
+    view: Optional[tuple] = None  # the shape x is seen in (through a Reshape), where not its own
+
+    @property
+    def x_type(self) -> TensorType:
+        return self.x.type if self.view is None else self.x.type.with_shape(self.view)
 
     @property
     def norm_output(self) -> Value:
@@ -127,26 +135,30 @@ def _match_exported(graph: Graph, inorm: Node, uses: dict) -> Optional[_Match]:
     if s is None or b is None or s.size != groups or b.size != groups:
         return None
     back = _only_reader(graph, inorm.outputs[0], uses)
-    if back is None or back.op != "Reshape" or not _restores(back, x):
+    shape = _restored(back, x) if back is not None and back.op == "Reshape" else None
+    if shape is None:
         return None
+    m = _Match([inorm, back], x, None, None, groups, inorm.attrs["epsilon"],
+               view=None if shape == x.type.shape else shape)
     scale = np.repeat(s.reshape(-1).astype(np.float64), c // groups)
     bias = np.repeat(b.reshape(-1).astype(np.float64), c // groups)
-    nodes, value = [inorm, back], back.outputs[0]
+    value = back.outputs[0]
     for op in ("Mul", "Add"):
         reader = _only_reader(graph, value, uses)
         if reader is None or reader.op != op:
             continue
         other = reader.inputs[1] if reader.inputs[0] is value else reader.inputs[0]
-        per_channel = _per_channel(other, x.type)
-        if per_channel is None or reader.outputs[0].type != x.type:
+        per_channel = _per_channel(other, m.x_type)
+        if per_channel is None or reader.outputs[0].type != m.x_type:
             break
         if op == "Mul":
             scale, bias = scale * per_channel, bias * per_channel
         else:
             bias = bias + per_channel
-        nodes.append(reader)
+        m.nodes.append(reader)
         value = reader.outputs[0]
-    return _Match(nodes, x, scale, bias, groups, inorm.attrs["epsilon"])
+    m.scale, m.bias = scale, bias
+    return m
 
 
 def _copies_batch(reshape: Node) -> bool:
@@ -156,13 +168,17 @@ def _copies_batch(reshape: Node) -> bool:
         and not reshape.attrs.get("allowzero", 0)
 
 
-def _restores(reshape: Node, x: Value) -> bool:
-    """Whether the Reshape gives x's shape: its inferred shape is x's, or its target is Shape(x)."""
-    if reshape.outputs[0].type.shape == x.type.shape and all(isinstance(d, int) for d in x.type.shape):
-        return True
+def _restored(reshape: Node, x: Value) -> Optional[tuple]:
+    """The ``[N, C, ...]`` shape the Reshape gives, where N and C are x's: its static output shape,
+    or x's own where its target is Shape(x); else None."""
+    out = reshape.outputs[0].type.shape
+    if len(out) >= 2 and out[:2] == x.type.shape[:2] and all(isinstance(d, int) for d in out):
+        return out
     shape = _made_by(reshape.inputs[1], "Shape")
-    return (shape is not None and shape.inputs[0] is x and shape.attrs.get("start", 0) == 0
-            and shape.attrs.get("end") is None)
+    if shape is not None and shape.inputs[0] is x and shape.attrs.get("start", 0) == 0 \
+            and shape.attrs.get("end") is None:
+        return x.type.shape
+    return None
 
 
 def _per_channel(value: Value, x: TensorType) -> Optional[np.ndarray]:
@@ -244,9 +260,16 @@ def _numpy_type(dtype: DType) -> np.dtype:
 # ---- legality and rewriting --------------------------------------------------------------------
 
 def _inputs(m: _Match, names: Optional[FreshNames]) -> tuple:
-    """``(inputs, attrs)`` of the fused node; constants get fresh names (or placeholders without
-    ``names``, for the type check)."""
+    """``(inputs, attrs)`` of the fused node; constants get fresh names, and a view of x its
+    Reshape node (without ``names``, for the type check: placeholders)."""
     base = m.nodes[-1].name
+    if m.view is None:
+        x = m.x
+    elif names is None:
+        x = Value("x", m.x_type)
+    else:
+        target = make_constant(names, f"{base}_gn_shape", np.array(m.view, np.int64))
+        x = make_node(names, "Reshape", [m.x, target], base=f"{base}_gn_view").outputs[0]
     params = []
     for what, p in (("scale", m.scale), ("bias", m.bias)):
         if isinstance(p, Value):
@@ -257,7 +280,7 @@ def _inputs(m: _Match, names: Optional[FreshNames]) -> tuple:
     external = [m.norm_output]
     program = program_of(m.chain, external) if m.chain else ()
     attrs = {"num_groups": m.groups, "epsilon": m.epsilon, "program": program}
-    return [m.x, *params, *external[1:]], attrs
+    return [x, *params, *external[1:]], attrs
 
 
 def _private(graph: Graph, m: _Match, uses: dict) -> bool:
@@ -284,6 +307,8 @@ def _rewrite(graph: Graph, m: _Match, names: FreshNames) -> None:
     last, output = (m.nodes + m.chain)[-1], m.output
     inputs, attrs = _inputs(m, names)
     fused = Node(OP, names(f"{last.name}/groupnorm"), inputs, [output], get_op(OP).bind_attrs(attrs, OP), 1)
+    if inputs[0] is not m.x:
+        graph.nodes.insert(graph.nodes.index(last), inputs[0].producer)
     graph.nodes.insert(graph.nodes.index(last), fused)
     remove_nodes(graph, m.nodes + m.chain)
     output.producer = fused

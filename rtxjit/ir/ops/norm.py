@@ -35,7 +35,8 @@ from rtxjit.ir.types import DType, TensorType
 SPLIT_CHUNK = 4096  # columns per part of a split row: a row longer than this is split ...
 SPLIT_MAX_ROWS = 512  # ... where there are fewer rows than this (more fill the GPU one per program)
 MAX_PARTS = 256
-SPLIT_BLOCK_C = 1024  # column block of the split kernels on the GPU (the interpreter: a whole chunk)
+SPLIT_BLOCK_C = 1024  # column block of the split kernels on the GPU
+INTERPRET_BLOCK_C = 4096  # the interpreter's (it pays per program and per block, not per element)
 STASH_TYPES = {1: DType.FP32, 11: DType.FP64}  # stash_type -> the type statistics accumulate in
 
 
@@ -55,7 +56,7 @@ def _split(n_rows: int, n_cols: int, interpret: bool):
     if n_rows >= SPLIT_MAX_ROWS or n_cols <= SPLIT_CHUNK:
         return None
     chunk = max(SPLIT_CHUNK, -(-n_cols // MAX_PARTS))
-    block_c = SPLIT_CHUNK if interpret else SPLIT_BLOCK_C
+    block_c = INTERPRET_BLOCK_C if interpret else SPLIT_BLOCK_C
     chunk = -(-chunk // block_c) * block_c
     return chunk, -(-n_cols // chunk), block_c
 
