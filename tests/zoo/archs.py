@@ -87,7 +87,7 @@ def _config(name: str, d: dict):
     raise KeyError(name)
 
 
-def _randomize(model: torch.nn.Module, seed: int) -> None:
+def randomize(model: torch.nn.Module, seed: int) -> None:
     """Random, non-zero weights everywhere (zero-initialized biases and norms included).
 
     T5's attention has no 1/sqrt(d_kv) score scale: its query projection is initialized that much
@@ -95,7 +95,8 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
     Without that, T5-base's scores are sqrt(64) times too large and the model is ill-conditioned:
     eager fp16 is 0.10 off fp64 (with it, 2.0e-3)."""
     g = torch.Generator().manual_seed(seed)
-    q_scale = getattr(model.config, "d_kv", 1) ** -0.5 if model.config.model_type == "t5" else 1.0
+    config = getattr(model, "config", None)
+    q_scale = config.d_kv ** -0.5 if getattr(config, "model_type", None) == "t5" else 1.0
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2:
@@ -122,7 +123,7 @@ def build(name: str, size: str = "tiny", seed: int = 0):
     else:
         model = cls(cfg)
     model.eval()
-    _randomize(model, seed)
+    randomize(model, seed)
 
     def make_feeds(padding: str, batch: int = 3, seq: int = 8) -> dict:
         g = torch.Generator().manual_seed(seed + 1)
