@@ -509,7 +509,7 @@ def _engine_metadata(path: str) -> list:
 
 def _plan(sess, shapes: dict):
     """The plan that a run of these input shapes uses, built without running it."""
-    from rtxjit.ir.registry import get_op
+    from rtxjit.ir.host import host_read_values
     from rtxjit.ir.types import TensorType
     from rtxjit.runtime.plan import PlanBuilder
     from rtxjit.runtime.profiles import select
@@ -517,9 +517,7 @@ def _plan(sess, shapes: dict):
     graph = sess.graph
     select(sess.profiles, shapes)  # an input outside every profile is an error naming it
     feeds = _random_feeds(sess, shapes)
-    names = {v.name for v in graph.inputs}
-    host = {v.name for node in graph.nodes for i, v in enumerate(node.inputs)
-            if v is not None and v.name in names and i in get_op(node.op, f"node '{node.name}'").host_inputs}
+    host = host_read_values(graph) & {v.name for v in graph.inputs}
     types = {v.name: TensorType(v.type.dtype, tuple(shapes[v.name])) for v in graph.inputs}
     return PlanBuilder(graph, sess.device).build(types, {n: _numpy(feeds[n]) for n in host})
 

@@ -13,6 +13,11 @@ class UnsupportedOpError(RtxjitError, NotImplementedError):
     """An op, op version or attribute value that rtxjit does not implement."""
 
 
+class NoNumpyDtypeError(UnsupportedOpError, TypeError):
+    """A dtype numpy has no equivalent of (bf16, fp8): host evaluation and constant folding skip such
+    values (they catch TypeError), a caller that needs the array gets the UnsupportedOpError."""
+
+
 class ShapeError(RtxjitError, ValueError):
     """Shapes that do not fit together (broadcasting, reshape sizes, ranks)."""
 

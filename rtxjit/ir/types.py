@@ -14,7 +14,7 @@ from typing import Callable, Union
 
 import numpy as np
 
-from rtxjit.errors import ShapeError, UnsupportedOpError
+from rtxjit.errors import NoNumpyDtypeError, ShapeError
 
 Dim = Union[int, str]
 Shape = tuple  # tuple[Dim, ...]
@@ -57,7 +57,7 @@ class DType(enum.Enum):
 
     def to_numpy(self) -> np.dtype:
         if self.value[2] is None:
-            raise UnsupportedOpError(f"dtype {self.short} has no numpy dtype")
+            raise NoNumpyDtypeError(f"dtype {self.short} has no numpy dtype")
         return np.dtype(self.value[2])
 
     @staticmethod

@@ -92,6 +92,7 @@ import numpy as np
 from rtxjit import passes
 from rtxjit.errors import EngineError, ModelError, RtxjitError, UnsupportedOpError
 from rtxjit.ir.graph import Graph
+from rtxjit.ir.host import host_read_values
 from rtxjit.ir.registry import get_op
 from rtxjit.ir.rewrite import copy_graph
 from rtxjit.ir.serialize import (dtype_name, from_document, is_missing, missing_constants, numpy_dtype,
@@ -228,13 +229,8 @@ def array_sha256(a: np.ndarray) -> str:
 
 
 def weight_values(graph: Graph) -> list:
-    """The weights of ``graph``: float constants that no node reads as a host input, by name."""
-    host = set()
-    for node in graph.nodes:
-        opdef = get_op(node.op, f"node '{node.name}'")
-        for i, v in enumerate(node.inputs):
-            if v is not None and i in opdef.host_inputs:
-                host.add(v.name)
+    """The weights of ``graph``: float constants that no plan reads on the host, by name."""
+    host = host_read_values(graph)
     return sorted((v for v in graph.constants() if v.type.dtype.is_float and v.name not in host),
                   key=lambda v: v.name)
 

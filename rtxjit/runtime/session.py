@@ -330,16 +330,9 @@ class InferenceSession:
         return torch.from_numpy(x.reshape(-1)).to(self._tdev)
 
     def _inputs_needed_on_host(self) -> set:
-        from rtxjit.ir.registry import get_op
+        from rtxjit.ir.host import host_read_values
 
-        names = {v.name for v in self.graph.inputs}
-        needed = set()
-        for node in self.graph.nodes:
-            opdef = get_op(node.op, f"node '{node.name}'")
-            for i, v in enumerate(node.inputs):
-                if v is not None and v.name in names and i in opdef.host_inputs:
-                    needed.add(v.name)
-        return needed
+        return host_read_values(self.graph) & {v.name for v in self.graph.inputs}
 
     def _upload_constants(self) -> None:
         for v in self.graph.constants():
