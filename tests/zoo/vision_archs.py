@@ -54,7 +54,7 @@ def _transformers(name: str, full: bool):
         model, size = tf.SegformerForSemanticSegmentation(cfg), 512 if full else 64
     elif name == "mobilevit":
         cfg = (tf.MobileViTConfig() if full else
-               tf.MobileViTConfig(image_size=64, hidden_sizes=[16, 24, 32], neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64],
+               tf.MobileViTConfig(image_size=32, hidden_sizes=[16, 24, 32], neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64],
                                   num_attention_heads=2))
         model, size = tf.MobileViTModel(cfg), cfg.image_size
     elif name == "beit":
