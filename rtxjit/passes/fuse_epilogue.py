@@ -4,11 +4,17 @@ Rewrites:
     f(MatMul(a, b), r)   => rtxjit.Epilogue(a, b, r){anchor: MatMul, program: [f]}
     P(Conv(x, w, b), s)  => rtxjit.Epilogue(x, w, b, s){anchor: Conv, program: P's}   (P: rtxjit.Pointwise)
 
+(likewise for ConvTranspose and rtxjit.UpsampleConv, see passes/fuse_upsample_conv.py)
+
 Where the product's only reader is pointwise (a plain pointwise op, or a chain fused by
 fuse_pointwise), the product is not a graph output, and the reader's output has the product's
 shape (the epilogue runs once per output element of the product's tile). MatMul needs operands of
-rank >= 2, Conv a 2-D (NCHW) input. Bias adds, residual adds and activations then cost no
-kernel and no round trip through memory. The node produces the reader's output value.
+rank >= 2; the convolutions an input over 1, 2 or 3 spatial dims (their template's three forms).
+Bias adds, residual adds and activations then cost no kernel and no round trip through memory:
+in a diffusion UNet's ResNet block that is conv1's timestep-embedding add (a computed ``[N, C, 1,
+1]`` tensor, read through broadcast strides) and conv2's residual add and division by
+``output_scale_factor`` (one rtxjit.Pointwise made by fuse_pointwise). The node produces the
+reader's output value.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from rtxjit.ir.rewrite import FreshNames, is_graph_output, make_constant, make_n
 from rtxjit.passes.base import PassResult
 from rtxjit.passes.fuse_pointwise import fusable, program_of
 
-ANCHORS = ("MatMul", "Gemm", "Conv")
+ANCHORS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "rtxjit.UpsampleConv")
+CONVS = ("Conv", "ConvTranspose", "rtxjit.UpsampleConv")
 VIEWS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 
 
@@ -40,8 +47,8 @@ def fuse_epilogue(graph: Graph) -> PassResult:
 def _anchor_ok(node: Node) -> bool:
     if node.op == "MatMul":
         return all(v.type.rank >= 2 for v in node.inputs)
-    if node.op == "Conv":
-        return node.inputs[0].type.rank == 4
+    if node.op in CONVS:
+        return node.inputs[0].type.rank in (3, 4, 5)
     return node.op == "Gemm"
 
 

@@ -11,9 +11,13 @@ plan, whose launches carry concrete buffers and sizes (``step_counts``):
   there; re-reads inside a kernel (a conv's overlapping taps, a matmul's tiles) are not counted:
   the floor assumes each byte crosses DRAM once.
 - **flops**: for the product kernels, from the launch's own size arguments (the kernel's
-  parameters, by name) and its grid: ``matmul`` 2*M*N*K per batch, ``conv2d`` (implicit GEMM)
-  2*M*N*K per group, ``attention`` 2*SQ*SK*(DK+DV) per (batch, head); the batch / group / head
-  count is grid dim 1 of those launches. Every other kernel (pointwise, reductions, pooling, data
+  parameters, by name) and its grid: ``matmul`` 2*M*N*K per batch, ``conv1d``/``conv2d``/``conv3d``
+  (implicit GEMM; 1-D runs as 2-D) 2*M*N*K per group, ``attention`` 2*SQ*SK*(DK+DV) per (batch,
+  head); the batch / group / head count is grid dim 1 of those launches. ``conv_transpose2d`` /
+  ``conv_transpose3d`` count the useful work only: their gather form runs 2*M*N*K multiply-adds, of
+  which, with stride s, all but about ``1/s`` per axis multiply masked zeros; the useful ones are
+  the scatter form's (input pixel, tap) pairs that land inside the output, counted per axis from
+  the launch's sizes, strides, pads and dilations (``_transposed_flops``). Every other kernel (pointwise, reductions, pooling, data
   movement) counts 0 flops: a few flops per byte lies far below any GPU's ridge point, so its floor
   is its bytes. Fused epilogue flops (bias, activation) are left out likewise.
 - **floor** = ``max(bytes / bandwidth, flops / peak)``, with the peak of the operands' type: the
@@ -44,10 +48,43 @@ import numpy as np
 from rtxjit.codegen.source import parameters
 from rtxjit.runtime.plan import Buf, Launch, Plan
 
+
+def _gemm_flops(a: dict, n: int) -> int:
+    return 2 * a["M"] * a["N"] * a["K"] * n
+
+
+def _pairs(size: int, out: int, k: int, stride: int, pad: int, dil: int) -> int:
+    """How many (input index ``i`` < ``size``, tap ``t`` < ``k``) pairs of one axis land inside the
+    output: ``0 <= i * stride - pad + t * dil < out``."""
+    total = 0
+    for t in range(k):
+        shift = t * dil - pad  # i * stride + shift in [0, out)
+        lo = max(0, -(shift // stride))  # smallest i with i * stride + shift >= 0
+        hi = min(size, -(-(out - shift) // stride))  # one past the largest i with i * stride + shift < out
+        total += max(0, hi - lo)
+    return total
+
+
+def _transposed_flops(axes: str):
+    """flops of a ``conv_transpose{len(axes)}d`` launch: 2 per (image, (input pixel, tap) pair of
+    every axis, input channel of the group, output channel of the group), per group."""
+    def flops(a: dict, n: int) -> int:
+        pairs, pixels = 1, 1
+        for x in axes:
+            big = x.upper()
+            pairs *= _pairs(a[big], a[f"O{big}"], a[f"K{big}"], a[f"stride_{x}"], a[f"pad_{x}"], a[f"dil_{x}"])
+            pixels *= a[f"O{big}"]
+        return 2 * (a["M"] // pixels) * pairs * a["C"] * a["N"] * n
+    return flops
+
+
 # kernel name -> (flops from the launch's named size arguments and grid dim 1, the operand parameter)
 _PRODUCTS = {
-    "matmul": (lambda a, n: 2 * a["M"] * a["N"] * a["K"] * n, "a_ptr"),
-    "conv2d": (lambda a, n: 2 * a["M"] * a["N"] * a["K"] * n, "x_ptr"),
+    "matmul": (_gemm_flops, "a_ptr"),
+    "conv2d": (_gemm_flops, "x_ptr"),
+    "conv3d": (_gemm_flops, "x_ptr"),
+    "conv_transpose2d": (_transposed_flops("hw"), "x_ptr"),
+    "conv_transpose3d": (_transposed_flops("dhw"), "x_ptr"),
     "attention": (lambda a, n: 2 * a["SQ"] * a["SK"] * (a["DK"] + a["DV"]) * n, "q_ptr"),
 }
 SLEEP_CYCLES = 400_000  # ~0.2 ms of GPU sleep before each timed launch: more than a launch's CPU cost

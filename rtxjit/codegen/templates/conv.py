@@ -10,7 +10,7 @@ through its strides, so it may be stored in any order: the lowering passes it pr
 ``[(KD,) KH, KW, C, Cout]`` (output channels contiguous, 16-byte loads) when it is a constant.
 ``program_id(1)`` is the group.
 
-Two template options, both off for the 2-D convolution (whose source they leave as it was):
+Three template options, all off for the 2-D convolution (whose source they leave as it was):
 - ``depth``: a third spatial axis ``d`` before ``h`` (Conv3d); its sizes, stride, pad, dilation and
   strides are extra arguments after those of ``h``'s kind (``D, OD, KD, ...``, ``x_sd, w_skd, out_sd``).
 - ``transposed`` (ConvTranspose), in gather form: output pixel ``o`` sums the input pixels ``i``
@@ -20,6 +20,12 @@ Two template options, both off for the 2-D convolution (whose source they leave 
   ``[Cout, C, ...]`` (the lowering rearranges ConvTranspose's ``[Cin, Cout/group, ...]``). A tap
   that does not divide is masked like a padding tap: with stride s, ``1 - 1/s`` of each axis's taps
   multiply zeros (correct first; a sub-pixel split into s^d ordinary convolutions would skip them).
+- ``upsample`` (rtxjit.UpsampleConv: a Conv of a nearest integer-factor upsampling of ``x``, see
+  passes/fuse_upsample_conv.py): a factor per spatial axis, written into the source. The geometry
+  (``H, W``) is the upsampled input's, so taps, padding tests and output sizes are the Conv's; only
+  the address divides: upsampled pixel ``ih`` is input pixel ``ih // f``. The upsampled tensor
+  (``f^d`` times the input) is never written or read: a diffusion UNet's Upsample2D reads its
+  input once per tap instead. Not combined with ``transposed``.
 
 Two K loops (``tap_major``):
 - tap-major (the default): one loop step covers one tap ``((kd,) kh, kw)`` and ``BLOCK_K`` input
@@ -41,6 +47,7 @@ from rtxjit.codegen.source import KernelSource, render
 from rtxjit.codegen.templates.matmul import (acc_type, bias_params, epilogue, int64_suffix, k_loop, product,
                                              scaled, signature, tile_indices)
 from rtxjit.codegen.dtypes import TL
+from rtxjit.errors import InternalError
 from rtxjit.ir.types import DType
 
 
@@ -92,13 +99,19 @@ def _tap_rows(axes: str, transposed: bool, base: str, tap: str) -> tuple:
     return lines, " & ".join(tests)
 
 
-def _input_offset(axes: str, unit: frozenset) -> str:
-    """``id * x_sd + ih * x_sh + iw * x_sw`` (the last scaled by its stride unless it is 1)."""
-    terms = [f"i{a} * x_s{a}" for a in axes[:-1]] + [scaled(f"i{axes[-1]}", f"x_s{axes[-1]}", unit)]
+def _input_offset(axes: str, unit: frozenset, upsample: tuple = None) -> str:
+    """``id * x_sd + ih * x_sh + iw * x_sw`` (the last scaled by its stride unless it is 1); with
+    ``upsample``, each index is the upsampled input's, divided by its axis's factor
+    (``(ih // 2) * x_sh``)."""
+    index = {a: f"i{a}" for a in axes}
+    for a, f in zip(axes, upsample or ()):
+        if f != 1:
+            index[a] = f"(i{a} // {f})"
+    terms = [f"{index[a]} * x_s{a}" for a in axes[:-1]] + [scaled(index[axes[-1]], f"x_s{axes[-1]}", unit)]
     return " + ".join(terms)
 
 
-def _flat_gather(axes: str, transposed: bool, unit: frozenset) -> list:
+def _flat_gather(axes: str, transposed: bool, unit: frozenset, upsample: tuple = None) -> list:
     split, ci = _split("rk", axes, "k", "K", "ci")
     rows, valid = _tap_rows(axes, transposed, "[:, None]", "[None, :]")
     w_tap = " + ".join(["ci * w_sci"] + [f"k{a} * w_sk{a}" for a in axes])
@@ -108,7 +121,7 @@ def _flat_gather(axes: str, transposed: bool, unit: frozenset) -> list:
         f"        ci = {ci}",
         *(f"        {line}" for line in rows),
         f"        a_mask = (rm[:, None] < M) & (rk[None, :] < K) & {valid}",
-        f"        a_addr = x_ptr + x_base[:, None] + ci[None, :] * x_sc + {_input_offset(axes, unit)}",
+        f"        a_addr = x_ptr + x_base[:, None] + ci[None, :] * x_sc + {_input_offset(axes, unit, upsample)}",
         "        a = tl.load(a_addr, mask=a_mask, other=0.0)",
         "        b_mask = (rk[:, None] < K) & (rn[None, :] < N)",
         f"        w_tap = {w_tap}",
@@ -125,7 +138,8 @@ def _tap_split(axes: str) -> list:
             "        kh = khw // KW", "        kw = khw - kh * KW"]
 
 
-def _tap_major_loop(dtype: DType, wide: bool, unit: frozenset, axes: str, transposed: bool) -> list:
+def _tap_major_loop(dtype: DType, wide: bool, unit: frozenset, axes: str, transposed: bool,
+                    upsample: tuple = None) -> list:
     w = int64_suffix(wide)
     a_cols = scaled("ci[None, :]", "x_sc", unit)  # channels-last input: 16-byte loads, pipelined
     taps = " * ".join(f"K{a.upper()}" for a in axes)
@@ -144,7 +158,7 @@ def _tap_major_loop(dtype: DType, wide: bool, unit: frozenset, axes: str, transp
         *_tap_split(axes),
         *(f"        {line}" for line in rows),
         f"        row_ok = m_ok & {valid}",
-        f"        a_rows = x_ptr + x_base + {_input_offset(axes, unit)}",
+        f"        a_rows = x_ptr + x_base + {_input_offset(axes, unit, upsample)}",
         "        ci = c0 + rc",
         f"        b_rows = {b_rows}",
         "        if EVEN_K:",
@@ -169,9 +183,10 @@ def _pixel(axes: str, stride: str, unit: frozenset = frozenset(), last: str = No
 
 def render_conv2d(dtype: DType, has_bias: bool, wide: bool = False, tap_major: bool = True,
                   unit: frozenset = frozenset(), fused=None, depth: bool = False,
-                  transposed: bool = False) -> KernelSource:
+                  transposed: bool = False, upsample: tuple = None) -> KernelSource:
     """The kernel for ``Conv`` over 2-D NCHW views (3-D NCDHW ones with ``depth``; ConvTranspose's
-    gather form with ``transposed``).
+    gather form with ``transposed``; the Conv of ``x`` upsampled by ``upsample``, a factor per
+    spatial axis, nearest: ``None`` or all 1 for none).
 
     Arguments, in order: ``out, x, w`` (and ``bias``) as pointer and offset; ``M, N, K``; the
     geometry (``C`` input channels per group, ``H, W, OH, OW, KH, KW``, strides, begin pads,
@@ -182,15 +197,21 @@ def render_conv2d(dtype: DType, has_bias: bool, wide: bool = False, tap_major: b
     for this launch (``x_sc`` for a channels-last input, ``x_sw``, ``w_sco``, ``out_sw``).
     """
     axes = "dhw" if depth else "hw"
+    if upsample is not None and all(f == 1 for f in upsample):
+        upsample = None
+    if upsample is not None and (transposed or len(upsample) != len(axes)
+                                 or not all(isinstance(f, int) and f >= 1 for f in upsample)):
+        raise InternalError(f"conv template: upsample {upsample} needs a positive integer per spatial axis "
+                            f"({len(axes)}) and no transposed form")
     name = f"conv{'_transpose' if transposed else ''}{len(axes)}d"
     params = ["out_ptr", "out_off", "x_ptr", "x_off", "w_ptr", "w_off", *bias_params(has_bias)]
     params += ["M", "N", "K", *_geometry(axes), *_strides(axes)]
     params += ["bias_sm", "bias_sn"] if has_bias else []
     params += fused.params([f"s{a}" for a in "nc" + axes]) if fused else []  # extras as NC(D)HW views
     if tap_major:
-        loop = _tap_major_loop(dtype, wide, unit, axes, transposed)
+        loop = _tap_major_loop(dtype, wide, unit, axes, transposed, upsample)
     else:
-        loop = k_loop(_flat_gather(axes, transposed, unit), dtype, wide)
+        loop = k_loop(_flat_gather(axes, transposed, unit, upsample), dtype, wide)
     split, nb = _split("rm", axes, "o", "O", "nb")
     if transposed:  # i = (o + pad - k * dil) / stride
         bases = [f"    t{a}0 = o{a} + pad_{a}" for a in axes]
@@ -215,6 +236,8 @@ def render_conv2d(dtype: DType, has_bias: bool, wide: bool = False, tap_major: b
     kind = "implicit gemm (gather)" if transposed else "implicit gemm"
     header = f"{name} {kind} in={dtype.short} bias={has_bias} loop={'tap' if tap_major else 'flat'}"
     header += fused.header() if fused else ""
+    if upsample is not None:
+        header += f" upsample={'x'.join(str(f) for f in upsample)}"
     if unit:
         header += f" unit_strides={','.join(sorted(unit))}"
     return render(name, header, "\n".join(lines))

@@ -5,6 +5,11 @@
 the gather, the same tiles, loops and epilogue). ``emit_conv`` is shared with ConvTranspose
 (ops/conv_transpose.py), which runs on the template's ``transposed`` variant. The float64 reference
 is written for any rank with numpy's sliding windows.
+
+``rtxjit.UpsampleConv`` (made by passes/fuse_upsample_conv.py) is a Conv of its input upsampled by
+nearest integer factors: the template's ``upsample`` variant gathers from the input itself (pixel
+``ih // f`` for upsampled pixel ``ih``), so the ``f^d`` times larger upsampled tensor of a UNet's
+Upsample2D (Resize x2 -> 3x3 Conv) is never materialized.
 """
 
 from __future__ import annotations
@@ -250,11 +255,11 @@ def channels_last_output(ctx) -> View:
 
 def _reads_channels_last(node) -> bool:
     anchor = node.attrs.get("anchor", node.op)
-    if anchor not in ("Conv", "ConvTranspose") or node.inputs[0].type.rank not in (4, 5):
+    if anchor not in ("Conv", "ConvTranspose", "rtxjit.UpsampleConv") or node.inputs[0].type.rank not in (4, 5):
         return False
     w = node.inputs[1].type.shape
     group = dict(node.attrs.get("anchor_attrs", node.attrs)).get("group", 1)
-    c = w[1] if anchor == "Conv" else w[0]  # input channels (of the one group)
+    c = w[0] if anchor == "ConvTranspose" else w[1]  # input channels (of the one group)
     if not all(isinstance(d, int) for d in (c, *w[2:])):
         return False
     return tap_major(c, w[2:]) and group == 1
@@ -267,18 +272,23 @@ def tap_major(c: int, kernel: tuple) -> bool:
     return c >= TAP_MAJOR_MIN_CHANNELS and int(np.prod(kernel)) > 1
 
 
-def emit_conv(ctx, x: View, w: View, b, out: View, geo: WindowGeometry, group: int, transposed: bool = False) -> None:
+def emit_conv(ctx, x: View, w: View, b, out: View, geo: WindowGeometry, group: int, transposed: bool = False,
+              upsample: tuple = None) -> None:
     """Launch the implicit-GEMM kernel for an NC(D)HW convolution, 1-D (as 2-D), 2-D or 3-D: one
     program per output tile of ``[BLOCK_M pixels, BLOCK_N channels]`` in each group. ``w`` is
     ``[Cout, C, *kernel]`` (any strides); ``transposed`` runs ConvTranspose's gather form (``geo``
-    from ``conv_transpose_geometry``, ``x`` the input)."""
+    from ``conv_transpose_geometry``, ``x`` the input); ``upsample`` (a factor per spatial axis)
+    convolves ``x`` upsampled nearest by those factors (``geo`` over the upsampled sizes)."""
     if x.rank == 3:
         x, w, out, geo = _unsqueeze_h(x), _unsqueeze_h(w), _unsqueeze_h(out), geo.as_2d()
+        upsample = None if upsample is None else (1,) + tuple(upsample)
     if x.rank not in (4, 5):
         raise UnsupportedOpError(f"{ctx.where}: {ctx.node.op} over {x.rank - 2} spatial dims is not supported "
                                  "(1-D, 2-D and 3-D are)")
     batch, c_in = x.shape[:2]
     spatial = x.shape[2:]
+    if upsample is not None:
+        spatial = tuple(s * f for s, f in zip(spatial, upsample))  # the geometry is the upsampled input's
     c_out = w.shape[0]
     c = c_in // group  # input channels per group
     m = batch * int(np.prod(geo.out, dtype=np.int64))  # output pixels
@@ -298,5 +308,43 @@ def emit_conv(ctx, x: View, w: View, b, out: View, geo: WindowGeometry, group: i
     fused, extras = take_epilogue(ctx, x.dtype, out.shape)
     args += epilogue_args(ctx, fused, extras, lambda e: e.strides)
     src = render_conv2d(x.dtype, b is not None, wide=ctx.needs_wide(out, x, w, *extras), tap_major=taps,
-                        unit=unit, fused=fused, depth=x.rank == 5, transposed=transposed)
+                        unit=unit, fused=fused, depth=x.rank == 5, transposed=transposed,
+                        upsample=None if upsample is None else tuple(upsample))
     launch_tiles(ctx, src, args, m, n, k, x.dtype, group, k_cap=c if taps else None)
+
+
+# --- rtxjit.UpsampleConv --------------------------------------------------------------------------
+
+def upsampled_type(x: TensorType, upsample) -> TensorType:
+    """``x`` with each spatial dim multiplied by its factor in ``upsample``."""
+    if len(upsample) != x.rank - 2 or not all(isinstance(f, int) and f >= 1 for f in upsample):
+        raise ShapeError(f"rtxjit.UpsampleConv: upsample {list(upsample)} needs a positive integer per "
+                         f"spatial dim of {x}")
+    spatial = tuple(d * f if isinstance(d, int) else f"({d}*{f})" for d, f in zip(x.shape[2:], upsample))
+    return x.with_shape(x.shape[:2] + spatial)
+
+
+@op("rtxjit.UpsampleConv", since=1, kind=Kind.CONV)
+def upsample_conv(x: TensorType, w: TensorType, b: TensorType = None, *, upsample: tuple, auto_pad: str = "NOTSET",
+                  dilations=None, group: int = 1, kernel_shape=None, pads=None, strides=None) -> TensorType:
+    """``Conv(Resize(x){nearest, integer factors upsample}, w, b)`` with Conv's attributes."""
+    return conv.infer_fn(upsampled_type(x, upsample), w, b, auto_pad=auto_pad, dilations=dilations, group=group,
+                         kernel_shape=kernel_shape, pads=pads, strides=strides)
+
+
+@upsample_conv.reference
+def _(x, w, b=None, *, upsample, **attrs):
+    for axis, f in enumerate(upsample, start=2):
+        x = np.repeat(x, f, axis=axis)
+    return conv.reference_fn(x, w, b, **attrs)
+
+
+@upsample_conv.lower
+def _(ctx, x, w, b=None, *, upsample, group=1, **attrs):
+    check_dot_type(ctx, x.dtype)
+    spatial = upsampled_type(TensorType(x.dtype, x.shape), tuple(upsample)).shape[2:]
+    geo = conv_geometry(spatial, w.shape[2:], **attrs)
+    out = channels_last_output(ctx)
+    emit_conv(ctx, x, _weight(ctx, w), b, out, geo, group, upsample=tuple(upsample))
+    if out is not ctx.outputs[0]:
+        ctx.alias(0, out)
