@@ -160,6 +160,13 @@ def test_cross_attention(dtype):
     _fused(*attention_model(dtype, sq=12, sk=40, mask="b1ss"), dtype)
 
 
+@DTYPES
+def test_text_cross_attention_of_a_diffusion_unet(dtype):
+    """Stable Diffusion's cross-attention: image tokens attend to 77 text tokens (not a multiple of
+    any key block), head dim 40 (not a power of two), no mask."""
+    _fused(*attention_model(dtype, b=1, heads=2, sq=36, sk=77, d=40, mask=None), dtype)
+
+
 def test_probs_used_elsewhere_are_not_fused():
     proto, feeds = attention_model(probs_output=True)
     _, g, modified = apply(fuse_attention, proto, feeds)
