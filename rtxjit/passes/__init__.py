@@ -22,6 +22,7 @@ from rtxjit.passes.fuse_epilogue import fuse_epilogue
 from rtxjit.passes.fuse_group_norm import fuse_group_norm
 from rtxjit.passes.fuse_normalization import fuse_normalization
 from rtxjit.passes.fuse_pointwise import fuse_pointwise
+from rtxjit.passes.fuse_upsample_conv import fuse_upsample_conv
 from rtxjit.passes.merge_parallel_matmuls import merge_parallel_matmuls
 from rtxjit.passes.simplify_shapes import simplify_shapes
 
@@ -39,6 +40,7 @@ PIPELINE = [
     # are still plain nodes; then chains of pointwise ops
     ("merge_parallel_matmuls", merge_parallel_matmuls),
     ("fuse_attention", fuse_attention),
+    ("fuse_upsample_conv", fuse_upsample_conv),
     ("fuse_pointwise", fuse_pointwise),
     ("fuse_epilogue", fuse_epilogue),
     # clean up

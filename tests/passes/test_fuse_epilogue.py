@@ -80,3 +80,42 @@ def test_a_residual_add_behind_a_reshape_fuses_into_the_gemm():
     feeds = {"x": random((6, 5)), "res": random((2, 3, 4), F32, 3)}
     _, g, _ = apply(_both, m, feeds, F32)
     assert ops(g)["rtxjit.Epilogue"] == 1 and "Add" not in ops(g)
+
+
+CONV_ANCHORS = {
+    # op, x shape, w shape, attrs, output shape: each convolution form the conv template runs
+    "conv1d": ("Conv", (2, 3, 8), (5, 3, 3), {"pads": [1, 1]}, (2, 5, 8)),
+    "conv3d": ("Conv", (1, 3, 3, 4, 4), (4, 3, 3, 3, 3), {"pads": [1] * 6, "strides": [1, 2, 1]}, (1, 4, 3, 2, 4)),
+    "conv_transpose2d": ("ConvTranspose", (1, 4, 3, 4), (4, 3, 3, 3),
+                         {"strides": [2, 2], "pads": [1, 1, 1, 1], "output_padding": [1, 1]}, (1, 3, 6, 8)),
+    "conv_transpose1d": ("ConvTranspose", (2, 4, 5), (4, 2, 4), {"strides": [2], "pads": [1, 1]}, (2, 2, 10)),
+}
+
+
+@pytest.mark.parametrize("dtype", [F32, F16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", list(CONV_ANCHORS))
+def test_conv_1d_3d_and_conv_transpose_take_a_broadcast_add_and_a_scale(case, dtype):
+    """The ResNet-block chain: + a per-(image, channel) tensor ([N, C, 1...], a timestep embedding;
+    a graph input here, read through broadcast strides), then / a constant (output_scale_factor),
+    in the conv kernel."""
+    op, xs, ws, attrs, ys = CONV_ANCHORS[case]
+    emb = ys[:2] + (1,) * (len(ys) - 2)
+    nodes = [node(op, ["x", "w", "b"], ["c"], **attrs), node("Add", ["c", "t"], ["a"]), node("Div", ["a", "s"], ["y"])]
+    m = model(nodes, {"x": (dtype, list(xs)), "t": (dtype, list(emb))}, {"y": (dtype, list(ys))},
+              {"w": random(ws, dtype, 1), "b": random((ys[1],), dtype, 2), "s": np.array(2.0, dtype)})
+    feeds = {"x": random(xs, dtype), "t": random(emb, dtype, 3)}
+    _, g, _ = apply(_both, m, feeds, dtype, onnxruntime=dtype == F32)
+    assert ops(g) == {"rtxjit.Epilogue": 1}
+    epilogue = g.nodes[0]
+    assert epilogue.attrs["anchor"] == op and [s[0] for s in epilogue.attrs["program"]] == ["Add", "Div"]
+
+
+def test_a_conv_over_4_spatial_dims_is_no_anchor():
+    from rtxjit.ir.graph import Node, Value
+    from rtxjit.ir.types import DType, TensorType
+    from rtxjit.passes.fuse_epilogue import _anchor_ok
+
+    def conv(rank):
+        x = Value("x", TensorType(DType.FP32, (1, 2) + (3,) * rank))
+        return Node("Conv", "c", [x, Value("w", TensorType(DType.FP32, (2, 2) + (1,) * rank))], [])
+    assert [_anchor_ok(conv(r)) for r in (1, 2, 3, 4)] == [True, True, True, False]
