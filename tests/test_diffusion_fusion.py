@@ -234,6 +234,23 @@ def test_which_nearest_resizes_fuse(case):
     assert ops(g) == ({"rtxjit.UpsampleConv": 1} if fused else {"Resize": 1, "Conv": 1})
 
 
+def test_a_symbolic_batch_keeps_the_graph_types():
+    """With a symbolic batch, Resize infers its spatial dims only where its input is static (ops/resize.py),
+    so the Conv's output type has unknown dims; the fused node would infer known ones, and the pass
+    changes no type: it fuses only where the two agree. Either way the graph runs at any batch."""
+    from rtxjit.passes.fuse_upsample_conv import fuse_upsample_conv
+
+    nodes = [node("Resize", ["x", "", "scales"], ["u"], mode="nearest", coordinate_transformation_mode="asymmetric",
+                  nearest_mode="floor"),
+             node("Conv", ["u", "w"], ["y"], pads=[1, 1, 1, 1], strides=[2, 1])]
+    m = model(nodes, {"x": (np.float32, ["N", 2, 3, 5])}, {"y": (np.float32, ["N", 3, 3, 10])},
+              {"scales": np.array([1, 1, 2, 2], np.float32), "w": random((3, 2, 3, 3), np.float32, 1)})
+    for batch in (1, 3):
+        before, g, modified = apply(fuse_upsample_conv, m, {"x": random((batch, 2, 3, 5), np.float32, batch)})
+        known = all(isinstance(d, int) for d in before.nodes[0].outputs[0].type.shape[2:])
+        assert modified == known and ops(g) == ({"rtxjit.UpsampleConv": 1} if known else {"Resize": 1, "Conv": 1})
+
+
 def test_a_resize_with_two_readers_stays():
     from rtxjit.passes.fuse_upsample_conv import fuse_upsample_conv
 

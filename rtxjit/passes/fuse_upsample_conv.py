@@ -10,7 +10,8 @@ size and the Conv reads it back; fused, the conv template gathers from x itself 
 ``ih`` is pixel ``ih // f`` of x, ops/conv.py), so the upsampled tensor never exists.
 
 Legal where the Resize's output is read by that one Conv only (as its input, not a graph output),
-x's shape and the Resize's roi / scales / sizes are known, only spatial axes are resized, each by
+x's spatial dims and the Resize's roi / scales / sizes are known (a symbolic batch is fine where
+the Resize is given by scales), only spatial axes are resized, each by
 an integer factor ``f`` (output size ``f`` times the input's), and the Resize's own coordinate
 mapping — its transformation mode and nearest rounding — sends every output pixel ``o`` to input
 pixel ``o // f``. That is checked by running the Resize's float64 reference on the indices of each
@@ -40,9 +41,10 @@ def fuse_upsample_conv(graph: Graph) -> PassResult:
         if conv is None:
             continue
         factors = _factors(resize)
-        if factors is None:
+        node = None if factors is None else _fused_node(resize, conv, factors, names)
+        if node is None:
             continue
-        _fuse(graph, resize, conv, factors, names)
+        _fuse(graph, resize, conv, node)
         fused += 1
     return PassResult(graph, fused > 0)
 
@@ -56,18 +58,10 @@ def _conv_reader(graph: Graph, resize: Node, uses: dict):
     if is_graph_output(graph, out) or len(readers) != 1:
         return None
     conv, index = readers[0]
-    if conv.op != "Conv" or index != 0 or out.type.rank not in (3, 4, 5) or not resize.inputs[0].type.static:
+    spatial = resize.inputs[0].type.shape[2:]
+    if conv.op != "Conv" or index != 0 or out.type.rank not in (3, 4, 5) or not all(isinstance(d, int) for d in spatial):
         return None
     return conv
-
-
-def _host(value):
-    """A host input's data, None where omitted; raises LookupError where it is not a constant."""
-    if value is None:
-        return None
-    if value.const is None:
-        raise LookupError(value.name)
-    return value.const
 
 
 def _factors(resize: Node):
@@ -78,11 +72,16 @@ def _factors(resize: Node):
     if transform == "tf_crop_and_resize":  # roi-dependent, extrapolates outside it
         return None
     x = resize.inputs[0]
-    try:
-        roi, scales, sizes = (_host(v) for v in (resize.inputs + [None, None, None])[1:4])
-    except LookupError:
-        return None
-    _, maps = resize_geometry(x.type.shape, roi, scales, sizes, attrs.get("axes"),
+    hosts = (list(resize.inputs) + [None, None, None])[1:4]  # roi, scales, sizes
+    if any(v is not None and v.const is None for v in hosts):
+        return None  # computed at run time: the factors are not known here
+    roi, scales, sizes = (None if v is None else v.const for v in hosts)
+    shape = x.type.shape
+    if not x.type.static:  # a symbolic batch or channel count: by scales, those axes must keep scale 1
+        if scales is None or np.asarray(scales).size == 0:
+            return None
+        shape = tuple(d if isinstance(d, int) else 1 for d in shape)  # a resized one yields a map: refused below
+    _, maps = resize_geometry(shape, roi, scales, sizes, attrs.get("axes"),
                               attrs.get("keep_aspect_ratio_policy", "stretch"), transform)
     factors = [1] * (x.type.rank - 2)
     for m in maps:
@@ -104,10 +103,19 @@ def _maps_to_floor(isize: int, osize: int, f: int, transform: str, nearest_mode:
     return bool(np.array_equal(got, np.arange(osize) // f))
 
 
-def _fuse(graph: Graph, resize: Node, conv: Node, factors: tuple, names: FreshNames) -> None:
+def _fused_node(resize: Node, conv: Node, factors: tuple, names: FreshNames):
+    """The rtxjit.UpsampleConv node, or None where its inferred type is not the Conv's output type
+    (the graph's types stay as they were: with a symbolic batch, Resize infers its spatial dims as
+    unknown, and the Conv's output type with them)."""
     attrs = dict(conv.attrs, upsample=factors)
     inputs = [resize.inputs[0]] + list(conv.inputs[1:])
-    node = Node("rtxjit.UpsampleConv", names(conv.name + "_upsampled"), inputs, list(conv.outputs), attrs, 1)
+    inferred = get_op("rtxjit.UpsampleConv").infer([v.type if v is not None else None for v in inputs], attrs, 1)
+    if inferred[0] != conv.outputs[0].type:
+        return None
+    return Node("rtxjit.UpsampleConv", names(conv.name + "_upsampled"), inputs, list(conv.outputs), attrs, 1)
+
+
+def _fuse(graph: Graph, resize: Node, conv: Node, node: Node) -> None:
     graph.nodes[graph.nodes.index(conv)] = node
     for v in node.outputs:
         v.producer = node
