@@ -234,6 +234,20 @@ def test_which_nearest_resizes_fuse(case):
     assert ops(g) == ({"rtxjit.UpsampleConv": 1} if fused else {"Resize": 1, "Conv": 1})
 
 
+@pytest.mark.parametrize("channels", [2, 16], ids=["flat", "tap_major"])
+def test_a_3d_upsampling_fuses_into_conv3d(channels):
+    from rtxjit.passes.fuse_upsample_conv import fuse_upsample_conv
+
+    nodes = [node("Resize", ["x", "", "scales"], ["u"], mode="nearest", coordinate_transformation_mode="asymmetric",
+                  nearest_mode="floor"),
+             node("Conv", ["u", "w", "b"], ["y"], pads=[1, 1, 0, 1, 1, 2], strides=[1, 2, 1])]
+    m = model(nodes, {"x": (np.float32, [1, channels, 2, 3, 2])}, {"y": (np.float32, [1, 3, 4, 3, 7])},
+              {"scales": np.array([1, 1, 2, 2, 3], np.float32), "w": random((3, channels, 3, 3, 2), np.float32, 1),
+               "b": random((3,), np.float32, 2)})
+    _, g, modified = apply(fuse_upsample_conv, m, {"x": random((1, channels, 2, 3, 2))})
+    assert modified and ops(g) == {"rtxjit.UpsampleConv": 1} and g.nodes[0].attrs["upsample"] == (2, 2, 3)
+
+
 def test_a_symbolic_batch_keeps_the_graph_types():
     """With a symbolic batch, Resize infers its spatial dims only where its input is static (ops/resize.py),
     so the Conv's output type has unknown dims; the fused node would infer known ones, and the pass
