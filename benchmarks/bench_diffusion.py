@@ -76,7 +76,7 @@ MIN_SPEEDUP = 2.0  # ... and the specialized steady state at least 2x faster tha
 REL_ERR_LIMIT = 2e-2
 # seconds a UNet stage needs at full size on an H100 (export + compile + timing); one that no longer
 # fits the part's budget is skipped with a note. Rough: measured on no GPU yet, refine after a run.
-UNET_STAGE_S = {"rtxjit_torchscript": 80, "compile_cudagraph": 90, "rtxjit_dynamo": 90}
+UNET_STAGE_S = {"rtxjit_torchscript": 120, "compile_cudagraph": 75, "rtxjit_dynamo": 90}
 FLUX_RESERVE_S = 20  # of the budget kept, after the wait for specialization, for the steady state and the PNG
 GRACE_S = 60  # beyond --time-limit before a part's process is killed (a stage in flight finishes)
 
@@ -486,6 +486,11 @@ def unet_part(args, rep: Report, work: Path, cuda: bool) -> None:
     systems = rec["systems"]
     systems["eager"] = {**({"err_vs_fp32": rel_err(ref, ref32)} if ref32 is not None else {}),
                         "ms": steady_ms(lambda: module(*args_), args.iters, cuda)}
+    if args.merge:  # the systems an earlier run measured and this one does not repeat
+        earlier = rep.out / f"{rep.stem}.json"
+        old = json.loads(earlier.read_text()).get("systems", {}) if earlier.exists() else {}
+        systems.update({k: {**r, "earlier_run": True} for k, r in old.items()
+                        if k != "eager" and k not in wanted and "ms" in r})
     rep.save()
     cache = Path(args.cache) if args.cache else work / "runtime_cache"
     for key in ("rtxjit_torchscript", "compile_cudagraph", "rtxjit_dynamo"):
@@ -493,8 +498,9 @@ def unet_part(args, rep: Report, work: Path, cuda: bool) -> None:
         if key not in wanted:
             continue
         if budget.left() < need:
-            systems[key] = {"skipped": f"time budget: {budget.left():.0f} s left of --time-limit {args.time_limit:g}, "
-                                       f"the stage needs ~{need} s (run it alone with --unet-systems {key})"}
+            systems[key] = {"skipped": f"time budget: {budget.left():.0f} s left of --time-limit "
+                                       f"{args.time_limit:g}, the stage needs ~{need} s (run it alone: --part unet "
+                                       f"--unet-systems {key} --merge)"}
             rep.save()
             continue
         rep.log(key)
@@ -556,6 +562,7 @@ def unet_markdown(rec: dict) -> str:
               "| system | ms | speedup vs eager | time / compile+graph | err (fp32) | first s | launches |",
               "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in systems.items():
+        name += " (earlier run)" if r.get("earlier_run") else ""
         if "ms" not in r:
             note = (r.get("error") or r.get("skipped", "—"))[:200].replace("|", "/")
             lines.append(f"| {name} | {note} | | | | | |")
@@ -637,14 +644,19 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, help="timed calls per steady-state measurement (default 20; --tiny 3)")
     p.add_argument("--time-limit", type=float, default=240.0, help="seconds per part (default 240)")
     p.add_argument("--cache", help="rtxjit runtime cache folder (default: a fresh one per part)")
-    p.add_argument("--unet-systems", default="rtxjit_torchscript,compile_cudagraph,rtxjit_dynamo",
-                   help="UNet systems beside eager, in this order")
+    p.add_argument("--unet-systems", default=",".join(UNET_STAGE_S),
+                   help="UNet systems beside eager (they run in the default's order)")
+    p.add_argument("--merge", action="store_true",
+                   help="UNet: keep the systems of an earlier run's JSON that --unet-systems leaves out")
     p.add_argument("--cpu-compile", action="store_true", help="torch.compile the UNet on a CPU too (slow)")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     args.steps = args.steps or (12 if args.tiny else 50)
     args.interval = args.interval if args.interval is not None else (0.0 if args.tiny else 0.5)
     args.iters = args.iters or (3 if args.tiny else 20)
+    unknown = set(args.unet_systems.split(",")) - set(UNET_STAGE_S)
+    if unknown:
+        p.error(f"--unet-systems: unknown {sorted(unknown)}; choose from {','.join(UNET_STAGE_S)}")
     return args
 
 
