@@ -271,7 +271,8 @@ def test_a_resize_with_two_readers_stays():
     nodes = [node("Resize", ["x", "", "scales"], ["u"], mode="nearest", coordinate_transformation_mode="asymmetric",
                   nearest_mode="floor"),
              node("Conv", ["u", "w"], ["c"], pads=[1, 1, 1, 1]), node("Relu", ["u"], ["r"])]
-    m = model(nodes, {"x": (np.float32, [1, 2, 3, 3])}, {"c": (np.float32, [1, 2, 6, 6]), "r": (np.float32, [1, 2, 6, 6])},
+    outs = {"c": (np.float32, [1, 2, 6, 6]), "r": (np.float32, [1, 2, 6, 6])}
+    m = model(nodes, {"x": (np.float32, [1, 2, 3, 3])}, outs,
               {"scales": np.array([1, 1, 2, 2], np.float32), "w": random((2, 2, 3, 3), np.float32, 1)})
     _, g, modified = apply(fuse_upsample_conv, m, {"x": random((1, 2, 3, 3))})
     assert not modified

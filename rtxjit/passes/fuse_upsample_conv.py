@@ -59,7 +59,9 @@ def _conv_reader(graph: Graph, resize: Node, uses: dict):
         return None
     conv, index = readers[0]
     spatial = resize.inputs[0].type.shape[2:]
-    if conv.op != "Conv" or index != 0 or out.type.rank not in (3, 4, 5) or not all(isinstance(d, int) for d in spatial):
+    if conv.op != "Conv" or index != 0 or out.type.rank not in (3, 4, 5):
+        return None
+    if not all(isinstance(d, int) for d in spatial):
         return None
     return conv
 

@@ -11,15 +11,16 @@ plan, whose launches carry concrete buffers and sizes (``step_counts``):
   there; re-reads inside a kernel (a conv's overlapping taps, a matmul's tiles) are not counted:
   the floor assumes each byte crosses DRAM once.
 - **flops**: for the product kernels, from the launch's own size arguments (the kernel's
-  parameters, by name) and its grid: ``matmul`` 2*M*N*K per batch, ``conv1d``/``conv2d``/``conv3d``
-  (implicit GEMM; 1-D runs as 2-D) 2*M*N*K per group, ``attention`` 2*SQ*SK*(DK+DV) per (batch,
-  head); the batch / group / head count is grid dim 1 of those launches. ``conv_transpose2d`` /
-  ``conv_transpose3d`` count the useful work only: their gather form runs 2*M*N*K multiply-adds, of
-  which, with stride s, all but about ``1/s`` per axis multiply masked zeros; the useful ones are
-  the scatter form's (input pixel, tap) pairs that land inside the output, counted per axis from
-  the launch's sizes, strides, pads and dilations (``_transposed_flops``). Every other kernel (pointwise, reductions, pooling, data
-  movement) counts 0 flops: a few flops per byte lies far below any GPU's ridge point, so its floor
-  is its bytes. Fused epilogue flops (bias, activation) are left out likewise.
+  parameters, by name) and its grid: ``matmul`` 2*M*N*K per batch, ``conv2d`` / ``conv3d``
+  (implicit GEMM; a 1-D Conv and an rtxjit.UpsampleConv run as these) 2*M*N*K per group,
+  ``attention`` 2*SQ*SK*(DK+DV) per (batch, head); the batch / group / head count is grid dim 1 of
+  those launches. ``conv_transpose2d`` / ``conv_transpose3d`` count the useful work only: their
+  gather form runs 2*M*N*K multiply-adds, of which, with stride s, all but about ``1/s`` per axis
+  multiply masked zeros; the useful ones are the scatter form's (input pixel, tap) pairs that land
+  inside the output, counted per axis from the launch's sizes, strides, pads and dilations
+  (``_transposed_flops``). Every other kernel (pointwise, reductions, pooling, data movement)
+  counts 0 flops: a few flops per byte lies far below any GPU's ridge point, so its floor is its
+  bytes. Fused epilogue flops (bias, activation) are left out likewise.
 - **floor** = ``max(bytes / bandwidth, flops / peak)``, with the peak of the operands' type: the
   fp16 (tensor core) peak for fp16, bf16 and fp8 operands, the fp32 peak (IEEE, tf32 off) for fp32
   operands, since rtxjit's kernels multiply fp32 in IEEE mode. ``% of roofline`` = floor / measured
