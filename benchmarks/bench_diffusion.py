@@ -14,11 +14,11 @@ heads x 128), text 512 tokens, batch 1, fp16, random weights (tests/zoo/vision_a
 dynamo export whose image-token dim is symbolic (``dynamic_shapes``) serves every size: 512, 768
 and 1024 px (32x32, 48x48, 64x64 packed latent tokens). Over ``--steps`` steps the size changes
 512 -> 768 -> 1024 -> 512 -> 768 (``SCHEDULE``); the timestep changes every step as in a denoising
-loop (a device input: the binding stays the same). A step is one ``run`` timed wall-clock to the
-outputs on the device; a step starts every ``--interval`` seconds (0: back to back).
-Two sessions over the same file, one after the other: ``specialize="none"`` (fallback kernels only:
-the reference of the issue's "no step slower than the fallback's steady step + 20%" rule) and
-``"lazy"``; which kernels served each step is ``jit_stats()["last_run"]``. Then per size, steady
+loop (a device input: the binding stays the same). A step is one ``run`` timed wall-clock to its
+outputs on the serving stream. Two sessions over the same file, one after the other:
+``specialize="none"`` (fallback kernels only, steps back to back: the reference of the issue's "no
+step slower than the fallback's steady step + 20%" rule) and ``"lazy"`` (a step starts every
+``--interval`` seconds; which kernels served it is ``jit_stats()["last_run"]``). Then per size, steady
 state (median of ``--iters`` CUDA-event timed calls): eager PyTorch, the fallback session, and the
 lazy session after ``wait_for_specialization``; errors max|out - ref| / max|ref| against eager fp16
 and against the fp32 model. Writes ``bench_diffusion_flux_<gpu>.{json,md,png}`` (PNG if matplotlib
@@ -35,7 +35,8 @@ Cold compiles dominate the time: every part uses a fresh rtxjit runtime cache (i
 folder) unless ``--cache DIR`` names one (a second run with the same DIR loads the optimized graph
 and the kernels: the lazy timeline is then specialized from its first step). Results are rewritten
 after every stage, so a run cut short keeps what it measured; ``--time-limit`` (seconds per part)
-caps the waits and skips the stages that no longer fit.
+caps the waits and skips the stages that no longer fit (``--unet-systems X --merge`` runs one later
+and keeps the earlier run's others).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.metadata
+import importlib.util
 import json
 import os
 import re
@@ -214,8 +216,10 @@ def export_flux(module, feeds: dict, path: Path) -> dict:
 
 
 def timeline(sess, inputs: dict, sides: list, interval: float, cuda: bool) -> list:
-    """One ``run`` per step at that step's size, each timed to its outputs on the device; which
-    kernels served it, and what the JIT has queued after it."""
+    """One ``run`` per step at that step's size, each timed to its outputs on the device (the
+    serving stream synchronized, not the device: the specializer's side stream is not waited for,
+    as an application waits only for its own outputs); which kernels served it, and what the JIT
+    has queued after it."""
     feeds = {side: {k: v.clone() for k, v in inputs[side].items()} for side in set(sides)}
     steps, seen = [], set()
     t0 = time.perf_counter()
@@ -224,7 +228,8 @@ def timeline(sess, inputs: dict, sides: list, interval: float, cuda: bool) -> li
         _sync(cuda)
         start = time.perf_counter()
         sess.run(None, feeds[side])
-        _sync(cuda)
+        if cuda:
+            torch.cuda.current_stream().synchronize()
         ms = (time.perf_counter() - start) * 1e3
         stats = sess.jit_stats()
         kinds = list(stats["served"].values())
@@ -366,20 +371,24 @@ def plot_flux(rec: dict, path: Path) -> str:
                    label="step served by specialized kernels")
     segments = [s for i, s in enumerate(lazy or base) if i == 0 or s["image"] != (lazy or base)[i - 1]["image"]]
     ends = [s["step"] for s in segments[1:]] + [len(lazy or base) + 1]
-    threshold = True
+    labelled = set()
     for seg, end in zip(segments, ends):
         ax.axvline(seg["step"] - 0.5, color="grey", lw=0.6, ls=":")
         ax.annotate(seg["image"], (seg["step"] - 0.3, 1.0), xycoords=("data", "axes fraction"), va="top", fontsize=8)
-        fallback = rec["shapes"][seg["image"]].get("fallback", {}).get("ms")
-        if fallback:
-            ax.hlines(STALL_RATIO * fallback, seg["step"] - 0.5, end - 0.5, colors="red", linestyles="--", lw=0.8,
-                      label="fallback steady step + 20%" if threshold else None)
-            threshold = False
+        shape = rec["shapes"][seg["image"]]
+        fallback, eager = shape.get("fallback", {}).get("ms"), shape.get("eager", {}).get("ms")
+        for ms, color, style, text in ((fallback and STALL_RATIO * fallback, "red", "--", "fallback steady step + 20%"),
+                                       (eager, "black", "-.", "eager PyTorch, steady")):
+            if ms:
+                ax.hlines(ms, seg["step"] - 0.5, end - 0.5, colors=color, linestyles=style, lw=0.8,
+                          label=None if text in labelled else text)
+                labelled.add(text)
     m = rec.get("model", {})
     ax.set_title(f"FLUX-style transformer ({m.get('num_layers')} double + {m.get('num_single_layers')} single blocks, "
                  f"hidden {m.get('hidden')}), {rec['settings']['dtype']}, batch 1: the image size changes\n"
-                 f"{rec['environment']['device']}, {pacing(rec['settings'])}", fontsize=10)
-    ax.set_xlabel("denoising step (dotted: a new image size)")
+                 f"{rec['environment']['device']}; lazy session: {pacing(rec['settings'])}, fallback: back to back",
+                 fontsize=10)
+    ax.set_xlabel("denoising step (dotted: the image size changes)")
     ax.set_ylabel("step latency, ms (wall, to outputs on the device)")
     ax.set_yscale("log")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
@@ -583,6 +592,9 @@ def run_part(part: str, args) -> int:
     cuda = torch.cuda.is_available() and config.device_override() != "cpu"
     if not cuda and not args.tiny:
         raise SystemExit("no CUDA GPU visible to torch: use --tiny (with RTXJIT_DEVICE=cpu) on a CPU")
+    missing = [m for m in ("diffusers", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:  # diffusers is not on the GPU image: benchmarks/README.md (vision_gpu.py) says how to carry it
+        raise SystemExit(f"bench_diffusion needs {' and '.join(missing)} (pip install; see benchmarks/README.md)")
     fn, markdown, fields = PART_RUNS[part]
     budget = Budget(args.time_limit)
     record = {"part": part, "environment": environment_of(cuda), "settings": settings_of(args, cuda), "errors": [],
