@@ -42,6 +42,7 @@ and keeps the earlier run's others).
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import importlib.metadata
 import importlib.util
@@ -598,7 +599,7 @@ def run_part(part: str, args) -> int:
     fn, markdown, fields = PART_RUNS[part]
     budget = Budget(args.time_limit)
     record = {"part": part, "environment": environment_of(cuda), "settings": settings_of(args, cuda), "errors": [],
-              **json.loads(json.dumps(fields))}
+              **copy.deepcopy(fields)}
     rep = Report(Path(args.out), f"bench_diffusion_{part}_{gpu_tag(cuda, args.tiny)}", record, markdown, budget)
     torch.set_grad_enabled(False)
     work = Path(tempfile.mkdtemp(prefix=f"bench_diffusion_{part}_"))
