@@ -26,8 +26,8 @@ import torch
 from onnx import helper
 
 import rtxjit
-import rtxjit.ir.ops.conv as conv_ops
-import rtxjit.ir.ops.matmul as matmul_ops
+import rtxjit.ops.conv as conv_ops
+import rtxjit.ops.matmul as matmul_ops
 from rtxjit.codegen.templates.matmul import tile_config
 
 from rtxjit.runtime import autotune

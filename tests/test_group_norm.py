@@ -1,4 +1,4 @@
-"""Group normalization (rtxjit/ir/ops/norm.py, passes/fuse_group_norm.py): torch's nn.GroupNorm (+SiLU)
+"""Group normalization (rtxjit/ops/norm.py, passes/fuse_group_norm.py): torch's nn.GroupNorm (+SiLU)
 from both exporters becomes one rtxjit.GroupNorm kernel that matches onnxruntime, non-finite values
 included; long groups split into parts; other chains and ONNX's own GroupNormalization fuse too."""
 
@@ -144,7 +144,7 @@ def test_long_groups_split_into_parts():
 def test_long_rows_walk_several_blocks(monkeypatch, split):
     """The loops over column blocks (Chan's combination of block statistics) that the GPU's rows
     take: parts of 4 blocks each, or (where rows are many) one program walking its whole row."""
-    from rtxjit.ir.ops import norm
+    from rtxjit.ops import norm
 
     if split:
         monkeypatch.setattr(norm, "SPLIT_CHUNK", 4 * norm.INTERPRET_BLOCK_C)

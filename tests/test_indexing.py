@@ -1,4 +1,4 @@
-"""Index semantics of the gather/scatter ops (rtxjit/ir/ops/indexing.py, Gather in ops/movement.py)
+"""Index semantics of the gather/scatter ops (rtxjit/ops/indexing.py, Gather in ops/movement.py)
 beyond the registry samples: out-of-range indices are masked (never read or written outside a
 tensor), strided (Expand-ed) index tensors, deterministic scatters with duplicate indices, and
 which kernels Einsum's common equations run on."""

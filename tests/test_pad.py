@@ -1,4 +1,4 @@
-"""Pad, DepthToSpace and SpaceToDepth (rtxjit/ir/ops/pad.py) beyond the registry samples: torch's
+"""Pad, DepthToSpace and SpaceToDepth (rtxjit/ops/pad.py) beyond the registry samples: torch's
 F.pad in every mode through both exporters (the TorchScript one at opset 17, the dynamo one at its
 default), the Swin pattern of padding a [B, H, W, C] map to a multiple of the window with sizes known
 only at run time, and inputs that are strided views or computed on the device. Every result is

@@ -173,7 +173,6 @@ def op(name: str, since: int, kind: Kind, host_inputs=(), samples=(), tolerance=
 
 
 def get_op(name: str, where: str = "") -> OpDef:
-    _load_ops()
     d = REGISTRY.get(name)
     if d is None:
         raise UnsupportedOpError(f"{where}: op {name} is not supported by rtxjit")
@@ -181,11 +180,6 @@ def get_op(name: str, where: str = "") -> OpDef:
 
 
 def all_ops() -> dict:
-    _load_ops()
     return dict(REGISTRY)
-
-
-def _load_ops() -> None:
-    import rtxjit.ir.ops  # noqa: F401  (importing fills the registry)
 
 

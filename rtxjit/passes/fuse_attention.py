@@ -14,7 +14,7 @@ folded into Q (or into Q's weights) is just part of Q, and the op's scale is 1. 
 (a row with every key masked by ``-inf`` is NaN) becomes the op's ``nan_rows_zero``.
 
 Transposes into Q, K^T and V, and out of the result, are absorbed into the op's perms (see
-``rtxjit/ir/ops/attention.py`` for the convention) when nothing else uses their results: the op
+``rtxjit/ops/attention.py`` for the convention) when nothing else uses their results: the op
 reads the pre-transpose tensors through strides and writes its output in the layout the consumer
 wants. This covers the demo encoder (``Reshape -> Transpose(0,2,1,3)`` for Q and V,
 ``Transpose(0,2,3,1)`` for K^T, ``Transpose(0,2,1,3) -> Reshape`` after) and the torch export of
@@ -36,7 +36,7 @@ import numpy as np
 
 from rtxjit.errors import RtxjitError
 from rtxjit.ir.graph import Graph, Node, Value
-from rtxjit.ir.ops.attention import KERNEL_TYPES
+from rtxjit.ops.attention import KERNEL_TYPES
 from rtxjit.ir.registry import get_op
 from rtxjit.ir.rewrite import FreshNames, remove_nodes
 from rtxjit.ir.types import broadcast_shapes

@@ -41,7 +41,7 @@ import numpy as np
 from rtxjit.codegen.dtypes import compute_type
 from rtxjit.errors import RtxjitError
 from rtxjit.ir.graph import Graph, Node, Value
-from rtxjit.ir.ops.norm import STASH_TYPES
+from rtxjit.ops.norm import STASH_TYPES
 from rtxjit.ir.registry import get_op
 from rtxjit.ir.rewrite import FreshNames, infer_args, is_graph_output, make_constant, make_node, remove_nodes
 from rtxjit.ir.types import DType, TensorType

@@ -30,7 +30,7 @@ import numpy as np
 
 from rtxjit.errors import RtxjitError
 from rtxjit.ir.graph import Graph, Node, Value
-from rtxjit.ir.ops.reduce import reduced_axes
+from rtxjit.ops.reduce import reduced_axes
 from rtxjit.ir.registry import get_op
 from rtxjit.ir.rewrite import FreshNames, is_graph_output, remove_nodes
 from rtxjit.ir.types import DType, TensorType

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from rtxjit.ir.graph import Graph, Node
-from rtxjit.ir.ops.resize import resize_geometry
+from rtxjit.ops.resize import resize_geometry
 from rtxjit.ir.registry import get_op
 from rtxjit.ir.rewrite import FreshNames, is_graph_output, remove_nodes
 from rtxjit.passes.base import PassResult

@@ -182,7 +182,7 @@ def _program_dtypes(node) -> list:
     program = node.attrs.get("program")
     if node.op not in ("rtxjit.Pointwise", "rtxjit.Epilogue") or not isinstance(program, tuple):
         return []
-    from rtxjit.ir.ops.fused import run_program
+    from rtxjit.ops.fused import run_program
 
     types = [None if v is None else v.type for v in node.inputs]
     out: list = []

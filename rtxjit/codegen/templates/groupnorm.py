@@ -5,7 +5,7 @@ A *row* is one (n, g): the ``C/G * prod(S)`` elements of channels ``g*C/G .. (g+
 sample n, contiguous in memory; ``row = n * G + g`` starts at ``row * n_cols``. Channel of a
 column: ``(row % G) * C/G + col // spatial``. InstanceNormalization is the case G = C.
 
-Two forms (the lowering in rtxjit/ir/ops/norm.py picks one):
+Two forms (the lowering in rtxjit/ops/norm.py picks one):
 
 * one pass per row (``split=False``): each program owns ``BLOCK_R`` whole rows (short rows pack,
   as in the row-reduction template); a row that fits one block (``ONE_BLOCK``) is loaded once and

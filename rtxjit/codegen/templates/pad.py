@@ -1,7 +1,7 @@
 """Pad (ONNX modes constant, reflect, edge, wrap): one program per ``BLOCK`` output elements, each
 finding its source element by index arithmetic, one load and one store.
 
-Negative pads (cropping) never reach the kernel: the lowering (rtxjit/ir/ops/pad.py) slices the
+Negative pads (cropping) never reach the kernel: the lowering (rtxjit/ops/pad.py) slices the
 input view first, as onnxruntime does, so ``len{d}`` below is the length of the cropped axis and
 every pad ``lo{d}`` is >= 0. Per output coordinate ``o`` of a padded dim, ``j = o - lo`` indexes the
 cropped axis and is mapped into ``[0, len)``:

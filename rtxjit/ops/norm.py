@@ -24,9 +24,9 @@ from rtxjit.codegen.templates.epilogue import FusedEpilogue
 from rtxjit.codegen.templates.groupnorm import render_group_norm, render_group_norm_stats
 from rtxjit.codegen.view import View, collapse
 from rtxjit.errors import InternalError, ModelError, ShapeError, UnsupportedOpError
-from rtxjit.ir.ops.fused import program_reference, program_type
-from rtxjit.ir.ops.matmul import epilogue_args
-from rtxjit.ir.ops.reduce import GENERIC_ROW_BLOCKS, WIDE_LIMIT, row_blocks
+from rtxjit.ops.fused import program_reference, program_type
+from rtxjit.ops.matmul import epilogue_args
+from rtxjit.ops.reduce import GENERIC_ROW_BLOCKS, WIDE_LIMIT, row_blocks
 from rtxjit.ir.registry import Kind, Rand, Sample, op
 from rtxjit.ir.types import DType, TensorType
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from rtxjit.codegen.templates.gather import render_gather, render_gather_elements
 from rtxjit.errors import ModelError, ShapeError
-from rtxjit.ir.ops.shape import norm_axis
+from rtxjit.ops.shape import norm_axis
 from rtxjit.ir.registry import Kind, Rand, Sample, known, op
 from rtxjit.ir.types import TensorType, broadcast_shapes, dim_op
 

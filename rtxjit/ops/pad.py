@@ -19,7 +19,7 @@ import numpy as np
 from rtxjit.codegen.templates.pad import MODES, render_pad
 from rtxjit.codegen.view import View
 from rtxjit.errors import ModelError, ShapeError, UnsupportedOpError
-from rtxjit.ir.ops.shape import norm_axis
+from rtxjit.ops.shape import norm_axis
 from rtxjit.ir.registry import Kind, Rand, Sample, known, op
 from rtxjit.ir.types import TensorType, dim_op
 

@@ -13,7 +13,7 @@ import numpy as np
 from rtxjit.codegen.templates.reduce import EPS_MODES, render_reduce
 from rtxjit.codegen.view import View, collapse
 from rtxjit.errors import ModelError, ShapeError, UnsupportedOpError
-from rtxjit.ir.ops.shape import norm_axis
+from rtxjit.ops.shape import norm_axis
 from rtxjit.ir.registry import Kind, Rand, Sample, known, op
 from rtxjit.ir.types import DType, TensorType
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from rtxjit.codegen.templates.resize import INT_RANGE, TAPS, acc_dtype, render_resize
 from rtxjit.errors import ModelError, UnsupportedOpError
-from rtxjit.ir.ops.shape import norm_axis
+from rtxjit.ops.shape import norm_axis
 from rtxjit.ir.registry import Kind, Rand, Sample, known, op
 from rtxjit.ir.types import DType, TensorType
 

@@ -21,7 +21,7 @@ from rtxjit.codegen.templates.indexing import (REDUCTIONS, render_gather_nd, ren
                                                render_scatter_nd, render_scatter_nd_claim)
 from rtxjit.codegen.view import View, collapse, contiguous_strides
 from rtxjit.errors import ModelError, ShapeError, UnsupportedOpError
-from rtxjit.ir.ops.shape import norm_axis
+from rtxjit.ops.shape import norm_axis
 from rtxjit.ir.registry import Kind, Rand, Sample, known, op
 from rtxjit.ir.types import DType, TensorType, dim_op
 

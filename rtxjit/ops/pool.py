@@ -12,8 +12,8 @@ import numpy as np
 from rtxjit.codegen.templates.pool import render_pool
 from rtxjit.codegen.view import contiguous_strides
 from rtxjit.errors import ModelError, ShapeError, UnsupportedOpError
-from rtxjit.ir.ops.conv import AUTO_PADS, WindowGeometry
-from rtxjit.ir.ops.reduce import WIDE_LIMIT, row_reduce
+from rtxjit.ops.conv import AUTO_PADS, WindowGeometry
+from rtxjit.ops.reduce import WIDE_LIMIT, row_reduce
 from rtxjit.ir.registry import Kind, Rand, Sample, op
 from rtxjit.ir.types import DType, TensorType
 

@@ -28,9 +28,9 @@ import itertools
 import numpy as np
 
 from rtxjit.errors import ModelError, ShapeError
-from rtxjit.ir.ops.conv import (AUTO_PADS, WindowGeometry, channels_last_output, dense_weight, emit_conv,
+from rtxjit.ops.conv import (AUTO_PADS, WindowGeometry, channels_last_output, dense_weight, emit_conv,
                                 pointwise_gemm)
-from rtxjit.ir.ops.matmul import check_dot_type
+from rtxjit.ops.matmul import check_dot_type
 from rtxjit.ir.registry import Kind, Rand, Sample, op
 from rtxjit.ir.types import TensorType
 

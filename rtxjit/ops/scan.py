@@ -12,7 +12,7 @@ from rtxjit.codegen.templates.scan import render_cumsum
 from rtxjit.codegen.templates.topk import render_topk
 from rtxjit.codegen.view import collapse
 from rtxjit.errors import ModelError, ShapeError
-from rtxjit.ir.ops.shape import norm_axis
+from rtxjit.ops.shape import norm_axis
 from rtxjit.ir.registry import Kind, Rand, Sample, known, op
 from rtxjit.ir.types import DType, TensorType
 

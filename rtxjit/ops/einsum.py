@@ -27,7 +27,7 @@ import numpy as np
 from rtxjit.codegen.templates.einsum import render_einsum
 from rtxjit.codegen.view import View, collapse
 from rtxjit.errors import ModelError, ShapeError
-from rtxjit.ir.ops.matmul import DOT_TYPES, emit_matmul
+from rtxjit.ops.matmul import DOT_TYPES, emit_matmul
 from rtxjit.ir.registry import Kind, Rand, Sample, op
 from rtxjit.ir.types import DType, TensorType
 

@@ -21,7 +21,7 @@ import numpy as np
 from rtxjit.codegen.templates.conv import render_conv2d, render_nchw_to_nhwc
 from rtxjit.codegen.view import View
 from rtxjit.errors import ModelError, ShapeError, UnsupportedOpError
-from rtxjit.ir.ops.matmul import check_dot_type, emit_matmul, epilogue_args, launch_tiles, take_epilogue
+from rtxjit.ops.matmul import check_dot_type, emit_matmul, epilogue_args, launch_tiles, take_epilogue
 from rtxjit.ir.registry import Kind, Rand, Sample, op
 from rtxjit.ir.types import TensorType
 
@@ -31,7 +31,7 @@ AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
 @dataclass(frozen=True)
 class WindowGeometry:
     """Per spatial axis: kernel size, stride, dilation, padding before and after, output size —
-    of a Conv or a pooling window (rtxjit/ir/ops/pool.py uses it too).
+    of a Conv or a pooling window (rtxjit/ops/pool.py uses it too).
 
     For Conv, ``pads_end`` is what the output size needs (it may be less than the attribute asks for: the
     rest is never read). Sizes are ints, or symbols where the input's dims are symbolic.
