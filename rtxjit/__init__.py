@@ -6,8 +6,8 @@ from rtxjit import config as _config  # noqa: E402
 
 _config.prepare_triton()
 
+from rtxjit import ops as _ops  # noqa: F401,E402  (importing the op families fills the registry)
 from rtxjit.errors import (  # noqa: F401,E402
     EngineError, InputError, KernelError, ModelError, RtxjitError, ShapeError, UnsupportedOpError)
 from rtxjit.runtime.session import InferenceSession  # noqa: F401,E402
 from rtxjit.runtime.engine import Engine, Refitter, build  # noqa: F401,E402
-from rtxjit import ops as _ops  # noqa: F401,E402  (importing the op families fills the registry)

@@ -16,7 +16,6 @@ from rtxjit.codegen.view import View
 from rtxjit.errors import ModelError, ShapeError, UnsupportedOpError
 from rtxjit.ir.registry import Kind, Rand, Sample, op
 from rtxjit.ir.types import DType, TensorType, broadcast_shapes
-from rtxjit.runtime import autotune
 
 DOT_TYPES = (DType.FP32, DType.FP16, DType.BF16, DType.FP64)
 
@@ -107,12 +106,11 @@ def emit_matmul(ctx, a: View, b: View, out: View, bias: View = None, alpha: floa
 def launch_tiles(ctx, src, args: list, m: int, n: int, k: int, dtype, nbatch: int, k_cap: int = None) -> None:
     """Launch a tiled product kernel (MatMul's or Conv's) over ``[m, n]`` tiles times ``nbatch``,
     with the candidate tile configurations of ``tile_configs``, timed on first use on a GPU."""
-    on_gpu = not ctx.interpret
-    cfgs = tile_configs(m, n, k, dtype, ctx.interpret, sm=ctx.sm or 90,
-                        sm_count=autotune.sm_count() if on_gpu else 1, batch=nbatch, k_cap=k_cap)
+    cfgs = tile_configs(m, n, k, dtype, ctx.interpret, sm=ctx.sm or 90, sm_count=ctx.sm_count, batch=nbatch,
+                        k_cap=k_cap)
     choices = [((tile_count(m, n, c), nbatch), c) for c in cfgs]
     generic = generic_tile_config(a_dtype=dtype, k_cap=k_cap)
-    ctx.launch_tuned(src, choices, args, autotune.tune_key(src.key, ctx.sm, m, n, k, nbatch),
+    ctx.launch_tuned(src, choices, args, ctx.tune_key(src, m, n, k, nbatch),
                      generic=((tile_count(m, n, generic), nbatch), generic))
 
 

@@ -21,6 +21,7 @@ from rtxjit.ir import host
 from rtxjit.ir.graph import Graph, Node
 from rtxjit.ir.registry import get_op
 from rtxjit.ir.types import DType, TensorType, is_static
+from rtxjit.runtime import autotune
 
 WIDE_LIMIT = 2**31 - 1
 POINTWISE_CAP = 1024  # elements per program of a flat kernel on the GPU
@@ -163,6 +164,17 @@ class LowerCtx:
     def sm(self):
         """The compute capability of the target GPU as an int (90 for an H100), None on the CPU."""
         return self._b.device.sm
+
+    @property
+    def sm_count(self) -> int:
+        """Multiprocessors of the target GPU (132 on an H100 SXM, or the count an AOT build for an
+        absent GPU assumes), for tile heuristics; 1 on the interpreter."""
+        return 1 if self.interpret else autotune.sm_count()
+
+    def tune_key(self, src: KernelSource, *sizes: int) -> tuple:
+        """The autotuner's key for a launch of ``src`` over a problem of ``sizes`` on this target
+        (sizes rounded up to powers of two: one timing serves a bucket of shapes)."""
+        return autotune.tune_key(src.key, self.sm, *sizes)
 
     def readers(self, index: int = 0) -> list:
         """The graph nodes that read output ``index`` of this node (empty for a graph output)."""
