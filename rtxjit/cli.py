@@ -303,8 +303,8 @@ def _describe_profile(profile) -> str:
 def cmd_build(args) -> int:
     import rtxjit
     from rtxjit.errors import EngineError
-    from rtxjit.onnx.importer import import_model
     from rtxjit.runtime.engine import parse_targets
+    from rtxjit.runtime.frontdoor import import_graph
 
     sms = parse_targets(_targets(args.sm))
     profile = _profile_arg(args)
@@ -315,7 +315,7 @@ def cmd_build(args) -> int:
     progress = Progress(["import", "passes, checks and kernels", "save"])
     start = time.perf_counter()
     with progress.phase("import"):
-        graph = import_model(args.onnx)
+        graph = import_graph(args.onnx)  # then rtxjit.build takes it through the front door's passes
     imported = time.perf_counter()
     with progress.phase("passes, checks and kernels"):
         engine = rtxjit.build(graph, targets=list(sms), profiles=profile, precision=args.precision,
@@ -507,21 +507,6 @@ def _engine_metadata(path: str) -> list:
     return lines
 
 
-def _plan(sess, shapes: dict):
-    """The plan that a run of these input shapes uses, built without running it."""
-    from rtxjit.ir.host import host_read_values
-    from rtxjit.ir.types import TensorType
-    from rtxjit.runtime.plan import PlanBuilder
-    from rtxjit.runtime.profiles import select
-
-    graph = sess.graph
-    select(sess.profiles, shapes)  # an input outside every profile is an error naming it
-    feeds = _random_feeds(sess, shapes)
-    host = host_read_values(graph) & {v.name for v in graph.inputs}
-    types = {v.name: TensorType(v.type.dtype, tuple(shapes[v.name])) for v in graph.inputs}
-    return PlanBuilder(graph, sess.device).build(types, {n: _numpy(feeds[n]) for n in host})
-
-
 def _pick_steps(plan, which: str) -> list:
     from rtxjit.errors import RtxjitError
 
@@ -545,8 +530,7 @@ def _pick_steps(plan, which: str) -> list:
 
 
 def cmd_inspect(args) -> int:
-    from rtxjit import passes
-    from rtxjit.onnx.importer import import_model
+    from rtxjit.runtime.frontdoor import optimized_graph
 
     if args.kernel is None and not args.launches:
         if args.load_engine:
@@ -554,14 +538,12 @@ def cmd_inspect(args) -> int:
                 print(text)
             print(_load_engine(args).ir)
             return 0
-        graph = import_model(args.onnx)
-        if args.passes or args.precision:
-            graph, _ = passes.optimize(graph, precision=args.precision)
-        print(graph)
+        optimize = bool(args.passes or args.precision)
+        print(optimized_graph(args.onnx, optimize=optimize, precision=args.precision).graph)
         return 0
     sess, what = _open(args, specialize="none")  # the plan only: nothing runs
     shapes = _input_shapes(sess, args.shapes, what)
-    plan = _plan(sess, shapes)
+    plan = sess.plan(shapes, _random_feeds(sess, shapes))  # host-read inputs (shape tensors) get random values
     if args.launches:
         print(f"# {len(plan.steps)} launches of {what} for inputs "
               + ", ".join(f"{n} {list(s)}" for n, s in shapes.items()))

@@ -140,6 +140,21 @@ def test_inspect_an_engine_and_a_kernel(built):
     assert "# rtxjit kernel conv2d" in r.stdout and "\ndef conv2d(" in r.stdout and "tl.dot(" in r.stdout
 
 
+def test_inspect_launches_are_the_launches_a_run_makes(built, capsys):
+    """``inspect --launches`` lists the session's own plan (``InferenceSession.plan``): the kernels
+    and grids that a run of those shapes launches."""
+    from rtxjit.cli import main
+
+    assert main(["inspect", "--onnx", str(built["model"]), "--launches", "--shapes", "image:2x3x32x32",
+                 "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("# ") and "image [2, 3, 32, 32]" in lines[0]
+    listed = [line.split(None, 3)[1:] for line in lines[1:]]
+    sess = rtxjit.InferenceSession(str(built["model"]), device="cpu", specialize="none")
+    plan = sess.plan_for({"image": np.ones((2, 3, 32, 32), np.float32)})
+    assert listed == [[s.node, f"{s.kernel.name}:{s.kernel.short_key}", f"grid {list(s.grid)}"] for s in plan.steps]
+
+
 @pytest.mark.parametrize("case", ["missing model", "missing engine", "shapes syntax", "shapes dims", "unknown input"])
 def test_bad_input_is_one_line_naming_it(built, case):
     model, engine = built["model"], built["full"]

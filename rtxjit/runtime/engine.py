@@ -46,8 +46,8 @@ is False), the graph document and the arrays against it, the profiles against th
 
 Devices and SM targets. The IR is portable: an engine runs on any GPU whose SM can run its
 precision; a GPU whose SM has no binaries in the engine JIT-compiles its kernels. What is checked
-is precision legality (bf16 needs sm_80, fp8 sm_89; ``check_legal`` also looks inside fused programs,
-which ``passes.precision_legality.check_precision`` does not): at build for every target (an
+is precision legality (bf16 needs sm_80, fp8 sm_89, also inside fused programs:
+``passes.precision_legality.check_precision``): at build for every target (an
 ``UnsupportedOpError`` naming the op and the target), at load for the device's SM (an
 ``EngineError`` naming the op and the SM). ``load(path, device=...)``: None detects the device
 (no check on the CPU), or a ``Device``, "cuda"/"cpu", an SM number or "sm_86".
@@ -93,12 +93,12 @@ from rtxjit import passes
 from rtxjit.errors import EngineError, ModelError, RtxjitError, UnsupportedOpError
 from rtxjit.ir.graph import Graph
 from rtxjit.ir.host import host_read_values
-from rtxjit.ir.registry import get_op
 from rtxjit.ir.rewrite import copy_graph
 from rtxjit.ir.serialize import (dtype_name, from_document, is_missing, missing_constants, numpy_dtype,
                                  placeholder, shape_fits, to_document)
-from rtxjit.passes.precision_legality import MIN_SM as PRECISION_MIN_SM, check_precision
+from rtxjit.passes.precision_legality import check_precision
 from rtxjit.runtime.cache import canonical_json, codegen_version, triton_version
+from rtxjit.runtime.frontdoor import optimized_graph
 from rtxjit.runtime.profiles import Profile, resolve_profiles
 
 FORMAT = "rtxjit-engine"
@@ -154,53 +154,6 @@ def _current_sm() -> int:
         raise EngineError("target 'current' means the GPU's SM, but there is no GPU here "
                           f"({device}); name the targets instead, e.g. targets=['sm_90']")
     return device.sm
-
-
-def _check_targets(graph: Graph, sms: tuple) -> None:
-    for sm in sms:
-        try:
-            check_legal(graph, sm)
-        except UnsupportedOpError as exc:
-            raise UnsupportedOpError(f"cannot build for target sm_{sm}: {exc}") from None
-
-
-def check_legal(graph: Graph, sm: int) -> None:
-    """``check_precision`` on every node, and on the steps of fused programs (``rtxjit.Pointwise``,
-    ``rtxjit.Epilogue``): a Cast to fp8 and back fused into one fp32 kernel still computes fp8."""
-    check_precision(graph, sm)
-    for node in graph.nodes:
-        for i, (op, dtype) in enumerate(_program_dtypes(node)):
-            need = PRECISION_MIN_SM.get(dtype, 0)
-            if need > sm:
-                raise UnsupportedOpError(f"node '{node.name}' ({node.op}): fused step {i} ({op}) computes "
-                                         f"{dtype.short}, which needs sm_{need} or newer; the target is sm_{sm}")
-
-
-def _program_dtypes(node) -> list:
-    """(op, dtype) of each step of a fused node's program, by the ops' type inference; [] for
-    other nodes (or where inference is not possible from types alone)."""
-    program = node.attrs.get("program")
-    if node.op not in ("rtxjit.Pointwise", "rtxjit.Epilogue") or not isinstance(program, tuple):
-        return []
-    from rtxjit.ops.fused import run_program
-
-    types = [None if v is None else v.type for v in node.inputs]
-    out: list = []
-
-    def step(opdef, args, attrs):
-        t = opdef.infer(args, attrs, 1)[0]
-        out.append((opdef.name, t.dtype))
-        return t
-
-    try:
-        if node.op == "rtxjit.Epilogue":
-            n = node.attrs["n_anchor"]
-            product = get_op(node.attrs["anchor"]).infer(types[:n], dict(node.attrs["anchor_attrs"]), 1)[0]
-            types = [product] + types[n:]
-        run_program(program, types, step)
-    except (RtxjitError, ValueError, TypeError, KeyError, IndexError, AttributeError):
-        pass
-    return out
 
 
 # --- weights ------------------------------------------------------------------------------------
@@ -319,7 +272,7 @@ class Engine:
         sm = _device_sm(device)
         if sm is not None:
             try:
-                check_legal(self._graph, sm)
+                check_precision(self._graph, sm)
             except UnsupportedOpError as exc:
                 raise EngineError(f"{self._where()} cannot run on sm_{sm} (built for "
                                   f"{', '.join('sm_%d' % t for t in self.targets)}): {exc}") from None
@@ -444,8 +397,7 @@ def build(model, targets=("current",), profiles=None, precision: Optional[str] =
     is "current". ``kernels`` also compiles the engine's kernels for every target (runtime/aot.py;
     no GPU needed), calling ``progress(done, total, what)`` after each."""
     sms = parse_targets(targets)
-    graph = _optimized(model, precision, optimize)
-    _check_targets(graph, sms)
+    graph = _optimized(model, precision, optimize, sms)
     resolved = resolve_profiles(profiles, graph)
     short = passes.precision_dtype(precision).short if precision is not None else None
     engine = Engine(graph, resolved, sms, short, bool(optimize))
@@ -459,18 +411,11 @@ def build(model, targets=("current",), profiles=None, precision: Optional[str] =
     return engine
 
 
-def _optimized(model, precision, optimize: bool) -> Graph:
-    """The graph of ``model`` after import and passes (a copy when ``model`` is a Graph)."""
-    if isinstance(model, Graph):
-        graph = model
-    else:
-        from rtxjit.onnx.importer import import_model
-
-        graph = import_model(model)
-    if optimize or precision is not None:
-        graph, _ = passes.optimize(graph, precision=precision, steps=None if optimize else [])
-        return graph
-    return copy_graph(graph)
+def _optimized(model, precision, optimize: bool, targets: tuple = ()) -> Graph:
+    """The graph of ``model`` through the front door (import, passes, legality on ``targets``);
+    always a graph of its own, never the caller's Graph object (a build strips weights from it)."""
+    graph = optimized_graph(model, optimize=optimize, precision=precision, targets=targets).graph
+    return copy_graph(graph) if graph is model else graph
 
 
 def _device_sm(device) -> Optional[int]:
@@ -526,12 +471,9 @@ class Refitter:
         """Stage every weight from ``model`` (ONNX path, bytes or ModelProto; or an rtxjit Graph): it is
         imported and optimized as the engine was, then checked to give the engine's graph. Returns
         the names staged."""
-        from rtxjit.onnx.importer import import_model
-
         engine = self.engine
         where = f"model '{model}'" if isinstance(model, (str, os.PathLike)) else "the model"
-        graph = model if isinstance(model, Graph) else import_model(model)
-        graph = _optimized(graph, engine.precision, engine.optimized)
+        graph = _optimized(model, engine.precision, engine.optimized)
         ours, theirs = str(engine.ir).splitlines(), str(graph).splitlines()
         if ours != theirs:
             i = next((k for k, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))

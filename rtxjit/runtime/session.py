@@ -10,15 +10,15 @@ from typing import Optional
 import numpy as np
 import torch
 
-from rtxjit import config, passes
+from rtxjit import config
 from rtxjit.errors import InputError
 from rtxjit.ir.graph import Graph
 from rtxjit.ir.types import DType, TensorType
-from rtxjit.passes.precision_legality import check_precision
 from rtxjit.runtime import autotune, jit, warm
-from rtxjit.runtime.cache import model_key, open_cache
+from rtxjit.runtime.cache import open_cache
 from rtxjit.runtime.device import Device, detect
 from rtxjit.runtime.executor import Executable, torch_dtype
+from rtxjit.runtime.frontdoor import optimized_graph
 from rtxjit.runtime.plan import PlanBuilder
 from rtxjit.runtime.profiles import resolve_profiles, select
 
@@ -75,20 +75,18 @@ class InferenceSession:
         from rtxjit.runtime.engine import Engine
 
         self.runtime_cache = open_cache(runtime_cache)
-        self.pass_timings: list = []
+        self.device: Device = detect(device)
+        targets = () if self.device.sm is None else (self.device.sm,)
         self.engine = model if isinstance(model, Engine) else None
         if self.engine is not None:  # optimized when built; a stripped engine names its missing weights here
-            self.graph = self.engine.graph
-            self._model_key = model_key(self.graph) if self.runtime_cache is not None else None
+            model, optimize, precision = self.engine.graph, False, None
             profiles = self.engine.profiles if profiles is None else profiles
-        else:
-            self.graph, self._model_key = self._optimized_graph(model, optimize, precision)
+        front = optimized_graph(model, optimize=optimize, precision=precision, cache=self.runtime_cache,
+                                targets=targets)
+        self.graph, self._model_key, self.pass_timings = front.graph, front.model_key, front.pass_timings
         self.profiles: list = resolve_profiles(profiles, self.graph)
         self._profile_of: dict = {}  # executable key -> index of the profile serving it
         self.last_profile: Optional[int] = None
-        self.device: Device = detect(device)
-        if self.device.sm is not None:
-            check_precision(self.graph, self.device.sm)
         self.specialize = jit.resolve_mode(specialize or config.specialize_mode(), self.device)
         self._jit = jit.Stats()
         self._histogram = self._seen_shapes()
@@ -112,30 +110,6 @@ class InferenceSession:
         self.last_trace: dict = {}
         self.last_executable = None
 
-    def _optimized_graph(self, model, optimize: bool, precision: Optional[str]) -> tuple:
-        """``(graph, model key)``: the model imported and optimized, or, with a runtime cache that
-        recorded this model file (or these bytes) under the same options, the recorded graph."""
-        cache = self.runtime_cache
-        identity = warm.model_identity(model) if cache is not None else None
-        options = {"optimize": bool(optimize), "precision": precision}
-        if identity is not None:
-            hit = warm.load_graph(cache, identity, options)
-            if hit is not None:
-                return hit
-        if isinstance(model, Graph):
-            graph = model
-        else:
-            from rtxjit.onnx.importer import import_model
-
-            graph = import_model(model)
-        key = model_key(graph) if cache is not None else None
-        if optimize or precision is not None:
-            graph, self.pass_timings = passes.optimize(graph, verify=config.verify_passes(), dump=config.dump_passes(),
-                                                       precision=precision, steps=None if optimize else [])
-        if identity is not None:
-            warm.save_graph_later(cache, identity, options, graph, key)
-        return graph, key
-
     # -- onnxruntime-style introspection
     def get_inputs(self) -> list:
         return [_node_arg(v) for v in self.graph.inputs]
@@ -152,8 +126,7 @@ class InferenceSession:
                 raise InputError(f"unknown output '{n}'; the model's outputs are {sorted(known_outputs)}")
         as_numpy = not any(isinstance(x, torch.Tensor) for x in feeds.values())
         tensors, types, host_values = self._bind(feeds)
-        key = tuple((n, t.shape, t.dtype) for n, t in types.items()) + tuple(
-            (n, v.tobytes()) for n, v in sorted(host_values.items()))
+        key = binding_key(types, host_values)
         exe = self._executables.get(key)
         if exe is None:
             with jit.serving():  # a new binding: the background specializer waits meanwhile
@@ -193,7 +166,7 @@ class InferenceSession:
         from rtxjit.runtime import compiler
 
         with jit.gc_paused():  # a new binding allocates many small objects: no collection pauses meanwhile
-            plan = PlanBuilder(self.graph, self.device, frozenset(self._const_tensors)).build(types, host_values)
+            plan = self._build_plan(types, host_values)
             exe = Executable(plan, self.device, self._const_tensors, plan_consts=self._plan_consts)
         exe.key = key
         exe.tune = self._tune
@@ -212,6 +185,10 @@ class InferenceSession:
         if self.runtime_cache is not None:
             self._note_binding(plan, types)
         return exe
+
+    def _build_plan(self, types: dict, host_values: dict):
+        """A new plan of this binding: the session's constants are on the device already."""
+        return PlanBuilder(self.graph, self.device, frozenset(self._const_tensors)).build(types, host_values)
 
     def _specialize(self, exe: Executable, tensors: dict, types: dict) -> None:
         shapes = {n: t.shape for n, t in types.items()}
@@ -267,9 +244,57 @@ class InferenceSession:
         return self.last_executable.activation_bytes if self.last_executable else 0
 
     def plan_for(self, feeds: dict):
-        """The execution plan that ``run`` uses for these feeds (for inspection and tests)."""
+        """The execution plan that ``run`` uses for these feeds, after running them once (for
+        inspection and tests; ``plan`` builds it without running)."""
         self.run(None, feeds)
         return self.last_executable.plan
+
+    def plan(self, shapes: dict, host_values: Optional[dict] = None):
+        """The plan that a run of inputs of these ``shapes`` (input name -> sizes) uses, without
+        running it: the plan of the binding's executable where a run made one, else a new plan built
+        as a first run builds it (nothing compiled, launched or recorded; nothing kept).
+        Inputs that the plan reads on the host (shape tensors, ``host_inputs``) need their values in
+        ``host_values`` (input name -> array; other names there are not read), as a run's feeds give
+        them. Checked as a run checks its feeds: an unknown or missing input, a wrong rank, a static
+        or symbolic dim that does not fit, shapes outside every profile are InputErrors naming it."""
+        expected = {v.name: v for v in self.graph.inputs}
+        for name in shapes:
+            if name not in expected:
+                raise InputError(f"unknown input '{name}'; the model's inputs are {sorted(expected)}")
+        given = host_values or {}
+        types, host, symbols = {}, {}, {}
+        for name, v in expected.items():
+            if name not in shapes:
+                raise InputError(f"missing input '{name}' ({v.type})")
+            shape = tuple(int(d) for d in shapes[name])
+            check_shape(name, v.type, shape, symbols)
+            types[name] = TensorType(v.type.dtype, shape)
+            if name in self._host_inputs:
+                host[name] = self._host_value(name, given.get(name), types[name])
+        exe = self._executables.get(binding_key(types, host))
+        if exe is not None:
+            return exe.plan
+        select(self.profiles, {n: t.shape for n, t in types.items()})  # as a first run: outside every profile is an error naming the input
+        return self._build_plan(types, host)
+
+    @property
+    def host_inputs(self) -> list:
+        """Names of the inputs whose values a plan reads on the host (``plan`` needs them)."""
+        return [v.name for v in self.graph.inputs if v.name in self._host_inputs]
+
+    def _host_value(self, name: str, x, t: TensorType) -> np.ndarray:
+        if x is None:
+            raise InputError(f"input '{name}': its values fix the plan (they are read on the host); give them in "
+                             f"host_values (an array of {t.dtype.short} {list(t.shape)})")
+        x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        try:
+            dt = DType.from_numpy(x.dtype)
+        except KeyError:
+            dt = None
+        if dt is not t.dtype or tuple(x.shape) != t.shape:
+            raise InputError(f"input '{name}': host_values gives {x.dtype} {list(x.shape)}, expected "
+                             f"{t.dtype.short} {list(t.shape)}")
+        return x
 
     def _note_binding(self, plan, types: dict) -> None:
         """Runtime cache: count this binding of input shapes; reuse and keep the plan's tile choices."""
@@ -300,16 +325,7 @@ class InferenceSession:
             if dt is not v.type.dtype:
                 raise InputError(f"input '{name}': expected dtype {v.type.dtype.short}, got {dt.short}")
             shape = tuple(int(d) for d in x.shape)
-            if len(shape) != v.type.rank:
-                raise InputError(f"input '{name}': expected rank {v.type.rank} {v.type.shape}, got shape {shape}")
-            for i, (want, got) in enumerate(zip(v.type.shape, shape)):
-                if isinstance(want, int) and want != got:
-                    raise InputError(f"input '{name}': dim {i} must be {want}, got {got} (shape {shape})")
-                if isinstance(want, str) and want != "?":
-                    if symbols.setdefault(want, (got, name))[0] != got:
-                        first = symbols[want]
-                        raise InputError(f"input '{name}': dim {i} ('{want}') is {got} but input '{first[1]}' "
-                                         f"binds '{want}' to {first[0]}")
+            check_shape(name, v.type, shape, symbols)
             if name in self._host_inputs:
                 host_values[name] = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
             if name in self._index_inputs and not isinstance(x, torch.Tensor):
@@ -340,6 +356,29 @@ class InferenceSession:
             host = torch.from_numpy(data if data.flags.writeable else data.copy())
             t = host.to(self._tdev, dtype=torch_dtype(v.type.dtype))
             self._const_tensors[v.name] = t
+
+
+def check_shape(name: str, declared: TensorType, shape: tuple, symbols: dict) -> None:
+    """An InputError naming input ``name`` when ``shape`` does not fit its declared type: the rank,
+    a static dim, or a symbolic dim bound to another size by an earlier input (``symbols``: symbol
+    -> (size, input name), filled as inputs are checked)."""
+    if len(shape) != declared.rank:
+        raise InputError(f"input '{name}': expected rank {declared.rank} {declared.shape}, got shape {shape}")
+    for i, (want, got) in enumerate(zip(declared.shape, shape)):
+        if isinstance(want, int) and want != got:
+            raise InputError(f"input '{name}': dim {i} must be {want}, got {got} (shape {shape})")
+        if isinstance(want, str) and want != "?":
+            if symbols.setdefault(want, (got, name))[0] != got:
+                first = symbols[want]
+                raise InputError(f"input '{name}': dim {i} ('{want}') is {got} but input '{first[1]}' "
+                                 f"binds '{want}' to {first[0]}")
+
+
+def binding_key(types: dict, host_values: dict) -> tuple:
+    """The key of a binding (one executable each): input names, shapes and dtypes, and the bytes of
+    the inputs read on the host."""
+    return tuple((n, t.shape, t.dtype) for n, t in types.items()) + tuple(
+        (n, v.tobytes()) for n, v in sorted(host_values.items()))
 
 
 @dataclass(frozen=True)
