@@ -69,7 +69,7 @@ def host_read_values(graph) -> set:
     producer = {v.name: node for node in graph.nodes for v in node.outputs if v is not None}
     needed, todo = set(), []
     for node in graph.nodes:
-        opdef = get_op(node.op, f"node '{node.name}'")
+        opdef = get_op(node.op, f"node '{node.name}'", node.version)
         todo += [v for i, v in enumerate(node.inputs) if v is not None and i in opdef.host_inputs]
     while todo:
         v = todo.pop()
@@ -77,7 +77,7 @@ def host_read_values(graph) -> set:
             continue
         needed.add(v.name)
         node = producer.get(v.name)
-        if node is None or get_op(node.op).kind is Kind.SHAPE:
+        if node is None or get_op(node.op, version=node.version).kind is Kind.SHAPE:
             continue
         if all(o is None or not o.type.dtype.is_float for o in node.outputs):
             todo += [i for i in node.inputs if i is not None]

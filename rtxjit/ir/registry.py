@@ -1,5 +1,5 @@
-"""The op registry: each op is declared once, with its type/shape inference, its float64 numpy
-reference and its lowering onto a kernel kind.
+"""The op registry: each op (each ONNX version that changed its meaning) is declared once, with its
+type and shape inference, its float64 numpy reference and its lowering onto a kernel kind.
 
 ```python
 @op("Softmax", since=13, kind=Kind.ROW)
@@ -12,6 +12,15 @@ def _(x, *, axis=-1): ...
 @softmax.lower
 def _(ctx, x, *, axis=-1): ...
 ```
+
+Versions. ``since`` is the ONNX version whose semantics a declaration implements; an op whose
+meaning changed (GroupNormalization 18 -> 21) is declared once per meaning, each ``@op`` with its own
+``since``, in the op's one file. A node resolves to the newest declaration not above its version
+(``get_op(name, where, version)``): the importer gives each node the version of the op's ONNX schema
+at the model's opset (at a function body's own opset inside an expanded body) and keeps it in
+``Node.version``, which serialization stores, so every later stage resolves the same declaration.
+A node older than every declaration is expanded from its ONNX function body by the importer, or
+refused. A version of 0 (a node made without one) resolves to the newest declaration.
 
 Keyword-only parameters of the inference function are the op's attributes, with their ONNX
 defaults; one without a default is a required attribute. A parameter named ``_outputs`` receives the
@@ -158,28 +167,47 @@ class OpDef:
         return f"OpDef({self.name}, since={self.since}, kind={self.kind.value})"
 
 
-REGISTRY: dict = {}
+_VERSIONS: dict = {}  # op name -> [OpDef], oldest version first
 
 
 def op(name: str, since: int, kind: Kind, host_inputs=(), samples=(), tolerance=None):
     def deco(fn: Callable) -> OpDef:
-        if name in REGISTRY:
-            raise InternalError(f"op {name} is declared twice")
+        versions = _VERSIONS.setdefault(name, [])
+        if any(d.since == since for d in versions):
+            raise InternalError(f"op {name} version {since} is declared twice")
         d = OpDef(name, since, kind, fn, host_inputs, samples, tolerance)
-        REGISTRY[name] = d
+        versions.append(d)
+        versions.sort(key=lambda v: v.since)
         return d
 
     return deco
 
 
-def get_op(name: str, where: str = "") -> OpDef:
-    d = REGISTRY.get(name)
-    if d is None:
+def get_op(name: str, where: str = "", version: int = 0) -> OpDef:
+    """The declaration of op ``name`` that a node of ONNX version ``version`` runs: the newest one
+    not above it (the newest of all where ``version`` is 0)."""
+    versions = _VERSIONS.get(name)
+    if not versions:
         raise UnsupportedOpError(f"{where}: op {name} is not supported by rtxjit")
-    return d
+    if not version:
+        return versions[-1]
+    for d in reversed(versions):
+        if d.since <= version:
+            return d
+    raise UnsupportedOpError(f"{where}: {name} version {version} is not supported "
+                             f"(rtxjit implements it from version {versions[0].since})")
+
+
+def op_versions(name: str) -> list:
+    """Every declaration of op ``name``, oldest first (empty if rtxjit lacks the op)."""
+    return list(_VERSIONS.get(name, ()))
 
 
 def all_ops() -> dict:
-    return dict(REGISTRY)
+    """Op name -> its newest declaration, for every op (see ``all_op_versions`` for the others)."""
+    return {name: versions[-1] for name, versions in _VERSIONS.items()}
 
 
+def all_op_versions() -> list:
+    """Every declaration of every op, by name then version."""
+    return [d for name in sorted(_VERSIONS) for d in _VERSIONS[name]]

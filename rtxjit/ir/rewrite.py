@@ -167,7 +167,7 @@ def infer_args(opdef, inputs: list) -> list:
 
 def infers_same(node: Node, inputs: list, attrs: dict) -> bool:
     """Whether ``node`` with these inputs and attributes has the output types it has now."""
-    opdef = get_op(node.op, f"node '{node.name}'")
+    opdef = get_op(node.op, f"node '{node.name}'", node.version)
     types = opdef.infer(infer_args(opdef, inputs), attrs, len(node.outputs))
     return all(v is None or v.type == t for v, t in zip(node.outputs, types))
 

@@ -18,7 +18,9 @@ The document (``SCHEMA_VERSION`` 1)::
 
 ``values`` lists every value once (dtype by its short name, dims ints or symbol strings); a
 constant's ``const`` is the key of its data in ``arrays`` (its own name). ``nodes`` are in the
-graph's (topological) order; ``null`` stands for an omitted optional input or output.
+graph's (topological) order; ``null`` stands for an omitted optional input or output. A node's
+``version`` is the ONNX version it was imported at: it selects which declaration of its op runs it
+(``get_op(op, where, version)``, rtxjit/ir/registry.py), so it must be kept exactly.
 
 Attribute values: JSON strings, ints, bools, ``null``, lists and finite floats stand for
 themselves (a float always reads back as a float: ``repr`` keeps its ``.0``). Everything else is
@@ -69,6 +71,7 @@ import numpy as np
 
 from rtxjit.errors import ModelError, RtxjitError
 from rtxjit.ir.graph import Graph, Node, Value
+from rtxjit.ir.registry import get_op
 from rtxjit.ir.types import DType, TensorType
 
 SCHEMA_VERSION = 1
@@ -530,16 +533,14 @@ def _read_values(entries: list, arrays: dict, weights: str) -> tuple:
 
 
 def _read_node(index: int, entry: dict, values: dict, defined: set, reader: _Reader) -> Node:
-    from rtxjit.ir.registry import get_op
-
     name = _field(entry, "name", str, f"node #{index}")
     op = _field(entry, "op", str, f"node '{name}'")
     where = f"node '{name}' ({op})"
+    version = _field(entry, "version", int, where)
     try:
-        get_op(op, where)
+        get_op(op, where, version)  # the op, in a version this rtxjit declares
     except RtxjitError as exc:
         raise ModelError(str(exc)) from None
-    version = _field(entry, "version", int, where)
     ins, outs = [], []
     for n in _field(entry, "inputs", list, where):
         if n is None:

@@ -12,7 +12,7 @@ def verify(graph: Graph, check_types: bool = True) -> None:
     defined.update(v.name for v in graph.constants())
     for node in graph.nodes:
         where = f"node '{node.name}' ({node.op})"
-        opdef = get_op(node.op, where)
+        opdef = get_op(node.op, where, node.version)
         infer_args = []
         for i, v in enumerate(node.inputs):
             if v is None:

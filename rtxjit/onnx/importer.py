@@ -1,10 +1,12 @@
 """ONNX ModelProto -> rtxjit IR.
 
-Opsets 13 to 21 of the default domain are the supported range; a node is accepted when the ONNX
-version its opset resolves to is one whose semantics the registry implements (``OpDef.since``).
+Opsets 13 to 21 of the default domain are the supported range. A node's version is the version of
+its op's ONNX schema at the model's opset (at the body's own opset inside an expanded function); it
+runs the registry's newest declaration of the op not above that version (``get_op``), and keeps the
+version in ``Node.version`` so later stages resolve the same declaration.
 Initializers become constants; shape-only nodes whose inputs are known are folded to constants.
-A node whose op the registry lacks (or lacks in the node's version) is replaced by the body of its
-ONNX function, or of the model-local function it calls (rtxjit/onnx/functions.py).
+A node whose op the registry lacks (or whose version is older than every declaration) is replaced
+by the body of its ONNX function, or of the model-local function it calls (rtxjit/onnx/functions.py).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from onnx import numpy_helper
 from rtxjit.errors import ModelError, RtxjitError, ShapeError, UnsupportedOpError
 from rtxjit.ir import host
 from rtxjit.ir.graph import Graph, Node, Value
-from rtxjit.ir.registry import all_ops, get_op
+from rtxjit.ir.registry import all_ops, get_op, op_versions
 from rtxjit.ir.rewrite import infer_args
 from rtxjit.ir.types import DType, TensorType
 from rtxjit.ir.verify import verify
@@ -330,9 +332,9 @@ def _function_of(n: onnx.NodeProto, opset: int, values: dict, scope: _Scope, whe
         schema = onnx.defs.get_schema(n.op_type, opset)
     except Exception:  # onnx.defs.SchemaError: not an ONNX op at this opset
         return None
-    opdef = scope.ops.get(n.op_type)
-    if opdef is not None and schema.since_version >= opdef.since:
-        return None
+    versions = op_versions(n.op_type)
+    if versions and schema.since_version >= versions[0].since:
+        return None  # a declaration of the registry runs it
     types = [values[i].type if i else None for i in n.input]
     found = functions.schema_function(n, schema, opset, types, where)
     return None if found is None else (*found, ("", n.op_type, ""))
@@ -342,19 +344,19 @@ def _import_node(n: onnx.NodeProto, index: int, opset: int, values: dict):
     name = n.name or f"{n.op_type}_{index}"
     where = f"node '{name}' ({n.op_type}, opset {opset})"
     if n.domain == natives.RTXJIT_DOMAIN:  # rtxjit's own fused ops, written by rtxjit/onnx/native.py
-        opdef = get_op(f"{natives.RTXJIT_DOMAIN}.{n.op_type}", where)
+        op_name = f"{natives.RTXJIT_DOMAIN}.{n.op_type}"
     elif n.domain not in ("", "ai.onnx"):
         raise UnsupportedOpError(f"{where}: domain '{n.domain}' is not supported")
     else:
-        opdef = get_op(n.op_type, where)
+        op_name = n.op_type
     try:
         schema = None if n.domain == natives.RTXJIT_DOMAIN else onnx.defs.get_schema(n.op_type, opset)
     except Exception:  # onnx.defs.SchemaError: not an ONNX op at this opset
         schema = None
-    version = schema.since_version if schema is not None else max(opset, opdef.since)
-    if version < opdef.since:
-        raise UnsupportedOpError(f"{where}: {n.op_type} version {version} is not supported "
-                                 f"(rtxjit implements it from version {opdef.since})")
+    # the schema's version (a model's opset 20 runs GroupNormalization-18); no schema: the op's newest
+    version = schema.since_version if schema is not None else 0
+    opdef = get_op(op_name, where, version)
+    version = version or max(opset, opdef.since)
     attrs = opdef.bind_attrs({a.name: _attr_value(a, where, schema) for a in n.attribute}, where)
     _check_window_attrs(where, attrs)
     ins = [values[i] if i else None for i in n.input]

@@ -3,14 +3,13 @@
 bias and, optionally, the pointwise chain that read it, such as SiLU), all lowered onto the
 group-norm template (``codegen/templates/groupnorm.py``) by ``emit_group_norm``.
 
-Versions. The registry holds one OpDef per op name; ``since`` is the oldest ONNX version whose
-semantics it implements, and the importer replaces a node of an older version by that version's
-ONNX function body (rtxjit/onnx/importer.py, ``_function_of``). That is how GroupNormalization's
-two meanings are told apart without a second declaration: version 18 takes scale and bias per
-*group* ([G]), version 21 per *channel* ([C]) and adds stash_type. GroupNormalization is declared
-here since=21; a version-18 node (opsets 18 to 20) runs as GroupNormalization-18's function body,
-the spec's own definition (per-group Mul/Add on ``[N, G, -1]``), made of registry ops.
-InstanceNormalization has had one meaning since version 6 (22 only adds types).
+Versions. GroupNormalization changed its meaning at version 21, so it is declared twice below (the
+registry resolves a node to the newest declaration not above its version, rtxjit/ir/registry.py):
+version 18 (opsets 18 to 20) takes scale and bias per *group* ([G]), and its statistics run in x's
+compute type; version 21 takes them per *channel* ([C]) and adds stash_type, the type statistics
+run in. Both run the one kernel; version 18's per-group scale and bias are first spread to one
+value per channel (two copies of C elements). InstanceNormalization has had one meaning since
+version 6 (22 only adds types).
 """
 
 from __future__ import annotations
@@ -124,18 +123,21 @@ def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _check_group_norm(name: str, x: TensorType, scale: TensorType, bias: TensorType, groups) -> None:
-    """x is a float ``[N, C, ...]``; scale and bias ``[C]`` of x's type; C divides into the groups."""
+def _check_group_norm(name: str, x: TensorType, scale: TensorType, bias: TensorType, groups,
+                      per_group: bool = False) -> None:
+    """x is a float ``[N, C, ...]``; scale and bias of x's type, ``[C]`` (``[groups]`` where
+    ``per_group``); C divides into the groups."""
     if not x.dtype.is_float:
         raise ModelError(f"{name} of {x.dtype.short} (a float type is needed)")
     if x.rank < 2:
         raise ShapeError(f"{name} needs an input of rank >= 2 ([N, C, ...]), got shape {list(x.shape)}")
     c = x.shape[1]
+    size, per = (groups, "group") if per_group else (c, "channel")
     for what, t in (("scale", scale), ("bias", bias)):
         if t.dtype is not x.dtype:
             raise ModelError(f"{name}: {what} of {t.dtype.short} for an input of {x.dtype.short}")
-        if t.rank != 1 or (isinstance(t.shape[0], int) and isinstance(c, int) and t.shape[0] != c):
-            raise ShapeError(f"{name}: {what} of shape {list(t.shape)}, one value per channel ([{c}]) is needed")
+        if t.rank != 1 or (isinstance(t.shape[0], int) and isinstance(size, int) and t.shape[0] != size):
+            raise ShapeError(f"{name}: {what} of shape {list(t.shape)}, one value per {per} ([{size}]) is needed")
     if not isinstance(groups, int) or groups < 1:
         raise ModelError(f"{name}: num_groups={groups} (a positive number is needed)")
     if isinstance(c, int) and c % groups:
@@ -166,7 +168,45 @@ def _(ctx, x, scale, bias, *, epsilon=1e-5):
     emit_group_norm(ctx, x, scale, bias, x.shape[1], epsilon, compute_type(x.dtype))
 
 
-# ---- GroupNormalization (version 21) -----------------------------------------------------------
+# ---- GroupNormalization, version 18: scale and bias per group ----------------------------------
+
+@op("GroupNormalization", since=18, kind=Kind.ROW,
+    samples=[Sample([Rand((2, 6, 4, 4)), Rand((3,)), Rand((3,))], {"num_groups": 3}, opset=18),
+             Sample([Rand((2, 8, 5), None, -1.0, 3.0), Rand((2,)), Rand((2,))], {"num_groups": 2, "epsilon": 1e-3},
+                    opset=18),
+             Sample([Rand((1, 4, 3, 2, 3)), Rand((4,)), Rand((4,))], {"num_groups": 4}, opset=20),
+             Sample([Rand((3, 4)), Rand((1,)), Rand((1,))], {"num_groups": 1}, opset=18),
+             # rows of 5120 (2 groups of 2 channels of 64x40): split in two parts
+             Sample([Rand((1, 4, 64, 40)), Rand((2,)), Rand((2,))], {"num_groups": 2}, float_types=("fp32",),
+                    opset=18)])
+def group_normalization_18(x: TensorType, scale: TensorType, bias: TensorType, *, num_groups: int,
+                           epsilon: float = 1e-5) -> TensorType:
+    _check_group_norm("GroupNormalization-18", x, scale, bias, num_groups, per_group=True)
+    return x
+
+
+def _per_channel(ctx, p: View, channels: int) -> View:
+    """A per-group ``[G]`` parameter as ``[C]``, each group's value repeated for its channels."""
+    groups = p.shape[0]
+    if groups == channels:
+        return p
+    return ctx.contiguous(p.reshape((groups, 1)).broadcast_to((groups, channels // groups))).reshape((channels,))
+
+
+@group_normalization_18.reference
+def _(x, scale, bias, *, num_groups, epsilon=1e-5):
+    per = x.shape[1] // num_groups
+    return group_norm_reference(x, np.repeat(scale, per), np.repeat(bias, per), num_groups, epsilon)
+
+
+@group_normalization_18.lower
+def _(ctx, x, scale, bias, *, num_groups, epsilon=1e-5):
+    c = x.shape[1]
+    emit_group_norm(ctx, x, _per_channel(ctx, scale, c), _per_channel(ctx, bias, c), num_groups, epsilon,
+                    compute_type(x.dtype))
+
+
+# ---- GroupNormalization, version 21: scale and bias per channel, stash_type -------------------
 
 @op("GroupNormalization", since=21, kind=Kind.ROW,
     samples=[Sample([Rand((2, 6, 4, 4)), Rand((6,)), Rand((6,))], {"num_groups": 3}),
@@ -175,8 +215,8 @@ def _(ctx, x, scale, bias, *, epsilon=1e-5):
              Sample([Rand((3, 4)), Rand((4,)), Rand((4,))], {"num_groups": 1}),
              # rows of 5120 (2 groups of 2 channels of 64x40): split in two parts
              Sample([Rand((1, 4, 64, 40)), Rand((4,)), Rand((4,))], {"num_groups": 2}, float_types=("fp32",))])
-def group_normalization(x: TensorType, scale: TensorType, bias: TensorType, *, num_groups: int,
-                        epsilon: float = 1e-5, stash_type: int = 1) -> TensorType:
+def group_normalization_21(x: TensorType, scale: TensorType, bias: TensorType, *, num_groups: int,
+                           epsilon: float = 1e-5, stash_type: int = 1) -> TensorType:
     _check_group_norm("GroupNormalization", x, scale, bias, num_groups)
     if stash_type not in STASH_TYPES:
         raise UnsupportedOpError(f"GroupNormalization stash_type={stash_type} is not supported (statistics run "
@@ -184,12 +224,12 @@ def group_normalization(x: TensorType, scale: TensorType, bias: TensorType, *, n
     return x
 
 
-@group_normalization.reference
+@group_normalization_21.reference
 def _(x, scale, bias, *, num_groups, epsilon=1e-5, stash_type=1):
     return group_norm_reference(x, scale, bias, num_groups, epsilon)
 
 
-@group_normalization.lower
+@group_normalization_21.lower
 def _(ctx, x, scale, bias, *, num_groups, epsilon=1e-5, stash_type=1):
     emit_group_norm(ctx, x, scale, bias, num_groups, epsilon, STASH_TYPES[stash_type])
 

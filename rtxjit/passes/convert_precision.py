@@ -117,7 +117,7 @@ def _split_outputs(graph: Graph, names: FreshNames, boundary: set) -> list:
 
 def _convert_constants(node: Node, dtype: DType, names: FreshNames, constants: dict) -> bool:
     """The node's fp32 constant inputs (not host inputs) become ``dtype`` constants (one copy each)."""
-    host = get_op(node.op, f"node '{node.name}'").host_inputs
+    host = get_op(node.op, f"node '{node.name}'", node.version).host_inputs
     changed = False
     for i, v in enumerate(node.inputs):
         if v is None or not v.is_const or v.type.dtype is not DType.FP32 or i in host:
@@ -149,7 +149,7 @@ def _convert_attrs(node: Node, dtype: DType) -> bool:
 def _reinfer(node: Node, dtype: DType, names: FreshNames, boundary: set) -> list:
     """Set the node's output types from its op's inference. An output that was fp32 and still is
     (the op fixes fp32) is computed into a new value and Cast to ``dtype``; returns those Casts."""
-    opdef = get_op(node.op, f"node '{node.name}'")
+    opdef = get_op(node.op, f"node '{node.name}'", node.version)
     types = opdef.infer(infer_args(opdef, node.inputs), node.attrs, len(node.outputs))
     casts = []
     for k, (v, t) in enumerate(zip(node.outputs, types)):

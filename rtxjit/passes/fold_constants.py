@@ -31,7 +31,7 @@ def fold_constants(graph: Graph, numel_limit: int = NUMEL_LIMIT) -> PassResult:
 
 
 def _foldable(graph: Graph, node: Node, uses: dict, numel_limit: int) -> bool:
-    opdef = get_op(node.op, f"node '{node.name}'")
+    opdef = get_op(node.op, f"node '{node.name}'", node.version)
     if opdef.reference_fn is None or not all(v is None or v.is_const for v in node.inputs):
         return False
     if not all(v is None or _has_numpy_dtype(v) for v in node.outputs + node.inputs):
@@ -47,7 +47,7 @@ def _foldable(graph: Graph, node: Node, uses: dict, numel_limit: int) -> bool:
 
 def _fold(node: Node) -> bool:
     """Turn the node's outputs into constants; always True (for use in a filter)."""
-    opdef = get_op(node.op)
+    opdef = get_op(node.op, version=node.version)
     args = [None if v is None else _wide(v.const) for v in node.inputs]
     results = opdef.run_reference(args, node.attrs, len(node.outputs))
     for v, r in zip(node.outputs, results):

@@ -111,6 +111,8 @@ def _match(graph: Graph, node: Node, uses: dict) -> Optional[_Match]:
     c = x.type.shape[1]
     if node.op == "InstanceNormalization" and isinstance(c, int):
         return _Match([node], x, node.inputs[1], node.inputs[2], c, node.attrs["epsilon"])
+    if node.op == "GroupNormalization" and get_op(node.op, version=node.version).since < 21:
+        return None  # version 18: scale and bias per group, not the per-channel ones of rtxjit.GroupNorm
     if node.op in ("GroupNormalization", OP) and not node.attrs.get("program"):
         stash = STASH_TYPES.get(node.attrs.get("stash_type", 1))
         if stash is compute_type(x.type.dtype):

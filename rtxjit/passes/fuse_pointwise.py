@@ -24,7 +24,8 @@ MAX_GROUP = 32  # ops per fused kernel: keeps the generated source and its argum
 
 
 def fusable(node: Node) -> bool:
-    return get_op(node.op).expr_fn is not None and len(node.outputs) == 1 and node.outputs[0] is not None
+    return (get_op(node.op, version=node.version).expr_fn is not None and len(node.outputs) == 1
+            and node.outputs[0] is not None)
 
 
 def fuse_pointwise(graph: Graph) -> PassResult:

@@ -299,7 +299,7 @@ class PlanBuilder:
 
     def _node(self, node: Node, env: dict) -> None:
         where = f"node '{node.name}' ({node.op})"
-        opdef = get_op(node.op, where)
+        opdef = get_op(node.op, where, node.version)
         infer_args, types, host_args = [], [], []
         for i, v in enumerate(node.inputs):
             if v is None:
