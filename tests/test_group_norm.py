@@ -207,8 +207,8 @@ def test_onnx_group_and_instance_normalization_take_the_activation(dtype):
 
 
 def test_group_normalization_18_scales_per_group():
-    """Version 18 takes scale and bias per group; it runs as its ONNX function body (rtxjit
-    implements version 21, per channel) and matches onnxruntime."""
+    """Version 18 takes scale and bias per group (its own declaration in rtxjit/ops/norm.py; version
+    21 takes them per channel) and matches onnxruntime."""
     shape, groups = (2, 6, 3, 4), 3
     x = random(shape, np.float32, 8)
     inits = {"scale": random((groups,), np.float32, 9), "bias": random((groups,), np.float32, 10)}

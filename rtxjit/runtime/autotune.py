@@ -51,7 +51,9 @@ assumed_sm_count = None  # set while plans are built for a GPU that is not here 
 
 
 def sm_count() -> int:
-    """Multiprocessors of the current CUDA device (132 on an H100 SXM), for the tile heuristic."""
+    """Multiprocessors of the current CUDA device (132 on an H100 SXM), for the tile heuristic.
+    Lowerings read it from their context (``LowerCtx.sm_count``, runtime/plan.py), never from here:
+    rtxjit/ops imports nothing from the runtime."""
     if assumed_sm_count is not None:
         return assumed_sm_count
     import torch
