@@ -426,8 +426,6 @@ def _profile_table(rows: list) -> list:
 
 
 def cmd_profile(args) -> int:
-    import torch
-
     from rtxjit.runtime import roofline
 
     sess, what = _open(args)
@@ -435,13 +433,10 @@ def cmd_profile(args) -> int:
     feeds = _random_feeds(sess, shapes)
     _time_runs(sess, feeds, max(1, args.warmup), 0)
     _settle(sess, feeds)
-    exe = sess.last_executable
-    tdev = torch.device(sess.device.torch_device)
-    flat = {n: torch.as_tensor(x).reshape(-1).contiguous().to(tdev) for n, x in feeds.items()}
-    times = roofline.time_launches(exe, flat, args.iterations, warmup=1)
+    plan, kinds, times = sess.time_launches(feeds, args.iterations, warmup=1)
     end_to_end = float(np.median(_time_runs(sess, feeds, 0, args.iterations)))
     machine = roofline.measure_machine() if sess.device.kind == "cuda" else None
-    rows = _profile_rows(exe.plan, list(exe.active.kinds), times, machine)
+    rows = _profile_rows(plan, kinds, times, machine)
     shape_text = ", ".join(f"{n} {list(s)}" for n, s in shapes.items())
     print(f"profile of {what} on {sess.device}: {len(rows)} launches, inputs {shape_text}; median of "
           f"{args.iterations} iterations, each launch timed alone "

@@ -120,6 +120,8 @@ def test_plan_is_the_plan_a_run_uses():
     assert [(b.dtype, b.numel, b.role, b.name) for b in planned.buffers] == \
         [(b.dtype, b.numel, b.role, b.name) for b in ran.buffers]
     assert sess.plan(shapes) is ran  # a binding that ran: its executable's own plan
+    plan, kinds, seconds = sess.time_launches(feeds, iterations=1, warmup=0)  # for rtxjit profile
+    assert plan is ran and kinds == ["generic"] * len(ran.steps) and len(seconds) == len(ran.steps)
 
 
 def test_plan_needs_the_values_a_plan_reads_on_the_host():

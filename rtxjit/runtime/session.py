@@ -14,7 +14,7 @@ from rtxjit import config
 from rtxjit.errors import InputError
 from rtxjit.ir.graph import Graph
 from rtxjit.ir.types import DType, TensorType
-from rtxjit.runtime import autotune, jit, warm
+from rtxjit.runtime import autotune, jit, roofline, warm
 from rtxjit.runtime.cache import open_cache
 from rtxjit.runtime.device import Device, detect
 from rtxjit.runtime.executor import Executable, torch_dtype
@@ -276,6 +276,18 @@ class InferenceSession:
             return exe.plan
         select(self.profiles, {n: t.shape for n, t in types.items()})  # as a first run: outside every profile is an error naming the input
         return self._build_plan(types, host)
+
+    def time_launches(self, feeds: dict, iterations: int, warmup: int = 1) -> tuple:
+        """``(plan, kinds, seconds)`` for the binding of ``feeds`` (run once first if it has not
+        run): its plan, which kernel serves each launch now ("generic" or "specialized") and the
+        median seconds of each launch timed alone (``runtime.roofline.time_launches``), for
+        ``rtxjit profile``."""
+        tensors, types, host_values = self._bind(feeds)
+        key = binding_key(types, host_values)
+        if key not in self._executables:
+            self.run(None, feeds)
+        exe = self._executables[key]
+        return exe.plan, list(exe.active.kinds), roofline.time_launches(exe, tensors, iterations, warmup=warmup)
 
     @property
     def host_inputs(self) -> list:
