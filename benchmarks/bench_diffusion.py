@@ -198,15 +198,19 @@ def label(side: int) -> str:
 
 
 def export_flux(module, feeds: dict, path: Path) -> dict:
-    """The dynamo export (FLUX has no TorchScript export: aten::rms_norm) with the image-token dim
-    symbolic, so that one file serves every image size; raises if the file's inputs are static."""
+    """The dynamo export with the image-token dim symbolic, so that one file serves every image size;
+    raises if the file's inputs are static. ``F.rms_norm`` is written out as the zoo's exports do it
+    (torch 2.11's exporter has no ONNX function for CUDA's ``aten._fused_rms_norm``)."""
+    import unittest.mock
+
     import onnx
 
     tokens = torch.export.Dim("img_tokens", min=2, max=1 << 16)
     dims = {"hidden_states": {1: tokens}, "img_ids": {0: tokens}}
     start = time.perf_counter()
-    torch.onnx.export(module, tuple(feeds.values()), str(path), input_names=list(feeds), output_names=["out"],
-                      dynamo=True, dynamic_shapes=(tuple(dims.get(n) for n in feeds),), verbose=False)
+    with unittest.mock.patch.object(torch.nn.functional, "rms_norm", vision_archs.rms_norm):
+        torch.onnx.export(module, tuple(feeds.values()), str(path), input_names=list(feeds), output_names=["out"],
+                          dynamo=True, dynamic_shapes=(tuple(dims.get(n) for n in feeds),), verbose=False)
     export_s = time.perf_counter() - start
     graph = onnx.load(str(path), load_external_data=False).graph
     shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.input}

@@ -23,10 +23,7 @@ EXPORTERS = {"torchscript": False, "dynamo": True}
 TOL = 1e-4
 
 # (arch, exporter) -> reason
-EXPECTED_FAILURES = {
-    ("flux", "torchscript"): "torch's TorchScript exporter cannot export FLUX: aten::rms_norm has no opset-17 "
-                             "symbolic (UnsupportedOperatorError in torch.onnx; only the dynamo exporter exports it)",
-}
+EXPECTED_FAILURES: dict = {}
 
 
 def _case(name: str, exporter: str):

@@ -8,6 +8,8 @@ a dict of torch tensors (names are the ONNX input names). The model returns one 
 
 from __future__ import annotations
 
+import unittest.mock
+
 import torch
 
 from tests.zoo.archs import randomize
@@ -187,11 +189,22 @@ def build(name: str, size: str = "tiny", seed: int = 0):
     return module, make_feeds
 
 
+def rms_norm(x, normalized_shape, weight=None, eps=None):
+    """``F.rms_norm`` written out (in fp32, as torch's kernels compute it): on CUDA, torch 2.11's
+    dynamo exporter has no ONNX function for the ``aten._fused_rms_norm`` it turns into, and the
+    TorchScript exporter has none for ``aten::rms_norm`` (FLUX's q/k norms are torch.nn.RMSNorm)."""
+    dims = tuple(range(-len(normalized_shape), 0))
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(dims, keepdim=True) + eps)).to(x.dtype)
+    return y if weight is None else y * weight
+
+
 def export(module, feeds: dict, dynamo: bool, path: str) -> str:
     """Export with the TorchScript exporter (opset 17) or the dynamo one (its default opset)."""
     names = list(feeds)
     args = tuple(feeds.values())
-    with torch.no_grad():
+    with torch.no_grad(), unittest.mock.patch.object(torch.nn.functional, "rms_norm", rms_norm):
         if dynamo:
             torch.onnx.export(module, args, path, input_names=names, output_names=["out"], dynamo=True, verbose=False)
         else:
