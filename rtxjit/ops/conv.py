@@ -69,20 +69,30 @@ def _axis(size, k, s: int, d: int, pb: int, pe: int, auto_pad: str) -> tuple:
     return out, pb, (out - 1) * s + eff - size - pb
 
 
-def conv_geometry(spatial: tuple, w_spatial: tuple, *, auto_pad: str = "NOTSET", dilations=None,
-                  kernel_shape=None, pads=None, strides=None) -> WindowGeometry:
-    """The geometry of a Conv over input dims ``spatial`` from its attributes and weight dims."""
+def window_attrs(op_name: str, spatial: tuple, w_spatial: tuple, auto_pad: str, kernel_shape, strides, dilations,
+                 pads) -> tuple:
+    """``(kernel, strides, dilations, pads)`` of a Conv or ConvTranspose: ONNX's defaults filled in
+    and checked against ``len(spatial)`` spatial dims and the weight's kernel dims."""
     rank = len(spatial)
     if auto_pad not in AUTO_PADS:
-        raise ModelError(f"Conv auto_pad '{auto_pad}' must be one of {', '.join(AUTO_PADS)}")
+        raise ModelError(f"{op_name} auto_pad '{auto_pad}' must be one of {', '.join(AUTO_PADS)}")
     kernel = tuple(kernel_shape) if kernel_shape is not None else tuple(w_spatial)
     if any(isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(kernel, w_spatial)):
-        raise ShapeError(f"Conv kernel_shape {list(kernel)} differs from the weight's {list(w_spatial)}")
+        raise ShapeError(f"{op_name} kernel_shape {list(kernel)} differs from the weight's {list(w_spatial)}")
     strides = tuple(strides) if strides is not None else (1,) * rank
     dilations = tuple(dilations) if dilations is not None else (1,) * rank
     pads = tuple(pads) if pads is not None else (0,) * (2 * rank)
     if not len(kernel) == len(strides) == len(dilations) == rank or len(pads) != 2 * rank:
-        raise ShapeError(f"Conv attributes do not match {rank} spatial dims")
+        raise ShapeError(f"{op_name} attributes do not match {rank} spatial dims")
+    return kernel, strides, dilations, pads
+
+
+def conv_geometry(spatial: tuple, w_spatial: tuple, *, auto_pad: str = "NOTSET", dilations=None,
+                  kernel_shape=None, pads=None, strides=None) -> WindowGeometry:
+    """The geometry of a Conv over input dims ``spatial`` from its attributes and weight dims."""
+    rank = len(spatial)
+    kernel, strides, dilations, pads = window_attrs("Conv", spatial, w_spatial, auto_pad, kernel_shape, strides,
+                                                    dilations, pads)
     per_axis = zip(spatial, kernel, strides, dilations, pads[:rank], pads[rank:])
     axes = [_axis(*args, auto_pad) for args in per_axis]
     out, pads_begin, pads_end = (tuple(a[i] for a in axes) for i in range(3))

@@ -28,11 +28,11 @@ import itertools
 import numpy as np
 
 from rtxjit.errors import ModelError, ShapeError
-from rtxjit.ops.conv import (AUTO_PADS, WindowGeometry, channels_last_output, dense_weight, emit_conv,
-                                pointwise_gemm)
-from rtxjit.ops.matmul import check_dot_type
 from rtxjit.ir.registry import Kind, Rand, Sample, op
 from rtxjit.ir.types import TensorType
+from rtxjit.ops.conv import (WindowGeometry, channels_last_output, dense_weight, emit_conv, pointwise_gemm,
+                             window_attrs)
+from rtxjit.ops.matmul import check_dot_type
 
 
 def _axis(size, k, s: int, d: int, out_pad: int, pb: int, pe: int, want, auto_pad: str) -> tuple:
@@ -67,22 +67,16 @@ def conv_transpose_geometry(spatial: tuple, w_spatial: tuple, *, auto_pad: str =
     """The geometry of a ConvTranspose over input dims ``spatial``: ``out`` its output size and
     ``pads_begin`` the begin pads (what the kernel needs); strides and dilations as given."""
     rank = len(spatial)
-    if auto_pad not in AUTO_PADS:
-        raise ModelError(f"ConvTranspose auto_pad '{auto_pad}' must be one of {', '.join(AUTO_PADS)}")
-    kernel = tuple(kernel_shape) if kernel_shape is not None else tuple(w_spatial)
-    if any(isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(kernel, w_spatial)):
-        raise ShapeError(f"ConvTranspose kernel_shape {list(kernel)} differs from the weight's {list(w_spatial)}")
-    strides = tuple(strides) if strides is not None else (1,) * rank
-    dilations = tuple(dilations) if dilations is not None else (1,) * rank
+    kernel, strides, dilations, pads = window_attrs("ConvTranspose", spatial, w_spatial, auto_pad, kernel_shape,
+                                                    strides, dilations, pads)
     out_pad = tuple(output_padding) if output_padding is not None else (0,) * rank
-    pads = tuple(pads) if pads is not None else (0,) * (2 * rank)
+    if len(out_pad) != rank:
+        raise ShapeError(f"ConvTranspose output_padding {list(out_pad)} does not match {rank} spatial dims")
     want = (None,) * rank
     if output_shape is not None:
         if len(output_shape) not in (rank, rank + 2):
             raise ShapeError(f"ConvTranspose output_shape {list(output_shape)} does not match {rank} spatial dims")
         want = tuple(output_shape)[-rank:]
-    if not (len(kernel) == len(strides) == len(dilations) == len(out_pad) == rank and len(pads) == 2 * rank):
-        raise ShapeError(f"ConvTranspose attributes do not match {rank} spatial dims")
     if any(s < 1 for s in strides) or any(d < 1 for d in dilations):
         raise ModelError(f"ConvTranspose strides {list(strides)} and dilations {list(dilations)} must be >= 1")
     per_axis = zip(spatial, kernel, strides, dilations, out_pad, pads[:rank], pads[rank:], want)
