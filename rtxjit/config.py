@@ -58,19 +58,6 @@ def runtime_cache_dir() -> str | None:
     return value or None
 
 
-KERNEL_STORE_ENV = "RTXJIT_KERNEL_STORE"  # set by rtxjit for its compile workers: the runtime cache
-#                                           directory that holds compiled kernels (runtime/kernel_store.py)
-
-
-def kernel_store_dir() -> str | None:
-    value = os.environ.get(KERNEL_STORE_ENV, "").strip()
-    return value or None
-
-
-def set_kernel_store_dir(path: str) -> None:
-    os.environ[KERNEL_STORE_ENV] = path
-
-
 def specialize_mode() -> str | None:
     """RTXJIT_SPECIALIZE=lazy|eager|none: the default ``specialize`` mode of new sessions."""
     value = os.environ.get("RTXJIT_SPECIALIZE", "").strip().lower()

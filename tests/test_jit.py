@@ -232,81 +232,89 @@ def test_check_tolerance_is_per_dtype():
     assert "differ" in jit._mismatch(ints, {"i": torch.tensor([1, 2, 4])})
 
 
-# --- the kernel store (Triton's compiled kernels in the runtime cache) -----------------------------
+# --- the kernel store (a session's compiled kernels in its runtime cache) ------------------------
 
-def _store(tmp_path):
-    from rtxjit.runtime import kernel_store
+def _fake_kernel(name: str, cubin: bytes):
+    """What ``binaries.entry_of`` reads of a Triton ``CompiledKernel`` (no GPU here)."""
+    from collections import namedtuple
+    from types import SimpleNamespace
 
-    cache = RuntimeCache(tmp_path / "cache")
-    kernel_store.activate(cache)
-    return kernel_store, cache
+    meta = namedtuple("KernelMetadata", ["name", "shared", "num_warps"])(name, 0, 4)
+    src = SimpleNamespace(signature={"x_ptr": "*fp32", "n": "i32"}, constants={},
+                          fn=SimpleNamespace(arg_names=["x_ptr", "n"]))
+    return SimpleNamespace(src=src, asm={"cubin": cubin}, metadata=meta, name=name)
 
 
-@pytest.fixture
-def triton_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+def _binary_entries(cache: RuntimeCache) -> dict:
+    """key -> (kernel name, cubin) of every binary entry in ``cache``."""
+    out = {}
+    for key in cache.entries():
+        hit = cache.get(key)
+        if hit is not None and "cubin" in hit[1]:
+            out[key] = (hit[0]["name"], hit[1]["cubin"])
+    return out
+
+
+def test_kernel_store_keeps_each_kernel_once_in_its_own_cache(tmp_path, monkeypatch):
+    from rtxjit.runtime import binaries
+    from rtxjit.runtime.kernel_store import KernelStore
+
+    loaded = []
+    monkeypatch.setattr(binaries, "load", lambda meta, cubin: loaded.append(meta["name"]) or ("loaded", cubin))
+    a, b = KernelStore(RuntimeCache(tmp_path / "a")), KernelStore(RuntimeCache(tmp_path / "b"))
+    ka, kb = _fake_kernel("ka", b"\x7fELF a"), _fake_kernel("kb", b"\x7fELF b")
+    assert a.find("KA") is None  # a miss: the kernel is compiled
+    assert a.put("KA", ka) and a.put("KA", ka) and b.put("KB", kb)
+    a.put_entry("KA", *binaries.entry_of(ka))  # as from a compile worker: already held, not written again
+    assert _binary_entries(a.cache) == {"KA": ("ka", b"\x7fELF a")}  # one copy, and only a's kernel
+    assert _binary_entries(b.cache) == {"KB": ("kb", b"\x7fELF b")}
+    assert len(list(a.cache.path.glob("*.bin"))) == 1
+    fresh = KernelStore(RuntimeCache(tmp_path / "a"))  # another process over a's cache
+    assert fresh.find("KA") == ("loaded", b"\x7fELF a") and loaded == ["ka"]
+    assert fresh.find("KB") is None
+
+
+def test_kernel_store_rewrites_a_damaged_entry(tmp_path, monkeypatch):
+    from rtxjit.runtime import binaries
+    from rtxjit.runtime.kernel_store import KernelStore
+
+    monkeypatch.setattr(binaries, "load", lambda meta, cubin: ("loaded", cubin))
+    cache = RuntimeCache(tmp_path / "c")
+    KernelStore(cache).put("K", _fake_kernel("k", b"\x7fELF" + bytes(range(100))))
+    (blob,) = cache.path.glob("*.bin")
+    blob.write_bytes(blob.read_bytes()[:50])  # truncated
+    store = KernelStore(cache)
+    with pytest.warns(RuntimeWarning, match="rebuilt"):
+        assert store.find("K") is None  # compiled again ...
+    store.put("K", _fake_kernel("k", b"\x7fELF" + bytes(range(100))))  # ... and stored over the bad entry
+    assert KernelStore(cache).find("K") == ("loaded", b"\x7fELF" + bytes(range(100)))
+
+
+def test_two_sessions_write_their_kernels_only_into_their_own_runtime_caches(tmp_path):
+    """Issue 16: the kernel store belonged to the session created last. Each session builds its own
+    and hands it to its executables; what the compiler keeps for one lands in that one's cache."""
     import triton
 
-    previous = triton.knobs.cache.manager_class
-    yield
-    from rtxjit.runtime import kernel_store
+    from rtxjit.runtime import compiler
 
-    kernel_store._active = None
-    triton.knobs.cache.manager_class = previous
-
-
-def _compile_into(store_cls, key: str, files: dict) -> dict:
-    """What Triton's compile does on a miss: put every stage, then the group."""
-    mgr = store_cls(key)
-    group = {name: mgr.put(data, name) for name, data in files.items()}
-    mgr.put_group("k.json", group)
-    return group
-
-
-FILES = {"k.json": json.dumps({"name": "k", "shared": 0}), "k.cubin": b"\x7fELF" + bytes(range(200)),
-         "k.ttir": "module {}", "k.ptx": "// ptx"}
-
-
-def test_kernel_store_round_trip_keeps_metadata_and_binary(tmp_path, triton_cache):
-    ks, cache = _store(tmp_path)
-    assert ks.KernelStore("KEY1").get_group("k.json") is None  # a miss: Triton compiles
-    _compile_into(ks.KernelStore, "KEY1", FILES)
-    group = ks.KernelStore("KEY1").get_group("k.json")  # a new manager, as in a new process
-    assert sorted(group) == ["k.cubin", "k.json"]  # the IR stages are not kept
-    assert open(group["k.cubin"], "rb").read() == FILES["k.cubin"]
-    assert json.loads(open(group["k.json"]).read())["name"] == "k"
-    assert ks.KernelStore("KEY2").get_group("k.json") is None  # another kernel's key
-
-
-def test_kernel_store_rebuilds_corrupt_truncated_and_foreign_entries(tmp_path, triton_cache):
-    ks, cache = _store(tmp_path)
-    _compile_into(ks.KernelStore, "KEY1", FILES)
-    blobs = sorted(cache.path.glob("*.bin"))
-    cubin = next(p for p in blobs if p.read_bytes() == FILES["k.cubin"])
-    cubin.write_bytes(FILES["k.cubin"][:50])  # truncated
-    with pytest.warns(RuntimeWarning, match="rebuilt"):
-        assert ks.KernelStore("KEY1").get_group("k.json") is None
-    _compile_into(ks.KernelStore, "KEY1", FILES)  # the rebuild overwrites the bad entry
-    assert ks.KernelStore("KEY1").get_group("k.json") is not None
-    cubin = next(p for p in sorted(cache.path.glob("*.bin")) if p.read_bytes() == FILES["k.cubin"])
-    cubin.write_bytes(b"\x00" + FILES["k.cubin"][1:])  # one byte flipped
-    with pytest.warns(RuntimeWarning, match="rebuilt"):
-        assert ks.KernelStore("KEY1").get_group("k.json") is None
-    _compile_into(ks.KernelStore, "KEY1", FILES)
-    (meta,) = cache.path.glob("*.json")
-    record = json.loads(meta.read_text())
-    record["triton"] = "0.0.1"  # written by another Triton version
-    meta.write_text(json.dumps(record))
-    with pytest.warns(RuntimeWarning, match="rebuilt"):
-        assert ks.KernelStore("KEY1").get_group("k.json") is None
-
-
-def test_kernel_store_leaves_launcher_modules_in_tritons_folder(tmp_path, triton_cache):
-    ks, cache = _store(tmp_path)
-    mgr = ks.KernelStore("LAUNCH")
-    path = mgr.put(b"\x7fELF not really", "__triton_launcher.so", binary=True)
-    assert str(tmp_path / "triton") in path
-    assert not list(cache.path.glob("*.json"))
+    manager = triton.knobs.cache.manager_class
+    first = rtxjit.InferenceSession(_mlp(), device="cpu", runtime_cache=tmp_path / "a")
+    second = rtxjit.InferenceSession(_mlp(), device="cpu", runtime_cache=tmp_path / "b")
+    assert triton.knobs.cache.manager_class is manager  # Triton's own cache is left as it is
+    assert first.kernels is not second.kernels and first.kernels.cache.path == tmp_path / "a"
+    x = RNG.standard_normal((3, 8)).astype(np.float32)
+    first.run(None, {"x": x})  # the session created first runs after the second was created
+    second.run(None, {"x": x[:2]})
+    written = {}
+    for name, sess in (("a", first), ("b", second)):
+        exe = sess.last_executable
+        assert exe.kernels is sess.kernels
+        items = compiler._items(exe, "generic")
+        compiler._keep(exe, [(it, _fake_kernel(f"{name}{i}", f"{name}{i}".encode())) for i, it in enumerate(items)])
+        written[name] = {compiler._binary_key(exe, it) for it in items}
+    entries_a, entries_b = _binary_entries(first.runtime_cache), _binary_entries(second.runtime_cache)
+    assert set(entries_a) == written["a"] and all(n.startswith("a") for n, _ in entries_a.values())
+    assert set(entries_b) == written["b"] and all(n.startswith("b") for n, _ in entries_b.values())
 
 
 # --- on a GPU ------------------------------------------------------------------------------------
@@ -349,6 +357,46 @@ def test_gpu_lazy_specialization_swaps_in_checked_kernels(tmp_path):
     np.testing.assert_allclose(out, _reference(model, feeds), rtol=1e-3, atol=1e-4)
     for _ in range(2):  # captured at its first run, replayed after
         np.testing.assert_allclose(warm.run(None, feeds)[0], out, rtol=1e-3, atol=1e-4)
+
+
+@gpu
+def test_gpu_two_sessions_with_different_runtime_caches_each_keep_only_their_own_kernels(tmp_path):
+    """Issue 16: both sessions are created before either runs (the process-wide store of old
+    belonged to the one created last); each cache then holds its own session's kernels, each once."""
+    import hashlib
+
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    from rtxjit.models import bert_encoder, demo_inputs, resnet_cnn
+    from rtxjit.runtime import warm as warm_start
+    from rtxjit.runtime.executor import GENERIC
+
+    encoder, cnn = bert_encoder(), resnet_cnn()
+    a = rtxjit.InferenceSession(encoder, device="cuda", specialize="eager", runtime_cache=tmp_path / "a")
+    b = rtxjit.InferenceSession(cnn, device="cuda", specialize="eager", runtime_cache=tmp_path / "b")
+    a.run(None, demo_inputs(encoder, batch=2, seq=16))
+    b.run(None, demo_inputs(cnn, batch=2))
+    for sess in (a, b):
+        stats = sess.jit_stats()
+        assert stats["failed"] == 0 and stats["specialized"] == 1, stats["errors"]
+
+    def generic_keys(sess) -> set:
+        exe = sess.last_executable
+        return {warm_start.step_key(exe.device, exe.plan, step, GENERIC, step.generic_constexprs)
+                for step in exe.plan.steps}
+
+    keys = {"a": generic_keys(a), "b": generic_keys(b)}
+    for name, sess, other in (("a", a, "b"), ("b", b, "a")):
+        entries = _binary_entries(sess.runtime_cache)
+        assert keys[name] <= set(entries), name  # every generic kernel it compiled is in its own cache
+        assert not (keys[other] - keys[name]) & set(entries), name  # none of the other session's
+        digests = [hashlib.sha256(cubin).hexdigest() for _, cubin in entries.values()]
+        assert len(digests) == len(set(digests)), name  # each compiled kernel once
+        for key in sess.runtime_cache.entries():  # no second copy in another format (Triton's cache files)
+            meta = sess.runtime_cache.get(key)[0]
+            assert not (isinstance(meta, dict) and "files" in meta), key
 
 
 WARM_CHILD = """

@@ -33,8 +33,9 @@ Single file. ``save(path)`` writes every valid entry into one zip file, atomical
 directory. The directory is the live form; the zip is for shipping a warmed cache.
 
 What is persisted today: autotune decisions (runtime/autotune.py) and a histogram of the input
-shapes each model was run with (``record_shapes``). Compiled kernels (Triton's binary and metadata
-keyed by ``cache_key``) use ``put``/``get`` with blobs, on a GPU.
+shapes each model was run with (``record_shapes``), optimized graphs and checked variants
+(runtime/warm.py). Compiled kernels, on a GPU, are written by the session's ``KernelStore``
+(runtime/kernel_store.py): one entry per kernel, its metadata and its cubin as a blob.
 """
 
 from __future__ import annotations

@@ -6,9 +6,13 @@ launch, so the launch that follows finds the binary), and its launcher is built 
 - ``prepare_generic``: a new session's generic kernels, compiled by a pool of threads in this
   process before the first run (the caller waits anyway; Triton's compiler and ``ptxas`` overlap).
 - ``prepare_specialized``: a binding's specialized kernels (every tile configuration offered). In the
-  background on a GPU they are compiled by worker processes (``_Workers``), which write Triton's cache;
-  this process then only loads them. Compiling in threads of this process would hold the GIL for
+  background on a GPU they are compiled by worker processes (``_Workers``), which write Triton's cache
+  and send the binary back; this process keeps it in the session's kernel store and only loads it. Compiling in threads of this process would hold the GIL for
   up to ~100 ms at a time (measured on an H100 with triton 3.6), stalling the serving thread.
+
+Every kernel compiled for a session is kept in that session's ``KernelStore`` (runtime/kernel_store.py,
+passed in as ``Executable.kernels``): one binary entry per kernel in its runtime cache, written by
+this process only. Workers serve every session of the process and write no runtime cache.
 
 Counting: a Triton compilation listener counts compilations and cache loads per calling thread;
 workers return their counts. Under Triton's interpreter nothing is compiled: preparing a kernel
@@ -18,6 +22,7 @@ builds its interpreted function, counted as a compile.
 from __future__ import annotations
 
 import atexit
+import base64
 import json
 import os
 import queue
@@ -32,7 +37,7 @@ import torch
 
 from rtxjit.codegen.source import is_loaded, load_kernel
 from rtxjit.errors import KernelError
-from rtxjit.runtime import autotune
+from rtxjit.runtime import autotune, binaries
 from rtxjit.runtime import executor
 from rtxjit.runtime.executor import GENERIC, SPECIALIZED, Executable, torch_dtype
 from rtxjit.runtime.plan import Buf
@@ -130,54 +135,77 @@ def arg_classes(args: tuple, generic: bool) -> tuple:
     return tuple(out)
 
 
-def _warm(src, generic: bool, args: tuple, grid: tuple, constexprs: dict, load: bool = True) -> None:
+def _warm(src, generic: bool, args: tuple, grid: tuple, constexprs: dict, load: bool = True):
     """Compile one kernel and build its launcher; ``load`` also loads it onto the GPU (this process
-    will launch it). Without ``load`` no CUDA context is needed: compile workers stay off the GPU."""
+    will launch it). Without ``load`` no CUDA context is needed: compile workers stay off the GPU.
+    Returns Triton's compiled kernel (None where Triton gives none)."""
     fn = load_kernel(src, False, generic=generic)
     kernel = fn.warmup(*args, grid=grid, **constexprs)
     if kernel is None:
-        return
+        return None
     if load and hasattr(kernel, "_init_handles"):
         kernel._init_handles()  # the launcher (a C module Triton builds and caches) and the module load
-        return
+        return kernel
     try:  # only the launcher module, cached in Triton's folder for the process that loads the kernel
         from triton.runtime import driver
 
         driver.active.launcher_cls(kernel.src, kernel.metadata)
     except Exception:  # noqa: BLE001 - the loading process builds it then
         pass
+    return kernel
 
 
 # --- generic kernels, before the first run -------------------------------------------------------
 
 def prepare_generic(exe: Executable) -> tuple:
-    """Compile ``exe``'s generic kernels with a pool of threads; ``(compiles, cache hits)``."""
+    """Compile ``exe``'s generic kernels with a pool of threads; ``(compiles, cache hits)``. Each
+    is kept in the session's kernel store (``exe.kernels``), compiled now or earlier in this process."""
     if exe.device.interpret:
         return _prepare_interpreted(exe, GENERIC)
+    every = _items(exe, GENERIC)
     with _warmed_lock:
-        items = [it for it in _items(exe, GENERIC) if _item_key(it) not in _warmed]
+        earlier = [(it, _warmed[_item_key(it)]) for it in every if _item_key(it) in _warmed]
+        items = [it for it in every if _item_key(it) not in _warmed]
+    _keep(exe, earlier)
     items, stored = _without_stored(exe, items)
     if not items:
         return 0, stored
     with _counting() as tally:
-        _parallel(items)
+        compiled = _parallel(items, exe)
     with _warmed_lock:
-        _warmed.update(_item_key(it) for it in items)
+        _warmed.update((_item_key(it), kernel) for it, kernel in zip(items, compiled))
     return tally[0], tally[1] + stored
 
 
-def _without_stored(exe: Executable, items: list) -> tuple:
-    """``(items, n)``: the compilations that no store (engine, runtime cache) holds a binary for,
-    and how many it holds (they are loaded now, not compiled)."""
+def _binary_key(exe: Executable, item) -> str:
     from rtxjit.runtime import warm
 
-    if not warm.has_sources():
+    src, generic, args, _, constexprs = item
+    return warm.item_key(exe.device, src.key, generic, args, constexprs)
+
+
+def _keep(exe: Executable, compiled: list) -> None:
+    """Write ``[(item, kernel)]`` compiled in this process into the session's kernel store (each
+    binary once: a kernel it holds is not written again)."""
+    kernels = exe.kernels
+    if kernels is None or kernels.cache is None:
+        return
+    for item, kernel in compiled:
+        if kernel is not None:
+            kernels.put(_binary_key(exe, item), kernel)
+
+
+def _without_stored(exe: Executable, items: list) -> tuple:
+    """``(items, n)``: the compilations that the session's kernel store (its engine, its runtime
+    cache) holds no binary for, and how many it holds (they are loaded now, not compiled)."""
+    kernels = exe.kernels
+    if kernels is None or not kernels.has_sources():
         return items, 0
-    left = [it for it in items if warm.find(warm.item_key(exe.device, it[0].key, it[1], it[2], it[4])) is None]
+    left = [it for it in items if kernels.find(_binary_key(exe, it)) is None]
     return left, len(items) - len(left)
 
 
-_warmed: set = set()  # generic compilations done in this process (a new shape needs none)
+_warmed: dict = {}  # generic compilations done in this process -> the compiled kernel (a new shape needs none)
 _warmed_lock = threading.Lock()
 
 
@@ -186,28 +214,35 @@ def _item_key(item) -> tuple:
     return src.key, generic, arg_classes(args, generic), tuple(sorted(constexprs.items()))
 
 
-def _parallel(items: list) -> None:
+def _parallel(items: list, exe: Optional[Executable] = None) -> list:
+    """Compile ``items`` with a pool of threads; their compiled kernels, in order. With ``exe``,
+    each is written into its session's kernel store by the thread that compiled it."""
     lock = threading.Lock()
     totals = [0, 0]
 
     def one(item):
         with _counting() as tally:
-            _warm(*item)
+            kernel = _warm(*item)
+        if exe is not None:
+            _keep(exe, [(item, kernel)])
         with lock:
             totals[0] += tally[0]
             totals[1] += tally[1]
+        return kernel
 
     if len(items) <= 1:
-        for item in items:
-            _warm(*item)
-        return
+        out = [_warm(*item) for item in items]
+        if exe is not None:
+            _keep(exe, list(zip(items, out)))
+        return out
     with ThreadPoolExecutor(min(THREADS, len(items)), thread_name_prefix="rtxjit-compile") as pool:
-        for f in [pool.submit(one, item) for item in items]:
-            f.result()  # a compile error surfaces here, naming the kernel through Triton
+        futures = [pool.submit(one, item) for item in items]
+        out = [f.result() for f in futures]  # a compile error surfaces here, naming the kernel through Triton
     outer = getattr(_counts, "tally", None)
     if outer is not None:
         outer[0] += totals[0]
         outer[1] += totals[1]
+    return out
 
 
 def _prepare_interpreted(exe: Executable, kind: str) -> tuple:
@@ -228,36 +263,53 @@ def prepare_specialized(exe: Executable, background: bool, tuned: bool = True, b
     if exe.device.interpret:
         return _prepare_interpreted(exe, SPECIALIZED)
     items, stored = _without_stored(exe, _items(exe, SPECIALIZED, tuned))
-    compiles, hits = _compile_specialized(items, background, between)
+    compiles, hits = _compile_specialized(exe, items, background, between)
     return compiles, hits + stored
 
 
-def _compile_specialized(items: list, background: bool, between) -> tuple:
+def _compile_specialized(exe: Executable, items: list, background: bool, between) -> tuple:
+    """Compile ``items``, each kept in the session's kernel store; ``(compiles, cache hits)``."""
     if not background:
         with _counting() as tally:
-            _parallel(items)
+            _parallel(items, exe)
         return tally[0], tally[1]
     pool = _worker_pool()
     if pool is None:  # no worker processes here: compile in this thread
         with _counting() as tally:
             for item in items:
-                _warm(*item)
+                _keep(exe, [(item, _warm(*item))])
         return tally[0], tally[1]
     compiles = hits = 0
-    pending = set()
-    for src, generic, args, grid, constexprs in items:
+    pending = {}
+
+    def collect(f) -> None:
+        nonlocal compiles, hits
+        c, h, entry = f.result()
+        compiles, hits = compiles + c, hits + h
+        _keep_entry(exe, pending.pop(f), entry)
+
+    for item in items:
+        src, generic, args, grid, constexprs = item
         if len(pending) >= 2 * _workers():  # each worker busy, one more queued
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            done, _ = wait(set(pending), return_when=FIRST_COMPLETED)
             for f in done:
-                c, h = f.result()
-                compiles, hits = compiles + c, hits + h
+                collect(f)
         if between is not None:
             between()
-        pending.add(pool.submit(src.name, src.text, generic, portable(args), grid, constexprs))
-    for f in pending:
-        c, h = f.result()
-        compiles, hits = compiles + c, hits + h
+        pending[pool.submit(src.name, src.text, generic, portable(args), grid, constexprs)] = item
+    for f in list(pending):
+        collect(f)
     return compiles, hits
+
+
+def _keep_entry(exe: Executable, item, entry) -> None:
+    """A worker's compiled kernel (``[meta, cubin as base64]``, or None) into the session's kernel
+    store: the worker compiles, this process alone writes its session's runtime cache."""
+    kernels = exe.kernels
+    if entry is None or kernels is None or kernels.cache is None:
+        return
+    meta, cubin = entry
+    kernels.put_entry(_binary_key(exe, item), meta, base64.b64decode(cubin))
 
 
 def portable(args: tuple) -> list:
@@ -272,12 +324,17 @@ def from_portable(args: list) -> tuple:
 
 def _worker_warm(name: str, text: str, generic: bool, args: tuple, grid: tuple, constexprs: dict) -> tuple:
     """In a worker process: compile one kernel from its generated text (sent by the parent, which
-    generated it) into Triton's cache; ``(compiles, cache hits)``."""
+    generated it) into Triton's cache; ``(compiles, cache hits, entry)``, the entry being the binary
+    (``binaries.entry_of``: ``[meta, cubin as base64]``, or None) that the parent keeps in its
+    session's kernel store (a worker serves every session of the process: it writes no runtime cache)."""
     from rtxjit.codegen.source import KernelSource
 
     with _counting() as tally:
-        _warm(KernelSource(name, text), generic, from_portable(args), tuple(grid), constexprs, load=False)
-    return tally[0], tally[1]
+        kernel = _warm(KernelSource(name, text), generic, from_portable(args), tuple(grid), constexprs, load=False)
+    entry = None if kernel is None else binaries.entry_of(kernel)
+    if entry is not None:
+        entry = [entry[0], base64.b64encode(entry[1]).decode()]
+    return tally[0], tally[1], entry
 
 
 class _Workers:
@@ -371,9 +428,7 @@ def _plain(value):
 def serve() -> None:
     """A compile worker (see ``_Workers``): one JSON task per line on stdin, one answer per line."""
     import rtxjit  # noqa: F401 - configures triton for the device first
-    from rtxjit.runtime import kernel_store
 
-    kernel_store.activate_from_env()
     for line in sys.stdin.buffer:
         try:
             answer = {"result": _worker_warm(*json.loads(line))}
@@ -410,10 +465,8 @@ def _exit() -> None:
 
 
 def _worker_env() -> dict:
-    from rtxjit import config
-
     env = {"RTXJIT_DEVICE": "cuda"}
-    for name in ("TRITON_CACHE_DIR", config.KERNEL_STORE_ENV):
+    for name in ("TRITON_CACHE_DIR",):
         if os.environ.get(name):
             env[name] = os.environ[name]
     return env

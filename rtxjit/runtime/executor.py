@@ -98,9 +98,10 @@ class Executable:
     """
 
     def __init__(self, plan: Plan, device, const_tensors: dict, cuda_graphs: bool = True,
-                 plan_consts: dict = None):
+                 plan_consts: dict = None, kernels=None):
         self.plan = plan
         self.device = device
+        self.kernels = kernels  # the session's KernelStore (runtime/kernel_store.py), if any
         self.tdev = torch.device(device.torch_device)
         self.lock = threading.Lock()
         out_bufs = {v.buf for v in plan.outputs.values()}
@@ -121,7 +122,7 @@ class Executable:
         self.active = self.variant([GENERIC] * len(plan.steps))  # replaced whole by ``install``
         self.served = self.active  # the variant of the last run
         self.key = None  # the session's key of this binding (set by the session)
-        self.store = None  # (runtime cache, model key) where its checked variant is recorded, if any
+        self.model_key = None  # the model's key in the runtime cache where its checked variant is recorded
         self.recorded = False  # serving a variant recorded by an earlier process (runtime/warm.py)
         self.tune = True  # whether specialization times tile configurations (not for AOT engines)
 
@@ -315,8 +316,9 @@ class _Launcher:
     def _resolve(self, constexprs: dict):
         from rtxjit.runtime import warm
 
-        if self.exe.device.kind == "cuda" and warm.has_sources():
-            stored = warm.find(warm.step_key(self.exe.device, self.exe.plan, self.step, self.kind, constexprs))
+        kernels = self.exe.kernels
+        if self.exe.device.kind == "cuda" and kernels is not None and kernels.has_sources():
+            stored = kernels.find(warm.step_key(self.exe.device, self.exe.plan, self.step, self.kind, constexprs))
             if stored is not None:
                 from rtxjit.codegen.source import parameters
 

@@ -361,17 +361,18 @@ def _specialized_pass(exe: Executable, feeds: dict, stats: Stats, background: bo
 
 
 def _record(exe: Executable, variant, binaries_only: bool = False) -> None:
-    """Keep the installed variant (or only its kernels) in the runtime cache for the next process
-    (runtime/warm.py)."""
-    if exe.store is None or variant.direct is None:
+    """Keep the installed variant (or only its kernels) in the session's runtime cache for the
+    next process (runtime/warm.py), through its kernel store."""
+    kernels = exe.kernels
+    if kernels is None or kernels.cache is None or variant.direct is None:
         return
     from rtxjit.runtime import warm
 
     try:
         if binaries_only:
-            warm.save_binaries(exe.store[0], exe, variant)
-        else:
-            warm.save_variant(exe.store[0], exe.store[1], exe, variant)
+            warm.save_binaries(kernels, exe, variant)
+        elif exe.model_key is not None:
+            warm.save_variant(kernels, exe.model_key, exe, variant)
     except (OSError, ValueError, TypeError) as exc:
         warnings.warn(f"rtxjit: runtime cache: cannot record a specialized binding: {exc}", RuntimeWarning)
 

@@ -1,133 +1,149 @@
-"""Triton's compiled kernels kept in rtxjit's runtime cache.
+"""A session's compiled kernels: where its binaries are looked up and where they are written.
 
-``KernelStore`` is a Triton cache manager (``triton.knobs.cache.manager_class``): when a runtime
-cache is active, every kernel Triton compiles — in this process or in a compile worker — is stored
-there as an entry of two blobs, its metadata JSON and its binary (cubin), keyed by Triton's own
-hash of the kernel (source, specialization, options, target, Triton version) inside rtxjit's
-``cache_key`` (which adds the codegen version). Loading checks every blob's sha256 (``RuntimeCache``);
+Each ``InferenceSession`` builds one ``KernelStore`` (the session is the composition root) and
+hands it to what needs it: its executables (launchers of stored kernels), the compiler (kernels it
+compiles are written here) and the warm start (runtime/warm.py). Nothing about it is process-wide:
+two sessions of one process with different runtime caches each write only their own kernels there
+(issue 16: the process-wide store of old belonged to the session created last).
+
+One copy of each binary. A compiled kernel is kept in the runtime cache once, as a binary entry
+(runtime/binaries.py: Triton's metadata, the launcher's description and the cubin) under its
+binary key (``warm.item_key``: source hash, specialization, tile configuration, target, Triton and
+codegen versions). Triton's own cache manager is left as it is: Triton keeps its compile stages and
+launcher modules (host code built from C) in its own folder, never in rtxjit's runtime cache.
+
+Sources. Binaries are looked up in the session's runtime cache and in the engines it serves
+(``EngineBinaries``), in the order added; a binary loaded onto the GPU is remembered under its key
+(a miss too, until a source is added). Loading checks every blob's sha256 (``RuntimeCache.get``);
 a damaged entry is skipped with a warning and the kernel is compiled again and stored over it.
-Blobs are written to a private scratch folder under Triton's file names for Triton to read.
-
-Triton's launcher modules (``.so`` files Triton builds from C for a kernel signature) are host
-code: they stay in Triton's own cache folder, never in rtxjit's cache.
 """
 
 from __future__ import annotations
 
-import atexit
-import os
-import shutil
-import tempfile
 import threading
-from pathlib import Path
-from typing import Optional
-
-from triton.runtime.cache import FileCacheManager
-
-from rtxjit import config
-from rtxjit.runtime.cache import RuntimeCache, cache_key
-
-KEEP = (".json", ".cubin", ".hsaco")  # what a kernel needs at load; IR stages are not kept
-HOST_CODE = (".so", ".pyd", ".dll", ".dylib")
-
-_active: Optional[RuntimeCache] = None
-_scratch: Optional[Path] = None
-_lock = threading.Lock()
+import warnings
+import weakref
+from rtxjit.runtime import binaries
 
 
-def activate(cache: Optional[RuntimeCache]) -> None:
-    """Store Triton's kernels in ``cache`` from now on (None: Triton's own cache folder). One store
-    per process: the runtime cache of the session created last."""
-    global _active
-    import triton
-
-    with _lock:
-        _active = cache
-        if cache is not None:
-            triton.knobs.cache.manager_class = KernelStore
-            config.set_kernel_store_dir(str(cache.path))
+_UNSEEN = object()
 
 
-def activate_from_env() -> None:
-    path = config.kernel_store_dir()
-    if path:
-        activate(RuntimeCache(path))
+class KernelStore:
+    """Compiled kernels of one session: ``find(key)`` loads a stored binary, ``put(key, kernel)``
+    writes a kernel compiled for this session into its runtime cache (``cache``; None: kernels are
+    only looked up, in the sources added)."""
 
+    def __init__(self, cache=None):
+        self.cache = cache
+        self._sources: list = [] if cache is None else [cache]
+        self._found: dict = {}  # binary key -> a loaded kernel, or None (looked up everywhere, absent)
+        self._lock = threading.Lock()
 
-def active() -> Optional[RuntimeCache]:
-    return _active
+    def __repr__(self) -> str:
+        return f"KernelStore({self.cache})"
 
+    def add_source(self, source) -> None:
+        """Look up binaries in ``source`` too (an object with ``get(key) -> (meta, blobs) | None``:
+        a RuntimeCache, or ``EngineBinaries``); forgets earlier misses."""
+        with self._lock:
+            self._sources[:] = [s for s in self._sources if getattr(s, "alive", True)]  # engines dropped since
+            if not any(s is source or s == source for s in self._sources):
+                self._sources.append(source)
+            for key in [k for k, v in self._found.items() if v is None]:
+                del self._found[key]
 
-def _scratch_dir() -> Path:
-    global _scratch
-    with _lock:
-        if _scratch is None:
-            _scratch = Path(tempfile.mkdtemp(prefix="rtxjit-kernels-"))
-            atexit.register(shutil.rmtree, _scratch, True)
-        return _scratch
+    def has_sources(self) -> bool:
+        return bool(self._sources)
 
+    def remember(self, key: str, kernel) -> None:
+        """A kernel loaded in this process under ``key`` (later lookups need no store)."""
+        with self._lock:
+            self._found[key] = kernel
 
-class KernelStore(FileCacheManager):
-    """Triton cache manager over the active runtime cache (Triton's file cache where none is)."""
+    def find(self, key: str):
+        """The kernel stored under binary key ``key``, loaded onto the current GPU; None if no source
+        has it (or it does not load here: another SM, too much shared memory)."""
+        with self._lock:
+            if key in self._found:
+                return self._found[key]
+            sources = list(self._sources)
+        kernel = None
+        for source in sources:
+            entry = source.get(key)
+            if entry is None:
+                continue
+            meta, blobs = entry
+            try:
+                kernel = binaries.load(meta, bytes(blobs["cubin"]))
+                break
+            except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+                warnings.warn(f"rtxjit: the stored kernel {key[:12]} in {source} cannot be loaded ({exc}); "
+                              "it is compiled again", RuntimeWarning)
+        with self._lock:
+            return self._found.setdefault(key, kernel)
 
-    def __init__(self, key, override=False, dump=False):
-        super().__init__(key, override, dump)
-        self.store = None if (override or dump) else _active
-        self.staging = _scratch_dir() / key if self.store is not None else None
+    def holds(self, key: str) -> bool:
+        """Whether the runtime cache has an entry under ``key`` (not checked: ``find`` checks)."""
+        return self.cache is not None and (self.cache.path / f"{key}.json").exists()
 
-    def _entry(self, filename: str) -> str:
-        return cache_key(target="triton", kind="kernel", triton_key=self.key, file=filename)
+    def put_entry(self, key: str, meta: dict, cubin: bytes) -> None:
+        """Write a binary entry (``binaries.entry_of``) into the runtime cache, unless it is there; a
+        failing write only warns (the kernel is compiled again by a later process)."""
+        with self._lock:
+            damaged = key in self._found and self._found[key] is None
+        if self.cache is None or (self.holds(key) and not damaged):
+            return
+        self._write(key, meta, cubin)
 
-    def _host_code(self, filename: str) -> bool:
-        return filename.endswith(HOST_CODE)
-
-    def get_group(self, filename: str):
-        if self.store is None:
-            return super().get_group(filename)
-        hit = self.store.get(self._entry(filename))
-        if hit is None:
-            return None
-        meta, blobs = hit
-        files = meta.get("files") if isinstance(meta, dict) else None
-        if (not isinstance(files, list) or filename not in files
-                or any(not isinstance(f, str) or "/" in f or f.startswith(".") for f in files)
-                or sorted(blobs) != sorted(f"f{i}" for i in range(len(files)))):
-            return None
-        self.staging.mkdir(parents=True, exist_ok=True)
-        group = {}
-        for i, name in enumerate(files):
-            group[name] = self._stage(name, blobs[f"f{i}"])
-        return group
-
-    def _stage(self, filename: str, data: bytes) -> str:
-        path = self.staging / filename
-        tmp = path.with_name(f"{filename}.tmp.{os.getpid()}.{threading.get_ident()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-        return str(path)
-
-    def put(self, data, filename, binary=True) -> str:
-        if self.store is None or self._host_code(filename):
-            return super().put(data, filename, binary)
-        self.staging.mkdir(parents=True, exist_ok=True)
-        return self._stage(filename, data if isinstance(data, bytes) else str(data).encode())
-
-    def get_file(self, filename):
-        if self.store is None or self._host_code(filename):
-            return super().get_file(filename)
-        path = self.staging / filename
-        return str(path) if path.exists() else None
-
-    def put_group(self, filename: str, group: dict):
-        if self.store is None:
-            return super().put_group(filename, group)
-        kept = sorted(name for name in group if name.endswith(KEEP))
-        blobs = {f"f{i}": Path(group[name]).read_bytes() for i, name in enumerate(kept)}
+    def _write(self, key: str, meta: dict, cubin: bytes) -> None:
         try:
-            self.store.put(self._entry(filename), {"files": kept}, blobs)
+            self.cache.put(key, meta, {"cubin": cubin})
         except OSError as exc:
-            import warnings
-
-            warnings.warn(f"rtxjit: runtime cache {self.store}: cannot store kernel {filename}: {exc}",
+            warnings.warn(f"rtxjit: runtime cache {self.cache}: cannot store kernel {meta.get('name')}: {exc}",
                           RuntimeWarning)
-        return str(self.staging / filename)
+
+    def put(self, key: str, kernel) -> bool:
+        """Keep ``kernel`` (a Triton ``CompiledKernel``, or one loaded from a store) under ``key``:
+        remembered as loaded, and written into the runtime cache if it is not there. False if it
+        cannot be stored (not a CUDA binary compiled from source)."""
+        with self._lock:
+            known = self._found.get(key, _UNSEEN)
+        if known is not None and known is not _UNSEEN:  # stored or loaded here before: no file to check
+            return True
+        # written unless an entry is there; one looked up and found absent or damaged (None) is overwritten
+        if self.cache is not None and (known is None or not self.holds(key)):
+            entry = binaries.entry_of(kernel)
+            if entry is None:
+                return False
+            self._write(key, *entry)
+        self.remember(key, kernel)
+        return True
+
+
+class EngineBinaries:
+    """An engine's compiled kernels (runtime/aot.py) as a source of binaries. It holds the engine
+    weakly: a dropped engine (and its weights) is not kept alive by a store; its kernels already
+    loaded stay usable (``KernelStore.find`` remembers them)."""
+
+    def __init__(self, engine):
+        self._engine = weakref.ref(engine)
+        self.name = str(engine.path or "(in memory)")
+
+    @property
+    def alive(self) -> bool:
+        return self._engine() is not None
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, EngineBinaries) and other._engine() is self._engine() is not None
+
+    __hash__ = object.__hash__
+
+    def __repr__(self) -> str:
+        return f"engine {self.name}"
+
+    def get(self, key: str):
+        engine = self._engine()
+        entry = None if engine is None else engine.binaries.get(key)
+        return None if entry is None else (entry["meta"], {"cubin": entry["data"]})
+

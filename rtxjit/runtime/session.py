@@ -19,6 +19,7 @@ from rtxjit.runtime.cache import open_cache
 from rtxjit.runtime.device import Device, detect
 from rtxjit.runtime.executor import Executable, torch_dtype
 from rtxjit.runtime.frontdoor import optimized_graph
+from rtxjit.runtime.kernel_store import EngineBinaries, KernelStore
 from rtxjit.runtime.plan import PlanBuilder
 from rtxjit.runtime.profiles import resolve_profiles, select
 
@@ -90,14 +91,11 @@ class InferenceSession:
         self.specialize = jit.resolve_mode(specialize or config.specialize_mode(), self.device)
         self._jit = jit.Stats()
         self._histogram = self._seen_shapes()
-        if self.runtime_cache is not None and self.device.kind == "cuda":
-            from rtxjit.runtime import kernel_store
-
-            kernel_store.activate(self.runtime_cache)
-            warm.add_source(self.runtime_cache)
+        # this session's compiled kernels: read from and written to its own runtime cache only
+        self.kernels = KernelStore(self.runtime_cache)
         self._tune = True
         if self.engine is not None and self.device.kind == "cuda" and self.engine.has_binaries_for(self.device.sm):
-            warm.add_source(warm.EngineBinaries(self.engine))
+            self.kernels.add_source(EngineBinaries(self.engine))
             self._tune = False  # tile timing would compile the tiles the engine does not hold
         self._tdev = torch.device(self.device.torch_device)
         self._lock = threading.Lock()
@@ -167,13 +165,14 @@ class InferenceSession:
 
         with jit.gc_paused():  # a new binding allocates many small objects: no collection pauses meanwhile
             plan = self._build_plan(types, host_values)
-            exe = Executable(plan, self.device, self._const_tensors, plan_consts=self._plan_consts)
+            exe = Executable(plan, self.device, self._const_tensors, plan_consts=self._plan_consts,
+                             kernels=self.kernels)
         exe.key = key
         exe.tune = self._tune
         recorded = None
         if self.runtime_cache is not None:
-            exe.store = (self.runtime_cache, self._model_key)
-            recorded = warm.load_variant(self.runtime_cache, self._model_key, exe)
+            exe.model_key = self._model_key
+            recorded = warm.load_variant(self.kernels, self._model_key, exe)
         if recorded is not None:  # kernels checked and tuned by an earlier process: served at once
             exe.install(recorded)
             self._jit.add(cache_hits=len({id(d.kernel) for d in recorded.direct}))

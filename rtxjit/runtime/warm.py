@@ -15,88 +15,12 @@ from __future__ import annotations
 
 import threading
 import warnings
-import weakref
 from typing import Optional
 
 from rtxjit.runtime import binaries
 from rtxjit.runtime.cache import cache_key, target_of
 from rtxjit.runtime.executor import GENERIC, SPECIALIZED, Executable, Variant, bind_direct, specialized_source
 from rtxjit.runtime.plan import Buf
-
-_sources: list = []  # where binaries are looked up: runtime caches and engines (``add_source``)
-_found: dict = {}  # binary key -> a loaded kernel, or None (looked up everywhere, absent)
-_lock = threading.Lock()
-
-
-def add_source(source) -> None:
-    """Look up binaries in ``source`` too (an object with ``get(key) -> (meta, blobs) | None``:
-    a RuntimeCache, or ``EngineBinaries``); forgets earlier misses."""
-    with _lock:
-        _sources[:] = [s for s in _sources if getattr(s, "alive", True)]  # engines dropped since
-        if not any(s is source or s == source for s in _sources):
-            _sources.append(source)
-        for key in [k for k, v in _found.items() if v is None]:
-            del _found[key]
-
-
-class EngineBinaries:
-    """An engine's compiled kernels (runtime/aot.py) as a source of binaries. It holds the engine
-    weakly: a dropped engine (and its weights) is not kept alive by this process-wide list; its
-    kernels already loaded stay usable (``_found``)."""
-
-    def __init__(self, engine):
-        self._engine = weakref.ref(engine)
-        self.name = str(engine.path or "(in memory)")
-
-    @property
-    def alive(self) -> bool:
-        return self._engine() is not None
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, EngineBinaries) and other._engine() is self._engine() is not None
-
-    __hash__ = object.__hash__
-
-    def __repr__(self) -> str:
-        return f"engine {self.name}"
-
-    def get(self, key: str):
-        engine = self._engine()
-        entry = None if engine is None else engine.binaries.get(key)
-        return None if entry is None else (entry["meta"], {"cubin": entry["data"]})
-
-
-def has_sources() -> bool:
-    return bool(_sources)
-
-
-def remember(key: str, kernel) -> None:
-    """A kernel loaded in this process under ``key`` (later lookups need no store)."""
-    with _lock:
-        _found[key] = kernel
-
-
-def find(key: str):
-    """The kernel stored under binary key ``key``, loaded onto the current GPU; None if no source
-    has it (or it does not load here: another SM, too much shared memory)."""
-    with _lock:
-        if key in _found:
-            return _found[key]
-        sources = list(_sources)
-    kernel = None
-    for source in sources:
-        entry = source.get(key)
-        if entry is None:
-            continue
-        meta, blobs = entry
-        try:
-            kernel = binaries.load(meta, bytes(blobs["cubin"]))
-            break
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            warnings.warn(f"rtxjit: the stored kernel {key[:12]} in {source} cannot be loaded ({exc}); "
-                          "it is compiled again", RuntimeWarning)
-    with _lock:
-        return _found.setdefault(key, kernel)
 
 
 def item_key(device, src_key: str, generic: bool, args: tuple, constexprs: dict) -> str:
@@ -132,30 +56,28 @@ def _record_key(exe: Executable, model_key: str) -> str:
     return cache_key(target=target_of(exe.device), kind="variant", model=model_key, binding=binding_id(exe.key))
 
 
-def save_binaries(cache, exe: Executable, variant: Variant) -> Optional[list]:
-    """Store the compiled kernels of ``variant`` (its direct launches bound) in ``cache``; their
-    binary keys, or None if some kernel cannot be stored."""
+def save_binaries(kernels, exe: Executable, variant: Variant) -> Optional[list]:
+    """Store the compiled kernels of ``variant`` (its direct launches bound) in the session's
+    kernel store ``kernels`` (runtime/kernel_store.py); their binary keys, or None if some kernel
+    cannot be stored."""
     if variant.direct is None:
         return None
     keys = []
     for (_, _, _, constexprs, step, _), kind, d in zip(variant.launches, variant.kinds, variant.direct):
         bkey = step_key(exe.device, exe.plan, step, kind, constexprs)
-        if not (cache.path / f"{bkey}.json").exists():
-            entry = binaries.entry_of(d.kernel)
-            if entry is None:
-                return None
-            cache.put(bkey, entry[0], {"cubin": entry[1]})
-        remember(bkey, d.kernel)
+        if not kernels.put(bkey, d.kernel):
+            return None
         keys.append(bkey)
     return keys
 
 
-def save_variant(cache, model_key: str, exe: Executable, variant: Variant) -> bool:
-    """Record ``variant`` (checked, with its direct launches bound) for later processes: its
-    kernels, and per step which one serves it; False if it cannot be."""
-    if exe.key is None:
+def save_variant(kernels, model_key: str, exe: Executable, variant: Variant) -> bool:
+    """Record ``variant`` (checked, with its direct launches bound) in the runtime cache of the
+    kernel store ``kernels`` for later processes: its kernels, and per step which one serves it;
+    False if it cannot be."""
+    if exe.key is None or kernels.cache is None:
         return False
-    keys = save_binaries(cache, exe, variant)
+    keys = save_binaries(kernels, exe, variant)
     if keys is None:
         return False
     steps = []
@@ -163,22 +85,23 @@ def save_variant(cache, model_key: str, exe: Executable, variant: Variant) -> bo
         src = step.kernel if kind == GENERIC else specialized_source(step)
         steps.append({"kind": kind, "source": src.key, "grid": list(grid), "constexprs": dict(constexprs),
                       "binary": bkey})
-    cache.put_json(_record_key(exe, model_key), {"steps": steps})
+    kernels.cache.put_json(_record_key(exe, model_key), {"steps": steps})
     return True
 
 
-def load_variant(cache, model_key: str, exe: Executable) -> Optional[Variant]:
-    """The recorded variant of ``exe``'s binding with its kernels loaded, or None."""
-    if exe.device.kind != "cuda" or exe.key is None:
+def load_variant(kernels, model_key: str, exe: Executable) -> Optional[Variant]:
+    """The recorded variant of ``exe``'s binding (in the runtime cache of the kernel store
+    ``kernels``) with its kernels loaded from there, or None."""
+    if exe.device.kind != "cuda" or exe.key is None or kernels.cache is None:
         return None
-    record = cache.get_json(_record_key(exe, model_key))
+    record = kernels.cache.get_json(_record_key(exe, model_key))
     if record is None:
         return None
     try:
         steps = record["steps"]
         if len(steps) != len(exe.plan.steps):
             return None
-        kinds, configs, kernels = [], {}, []
+        kinds, configs, loaded = [], {}, []
         for i, (rec, step) in enumerate(zip(steps, exe.plan.steps)):
             kind = rec["kind"]
             src = step.kernel if kind == GENERIC else specialized_source(step)
@@ -186,11 +109,11 @@ def load_variant(cache, model_key: str, exe: Executable) -> Optional[Variant]:
                 return None
             kinds.append(kind)
             configs[i] = (tuple(rec["grid"]), dict(rec["constexprs"]))
-            kernels.append(find(rec["binary"]))
-        if any(k is None for k in kernels):
+            loaded.append(kernels.find(rec["binary"]))
+        if any(k is None for k in loaded):
             return None
         variant = exe.variant(kinds, configs, arena=exe.active.arena)  # the generic variant is dropped
-        variant.direct = bind_direct(variant.launches, kernels)
+        variant.direct = bind_direct(variant.launches, loaded)
         return variant if variant.direct is not None else None
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         warnings.warn(f"rtxjit runtime cache: the recorded kernels of a binding cannot be used ({exc}); "
