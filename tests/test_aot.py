@@ -33,13 +33,12 @@ def test_an_engine_built_without_a_gpu_holds_sm90_binaries_for_its_profile(engin
         assert entry["meta"]["metadata"]["target"] == {"backend": "cuda", "arch": 90, "warp_size": 32}
         assert entry["data"][:4] == b"\x7fELF"  # a cubin
     # every kernel a GPU session would launch at the opt shapes is there, under the key it looks up
-    device = Device("cuda", "sm_90", 90)
+    from rtxjit.runtime.aot import SM_COUNTS
+
+    device = Device("cuda", "sm_90", 90, SM_COUNTS[90])
     graph = engine.graph
     types = {v.name: TensorType(v.type.dtype, engine.profiles[0].opt(v.name)) for v in graph.inputs}
-    from rtxjit.runtime.aot import SM_COUNTS, assumed_sm_count
-
-    with assumed_sm_count(SM_COUNTS[90]):
-        plan = PlanBuilder(graph, device, frozenset(v.name for v in graph.constants())).build(types, {})
+    plan = PlanBuilder(graph, device, frozenset(v.name for v in graph.constants())).build(types, {})
     for step in plan.steps:
         assert warm.step_key(device, plan, step, GENERIC, step.generic_constexprs) in engine.binaries
         assert warm.step_key(device, plan, step, SPECIALIZED, step.constexprs) in engine.binaries

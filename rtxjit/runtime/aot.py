@@ -15,7 +15,6 @@ no compile, and compiles only what is missing (another shape's specialized kerne
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
 import subprocess
@@ -29,7 +28,7 @@ import torch
 from rtxjit.codegen.source import KernelSource, load_kernel, specialize
 from rtxjit.errors import KernelError
 from rtxjit.ir.types import TensorType
-from rtxjit.runtime import autotune, binaries, warm
+from rtxjit.runtime import binaries, warm
 from rtxjit.runtime.compiler import from_portable, portable
 from rtxjit.runtime.device import Device
 from rtxjit.runtime.executor import shape_params, torch_dtype
@@ -47,15 +46,14 @@ def compile_kernels(engine, targets=None, progress: Optional[Callable[[int, int,
     targets = list(engine.targets if targets is None else targets)
     work = []  # (sm, key, source, generic, args, grid, constexprs)
     for sm in targets:
-        device = Device("cuda", f"sm_{sm}", sm)
+        device = target_device(sm)
         seen = set()
-        with assumed_sm_count(SM_COUNTS.get(sm, 132)):
-            for plan, specialized in _plans(graph, engine.profiles, device):
-                for item in _items(plan, specialized):
-                    key = warm.item_key(device, item[0].key, item[1], item[2], item[4])
-                    if key not in seen and key not in engine.binaries:
-                        seen.add(key)
-                        work.append((sm, key) + item)
+        for plan, specialized in _plans(graph, engine.profiles, device):
+            for item in _items(plan, specialized):
+                key = warm.item_key(device, item[0].key, item[1], item[2], item[4])
+                if key not in seen and key not in engine.binaries:
+                    seen.add(key)
+                    work.append((sm, key) + item)
     start = time.perf_counter()
     per_target: dict = {}
     done = 0
@@ -169,12 +167,7 @@ def compile_one(src, generic: bool, args: tuple, constexprs: dict, sm: int) -> t
     return entry
 
 
-@contextlib.contextmanager
-def assumed_sm_count(n: int):
-    """Plans built meanwhile size their tiles for a GPU of ``n`` multiprocessors."""
-    saved = autotune.assumed_sm_count
-    autotune.assumed_sm_count = n
-    try:
-        yield
-    finally:
-        autotune.assumed_sm_count = saved
+def target_device(sm: int) -> Device:
+    """The device an engine's kernels are planned for: a GPU of ``sm`` with the multiprocessors of
+    a typical one (``SM_COUNTS``), which its plans size their tiles for."""
+    return Device("cuda", f"sm_{sm}", sm, SM_COUNTS.get(sm, 132))

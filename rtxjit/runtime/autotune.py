@@ -47,15 +47,11 @@ def tune_key(src_key: str, sm: Optional[int], *sizes: int) -> tuple:
     return (src_key, sm, *(bucket(int(s)) for s in sizes))
 
 
-assumed_sm_count = None  # set while plans are built for a GPU that is not here (runtime/aot.py)
-
-
 def sm_count() -> int:
     """Multiprocessors of the current CUDA device (132 on an H100 SXM), for the tile heuristic.
     Lowerings read it from their context (``LowerCtx.sm_count``, runtime/plan.py), never from here:
-    rtxjit/ops imports nothing from the runtime."""
-    if assumed_sm_count is not None:
-        return assumed_sm_count
+    rtxjit/ops imports nothing from the runtime. A plan for a GPU that is not here (runtime/aot.py)
+    names its count in its ``Device`` instead."""
     import torch
 
     dev = torch.cuda.current_device()

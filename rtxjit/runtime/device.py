@@ -16,6 +16,9 @@ class Device:
     kind: str  # "cuda" or "cpu" (Triton's interpreter)
     name: str
     sm: Optional[int] = None  # compute capability as 80, 90, ... on a GPU
+    # multiprocessors the tile heuristics size for: None reads them from the GPU here; an AOT build
+    # for an absent GPU names the count it assumes (runtime/aot.py)
+    sm_count: Optional[int] = None
 
     @property
     def interpret(self) -> bool:

@@ -98,10 +98,11 @@ class Executable:
     """
 
     def __init__(self, plan: Plan, device, const_tensors: dict, cuda_graphs: bool = True,
-                 plan_consts: dict = None, kernels=None):
+                 plan_consts: dict = None, kernels=None, hooks: Optional["RunHooks"] = None):
         self.plan = plan
         self.device = device
         self.kernels = kernels  # the session's KernelStore (runtime/kernel_store.py), if any
+        self.hooks = NO_HOOKS if hooks is None else hooks  # the session passes the JIT's (runtime/jit.py)
         self.tdev = torch.device(device.torch_device)
         self.lock = threading.Lock()
         out_bufs = {v.buf for v in plan.outputs.values()}
@@ -188,8 +189,9 @@ class Executable:
     # -- running
     def run(self, feeds: dict) -> dict:
         out = self._run(feeds)
-        if _watch is not None:
-            _watch()
+        watch = self.hooks.watch
+        if watch is not None:
+            watch()
         return out
 
     def _run(self, feeds: dict) -> dict:
@@ -202,10 +204,10 @@ class Executable:
                     # new one is captured while the GPU runs them (a capture only records); the new
                     # variant serves once all of it is recorded, a few runs later
                     out = self._replay(old, feeds)
-                    with hold():
+                    with self.hooks.hold():
                         self.capture(v, feeds, limit=CAPTURE_PART)
                     return out
-                with hold():
+                with self.hooks.hold():
                     self.capture(v, feeds)  # instead of launching: the replay below runs it
             self.served = v
             v.runs += 1
@@ -290,13 +292,19 @@ class Executable:
         return {k: t.clone() for k, t in self.outputs(v.graph_bufs).items()}
 
 
-_watch = None  # called after every run while set (runtime/jit.py: while a background job runs)
-hold = contextlib.nullcontext  # marks slow work of a serving thread (runtime/jit.py: ``serving``)
+class RunHooks:
+    """What an executable's runs tell the rest of the process; the session passes the JIT's
+    (runtime/jit.py), so the background specializer makes way for the serving thread. These do
+    nothing. ``hold()`` marks slow work of a serving thread (a CUDA-graph capture); ``watch``,
+    while not None, is called after every run."""
+
+    watch = None
+
+    def hold(self):
+        return contextlib.nullcontext()
 
 
-def watch_runs(fn) -> None:
-    global _watch
-    _watch = fn
+NO_HOOKS = RunHooks()
 
 
 class _Launcher:

@@ -106,7 +106,19 @@ def serving():
             _held -= 1
 
 
-executor.hold = serving  # the serving thread's CUDA-graph captures count as slow work too
+class _ServingHooks(executor.RunHooks):
+    """The hooks a session gives its executables (``executor.RunHooks``): the serving thread's
+    CUDA-graph captures count as slow work too; while a background job runs, every run records an
+    event (``watch``) that the job waits for."""
+
+    def __init__(self):
+        self.watch = None
+
+    def hold(self):
+        return serving()
+
+
+HOOKS = _ServingHooks()
 
 
 def _note_run() -> None:
@@ -298,7 +310,7 @@ def specialize_now(exe: Executable, feeds: dict, stats: Stats, background: bool 
     if background:  # the serving thread waits at most this long for the GIL while a job runs
         sys.setswitchinterval(min(switch, BACKGROUND_SWITCH_S))
     if background and exe.device.kind == "cuda":
-        executor.watch_runs(_note_run)
+        HOOKS.watch = _note_run
     try:
         with gc_paused():  # the job's garbage must not stop the serving thread for a collection
             return _specialize(exe, feeds, stats, background)
@@ -313,7 +325,7 @@ def specialize_now(exe: Executable, feeds: dict, stats: Stats, background: bool 
             stats.errors.append(f"{type(exc).__name__}: {exc}")
         return False
     finally:
-        executor.watch_runs(None)
+        HOOKS.watch = None
         _last_run[0] = None
         sys.setswitchinterval(switch)
         stats.add(pending=-1)

@@ -169,7 +169,9 @@ class LowerCtx:
     def sm_count(self) -> int:
         """Multiprocessors of the target GPU (132 on an H100 SXM, or the count an AOT build for an
         absent GPU assumes), for tile heuristics; 1 on the interpreter."""
-        return 1 if self.interpret else autotune.sm_count()
+        if self.interpret:
+            return 1
+        return self._b.device.sm_count or autotune.sm_count()
 
     def tune_key(self, src: KernelSource, *sizes: int) -> tuple:
         """The autotuner's key for a launch of ``src`` over a problem of ``sizes`` on this target

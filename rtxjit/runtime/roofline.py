@@ -183,12 +183,12 @@ def measure_machine(copy_bytes: int = 1 << 30, matmul_size: int = 8192, runs: in
 
     bandwidth = _copy_bandwidth(copy_bytes, runs)
     peak16 = _matmul_peak(matmul_size, torch.float16, runs)
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False  # rtxjit multiplies fp32 in IEEE mode
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # no TF32: rtxjit multiplies fp32 in IEEE mode
     try:
         peak32 = _matmul_peak(matmul_size // 2, torch.float32, max(3, runs // 3))
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.set_float32_matmul_precision(precision)
     torch.cuda.empty_cache()
     return Machine(torch.cuda.get_device_name(), bandwidth, peak16, peak32)
 

@@ -166,7 +166,7 @@ class InferenceSession:
         with jit.gc_paused():  # a new binding allocates many small objects: no collection pauses meanwhile
             plan = self._build_plan(types, host_values)
             exe = Executable(plan, self.device, self._const_tensors, plan_consts=self._plan_consts,
-                             kernels=self.kernels)
+                             kernels=self.kernels, hooks=jit.HOOKS)
         exe.key = key
         exe.tune = self._tune
         recorded = None
