@@ -7,7 +7,7 @@ shapes (in the plan's heuristic tile configuration: timing needs the GPU), are c
 Triton's compiler for ``GPUTarget("cuda", sm, 32)``. The arguments are bound and specialized by
 Triton's own binder, exactly as its JIT does on the GPU (buffers 16-byte aligned, as rtxjit's
 always are), so each binary is the one the JIT would have built. Binaries go into
-``engine.binaries`` under their binary key (runtime/warm.py: source hash, specialization, tile
+``engine.binaries`` under their binary key (runtime/kernel_keys.py: source hash, specialization, tile
 configuration, target, Triton and codegen versions); a session on a GPU of that SM loads them with
 no compile, and compiles only what is missing (another shape's specialized kernels, tuned tiles).
 """
@@ -28,11 +28,11 @@ import torch
 from rtxjit.codegen.source import KernelSource, load_kernel, specialize
 from rtxjit.errors import KernelError
 from rtxjit.ir.types import TensorType
-from rtxjit.runtime import binaries, warm
+from rtxjit.runtime import binaries
 from rtxjit.runtime.compiler import from_portable, portable
 from rtxjit.runtime.device import Device
-from rtxjit.runtime.executor import shape_params, torch_dtype
-from rtxjit.runtime.plan import Buf, PlanBuilder
+from rtxjit.runtime.kernel_keys import item_key, shape_params, step_args
+from rtxjit.runtime.plan import PlanBuilder
 
 # multiprocessors of a typical GPU of each SM (the tile heuristic's split-K / wave sizing reads it)
 SM_COUNTS = {75: 40, 80: 108, 86: 84, 87: 16, 89: 128, 90: 132, 100: 148, 103: 148, 120: 170, 121: 48}
@@ -50,7 +50,7 @@ def compile_kernels(engine, targets=None, progress: Optional[Callable[[int, int,
         seen = set()
         for plan, specialized in _plans(graph, engine.profiles, device):
             for item in _items(plan, specialized):
-                key = warm.item_key(device, item[0].key, item[1], item[2], item[4])
+                key = item_key(device, item[0].key, item[1], item[2], item[4])
                 if key not in seen and key not in engine.binaries:
                     seen.add(key)
                     work.append((sm, key) + item)
@@ -131,7 +131,7 @@ def _items(plan, specialized: bool) -> list:
     """``(source, generic, args, grid, constexprs)`` per compilation a run of ``plan`` needs."""
     out = []
     for step in plan.steps:
-        args = tuple(torch_dtype(plan.buffers[a.index].dtype) if isinstance(a, Buf) else a for a in step.args)
+        args = step_args(plan, step)
         out.append((step.kernel, True, args, step.generic_grid, dict(step.generic_constexprs)))
         if specialized:
             src = specialize(step.kernel, shape_params(step))

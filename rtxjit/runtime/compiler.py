@@ -7,8 +7,9 @@ launch, so the launch that follows finds the binary), and its launcher is built 
   process before the first run (the caller waits anyway; Triton's compiler and ``ptxas`` overlap).
 - ``prepare_specialized``: a binding's specialized kernels (every tile configuration offered). In the
   background on a GPU they are compiled by worker processes (``_Workers``), which write Triton's cache
-  and send the binary back; this process keeps it in the session's kernel store and only loads it. Compiling in threads of this process would hold the GIL for
-  up to ~100 ms at a time (measured on an H100 with triton 3.6), stalling the serving thread.
+  and send the binary back; this process keeps it in the session's kernel store and only loads it.
+  Compiling in threads of this process would hold the GIL for up to ~100 ms at a time (measured on
+  an H100 with triton 3.6), stalling the serving thread.
 
 Every kernel compiled for a session is kept in that session's ``KernelStore`` (runtime/kernel_store.py,
 passed in as ``Executable.kernels``): one binary entry per kernel in its runtime cache, written by
@@ -37,10 +38,9 @@ import torch
 
 from rtxjit.codegen.source import is_loaded, load_kernel
 from rtxjit.errors import KernelError
-from rtxjit.runtime import autotune, binaries
-from rtxjit.runtime import executor
-from rtxjit.runtime.executor import GENERIC, SPECIALIZED, Executable, torch_dtype
-from rtxjit.runtime.plan import Buf
+from rtxjit.runtime import autotune, binaries, executor
+from rtxjit.runtime.executor import Executable
+from rtxjit.runtime.kernel_keys import GENERIC, SPECIALIZED, arg_classes, item_key, step_args
 
 THREADS = min(16, os.cpu_count() or 1)
 
@@ -106,7 +106,7 @@ def _items(exe: Executable, kind: str, tuned: bool = True) -> list:
     pointer arguments as torch dtypes (Triton mocks them, 16-byte aligned as our buffers are)."""
     items, seen = [], set()
     for step in exe.plan.steps:
-        args = tuple(torch_dtype(exe.plan.buffers[a.index].dtype) if isinstance(a, Buf) else a for a in step.args)
+        args = step_args(exe.plan, step)
         if kind == GENERIC:
             configs = [(step.generic_grid, step.generic_constexprs)]
             src = step.kernel
@@ -120,19 +120,6 @@ def _items(exe: Executable, kind: str, tuned: bool = True) -> list:
                 seen.add(key)
                 items.append((src, kind == GENERIC, args, grid, dict(constexprs)))
     return items
-
-
-def arg_classes(args: tuple, generic: bool) -> tuple:
-    """What Triton's specialization sees of the arguments (equal classes: one compilation)."""
-    out = []
-    for a in args:
-        if isinstance(a, bool) or not isinstance(a, int):
-            out.append(str(a) if not isinstance(a, float) else "f")
-        elif generic:
-            out.append("i" if -2**31 <= a < 2**31 else "l")
-        else:
-            out.append((a, a % 16 == 0, a == 1))
-    return tuple(out)
 
 
 def _warm(src, generic: bool, args: tuple, grid: tuple, constexprs: dict, load: bool = True):
@@ -178,10 +165,8 @@ def prepare_generic(exe: Executable) -> tuple:
 
 
 def _binary_key(exe: Executable, item) -> str:
-    from rtxjit.runtime import warm
-
     src, generic, args, _, constexprs = item
-    return warm.item_key(exe.device, src.key, generic, args, constexprs)
+    return item_key(exe.device, src.key, generic, args, constexprs)
 
 
 def _keep(exe: Executable, compiled: list) -> None:

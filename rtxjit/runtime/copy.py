@@ -8,12 +8,11 @@ from rtxjit.codegen.source import load_kernel
 from rtxjit.codegen.templates.pointwise import render_pointwise
 from rtxjit.codegen.view import collapse, contiguous_strides
 from rtxjit.ir.types import DType
+from rtxjit.runtime.tensors import dtype_of_torch
 
 
 def contiguous(t: torch.Tensor, device) -> torch.Tensor:
-    from rtxjit.runtime.session import _dtype_of_torch
-
-    dtype: DType = _dtype_of_torch(t.dtype, "tensor")
+    dtype: DType = dtype_of_torch(t.dtype, "tensor")
     out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
     n = t.numel()
     if n == 0:

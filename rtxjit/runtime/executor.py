@@ -18,43 +18,17 @@ from typing import Optional
 import numpy as np
 import torch
 
-from rtxjit.codegen.source import load_kernel, specialize
+from rtxjit.codegen.source import load_kernel, parameters
 from rtxjit.errors import KernelError
+from rtxjit.runtime import kernel_keys
+# the kinds, the specialized source and the dtype table, here too for the executor's readers
+from rtxjit.runtime.kernel_keys import GENERIC, SPECIALIZED, shape_params, specialized_source  # noqa: F401
 from rtxjit.runtime.memory import plan_arena
 from rtxjit.runtime.plan import Buf, Launch, Plan
+from rtxjit.runtime.tensors import TORCH_DTYPES, torch_dtype  # noqa: F401
 
-TORCH_DTYPES = {
-    "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64,
-    "int64": torch.int64, "int32": torch.int32, "int8": torch.int8, "uint8": torch.uint8,
-    "bool": torch.bool, "fp8e4m3": torch.float8_e4m3fn, "fp8e5m2": torch.float8_e5m2,
-}
-
-GENERIC, SPECIALIZED = "generic", "specialized"
 PACE_LAUNCHES = 8  # a paced run (background work) lets the GPU drain after this many launches
 CAPTURE_PART = 32  # launches captured per run while an older variant's graphs still serve
-
-
-def torch_dtype(dtype) -> torch.dtype:
-    return TORCH_DTYPES[dtype.short]
-
-
-def shape_params(step: Launch) -> list:
-    """Names of the kernel parameters that a specialized kernel takes as constants: the integer
-    arguments that are not buffer offsets (an offset is the integer right after a buffer pointer;
-    offsets differ between the layers that share a kernel, so they stay runtime arguments)."""
-    from rtxjit.codegen.source import parameters
-
-    names = [name for name, _ in parameters(step.kernel)]
-    out = []
-    for j, a in enumerate(step.args):
-        if isinstance(a, int) and not isinstance(a, bool) and not (j > 0 and isinstance(step.args[j - 1], Buf)):
-            out.append(names[j])
-    return out
-
-
-def specialized_source(step: Launch):
-    """The source of ``step``'s specialized kernel (tests may replace this function)."""
-    return specialize(step.kernel, shape_params(step))
 
 
 @dataclass
@@ -322,14 +296,11 @@ class _Launcher:
         return self.fn(*args, **constexprs)
 
     def _resolve(self, constexprs: dict):
-        from rtxjit.runtime import warm
-
         kernels = self.exe.kernels
         if self.exe.device.kind == "cuda" and kernels is not None and kernels.has_sources():
-            stored = kernels.find(warm.step_key(self.exe.device, self.exe.plan, self.step, self.kind, constexprs))
+            stored = kernels.find(kernel_keys.step_key(self.exe.device, self.exe.plan, self.step, self.kind,
+                                                       constexprs))
             if stored is not None:
-                from rtxjit.codegen.source import parameters
-
                 names = [name for name, _ in parameters(self.step.kernel)]
                 return _Stored(stored, self.grid, names[len(self.step.args):], self._jit)
         return self._jit()
@@ -424,8 +395,6 @@ def bind_direct(launches: list, kernels: list) -> Optional[list]:
             return None
     except (ImportError, AttributeError):
         return None
-    from rtxjit.codegen.source import parameters
-
     out = []
     for (launcher, args, slots, constexprs, step, grid), kernel in zip(launches, kernels):
         if kernel is None or not all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):

@@ -7,7 +7,7 @@ shape compiles nothing. The first run of a binding enqueues it here (mode ``"laz
 
 The specializer's thread then, off the hot path:
 1. compiles the binding's *specialized* kernels: the same source with its shape arguments made
-   ``tl.constexpr`` (``executor.specialized_source``), every tile configuration the plan offers; on
+   ``tl.constexpr`` (``kernel_keys.specialized_source``), every tile configuration the plan offers; on
    a GPU in worker processes (runtime/compiler.py), so the serving thread never waits on the GIL;
 2. on a side stream, over its own arena and a snapshot of the binding's first live inputs: runs the
    generic variant (the reference), times the tile configurations of tuned launches and keeps the
@@ -45,8 +45,9 @@ import numpy as np
 import torch
 
 from rtxjit.errors import RtxjitError
-from rtxjit.runtime import autotune, compiler, executor
+from rtxjit.runtime import autotune, compiler, executor, warm
 from rtxjit.runtime.executor import GENERIC, SPECIALIZED, Executable, bind_direct, launch_direct
+from rtxjit.runtime.tensors import TORCH_DTYPES
 
 MODES = ("lazy", "eager", "none")
 QUEUE_LIMIT = 256  # pending bindings; more are dropped (counted) and keep their generic kernels
@@ -378,8 +379,6 @@ def _record(exe: Executable, variant, binaries_only: bool = False) -> None:
     kernels = exe.kernels
     if kernels is None or kernels.cache is None or variant.direct is None:
         return
-    from rtxjit.runtime import warm
-
     try:
         if binaries_only:
             warm.save_binaries(kernels, exe, variant)
@@ -563,6 +562,4 @@ def histogram_of(entries: list) -> dict:
 
 
 def _short(dtype: torch.dtype) -> str:
-    from rtxjit.runtime.executor import TORCH_DTYPES
-
     return next((k for k, v in TORCH_DTYPES.items() if v == dtype), "")

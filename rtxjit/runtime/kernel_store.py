@@ -8,7 +8,7 @@ two sessions of one process with different runtime caches each write only their 
 
 One copy of each binary. A compiled kernel is kept in the runtime cache once, as a binary entry
 (runtime/binaries.py: Triton's metadata, the launcher's description and the cubin) under its
-binary key (``warm.item_key``: source hash, specialization, tile configuration, target, Triton and
+binary key (``kernel_keys.item_key``: source hash, specialization, tile configuration, target, Triton and
 codegen versions). Triton's own cache manager is left as it is: Triton keeps its compile stages and
 launcher modules (host code built from C) in its own folder, never in rtxjit's runtime cache.
 

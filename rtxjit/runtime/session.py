@@ -17,11 +17,13 @@ from rtxjit.ir.types import DType, TensorType
 from rtxjit.runtime import autotune, jit, roofline, warm
 from rtxjit.runtime.cache import open_cache
 from rtxjit.runtime.device import Device, detect
-from rtxjit.runtime.executor import Executable, torch_dtype
+from rtxjit.runtime.copy import contiguous
+from rtxjit.runtime.executor import Executable
 from rtxjit.runtime.frontdoor import optimized_graph
 from rtxjit.runtime.kernel_store import EngineBinaries, KernelStore
 from rtxjit.runtime.plan import PlanBuilder
 from rtxjit.runtime.profiles import resolve_profiles, select
+from rtxjit.runtime.tensors import dtype_of_torch, torch_dtype
 
 ONNX_TYPE_NAMES = {
     DType.FP32: "tensor(float)", DType.FP16: "tensor(float16)", DType.BF16: "tensor(bfloat16)",
@@ -326,7 +328,7 @@ class InferenceSession:
                 raise InputError(f"missing input '{name}' ({v.type})")
             x = feeds[name]
             if isinstance(x, torch.Tensor):
-                dt = _dtype_of_torch(x.dtype, name)
+                dt = dtype_of_torch(x.dtype, name)
             else:
                 x = np.asarray(x)
                 try:
@@ -349,8 +351,6 @@ class InferenceSession:
         if isinstance(x, torch.Tensor):
             t = x.to(self._tdev)
             if not t.is_contiguous():
-                from rtxjit.runtime.copy import contiguous
-
                 t = contiguous(t, self.device)
             return t.reshape(-1)
         x = np.ascontiguousarray(x)
@@ -437,12 +437,3 @@ def check_indices(name: str, x: np.ndarray, uses: list, feeds: dict) -> None:
             raise InputError(f"input '{name}': index {bad} is out of range [{-n}, {n - 1}] of axis {use.axis} "
                              f"of node '{use.node}' (Gather)")
 
-
-def _dtype_of_torch(dt: torch.dtype, name: str) -> DType:
-    for d in DType:
-        try:
-            if torch_dtype(d) == dt:
-                return d
-        except KeyError:
-            continue
-    raise InputError(f"input '{name}': dtype {dt} is not supported")

@@ -17,27 +17,10 @@ import threading
 import warnings
 from typing import Optional
 
-from rtxjit.runtime import binaries
-from rtxjit.runtime.cache import cache_key, target_of
-from rtxjit.runtime.executor import GENERIC, SPECIALIZED, Executable, Variant, bind_direct, specialized_source
-from rtxjit.runtime.plan import Buf
-
-
-def item_key(device, src_key: str, generic: bool, args: tuple, constexprs: dict) -> str:
-    """The binary key of one compilation: ``args`` with buffers as torch dtypes."""
-    from rtxjit.runtime.compiler import arg_classes
-
-    return cache_key(target=target_of(device),
-                     **binaries.binary_key(src_key, generic, arg_classes(args, generic), constexprs))
-
-
-def step_key(device, plan, step, kind: str, constexprs: dict) -> str:
-    """The binary key of ``step``'s ``kind`` kernel with ``constexprs``."""
-    from rtxjit.runtime.executor import torch_dtype
-
-    args = tuple(torch_dtype(plan.buffers[a.index].dtype) if isinstance(a, Buf) else a for a in step.args)
-    src = step.kernel if kind == GENERIC else specialized_source(step)
-    return item_key(device, src.key, kind == GENERIC, args, constexprs)
+from rtxjit.runtime.cache import cache_key, compiler_version, target_of
+from rtxjit.runtime.executor import Executable, Variant, bind_direct
+from rtxjit.runtime.kernel_keys import GENERIC, SPECIALIZED, specialized_source
+from rtxjit.runtime.kernel_keys import item_key, step_key  # noqa: F401 - binary keys, read here by aot and tests
 
 
 def binding_id(key: tuple) -> list:
@@ -147,8 +130,6 @@ def model_identity(model) -> Optional[dict]:
 
 
 def _graph_key(identity: dict, options: dict) -> str:
-    from rtxjit.runtime.cache import compiler_version
-
     return cache_key(target="any", kind="graph", model=identity, options=options, compiler=compiler_version())
 
 
