@@ -30,7 +30,7 @@ import rtxjit.ops.conv as conv_ops
 import rtxjit.ops.matmul as matmul_ops
 from rtxjit.codegen.templates.matmul import tile_config
 
-from rtxjit.runtime import autotune
+from rtxjit.plan import autotune
 
 FP16 = onnx.TensorProto.FLOAT16
 

@@ -23,7 +23,7 @@ the background specializer (``--specialize``) to serve its kernels.
 ``profile`` times every kernel launch of the plan alone (CUDA events on a GPU, wall time under the
 CPU interpreter) and prints, per launch, its node, kernel, which variant served it, time, share of
 the total, bytes and flops, and on a GPU the roofline floor and the percentage of it reached
-(``rtxjit.runtime.roofline`` says how each is counted). ``inspect`` prints the imported graph
+(``rtxjit.exec.roofline`` says how each is counted). ``inspect`` prints the imported graph
 (``--passes``: after the pass pipeline; an engine's metadata and optimized graph), or with
 ``--launches`` / ``--kernel`` the plan's launches and a kernel's generated Triton source for the
 given shapes (built without running it), so ``--kernel 3 > k.py`` gives a Python file.
@@ -123,7 +123,7 @@ def _input_shapes(sess, text: str, what: str) -> dict:
     """Concrete shape of every input: ``--shapes``, else symbols bound by the named inputs, else the
     first profile's opt shape. Unknown names, wrong ranks and wrong static dims name the input."""
     from rtxjit.errors import InputError
-    from rtxjit.runtime.profiles import parse_shapes
+    from rtxjit.plan.profiles import parse_shapes
 
     given = parse_shapes(text) if text else {}
     inputs = {i.name: i for i in sess.get_inputs()}
@@ -159,7 +159,7 @@ def _random_feeds(sess, shapes: dict, seed: int = 0) -> dict:
     indices and flags), bools random. Types without a numpy dtype (bf16, fp8) become torch tensors."""
     import torch
 
-    from rtxjit.runtime.executor import torch_dtype
+    from rtxjit.exec.executor import torch_dtype
 
     rng = np.random.default_rng(seed)
     feeds = {}
@@ -278,7 +278,7 @@ def _profile_arg(args):
     """``--shapes`` (a fixed shape per named input) or ``--min/opt/max-shapes`` as a Profile; None
     keeps the model's default profile. A missing min or max shape is the opt shape (as in trtexec)."""
     from rtxjit.errors import ShapeError
-    from rtxjit.runtime.profiles import Profile, parse_shapes
+    from rtxjit.plan.profiles import Profile, parse_shapes
 
     ranged = (args.min_shapes, args.opt_shapes, args.max_shapes)
     if args.shapes and any(ranged):
@@ -295,16 +295,16 @@ def _profile_arg(args):
 
 
 def _describe_profile(profile) -> str:
-    from rtxjit.runtime.profiles import describe_range
+    from rtxjit.plan.profiles import describe_range
 
     return "; ".join(f"{name} {describe_range(t)} opt {list(t[1])}" for name, t in sorted(profile.shapes.items()))
 
 
 def cmd_build(args) -> int:
     import rtxjit
+    from rtxjit.engine.engine import parse_targets
     from rtxjit.errors import EngineError
-    from rtxjit.runtime.engine import parse_targets
-    from rtxjit.runtime.frontdoor import import_graph
+    from rtxjit.frontdoor import import_graph
 
     sms = parse_targets(_targets(args.sm))
     profile = _profile_arg(args)
@@ -383,7 +383,7 @@ PROFILE_COLUMNS = ("#", "node", "kernel", "variant", "time us", "share", "bytes"
 
 
 def _profile_rows(plan, kinds: list, times: list, machine) -> list:
-    from rtxjit.runtime import roofline
+    from rtxjit.exec import roofline
 
     total = sum(times) or 1.0
     rows = []
@@ -426,7 +426,7 @@ def _profile_table(rows: list) -> list:
 
 
 def cmd_profile(args) -> int:
-    from rtxjit.runtime import roofline
+    from rtxjit.exec import roofline
 
     sess, what = _open(args)
     shapes = _input_shapes(sess, args.shapes, what)
@@ -446,7 +446,7 @@ def cmd_profile(args) -> int:
               f"{machine.peak_fp16 / 1e12:.1f} TFLOP/s fp16, {machine.peak_fp32 / 1e12:.1f} TFLOP/s fp32 "
               "(torch.matmul)")
         print("roofline: floor = max(bytes / bandwidth, flops / peak), bytes and flops counted from each launch's "
-              "buffers and sizes (rtxjit/runtime/roofline.py); % roofline = floor / time (100% = at the floor)")
+              "buffers and sizes (rtxjit/exec/roofline.py); % roofline = floor / time (100% = at the floor)")
     else:
         print("roofline: n/a on the CPU: the % roofline column needs a GPU (measured bandwidth and peak); "
               "times are the Triton interpreter's wall times")
@@ -468,8 +468,8 @@ def cmd_profile(args) -> int:
 # --- inspect ------------------------------------------------------------------------------------
 
 def _engine_metadata(path: str) -> list:
-    from rtxjit.runtime.engine import current_versions, read_metadata
-    from rtxjit.runtime.profiles import Profile
+    from rtxjit.engine.engine import current_versions, read_metadata
+    from rtxjit.plan.profiles import Profile
 
     meta = read_metadata(path)
     now = current_versions()
@@ -525,7 +525,7 @@ def _pick_steps(plan, which: str) -> list:
 
 
 def cmd_inspect(args) -> int:
-    from rtxjit.runtime.frontdoor import optimized_graph
+    from rtxjit.frontdoor import optimized_graph
 
     if args.kernel is None and not args.launches:
         if args.load_engine:
@@ -549,7 +549,7 @@ def cmd_inspect(args) -> int:
             print(f"{i:4d}  {s.node:<{wn}}  {kernel:<{wk}}  grid {list(s.grid)}")
         if args.kernel is None:
             return 0
-    from rtxjit.runtime.executor import specialized_source
+    from rtxjit.exec.executor import specialized_source
 
     shown = {}
     for i in _pick_steps(plan, args.kernel):

@@ -53,7 +53,7 @@ def autotune_enabled() -> bool:
 
 def runtime_cache_dir() -> str | None:
     """RTXJIT_RUNTIME_CACHE=DIR gives sessions created without ``runtime_cache=`` that runtime cache
-    directory (autotune decisions, the histogram of input shapes; runtime/cache.py)."""
+    directory (autotune decisions, the histogram of input shapes; cache/store.py)."""
     value = os.environ.get("RTXJIT_RUNTIME_CACHE", "").strip()
     return value or None
 

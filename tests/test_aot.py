@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 import rtxjit
+from rtxjit.exec.device import Device
+from rtxjit.exec.executor import GENERIC, SPECIALIZED
 from rtxjit.ir.types import TensorType
+from rtxjit.jit import warm
 from rtxjit.models import DEMO_MODELS, demo_inputs
-from rtxjit.runtime import warm
-from rtxjit.runtime.device import Device
-from rtxjit.runtime.executor import GENERIC, SPECIALIZED
-from rtxjit.runtime.plan import PlanBuilder
+from rtxjit.plan.plan import PlanBuilder
 
 PROFILE = {"hidden": [(1, 8, 64), (2, 16, 64), (2, 16, 64)], "mask": [(1, 8), (2, 16), (2, 16)]}
 
@@ -33,7 +33,7 @@ def test_an_engine_built_without_a_gpu_holds_sm90_binaries_for_its_profile(engin
         assert entry["meta"]["metadata"]["target"] == {"backend": "cuda", "arch": 90, "warp_size": 32}
         assert entry["data"][:4] == b"\x7fELF"  # a cubin
     # every kernel a GPU session would launch at the opt shapes is there, under the key it looks up
-    from rtxjit.runtime.aot import SM_COUNTS
+    from rtxjit.engine.aot import SM_COUNTS
 
     device = Device("cuda", "sm_90", 90, SM_COUNTS[90])
     graph = engine.graph

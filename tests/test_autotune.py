@@ -12,7 +12,7 @@ import rtxjit
 from rtxjit.codegen.templates.matmul import TUNE_CANDIDATES, sm_family, tile_configs
 from rtxjit.ir.registry import get_op
 from rtxjit.ir.types import DType
-from rtxjit.runtime import autotune
+from rtxjit.plan import autotune
 
 
 def test_tile_configs_fit_the_problem_and_rank_large_tiles_first_for_large_problems():

@@ -14,8 +14,8 @@ import torch
 
 import rtxjit
 from rtxjit.cli import Progress, _profile_table
+from rtxjit.exec import roofline
 from rtxjit.models import bert_encoder, demo_inputs, resnet_cnn
-from rtxjit.runtime import roofline
 
 
 def _rtxjit(*args, timeout=300):

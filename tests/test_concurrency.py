@@ -24,8 +24,8 @@ import torch
 
 import rtxjit
 from rtxjit import models
-from rtxjit.runtime import jit
-from rtxjit.runtime.cache import RuntimeCache
+from rtxjit.cache.store import RuntimeCache
+from rtxjit.jit import specializer as jit
 
 TIMEOUT_S = 120  # any wait longer than this is a deadlock
 SHAPES = [(1, 4), (2, 4), (1, 6), (2, 6), (3, 5)]  # (batch, seq): five bindings of the encoder
@@ -146,7 +146,7 @@ WRITER = textwrap.dedent("""
     import hashlib, os, sys
     import rtxjit
     from rtxjit import models
-    from rtxjit.runtime.cache import RuntimeCache
+    from rtxjit.cache.store import RuntimeCache
     path, seed = sys.argv[1], int(sys.argv[2])
     cache = RuntimeCache(path)
     model = models.bert_encoder(hidden=8, heads=2, ffn=16)
@@ -281,7 +281,7 @@ EXITING = textwrap.dedent("""
     import sys
     import rtxjit
     from rtxjit import models
-    from rtxjit.runtime import jit
+    from rtxjit.jit import specializer as jit
     jit.COMPILE_DELAY_S = 0.5  # jobs still queued and running when the interpreter exits
     model = models.bert_encoder(hidden=8, heads=2, ffn=16)
     sess = rtxjit.InferenceSession(model, device="cpu", specialize="lazy")
@@ -305,7 +305,7 @@ def test_interpreter_exit_with_queued_work_is_clean_and_prompt():
 
 UNGUARDED = textwrap.dedent("""
     # a user's script without an `if __name__ == "__main__":` guard
-    from rtxjit.runtime import compiler
+    from rtxjit.exec import compiler
     print("top level ran", flush=True)
     pool = compiler._Workers(2, {})
     futures = [pool.submit("k", "not python (", True, [], [1], {}) for _ in range(3)]
@@ -328,7 +328,7 @@ def test_compile_workers_do_not_run_the_users_main_module_again(tmp_path):
 
 
 def test_a_compile_worker_that_dies_fails_its_task_naming_it_and_is_restarted(monkeypatch):
-    from rtxjit.runtime import compiler
+    from rtxjit.exec import compiler
 
     pool = compiler._Workers(1, {})
     try:

@@ -20,10 +20,10 @@ import pytest
 import torch
 
 import rtxjit  # noqa: F401  (before diffusers: it imports triton, and the CPU needs its interpreter)
+from rtxjit.exec import roofline
 from rtxjit.onnx.importer import import_model
 from rtxjit.passes import PIPELINE, optimize
-from rtxjit.runtime import roofline
-from rtxjit.runtime.session import InferenceSession
+from rtxjit.session import InferenceSession
 from tests.oprunner import rel_error
 from tests.passes.helpers import apply, model, node, ops, random
 

@@ -1,4 +1,4 @@
-"""Engines (rtxjit/runtime/engine.py): build, save, load and refit; integrity and compatibility
+"""Engines (rtxjit/engine/engine.py): build, save, load and refit; integrity and compatibility
 checks; precision legality per SM target; weight-stripped engines."""
 
 import hashlib
@@ -14,12 +14,12 @@ from onnx import TensorProto
 
 import rtxjit
 from rtxjit import Engine, EngineError, InferenceSession, Refitter, UnsupportedOpError
+from rtxjit.engine.engine import parse_targets, read_metadata
 from rtxjit.ir.graph import Graph, Node, Value
 from rtxjit.ir.types import DType, TensorType
 from rtxjit.models import bert_encoder, demo_inputs, resnet_cnn
 from rtxjit.onnx.importer import import_model
 from rtxjit.passes import optimize
-from rtxjit.runtime.engine import parse_targets, read_metadata
 from tests.passes.helpers import model, node
 
 CNN = resnet_cnn(size=8, width=8)

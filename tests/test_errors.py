@@ -118,8 +118,8 @@ import rtxjit.errors as errors  # noqa: E402
 PACKAGE = Path(rtxjit.__file__).parent
 # (file, builtin exception): raised as a signal that its callers catch and turn into a named error
 SIGNALS = {("ir/types.py", "KeyError"),       # DType lookups: the importer names the attribute
-           ("runtime/cache.py", "OSError"),   # a short read of a blob: the entry is a miss, rebuilt
-           ("runtime/compiler.py", "TypeError")}  # json's default hook: "not JSON"
+           ("cache/store.py", "OSError"),   # a short read of a blob: the entry is a miss, rebuilt
+           ("exec/compiler.py", "TypeError")}  # json's default hook: "not JSON"
 
 
 def _raised_builtins(root: Path = PACKAGE):
@@ -152,15 +152,15 @@ def test_every_error_class_is_an_rtxjit_error_and_a_familiar_builtin():
         assert issubclass(c, errors.RtxjitError), c
         if c is not errors.RtxjitError:  # callers catching ValueError / RuntimeError keep working
             assert any(issubclass(c, b) for b in (ValueError, RuntimeError, TypeError)), c
+    from rtxjit.cache.store import CacheEntryError
     from rtxjit.passes.base import PassError
-    from rtxjit.runtime.cache import CacheEntryError
     assert issubclass(PassError, errors.RtxjitError) and issubclass(CacheEntryError, errors.CacheError)
 
 
 def test_api_misuse_is_a_usage_error_naming_the_argument(tmp_path):
     with pytest.raises(errors.UsageError, match="runtime_cache"):
         rtxjit.InferenceSession(_model(), runtime_cache=3.5)
-    from rtxjit.runtime.cache import RuntimeCache
+    from rtxjit.cache.store import RuntimeCache
     cache = RuntimeCache(tmp_path)
     with pytest.raises(errors.CacheError, match="key"):
         cache.get("not a valid key!")

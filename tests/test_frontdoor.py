@@ -1,4 +1,4 @@
-"""The one way from a model to its optimized graph (rtxjit/runtime/frontdoor.py), the one
+"""The one way from a model to its optimized graph (rtxjit/frontdoor.py), the one
 precision-legality check (rtxjit/passes/precision_legality.py, inside fused programs too), and
 ``InferenceSession.plan`` (a binding's plan without a run)."""
 
@@ -9,12 +9,12 @@ from onnx import TensorProto
 
 import rtxjit
 from rtxjit import InferenceSession, InputError, UnsupportedOpError
+from rtxjit import session as session_module
+from rtxjit.exec.device import Device
+from rtxjit.frontdoor import import_graph, optimized_graph
 from rtxjit.ir.rewrite import copy_graph
 from rtxjit.models import bert_encoder, demo_inputs
 from rtxjit.passes.precision_legality import check_precision
-from rtxjit.runtime import session as session_module
-from rtxjit.runtime.device import Device
-from rtxjit.runtime.frontdoor import import_graph, optimized_graph
 from tests.passes.helpers import model, node
 
 ENCODER = bert_encoder(hidden=16, heads=2, ffn=32)
@@ -47,7 +47,7 @@ def test_sessions_engines_and_the_front_door_give_one_graph(tmp_path):
 def test_the_runtime_caches_record_serves_the_next_call(tmp_path, monkeypatch):
     path = tmp_path / "encoder.onnx"
     onnx.save(ENCODER, str(path))
-    cache = rtxjit.runtime.cache.open_cache(tmp_path / "cache")
+    cache = rtxjit.cache.store.open_cache(tmp_path / "cache")
     first = optimized_graph(str(path), cache=cache)
     for thread in __import__("threading").enumerate():  # the record is written on a thread of its own
         if thread.name == "rtxjit-cache-writer":

@@ -104,7 +104,7 @@ def test_attribute_without_a_value_is_a_model_error_naming_it():
 
 
 def test_cache_metadata_with_a_changed_value_is_a_warned_miss(tmp_path):
-    from rtxjit.runtime.cache import RuntimeCache
+    from rtxjit.cache.store import RuntimeCache
 
     cache = RuntimeCache(tmp_path)
     cache.put("k", {"tile": 32}, {"b": b"abc"})

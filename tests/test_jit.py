@@ -13,9 +13,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import rtxjit
+from rtxjit.cache.keys import model_key
+from rtxjit.cache.store import RuntimeCache
 from rtxjit.codegen.source import KernelSource, specialize
-from rtxjit.runtime import executor, jit
-from rtxjit.runtime.cache import RuntimeCache, model_key
+from rtxjit.exec import executor
+from rtxjit.jit import specializer as jit
 
 RNG = np.random.default_rng(5)
 
@@ -256,8 +258,8 @@ def _binary_entries(cache: RuntimeCache) -> dict:
 
 
 def test_kernel_store_keeps_each_kernel_once_in_its_own_cache(tmp_path, monkeypatch):
-    from rtxjit.runtime import binaries
-    from rtxjit.runtime.kernel_store import KernelStore
+    from rtxjit.kernels import binaries
+    from rtxjit.kernels.store import KernelStore
 
     loaded = []
     monkeypatch.setattr(binaries, "load", lambda meta, cubin: loaded.append(meta["name"]) or ("loaded", cubin))
@@ -275,8 +277,8 @@ def test_kernel_store_keeps_each_kernel_once_in_its_own_cache(tmp_path, monkeypa
 
 
 def test_kernel_store_rewrites_a_damaged_entry(tmp_path, monkeypatch):
-    from rtxjit.runtime import binaries
-    from rtxjit.runtime.kernel_store import KernelStore
+    from rtxjit.kernels import binaries
+    from rtxjit.kernels.store import KernelStore
 
     monkeypatch.setattr(binaries, "load", lambda meta, cubin: ("loaded", cubin))
     cache = RuntimeCache(tmp_path / "c")
@@ -295,7 +297,7 @@ def test_two_sessions_write_their_kernels_only_into_their_own_runtime_caches(tmp
     and hands it to its executables; what the compiler keeps for one lands in that one's cache."""
     import triton
 
-    from rtxjit.runtime import compiler
+    from rtxjit.exec import compiler
 
     manager = triton.knobs.cache.manager_class
     first = rtxjit.InferenceSession(_mlp(), device="cpu", runtime_cache=tmp_path / "a")
@@ -367,9 +369,9 @@ def test_gpu_two_sessions_with_different_runtime_caches_each_keep_only_their_own
 
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")
+    from rtxjit.exec.executor import GENERIC
+    from rtxjit.jit import warm as warm_start
     from rtxjit.models import bert_encoder, demo_inputs, resnet_cnn
-    from rtxjit.runtime import warm as warm_start
-    from rtxjit.runtime.executor import GENERIC
 
     encoder, cnn = bert_encoder(), resnet_cnn()
     a = rtxjit.InferenceSession(encoder, device="cuda", specialize="eager", runtime_cache=tmp_path / "a")
@@ -477,7 +479,7 @@ def test_a_binary_entry_keeps_the_parameter_order_through_the_runtime_cache(tmp_
     must survive the cache's JSON (which sorts object keys)."""
     from types import SimpleNamespace
 
-    from rtxjit.runtime import binaries
+    from rtxjit.kernels import binaries
 
     class Meta(SimpleNamespace):
         def _asdict(self):

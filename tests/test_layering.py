@@ -79,7 +79,7 @@ def test_no_module_assigns_into_another_modules_attributes():
 def test_the_scan_sees_an_assignment_into_a_module(tmp_path):
     bad = tmp_path / "rtxjit"
     bad.mkdir()
-    (bad / "bad.py").write_text("from rtxjit.runtime import executor\nimport torch\n\n"
+    (bad / "bad.py").write_text("from rtxjit.exec import executor\nimport torch\n\n"
                                 "def f():\n    executor.hold = None\n    setattr(torch.backends, 'x', 1)\n")
     assert assignments_into_modules(bad) == ["rtxjit/bad.py:5: executor.hold",
                                           "rtxjit/bad.py:6: setattr(torch.backends, 'x', 1)"]

@@ -4,7 +4,7 @@ import numpy as np
 
 import rtxjit
 from rtxjit.models import demo_inputs, resnet_cnn
-from rtxjit.runtime.memory import lifetimes, plan_arena
+from rtxjit.plan.memory import lifetimes, plan_arena
 
 
 def _executable(sess):

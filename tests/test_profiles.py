@@ -8,7 +8,7 @@ import rtxjit
 from rtxjit.errors import InputError, ShapeError
 from rtxjit.models import bert_encoder, demo_inputs, resnet_cnn
 from rtxjit.onnx.importer import import_model
-from rtxjit.runtime.profiles import (DEFAULT_MAX_DIM, DEFAULT_MIN_DIM, DEFAULT_OPT_DIM, Profile, default_profile,
+from rtxjit.plan.profiles import (DEFAULT_MAX_DIM, DEFAULT_MIN_DIM, DEFAULT_OPT_DIM, Profile, default_profile,
                                      parse_shapes, resolve_profiles, select)
 
 IMAGE = {"image": ((1, 3, 16, 16), (2, 3, 16, 16), (4, 3, 16, 16))}

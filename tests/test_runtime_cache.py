@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 
 import rtxjit
+from rtxjit.cache import store as cache_mod
+from rtxjit.cache.keys import cache_key, canonical_json, explain_key
+from rtxjit.cache.store import RuntimeCache
 from rtxjit.models import demo_inputs, resnet_cnn
-from rtxjit.runtime import autotune, cache as cache_mod
-from rtxjit.runtime.cache import RuntimeCache, cache_key, canonical_json, explain_key
+from rtxjit.plan import autotune
 
 BLOBS = {"cubin": bytes(range(256)) * 8, "asm": b"// ptx\n"}
 

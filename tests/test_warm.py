@@ -12,8 +12,8 @@ import onnx
 import pytest
 
 import rtxjit
+from rtxjit.jit import warm
 from rtxjit.models import bert_encoder, demo_inputs
-from rtxjit.runtime import warm
 
 
 def _written(tmp_path, seed: int = 0) -> tuple:

@@ -587,7 +587,7 @@ def check_engine(folder: Path, seed: int) -> tuple:
 
 def check_cache(folder: Path, seed: int) -> tuple:
     """(Outcome, description) of ``get`` on a cache entry with one damaged file."""
-    from rtxjit.runtime.cache import RuntimeCache
+    from rtxjit.cache.store import RuntimeCache
 
     rnd = random.Random(seed)
     root = Path(folder) / f"cache_{seed}"

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 import rtxjit
+from rtxjit.exec.executor import launch_all, launch_direct
 from rtxjit.models import bert_encoder, demo_inputs
-from rtxjit.runtime.executor import launch_all, launch_direct
 
 
 def main() -> None:

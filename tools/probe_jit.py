@@ -1,4 +1,4 @@
-"""GPU probe behind runtime/compiler.py's design: cold/warm first-result time of bert-base fp16, and whether Triton compiles
+"""GPU probe behind exec/compiler.py's design: cold/warm first-result time of bert-base fp16, and whether Triton compiles
 in threads overlap (GIL) and disturb a hot loop."""
 import json, os, subprocess, sys, tempfile, time
 from pathlib import Path
@@ -23,7 +23,7 @@ import os, sys, time, json, threading
 t0 = time.perf_counter()
 import torch, triton
 import rtxjit
-from rtxjit.runtime.executor import Executable
+from rtxjit.exec.executor import Executable
 t_import = time.perf_counter() - t0
 counts = {"miss": 0, "hit": 0}
 def listener(**kw):
@@ -38,8 +38,8 @@ t_session = time.perf_counter() - t1
 res = {"mode": mode, "import_s": t_import, "session_s": t_session, "pass_s": sum(p.seconds for p in sess.pass_timings)}
 if mode == "threads":
     from concurrent.futures import ThreadPoolExecutor
-    from rtxjit.runtime.plan import PlanBuilder
     from rtxjit.codegen.source import load_kernel
+    from rtxjit.plan.plan import PlanBuilder
     tensors, types, host = sess._bind({"input_ids": ids, "attention_mask": mask})
     plan = PlanBuilder(sess.graph, sess.device, frozenset(sess._const_tensors)).build(types, host)
     exe = Executable(plan, sess.device, sess._const_tensors, plan_consts=sess._plan_consts)

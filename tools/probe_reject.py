@@ -9,9 +9,9 @@ import warnings
 import numpy as np
 
 import rtxjit
+from rtxjit.exec.executor import GENERIC, SPECIALIZED
+from rtxjit.jit import specializer as jit
 from rtxjit.models import bert_encoder, demo_inputs
-from rtxjit.runtime import jit
-from rtxjit.runtime.executor import GENERIC, SPECIALIZED
 
 
 def main() -> None:
@@ -25,7 +25,7 @@ def main() -> None:
         import torch
 
         tensors = {k: torch.from_numpy(v).cuda().reshape(-1) for k, v in feeds.items()}
-        from rtxjit.runtime import compiler
+        from rtxjit.exec import compiler
 
         compiler.prepare_specialized(exe, background=False, tuned=True)
         n = len(exe.plan.steps)

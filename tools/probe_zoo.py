@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import rtxjit  # noqa: E402,F401  (before transformers)
 import torch  # noqa: E402
 
-from rtxjit.runtime import roofline  # noqa: E402
+from rtxjit.exec import roofline  # noqa: E402
 from tests.zoo import archs  # noqa: E402
 
 

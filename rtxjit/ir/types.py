@@ -2,7 +2,7 @@
 
 A dimension is an ``int`` or a symbol: a ``str`` naming it (``"batch"``) or an expression built from
 other dims (``"(H+2)//2"``). Symbols are compared by name; the IR never evaluates them. Concrete
-shapes replace symbols at run time (see ``rtxjit.runtime.plan``).
+shapes replace symbols at run time (see ``rtxjit.plan.plan``).
 """
 
 from __future__ import annotations

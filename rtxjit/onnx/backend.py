@@ -19,7 +19,7 @@ from onnx import helper
 
 from rtxjit import config
 from rtxjit.errors import InputError, UsageError
-from rtxjit.runtime.session import InferenceSession
+from rtxjit.session import InferenceSession
 
 DEVICES = {"CPU": "cpu", "CUDA": "cuda"}
 

@@ -7,7 +7,7 @@ Every value that a node reads or produces counts, and so does every step of a fu
 (``rtxjit.Pointwise``, ``rtxjit.Epilogue``): a Cast to fp8 and back fused into one fp32 -> fp32
 kernel still computes fp8. The error names the node, its op, the dtype, the value (or the fused
 step) and the SM, as a build error would in TensorRT. This is the one check: sessions, engine builds
-(every target) and engine loads (the device's SM) all run it (``runtime/frontdoor.py``).
+(every target) and engine loads (the device's SM) all run it (``rtxjit/frontdoor.py``).
 """
 
 from __future__ import annotations

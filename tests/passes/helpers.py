@@ -12,7 +12,7 @@ from rtxjit.ir.rewrite import copy_graph
 from rtxjit.ir.types import DType
 from rtxjit.ir.verify import verify
 from rtxjit.onnx.importer import import_model
-from rtxjit.runtime.session import InferenceSession
+from rtxjit.session import InferenceSession
 from tests.oprunner import rel_error, run_onnxruntime
 
 TOL = {np.float32: 1e-4, np.float16: 1e-2}

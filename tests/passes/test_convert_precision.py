@@ -5,7 +5,9 @@ import torch
 from onnx import TensorProto, helper
 
 from rtxjit import InferenceSession
+from rtxjit import session as session_module
 from rtxjit.errors import RtxjitError, UnsupportedOpError
+from rtxjit.exec.device import Device
 from rtxjit.ir.rewrite import copy_graph
 from rtxjit.ir.types import DType
 from rtxjit.ir.verify import verify
@@ -14,8 +16,6 @@ from rtxjit.onnx.importer import import_model
 from rtxjit.passes import optimize
 from rtxjit.passes.convert_precision import convert_precision
 from rtxjit.passes.precision_legality import check_precision
-from rtxjit.runtime import session as session_module
-from rtxjit.runtime.device import Device
 from tests.oprunner import rel_error
 from tests.passes.helpers import apply, model, node, random
 

@@ -12,7 +12,7 @@ from rtxjit.ir.types import DType, TensorType
 from rtxjit.models import bert_encoder, demo_inputs
 from rtxjit.onnx.importer import import_model
 from rtxjit.passes.fuse_attention import fuse_attention
-from rtxjit.runtime.session import InferenceSession
+from rtxjit.session import InferenceSession
 from tests.oprunner import rel_error, run_onnxruntime
 from tests.passes.helpers import TOL, apply, model, node, ops, random
 

@@ -11,7 +11,7 @@ launch, so the launch that follows finds the binary), and its launcher is built 
   Compiling in threads of this process would hold the GIL for up to ~100 ms at a time (measured on
   an H100 with triton 3.6), stalling the serving thread.
 
-Every kernel compiled for a session is kept in that session's ``KernelStore`` (runtime/kernel_store.py,
+Every kernel compiled for a session is kept in that session's ``KernelStore`` (kernels/store.py,
 passed in as ``Executable.kernels``): one binary entry per kernel in its runtime cache, written by
 this process only. Workers serve every session of the process and write no runtime cache.
 
@@ -38,9 +38,11 @@ import torch
 
 from rtxjit.codegen.source import is_loaded, load_kernel
 from rtxjit.errors import KernelError
-from rtxjit.runtime import autotune, binaries, executor
-from rtxjit.runtime.executor import Executable
-from rtxjit.runtime.kernel_keys import GENERIC, SPECIALIZED, arg_classes, item_key, step_args
+from rtxjit.exec import executor
+from rtxjit.exec.executor import Executable
+from rtxjit.kernels import binaries
+from rtxjit.kernels.keys import GENERIC, SPECIALIZED, arg_classes, item_key, step_args
+from rtxjit.plan import autotune
 
 THREADS = min(16, os.cpu_count() or 1)
 
@@ -299,7 +301,7 @@ def _keep_entry(exe: Executable, item, entry) -> None:
 
 def portable(args: tuple) -> list:
     """Kernel arguments for a worker process, as JSON: torch dtypes by name (``from_portable``
-    reverses it; also the ahead-of-time workers' format, runtime/aot.py)."""
+    reverses it; also the ahead-of-time workers' format, engine/aot.py)."""
     return [["dtype", str(a).replace("torch.", "")] if isinstance(a, torch.dtype) else a for a in args]
 
 
@@ -323,7 +325,7 @@ def _worker_warm(name: str, text: str, generic: bool, args: tuple, grid: tuple, 
 
 
 class _Workers:
-    """Compile worker processes, each ``python -c "from rtxjit.runtime.compiler import serve;
+    """Compile worker processes, each ``python -c "from rtxjit.exec.compiler import serve;
     serve()"`` fed one JSON line per kernel (its generated text) and answering one line. Not
     ``multiprocessing``: a spawned child re-imports the user's ``__main__``, which runs a script
     without an ``if __name__ == "__main__"`` guard a second time. A worker that dies fails its task
@@ -347,7 +349,7 @@ class _Workers:
         proc = self.procs[i]
         if proc is None or proc.poll() is not None:
             log = tempfile.TemporaryFile()
-            proc = subprocess.Popen([sys.executable, "-c", "from rtxjit.runtime.compiler import serve; serve()"],
+            proc = subprocess.Popen([sys.executable, "-c", "from rtxjit.exec.compiler import serve; serve()"],
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=self.env)
             proc.log = log
             self.procs[i] = proc

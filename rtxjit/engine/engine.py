@@ -96,10 +96,10 @@ from rtxjit.ir.host import host_read_values
 from rtxjit.ir.rewrite import copy_graph
 from rtxjit.ir.serialize import (dtype_name, from_document, is_missing, missing_constants, numpy_dtype,
                                  placeholder, shape_fits, to_document)
+from rtxjit.cache.keys import canonical_json, codegen_version, triton_version
+from rtxjit.frontdoor import optimized_graph
 from rtxjit.passes.precision_legality import check_precision
-from rtxjit.runtime.cache import canonical_json, codegen_version, triton_version
-from rtxjit.runtime.frontdoor import optimized_graph
-from rtxjit.runtime.profiles import Profile, resolve_profiles
+from rtxjit.plan.profiles import Profile, resolve_profiles
 
 FORMAT = "rtxjit-engine"
 FORMAT_VERSION = 1
@@ -147,7 +147,7 @@ def parse_targets(targets) -> tuple:
 
 
 def _current_sm() -> int:
-    from rtxjit.runtime.device import detect
+    from rtxjit.exec.device import detect
 
     device = detect(None)
     if device.sm is None:
@@ -394,7 +394,7 @@ def build(model, targets=("current",), profiles=None, precision: Optional[str] =
     precision legality on every SM of ``targets`` (an UnsupportedOpError naming the op and the
     target), with ``profiles`` resolved against its inputs. ``strip_weights`` keeps no weight
     data (the engine lists the weights; refit with ``Refitter``). No GPU is needed unless a target
-    is "current". ``kernels`` also compiles the engine's kernels for every target (runtime/aot.py;
+    is "current". ``kernels`` also compiles the engine's kernels for every target (engine/aot.py;
     no GPU needed), calling ``progress(done, total, what)`` after each."""
     sms = parse_targets(targets)
     graph = _optimized(model, precision, optimize, sms)
@@ -402,7 +402,7 @@ def build(model, targets=("current",), profiles=None, precision: Optional[str] =
     short = passes.precision_dtype(precision).short if precision is not None else None
     engine = Engine(graph, resolved, sms, short, bool(optimize))
     if kernels:  # before stripping: a lowering may read weights (a pre-transposed conv weight)
-        from rtxjit.runtime import aot
+        from rtxjit.engine import aot
 
         engine.build_report = aot.compile_kernels(engine, progress=progress)
     if strip_weights:
@@ -419,7 +419,7 @@ def _optimized(model, precision, optimize: bool, targets: tuple = ()) -> Graph:
 
 
 def _device_sm(device) -> Optional[int]:
-    from rtxjit.runtime.device import Device, detect
+    from rtxjit.exec.device import Device, detect
 
     if device is None:
         try:
@@ -564,7 +564,7 @@ def _write_zip(path: Path, members: list) -> None:
     """Members into a zip next to ``path`` under a temp name, synced, then renamed over ``path``."""
     if not path.parent.is_dir():
         raise EngineError(f"cannot save engine to '{path}': folder '{path.parent}' does not exist")
-    from rtxjit.runtime.cache import replacing
+    from rtxjit.cache.store import replacing
 
     with replacing(path) as tmp, open(tmp, "wb") as f:
         with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:

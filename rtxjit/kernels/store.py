@@ -2,12 +2,12 @@
 
 Each ``InferenceSession`` builds one ``KernelStore`` (the session is the composition root) and
 hands it to what needs it: its executables (launchers of stored kernels), the compiler (kernels it
-compiles are written here) and the warm start (runtime/warm.py). Nothing about it is process-wide:
+compiles are written here) and the warm start (jit/warm.py). Nothing about it is process-wide:
 two sessions of one process with different runtime caches each write only their own kernels there
 (issue 16: the process-wide store of old belonged to the session created last).
 
 One copy of each binary. A compiled kernel is kept in the runtime cache once, as a binary entry
-(runtime/binaries.py: Triton's metadata, the launcher's description and the cubin) under its
+(kernels/binaries.py: Triton's metadata, the launcher's description and the cubin) under its
 binary key (``kernel_keys.item_key``: source hash, specialization, tile configuration, target, Triton and
 codegen versions). Triton's own cache manager is left as it is: Triton keeps its compile stages and
 launcher modules (host code built from C) in its own folder, never in rtxjit's runtime cache.
@@ -23,7 +23,7 @@ from __future__ import annotations
 import threading
 import warnings
 import weakref
-from rtxjit.runtime import binaries
+from rtxjit.kernels import binaries
 
 
 _UNSEEN = object()
@@ -122,7 +122,7 @@ class KernelStore:
 
 
 class EngineBinaries:
-    """An engine's compiled kernels (runtime/aot.py) as a source of binaries. It holds the engine
+    """An engine's compiled kernels (engine/aot.py) as a source of binaries. It holds the engine
     weakly: a dropped engine (and its weights) is not kept alive by a store; its kernels already
     loaded stay usable (``KernelStore.find`` remembers them)."""
 

@@ -1,7 +1,7 @@
 """Runs a plan: binds buffers and launches its precomputed list of kernels.
 
 An ``Executable`` is one binding of input shapes made ready to launch. It holds one or two
-*variants* of its launch list (see runtime/jit.py): the shape-generic fallback, ready at once, and
+*variants* of its launch list (see jit/specializer.py): the shape-generic fallback, ready at once, and
 later the specialized one, which the background specializer builds, checks and installs with one
 reference assignment. The hot path reads ``active`` once per run.
 """
@@ -20,12 +20,12 @@ import torch
 
 from rtxjit.codegen.source import load_kernel, parameters
 from rtxjit.errors import KernelError
-from rtxjit.runtime import kernel_keys
+from rtxjit.kernels import keys as kernel_keys
 # the kinds, the specialized source and the dtype table, here too for the executor's readers
-from rtxjit.runtime.kernel_keys import GENERIC, SPECIALIZED, shape_params, specialized_source  # noqa: F401
-from rtxjit.runtime.memory import plan_arena
-from rtxjit.runtime.plan import Buf, Launch, Plan
-from rtxjit.runtime.tensors import TORCH_DTYPES, torch_dtype  # noqa: F401
+from rtxjit.kernels.keys import GENERIC, SPECIALIZED, shape_params, specialized_source  # noqa: F401
+from rtxjit.kernels.tensors import TORCH_DTYPES, torch_dtype  # noqa: F401
+from rtxjit.plan.memory import plan_arena
+from rtxjit.plan.plan import Buf, Launch, Plan
 
 PACE_LAUNCHES = 8  # a paced run (background work) lets the GPU drain after this many launches
 CAPTURE_PART = 32  # launches captured per run while an older variant's graphs still serve
@@ -75,8 +75,8 @@ class Executable:
                  plan_consts: dict = None, kernels=None, hooks: Optional["RunHooks"] = None):
         self.plan = plan
         self.device = device
-        self.kernels = kernels  # the session's KernelStore (runtime/kernel_store.py), if any
-        self.hooks = NO_HOOKS if hooks is None else hooks  # the session passes the JIT's (runtime/jit.py)
+        self.kernels = kernels  # the session's KernelStore (kernels/store.py), if any
+        self.hooks = NO_HOOKS if hooks is None else hooks  # the session passes the JIT's (jit/specializer.py)
         self.tdev = torch.device(device.torch_device)
         self.lock = threading.Lock()
         out_bufs = {v.buf for v in plan.outputs.values()}
@@ -98,7 +98,7 @@ class Executable:
         self.served = self.active  # the variant of the last run
         self.key = None  # the session's key of this binding (set by the session)
         self.model_key = None  # the model's key in the runtime cache where its checked variant is recorded
-        self.recorded = False  # serving a variant recorded by an earlier process (runtime/warm.py)
+        self.recorded = False  # serving a variant recorded by an earlier process (jit/warm.py)
         self.tune = True  # whether specialization times tile configurations (not for AOT engines)
 
     def _plan_constant(self, spec, shared: dict) -> torch.Tensor:
@@ -268,7 +268,7 @@ class Executable:
 
 class RunHooks:
     """What an executable's runs tell the rest of the process; the session passes the JIT's
-    (runtime/jit.py), so the background specializer makes way for the serving thread. These do
+    (jit/specializer.py), so the background specializer makes way for the serving thread. These do
     nothing. ``hold()`` marks slow work of a serving thread (a CUDA-graph capture); ``watch``,
     while not None, is called after every run."""
 
@@ -283,7 +283,7 @@ NO_HOOKS = RunHooks()
 
 class _Launcher:
     """A step's Triton launcher, made at its first call: a variant served by direct launches of
-    loaded binaries (runtime/warm.py) never creates its JIT functions."""
+    loaded binaries (jit/warm.py) never creates its JIT functions."""
 
     __slots__ = ("exe", "step", "kind", "grid", "fn")
 

@@ -8,10 +8,10 @@ shape compiles nothing. The first run of a binding enqueues it here (mode ``"laz
 The specializer's thread then, off the hot path:
 1. compiles the binding's *specialized* kernels: the same source with its shape arguments made
    ``tl.constexpr`` (``kernel_keys.specialized_source``), every tile configuration the plan offers; on
-   a GPU in worker processes (runtime/compiler.py), so the serving thread never waits on the GIL;
+   a GPU in worker processes (exec/compiler.py), so the serving thread never waits on the GIL;
 2. on a side stream, over its own arena and a snapshot of the binding's first live inputs: runs the
    generic variant (the reference), times the tile configurations of tuned launches and keeps the
-   fastest (runtime/autotune.py), runs the specialized variant and compares every output within
+   fastest (plan/autotune.py), runs the specialized variant and compares every output within
    the dtype's tolerance. A mismatch is traced to the launches that cause it (each specialized
    alone among generic ones); those are discarded with a warning and never served;
 3. installs it with one reference assignment (``Executable.install``): a run in progress finishes
@@ -45,9 +45,11 @@ import numpy as np
 import torch
 
 from rtxjit.errors import RtxjitError
-from rtxjit.runtime import autotune, compiler, executor, warm
-from rtxjit.runtime.executor import GENERIC, SPECIALIZED, Executable, bind_direct, launch_direct
-from rtxjit.runtime.tensors import TORCH_DTYPES
+from rtxjit.exec import compiler, executor
+from rtxjit.exec.executor import GENERIC, SPECIALIZED, Executable, bind_direct, launch_direct
+from rtxjit.jit import warm
+from rtxjit.kernels.tensors import TORCH_DTYPES
+from rtxjit.plan import autotune
 
 MODES = ("lazy", "eager", "none")
 QUEUE_LIMIT = 256  # pending bindings; more are dropped (counted) and keep their generic kernels
@@ -375,7 +377,7 @@ def _specialized_pass(exe: Executable, feeds: dict, stats: Stats, background: bo
 
 def _record(exe: Executable, variant, binaries_only: bool = False) -> None:
     """Keep the installed variant (or only its kernels) in the session's runtime cache for the
-    next process (runtime/warm.py), through its kernel store."""
+    next process (jit/warm.py), through its kernel store."""
     kernels = exe.kernels
     if kernels is None or kernels.cache is None or variant.direct is None:
         return

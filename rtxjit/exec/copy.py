@@ -8,7 +8,7 @@ from rtxjit.codegen.source import load_kernel
 from rtxjit.codegen.templates.pointwise import render_pointwise
 from rtxjit.codegen.view import collapse, contiguous_strides
 from rtxjit.ir.types import DType
-from rtxjit.runtime.tensors import dtype_of_torch
+from rtxjit.kernels.tensors import dtype_of_torch
 
 
 def contiguous(t: torch.Tensor, device) -> torch.Tensor:

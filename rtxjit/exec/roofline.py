@@ -47,7 +47,7 @@ from typing import Optional
 import numpy as np
 
 from rtxjit.codegen.source import parameters
-from rtxjit.runtime.plan import Buf, Launch, Plan
+from rtxjit.plan.plan import Buf, Launch, Plan
 
 
 def _gemm_flops(a: dict, n: int) -> int:
@@ -200,7 +200,7 @@ def time_launches(exe, feeds: dict, iterations: int, warmup: int = 1) -> list:
     (see the module docstring). ``feeds``: input name -> flat tensor on the executable's device."""
     import torch
 
-    from rtxjit.runtime.executor import launch_all, launch_direct
+    from rtxjit.exec.executor import launch_all, launch_direct
 
     v = exe.active
     bufs = exe.fresh_buffers(feeds)

@@ -1,5 +1,5 @@
 """What a warm start reads from the runtime cache: each binding's checked variant, with its kernels
-as binaries (runtime/binaries.py).
+as binaries (kernels/binaries.py).
 
 When the specializer installs a binding's variant, it also records it (``save_variant``): per
 step, which kernel served (generic or specialized), its source hash, its tile configuration, and
@@ -17,10 +17,10 @@ import threading
 import warnings
 from typing import Optional
 
-from rtxjit.runtime.cache import cache_key, compiler_version, target_of
-from rtxjit.runtime.executor import Executable, Variant, bind_direct
-from rtxjit.runtime.kernel_keys import GENERIC, SPECIALIZED, specialized_source
-from rtxjit.runtime.kernel_keys import item_key, step_key  # noqa: F401 - binary keys, read here by aot and tests
+from rtxjit.cache.keys import cache_key, compiler_version, target_of
+from rtxjit.exec.executor import Executable, Variant, bind_direct
+from rtxjit.kernels.keys import GENERIC, SPECIALIZED, specialized_source
+from rtxjit.kernels.keys import item_key, step_key  # noqa: F401 - binary keys, read here by aot and tests
 
 
 def binding_id(key: tuple) -> list:
@@ -41,7 +41,7 @@ def _record_key(exe: Executable, model_key: str) -> str:
 
 def save_binaries(kernels, exe: Executable, variant: Variant) -> Optional[list]:
     """Store the compiled kernels of ``variant`` (its direct launches bound) in the session's
-    kernel store ``kernels`` (runtime/kernel_store.py); their binary keys, or None if some kernel
+    kernel store ``kernels`` (kernels/store.py); their binary keys, or None if some kernel
     cannot be stored."""
     if variant.direct is None:
         return None

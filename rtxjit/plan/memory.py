@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rtxjit.runtime.plan import Buf, Plan
+from rtxjit.plan.plan import Buf, Plan
 
 ALIGN = 256  # bytes; every buffer starts on a 256-byte boundary (vector loads, TMA)
 

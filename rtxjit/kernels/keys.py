@@ -1,17 +1,17 @@
 """What identifies one compilation of a plan's kernel: its kind (generic or specialized), the
 source of a specialized kernel, what Triton's specialization sees of its arguments, and its binary
-key in a kernel store (runtime/kernel_store.py) or an engine.
+key in a kernel store (kernels/store.py) or an engine.
 
 Below the executor, the compiler and the warm start, which all read these (they used to import each
 other for them, inside functions to hide the cycle)."""
 
 from __future__ import annotations
 
+from rtxjit.cache.keys import cache_key, target_of
 from rtxjit.codegen.source import parameters, specialize
-from rtxjit.runtime import binaries
-from rtxjit.runtime.cache import cache_key, target_of
-from rtxjit.runtime.plan import Buf, Launch
-from rtxjit.runtime.tensors import torch_dtype
+from rtxjit.kernels import binaries
+from rtxjit.kernels.tensors import torch_dtype
+from rtxjit.plan.plan import Buf, Launch
 
 GENERIC, SPECIALIZED = "generic", "specialized"
 

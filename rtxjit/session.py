@@ -11,19 +11,21 @@ import numpy as np
 import torch
 
 from rtxjit import config
+from rtxjit.cache.store import open_cache
 from rtxjit.errors import InputError
+from rtxjit.exec import roofline
+from rtxjit.exec.copy import contiguous
+from rtxjit.exec.device import Device, detect
+from rtxjit.exec.executor import Executable
+from rtxjit.frontdoor import optimized_graph
 from rtxjit.ir.graph import Graph
 from rtxjit.ir.types import DType, TensorType
-from rtxjit.runtime import autotune, jit, roofline, warm
-from rtxjit.runtime.cache import open_cache
-from rtxjit.runtime.device import Device, detect
-from rtxjit.runtime.copy import contiguous
-from rtxjit.runtime.executor import Executable
-from rtxjit.runtime.frontdoor import optimized_graph
-from rtxjit.runtime.kernel_store import EngineBinaries, KernelStore
-from rtxjit.runtime.plan import PlanBuilder
-from rtxjit.runtime.profiles import resolve_profiles, select
-from rtxjit.runtime.tensors import dtype_of_torch, torch_dtype
+from rtxjit.jit import specializer as jit, warm
+from rtxjit.kernels.store import EngineBinaries, KernelStore
+from rtxjit.kernels.tensors import dtype_of_torch, torch_dtype
+from rtxjit.plan import autotune
+from rtxjit.plan.plan import PlanBuilder
+from rtxjit.plan.profiles import resolve_profiles, select
 
 ONNX_TYPE_NAMES = {
     DType.FP32: "tensor(float)", DType.FP16: "tensor(float16)", DType.BF16: "tensor(bfloat16)",
@@ -59,7 +61,7 @@ class InferenceSession:
     (inputs and outputs stay fp32); None runs the model's own types. On a GPU, a type its SM cannot
     run (bf16 below sm_80, fp8 below sm_89) is an UnsupportedOpError naming the node.
     ``profiles`` (a ``Profile``, a dict of input name -> (min, opt, max) shapes, or a list of them;
-    see ``rtxjit.runtime.profiles``) bounds the input shapes ``run`` accepts; None is the default
+    see ``rtxjit.plan.profiles``) bounds the input shapes ``run`` accepts; None is the default
     profile from the model's symbolic dims. ``last_profile`` is the index of the profile that served
     the last run.
     ``runtime_cache`` (a ``RuntimeCache`` or a directory; None: RTXJIT_RUNTIME_CACHE, if set) keeps
@@ -67,7 +69,7 @@ class InferenceSession:
     input shapes (the next process specializes the most frequent first).
     ``specialize`` ("lazy", "eager" or "none"; None: RTXJIT_SPECIALIZE, else "lazy" on a GPU and
     "none" under the interpreter) says when shape-specialized kernels replace the generic ones that
-    serve a new binding of input shapes at once (see ``rtxjit.runtime.jit``):
+    serve a new binding of input shapes at once (see ``rtxjit.jit.specializer``):
     in the background, before the binding's first run returns, or never.
     ``wait_for_specialization(timeout)`` waits for the background work; ``jit_stats()`` reports it.
     """
@@ -75,7 +77,7 @@ class InferenceSession:
     def __init__(self, model, device: Optional[str] = None, providers=None, optimize: bool = True,
                  precision: Optional[str] = None, profiles=None, runtime_cache=None,
                  specialize: Optional[str] = None):
-        from rtxjit.runtime.engine import Engine
+        from rtxjit.engine.engine import Engine
 
         self.runtime_cache = open_cache(runtime_cache)
         self.device: Device = detect(device)
@@ -163,7 +165,7 @@ class InferenceSession:
         return exe, results
 
     def _new_executable(self, key, types: dict, host_values: dict) -> Executable:
-        from rtxjit.runtime import compiler
+        from rtxjit.exec import compiler
 
         with jit.gc_paused():  # a new binding allocates many small objects: no collection pauses meanwhile
             plan = self._build_plan(types, host_values)

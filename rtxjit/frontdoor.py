@@ -3,7 +3,7 @@
 ``optimized_graph(model, optimize=..., precision=..., cache=..., targets=...)`` does, in order:
 
 1. with a runtime cache that recorded this model file (or these bytes) under the same options,
-   the recorded graph (``runtime/warm.py``: no import, no passes);
+   the recorded graph (``jit/warm.py``: no import, no passes);
 2. otherwise the import (a path, serialized bytes or an ``onnx.ModelProto``; an ``rtxjit.ir.Graph``
    is taken as it is) and the pass pipeline (``rtxjit.passes.optimize``: ``optimize`` runs the
    whole pipeline, ``precision`` "fp16"/"bf16" adds the conversion; RTXJIT_VERIFY_PASSES and
@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from rtxjit import config, passes
+from rtxjit.cache.keys import model_key
 from rtxjit.errors import UnsupportedOpError
 from rtxjit.ir.graph import Graph
+from rtxjit.jit import warm
 from rtxjit.passes.precision_legality import check_precision
-from rtxjit.runtime import warm
-from rtxjit.runtime.cache import model_key
 
 
 @dataclass

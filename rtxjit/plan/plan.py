@@ -21,7 +21,7 @@ from rtxjit.ir import host
 from rtxjit.ir.graph import Graph, Node
 from rtxjit.ir.registry import get_op
 from rtxjit.ir.types import DType, TensorType, is_static
-from rtxjit.runtime import autotune
+from rtxjit.plan import autotune
 
 WIDE_LIMIT = 2**31 - 1
 POINTWISE_CAP = 1024  # elements per program of a flat kernel on the GPU
@@ -60,12 +60,12 @@ class Launch:
     args: tuple  # Buf | int | float
     constexprs: dict
     node: str
-    # autotuning (see runtime/autotune.py): alternative (grid, constexprs) pairs, the first being
+    # autotuning (see plan/autotune.py): alternative (grid, constexprs) pairs, the first being
     # grid/constexprs above, and the key the chosen one is remembered under; empty = fixed launch
     choices: tuple = ()
     tune_key: tuple = ()
     # the shape-generic fallback: (grid, constexprs) of a configuration that does not depend on the
-    # binding's dynamic sizes, so one compiled kernel serves every shape (see runtime/jit.py)
+    # binding's dynamic sizes, so one compiled kernel serves every shape (see jit/specializer.py)
     generic: tuple = ()
 
     @property
@@ -140,7 +140,7 @@ class LowerCtx:
 
     def launch_tuned(self, src: KernelSource, choices: list, args: list, tune_key: tuple, generic: tuple = ()) -> None:
         """Like ``launch``, with several ``(grid, constexprs)`` configurations: the first runs until
-        the executor has timed them all on the GPU (once per ``tune_key``, see runtime/autotune.py)."""
+        the executor has timed them all on the GPU (once per ``tune_key``, see plan/autotune.py)."""
         choices = [(_grid(grid), cx) for grid, cx in choices]
         grid, constexprs = choices[0]
         if any(g == 0 for g in grid):

@@ -9,7 +9,7 @@ without timing. Timing needs a GPU: under Triton's interpreter the executor neve
 the first choice (the heuristic's) runs. Each trial writes the launch's outputs, which is harmless:
 a launch's outputs never share memory with its inputs, and the chosen configuration runs last.
 
-With a runtime cache (runtime/cache.py), decisions outlive the process: ``attach(cache, keys)``
+With a runtime cache (cache/store.py), decisions outlive the process: ``attach(cache, keys)``
 reads the choices remembered there for ``keys`` (its entry key: the tune key, the SM's target and,
 through ``cache_key``, the Triton and codegen versions), and has ``choose`` write the decisions it
 makes later for the others. A stored choice is a hint, not trusted: one that matches none of the
@@ -49,8 +49,8 @@ def tune_key(src_key: str, sm: Optional[int], *sizes: int) -> tuple:
 
 def sm_count() -> int:
     """Multiprocessors of the current CUDA device (132 on an H100 SXM), for the tile heuristic.
-    Lowerings read it from their context (``LowerCtx.sm_count``, runtime/plan.py), never from here:
-    rtxjit/ops imports nothing from the runtime. A plan for a GPU that is not here (runtime/aot.py)
+    Lowerings read it from their context (``LowerCtx.sm_count``, plan/plan.py), never from here:
+    rtxjit/ops imports nothing from the runtime. A plan for a GPU that is not here (engine/aot.py)
     names its count in its ``Device`` instead."""
     import torch
 
@@ -144,7 +144,7 @@ def forget() -> None:
 
 def cache_entry_key(key: tuple) -> str:
     """The runtime cache key of tune key ``key`` (``(src_key, sm, *buckets)``)."""
-    from rtxjit.runtime.cache import cache_key
+    from rtxjit.cache.keys import cache_key
 
     sm = key[1] if len(key) > 1 else None
     return cache_key(target=f"cuda:{sm}" if sm is not None else "interpreter", kind="autotune",

@@ -7,7 +7,7 @@ shapes (in the plan's heuristic tile configuration: timing needs the GPU), are c
 Triton's compiler for ``GPUTarget("cuda", sm, 32)``. The arguments are bound and specialized by
 Triton's own binder, exactly as its JIT does on the GPU (buffers 16-byte aligned, as rtxjit's
 always are), so each binary is the one the JIT would have built. Binaries go into
-``engine.binaries`` under their binary key (runtime/kernel_keys.py: source hash, specialization, tile
+``engine.binaries`` under their binary key (kernels/keys.py: source hash, specialization, tile
 configuration, target, Triton and codegen versions); a session on a GPU of that SM loads them with
 no compile, and compiles only what is missing (another shape's specialized kernels, tuned tiles).
 """
@@ -27,12 +27,12 @@ import torch
 
 from rtxjit.codegen.source import KernelSource, load_kernel, specialize
 from rtxjit.errors import KernelError
+from rtxjit.exec.compiler import from_portable, portable
+from rtxjit.exec.device import Device
 from rtxjit.ir.types import TensorType
-from rtxjit.runtime import binaries
-from rtxjit.runtime.compiler import from_portable, portable
-from rtxjit.runtime.device import Device
-from rtxjit.runtime.kernel_keys import item_key, shape_params, step_args
-from rtxjit.runtime.plan import PlanBuilder
+from rtxjit.kernels import binaries
+from rtxjit.kernels.keys import item_key, shape_params, step_args
+from rtxjit.plan.plan import PlanBuilder
 
 # multiprocessors of a typical GPU of each SM (the tile heuristic's split-K / wave sizing reads it)
 SM_COUNTS = {75: 40, 80: 108, 86: 84, 87: 16, 89: 128, 90: 132, 100: 148, 103: 148, 120: 170, 121: 48}
@@ -89,7 +89,7 @@ def _compile_all(work: list):
     for share in shares:
         request = [{"name": w[2].name, "text": w[2].text, "generic": w[3], "args": portable(w[4]),
                     "constexprs": w[6], "sm": w[0]} for w in share]
-        proc = subprocess.Popen([sys.executable, "-c", "from rtxjit.runtime.aot import serve; serve()"],
+        proc = subprocess.Popen([sys.executable, "-c", "from rtxjit.engine.aot import serve; serve()"],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         procs.append((proc, json.dumps(request).encode()))
     results = []

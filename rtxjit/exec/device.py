@@ -17,7 +17,7 @@ class Device:
     name: str
     sm: Optional[int] = None  # compute capability as 80, 90, ... on a GPU
     # multiprocessors the tile heuristics size for: None reads them from the GPU here; an AOT build
-    # for an absent GPU names the count it assumes (runtime/aot.py)
+    # for an absent GPU names the count it assumes (engine/aot.py)
     sm_count: Optional[int] = None
 
     @property
