@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import rtxjit
-from rtxjit.cli import Progress, _profile_table
+from rtxjit.cli.build import Progress
+from rtxjit.cli.profile import _profile_table
 from rtxjit.exec import roofline
 from rtxjit.models import bert_encoder, demo_inputs, resnet_cnn
 
@@ -217,7 +218,7 @@ def test_profile_table_and_progress_lines():
 
 
 def test_random_feeds_follow_input_types():
-    from rtxjit.cli import _input_shapes, _random_feeds
+    from rtxjit.cli.common import _input_shapes, _random_feeds
 
     sess = rtxjit.InferenceSession(bert_encoder())
     shapes = _input_shapes(sess, "hidden:2x5x64", "the model")

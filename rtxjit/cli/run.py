@@ -1,0 +1,36 @@
+"""``rtxjit run``: a model or engine on random inputs, timed in the steady state."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from rtxjit.cli.common import _input_shapes, _jit_line, _numpy, _open, _random_feeds, _settle, _time_runs
+
+
+def cmd_run(args) -> int:
+    sess, what = _open(args)
+    shapes = _input_shapes(sess, args.shapes, what)
+    feeds = _random_feeds(sess, shapes)
+    for name, x in feeds.items():
+        print(f"input {name}: shape {list(x.shape)} {str(x.dtype).replace('torch.', '')}")
+    first = time.perf_counter()
+    outputs = sess.run(None, feeds)
+    first = time.perf_counter() - first
+    if args.warmup:
+        _time_runs(sess, feeds, args.warmup, 0)
+    _settle(sess, feeds)
+    times = _time_runs(sess, feeds, 0, args.iterations)
+    for o, v in zip(sess.get_outputs(), outputs):
+        v = _numpy(v)
+        print(f"output {o.name}: shape {list(v.shape)} {v.dtype} mean {float(np.mean(v)):.6g}")
+    median = float(np.median(times))
+    print(f"first run: {first * 1e3:.3f} ms (builds the plan, loads kernels)")
+    print(f"latency: median {median * 1e3:.3f} ms, mean {float(np.mean(times)) * 1e3:.3f} ms, min "
+          f"{min(times) * 1e3:.3f} ms, max {max(times) * 1e3:.3f} ms over {args.iterations} iterations "
+          f"({args.warmup} warm-up) on {sess.device}")
+    print(f"throughput: {1.0 / median:.2f} inferences/s")
+    print(f"launches per inference: {sess.launches_per_inference}")
+    print(_jit_line(sess))
+    return 0
