@@ -43,8 +43,10 @@ def codegen_version() -> str:
 
 @functools.lru_cache(maxsize=None)
 def compiler_version() -> str:
-    """sha256 over the code that turns a model into an optimized graph (rtxjit/ir, onnx, passes)."""
-    return _tree_hash("ir", "onnx", "passes")
+    """sha256 over the code that turns a model into an optimized graph (rtxjit/ir, ops, onnx, passes):
+    ops' inference and references shape the optimized graph too (they moved out of ir/, and a
+    recorded graph must not outlive a change to them)."""
+    return _tree_hash("ir", "ops", "onnx", "passes")
 
 
 def _tree_hash(*folders: str) -> str:
