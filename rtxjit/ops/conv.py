@@ -110,6 +110,14 @@ def _check_channels(x: TensorType, w: TensorType, b, group: int) -> None:
         raise ShapeError(f"Conv: bias {b} must be 1-D of {c_out} output channels")
 
 
+def check_operands(op_name: str, x: TensorType, w: TensorType, b) -> None:
+    """One dtype for input, weight and bias; input and weight of the same rank >= 3."""
+    if len({t.dtype for t in (x, w, b) if t is not None}) != 1:
+        raise ModelError(f"{op_name} inputs {x}, {w}, {b} have different dtypes")
+    if x.rank < 3 or w.rank != x.rank:
+        raise ShapeError(f"{op_name} needs input and weight of the same rank >= 3, got {x} and {w}")
+
+
 @op("Conv", since=1, kind=Kind.CONV,
     samples=[Sample([Rand((2, 4, 9, 9)), Rand((6, 4, 3, 3)), Rand((6,))]),
              Sample([Rand((2, 4, 9, 9)), Rand((5, 4, 3, 3))], {"pads": [1, 1, 1, 1], "strides": [2, 2]}),
@@ -138,10 +146,7 @@ def _check_channels(x: TensorType, w: TensorType, b, group: int) -> None:
              Sample([Rand((1, 6, 2, 3, 4)), Rand((5, 6, 1, 1, 1))])])
 def conv(x: TensorType, w: TensorType, b: TensorType = None, *, auto_pad: str = "NOTSET", dilations=None,
          group: int = 1, kernel_shape=None, pads=None, strides=None) -> TensorType:
-    if len({t.dtype for t in (x, w, b) if t is not None}) != 1:
-        raise ModelError(f"Conv inputs {x}, {w}, {b} have different dtypes")
-    if x.rank < 3 or w.rank != x.rank:
-        raise ShapeError(f"Conv needs input and weight of the same rank >= 3, got {x} and {w}")
+    check_operands("Conv", x, w, b)
     _check_channels(x, w, b, group)
     geo = conv_geometry(x.shape[2:], w.shape[2:], auto_pad=auto_pad, dilations=dilations,
                         kernel_shape=kernel_shape, pads=pads, strides=strides)

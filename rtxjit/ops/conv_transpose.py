@@ -30,8 +30,8 @@ import numpy as np
 from rtxjit.errors import ModelError, ShapeError
 from rtxjit.ir.registry import Kind, Rand, Sample, op
 from rtxjit.ir.types import TensorType
-from rtxjit.ops.conv import (WindowGeometry, channels_last_output, dense_weight, emit_conv, pointwise_gemm,
-                             window_attrs)
+from rtxjit.ops.conv import (WindowGeometry, channels_last_output, check_operands, dense_weight, emit_conv,
+                             pointwise_gemm, window_attrs)
 from rtxjit.ops.matmul import check_dot_type
 
 
@@ -125,10 +125,7 @@ def _check_channels(x: TensorType, w: TensorType, b, group: int) -> None:
 def conv_transpose(x: TensorType, w: TensorType, b: TensorType = None, *, auto_pad: str = "NOTSET",
                    dilations=None, group: int = 1, kernel_shape=None, output_padding=None, output_shape=None,
                    pads=None, strides=None) -> TensorType:
-    if len({t.dtype for t in (x, w, b) if t is not None}) != 1:
-        raise ModelError(f"ConvTranspose inputs {x}, {w}, {b} have different dtypes")
-    if x.rank < 3 or w.rank != x.rank:
-        raise ShapeError(f"ConvTranspose needs input and weight of the same rank >= 3, got {x} and {w}")
+    check_operands("ConvTranspose", x, w, b)
     _check_channels(x, w, b, group)
     geo = conv_transpose_geometry(x.shape[2:], w.shape[2:], auto_pad=auto_pad, dilations=dilations,
                                   kernel_shape=kernel_shape, output_padding=output_padding,
