@@ -183,3 +183,27 @@ def test_the_scan_sees_a_cycle_hidden_inside_a_function(tmp_path):
     graph = import_graph(pkg)
     assert import_cycles(graph) == [["pkg.sub.a", "pkg.sub.b"]]
     assert graph["pkg.c"] == set()
+
+
+def subpackage_shares(package: Path = PACKAGE) -> dict:
+    """Each direct sub-package's share of the package's source lines (modules at the top level
+    are not a sub-package)."""
+    lines = {}
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(package).parts
+        if len(parts) > 1:
+            lines[parts[0]] = lines.get(parts[0], 0) + len(path.read_text().splitlines())
+    total = sum(len(p.read_text().splitlines()) for p in package.rglob("*.py"))
+    return {name: n / total for name, n in lines.items()}
+
+
+def test_no_subpackage_holds_more_than_a_quarter_of_the_lines():
+    big = {name: f"{share:.1%}" for name, share in subpackage_shares().items() if share > 0.25}
+    assert not big, f"sub-packages over 25% of rtxjit's lines (split them by responsibility): {big}"
+
+
+def test_the_share_counts_nested_modules(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "m.py").write_text("x = 1\n" * 3)
+    (tmp_path / "top.py").write_text("y = 2\n")
+    assert subpackage_shares(tmp_path) == {"a": 0.75}
