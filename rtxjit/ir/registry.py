@@ -22,6 +22,20 @@ at the model's opset (at a function body's own opset inside an expanded body) an
 A node older than every declaration is expanded from its ONNX function body by the importer, or
 refused. A version of 0 (a node made without one) resolves to the newest declaration.
 
+Domains. An op of another ONNX domain than the default one is declared with ``domain=``; it is
+keyed by ``(domain, name)``, held under its qualified name ``"<domain>.<name>"`` (``qualified``), which
+is what ``Node.op``, ``get_op`` and serialized graphs carry (rtxjit's own fused ops are the domain
+"rtxjit": ``"rtxjit.Attention"``). ``since`` counts in that domain's versions, and a node resolves at
+the version the model imports the domain at (its ``opset_import``; the newest declaration where the
+model does not import it)::
+
+    @op("MatMulNBits", since=1, kind=Kind.MATMUL, domain="com.microsoft")   # rtxjit/ops/contrib.py
+    def matmul_nbits(a: TensorType, b: TensorType, scales: TensorType, *, K: int, N: int, ...):
+
+Users register ops of their own domains at run time with ``rtxjit.register_op`` (rtxjit/ops/custom.py),
+which declares them here with a ``fingerprint`` (a hash of their code, part of cache keys);
+``all_ops`` and ``all_op_versions`` list rtxjit's own ops only.
+
 Keyword-only parameters of the inference function are the op's attributes, with their ONNX
 defaults; one without a default is a required attribute. A parameter named ``_outputs`` receives the
 node's number of outputs. Inputs listed in ``host_inputs`` are needed on the host (shape tensors, as
@@ -51,6 +65,22 @@ class Kind(enum.Enum):
     MOVEMENT = "data_movement"
     ALIAS = "alias"  # output is a view of an input: no data is computed or moved
     SHAPE = "shape"  # computed on the host from types and host values only
+    CUSTOM = "custom"  # a user's op, lowered onto the user's Triton kernel (rtxjit/ops/custom.py)
+
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def qualified(domain: str, name: str) -> str:
+    """The registry's name of op ``name`` of ONNX ``domain``: ``name`` itself in the default domain,
+    ``"<domain>.<name>"`` in any other (ONNX op names hold no dots, so ``split_name`` undoes it)."""
+    return name if domain in DEFAULT_DOMAINS else f"{domain}.{name}"
+
+
+def split_name(name: str) -> tuple:
+    """``(domain, op name)`` of a registry name ("" for the default domain)."""
+    domain, _, op_type = name.rpartition(".")
+    return domain, op_type
 
 
 @dataclass(frozen=True)
@@ -90,8 +120,10 @@ _MISSING = object()
 
 class OpDef:
     def __init__(self, name: str, since: int, kind: Kind, infer: Callable, host_inputs=(),
-                 samples=(), tolerance: Optional[dict] = None):
-        self.name = name
+                 samples=(), tolerance: Optional[dict] = None, fingerprint: Optional[str] = None):
+        self.name = name  # qualified: "<domain>.<op>" outside the default domain
+        self.domain, self.op_type = split_name(name)
+        self.fingerprint = fingerprint  # a user-registered op's code hash (rtxjit/ops/custom.py); None: rtxjit's
         self.since = since
         self.kind = kind
         self.infer_fn = infer
@@ -167,20 +199,39 @@ class OpDef:
         return f"OpDef({self.name}, since={self.since}, kind={self.kind.value})"
 
 
-_VERSIONS: dict = {}  # op name -> [OpDef], oldest version first
+_VERSIONS: dict = {}  # qualified op name -> [OpDef], oldest version first
 
 
-def op(name: str, since: int, kind: Kind, host_inputs=(), samples=(), tolerance=None):
+def op(name: str, since: int, kind: Kind, host_inputs=(), samples=(), tolerance=None, domain: str = ""):
+    """Declare op ``name`` of ONNX ``domain`` ("" = the default domain) from version ``since``."""
     def deco(fn: Callable) -> OpDef:
-        versions = _VERSIONS.setdefault(name, [])
-        if any(d.since == since for d in versions):
-            raise InternalError(f"op {name} version {since} is declared twice")
-        d = OpDef(name, since, kind, fn, host_inputs, samples, tolerance)
-        versions.append(d)
-        versions.sort(key=lambda v: v.since)
-        return d
+        return declare(OpDef(qualified(domain, name), since, kind, fn, host_inputs, samples, tolerance))
 
     return deco
+
+
+def declare(d: OpDef, replace: bool = False) -> OpDef:
+    """Add declaration ``d``; one of the same name and version already there is an error, unless
+    ``replace`` (a user re-registering a changed op)."""
+    versions = _VERSIONS.setdefault(d.name, [])
+    same = [v for v in versions if v.since == d.since]
+    if same and not replace:
+        raise InternalError(f"op {d.name} version {d.since} is declared twice")
+    versions[:] = sorted([v for v in versions if v.since != d.since] + [d], key=lambda v: v.since)
+    return d
+
+
+def undeclare(name: str, since: int) -> bool:
+    """Remove the declaration of ``name`` at version ``since``; whether there was one."""
+    versions = _VERSIONS.get(name, [])
+    kept = [v for v in versions if v.since != since]
+    if len(kept) == len(versions):
+        return False
+    if kept:
+        _VERSIONS[name] = kept
+    else:
+        del _VERSIONS[name]
+    return True
 
 
 def get_op(name: str, where: str = "", version: int = 0) -> OpDef:
@@ -188,6 +239,12 @@ def get_op(name: str, where: str = "", version: int = 0) -> OpDef:
     not above it (the newest of all where ``version`` is 0)."""
     versions = _VERSIONS.get(name)
     if not versions:
+        domain, op_type = split_name(name)
+        if domain and domain != "rtxjit":
+            raise UnsupportedOpError(f"{where}: op '{op_type}' of domain '{domain}' is not registered: domain "
+                                     f"'{domain}' is not supported by rtxjit unless its ops are registered with "
+                                     f"rtxjit.register_op('{domain}', '{op_type}', ...) before the model is "
+                                     "imported or an engine holding it is loaded")
         raise UnsupportedOpError(f"{where}: op {name} is not supported by rtxjit")
     if not version:
         return versions[-1]
@@ -204,10 +261,16 @@ def op_versions(name: str) -> list:
 
 
 def all_ops() -> dict:
-    """Op name -> its newest declaration, for every op (see ``all_op_versions`` for the others)."""
-    return {name: versions[-1] for name, versions in _VERSIONS.items()}
+    """Op name -> its newest declaration, for every op of rtxjit (see ``all_op_versions`` for the
+    others; ``custom_ops`` for the users')."""
+    return {name: versions[-1] for name, versions in _VERSIONS.items() if versions[-1].fingerprint is None}
 
 
 def all_op_versions() -> list:
-    """Every declaration of every op, by name then version."""
-    return [d for name in sorted(_VERSIONS) for d in _VERSIONS[name]]
+    """Every declaration of every op of rtxjit, by name then version."""
+    return [d for name in sorted(_VERSIONS) for d in _VERSIONS[name] if d.fingerprint is None]
+
+
+def custom_ops() -> list:
+    """Every user-registered declaration (rtxjit.register_op), by name then version."""
+    return [d for name in sorted(_VERSIONS) for d in _VERSIONS[name] if d.fingerprint is not None]

@@ -7,6 +7,12 @@ version in ``Node.version`` so later stages resolve the same declaration.
 Initializers become constants; shape-only nodes whose inputs are known are folded to constants.
 A node whose op the registry lacks (or whose version is older than every declaration) is replaced
 by the body of its ONNX function, or of the model-local function it calls (rtxjit/onnx/functions.py).
+
+Other domains. A node of domain ``d`` (com.microsoft, a user's "my.ops") runs the registry's op
+``"d.<op_type>"`` (``registry.qualified``), resolved at the version the model imports ``d`` at (its
+``opset_import``; the newest declaration where it imports none), which ``Node.version`` keeps. A
+declared op wins over a model-local function of the same name; a node of a domain no declaration
+or local function covers is an UnsupportedOpError naming the op and its domain.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from onnx import numpy_helper
 from rtxjit.errors import ModelError, RtxjitError, ShapeError, UnsupportedOpError
 from rtxjit.ir import host
 from rtxjit.ir.graph import Graph, Node, Value
-from rtxjit.ir.registry import all_ops, get_op, op_versions
+from rtxjit.ir.registry import all_ops, get_op, op_versions, qualified
 from rtxjit.ir.rewrite import infer_args
 from rtxjit.ir.types import DType, TensorType
 from rtxjit.ir.verify import verify
@@ -283,6 +289,9 @@ class _Scope:
     def __init__(self, proto: onnx.ModelProto):
         self.ops = all_ops()
         self.functions = functions.local_functions(proto)
+        # the version each domain is imported at ("ai.onnx" is the default domain, "")
+        self.domains = {("" if imp.domain == "ai.onnx" else imp.domain): int(imp.version)
+                        for imp in proto.opset_import}
         g = proto.graph
         taken = [t.name for t in g.initializer] + [vi.name for vi in list(g.input) + list(g.output)]
         for n in list(g.node) + [n for f in proto.functions for n in f.node]:
@@ -303,7 +312,7 @@ def _import_or_expand(n: onnx.NodeProto, index: int, opset: int, values: dict, s
         return out
     found = _function_of(n, opset, values, scope, where)
     if found is None:
-        node = _import_node(n, index, opset, values)
+        node = _import_node(n, index, opset, values, scope.domains)
         return [] if node is None else [node]
     body, defaults, key = found
     if key in stack or len(stack) >= functions.MAX_DEPTH:
@@ -326,6 +335,8 @@ def _function_of(n: onnx.NodeProto, opset: int, values: dict, scope: _Scope, whe
     """(body, attribute defaults, key) of the function that stands in for the node, or None where the
     registry implements the node (or nothing does: ``_import_node`` then says so)."""
     if n.domain not in functions.DEFAULT_DOMAINS:
+        if n.domain != natives.RTXJIT_DOMAIN and op_versions(qualified(n.domain, n.op_type)):
+            return None  # a declaration (an op of com.microsoft, a user's custom op) runs it
         fn = scope.functions.get((n.domain, n.op_type, n.overload))
         return None if fn is None else (fn, functions.local_defaults(fn), (n.domain, n.op_type, n.overload))
     try:
@@ -340,23 +351,31 @@ def _function_of(n: onnx.NodeProto, opset: int, values: dict, scope: _Scope, whe
     return None if found is None else (*found, ("", n.op_type, ""))
 
 
-def _import_node(n: onnx.NodeProto, index: int, opset: int, values: dict):
-    name = n.name or f"{n.op_type}_{index}"
-    where = f"node '{name}' ({n.op_type}, opset {opset})"
+def _resolve(n: onnx.NodeProto, opset: int, domains: dict, where: str) -> tuple:
+    """``(declaration, version, ONNX schema or None)`` of a node, by its domain (module docstring)."""
+    op_name = qualified(n.domain, n.op_type)
     if n.domain == natives.RTXJIT_DOMAIN:  # rtxjit's own fused ops, written by rtxjit/onnx/native.py
-        op_name = f"{natives.RTXJIT_DOMAIN}.{n.op_type}"
-    elif n.domain not in ("", "ai.onnx"):
-        raise UnsupportedOpError(f"{where}: domain '{n.domain}' is not supported")
-    else:
-        op_name = n.op_type
-    try:
-        schema = None if n.domain == natives.RTXJIT_DOMAIN else onnx.defs.get_schema(n.op_type, opset)
-    except Exception:  # onnx.defs.SchemaError: not an ONNX op at this opset
+        opdef = get_op(op_name, where)
+        return opdef, max(opset, opdef.since), None
+    default = n.domain in functions.DEFAULT_DOMAINS
+    imported = opset if default else domains.get(n.domain, 0)
+    try:  # the default domain's schemas, and those onnx has of other domains (ai.onnx.ml)
+        schema = onnx.defs.get_schema(n.op_type, imported, "" if default else n.domain) if imported else None
+    except Exception:  # onnx.defs.SchemaError: not an ONNX op at this version
         schema = None
-    # the schema's version (a model's opset 20 runs GroupNormalization-18); no schema: the op's newest
-    version = schema.since_version if schema is not None else 0
+    # the schema's version (a model's opset 20 runs GroupNormalization-18); else the domain's version
+    version = schema.since_version if schema is not None else (0 if default else imported)
     opdef = get_op(op_name, where, version)
-    version = version or max(opset, opdef.since)
+    return opdef, version or (max(opset, opdef.since) if default else opdef.since), schema
+
+
+def _import_node(n: onnx.NodeProto, index: int, opset: int, values: dict, domains: dict):
+    name = n.name or f"{n.op_type}_{index}"
+    if n.domain in functions.DEFAULT_DOMAINS or n.domain == natives.RTXJIT_DOMAIN:
+        where = f"node '{name}' ({n.op_type}, opset {opset})"
+    else:
+        where = f"node '{name}' ({n.domain}::{n.op_type}, {n.domain} version {domains.get(n.domain, 'not imported')})"
+    opdef, version, schema = _resolve(n, opset, domains, where)
     attrs = opdef.bind_attrs({a.name: _attr_value(a, where, schema) for a in n.attribute}, where)
     _check_window_attrs(where, attrs)
     ins = [values[i] if i else None for i in n.input]
