@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from rtxjit.errors import UsageError
+from rtxjit.ir import registry
 
 SCHEMA = 2  # 2: the metadata carries a sha256 of its own record (a flipped byte in it is caught)
 
@@ -41,11 +42,19 @@ def codegen_version() -> str:
     return _tree_hash("codegen")
 
 
-@functools.lru_cache(maxsize=None)
 def compiler_version() -> str:
     """sha256 over the code that turns a model into an optimized graph (rtxjit/ir, ops, onnx, passes):
     ops' inference and references shape the optimized graph too (they moved out of ir/, and a
-    recorded graph must not outlive a change to them)."""
+    recorded graph must not outlive a change to them). The fingerprints of the ops users registered
+    (rtxjit.register_op) count too, read at each call: they change at run time."""
+    custom = [[d.name, d.since, d.fingerprint] for d in registry.custom_ops()]
+    if not custom:
+        return _compiler_tree()
+    return _sha(canonical_json({"tree": _compiler_tree(), "custom_ops": custom}))
+
+
+@functools.lru_cache(maxsize=None)
+def _compiler_tree() -> str:
     return _tree_hash("ir", "ops", "onnx", "passes")
 
 

@@ -31,6 +31,9 @@ folder and renamed over the target (``os.replace``), so a reader sees a whole en
                       weight, also in a stripped file (sha256 of the array's C-order bytes)
     arrays            [{key, numpy_dtype, shape}] of arrays.safetensors' entries
     binaries          [{name, member, meta, size, sha256}]
+    custom_ops        [{domain, name, version, fingerprint}] of the user-registered ops
+                      (rtxjit.register_op) the graph runs, by the node version they resolve at; the
+                      fingerprint hashes the op's kernel and hooks (absent in older engines: none)
     members           {member name: {size, sha256}} for every member but engine.json (which the zip's
                       CRC covers)
 
@@ -43,6 +46,9 @@ readable (a truncated file is reported as such), every member's CRC, size and sh
 missing or unlisted, the format version, the rtxjit and codegen versions (a different Triton
 version is not an error: only the compiled binaries become unusable, ``engine.binaries_usable``
 is False), the graph document and the arrays against it, the profiles against the graph.
+Custom ops: each listed one must be registered before the load (an EngineError naming the op and
+its domain); one whose fingerprint differs is a warning (the graph is kept; the engine's binaries
+of the old kernel no longer match its source, so that kernel compiles again).
 
 Devices and SM targets. The IR is portable: an engine runs on any GPU whose SM can run its
 precision; a GPU whose SM has no binaries in the engine JIT-compiles its kernels. What is checked
@@ -81,6 +87,7 @@ import json
 import os
 import re
 import struct
+import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -93,6 +100,7 @@ from rtxjit import passes
 from rtxjit.errors import EngineError, ModelError, RtxjitError, UnsupportedOpError
 from rtxjit.ir.graph import Graph
 from rtxjit.ir.host import host_read_values
+from rtxjit.ir.registry import get_op, qualified
 from rtxjit.ir.rewrite import copy_graph
 from rtxjit.ir.serialize import (dtype_name, from_document, is_missing, missing_constants, numpy_dtype,
                                  placeholder, shape_fits, to_document)
@@ -324,6 +332,7 @@ class Engine:
             "arrays": [{"key": k, "numpy_dtype": a.dtype.name, "shape": [int(d) for d in a.shape]}
                        for k, a in sorted(arrays.items())],
             "binaries": binaries,
+            "custom_ops": custom_ops(self._graph),
             "members": {n: {"size": len(d), "sha256": hashlib.sha256(d).hexdigest()}
                         for n, d in sorted(members.items())},
         }
@@ -365,6 +374,7 @@ class Engine:
         else:
             expected = {w.name: (w.numpy_dtype, list(w.shape)) for w in weights_info}
             weights = _unpack(where, WEIGHTS_MEMBER, members[WEIGHTS_MEMBER], expected)
+        _check_custom_ops(where, meta)
         clash = set(weights) & set(arrays)
         if clash:
             raise EngineError(f"{where}: keys {sorted(clash)} are in both {WEIGHTS_MEMBER} and {ARRAYS_MEMBER}")
@@ -658,6 +668,40 @@ def _check_versions(where: str, meta: dict) -> dict:
         raise EngineError(f"{where}: codegen version mismatch: expected {current['codegen'][:16]}..., found "
                           f"{found['codegen'][:16]}... (rtxjit's kernel generator changed); rebuild the engine")
     return found
+
+
+def custom_ops(graph: Graph) -> list:
+    """The user-registered ops ``graph`` runs (``custom_ops`` of engine.json), sorted."""
+    found = {}
+    for node in graph.nodes:
+        d = get_op(node.op, f"node '{node.name}'", node.version)
+        if d.fingerprint is not None:
+            found[(d.domain, d.op_type, node.version)] = d.fingerprint
+    return [{"domain": dom, "name": name, "version": v, "fingerprint": fp}
+            for (dom, name, v), fp in sorted(found.items())]
+
+
+def _check_custom_ops(where: str, meta: dict) -> None:
+    listed = meta.get("custom_ops", [])
+    if not isinstance(listed, list):
+        raise EngineError(f"{where}: engine.json 'custom_ops' must be a list")
+    for entry in listed:
+        if not isinstance(entry, dict) or not {"domain", "name", "version", "fingerprint"} <= set(entry):
+            raise EngineError(f"{where}: engine.json 'custom_ops' entry {entry!r:.80} lacks domain, name, "
+                              "version or fingerprint")
+        domain, name, version = entry["domain"], entry["name"], entry["version"]
+        try:
+            d = get_op(qualified(domain, name), "", version)
+        except UnsupportedOpError:
+            d = None
+        if d is None or d.fingerprint is None:
+            raise EngineError(f"{where}: the engine runs custom op '{name}' of domain '{domain}' (version "
+                              f"{version}), which is not registered: call rtxjit.register_op('{domain}', "
+                              f"'{name}', ...) before loading the engine")
+        if d.fingerprint != entry["fingerprint"]:
+            warnings.warn(f"{where}: custom op '{name}' of domain '{domain}' (version {version}) changed since "
+                          "the engine was built (its kernel or hooks differ): the registered one runs, and its "
+                          "kernel compiles again", RuntimeWarning, stacklevel=3)
 
 
 def _check_members(where: str, meta: dict, members: dict) -> None:
