@@ -46,6 +46,7 @@ from rtxjit.cli.build import cmd_build
 from rtxjit.cli.common import _one_line
 from rtxjit.cli.demo import cmd_demo
 from rtxjit.cli.inspect import cmd_inspect
+from rtxjit.cli.ops import cmd_ops
 from rtxjit.cli.profile import cmd_profile
 from rtxjit.cli.run import cmd_run
 
@@ -63,11 +64,54 @@ def _count(minimum: int):
     return parse
 
 
+def _amount(unit: str):
+    """A number >= 0 of ``unit`` (ms for ``--warmUp``, s for ``--duration``, as trtexec counts them)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a number of {unit}") from None
+        if not value >= 0:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"{text} {unit} is below 0")
+        return value
+
+    return parse
+
+
+def versions() -> str:
+    """``rtxjit --version``: rtxjit's version and those of what it runs on (read from the installed
+    packages' metadata, so nothing is imported for it)."""
+    import platform
+    from importlib import metadata
+
+    from rtxjit import __version__
+
+    lines = [f"rtxjit {__version__}"]
+    for package in ("triton", "torch", "onnx", "numpy"):
+        try:
+            lines.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            lines.append(f"{package} not installed")
+    lines.append(f"python {platform.python_version()}")
+    return "\n".join(lines)
+
+
+class _Version(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the versions of rtxjit, triton, torch, onnx, numpy and python, and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(versions())
+        parser.exit()
+
+
 def _model_args(p, engine: bool = True) -> None:
     if engine:
         src = p.add_mutually_exclusive_group(required=True)
         src.add_argument("--onnx", metavar="MODEL.onnx", help="the ONNX model")
-        src.add_argument("--load-engine", metavar="ENGINE", help="an engine file written by 'rtxjit build'")
+        src.add_argument("--load-engine", "--loadEngine", dest="load_engine", metavar="ENGINE",
+                         help="an engine file written by 'rtxjit build'")
     else:
         p.add_argument("--onnx", metavar="MODEL.onnx", required=True, help="the ONNX model")
 
@@ -86,6 +130,14 @@ def _shapes_arg(p) -> None:
                         "shapes)")
 
 
+def _range_args(p, what: str) -> None:
+    """--min/opt/max-shapes, with trtexec's spellings."""
+    for kind, camel, text in (("min", "minShapes", "smallest shapes"), ("opt", "optShapes", "shapes to tune for"),
+                              ("max", "maxShapes", "largest shapes")):
+        p.add_argument(f"--{kind}-shapes", f"--{camel}", dest=f"{kind}_shapes", default="", metavar="SHAPES",
+                       help=f"optimization profile: {text}{what}")
+
+
 def _run_args(p) -> None:
     p.add_argument("--runtime-cache", default=None, metavar="DIR", help="keep compiled kernels across processes")
     p.add_argument("--specialize", choices=["lazy", "eager", "none"], default=None,
@@ -95,10 +147,17 @@ def _run_args(p) -> None:
                    help="a weight-stripped engine's weights, from the model it was built from")
 
 
-def _timing_args(p, warmup: int, iterations: int) -> None:
+def _timing_args(p, warmup: int, iterations: int, trtexec: bool = True) -> None:
     p.add_argument("--warmup", type=_count(0), default=warmup, metavar="N", help=f"untimed runs first ({warmup})")
+    p.add_argument("--warmUp", dest="warm_up_ms", type=_amount("ms"), default=0.0, metavar="MS",
+                   help="trtexec's: untimed runs for at least MS milliseconds (besides --warmup N)")
     p.add_argument("--iterations", type=_count(1), default=iterations, metavar="N",
-                   help=f"timed runs; the median is reported ({iterations})")
+                   help=f"timed runs (at least); the median is reported ({iterations})")
+    if trtexec:
+        p.add_argument("--duration", type=_amount("s"), default=0.0, metavar="S",
+                       help="trtexec's: time runs for at least S seconds (and at least --iterations runs)")
+        p.add_argument("--avgRuns", dest="avg_runs", type=_count(1), default=None, metavar="N",
+                       help="trtexec's: also report the averages of N consecutive timed runs")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -107,14 +166,13 @@ def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--device", choices=["cuda", "cpu"], default=None,
                         help="cuda, or cpu (Triton's interpreter); default: a GPU if torch sees one")
+    p.add_argument("--version", action=_Version)
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("build", help="build an engine ahead of time (no GPU needed with --sm)")
     _model_args(b, engine=False)
     _shapes_arg(b)
-    b.add_argument("--min-shapes", default="", metavar="SHAPES", help="optimization profile: smallest shapes")
-    b.add_argument("--opt-shapes", default="", metavar="SHAPES", help="optimization profile: shapes to tune for")
-    b.add_argument("--max-shapes", default="", metavar="SHAPES", help="optimization profile: largest shapes")
+    _range_args(b, "")
     _precision_args(b, "precision legality is checked for every target")
     b.add_argument("--sm", default=None, metavar="SMS",
                    help="SM targets: 80,86,89,90,120 (or sm_90), or 'current' (the GPU's; the default)")
@@ -122,12 +180,14 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--no-kernels", action="store_true",
                    help="store no compiled kernels (the GPU compiles them at first use); by default every "
                         "kernel of the profiles is compiled for each target, no GPU needed")
-    b.add_argument("--save-engine", required=True, metavar="ENGINE", help="where to write the engine")
+    b.add_argument("--save-engine", "--saveEngine", dest="save_engine", required=True, metavar="ENGINE",
+                   help="where to write the engine")
     b.set_defaults(fn=cmd_build)
 
     r = sub.add_parser("run", parents=[common], help="run a model or engine on random inputs and time it")
     _model_args(r)
     _shapes_arg(r)
+    _range_args(r, " (--onnx only; an engine keeps its own)")
     _precision_args(r, "--onnx only")
     _run_args(r)
     _timing_args(r, 2, 10)
@@ -136,10 +196,11 @@ def parser() -> argparse.ArgumentParser:
     f = sub.add_parser("profile", parents=[common], help="time every kernel launch against its roofline floor")
     _model_args(f)
     _shapes_arg(f)
+    _range_args(f, " (--onnx only; an engine keeps its own)")
     _precision_args(f, "--onnx only")
     _run_args(f)
     f.add_argument("--export-profile", default=None, metavar="FILE.json", help="also write the table as JSON")
-    _timing_args(f, 2, 10)
+    _timing_args(f, 2, 10, trtexec=False)
     f.set_defaults(fn=cmd_profile)
 
     i = sub.add_parser("inspect", parents=[common],
@@ -162,7 +223,14 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--dtype", choices=["float32", "float16", "both"], default="both")
     d.add_argument("--batch", type=int, default=2)
     d.add_argument("--iterations", type=int, default=3)
+    d.add_argument("--save-onnx", default=None, metavar="DIR",
+                   help="write the demo models (fp32) as DIR/cnn.onnx and DIR/encoder.onnx, and run nothing")
     d.set_defaults(fn=cmd_demo)
+
+    o = sub.add_parser("ops", help="the supported ops: domain, ONNX versions, tested dtypes, kernel kind")
+    o.add_argument("--markdown", action="store_true", help="the markdown of docs/ops.md")
+    o.add_argument("--output", default=None, metavar="FILE", help="write to FILE instead of printing")
+    o.set_defaults(fn=cmd_ops)
     return p
 
 

@@ -7,7 +7,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from rtxjit.cli.common import OWN_TYPES, _describe_profile, _mb
+from rtxjit.cli.common import (OWN_TYPES, _describe_profile, _dims_text, _mb, _profile_arg, _unset_profile_dims,
+                               _warn)
 
 
 class Progress:
@@ -56,42 +57,24 @@ class Progress:
         self.stream.flush()
 
 
-def _targets(text) -> list:
+# What an engine is built for where there is no GPU to build for and no --sm: every common SM, no
+# compiled kernels (each GPU compiles its own at first use). It runs on any of them and on the CPU.
+PORTABLE_TARGETS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120")
+
+
+def _targets(text):
     """``--sm`` as a list for ``rtxjit.build``: "89,90", "sm_89,sm_90", "current"; without it, the
-    GPU's SM, or an error on a machine without a GPU."""
+    GPU's SM, or None on a machine without a GPU (a portable engine: PORTABLE_TARGETS, no kernels)."""
     from rtxjit.errors import EngineError
 
     if text is None:
         import torch
 
-        if not torch.cuda.is_available():
-            raise EngineError("no GPU here to build for (the default is --sm current): name the SM targets, "
-                              "e.g. --sm 90 or --sm 80,86,89,90")
-        return ["current"]
+        return ["current"] if torch.cuda.is_available() else None
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:
         raise EngineError(f"--sm '{text}' names no SM target: use e.g. --sm 89,90 or --sm current")
     return items
-
-
-def _profile_arg(args):
-    """``--shapes`` (a fixed shape per named input) or ``--min/opt/max-shapes`` as a Profile; None
-    keeps the model's default profile. A missing min or max shape is the opt shape (as in trtexec)."""
-    from rtxjit.errors import ShapeError
-    from rtxjit.plan.profiles import Profile, parse_shapes
-
-    ranged = (args.min_shapes, args.opt_shapes, args.max_shapes)
-    if args.shapes and any(ranged):
-        raise ShapeError("give either --shapes (fixed shapes) or --min-shapes/--opt-shapes/--max-shapes "
-                         "(a range), not both")
-    if args.shapes:
-        return Profile(parse_shapes(args.shapes))
-    if not any(ranged):
-        return None
-    if not args.opt_shapes:
-        raise ShapeError("--min-shapes and --max-shapes need --opt-shapes (the shapes to tune for)")
-    return Profile.from_strings(args.min_shapes or args.opt_shapes, args.opt_shapes,
-                                args.max_shapes or args.opt_shapes)
 
 
 def cmd_build(args) -> int:
@@ -100,7 +83,13 @@ def cmd_build(args) -> int:
     from rtxjit.errors import EngineError
     from rtxjit.frontdoor import import_graph
 
-    sms = parse_targets(_targets(args.sm))
+    targets = _targets(args.sm)
+    kernels = not args.no_kernels
+    if targets is None:
+        targets, kernels = list(PORTABLE_TARGETS), False
+        _warn(f"no GPU here and no --sm: building a portable engine for {', '.join(targets)} without compiled "
+              "kernels (a GPU compiles them at first use; the CPU runs it too); --sm 90 (say) compiles them now")
+    sms = parse_targets(targets)
     profile = _profile_arg(args)
     target = Path(args.save_engine)
     if target.is_dir() or not target.parent.is_dir():
@@ -111,14 +100,20 @@ def cmd_build(args) -> int:
     with progress.phase("import"):
         graph = import_graph(args.onnx)  # then rtxjit.build takes it through the front door's passes
     imported = time.perf_counter()
+    shapes = {v.name: v.type.shape for v in graph.inputs}  # the model's own (symbolic) dims, for warnings
     with progress.phase("passes, checks and kernels"):
         engine = rtxjit.build(graph, targets=list(sms), profiles=profile, precision=args.precision,
-                              strip_weights=args.strip_weights, kernels=not args.no_kernels,
+                              strip_weights=args.strip_weights, kernels=kernels,
                               progress=progress.step)
     built = time.perf_counter()
     with progress.phase("save"):
         path = engine.save(args.save_engine)
     saved = time.perf_counter()
+    for name, dims in _unset_profile_dims(engine.profiles[0], profile):  # after the progress bar's last line
+        lo, opt, hi = engine.profiles[0].shapes[name]
+        _warn(f"input '{name}': dynamic {_dims_text(shapes.get(name, opt), dims)} not set by --shapes or "
+              f"--min-shapes/--opt-shapes/--max-shapes: the engine accepts {lo[dims[0]]}..{hi[dims[0]]} and is "
+              f"tuned for {opt[dims[0]]} there; choose with --minShapes/--optShapes/--maxShapes")
     weights = engine.weights
     weight_bytes = sum(w.nbytes for w in weights)
     size = Path(path).stat().st_size

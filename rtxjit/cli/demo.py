@@ -3,18 +3,39 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 
 from rtxjit.cli.common import _session, _time_runs
 
 
-def cmd_demo(args) -> int:
-    import onnxruntime as ort
+def _save_onnx(folder: str, names: list) -> int:
+    """Write the demo models (fp32) as ``folder/<name>.onnx``: files for the README's examples."""
+    import onnx
 
+    from rtxjit.models import DEMO_MODELS
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        model = DEMO_MODELS[name](dtype=np.float32)
+        path = out / f"{name}.onnx"
+        onnx.save(model, str(path))
+        inputs = ", ".join(f"{vi.name} [{', '.join(d.dim_param or str(d.dim_value) for d in vi.type.tensor_type.shape.dim)}]"
+                           for vi in model.graph.input)
+        print(f"wrote {path} (inputs {inputs})")
+    return 0
+
+
+def cmd_demo(args) -> int:
     from rtxjit.models import DEMO_MODELS, demo_inputs
 
     names = list(DEMO_MODELS) if args.model == "all" else [args.model]
+    if args.save_onnx is not None:
+        return _save_onnx(args.save_onnx, names)
+    import onnxruntime as ort
+
     worst = 0.0
     for name in names:
         for dtype in (np.float32, np.float16) if args.dtype == "both" else (np.dtype(args.dtype),):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rtxjit.cli.common import _input_shapes, _open, _random_feeds, _settle, _si, _time_runs
+from rtxjit.cli.common import _input_shapes, _open, _random_feeds, _settle, _si, _time_runs, _warm_up
 
 
 PROFILE_COLUMNS = ("#", "node", "kernel", "variant", "time us", "share", "bytes", "flops", "floor us",
@@ -63,7 +63,7 @@ def cmd_profile(args) -> int:
     sess, what = _open(args)
     shapes = _input_shapes(sess, args.shapes, what)
     feeds = _random_feeds(sess, shapes)
-    _time_runs(sess, feeds, max(1, args.warmup), 0)
+    _warm_up(sess, feeds, max(1, args.warmup), args.warm_up_ms)
     _settle(sess, feeds)
     plan, kinds, times = sess.time_launches(feeds, args.iterations, warmup=1)
     end_to_end = float(np.median(_time_runs(sess, feeds, 0, args.iterations)))
