@@ -299,3 +299,53 @@ def test_unregistering_an_unknown_op_is_an_error():
     with warnings.catch_warnings():
         with pytest.raises(UsageError, match="not registered"):
             rtxjit.unregister_op(DOMAIN, "Nope")
+
+
+# --- AOT kernels and torch.compile ---------------------------------------------------------------
+
+def test_an_aot_engine_holds_the_custom_kernel_for_sm90(ops):
+    """Compiled for sm_90 by Triton's compiler on this CPU-only machine: the wrapper and the user's
+    kernel go through the GPU road too, generic and specialized (sizes as constants)."""
+    engine = rtxjit.build(swish_model(shape=(4, 70)), targets=["sm_90"], kernels=True)
+    names = [b["meta"]["metadata"]["name"] for b in engine.binaries.values()]
+    assert names.count("rtxjit_test_custom_Swish") == 2  # generic + specialized
+    assert all(b["data"][:4] == b"\x7fELF" for b in engine.binaries.values())
+
+
+def test_torch_compile_runs_a_torch_library_op_mapped_to_the_domain(ops):
+    """A torch.library op whose ONNX export (TorchScript symbolic) is the custom domain's node: the
+    backend's probe imports it, so it runs inside the rtxjit part instead of falling back."""
+    import torch
+    from torch.onnx import symbolic_helper
+
+    import rtxjit.torch as rt
+
+    @torch.library.custom_op("rtxjit_custom_test::swish", mutates_args=())
+    def swish(x: torch.Tensor, alpha: float) -> torch.Tensor:
+        return x * torch.sigmoid(alpha * x)
+
+    @swish.register_fake
+    def _(x, alpha):
+        return torch.empty_like(x)
+
+    @symbolic_helper.parse_args("v", "f")
+    def symbolic(g, x, alpha):
+        return g.op(f"{DOMAIN}::Swish", x, alpha_f=alpha).setType(x.type())
+
+    torch.onnx.register_custom_op_symbolic("rtxjit_custom_test::swish", symbolic, 1)
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return swish(x * 2, 1.5) + 1
+
+    torch._dynamo.reset()
+    try:
+        x = torch.randn(3, 70)
+        exports = rt.export_count()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", rt.RtxjitFallbackWarning)  # no part may fall back to eager
+            y = torch.compile(M(), backend="rtxjit")(x)
+        assert rt.export_count() == exports + 1  # one part: the custom op is inside it
+        torch.testing.assert_close(y, M()(x), rtol=1e-4, atol=1e-5)
+    finally:
+        torch._dynamo.reset()
