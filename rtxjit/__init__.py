@@ -9,6 +9,6 @@ _config.prepare_triton()
 from rtxjit import ops as _ops  # noqa: F401,E402  (importing the op families fills the registry)
 from rtxjit.errors import (  # noqa: F401,E402
     EngineError, InputError, KernelError, ModelError, RtxjitError, ShapeError, UnsupportedOpError)
-from rtxjit.ops.custom import TensorInfo, register_op, unregister_op  # noqa: F401,E402
+from rtxjit.custom import TensorInfo, register_op, unregister_op  # noqa: F401,E402
 from rtxjit.session import InferenceSession  # noqa: F401,E402
 from rtxjit.engine.engine import Engine, Refitter, build  # noqa: F401,E402

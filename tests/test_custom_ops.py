@@ -1,4 +1,4 @@
-"""Custom ops (rtxjit/ops/custom.py): a user's op of their own ONNX domain with a @triton.jit
+"""Custom ops (rtxjit/custom.py): a user's op of their own ONNX domain with a @triton.jit
 kernel runs in sessions and engines against its float64 reference; a missing registration is an
 error naming the op, at import and at engine load; bad registrations are refused at once; a changed
 kernel is never served from the runtime cache."""

@@ -32,7 +32,7 @@ model does not import it)::
     @op("MatMulNBits", since=1, kind=Kind.MATMUL, domain="com.microsoft")   # rtxjit/ops/contrib.py
     def matmul_nbits(a: TensorType, b: TensorType, scales: TensorType, *, K: int, N: int, ...):
 
-Users register ops of their own domains at run time with ``rtxjit.register_op`` (rtxjit/ops/custom.py),
+Users register ops of their own domains at run time with ``rtxjit.register_op`` (rtxjit/custom.py),
 which declares them here with a ``fingerprint`` (a hash of their code, part of cache keys);
 ``all_ops`` and ``all_op_versions`` list rtxjit's own ops only.
 
@@ -65,7 +65,7 @@ class Kind(enum.Enum):
     MOVEMENT = "data_movement"
     ALIAS = "alias"  # output is a view of an input: no data is computed or moved
     SHAPE = "shape"  # computed on the host from types and host values only
-    CUSTOM = "custom"  # a user's op, lowered onto the user's Triton kernel (rtxjit/ops/custom.py)
+    CUSTOM = "custom"  # a user's op, lowered onto the user's Triton kernel (rtxjit/custom.py)
 
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -123,7 +123,7 @@ class OpDef:
                  samples=(), tolerance: Optional[dict] = None, fingerprint: Optional[str] = None):
         self.name = name  # qualified: "<domain>.<op>" outside the default domain
         self.domain, self.op_type = split_name(name)
-        self.fingerprint = fingerprint  # a user-registered op's code hash (rtxjit/ops/custom.py); None: rtxjit's
+        self.fingerprint = fingerprint  # a user-registered op's code hash (rtxjit/custom.py); None: rtxjit's
         self.since = since
         self.kind = kind
         self.infer_fn = infer
