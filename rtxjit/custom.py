@@ -51,7 +51,7 @@ from typing import Callable, Optional, Union
 
 from rtxjit.codegen.source import KernelSource, render
 from rtxjit.errors import UnsupportedOpError, UsageError
-from rtxjit.ir.registry import DEFAULT_DOMAINS, Kind, OpDef, declare, get_op, op_versions, qualified, undeclare
+from rtxjit.ir.registry import DEFAULT_DOMAINS, Kind, OpDef, declare, op_versions, qualified, undeclare
 
 RESERVED_DOMAINS = DEFAULT_DOMAINS + ("rtxjit",)
 _MODULES = {"triton": "triton", "tl": "triton.language", "libdevice": "triton.language.extra.libdevice"}
@@ -136,16 +136,6 @@ def unregister_op(domain: str, name: str, version: Optional[int] = None) -> None
         undeclare(full, d.since)
 
 
-def registered(name: str, version: int = 0) -> Optional[OpDef]:
-    """The user-registered declaration a node of registry name ``name`` at ``version`` runs, None
-    where there is none (or the op is rtxjit's own)."""
-    try:
-        d = get_op(name, version=version)
-    except UnsupportedOpError:
-        return None
-    return d if d.fingerprint is not None else None
-
-
 # --- checks at registration ------------------------------------------------------------------------
 
 def _attributes(infer, where: str) -> list:
@@ -183,7 +173,8 @@ def _kernel(kernel, where: str) -> _Kernel:
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
-    if not isinstance(kernel, (JITFunction, InterpretedFunction)) or not inspect.isfunction(getattr(kernel, "fn", None)):
+    jitted = isinstance(kernel, (JITFunction, InterpretedFunction))
+    if not jitted or not inspect.isfunction(getattr(kernel, "fn", None)):
         raise UsageError(f"{where}: kernel must be a @triton.jit function, got {type(kernel).__name__}")
     fn = kernel.fn
     try:
