@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+echo "test: running ${PYTHON:-python3} -m pytest -q -p no:cacheprovider $* (GPU tests skip without a GPU)"
 exec "${PYTHON:-python3}" -m pytest -q -p no:cacheprovider "$@"
