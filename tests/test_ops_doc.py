@@ -26,8 +26,9 @@ def test_docs_ops_md_is_current():
     want = _fresh_markdown()
     have = DOC.read_text(encoding="utf-8") if DOC.exists() else ""
     if have != want:
-        diff = "".join(list(difflib.unified_diff(have.splitlines(True), want.splitlines(True), "docs/ops.md (committed)",
-                                                 "docs/ops.md (from the registry)"))[:60])
+        diff = difflib.unified_diff(have.splitlines(True), want.splitlines(True), "docs/ops.md (committed)",
+                                    "docs/ops.md (from the registry)")
+        diff = "".join(list(diff)[:60])
         raise AssertionError(f"docs/ops.md is stale: the op registry changed. Regenerate it from the repository root "
                              f"with\n\n    {REGENERATE}\n\nand commit it. Difference (first lines):\n{diff}")
 

@@ -8,7 +8,16 @@
     rtxjit profile (same model flags as run) [--export-profile FILE.json]
     rtxjit inspect (--onnx m.onnx | --load-engine m.rtx) [--passes] [--launches] [--kernel INDEX|NAME]
                    [--specialized] [--shapes ..]
-    rtxjit demo    (the built-in models against onnxruntime)
+    rtxjit demo    (the built-in models against onnxruntime) [--save-onnx DIR: write them, run nothing]
+    rtxjit ops     [--markdown] [--output FILE]   (the supported ops; docs/ops.md is the markdown)
+    rtxjit --version
+
+trtexec's spellings work beside these: ``--saveEngine``, ``--loadEngine``, ``--minShapes``,
+``--optShapes``, ``--maxShapes`` (``run`` and ``profile`` take a profile too, for ``--onnx``), and
+``run``'s ``--warmUp MS`` (untimed runs for at least MS milliseconds), ``--duration S`` (timed runs
+for at least S seconds, and at least ``--iterations``) and ``--avgRuns N`` (the averages of N
+consecutive runs). Without ``--sm`` and without a GPU, ``build`` makes a portable engine (the common
+SMs, no compiled kernels).
 
 ``build`` needs no GPU when ``--sm`` names the targets (the default, ``current``, is the GPU's SM)
 and prints a progress line per phase on stderr (import, passes and checks, save; a bar redrawn in
@@ -18,7 +27,9 @@ place on a terminal). ``--shapes`` takes trtexec's syntax (``name:1x3x224x224,ot
 flags); an input that ``--shapes`` leaves out takes its symbolic dims from the inputs it names,
 else the shape its first optimization profile is tuned for (``opt``; for an engine, the profile it
 was built with). ``run`` and ``profile`` time the steady state: after the warm-up they wait for
-the background specializer (``--specialize``) to serve its kernels.
+the background specializer (``--specialize``) to serve its kernels. A dynamic dim that neither
+``--shapes`` nor a chosen profile sets is a warning naming the input, the dim and its symbol (for
+``build``: the engine's profile keeps the default range there).
 
 ``profile`` times every kernel launch of the plan alone (CUDA events on a GPU, wall time under the
 CPU interpreter) and prints, per launch, its node, kernel, which variant served it, time, share of
@@ -33,7 +44,7 @@ input outside the engine's profiles, a weight-stripped engine) print one line, `
 ...``, naming the file, input or weight, and exit with status 1; command-line usage errors exit with
 status 2 (argparse's).
 
-Each subcommand is a module of this package (``build``, ``run``, ``profile``, ``inspect``, ``demo``;
+Each subcommand is a module of this package (``build``, ``run``, ``profile``, ``inspect``, ``demo``, ``ops``;
 ``common`` holds what they share); the parser and ``main`` are here.
 """
 

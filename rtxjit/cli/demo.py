@@ -22,8 +22,9 @@ def _save_onnx(folder: str, names: list) -> int:
         model = DEMO_MODELS[name](dtype=np.float32)
         path = out / f"{name}.onnx"
         onnx.save(model, str(path))
-        inputs = ", ".join(f"{vi.name} [{', '.join(d.dim_param or str(d.dim_value) for d in vi.type.tensor_type.shape.dim)}]"
-                           for vi in model.graph.input)
+        dims = {vi.name: [d.dim_param or str(d.dim_value) for d in vi.type.tensor_type.shape.dim]
+                for vi in model.graph.input}
+        inputs = ", ".join(f"{name} [{', '.join(shape)}]" for name, shape in dims.items())
         print(f"wrote {path} (inputs {inputs})")
     return 0
 
