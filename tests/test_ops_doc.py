@@ -7,6 +7,10 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import triton
+import triton.language as tl
+
+import rtxjit
 from rtxjit.cli.ops import REGENERATE, _domain_and_name, _versions, op_table, ops_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,3 +63,23 @@ def test_versions_and_domains_are_spelled_as_the_doc_says():
     assert _domain_and_name(SimpleNamespace(name="Swish", domain="com.example")) == ("com.example", "Swish")
     assert _domain_and_name(SimpleNamespace(name="com.example.Swish", domain="com.example")) == \
         ("com.example", "Swish")
+
+
+@triton.jit
+def _double(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * 2, mask=offs < n)
+
+
+def test_ops_a_user_registers_are_listed_but_never_documented():
+    before = ops_markdown()
+    rtxjit.register_op("doc.test", "Double", infer=lambda x: x, reference=lambda x: 2 * x, kernel=_double,
+                       grid=lambda x, y: (triton.cdiv(x.numel, 64),), args=lambda x, y: (x.numel,),
+                       meta={"BLOCK": 64})
+    try:
+        rows = [r for r in op_table(custom=True) if r["domain"] == "doc.test"]
+        assert [(r["op"], r["versions"], r["kind"]) for r in rows] == [("Double", [1], "custom")]
+        assert "rtxjit.register_op" in rows[0]["notes"][0]
+        assert ops_markdown() == before and "doc.test" not in before
+    finally:
+        rtxjit.unregister_op("doc.test", "Double")
