@@ -22,7 +22,7 @@ from rtxjit.ir.graph import Graph
 from rtxjit.ir.types import DType, TensorType
 from rtxjit.jit import specializer as jit, warm
 from rtxjit.kernels.store import EngineBinaries, KernelStore
-from rtxjit.kernels.tensors import dtype_of_torch, torch_dtype
+from rtxjit.kernels.tensors import dtype_of_torch, host_tensor
 from rtxjit.plan import autotune
 from rtxjit.plan.plan import PlanBuilder
 from rtxjit.plan.profiles import resolve_profiles, select
@@ -32,6 +32,7 @@ ONNX_TYPE_NAMES = {
     DType.FP64: "tensor(double)", DType.INT64: "tensor(int64)", DType.INT32: "tensor(int32)",
     DType.INT8: "tensor(int8)", DType.UINT8: "tensor(uint8)", DType.BOOL: "tensor(bool)",
     DType.FP8E4M3: "tensor(float8e4m3fn)", DType.FP8E5M2: "tensor(float8e5m2)",
+    DType.INT4: "tensor(int4)", DType.UINT4: "tensor(uint4)",
 }
 
 
@@ -366,8 +367,7 @@ class InferenceSession:
     def _upload_constants(self) -> None:
         for v in self.graph.constants():
             data = np.ascontiguousarray(v.const).reshape(-1)
-            host = torch.from_numpy(data if data.flags.writeable else data.copy())
-            t = host.to(self._tdev, dtype=torch_dtype(v.type.dtype))
+            t = host_tensor(data, v.type.dtype).to(self._tdev)
             self._const_tensors[v.name] = t
 
 

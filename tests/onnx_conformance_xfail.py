@@ -74,4 +74,11 @@ EXPECTED_FAILURES = {
     # does rtxjit (onnxruntime gives rtxjit's values on both cases).
     r"test_resize_downsample_scales_(linear|cubic)_align_corners":
         "align_corners: onnx's reference divides by the fractional output length; rtxjit, onnxruntime use the integer",
+    # ---- QuantizeLinear, DequantizeLinear (issue 19) ----
+    r"test_(de)?quantizelinear_(u?int16|blocked_symmetric)": _NO_DTYPE.format("int16 / uint16"),
+    r"test_(de)?quantizelinear_(u?int2|float4e2m1)": _NO_DTYPE.format("int2 / uint2 / float4e2m1"),
+    # rtxjit runs int4 (DType.INT4 / UINT4); the case's int4 feeds are ml_dtypes arrays, which the
+    # onnx.backend adapter (rtxjit/onnx/backend.py, to_feed) hands to torch.from_numpy, which refuses them.
+    r"test_(de)?quantizelinear_u?int4": "backend adapter: ml_dtypes int4 / uint4 feeds are not converted to torch",
+    r"test_dynamicquantizelinear(_max_adjusted|_min_adjusted)?_expanded": _OLD_OPSET.format(11),
 }

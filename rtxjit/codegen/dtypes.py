@@ -13,6 +13,8 @@ TL = {
     DType.INT32: "tl.int32",
     DType.INT8: "tl.int8",
     DType.UINT8: "tl.uint8",
+    DType.INT4: "tl.int8",  # held unpacked, one per byte (rtxjit/ir/types.py)
+    DType.UINT4: "tl.uint8",
     DType.BOOL: "tl.int1",
 }
 

@@ -23,7 +23,7 @@ from rtxjit.errors import KernelError
 from rtxjit.kernels import keys as kernel_keys
 # the kinds, the specialized source and the dtype table, here too for the executor's readers
 from rtxjit.kernels.keys import GENERIC, SPECIALIZED, shape_params, specialized_source  # noqa: F401
-from rtxjit.kernels.tensors import TORCH_DTYPES, torch_dtype  # noqa: F401
+from rtxjit.kernels.tensors import TORCH_DTYPES, host_tensor, torch_dtype  # noqa: F401
 from rtxjit.plan.memory import plan_arena
 from rtxjit.plan.plan import Buf, Launch, Plan
 
@@ -109,7 +109,7 @@ class Executable:
         key = (spec.name, data.dtype.str, data.shape, hashlib.sha256(data.view(np.uint8)).hexdigest())
         tensor = shared.get(key)
         if tensor is None:
-            tensor = torch.from_numpy(data.reshape(-1).copy()).to(self.tdev)
+            tensor = host_tensor(data.reshape(-1), spec.dtype).to(self.tdev)
             shared[key] = tensor
         return tensor
 

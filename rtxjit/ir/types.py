@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Union
 
+import ml_dtypes
 import numpy as np
 
 from rtxjit.errors import NoNumpyDtypeError, ShapeError
@@ -21,7 +22,15 @@ Shape = tuple  # tuple[Dim, ...]
 
 
 class DType(enum.Enum):
-    """Element types. Value: (short name, ONNX TensorProto code, numpy dtype name, bytes)."""
+    """Element types. Value: (short name, ONNX TensorProto code, numpy dtype name, bytes).
+
+    INT4 and UINT4 are unpacked, one value per byte: on the host as ``ml_dtypes.int4`` / ``uint4``
+    arrays (ONNX packs two per byte; the importer unpacks initializers, see
+    ``rtxjit.onnx.importer.tensor_to_array``), so numpy references see the type and QuantizeLinear
+    clamps to 4 bits when it folds; on the device as int8 / uint8 tensors (a kernel loads bytes;
+    only the ops that produce int4 need to know the narrower range). fp8 values have no numpy
+    dtype (folding and host evaluation skip them); the IR holds fp8 constants as ``ml_dtypes`` arrays.
+    """
 
     FP32 = ("fp32", 1, "float32", 4)
     FP16 = ("fp16", 10, "float16", 2)
@@ -33,6 +42,8 @@ class DType(enum.Enum):
     INT32 = ("int32", 6, "int32", 4)
     INT8 = ("int8", 3, "int8", 1)
     UINT8 = ("uint8", 2, "uint8", 1)
+    INT4 = ("int4", 22, "int4", 1)  # ml_dtypes' name (numpy's own "int4" is int32: see to_numpy)
+    UINT4 = ("uint4", 21, "uint4", 1)
     BOOL = ("bool", 9, "bool", 1)
 
     @property
@@ -58,6 +69,8 @@ class DType(enum.Enum):
     def to_numpy(self) -> np.dtype:
         if self.value[2] is None:
             raise NoNumpyDtypeError(f"dtype {self.short} has no numpy dtype")
+        if self in (DType.INT4, DType.UINT4):
+            return np.dtype(getattr(ml_dtypes, self.value[2]))
         return np.dtype(self.value[2])
 
     @staticmethod

@@ -64,14 +64,17 @@ def load_model(model) -> onnx.ModelProto:
 
 
 def tensor_to_array(t: onnx.TensorProto) -> tuple:
-    """(numpy array, DType) of an ONNX tensor. bf16 data is held as float32 values."""
+    """(numpy array, DType) of an ONNX tensor. bf16 data is held as float32 values, fp8 and
+    int4 / uint4 (packed two per byte in ONNX: unpacked here) as ``ml_dtypes`` arrays."""
     dtype = _dtype(t.data_type, f"tensor '{t.name}'")
     dims = [int(d) for d in t.dims]
     if any(d < 0 for d in dims):
         raise ModelError(f"tensor '{t.name}': negative dimension in its shape {dims}")
-    if t.HasField("raw_data") and len(t.raw_data) != dtype.itemsize * int(np.prod(dims, dtype=object)):
+    count = int(np.prod(dims, dtype=object))
+    size = (count + 1) // 2 if dtype in (DType.INT4, DType.UINT4) else dtype.itemsize * count
+    if t.HasField("raw_data") and len(t.raw_data) != size:
         raise ModelError(f"tensor '{t.name}': {len(t.raw_data)} bytes of data, but shape {dims} of "
-                         f"{dtype.short} needs {dtype.itemsize * int(np.prod(dims, dtype=object))}")
+                         f"{dtype.short} needs {size}")
     try:
         arr = np.asarray(numpy_helper.to_array(t))
     except (ValueError, TypeError, OverflowError, MemoryError) as exc:

@@ -6,4 +6,4 @@ the ops. Ops depend on ir and codegen only, never on the runtime: what a lowerin
 about the device comes on its ``ctx``."""
 
 from rtxjit.ops import (attention, conv, conv_transpose, einsum, elementwise, fused, indexing,  # noqa: F401
-                        matmul, movement, norm, pad, pool, reduce, resize, scan, shape)
+                        matmul, movement, norm, pad, pool, quant, reduce, resize, scan, shape)

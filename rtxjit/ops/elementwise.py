@@ -422,6 +422,9 @@ def cast_expr(in_dtypes, out_dtype, attrs):
     if out_dtype.short.startswith("fp8") or in_dtypes[0].short.startswith("fp8"):
         raise UnsupportedOpError(f"{'CastLike' if len(in_dtypes) > 1 else 'Cast'} to or from fp8 "
                                  "is not supported yet")
+    if out_dtype in (DType.INT4, DType.UINT4):  # a byte store would neither round nor clamp to 4 bits
+        raise UnsupportedOpError(f"{'CastLike' if len(in_dtypes) > 1 else 'Cast'} to {out_dtype.short} "
+                                 "is not supported yet (QuantizeLinear produces int4 / uint4)")
     return ("x0 != 0" if out_dtype is DType.BOOL else "x0"), ()
 
 

@@ -1,0 +1,153 @@
+"""QuantizeLinear / DequantizeLinear (rtxjit/ops/quant.py) on the types the registry samples cannot
+hold (fp8, int4: onnxruntime's Python API takes no ml_dtypes feeds, so they are initializers or
+are checked against onnx's reference evaluator), rounding ties and special values, and quantized
+models from onnxruntime.quantization against onnxruntime on the same file."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+import rtxjit
+from rtxjit.ir.types import DType
+from rtxjit.onnx.importer import import_model
+
+FP8 = {TensorProto.FLOAT8E4M3FN: ml_dtypes.float8_e4m3fn, TensorProto.FLOAT8E5M2: ml_dtypes.float8_e5m2}
+TORCH_FP8 = {TensorProto.FLOAT8E4M3FN: torch.float8_e4m3fn, TensorProto.FLOAT8E5M2: torch.float8_e5m2}
+
+
+def _model(nodes, inputs, outputs, inits=(), opset=21):
+    g = helper.make_graph(nodes, "q", inputs, outputs, list(inits))
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 10
+    return m
+
+
+def _ort(model, feeds):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def _run(model, feeds, **options):
+    """rtxjit's outputs as torch tensors (numpy has no fp8): feeds go in as torch tensors."""
+    feeds = {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(v) for k, v in feeds.items()}
+    return rtxjit.InferenceSession(model, device="cpu", **options).run(None, feeds)
+
+
+SPECIALS = np.array([0.0, -0.0, 0.3, 1.0625, 1.1875, -2.5, 450, 460, 464, 470, 500, 1e6, -1e6, np.inf, -np.inf,
+                     np.nan, 1e-10, 9.765625e-4, 1.46484375e-3, 1.3e-3, 2.0 ** -10, 2.0 ** -17, 3 * 2.0 ** -17,
+                     57344, 59392, 60000, 61440, 70000, -3e-5, 6.1e-5], np.float32)
+
+
+@pytest.mark.parametrize("code", list(FP8), ids=["e4m3fn", "e5m2"])
+@pytest.mark.parametrize("saturate", [1, 0])
+def test_quantize_to_fp8_rounds_and_saturates_as_onnx(code, saturate):
+    """Ties to even, subnormals, the overflow threshold, inf and NaN, with and without saturation,
+    bit for bit as onnx's reference (ml_dtypes' conversion)."""
+    x = np.concatenate([SPECIALS, np.random.default_rng(0).uniform(-600, 600, 40).astype(np.float32)])
+    zero = numpy_helper.from_array(np.zeros((), FP8[code]), "z")
+    m = _model([helper.make_node("QuantizeLinear", ["x", "s", "z"], ["y"], saturate=saturate)],
+               [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+               [helper.make_tensor_value_info("y", code, list(x.shape))],
+               [numpy_helper.from_array(np.float32(0.5), "s"), zero])
+    want = ReferenceEvaluator(m).run(None, {"x": x})[0]
+    got = _run(m, {"x": x})[0]
+    assert got.dtype == TORCH_FP8[code]
+    got_bits, want_bits = got.view(torch.uint8).numpy(), want.view(np.uint8)
+    nan = np.isnan(want.astype(np.float32))
+    np.testing.assert_array_equal(np.isnan(got.float().numpy()), nan)
+    np.testing.assert_array_equal(got_bits[~nan], want_bits[~nan])
+
+
+@pytest.mark.parametrize("code", list(FP8), ids=["e4m3fn", "e5m2"])
+def test_dequantize_every_fp8_code(code):
+    """All 256 codes (NaN, inf, subnormals, -0) from a graph input and from an initializer."""
+    bits = np.arange(256, dtype=np.uint8)
+    x = bits.view(FP8[code])
+    scale = np.float32(0.75)
+    want = x.astype(np.float32) * scale
+    m = _model([helper.make_node("DequantizeLinear", ["x", "s"], ["y"])],
+               [helper.make_tensor_value_info("x", code, [256])],
+               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [256])],
+               [numpy_helper.from_array(scale, "s")])
+    got = _run(m, {"x": torch.from_numpy(bits.copy()).view(TORCH_FP8[code])})[0].numpy()
+    np.testing.assert_array_equal(got, want)  # NaN positions compare equal
+    const = _model([helper.make_node("DequantizeLinear", ["x", "s"], ["y"])], [],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [256])],
+                   [numpy_helper.from_array(x, "x"), numpy_helper.from_array(scale, "s")])
+    np.testing.assert_array_equal(np.asarray(_run(const, {})[0]), want)
+
+
+def test_int4_initializers_unpack_and_dequantize_block_wise_as_onnxruntime():
+    """An odd count of int4 values (packed two per byte, the last byte half used), block-wise along
+    axis 0 with a shorter last block, and uint4 per-axis with zero points, against onnxruntime."""
+    rng = np.random.default_rng(1)
+    w = rng.integers(-8, 8, (7, 3)).astype(ml_dtypes.int4)
+    scale = rng.uniform(0.01, 0.1, (4, 3)).astype(np.float32)
+    zero = rng.integers(-8, 8, (4, 3)).astype(ml_dtypes.int4)
+    u = rng.integers(0, 16, (3, 5)).astype(ml_dtypes.uint4)
+    uscale = rng.uniform(0.01, 0.1, (5,)).astype(np.float32)
+    uzero = rng.integers(0, 16, (5,)).astype(ml_dtypes.uint4)
+    m = _model([helper.make_node("DequantizeLinear", ["w", "s", "z"], ["a"], axis=0, block_size=2),
+                helper.make_node("DequantizeLinear", ["u", "us", "uz"], ["b"], axis=1),
+                helper.make_node("MatMul", ["a", "x"], ["y"]), helper.make_node("Add", ["b", "bias"], ["c"])],
+               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 2]),
+                helper.make_tensor_value_info("bias", TensorProto.FLOAT, [3, 5])],
+               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [7, 2]),
+                helper.make_tensor_value_info("c", TensorProto.FLOAT, [3, 5])],
+               [numpy_helper.from_array(w, "w"), numpy_helper.from_array(scale, "s"),
+                numpy_helper.from_array(zero, "z"), numpy_helper.from_array(u, "u"),
+                numpy_helper.from_array(uscale, "us"), numpy_helper.from_array(uzero, "uz")])
+    assert len(m.graph.initializer[0].raw_data) == 11  # 21 values, two per byte
+    graph = import_model(m)
+    consts = {v.name: v for v in graph.constants()}
+    assert consts["w"].type.dtype is DType.INT4 and consts["w"].const.dtype == ml_dtypes.int4
+    np.testing.assert_array_equal(consts["w"].const, w)
+    feeds = {"x": rng.standard_normal((3, 2)).astype(np.float32), "bias": np.zeros((3, 5), np.float32)}
+    for optimize in (True, False):  # folded to fp32 constants, and run by the kernels
+        got = _run(m, feeds, optimize=optimize)
+        for g, w_ in zip(got, _ort(m, feeds)):
+            np.testing.assert_allclose(g.numpy(), w_, rtol=1e-5, atol=1e-6)
+
+
+def test_quantize_to_int4_saturates_to_four_bits_also_when_folded():
+    """x -> QuantizeLinear(int4) -> DequantizeLinear: values beyond [-8, 7] clamp to the 4-bit range,
+    in the kernel and when a constant weight's QuantizeLinear is folded (the reference sees int4)."""
+    rng = np.random.default_rng(2)
+    x = rng.uniform(-1.5, 1.5, (4, 6)).astype(np.float32)
+    scale = np.array([0.1, 0.2, 0.05, 0.3], np.float32)
+    zero = np.array([1, -2, 0, 7], ml_dtypes.int4)
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], axis=0),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], axis=0)]
+    inits = [numpy_helper.from_array(scale, "s"), numpy_helper.from_array(zero, "z")]
+    out = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 6])]
+    m = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 6])], out, inits)
+    want = _ort(m, {"x": x})[0]
+    np.testing.assert_array_equal(_run(m, {"x": x})[0].numpy(), want)
+    assert np.abs(want).max() > 0  # and some values saturated:
+    assert (np.abs(x / scale[:, None]) > 8).any()
+    folded = _model(nodes, [], out, inits + [numpy_helper.from_array(x, "x")])
+    np.testing.assert_array_equal(np.asarray(_run(folded, {})[0]), want)
+
+
+def test_quantize_ties_nan_and_saturation_match_onnxruntime_exactly():
+    """Half-way quotients round to even before the zero point is added; NaN gives the range's low
+    end; per-axis uint8 and int8, block-wise with a shorter last block."""
+    x = np.array([[0.5, 1.5, 2.5, -0.5, -1.5, -2.5, np.nan, np.inf, -np.inf, 1e10, 0.5000001, 127.5]] * 3,
+                 np.float32)
+    for zero, scale, attrs in [(np.array([10, 0, 255], np.uint8), np.array([1, 0.5, 2], np.float32), {"axis": 0}),
+                               (np.array([-3, 0, 127], np.int8), np.array([1, 0.25, 4], np.float32), {"axis": 0}),
+                               (np.array([[1] * 6, [2] * 6, [3] * 6], np.int8),
+                                np.full((3, 6), 0.5, np.float32), {"axis": 1, "block_size": 2}),
+                               (np.array([[1] * 3, [2] * 3, [3] * 3], np.uint8),
+                                np.full((3, 3), 0.5, np.float32), {"axis": 1, "block_size": 5})]:
+        m = _model([helper.make_node("QuantizeLinear", ["x", "s", "z"], ["y"], **attrs)],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                   [helper.make_tensor_value_info("y", helper.np_dtype_to_tensor_dtype(zero.dtype), list(x.shape))],
+                   [numpy_helper.from_array(scale, "s"), numpy_helper.from_array(zero, "z")])
+        np.testing.assert_array_equal(_run(m, {"x": x})[0].numpy(), _ort(m, {"x": x})[0], err_msg=str(attrs))
