@@ -278,3 +278,31 @@ def test_fp8_qdq_below_sm89_is_an_error_naming_the_node_and_sm():
                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 2])], inits)
     with pytest.raises(UnsupportedOpError, match=r"sm_86.*node 'quant_x' \(QuantizeLinear\).*fp8e5m2.*sm_89"):
         rtxjit.build(m, targets=["sm_86"], optimize=False)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_block_wise_int4_from_matmul_nbits_quantizer_matches_onnxruntime(symmetric):
+    """Weight-only int4 in QDQ form from onnxruntime's MatMulNBitsQuantizer: a block-wise uint4
+    DequantizeLinear (blocks of 16 along K, zero points where asymmetric) before a MatMul."""
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    rng = np.random.default_rng(8)
+    w = numpy_helper.from_array(rng.standard_normal((48, 24)).astype(np.float32), "w")
+    m = _model([helper.make_node("MatMul", ["x", "w"], ["y"])], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 48])],
+               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 24])], [w])
+    config = DefaultWeightOnlyQuantConfig(block_size=16, is_symmetric=symmetric, quant_format=QuantFormat.QDQ)
+    quantizer = MatMulNBitsQuantizer(m, algo_config=config)
+    quantizer.process()
+    q = quantizer.model.model
+    dq = [n for n in q.graph.node if n.op_type == "DequantizeLinear"]
+    assert dq and helper.get_attribute_value(dq[0].attribute[1]) == 16
+    assert {i.data_type for i in q.graph.initializer} & {TensorProto.INT4, TensorProto.UINT4}
+    x = rng.standard_normal((3, 48)).astype(np.float32)
+    # onnxruntime fuses DequantizeLinear -> MatMul into MatMulNBits, by default at accuracy level 4
+    # (activations quantized to int8: 2% off); level 1 keeps them fp32, the model's meaning
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    want = ort.InferenceSession(q.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    for optimize in (True, False):
+        np.testing.assert_allclose(_run(q, {"x": x}, optimize=optimize)[0].numpy(), want, rtol=1e-4, atol=1e-4)
