@@ -20,6 +20,7 @@ call it, it imports neither) and above the importer, the passes and the runtime 
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -36,12 +37,14 @@ class Optimized:
     """What ``optimized_graph`` gives: the graph; its model key (``runtime.cache.model_key`` of the
     imported graph, before passes: what the runtime cache files kernels and shapes under; None
     without a cache); how long each pass took (``[]`` when none ran or the graph came from the
-    cache); whether the graph is the cache's record."""
+    cache); whether the graph is the cache's record; the thread writing a new record into the
+    cache (None when nothing is written), which a caller that hands the cache on joins first."""
 
     graph: Graph
     model_key: Optional[str] = None
     pass_timings: list = field(default_factory=list)
     from_cache: bool = False
+    writer: Optional[threading.Thread] = None
 
 
 def optimized_graph(model, *, optimize: bool = True, precision: Optional[str] = None, cache=None,
@@ -72,9 +75,8 @@ def _graph(model, optimize: bool, precision: Optional[str], cache) -> Optimized:
     if optimize or precision is not None:
         graph, timings = passes.optimize(graph, verify=config.verify_passes(), dump=config.dump_passes(),
                                          precision=precision, steps=None if optimize else [])
-    if identity is not None:
-        warm.save_graph_later(cache, identity, options, graph, key)
-    return Optimized(graph, key, timings, False)
+    writer = warm.save_graph_later(cache, identity, options, graph, key) if identity is not None else None
+    return Optimized(graph, key, timings, False, writer)
 
 
 def import_graph(model) -> Graph:

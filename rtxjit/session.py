@@ -90,6 +90,8 @@ class InferenceSession:
         front = optimized_graph(model, optimize=optimize, precision=precision, cache=self.runtime_cache,
                                 targets=targets)
         self.graph, self._model_key, self.pass_timings = front.graph, front.model_key, front.pass_timings
+        self.graph_from_cache: bool = front.from_cache  # the optimized graph was read from the runtime cache
+        self._graph_writer = front.writer
         self.profiles: list = resolve_profiles(profiles, self.graph)
         self._profile_of: dict = {}  # executable key -> index of the profile serving it
         self.last_profile: Optional[int] = None
@@ -211,6 +213,27 @@ class InferenceSession:
             return jit.histogram_of(self.runtime_cache.most_frequent_shapes(self._model_key, n=64))
         except (OSError, ValueError):
             return {}
+
+    def recorded_shapes(self, n: int = 8) -> list:
+        """The runtime cache's ``n`` most frequent bindings of this model's input shapes (earlier
+        processes and this one) as ``[({input: dims}, count)]``, most frequent first; ``[]`` without
+        a cache. What a server warms up with before it reports ready (``rtxjit.serve``)."""
+        if self.runtime_cache is None:
+            return []
+        try:
+            return self.runtime_cache.most_frequent_shapes(self._model_key, n=n)
+        except (OSError, ValueError):
+            return []
+
+    def flush_runtime_cache(self, timeout: Optional[float] = None) -> bool:
+        """Wait until the optimized graph that this session recorded is in its runtime cache (it is
+        written on a thread of its own, so the first inference does not wait), e.g. before another
+        process is told to read it; False if ``timeout`` seconds pass first."""
+        writer = self._graph_writer
+        if writer is not None:
+            writer.join(timeout)
+            return not writer.is_alive()
+        return True
 
     def wait_for_specialization(self, timeout: Optional[float] = None) -> bool:
         """Wait until every binding queued for specialization is done (installed, rejected or

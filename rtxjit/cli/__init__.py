@@ -10,6 +10,8 @@
                    [--specialized] [--shapes ..]
     rtxjit demo    (the built-in models against onnxruntime) [--save-onnx DIR: write them, run nothing]
     rtxjit ops     [--markdown] [--output FILE]   (the supported ops; docs/ops.md is the markdown)
+    rtxjit serve   (--onnx m.onnx | --load-engine m.rtx) [--replicas N] [--port P] [--runtime-cache DIR]
+                   [--max-batch B] [--address RAY]   (Ray Serve, KServe v2 protocol; docs/serving.md)
     rtxjit --version
 
 trtexec's spellings work beside these: ``--saveEngine``, ``--loadEngine``, ``--minShapes``,
@@ -60,6 +62,7 @@ from rtxjit.cli.inspect import cmd_inspect
 from rtxjit.cli.ops import cmd_ops
 from rtxjit.cli.profile import cmd_profile
 from rtxjit.cli.run import cmd_run
+from rtxjit.cli.serve import add_parser as _add_serve
 
 
 def _count(minimum: int):
@@ -242,6 +245,8 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--markdown", action="store_true", help="the markdown of docs/ops.md")
     o.add_argument("--output", default=None, metavar="FILE", help="write to FILE instead of printing")
     o.set_defaults(fn=cmd_ops)
+
+    _add_serve(sub, [common])  # rtxjit serve: Ray Serve, the Open Inference Protocol (docs/serving.md)
     return p
 
 
