@@ -171,8 +171,8 @@ def batch_plan(session: InferenceSession, base_shapes: Optional[dict]) -> tuple:
     symbol = firsts.pop() if len(firsts) == 1 else None
     if not isinstance(symbol, str) or symbol == "?":
         return None, "the inputs do not share a named dynamic dim 0"
-    for o in outputs:
-        if not o.shape or o.shape[0] != symbol:
+    for o in outputs:  # "(N)" is how the IR writes a product of the one dim N (e.g. after a Flatten)
+        if not o.shape or o.shape[0] not in (symbol, f"({symbol})"):
             return None, f"output '{o.name}' has no dim 0 '{symbol}'"
     if base_shapes is None:
         base_shapes = {a.name: session.profiles[0].opt(a.name) for a in inputs}
