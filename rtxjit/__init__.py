@@ -7,6 +7,7 @@ from rtxjit import config as _config  # noqa: E402
 _config.prepare_triton()
 
 from rtxjit import ops as _ops  # noqa: F401,E402  (importing the op families fills the registry)
+from rtxjit import quant as _quant  # noqa: F401,E402  (quantized ops: MatMulNBits, rtxjit.QLinearMatMul)
 from rtxjit.errors import (  # noqa: F401,E402
     EngineError, InputError, KernelError, ModelError, RtxjitError, ShapeError, UnsupportedOpError)
 from rtxjit.custom import TensorInfo, register_op, unregister_op  # noqa: F401,E402

@@ -63,10 +63,14 @@ def single_node_model(opdef, sample, arrays: list, opset: int = None):
     out_types = opdef.infer(infer_args, attrs, sample.outputs)
     out_names = [f"out{k}" for k in range(sample.outputs)]
     outputs = [helper.make_tensor_value_info(n, t.dtype.onnx_code, t.shape) for n, t in zip(out_names, out_types)]
-    node = helper.make_node(opdef.name, names, out_names, **sample.attrs)
+    # an op of another domain (com.microsoft.MatMulNBits) is its op type in its domain, imported at its version
+    node = helper.make_node(opdef.op_type, names, out_names, domain=opdef.domain, **sample.attrs)
     graph = helper.make_graph([node], f"test_{opdef.name}", graph_inputs, outputs, inits)
     opset = opset or sample.opset or OPSET
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    imports = [helper.make_opsetid("", opset)]
+    if opdef.domain:
+        imports.append(helper.make_opsetid(opdef.domain, opdef.since))
+    model = helper.make_model(graph, opset_imports=imports)
     model.ir_version = 10
     feeds = {f"in{i}": a for i, a in enumerate(arrays) if a is not None and i not in opdef.host_inputs}
     return model, feeds

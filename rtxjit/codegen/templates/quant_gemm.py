@@ -1,0 +1,229 @@
+"""Quantized products (rtxjit/quant/): a weight-only dequantizing GEMM and GEMV, and an int8 / fp8
+tensor-core GEMM with the quantization scales in its epilogue.
+
+Built from the pieces of ``templates/matmul.py`` (tile walk, K loop, ``tl.dot`` choice, bias
+epilogue); only the tile loads and the epilogue's scaling are new here.
+
+**Weight-only (``render_nbits``)**: ``out[M, N] = A[M, K] @ dequant(B)^T (+ bias)``, B packed as
+onnxruntime's MatMulNBits stores it: ``[N, ceil(K / block), block * bits / 8]`` bytes, K innermost,
+two 4-bit values per byte (the low nibble first), one scale (and zero point) per ``block`` values
+of K. The packed bytes are what the kernel reads: a ``[BLOCK_N, BLOCK_K / 2]`` tile of bytes (16
+contiguous bytes per row per access), split into nibbles with ``tl.interleave`` and dequantized
+``(q - zero) * scale`` in fp32 in registers, so no dequantized weight exists in memory. Where a
+K step lies inside one quantization block (``BLOCK_K <= block``, no ``g_idx``), the scale and zero
+point are one ``[BLOCK_N]`` vector per step instead of a gather per element.
+Two forms: the GEMM (``tl.dot`` on ``[BLOCK_M, BLOCK_N]`` tiles, for M > 16) and the GEMV for
+decode shapes (M <= 16: all M rows in one ``[BLOCK_M, BLOCK_N]`` accumulator, the product summed
+over a ``[BLOCK_M, BLOCK_N, BLOCK_K]`` register tile: no tensor-core padding of M to 16, and
+every weight byte read once).
+
+**Quantized operands (``render_qdot``)**: ``a`` int8 / uint8 / fp8 (the quantized activation as
+the graph's QuantizeLinear made it), ``b`` int8 / fp8 (a constant weight, its zero point already
+subtracted at lowering). int8: ``tl.dot`` of int8 operands into an int32 accumulator (uint8
+activations are shifted by -128 into int8, exactly; the shift and the activation's zero point come
+back as ``corr[n] = (128 - za) * colsum(b)[n]``, an int32 vector made at lowering); fp8: ``tl.dot``
+of fp8 operands into fp32. Then ``y = acc * cs[n] (+ bias)``, ``cs[n] = sa * sb[n]`` (per-tensor or
+per-channel), and where the graph quantizes the result, ``y`` is quantized in the epilogue with
+the QuantizeLinear arithmetic of ``templates/quant.py`` (the same integers as the pointwise op).
+
+The interpreter has no correct fp8 conversion for NaN / inf (see templates/quant.py), so under it
+(``interpret=True``) the fp8 operands are decoded from their bits to fp32 and multiplied with an
+fp32 ``tl.dot`` (fp8 products are exact in fp32): the same values, other instructions. The GPU
+source keeps the fp8 ``tl.dot`` (tests check the source text).
+"""
+
+from __future__ import annotations
+
+from rtxjit.codegen.dtypes import TL
+from rtxjit.codegen.source import KernelSource, render
+from rtxjit.codegen.templates.matmul import (_next_pow2, epilogue, int64_suffix, masked_load, product, signature,
+                                             tile_configs, tile_indices)
+from rtxjit.codegen.templates.quant import decode_fp8, divide, encode_fp8, quantize_int
+from rtxjit.errors import InternalError
+from rtxjit.ir.types import DType
+
+FP8 = (DType.FP8E4M3, DType.FP8E5M2)
+ZERO_KINDS = ("none", "packed", "float")
+
+
+# ---- weight-only ----------------------------------------------------------------------------------
+
+def dequant_lines(bits: int, block: int, zero: str, g_idx: bool) -> list:
+    """Loop-body lines (8-space indent) defining ``w``, the ``[BLOCK_N, BLOCK_K]`` fp32 weight tile
+    of rows ``rn`` at K indices ``rk`` (``k0`` the step's first), read from the packed bytes.
+    Masked-off bytes read 0 (a finite weight: the matching ``a`` values are 0)."""
+    kmask = "(rk[None, :] < K)"
+    if bits == 4:
+        lines = ["        rkb = k0 // 2 + tl.arange(0, BLOCK_K // 2)",
+                 "        q_b = tl.load(b_ptr + b_off + rn[:, None] * ldb + rkb[None, :], "
+                 "mask=(rn[:, None] < N) & (rkb[None, :] * 2 < K), other=0).to(tl.int32)",
+                 "        q = tl.interleave(q_b & 15, q_b >> 4).to(tl.float32)"]
+    else:
+        lines = ["        q = tl.load(b_ptr + b_off + rn[:, None] * ldb + rk[None, :], "
+                 f"mask=(rn[:, None] < N) & {kmask}, other=0).to(tl.float32)"]
+    if g_idx:
+        lines += ["        q_g = tl.load(g_ptr + g_off + rk, mask=rk < K, other=0)[None, :]",
+                  f"        q_m = (rn[:, None] < N) & {kmask}"]
+    else:  # one block per step where BLOCK_K <= block (both powers of two, k0 a multiple of BLOCK_K)
+        lines += [f"        if BLOCK_K <= {block}:",
+                  f"            q_g = k0 // {block} + tl.zeros((1, 1), dtype=tl.int32)",
+                  "            q_m = rn[:, None] < N",
+                  "        else:",
+                  f"            q_g = rk[None, :] // {block}",
+                  f"            q_m = (rn[:, None] < N) & {kmask}"]
+    lines.append("        q_s = tl.load(s_ptr + s_off + rn[:, None] * lds + q_g, mask=q_m, other=0.0).to(tl.float32)")
+    if zero == "none":
+        z = f"{float(1 << (bits - 1))}"
+    elif zero == "float":
+        lines.append("        q_z = tl.load(z_ptr + z_off + rn[:, None] * lds + q_g, mask=q_m, other=0.0).to(tl.float32)")
+        z = "q_z"
+    elif bits == 4:
+        lines += ["        q_zb = tl.load(z_ptr + z_off + rn[:, None] * ldz + q_g // 2, mask=q_m, other=0).to(tl.int32)",
+                  "        q_z = ((q_zb >> ((q_g % 2) * 4)) & 15).to(tl.float32)"]
+        z = "q_z"
+    else:
+        lines.append("        q_z = tl.load(z_ptr + z_off + rn[:, None] * ldz + q_g, mask=q_m, other=0).to(tl.float32)")
+        z = "q_z"
+    lines.append(f"        w = (q - {z}) * q_s")
+    return lines
+
+
+def render_nbits(a_dtype: DType, bits: int, block: int, zero: str, g_idx: bool, has_bias: bool, gemv: bool,
+                 wide: bool = False) -> KernelSource:
+    """``out[M, N] = a[M, K] @ dequant(b)^T (+ bias)``: see the module docstring.
+
+    Arguments: ``out, a, b, s`` (scales) and, where present, ``z`` (zero points), ``g``
+    (``g_idx`` as int32 block indices), ``bias`` (a ``[M, N]`` broadcast view), each as pointer
+    and offset; ``M, N, K``; ``out_sm, a_sm`` (rows are contiguous), ``ldb`` (bytes per weight
+    row), ``lds`` (scales per row), ``ldz`` (packed zero-point bytes per row, packed only), then
+    ``bias_sm, bias_sn``. Constexprs as the matmul template's (``GROUP_M``, ``EVEN_K`` unused by
+    the GEMV)."""
+    if zero not in ZERO_KINDS:
+        raise InternalError(f"qmatmul: zero point kind {zero!r} (one of {ZERO_KINDS})")
+    params = ["out_ptr", "out_off", "a_ptr", "a_off", "b_ptr", "b_off", "s_ptr", "s_off"]
+    params += ["z_ptr", "z_off"] if zero != "none" else []
+    params += ["g_ptr", "g_off"] if g_idx else []
+    params += ["bias_ptr", "bias_off"] if has_bias else []
+    params += ["M", "N", "K", "out_sm", "a_sm", "ldb", "lds"]
+    params += ["ldz"] if zero == "packed" else []
+    params += ["bias_sm", "bias_sn"] if has_bias else []
+    w = int64_suffix(wide)
+    a_addr = "a_ptr + a_off + rm[:, None] * a_sm + rk[None, :]"
+    if gemv:
+        head = ["    pid = tl.program_id(0)", f"    rm = tl.arange(0, BLOCK_M){w}",
+                f"    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N){w}"]
+        step = ["        a = tl.load(" + a_addr + ", mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)"
+                ".to(tl.float32)",
+                "        acc += tl.sum(a[:, None, :] * w[None, :, :], axis=2)"]
+    else:
+        head = tile_indices(wide)
+        step = [*masked_load("a", a_addr, "(rm[:, None] < M)", "(rk[None, :] < K)"),
+                f"        b = tl.trans(w.to({TL[a_dtype]}))",
+                f"        acc = {product(a_dtype)}"]
+    lines = [
+        signature("qgemv" if gemv else "qmatmul", params),
+        *head,
+        "    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
+        "    for k0 in range(0, K, BLOCK_K):",
+        f"        rk = k0 + tl.arange(0, BLOCK_K){w}",
+        *dequant_lines(bits, block, zero, g_idx),
+        *step,
+        "    mask = (rm[:, None] < M) & (rn[None, :] < N)",
+        *epilogue("out_ptr + out_off + rm[:, None] * out_sm + rn[None, :]", a_dtype, has_bias, False),
+    ]
+    header = (f"{'qgemv' if gemv else 'qmatmul'} in={a_dtype.short} bits={bits} block={block} zero={zero} "
+              f"g_idx={g_idx} bias={has_bias}")
+    return render("qgemv" if gemv else "qmatmul", header, "\n".join(lines))
+
+
+def nbits_configs(m: int, n: int, k: int, gemv: bool, interpret: bool, dtype: DType, sm: int, sm_count: int) -> list:
+    """Candidate configurations, best guess first. The GEMV keeps ``BLOCK_M * BLOCK_N * BLOCK_K``
+    (its register tile) at 8K elements for 4 warps; the GEMM takes the matmul template's."""
+    if gemv:
+        bm = _next_pow2(m)
+        if interpret:
+            return [{"BLOCK_M": bm, "BLOCK_N": max(16, min(64, _next_pow2(n))), "BLOCK_K": max(16, min(128, _next_pow2(k))),
+                     "GROUP_M": 1, "EVEN_K": False, "num_warps": 4}]
+        out = []
+        for bk in (256, 128, 64, 32):
+            bn = max(8, 8192 // (bm * bk))
+            bn = min(bn, max(8, _next_pow2(n)))
+            if bk > max(32, _next_pow2(k)):
+                continue
+            out.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1, "EVEN_K": k % bk == 0,
+                        "num_warps": 4, "num_stages": 3})
+        return out[:4]
+    cfgs = tile_configs(m, n, k, dtype, interpret, sm=sm, sm_count=sm_count)
+    return [dict(c, BLOCK_K=max(32, c["BLOCK_K"])) if not interpret else c for c in cfgs]
+
+
+def gemv_grid(n: int, cfg: dict) -> tuple:
+    return (-(-n // cfg["BLOCK_N"]),)
+
+
+# ---- int8 / fp8 operands ------------------------------------------------------------------------
+
+def _fp8_operand(name: str, dtype: DType, interpret: bool) -> list:
+    """Lines turning ``name`` (loaded as uint8 bits) into the dot's operand."""
+    if interpret:  # exact decode (the interpreter's fp8 conversions are wrong on NaN / inf)
+        return [f"        {line}" for line in decode_fp8(name, dtype, f"{name}_f")] + [f"        {name} = {name}_f"]
+    return [f"        {name} = {name}.to({TL[dtype]}, bitcast=True)"]
+
+
+def render_qdot(a_dtype: DType, b_dtype: DType, out_dtype: DType, has_corr: bool, has_bias: bool,
+                interpret: bool, saturate: bool = True, wide: bool = False) -> KernelSource:
+    """``out = requant?(acc * cs[n] (+ bias))``, ``acc = a @ b`` in int32 (int8 operands) or fp32
+    (fp8 operands): see the module docstring.
+
+    Arguments: ``out, a, b, cs`` (and ``corr``, ``bias``) as pointer and offset; ``y_scale,
+    y_zero`` (floats; used where ``out_dtype`` is quantized); ``M, N, K``; ``out_sm, out_sn, a_sm,
+    a_sk, b_sk, b_sn`` (and ``bias_sm, bias_sn``). uint8 ``a`` is shifted into int8 in the kernel;
+    ``b`` is int8 or fp8 bits; fp8 operands come as their uint8 bits. ``saturate`` is the fp8
+    QuantizeLinear's."""
+    fp8 = a_dtype in FP8
+    params = ["out_ptr", "out_off", "a_ptr", "a_off", "b_ptr", "b_off", "cs_ptr", "cs_off"]
+    params += ["corr_ptr", "corr_off"] if has_corr else []
+    params += ["bias_ptr", "bias_off"] if has_bias else []
+    params += ["y_scale", "y_zero", "M", "N", "K", "out_sm", "out_sn", "a_sm", "a_sk", "b_sk", "b_sn"]
+    params += ["bias_sm", "bias_sn"] if has_bias else []
+    a_addr = "a_ptr + a_off + rm[:, None] * a_sm + rk[None, :] * a_sk"
+    b_addr = "b_ptr + b_off + rk[:, None] * b_sk + rn[None, :] * b_sn"
+    loads = [*masked_load("a", a_addr, "(rm[:, None] < M)", "(rk[None, :] < K)"),
+             *masked_load("b", b_addr, "(rn[None, :] < N)", "(rk[:, None] < K)")]
+    if fp8:
+        loads += _fp8_operand("a", a_dtype, interpret) + _fp8_operand("b", b_dtype, interpret)
+        dot = 'tl.dot(a, b, acc, input_precision="ieee")' if interpret else "tl.dot(a, b, acc)"
+        acc = "tl.float32"
+    else:
+        if a_dtype is DType.UINT8:
+            loads.append("        a = (a.to(tl.int32) - 128).to(tl.int8)")
+        dot, acc = "tl.dot(a, b, acc)", "tl.int32"
+    lines = [
+        signature("qdot", params),
+        *tile_indices(wide),
+        f"    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype={acc})",
+        "    for k0 in range(0, K, BLOCK_K):",
+        f"        rk = k0 + tl.arange(0, BLOCK_K){int64_suffix(wide)}",
+        *loads,
+        f"        acc = {dot}",
+        "    mask = (rm[:, None] < M) & (rn[None, :] < N)",
+        "    # scales: acc is sum (a - za)(b - zb) in integers (int8) or the fp8 product",
+    ]
+    if has_corr:
+        lines.append("    acc = acc + tl.load(corr_ptr + corr_off + rn, mask=rn < N, other=0)[None, :]")
+    lines.append("    acc = acc.to(tl.float32) * tl.load(cs_ptr + cs_off + rn, mask=rn < N, other=0.0)[None, :]")
+    out_addr = "out_ptr + out_off + rm[:, None] * out_sm + rn[None, :] * out_sn"
+    if out_dtype.is_float and out_dtype not in FP8:
+        lines += epilogue(out_addr, out_dtype, has_bias, False)
+    else:
+        lines += epilogue(out_addr, DType.FP32, has_bias, False)[:-1]  # all but the store
+        lines.append(f"    q_v = {divide('y', 'y_scale')}")
+        if out_dtype in FP8:
+            lines += [f"    {s}" for s in encode_fp8("q_v", out_dtype, saturate, "q_y")]
+        else:
+            lines += [f"    {s}" for s in quantize_int("q_v", "y_zero", out_dtype, "q_y")]
+        lines.append(f"    tl.store({out_addr}, q_y.to({TL[out_dtype]}), mask=mask)")
+    header = (f"qdot a={a_dtype.short} b={b_dtype.short} out={out_dtype.short} corr={has_corr} bias={has_bias}"
+              f"{'' if saturate else ' saturate=0'}{' interpret' if interpret and fp8 else ''}")
+    return render("qdot", header, "\n".join(lines))
+
