@@ -12,15 +12,17 @@ Start-up, in order (``ModelServer.__init__``):
    After ``lock_timeout_s`` a replica goes ahead without the lock (a warning says so).
 2. Open the ``InferenceSession`` (an ONNX file, or an engine file) on this replica's device.
 3. Warm up: run each of the ``warmup_bindings`` most frequent input-shape bindings that the runtime
-   cache recorded for this model (earlier runs, any replica), then wait for the JIT to specialize
-   them (at most ``warmup_timeout_s``), so that the replica is fast when it reports ready. Inputs
-   are synthetic: floats in [0.5, 1.5), integers 0 (valid indices), booleans true. A model with
-   inputs read on the host (shape tensors) is not warmed up: the histogram keeps shapes, not values.
+   cache recorded for this model (earlier runs, any replica), so that the replica is fast when it
+   reports ready. Inputs are synthetic: floats in [0.5, 1.5), integers 0 (valid indices), booleans
+   true. A model with inputs read on the host (shape tensors) is not warmed up: the histogram keeps
+   shapes, not values.
 4. Decide whether requests may be concatenated (``batch_plan``): every input and output has the
    same named dynamic dim 0, no input is read on the host, and a batch of two random rows gives
    each row's own outputs (checked once: a model whose rows interact, e.g. a mean over dim 0,
    would otherwise answer one client with another's data). Otherwise requests run one by one.
-5. Flush the cache writes, then let go of the lock.
+5. Wait for the JIT to specialize the bindings of steps 3 and 4 (at most ``warmup_timeout_s``; on
+   the GPU this writes the kernels and checked variants that the next replica loads), flush the
+   cache writes, then let go of the lock.
 
 ``run_batch(requests)`` serves the requests that Ray Serve's ``@serve.batch`` gathered: those of
 equal trailing shapes and types are concatenated along dim 0 into runs whose shapes fit one of the
@@ -140,8 +142,9 @@ def synthetic_feeds(session: InferenceSession, shapes: dict, rng: np.random.Gene
     return feeds
 
 
-def warm_up(session: InferenceSession, bindings: int, timeout_s: float) -> int:
-    """Run the runtime cache's most frequent recorded bindings; how many ran (see the module doc)."""
+def warm_up(session: InferenceSession, bindings: int) -> int:
+    """Run the runtime cache's most frequent recorded bindings; how many ran (see the module doc).
+    The caller waits for their specialization (``session.wait_for_specialization``)."""
     if session.host_inputs:
         return 0
     names = {a.name for a in session.get_inputs()}
@@ -155,8 +158,6 @@ def warm_up(session: InferenceSession, bindings: int, timeout_s: float) -> int:
         except InputError:  # outside this session's profiles (another deployment's binding)
             continue
         done += 1
-    if done:
-        session.wait_for_specialization(timeout_s)
     return done
 
 
@@ -217,13 +218,15 @@ class ModelServer:
         self.name = config.name
         with startup_lock(config.runtime_cache, config.lock_timeout_s):
             self.session = open_session(config)
-            self.warmed = warm_up(self.session, config.warmup_bindings, config.warmup_timeout_s)
+            self.warmed = warm_up(self.session, config.warmup_bindings)
             if config.max_batch > 1:
                 recorded = self.session.recorded_shapes(1)
                 self.batch_symbol, self.no_batch_reason = batch_plan(self.session,
                                                                      recorded[0][0] if recorded else None)
             else:
                 self.batch_symbol, self.no_batch_reason = None, "--max-batch is 1"
+            # the check's bindings too: a replica that starts next finds them all in the cache
+            self.session.wait_for_specialization(config.warmup_timeout_s)
             self.session.flush_runtime_cache(config.lock_timeout_s)
         self.inputs, self.outputs = self.session.get_inputs(), self.session.get_outputs()
         self._dtype_of = {o.name: o.dtype for o in self.outputs}
