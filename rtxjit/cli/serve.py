@@ -14,8 +14,11 @@ from __future__ import annotations
 import os
 import re
 import signal
+import sys
 import time
+import urllib.request
 
+from rtxjit import config
 from rtxjit.errors import ModelError, RtxjitError, UsageError
 
 
@@ -66,6 +69,22 @@ def _cause(exc: BaseException) -> str:
     return (errors or lines or [type(exc).__name__])[-1]
 
 
+def _answers(url: str, timeout_s: float) -> bool:
+    """Whether ``url`` answers 200 within ``timeout_s`` (Serve's proxy may take a moment after the
+    deployment; a port another program holds never does)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+
+
 def cmd_serve(args) -> int:
     try:
         import ray
@@ -80,10 +99,11 @@ def cmd_serve(args) -> int:
     path = os.path.abspath(args.onnx or args.load_engine)
     if not os.path.isfile(path):
         raise ModelError(f"{'model' if args.onnx else 'engine'} file '{path}' does not exist")
-    cache = os.path.abspath(args.runtime_cache) if args.runtime_cache else None
-    config = ServeConfig(model=path, engine=args.load_engine is not None, runtime_cache=cache,
-                         device=args.device, specialize=args.specialize, max_batch=args.max_batch,
-                         batch_wait_ms=args.batch_wait_ms, warmup_bindings=args.warmup_bindings)
+    cache = args.runtime_cache or config.runtime_cache_dir()  # the replicas get RTXJIT_RUNTIME_CACHE too
+    cache = os.path.abspath(cache) if cache else None
+    serving = ServeConfig(model=path, engine=args.load_engine is not None, runtime_cache=cache,
+                          device=args.device, specialize=args.specialize, max_batch=args.max_batch,
+                          batch_wait_ms=args.batch_wait_ms, warmup_bindings=args.warmup_bindings)
     init = {"address": args.address, "include_dashboard": False}
     if args.num_cpus is not None:
         init["num_cpus"] = args.num_cpus
@@ -91,26 +111,30 @@ def cmd_serve(args) -> int:
     signal.signal(signal.SIGTERM, _stop)
     collector = None
     try:
-        print(f"rtxjit serve: deploying {args.replicas} replica(s) of '{config.name}' ({path})"
+        print(f"rtxjit serve: deploying {args.replicas} replica(s) of '{serving.name}' ({path})"
               + (f", runtime cache {cache}" if cache else ""), flush=True)
         start = time.perf_counter()
         try:
-            collector = deploy.deploy(config, replicas=args.replicas, host=args.host, port=args.port,
+            collector = deploy.deploy(serving, replicas=args.replicas, host=args.host, port=args.port,
                                       gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica)
         except (RtxjitError, KeyboardInterrupt):
             raise
         except Exception as exc:  # noqa: BLE001 - Serve's failure carries the replica's traceback as text
-            raise RtxjitError(f"the deployment of '{config.name}' failed: {_cause(exc)}") from None
+            raise RtxjitError(f"the deployment of '{serving.name}' failed: {_cause(exc)}") from None
         host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-        print(f"rtxjit serve: ready in {time.perf_counter() - start:.1f} s: http://{host}:{args.port}/v2/models/"
-              f"{config.name} ({args.replicas} replica(s); /v2/health/ready, /metrics); Ctrl-C stops", flush=True)
+        url = f"http://{host}:{args.port}"
+        if not _answers(url + "/v2/health/live", 30.0):
+            print(f"rtxjit serve: warning: {url} does not answer (is port {args.port} taken by another program?)",
+                  file=sys.stderr, flush=True)
+        print(f"rtxjit serve: ready in {time.perf_counter() - start:.1f} s: {url}/v2/models/{serving.name} "
+              f"({args.replicas} replica(s); /v2/health/ready, /metrics); Ctrl-C stops", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         print("rtxjit serve: stopping", flush=True)
     finally:
         try:
-            deploy.shutdown(config, collector)
+            deploy.shutdown(serving, collector)
         finally:
             ray.shutdown()
     return 0
