@@ -25,10 +25,14 @@ from rtxjit.passes.fuse_pointwise import fuse_pointwise
 from rtxjit.passes.fuse_upsample_conv import fuse_upsample_conv
 from rtxjit.passes.merge_parallel_matmuls import merge_parallel_matmuls
 from rtxjit.passes.simplify_shapes import simplify_shapes
+from rtxjit.quant.fuse import fuse_quantized
 
 PIPELINE = [
     # canonicalize: drop no-op views and casts, evaluate what is constant
     ("simplify_shapes", simplify_shapes),
+    # Q/DQ pairs into quantized products while the weights' DequantizeLinear nodes still stand
+    # (fold_constants would make them fp32 constants)
+    ("fuse_quantized", fuse_quantized),
     ("fold_constants", fold_constants),
     ("fold_batchnorm", fold_batchnorm),
     ("fuse_normalization", fuse_normalization),

@@ -7,4 +7,4 @@ QuantizeLinear / DequantizeLinear ops themselves are rtxjit/ops/quant.py.
 A sub-package of its own (not ops/): it sits above ops, ir and codegen, and importing it (as
 ``rtxjit/__init__`` does, after ``rtxjit.ops``) registers its ops."""
 
-from rtxjit.quant import contrib  # noqa: F401
+from rtxjit.quant import contrib, qlinear  # noqa: F401

@@ -153,8 +153,15 @@ def nbits_configs(m: int, n: int, k: int, gemv: bool, interpret: bool, dtype: DT
             out.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1, "EVEN_K": k % bk == 0,
                         "num_warps": 4, "num_stages": 3})
         return out[:4]
-    cfgs = tile_configs(m, n, k, dtype, interpret, sm=sm, sm_count=sm_count)
-    return [dict(c, BLOCK_K=max(32, c["BLOCK_K"])) if not interpret else c for c in cfgs]
+    return [min_block_k(c, k, interpret) for c in tile_configs(m, n, k, dtype, interpret, sm=sm, sm_count=sm_count)]
+
+
+def min_block_k(cfg: dict, k: int, interpret: bool) -> dict:
+    """``cfg`` with ``BLOCK_K`` at least 32 on a GPU (the K of an int8 / fp8 tensor-core
+    instruction), ``EVEN_K`` recomputed for it."""
+    if interpret or cfg["BLOCK_K"] >= 32:
+        return cfg
+    return dict(cfg, BLOCK_K=32, EVEN_K=k % 32 == 0)
 
 
 def gemv_grid(n: int, cfg: dict) -> tuple:

@@ -1,0 +1,240 @@
+"""Fold Q/DQ pairs into quantized products (issue 19). Runs before fold_constants, which would
+otherwise fold each DequantizeLinear of a constant weight into an fp32 constant (correct, but 4x
+or 8x the weight's bytes, and an fp32 product).
+
+Rewrites:
+    MatMul(a, DQ(w: int4/uint4 [K, N] const, block-wise along K | per column | per tensor))
+    MatMul(a, DQ(w: int8/uint8 [K, N] const, block-wise along K))
+        => com.microsoft.MatMulNBits(a, packed(w^T), scales^T, zero points^T)      (weight-only)
+    MatMul|Gemm(DQ(a_q: int8/uint8), DQ(w: int8 const, per tensor | per column)) [-> Q(y)]
+    MatMul|Gemm(DQ(a_q: fp8), DQ(w: fp8 const, per tensor | per column)) [-> Q(y)]
+        => rtxjit.QLinearMatMul(a_q, ..., y_scale, y_zero)       (int8 / fp8 tensor-core dot)
+
+Weight-only: the weight is repacked here (numpy, once) into MatMulNBits' layout: transposed to
+``[N, K]``, signed values offset by ``2 ** (bits - 1)`` (and their zero points with them, so
+``q - zero`` is unchanged), K padded to whole blocks, two 4-bit values per byte. A per-column or
+per-tensor scale becomes one block covering K (a power of two >= 16, as MatMulNBits requires). Block
+sizes that are no power of two >= 16 stay as they are (fold_constants then folds them).
+
+Quantized operands: the activation DQ's scale and zero point must be constants of one value, the
+weight's per tensor or per output column (MatMul ``[K, N]`` axis 1, Gemm with ``transB`` axis 0);
+the Gemm's C (a constant, or a DQ of constants: evaluated here) becomes the bias, ``alpha`` a
+factor of the scales, ``transA`` is not folded. Where the product's only reader is a
+QuantizeLinear of constant per-tensor parameters, the quantization moves into the kernel and the
+node produces the quantized value. int8: the weight less its zero point must fit int8 and K must
+keep the int32 sum exact (K < 65536); fp8: both operands of one fp8 type (the legality check
+refuses fp8 below sm_89, naming the node that makes the fp8 values).
+
+Conv is not folded yet: Q/DQ convolutions run as before (DQ folded into an fp32 weight).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rtxjit.ir.graph import Graph, Node, Value
+from rtxjit.ir.registry import get_op
+from rtxjit.ir.rewrite import FreshNames, is_graph_output, make_constant, remove_nodes
+from rtxjit.ir.types import DType
+from rtxjit.passes.base import PassResult
+from rtxjit.quant.qlinear import INTS, int8_weight
+
+FP8 = (DType.FP8E4M3, DType.FP8E5M2)
+NIBBLES = (DType.INT4, DType.UINT4)
+MAX_K_INT8 = 65536  # K * 128 * 255 stays below 2**31 (the int32 accumulator plus the zero-point correction)
+
+
+def fuse_quantized(graph: Graph) -> PassResult:
+    names = FreshNames(graph)
+    changed = False
+    for node in list(graph.nodes):
+        if node.op == "MatMul" and _weight_only(graph, node, names):
+            changed = True
+        elif node.op in ("MatMul", "Gemm") and _quantized_operands(graph, node, names):
+            changed = True
+    if changed:
+        _drop_dead_dequantizes(graph)
+    return PassResult(graph, changed)
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+def _dq(value):
+    """``(node, x, scale, zero, axis, block_size)`` where ``value`` is a DequantizeLinear's output,
+    else None. ``x`` is the quantized input Value; scale and zero are Values (zero may be None)."""
+    node = value.producer if value is not None else None
+    if node is None or node.op != "DequantizeLinear":
+        return None
+    x, scale = node.inputs[0], node.inputs[1]
+    zero = node.inputs[2] if len(node.inputs) > 2 else None
+    return node, x, scale, zero, node.attrs.get("axis", 1), node.attrs.get("block_size", 0)
+
+
+def _const(v) -> np.ndarray:
+    return None if v is None else v.const
+
+
+def _one(a: np.ndarray) -> bool:
+    return a is not None and a.size == 1
+
+
+def _replace(graph: Graph, old: Node, op: str, inputs: list, attrs: dict, names: FreshNames, version: int,
+             outputs: list = None) -> Node:
+    """A node of ``op`` in ``old``'s place, producing ``old``'s outputs (or ``outputs``)."""
+    opdef = get_op(op)
+    node = Node(op, names(old.name + "_quantized"), inputs, outputs or list(old.outputs),
+                opdef.bind_attrs(attrs, op), version)
+    for v in node.outputs:
+        v.producer = node
+    graph.nodes[graph.nodes.index(old)] = node
+    return node
+
+
+def _drop_dead_dequantizes(graph: Graph) -> None:
+    """DequantizeLinear nodes nobody reads any more (the weights' ones), so fold_constants does not
+    fold them into fp32 constants for nothing."""
+    while True:
+        uses = graph.consumers()
+        dead = [n for n in graph.nodes if n.op in ("DequantizeLinear", "QuantizeLinear")
+                and all(v is None or (not uses.get(v.name) and not is_graph_output(graph, v)) for v in n.outputs)]
+        if not dead:
+            return
+        remove_nodes(graph, dead)
+
+
+# ---- weight-only ----------------------------------------------------------------------------------
+
+def _weight_only(graph: Graph, node: Node, names: FreshNames) -> bool:
+    a, w = node.inputs
+    dq = _dq(w)
+    if dq is None or a.type.rank < 2 or w.type.rank != 2 or _dq(a) is not None:
+        return False
+    _, wq, scale, zero, axis, block = dq
+    q, s, z = _const(wq), _const(scale), _const(zero)
+    if q is None or s is None or (zero is not None and z is None) or s.dtype != a.type.dtype.to_numpy():
+        return False
+    dtype = wq.type.dtype
+    k, n = q.shape
+    if dtype in NIBBLES:
+        bits = 4
+    elif dtype in INTS and block:
+        bits = 8
+    else:
+        return False
+    axis = axis % 2
+    if block and s.ndim == 2 and axis == 0:
+        scales, zeros = s.T, None if z is None else z.T  # [N, k_blocks]
+    elif not block and (_one(s) or (s.ndim == 1 and axis == 1)):
+        block = max(16, 1 << (k - 1).bit_length())  # one block covering K
+        scales = np.broadcast_to(s.reshape(-1), (n,)).reshape(n, 1)
+        zeros = None if z is None else np.broadcast_to(z.reshape(-1), (n,)).reshape(n, 1)
+    else:
+        return False
+    if block < 16 or block & (block - 1):
+        return False
+    offset = 1 << (bits - 1) if dtype in (DType.INT4, DType.INT8) else 0
+    qu = q.astype(np.int32).T + offset  # [N, K], unsigned
+    zu = np.full(scales.shape, offset, np.int32) if zeros is None else zeros.astype(np.int32) + offset
+    k_blocks = -(-k // block)
+    packed = _pack(np.pad(qu, ((0, 0), (0, k_blocks * block - k))), bits).reshape(n, k_blocks, block * bits // 8)
+    inputs = [a, make_constant(names, wq.name + "_packed", packed),
+              make_constant(names, scale.name + "_nbits", np.ascontiguousarray(scales))]
+    if not (zu == 1 << (bits - 1)).all():  # else MatMulNBits' default zero point
+        inputs.append(make_constant(names, wq.name + "_zero_packed", _pack(zu, bits)))
+    _replace(graph, node, "com.microsoft.MatMulNBits", inputs,
+             {"K": k, "N": n, "bits": bits, "block_size": block}, names, 1)
+    return True
+
+
+def _pack(values: np.ndarray, bits: int) -> np.ndarray:
+    """``[rows, cols]`` unsigned values as bytes, two 4-bit values per byte (low nibble first)."""
+    values = values.astype(np.uint8)
+    if bits == 8:
+        return values
+    if values.shape[1] % 2:
+        values = np.pad(values, ((0, 0), (0, 1)))
+    return (values[:, 0::2] | (values[:, 1::2] << 4)).astype(np.uint8)
+
+
+# ---- quantized operands ---------------------------------------------------------------------------
+
+def _quantized_operands(graph: Graph, node: Node, names: FreshNames) -> bool:
+    a, w = node.inputs[0], node.inputs[1]
+    attrs = node.attrs
+    if node.op == "Gemm" and attrs.get("transA", 0):
+        return False
+    if a.type.rank < 2 or w.type.rank != 2:
+        return False
+    da, dw = _dq(a), _dq(w)
+    if da is None or dw is None or da[5] or dw[5]:
+        return False
+    _, aq, sa, za = da[:4]
+    _, wq, sw, zw, w_axis, _ = dw
+    sa_, za_, q, sw_, zw_ = _const(sa), _const(za), _const(wq), _const(sw), _const(zw)
+    if (not _one(sa_) or (za is not None and not _one(za_)) or q is None or sw_ is None
+            or (zw is not None and zw_ is None)):
+        return False
+    trans_b = node.op == "Gemm" and attrs.get("transB", 0)
+    n_axis = 0 if trans_b else 1
+    if not _one(sw_) and not (sw_.ndim == 1 and w_axis % 2 == n_axis):
+        return False
+    q = q.T if trans_b else q
+    a_dtype, w_dtype = aq.type.dtype, wq.type.dtype
+    if a_dtype in FP8:
+        if w_dtype is not a_dtype:
+            return False
+    elif a_dtype in INTS:
+        if w_dtype not in INTS or q.shape[0] >= MAX_K_INT8 or int8_weight(q, zw_) is None:
+            return False
+    else:
+        return False
+    bias = None
+    if node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
+        c = _evaluate(node.inputs[2])
+        if c is None or c.size not in (1, q.shape[1]) or (c.ndim == 2 and c.shape[0] != 1) or c.ndim > 2:
+            return False
+        bias = np.broadcast_to(c.reshape(-1) * attrs.get("beta", 1.0), (q.shape[1],)).astype(np.float32)
+    if trans_b:  # a Value of wq's type: make_constant cannot tell fp8 arrays' types
+        wq = Value(names(wq.name + "_kn"), wq.type.with_shape(q.shape), np.ascontiguousarray(q))
+    inputs = [aq, sa, za, wq, sw, zw,
+              None if bias is None else make_constant(names, node.name + "_bias", bias)]
+    outputs, q_node = None, _only_quantize_reader(graph, node.outputs[0])
+    if q_node is not None:
+        inputs += [q_node.inputs[1], q_node.inputs[2] if len(q_node.inputs) > 2 else None]
+        outputs = list(q_node.outputs)
+    qattrs = {"alpha": float(attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0,
+              "saturate": int(q_node.attrs.get("saturate", 1)) if q_node is not None else 1}
+    _replace(graph, node, "rtxjit.QLinearMatMul", inputs, qattrs, names, 1, outputs)
+    if q_node is not None:
+        remove_nodes(graph, [q_node])
+    return True
+
+
+def _evaluate(value):
+    """A constant, or the value of a DequantizeLinear of constants (a Gemm's quantized bias)."""
+    if value.is_const:
+        return value.const.astype(np.float64)
+    d = _dq(value)
+    if d is None or any(v is not None and not v.is_const for v in d[0].inputs):
+        return None
+    opdef = get_op("DequantizeLinear", f"node {d[0].name!r}", d[0].version)
+    arrays = [None if v is None else v.const for v in d[0].inputs]
+    return np.asarray(opdef.run_reference(arrays, dict(d[0].attrs), 1)[0], np.float64)
+
+
+def _only_quantize_reader(graph: Graph, value: Value):
+    """The QuantizeLinear that alone reads ``value``, with constant per-tensor parameters and no
+    ``output_dtype`` to carry, or None."""
+    if is_graph_output(graph, value):
+        return None
+    readers = graph.consumers().get(value.name, [])
+    if len(readers) != 1 or readers[0][0].op != "QuantizeLinear" or readers[0][1] != 0:
+        return None
+    q = readers[0][0]
+    scale = q.inputs[1]
+    zero = q.inputs[2] if len(q.inputs) > 2 else None
+    if not _one(_const(scale)) or (zero is not None and not _one(_const(zero))) or q.attrs.get("output_dtype", 0):
+        return None
+    if q.outputs[0].type.dtype not in INTS + FP8:
+        return None
+    return q
