@@ -205,13 +205,13 @@ def _request(feeds: dict, outputs=None) -> InferRequest:
 
 
 def test_concurrent_requests_are_concatenated_and_split_back(tmp_path, rng):
-    server = ModelServer(ServeConfig(str(_mlp(tmp_path / "mlp.onnx")), device="cpu"))
+    server = ModelServer(ServeConfig(str(_mlp(tmp_path / "mlp.onnx"))))
     assert server.batch_symbol == "batch", server.no_batch_reason
     xs = [rng.standard_normal((n, 4)).astype(np.float32) for n in (1, 3, 2)]
     requests = [_request({"x": x}) for x in xs] + [_request({"x": xs[0]}, outputs=["s"])]
     results = server.run_batch(requests)
     assert server.metrics.snapshot()["batches"] == 1 and server.metrics.snapshot()["batched"] == 4
-    reference = rtxjit.InferenceSession(str(tmp_path / "mlp.onnx"), device="cpu")
+    reference = rtxjit.InferenceSession(str(tmp_path / "mlp.onnx"))
     for x, result in zip(xs, results):
         y, s = reference.run(None, {"x": x})
         assert [(n, d) for n, d, _ in result] == [("y", DType.FP32), ("s", DType.FP32)]
@@ -221,7 +221,7 @@ def test_concurrent_requests_are_concatenated_and_split_back(tmp_path, rng):
 
 
 def test_a_bad_request_in_a_batch_gets_its_own_error(tmp_path):
-    server = ModelServer(ServeConfig(str(_lookup(tmp_path / "lookup.onnx")), device="cpu"))
+    server = ModelServer(ServeConfig(str(_lookup(tmp_path / "lookup.onnx"))))
     assert server.batch_symbol == "batch"
     good = np.array([[0, 4]], dtype=np.int64)
     results = server.run_batch([_request({"ids": good}), _request({"ids": np.array([[1, 7]], dtype=np.int64)})])
@@ -231,17 +231,17 @@ def test_a_bad_request_in_a_batch_gets_its_own_error(tmp_path):
 
 
 def test_rows_that_interact_are_never_concatenated(tmp_path):
-    server = ModelServer(ServeConfig(str(_centered(tmp_path / "centered.onnx")), device="cpu"))
+    server = ModelServer(ServeConfig(str(_centered(tmp_path / "centered.onnx"))))
     assert server.batch_symbol is None and "rows are not independent: output 'y'" in server.no_batch_reason
     a, b = np.ones((1, 3), np.float32), np.full((2, 3), 5, np.float32)
     results = server.run_batch([_request({"x": a}), _request({"x": b})])
     np.testing.assert_array_equal(results[0][0][2], np.zeros((1, 3), np.float32))
-    assert ModelServer(ServeConfig(str(tmp_path / "centered.onnx"), device="cpu", max_batch=1)).batch_symbol is None
+    assert ModelServer(ServeConfig(str(tmp_path / "centered.onnx"), max_batch=1)).batch_symbol is None
 
 
 def test_a_later_replica_reads_the_graph_and_warms_up_the_recorded_shapes(tmp_path):
     cache = tmp_path / "cache"
-    config = ServeConfig(str(_mlp(tmp_path / "mlp.onnx")), runtime_cache=str(cache), device="cpu")
+    config = ServeConfig(str(_mlp(tmp_path / "mlp.onnx")), runtime_cache=str(cache))
     first = ModelServer(config, "first")
     assert not first.session.graph_from_cache and first.warmed == 0
     first.run_batch([_request({"x": np.ones((5, 4), np.float32)})])
@@ -279,24 +279,32 @@ def _metric(text: str, family: str) -> dict:
     return out
 
 
-def test_rtxjit_serve_two_replicas_share_the_runtime_cache(tmp_path, rng):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_rtxjit_serve_two_replicas_share_the_runtime_cache(tmp_path, rng, device):
     if importlib.util.find_spec("ray") is None:  # not imported here: the server runs in a process of its own
         pytest.skip("rtxjit serve needs the 'serve' extra (ray[serve])")
     model = _mlp(tmp_path / "mlp.onnx", seed=3)
     cache = tmp_path / "cache"
     # the shapes a replica warms up with: recorded by a session given the model's bytes, so the
     # replicas (given its path) still import and optimize it once, and the second reads the first's
-    reference = rtxjit.InferenceSession(model.read_bytes(), device="cpu", runtime_cache=str(cache))
+    reference = rtxjit.InferenceSession(model.read_bytes(), runtime_cache=str(cache))
     reference.run(None, {"x": np.ones((2, 4), np.float32)})
     reference.flush_runtime_cache(60)
+    reference.wait_for_specialization(120)
+    tolerance = 1e-5 if device == reference.device.kind == "cpu" else 1e-3  # tf32 on a GPU
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, RTXJIT_DEVICE="cpu", TRITON_INTERPRET="1", PYTHONUNBUFFERED="1", RAY_USAGE_STATS_ENABLED="0",
+    env = {k: v for k, v in os.environ.items() if k not in ("RTXJIT_DEVICE", "TRITON_INTERPRET")}
+    env.update(PYTHONUNBUFFERED="1", RAY_USAGE_STATS_ENABLED="0",
                PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    if device == "cpu":
+        env.update(RTXJIT_DEVICE="cpu", TRITON_INTERPRET="1")
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "rtxjit", "serve", "--onnx", str(model), "--replicas", "2",
-                             "--port", str(port), "--runtime-cache", str(cache), "--device", "cpu",
-                             "--address", "local", "--num-cpus", "2", "--max-batch", "4"],
+                             "--port", str(port), "--runtime-cache", str(cache), "--device", device,
+                             "--address", "local", "--num-cpus", "2", "--max-batch", "4",
+                             "--cpus-per-replica", "1" if device == "cpu" else "0.5", "--gpus-per-replica",
+                             "0" if device == "cpu" else "0.5"],
                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=tmp_path,
                             start_new_session=True)
     try:
@@ -305,6 +313,16 @@ def test_rtxjit_serve_two_replicas_share_the_runtime_cache(tmp_path, rng):
             assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-4000:]
             assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-4000:]
             time.sleep(0.5)
+        # the replicas started one after the other: exactly one imported and optimized the model,
+        # the other read the optimized graph from the shared runtime cache (and on a GPU compiled
+        # nothing: the kernels and variants were there too); both warmed up with x: 2x4
+        text = _http(base + "/metrics")[1].decode()
+        from_cache = _metric(text, "rtxjit_graph_from_cache")
+        assert sorted(from_cache.values()) == [0.0, 1.0], text
+        assert min(_metric(text, "rtxjit_warmup_bindings").values()) >= 1, text
+        if device == "cuda":
+            later = next(r for r, v in from_cache.items() if v == 1.0)
+            assert _metric(text, "rtxjit_compiles_total")[later] == 0, text
         assert _http(base + "/v2/health/live") == (200, b'{"live": true}')
         assert _http(base + "/v2/health/ready") == (200, b'{"ready": true}')
         status, meta = _http(base + "/v2/models/mlp")
@@ -327,7 +345,7 @@ def test_rtxjit_serve_two_replicas_share_the_runtime_cache(tmp_path, rng):
             for out, want in zip(doc["outputs"], reference.run(None, {"x": xs[i]})):
                 assert out["datatype"] == "FP32" and out["shape"] == list(want.shape)
                 np.testing.assert_allclose(np.array(out["data"], np.float32).reshape(want.shape), want,
-                                           rtol=1e-5, atol=1e-6)
+                                           rtol=tolerance, atol=tolerance)
         status, body = _http(base + "/v2/models/mlp/infer", _body(("x", [1, 4], "INT64", [1, 2, 3, 4])))
         assert status == 400 and "input 'x'" in json.loads(body)["error"]
         assert _http(base + "/v2/models/other")[0] == 404
@@ -342,10 +360,6 @@ def test_rtxjit_serve_two_replicas_share_the_runtime_cache(tmp_path, rng):
             time.sleep(0.3)
         assert sum(ok.values()) == len(xs) + 1, text
         assert sum(_metric(text, "rtxjit_batched_requests_total").values()) == len(xs)
-        # the replicas started one after the other: exactly one imported and optimized the model,
-        # the other read the optimized graph from the shared runtime cache; both warmed up (x: 2x4)
-        assert sorted(_metric(text, "rtxjit_graph_from_cache").values()) == [0.0, 1.0], text
-        assert min(_metric(text, "rtxjit_warmup_bindings").values()) >= 1, text
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
