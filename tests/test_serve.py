@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import os
 import signal
 import socket
@@ -371,3 +372,17 @@ def test_rtxjit_serve_two_replicas_share_the_runtime_cache(tmp_path, rng, device
         log.close()
     assert proc.returncode == 0, (tmp_path / "serve.log").read_text()[-4000:]
     assert "rtxjit serve: stopping" in (tmp_path / "serve.log").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--onnx", "missing.onnx"], "model file '.*missing.onnx' does not exist"),
+    (["--onnx", "{model}", "--replicas", "0"], "--replicas must be at least 1, got 0"),
+    (["--onnx", "{model}", "--max-batch", "0"], "max_batch must be an integer >= 1, got 0"),
+])
+def test_serve_arguments_are_checked_before_ray_starts(tmp_path, capsys, argv, message):
+    from rtxjit.cli import main
+
+    model = _mlp(tmp_path / "mlp.onnx")
+    assert main(["serve", *(a.format(model=model) for a in argv)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("rtxjit: error: ") and re.search(message, err), err

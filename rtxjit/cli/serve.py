@@ -86,15 +86,9 @@ def _answers(url: str, timeout_s: float) -> bool:
 
 
 def cmd_serve(args) -> int:
-    try:
-        import ray
-
-        from rtxjit.serve import deploy
-    except ImportError as exc:
-        raise UsageError(f"rtxjit serve needs Ray Serve ({exc}): pip install \"rtxjit[serve]\"") from None
     from rtxjit.serve.server import ServeConfig
 
-    if args.replicas < 1:
+    if args.replicas < 1:  # what can be checked here is, before Ray starts (seconds)
         raise UsageError(f"--replicas must be at least 1, got {args.replicas}")
     path = os.path.abspath(args.onnx or args.load_engine)
     if not os.path.isfile(path):
@@ -104,6 +98,12 @@ def cmd_serve(args) -> int:
     serving = ServeConfig(model=path, engine=args.load_engine is not None, runtime_cache=cache,
                           device=args.device, specialize=args.specialize, max_batch=args.max_batch,
                           batch_wait_ms=args.batch_wait_ms, warmup_bindings=args.warmup_bindings)
+    try:
+        import ray
+
+        from rtxjit.serve import deploy
+    except ImportError as exc:
+        raise UsageError(f"rtxjit serve needs Ray Serve ({exc}): pip install \"rtxjit[serve]\"") from None
     init = {"address": args.address, "include_dashboard": False}
     if args.num_cpus is not None:
         init["num_cpus"] = args.num_cpus
