@@ -316,3 +316,23 @@ def test_fp8_calibration_helper_writes_a_qdq_model_rtxjit_runs_as_fp8_dots():
     np.testing.assert_allclose(got, _ort(q, {"x": x}, optimized=False)[0], rtol=1e-4, atol=1e-4)
     fp32 = _ort(model, {"x": x})[0]
     assert np.abs(got - fp32).max() / np.abs(fp32).max() < 0.1
+
+
+def test_bench_quant_tiny_runs_on_the_cpu(tmp_path):
+    """benchmarks/bench_quant.py --tiny (two of its cases): JSON and markdown, every run without error."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_quant.py"
+    spec = importlib.util.spec_from_file_location("bench_quant", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--tiny", "--out", str(tmp_path), "--cases", "bert_fp8", "mlp_int4_b1"]) == 0
+    results = json.loads((tmp_path / "bench_quant.json").read_text())["results"]
+    assert [r["case"] for r in results] == ["bert_fp8", "mlp_int4_b1"]
+    for r in results:
+        assert "error" not in r and "error" not in r["fp16"] and "error" not in r["quantized"], r
+        assert r["quantized"]["rel_error"] < 0.3
+    assert "qgemv" in results[1]["quantized"]["kernels"] and "qdot" in results[0]["quantized"]["kernels"]
+    assert "| mlp_int4_b1 |" in (tmp_path / "bench_quant.md").read_text()
