@@ -5,6 +5,7 @@ against the generic output and swapped in; modes, counters, the histogram order,
 from __future__ import annotations
 
 import json
+import os
 import warnings
 
 import numpy as np
@@ -424,8 +425,12 @@ def test_gpu_a_new_process_with_a_warm_cache_serves_specialized_binaries_without
 
     runs = []
     for i in range(2):
+        # each child with an empty Triton cache of its own: the first must compile (Triton's default
+        # cache, shared with the GPU tests before this one, served its kernels: compiles 0), the
+        # second must get every kernel from rtxjit's runtime cache alone
+        env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / f"triton{i}")}
         proc = subprocess.run([sys.executable, "-c", WARM_CHILD, str(tmp_path / "cache"), str(tmp_path / f"{i}.npy")],
-                              capture_output=True, text=True, timeout=600)
+                              capture_output=True, text=True, timeout=600, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     assert runs[0]["specialized"] == 1 and runs[0]["compiles"] > 0
