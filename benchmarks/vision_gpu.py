@@ -255,6 +255,26 @@ def _quiet_reference_math() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
 
 
+def calibrate_batchnorm(model: torch.nn.Module, shape, dev) -> None:
+    """BatchNorm running statistics measured on random inputs (one fp32 pass in train mode, a
+    cumulative average), as training would leave them. With ``weights=None`` they are mean 0, var 1,
+    and a deep network's activations grow block by block: resnet101/152, wide_resnet101_2,
+    inception_v3 and the resnet101 segmentation nets overflow fp16 in eager PyTorch itself (inf/NaN
+    outputs, H100 run of 2026-12-07), so no comparison with eager could judge them. A batch of two
+    (batch statistics of one 1x1 feature map are undefined); the model is left in eval mode."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: one pass sets the statistics of that pass
+    x = torch.randn((2, *shape[1:]), generator=torch.Generator().manual_seed(2)).to(dev)
+    model.to(dev, torch.float32).train()
+    with torch.no_grad():
+        model(x)
+    model.eval()
+
+
 def check_torchvision(job: dict, rec: Record) -> None:
     case = Case(job["name"], job["family"])
     cuda = torch.cuda.is_available()
@@ -264,6 +284,7 @@ def check_torchvision(job: dict, rec: Record) -> None:
     _quiet_reference_math()
     model, shape = build_case(case, job, dev)
     _randomize_zero_inits(model)
+    calibrate_batchnorm(model, shape, dev)
     x32 = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dev)
     rec.stage("eager", input=list(shape), params=sum(p.numel() for p in model.parameters()))
     with torch.no_grad():

@@ -90,6 +90,10 @@ def _config(name: str, d: dict):
 def randomize(model: torch.nn.Module, seed: int) -> None:
     """Random, non-zero weights everywhere (zero-initialized biases and norms included).
 
+    Weights have std 1/sqrt(fan-in). (Until 2026-12-07 a conv's fan-in was taken as its last
+    dim, the kernel width: std 0.58 for a 3x3 conv, so a full-size UNet, VAE decoder or wav2vec2
+    overflowed fp16 in eager PyTorch itself and no comparison with it could judge anything.)
+
     T5's attention has no 1/sqrt(d_kv) score scale: its query projection is initialized that much
     smaller instead (transformers' ``T5PreTrainedModel._init_weights``: q std (d_model * d_kv)^-0.5).
     Without that, T5-base's scores are sqrt(64) times too large and the model is ill-conditioned:
@@ -99,8 +103,8 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
     q_scale = config.d_kv ** -0.5 if getattr(config, "model_type", None) == "t5" else 1.0
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * (0.5 / max(p.shape[-1], 1) ** 0.5) * 2)
+            if p.dim() >= 2:  # std 1/sqrt(fan-in): a conv's fan-in is in_channels/groups x its taps
+                p.copy_(torch.randn(p.shape, generator=g) / max(p[0].numel(), 1) ** 0.5)
                 if name.endswith("SelfAttention.q.weight"):
                     p.mul_(q_scale)
             elif name.endswith("bias"):
