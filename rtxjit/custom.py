@@ -138,13 +138,18 @@ def unregister_op(domain: str, name: str, version: Optional[int] = None) -> None
 
 # --- checks at registration ------------------------------------------------------------------------
 
-def _attributes(infer, where: str) -> list:
-    if not callable(infer):
-        raise UsageError(f"{where}: infer must be a function of the input types, got {type(infer).__name__}")
+def _parameters(fn, what: str, where: str, expected: str = "a function"):
+    """``fn``'s parameters, or a UsageError naming the hook."""
+    if not callable(fn):
+        raise UsageError(f"{where}: {what} must be {expected}, got {type(fn).__name__}")
     try:
-        params = inspect.signature(infer).parameters.values()
+        return inspect.signature(fn).parameters.values()
     except (TypeError, ValueError) as exc:
-        raise UsageError(f"{where}: infer has no readable signature: {exc}") from None
+        raise UsageError(f"{where}: {what} has no readable signature: {exc}") from None
+
+
+def _attributes(infer, where: str) -> list:
+    params = _parameters(infer, "infer", where, "a function of the input types")
     if any(p.kind is p.VAR_KEYWORD for p in params):
         raise UsageError(f"{where}: infer takes **{[p.name for p in params if p.kind is p.VAR_KEYWORD][0]}; "
                          "name each attribute as a keyword-only parameter with its default")
@@ -152,12 +157,7 @@ def _attributes(infer, where: str) -> list:
 
 
 def _check_hook(fn, what: str, attrs: list, where: str) -> None:
-    if not callable(fn):
-        raise UsageError(f"{where}: {what} must be a function, got {type(fn).__name__}")
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"{where}: {what} has no readable signature: {exc}") from None
+    params = _parameters(fn, what, where)
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return
     names = {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
