@@ -176,6 +176,7 @@ def _unsqueeze_h(v: View) -> View:
 
 
 TAP_MAJOR_MIN_CHANNELS = 16  # below this many input channels per group, Conv's K loop is flat
+CHANNELS_LAST_READERS = ("Conv", "ConvTranspose", "rtxjit.UpsampleConv", "rtxjit.QLinearConv")
 NHWC_BLOCK = 64  # tile of the NCHW -> NHWC transpose
 
 
@@ -270,30 +271,36 @@ def channels_last_output(ctx) -> View:
 
 def _reads_channels_last(node) -> bool:
     anchor = node.attrs.get("anchor", node.op)
-    if anchor not in ("Conv", "ConvTranspose", "rtxjit.UpsampleConv") or node.inputs[0].type.rank not in (4, 5):
+    if anchor not in CHANNELS_LAST_READERS or node.inputs[0].type.rank not in (4, 5):
         return False
     w = node.inputs[1].type.shape
     group = dict(node.attrs.get("anchor_attrs", node.attrs)).get("group", 1)
     c = w[0] if anchor == "ConvTranspose" else w[1]  # input channels (of the one group)
     if not all(isinstance(d, int) for d in (c, *w[2:])):
         return False
-    return tap_major(c, w[2:]) and group == 1
+    return tap_major(c, w[2:], anchor == "rtxjit.QLinearConv") and group == 1
 
 
-def tap_major(c: int, kernel: tuple) -> bool:
+def tap_major(c: int, kernel: tuple, quant: bool = False) -> bool:
     """Whether a convolution with ``c`` input channels per group runs the tap-major K loop: taps x
     channels for wide inputs; a strided 1x1 conv reads a quarter of its input or less, so neither a
-    channels-last copy of all of it nor a tap loop pays there: it runs flat."""
+    channels-last copy of all of it nor a tap loop pays there: it runs flat. An int8 conv
+    (``quant``, rtxjit.QLinearConv) runs tap-major from 17 channels, 1x1 too: its dot needs
+    ``BLOCK_K >= 32`` on a GPU (a power of two up to the channels), and its int8 activations are
+    written channels-last by the convs before it."""
+    if quant:
+        return c > TAP_MAJOR_MIN_CHANNELS
     return c >= TAP_MAJOR_MIN_CHANNELS and int(np.prod(kernel)) > 1
 
 
 def emit_conv(ctx, x: View, w: View, b, out: View, geo: WindowGeometry, group: int, transposed: bool = False,
-              upsample: tuple = None) -> None:
+              upsample: tuple = None, quant=None, quant_args: tuple = ()) -> None:
     """Launch the implicit-GEMM kernel for an NC(D)HW convolution, 1-D (as 2-D), 2-D or 3-D: one
     program per output tile of ``[BLOCK_M pixels, BLOCK_N channels]`` in each group. ``w`` is
     ``[Cout, C, *kernel]`` (any strides); ``transposed`` runs ConvTranspose's gather form (``geo``
     from ``conv_transpose_geometry``, ``x`` the input); ``upsample`` (a factor per spatial axis)
-    convolves ``x`` upsampled nearest by those factors (``geo`` over the upsampled sizes)."""
+    convolves ``x`` upsampled nearest by those factors (``geo`` over the upsampled sizes); ``quant``
+    (templates/quant_gemm.QuantConv) runs int8 operands, ``quant_args`` its launch arguments."""
     if x.rank == 3:
         x, w, out, geo = _unsqueeze_h(x), _unsqueeze_h(w), _unsqueeze_h(out), geo.as_2d()
         upsample = None if upsample is None else (1,) + tuple(upsample)
@@ -310,7 +317,7 @@ def emit_conv(ctx, x: View, w: View, b, out: View, geo: WindowGeometry, group: i
     n = c_out // group  # output channels per group
     k = c * int(np.prod(geo.kernel, dtype=np.int64))  # taps per output: (ci, (kd,) kh, kw)
     bias = [b.broadcast_to((m, c_out))] if b is not None else []  # the epilogue reads it as [M, Cout]
-    taps = tap_major(c, geo.kernel)
+    taps = tap_major(c, geo.kernel, quant is not None)
     if taps and x.strides[1] != 1:
         x = _channels_last(ctx, x)
     args = []
@@ -320,11 +327,12 @@ def emit_conv(ctx, x: View, w: View, b, out: View, geo: WindowGeometry, group: i
     args += [*x.strides, *w.strides, *out.strides] + [st for v in bias for st in v.strides]
     unit = frozenset(name for name, st in (("x_sc", x.strides[1]), ("x_sw", x.strides[-1]), ("w_sco", w.strides[0]),
                                            ("out_sw", out.strides[-1])) if st == 1)
+    args += list(quant_args)
     fused, extras = take_epilogue(ctx, x.dtype, out.shape)
     args += epilogue_args(ctx, fused, extras, lambda e: e.strides)
     src = render_conv2d(x.dtype, b is not None, wide=ctx.needs_wide(out, x, w, *extras), tap_major=taps,
                         unit=unit, fused=fused, depth=x.rank == 5, transposed=transposed,
-                        upsample=None if upsample is None else tuple(upsample))
+                        upsample=None if upsample is None else tuple(upsample), quant=quant)
     launch_tiles(ctx, src, args, m, n, k, x.dtype, group, k_cap=c if taps else None)
 
 

@@ -25,7 +25,16 @@ node produces the quantized value. int8: the weight less its zero point must fit
 keep the int32 sum exact (K < 65536); fp8: both operands of one fp8 type (the legality check
 refuses fp8 below sm_89, naming the node that makes the fp8 values).
 
-Conv is not folded yet: Q/DQ convolutions run as before (DQ folded into an fp32 weight).
+Convolutions (what onnxruntime.quantization.quantize_static writes for a CNN):
+    Conv(DQ(x_q: int8/uint8), DQ(w: int8 const, per tensor | per output channel), bias) [-> Relu]
+        [-> Q [-> DQ -> [Add(., DQ(res_q))] [-> Relu] -> Q] (up to two such stages)]
+        => rtxjit.QLinearConv (int8 implicit GEMM; conv template's ``quant`` option)
+The bias is a constant or a DQ of an int32 constant (evaluated here); a Relu is taken only with the
+QuantizeLinear after it; a stage's DQ must have its QuantizeLinear's parameters, its residual be a
+DQ of the output's shape, its Q of the same type (a residual Add: 2-D and 3-D convs only). The conv's
+K (channels per group x taps) must exceed 16: the int8 dot needs ``BLOCK_K >= 32`` on a GPU (a
+3-channel 3x3 stem stays as it was: DQ folded into an fp32 weight). The new node takes the place of
+the last node it replaces, since the residual may be computed after the Conv.
 """
 
 from __future__ import annotations
@@ -37,11 +46,12 @@ from rtxjit.ir.registry import get_op
 from rtxjit.ir.rewrite import FreshNames, is_graph_output, make_constant, remove_nodes
 from rtxjit.ir.types import DType
 from rtxjit.passes.base import PassResult
-from rtxjit.quant.qlinear import INTS, int8_weight
+from rtxjit.quant.qlinear import INTS, MAX_STAGES, int8_weight
 
 FP8 = (DType.FP8E4M3, DType.FP8E5M2)
 NIBBLES = (DType.INT4, DType.UINT4)
 MAX_K_INT8 = 65536  # K * 128 * 255 stays below 2**31 (the int32 accumulator plus the zero-point correction)
+MIN_K_CONV = 16  # an int8 conv's dot needs BLOCK_K >= 32 on a GPU: its K (channels per tap) must pass 16
 
 
 def fuse_quantized(graph: Graph) -> PassResult:
@@ -51,6 +61,8 @@ def fuse_quantized(graph: Graph) -> PassResult:
         if node.op == "MatMul" and _weight_only(graph, node, names):
             changed = True
         elif node.op in ("MatMul", "Gemm") and _quantized_operands(graph, node, names):
+            changed = True
+        elif node.op == "Conv" and _quantized_conv(graph, node, names):
             changed = True
     if changed:
         _drop_dead_dequantizes(graph)
@@ -238,3 +250,117 @@ def _only_quantize_reader(graph: Graph, value: Value):
     if q.outputs[0].type.dtype not in INTS + FP8:
         return None
     return q
+
+
+# ---- quantized convolutions -----------------------------------------------------------------------
+
+def _quantized_conv(graph: Graph, node: Node, names: FreshNames) -> bool:
+    """Conv(DQ(x_q), DQ(w_q), bias) [-> Relu] [-> Q] [-> DQ -> Add(., DQ(res_q)) [-> Relu] -> Q]
+    => rtxjit.QLinearConv (rtxjit/quant/qlinear.py), placed where the last node it replaces was (the
+    residual may be computed after the Conv)."""
+    x, w = node.inputs[0], node.inputs[1]
+    b = node.inputs[2] if len(node.inputs) > 2 else None
+    dx, dw = _dq(x), _dq(w)
+    if x.type.rank not in (3, 4, 5) or dx is None or dw is None or dx[5] or dw[5]:
+        return False
+    _, xq, sx, zx = dx[:4]
+    _, wq, sw, zw, w_axis, _ = dw
+    q, sw_, zw_ = _const(wq), _const(sw), _const(zw)
+    if (xq.type.dtype not in INTS or wq.type.dtype not in INTS or not _one(_const(sx))
+            or (zx is not None and not _one(_const(zx))) or q is None or sw_ is None or (zw is not None and zw_ is None)):
+        return False
+    c_out, k = q.shape[0], q[0].size  # K of the implicit GEMM: input channels per group x taps
+    if not _one(sw_) and not (sw_.ndim == 1 and sw_.size == c_out and w_axis % q.ndim == 0):
+        return False
+    if zw_ is not None and zw_.size not in (1, c_out):
+        return False
+    if not MIN_K_CONV < k < MAX_K_INT8 or int8_weight(q.reshape(c_out, -1).T, zw_) is None:
+        return False
+    bias = None
+    if b is not None:
+        c = _evaluate(b)
+        if c is None or c.size != c_out:
+            return False
+        bias = make_constant(names, node.name + "_bias", c.reshape(-1).astype(np.float32))
+    chain, relu, q_node = _conv_output(graph, node.outputs[0])
+    inputs = [xq, wq, bias, sx, zx, sw, zw]
+    attrs = dict(node.attrs, relu=relu)
+    if q_node is not None:
+        inputs += [q_node.inputs[1], q_node.inputs[2] if len(q_node.inputs) > 2 else None]
+        stages, params, res_dq = [], [], None
+        while len(stages) < MAX_STAGES:
+            stage = _stage(graph, chain[-1], res_dq is None and x.type.rank > 3)
+            if stage is None:
+                break
+            nodes, kind, res, next_q = stage
+            chain += nodes
+            stages.append(kind)
+            res_dq = res or res_dq
+            params += [next_q.inputs[1], next_q.inputs[2] if len(next_q.inputs) > 2 else None]
+        res = [None] * 3 if res_dq is None else [res_dq.inputs[0], res_dq.inputs[1],
+                                                   res_dq.inputs[2] if len(res_dq.inputs) > 2 else None]
+        inputs += res + params
+        attrs["stages"] = tuple(stages)
+    last = chain[-1] if chain else node
+    opdef = get_op("rtxjit.QLinearConv")
+    new = Node("rtxjit.QLinearConv", names(node.name + "_quantized"), inputs, list(last.outputs),
+               opdef.bind_attrs(attrs, "rtxjit.QLinearConv"), 1)
+    for v in new.outputs:
+        v.producer = new
+    graph.nodes[graph.nodes.index(last)] = new
+    remove_nodes(graph, [node] + chain[:-1])
+    return True
+
+
+def _single_reader(graph: Graph, value: Value, op: str):
+    """The one node of type ``op`` that alone reads ``value`` (not a graph output), or None."""
+    if value is None or is_graph_output(graph, value):
+        return None
+    readers = graph.consumers().get(value.name, [])
+    return readers[0][0] if len(readers) == 1 and readers[0][0].op == op else None
+
+
+def _conv_output(graph: Graph, y: Value) -> tuple:
+    """``(nodes after the Conv that the quantized conv takes over, relu, the QuantizeLinear or
+    None)``: a Relu is taken only with the int8 / uint8 QuantizeLinear after it."""
+    relu_node = _single_reader(graph, y, "Relu")
+    if relu_node is not None:
+        q_node = _only_quantize_reader(graph, relu_node.outputs[0])
+        if q_node is not None and q_node.outputs[0].type.dtype in INTS:
+            return [relu_node, q_node], 1, q_node
+    q_node = _only_quantize_reader(graph, y)
+    if q_node is not None and q_node.outputs[0].type.dtype in INTS:
+        return [q_node], 0, q_node
+    return [], 0, None
+
+
+def _same_params(a: Node, b: Node) -> bool:
+    """Two Q / DQ nodes with equal constant scale and zero point (the pair around a tensor)."""
+    pa = [_const(v) for v in a.inputs[1:3]] + [None] * (3 - len(a.inputs))
+    pb = [_const(v) for v in b.inputs[1:3]] + [None] * (3 - len(b.inputs))
+    return all((u is None and v is None) or (u is not None and v is not None and u.dtype == v.dtype
+                                             and np.array_equal(u, v)) for u, v in zip(pa, pb))
+
+
+def _stage(graph: Graph, q_node: Node, residual: bool):
+    """After a QuantizeLinear: DQ (its parameters) -> [Add(., DQ(res_q)) (``residual`` allowed)]
+    [-> Relu] -> Q of the same type, each read only by the next, the residual of the output's shape
+    with constant per-tensor parameters: ``(nodes, "relu" | "add" | "add_relu", the residual's DQ or
+    None, the last Q)``, or None."""
+    dq = _single_reader(graph, q_node.outputs[0], "DequantizeLinear")
+    if dq is None or not _same_params(q_node, dq) or dq.attrs.get("block_size", 0):
+        return None
+    nodes, res, value = [dq], None, dq.outputs[0]
+    add = _single_reader(graph, value, "Add") if residual else None
+    if add is not None and add.inputs[0] is not add.inputs[1]:
+        other = add.inputs[1] if add.inputs[0] is value else add.inputs[0]
+        d = _dq(other)
+        if (d is not None and not d[5] and d[1].type.dtype in INTS and d[1].type.static
+                and d[1].type.shape == add.outputs[0].type.shape == value.type.shape
+                and _one(_const(d[2])) and (d[3] is None or _one(_const(d[3])))):
+            nodes, res, value = nodes + [add], d[0], add.outputs[0]
+    more, relu, next_q = _conv_output(graph, value)
+    if next_q is None or next_q.outputs[0].type.dtype is not q_node.outputs[0].type.dtype or (res is None and not relu):
+        return None
+    return nodes + more, ("add" if res is not None else "") + ("_relu" if res is not None and relu else "") + (
+        "relu" if res is None else ""), res, next_q

@@ -20,10 +20,11 @@ from __future__ import annotations
 import numpy as np
 
 from rtxjit.codegen.templates.matmul import tile_configs, tile_count
-from rtxjit.codegen.templates.quant_gemm import FP8, min_block_k, render_qdot
-from rtxjit.errors import ModelError, UnsupportedOpError
+from rtxjit.codegen.templates.quant_gemm import FP8, QuantConv, min_block_k, render_qdot
+from rtxjit.errors import ModelError, ShapeError, UnsupportedOpError
 from rtxjit.ir.registry import Kind, Unknown, get_op, known, op
 from rtxjit.ir.types import DType, TensorType
+from rtxjit.ops.conv import channels_last_output, conv, conv_geometry, dense_weight, emit_conv
 from rtxjit.ops.quant import FP8_NUMPY
 
 INTS = (DType.INT8, DType.UINT8)
@@ -135,3 +136,115 @@ def _(ctx, a_q, a_scale, a_zero, w_q, w_scale, w_zero=None, bias=None, y_scale=N
     cfgs = tile_configs(rows, n, k, DType.FP16, ctx.interpret, sm=ctx.sm or 90, sm_count=ctx.sm_count)
     cfgs = [min_block_k(c, k, ctx.interpret) for c in cfgs]
     ctx.launch_tuned(src, [((tile_count(rows, n, c),), c) for c in cfgs], args, ctx.tune_key(src, rows, n, k))
+
+
+# ---- rtxjit.QLinearConv ---------------------------------------------------------------------------
+
+CONV_HOST = (1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15)  # all but the activations x_q and res_q
+STAGES = ("relu", "add", "add_relu")  # what one stage after the conv's QuantizeLinear does (DQ -> . -> Q)
+MAX_STAGES = 2
+
+
+def _shape(v) -> tuple:
+    return v.type.shape if isinstance(v, Unknown) else np.shape(v)
+
+
+def _scalar(v, default: float = 0.0) -> float:
+    return default if v is None else float(np.asarray(v).astype(np.float64).reshape(-1)[0])
+
+
+@op("rtxjit.QLinearConv", since=1, kind=Kind.CONV, host_inputs=CONV_HOST)
+def qlinear_conv(x_q: TensorType, w_q, bias=None, x_scale=None, x_zero=None, w_scale=None, w_zero=None, y_scale=None,
+                 y_zero=None, res_q: TensorType = None, res_scale=None, res_zero=None, s1_scale=None, s1_zero=None,
+                 s2_scale=None, s2_zero=None, *, auto_pad: str = "NOTSET", dilations=None, group: int = 1,
+                 kernel_shape=None, pads=None, strides=None, relu: int = 0, stages: tuple = ()) -> TensorType:
+    """``Conv(DQ(x_q), DQ(w_q, axis 0), bias) [-> Relu] [-> Q(y_scale, y_zero)]`` and then up to two
+    ``stages``, each ``DQ -> [Add(., DQ(res_q))] [-> Relu] -> Q(s{k}_scale, s{k}_zero)`` ("relu",
+    "add", "add_relu"; one "add" at most), made by rtxjit/quant/fuse.py; Conv's attributes."""
+    if x_q.dtype not in INTS or _dtype(w_q) not in INTS:
+        raise ModelError(f"rtxjit.QLinearConv: int8 / uint8 operands are needed, got {x_q.dtype.short} and "
+                         f"{_dtype(w_q).short}")
+    stages = tuple(stages)
+    if (len(stages) > MAX_STAGES or any(st not in STAGES for st in stages) or (stages and y_scale is None)
+            or sum(st.startswith("add") for st in stages) != (res_q is not None)):
+        raise ModelError(f"rtxjit.QLinearConv: stages {list(stages)} (up to {MAX_STAGES} of {list(STAGES)}, after the "
+                         "conv's quantization; one add with a residual)")
+    float_type = _dtype(x_scale)
+    shape = conv.infer_fn(TensorType(float_type, x_q.shape), TensorType(float_type, _shape(w_q)), None,
+                          auto_pad=auto_pad, dilations=dilations, group=group, kernel_shape=kernel_shape, pads=pads,
+                          strides=strides).shape
+    if res_q is not None and res_q.shape != shape:
+        raise ShapeError(f"rtxjit.QLinearConv: a residual of {res_q} for an output of shape {list(shape)}")
+    if y_scale is None:
+        return TensorType(float_type, shape)
+    zero = (y_zero, s1_zero, s2_zero)[len(stages)]
+    return TensorType(DType.UINT8 if zero is None else _dtype(zero), shape)
+
+
+@qlinear_conv.reference
+def _(x_q, w_q, bias=None, x_scale=None, x_zero=None, w_scale=None, w_zero=None, y_scale=None, y_zero=None, res_q=None,
+      res_scale=None, res_zero=None, s1_scale=None, s1_zero=None, s2_scale=None, s2_zero=None, *, relu=0, stages=(),
+      **attrs):
+    def dq(v, scale, zero, axis=1):
+        return get_op("DequantizeLinear").run_reference([v, scale, zero], {"axis": axis, "block_size": 0}, 1)[0]
+
+    def q(v, scale, zero):
+        attrs_q = {"axis": 1, "saturate": 1, "block_size": 0, "output_dtype": 0}
+        return get_op("QuantizeLinear").run_reference([v, scale, zero], attrs_q, 1)[0]
+
+    x, w = dq(x_q, x_scale, x_zero), dq(w_q, w_scale, w_zero, axis=0)
+    y = conv.reference_fn(np.asarray(x, np.float64), np.asarray(w, np.float64),
+                          None if bias is None else np.asarray(bias, np.float64), **attrs)
+    y = y.astype(np.asarray(x_scale).dtype)
+    y = np.maximum(y, 0) if relu else y
+    if y_scale is None:
+        return y
+    y = q(y, y_scale, y_zero)
+    params = [(y_scale, y_zero), (s1_scale, s1_zero), (s2_scale, s2_zero)]
+    for k, stage in enumerate(stages):
+        v = dq(y, *params[k])
+        v = v + dq(res_q, res_scale, res_zero) if stage.startswith("add") else v
+        v = np.maximum(v, 0) if stage.endswith("relu") else v
+        y = q(v, *params[k + 1])
+    return y
+
+
+@qlinear_conv.lower
+def _(ctx, x_q, w_q, bias=None, x_scale=None, x_zero=None, w_scale=None, w_zero=None, y_scale=None, y_zero=None,
+      res_q=None, res_scale=None, res_zero=None, s1_scale=None, s1_zero=None, s2_scale=None, s2_zero=None, *, group=1,
+      relu=0, stages=(), **attrs):
+    for name, v in (("w_q", w_q), ("x_scale", x_scale), ("w_scale", w_scale)):
+        if not known(v):
+            raise UnsupportedOpError(f"{ctx.where}: {name} must be a constant")
+    geo = conv_geometry(x_q.shape[2:], np.shape(w_q)[2:], **attrs)
+    c_out = np.shape(w_q)[0]
+    w = int8_weight(np.asarray(w_q).reshape(c_out, -1).T, w_zero)
+    if w is None:
+        raise UnsupportedOpError(f"{ctx.where}: the weight minus its zero point leaves int8's range")
+    w = np.ascontiguousarray(w.T).reshape(np.shape(w_q))
+    za = int(_scalar(x_zero))
+    cs = np.float32(_scalar(x_scale)) * np.broadcast_to(np.asarray(w_scale, np.float32).reshape(-1), (c_out,))
+    corr = (128 * (x_q.dtype is DType.UINT8) - za) * w.reshape(c_out, -1).astype(np.int64).sum(axis=1)
+    bias = None if bias is None else np.broadcast_to(np.asarray(bias, np.float32).reshape(-1), (c_out,))
+    if bias is not None:  # a bias of whole multiples of cs (quantize_static's int32 bias) joins the integer sum
+        steps = np.rint(bias.astype(np.float64) / cs)
+        if np.abs(steps).max(initial=0) < 2 ** 24 and np.array_equal(steps.astype(np.float32) * cs, bias):
+            corr, bias = corr + steps.astype(np.int64), None
+    if np.abs(corr).max(initial=0) >= 2 ** 31:
+        raise UnsupportedOpError(f"{ctx.where}: the zero-point correction leaves int32's range")
+    stage_flags = tuple((st.startswith("add"), st.endswith("relu")) for st in stages)
+    quant = QuantConv(x_q.dtype, ctx.outputs[0].dtype, bool(corr.any()), bool(relu), stage_flags,
+                      None if res_q is None else res_q.dtype)
+    args = []
+    for v in [ctx.const(cs.astype(np.float32))] + ([ctx.const(corr.astype(np.int32))] if quant.has_corr else []):
+        args += [ctx.ptr(v), v.offset]
+    args += [za, _scalar(y_scale, 1.0), _scalar(y_zero)]
+    if res_q is not None:
+        args += [ctx.ptr(res_q), res_q.offset, *res_q.strides, _scalar(res_scale, 1.0), _scalar(res_zero)]
+    for scale, zero in [(s1_scale, s1_zero), (s2_scale, s2_zero)][:len(stages)]:
+        args += [_scalar(scale, 1.0), _scalar(zero)]
+    out = channels_last_output(ctx)
+    b = None if bias is None else ctx.const(np.ascontiguousarray(bias, np.float32))
+    emit_conv(ctx, x_q, dense_weight(ctx, w), b, out, geo, group, quant=quant, quant_args=tuple(args))
+    if out is not ctx.outputs[0]:
+        ctx.alias(0, out)

@@ -46,6 +46,7 @@ from __future__ import annotations
 from rtxjit.codegen.source import KernelSource, render
 from rtxjit.codegen.templates.matmul import (acc_type, bias_params, epilogue, int64_suffix, k_loop, product,
                                              scaled, signature, tile_indices)
+from rtxjit.codegen.templates.quant_gemm import QuantConv, int8_operand
 from rtxjit.codegen.dtypes import TL
 from rtxjit.errors import InternalError
 from rtxjit.ir.types import DType
@@ -111,7 +112,7 @@ def _input_offset(axes: str, unit: frozenset, upsample: tuple = None) -> str:
     return " + ".join(terms)
 
 
-def _flat_gather(axes: str, transposed: bool, unit: frozenset, upsample: tuple = None) -> list:
+def _flat_gather(axes: str, transposed: bool, unit: frozenset, upsample: tuple = None, pad: str = "0.0") -> list:
     split, ci = _split("rk", axes, "k", "K", "ci")
     rows, valid = _tap_rows(axes, transposed, "[:, None]", "[None, :]")
     w_tap = " + ".join(["ci * w_sci"] + [f"k{a} * w_sk{a}" for a in axes])
@@ -122,7 +123,7 @@ def _flat_gather(axes: str, transposed: bool, unit: frozenset, upsample: tuple =
         *(f"        {line}" for line in rows),
         f"        a_mask = (rm[:, None] < M) & (rk[None, :] < K) & {valid}",
         f"        a_addr = x_ptr + x_base[:, None] + ci[None, :] * x_sc + {_input_offset(axes, unit, upsample)}",
-        "        a = tl.load(a_addr, mask=a_mask, other=0.0)",
+        f"        a = tl.load(a_addr, mask=a_mask, other={pad})",
         "        b_mask = (rk[:, None] < K) & (rn[None, :] < N)",
         f"        w_tap = {w_tap}",
         f"        b = tl.load(w_ptr + w_off + {scaled('co[None, :]', 'w_sco', unit)} + w_tap[:, None], mask=b_mask,"
@@ -139,14 +140,15 @@ def _tap_split(axes: str) -> list:
 
 
 def _tap_major_loop(dtype: DType, wide: bool, unit: frozenset, axes: str, transposed: bool,
-                    upsample: tuple = None) -> list:
+                    upsample: tuple = None, quant: QuantConv = None) -> list:
     w = int64_suffix(wide)
+    acc, pad, to_operands, step = _arithmetic(dtype, quant)
     a_cols = scaled("ci[None, :]", "x_sc", unit)  # channels-last input: 16-byte loads, pipelined
     taps = " * ".join(f"K{a.upper()}" for a in axes)
     rows, valid = _tap_rows(axes, transposed, "", "")
     b_rows = " + ".join(["w_cols"] + [f"k{a} * w_sk{a}" for a in axes])
     return [
-        f"    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype={TL[acc_type(dtype)]})",
+        f"    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype={acc})",
         "    m_ok = rm < M",
         "    n_ok = rn < N",
         f"    w_cols = w_ptr + w_off + {scaled('co', 'w_sco', unit)}",
@@ -162,15 +164,37 @@ def _tap_major_loop(dtype: DType, wide: bool, unit: frozenset, axes: str, transp
         "        ci = c0 + rc",
         f"        b_rows = {b_rows}",
         "        if EVEN_K:",
-        f"            a = tl.load(a_rows[:, None] + {a_cols}, mask=row_ok[:, None], other=0.0)",
+        f"            a = tl.load(a_rows[:, None] + {a_cols}, mask=row_ok[:, None], other={pad})",
         "            b = tl.load(b_rows[None, :] + ci[:, None] * w_sci, mask=n_ok[None, :], other=0.0)",
         "        else:",
         f"            a = tl.load(a_rows[:, None] + {a_cols}, mask=row_ok[:, None] & (ci[None, :] < C),"
-        " other=0.0)",
+        f" other={pad})",
         "            b = tl.load(b_rows[None, :] + ci[:, None] * w_sci, mask=n_ok[None, :] & (ci[:, None] < C),"
         " other=0.0)",
-        f"        acc = {product(dtype)}",
+        *to_operands,
+        f"        acc = {step}",
     ]
+
+
+def _arithmetic(dtype: DType, quant: QuantConv = None) -> tuple:
+    """``(accumulator type, the value of an activation tap in the padding, loop-body lines making
+    the loaded tiles the dot's operands, the K step)``: fp32 (fp64) accumulation of ``dtype``
+    operands padded with 0, or with ``quant`` an int8 dot into int32, padded with the activation's
+    zero point (see templates/quant_gemm.QuantConv)."""
+    if quant is None:
+        return TL[acc_type(dtype)], "0.0", [], product(dtype)
+    return "tl.int32", "a_pad", int8_operand(quant.a_dtype), "tl.dot(a, b, acc)"
+
+
+def _flat_loop(dtype: DType, wide: bool, unit: frozenset, axes: str, transposed: bool, upsample: tuple = None,
+               quant: QuantConv = None) -> list:
+    """The flat K loop: the matmul template's, with Conv's gather as its tile loads."""
+    acc, pad, to_operands, step = _arithmetic(dtype, quant)
+    loop = k_loop(_flat_gather(axes, transposed, unit, upsample, pad) + to_operands, dtype, wide)
+    if quant is not None:  # the accumulator and the step of the int8 dot
+        loop[0] = f"    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype={acc})"
+        loop[-1] = f"        acc = {step}"
+    return loop
 
 
 def _pixel(axes: str, stride: str, unit: frozenset = frozenset(), last: str = None) -> str:
@@ -183,7 +207,7 @@ def _pixel(axes: str, stride: str, unit: frozenset = frozenset(), last: str = No
 
 def render_conv2d(dtype: DType, has_bias: bool, wide: bool = False, tap_major: bool = True,
                   unit: frozenset = frozenset(), fused=None, depth: bool = False,
-                  transposed: bool = False, upsample: tuple = None) -> KernelSource:
+                  transposed: bool = False, upsample: tuple = None, quant: QuantConv = None) -> KernelSource:
     """The kernel for ``Conv`` over 2-D NCHW views (3-D NCDHW ones with ``depth``; ConvTranspose's
     gather form with ``transposed``; the Conv of ``x`` upsampled by ``upsample``, a factor per
     spatial axis, nearest: ``None`` or all 1 for none).
@@ -195,6 +219,11 @@ def render_conv2d(dtype: DType, has_bias: bool, wide: bool = False, tap_major: b
     bias_sn``, the bias viewed as ``[M, Cout]``). Block sizes, ``GROUP_M`` and ``EVEN_K`` (``C`` a
     multiple of ``BLOCK_K``, tap-major loop only) are constexprs. ``unit`` names strides that are 1
     for this launch (``x_sc`` for a channels-last input, ``x_sw``, ``w_sco``, ``out_sw``).
+
+    ``quant`` (a ``QuantConv``): int8 / uint8 ``x`` and int8 ``w`` multiply into an int32
+    accumulator, padding taps read the activation's zero point, and the epilogue scales per output
+    channel, adds the bias and requantizes (``scaled_epilogue``); its arguments (``QuantConv.params``)
+    follow the bias strides. Not combined with ``transposed``, ``upsample`` or ``fused``.
     """
     axes = "dhw" if depth else "hw"
     if upsample is not None and all(f == 1 for f in upsample):
@@ -203,15 +232,18 @@ def render_conv2d(dtype: DType, has_bias: bool, wide: bool = False, tap_major: b
                                  or not all(isinstance(f, int) and f >= 1 for f in upsample)):
         raise InternalError(f"conv template: upsample {upsample} needs a positive integer per spatial axis "
                             f"({len(axes)}) and no transposed form")
+    if quant is not None and (transposed or upsample is not None or fused is not None):
+        raise InternalError("conv template: quant is not combined with transposed, upsample or a fused epilogue")
     name = f"conv{'_transpose' if transposed else ''}{len(axes)}d"
     params = ["out_ptr", "out_off", "x_ptr", "x_off", "w_ptr", "w_off", *bias_params(has_bias)]
     params += ["M", "N", "K", *_geometry(axes), *_strides(axes)]
     params += ["bias_sm", "bias_sn"] if has_bias else []
+    params += quant.params(axes) if quant else []
     params += fused.params([f"s{a}" for a in "nc" + axes]) if fused else []  # extras as NC(D)HW views
     if tap_major:
-        loop = _tap_major_loop(dtype, wide, unit, axes, transposed, upsample)
+        loop = _tap_major_loop(dtype, wide, unit, axes, transposed, upsample, quant)
     else:
-        loop = k_loop(_flat_gather(axes, transposed, unit, upsample), dtype, wide)
+        loop = _flat_loop(dtype, wide, unit, axes, transposed, upsample, quant)
     split, nb = _split("rm", axes, "o", "O", "nb")
     if transposed:  # i = (o + pad - k * dil) / stride
         bases = [f"    t{a}0 = o{a} + pad_{a}" for a in axes]
@@ -229,13 +261,17 @@ def render_conv2d(dtype: DType, has_bias: bool, wide: bool = False, tap_major: b
         *loop,
         "    mask = (rm[:, None] < M) & (rn[None, :] < N)",
         f"    out_pixel = {_pixel(axes, 'out_s', unit)}",
-        *epilogue("out_ptr + out_off + out_pixel[:, None] + co[None, :] * out_sc", dtype, has_bias,
-                  scaled=False, cols="co", fused=fused,
-                  fused_addr=lambda k: _extra_addr(k, axes)),
     ]
+    out_addr = "out_ptr + out_off + out_pixel[:, None] + co[None, :] * out_sc"
+    if quant is None:
+        lines += epilogue(out_addr, dtype, has_bias, scaled=False, cols="co", fused=fused,
+                          fused_addr=lambda k: _extra_addr(k, axes))
+    else:
+        lines += quant.epilogue(out_addr, has_bias, _tile_addr("res", axes))
     kind = "implicit gemm (gather)" if transposed else "implicit gemm"
     header = f"{name} {kind} in={dtype.short} bias={has_bias} loop={'tap' if tap_major else 'flat'}"
     header += fused.header() if fused else ""
+    header += quant.header() if quant else ""
     if upsample is not None:
         header += f" upsample={'x'.join(str(f) for f in upsample)}"
     if unit:
@@ -245,7 +281,13 @@ def render_conv2d(dtype: DType, has_bias: bool, wide: bool = False, tap_major: b
 
 def _extra_addr(k: int, axes: str) -> str:
     """Extra epilogue input ``k`` (an NC(D)HW view) at the tile's pixels and output channels."""
-    return f"e{k}_ptr + e{k}_off + ({_pixel(axes, f'e{k}_s', last='plain')})[:, None] + co[None, :] * e{k}_sc"
+    return _tile_addr(f"e{k}", axes)
+
+
+def _tile_addr(name: str, axes: str) -> str:
+    """The NC(D)HW view ``name`` (``{name}_ptr``, ``_off``, ``_sn``, ...) at the tile's pixels and
+    output channels."""
+    return f"{name}_ptr + {name}_off + ({_pixel(axes, f'{name}_s', last='plain')})[:, None] + co[None, :] * {name}_sc"
 
 
 def render_nchw_to_nhwc() -> KernelSource:

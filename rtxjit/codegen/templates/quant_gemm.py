@@ -34,6 +34,8 @@ source keeps the fp8 ``tl.dot`` (tests check the source text).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from rtxjit.codegen.dtypes import TL
 from rtxjit.codegen.source import KernelSource, render
 from rtxjit.codegen.templates.matmul import (_next_pow2, epilogue, int64_suffix, masked_load, product, signature,
@@ -177,6 +179,56 @@ def _fp8_operand(name: str, dtype: DType, interpret: bool) -> list:
     return [f"        {name} = {name}.to({TL[dtype]}, bitcast=True)"]
 
 
+def int8_operand(a_dtype: DType) -> list:
+    """Loop-body lines that make the loaded activation tile ``a`` an int8 operand: uint8 values are
+    shifted by -128 (exactly; the lowering's per-column correction adds ``128 * colsum(b)`` back)."""
+    return ["        a = (a.to(tl.int32) - 128).to(tl.int8)"] if a_dtype is DType.UINT8 else []
+
+
+def scaled_epilogue(out_addr: str, out_dtype: DType, has_corr: bool, has_bias: bool, saturate: bool = True,
+                    cols: str = "rn", relu: bool = False, stages: tuple = (), res_addr: str = None) -> list:
+    """From the integer (or fp8 product) accumulator ``acc`` to the stored output: ``acc + corr[n]``
+    (the zero points' correction), times ``cs[n]`` in fp32, plus the float bias, ``relu``, then
+    where ``out_dtype`` is quantized the QuantizeLinear arithmetic of ``templates/quant.py``
+    (``y / y_scale`` correctly rounded, round half to even, ``+ y_zero``, saturate).
+
+    ``stages`` (each ``(add, relu)``, int8 / uint8 outputs): what the graph does after that
+    QuantizeLinear, each stage ``DQ -> [Add(., DQ(res))] [-> Relu] -> Q`` in the same fp32
+    operations as its pointwise kernels: ``(q - zero) * scale`` with the previous quantization's
+    parameters, ``+ (res - res_zero) * res_scale`` (the tile at ``res_addr``), ``max(., 0)``, then
+    quantized with ``s{k}_scale, s{k}_zero`` (k = 1, 2, ...). ``cols`` indexes the per-column vectors
+    (``co`` in a grouped conv), masked by ``rn < N``."""
+    lines = []
+    if has_corr:
+        lines.append(f"    acc = acc + tl.load(corr_ptr + corr_off + {cols}, mask=rn < N, other=0)[None, :]")
+    lines.append(f"    acc = acc.to(tl.float32) * tl.load(cs_ptr + cs_off + {cols}, mask=rn < N, other=0.0)[None, :]")
+    if out_dtype.is_float and out_dtype not in FP8 and not relu:
+        return lines + epilogue(out_addr, out_dtype, has_bias, False, cols=cols)
+    lines += epilogue(out_addr, DType.FP32, has_bias, False, cols=cols)[:-1]  # all but the store
+    if relu:
+        lines.append("    y = tl.maximum(y, 0.0)")
+    if out_dtype.is_float and out_dtype not in FP8:
+        return lines + [f"    tl.store({out_addr}, y.to({TL[out_dtype]}), mask=mask)"]
+    lines.append(f"    q_v = {divide('y', 'y_scale')}")
+    if out_dtype in FP8:
+        lines += [f"    {s}" for s in encode_fp8("q_v", out_dtype, saturate, "q_y")]
+    else:
+        lines += [f"    {s}" for s in quantize_int("q_v", "y_zero", out_dtype, "q_y")]
+    prev = "y"
+    for k, (add, stage_relu) in enumerate(stages, start=1):
+        lines.append(f"    # stage {k}: DQ{' + DQ(res)' if add else ''}{' -> Relu' if stage_relu else ''} -> Q")
+        lines.append(f"    y = (q_y - {prev}_zero) * {prev}_scale")
+        if add:
+            lines += [f"    res = tl.load({res_addr}, mask=mask, other=0).to(tl.float32)",
+                      "    y = y + (res - res_zero) * res_scale"]
+        lines += ["    y = tl.maximum(y, 0.0)"] if stage_relu else []
+        prev = f"s{k}"
+        lines.append(f"    q_v = {divide('y', f'{prev}_scale')}")
+        lines += [f"    {s}" for s in quantize_int("q_v", f"{prev}_zero", out_dtype, "q_y")]
+    lines.append(f"    tl.store({out_addr}, q_y.to({TL[out_dtype]}), mask=mask)")
+    return lines
+
+
 def render_qdot(a_dtype: DType, b_dtype: DType, out_dtype: DType, has_corr: bool, has_bias: bool,
                 interpret: bool, saturate: bool = True, wide: bool = False) -> KernelSource:
     """``out = requant?(acc * cs[n] (+ bias))``, ``acc = a @ b`` in int32 (int8 operands) or fp32
@@ -202,8 +254,7 @@ def render_qdot(a_dtype: DType, b_dtype: DType, out_dtype: DType, has_corr: bool
         dot = 'tl.dot(a, b, acc, input_precision="ieee")' if interpret else "tl.dot(a, b, acc)"
         acc = "tl.float32"
     else:
-        if a_dtype is DType.UINT8:
-            loads.append("        a = (a.to(tl.int32) - 128).to(tl.int8)")
+        loads += int8_operand(a_dtype)
         dot, acc = "tl.dot(a, b, acc)", "tl.int32"
     lines = [
         signature("qdot", params),
@@ -215,22 +266,55 @@ def render_qdot(a_dtype: DType, b_dtype: DType, out_dtype: DType, has_corr: bool
         f"        acc = {dot}",
         "    mask = (rm[:, None] < M) & (rn[None, :] < N)",
         "    # scales: acc is sum (a - za)(b - zb) in integers (int8) or the fp8 product",
+        *scaled_epilogue("out_ptr + out_off + rm[:, None] * out_sm + rn[None, :] * out_sn", out_dtype, has_corr,
+                         has_bias, saturate),
     ]
-    if has_corr:
-        lines.append("    acc = acc + tl.load(corr_ptr + corr_off + rn, mask=rn < N, other=0)[None, :]")
-    lines.append("    acc = acc.to(tl.float32) * tl.load(cs_ptr + cs_off + rn, mask=rn < N, other=0.0)[None, :]")
-    out_addr = "out_ptr + out_off + rm[:, None] * out_sm + rn[None, :] * out_sn"
-    if out_dtype.is_float and out_dtype not in FP8:
-        lines += epilogue(out_addr, out_dtype, has_bias, False)
-    else:
-        lines += epilogue(out_addr, DType.FP32, has_bias, False)[:-1]  # all but the store
-        lines.append(f"    q_v = {divide('y', 'y_scale')}")
-        if out_dtype in FP8:
-            lines += [f"    {s}" for s in encode_fp8("q_v", out_dtype, saturate, "q_y")]
-        else:
-            lines += [f"    {s}" for s in quantize_int("q_v", "y_zero", out_dtype, "q_y")]
-        lines.append(f"    tl.store({out_addr}, q_y.to({TL[out_dtype]}), mask=mask)")
     header = (f"qdot a={a_dtype.short} b={b_dtype.short} out={out_dtype.short} corr={has_corr} bias={has_bias}"
               f"{'' if saturate else ' saturate=0'}{' interpret' if interpret and fp8 else ''}")
     return render("qdot", header, "\n".join(lines))
 
+
+
+# ---- the conv template's ``quant`` option ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class QuantConv:
+    """What ``render_conv2d(quant=...)`` (templates/conv.py) needs to run an int8 x int8 -> int32
+    implicit GEMM (rtxjit.QLinearConv, rtxjit/quant/qlinear.py): the activation's type (uint8 is
+    shifted into int8 in the loop), the output's (a float, or int8 / uint8 requantized in the
+    epilogue), whether a per-channel int32 correction is added, a Relu before the quantization, and
+    the stages after it (a residual of ``res_dtype`` added in one), as ``scaled_epilogue`` describes.
+
+    Taps that fall into the padding must contribute ``(za - za) * w = 0``: the activation tile is
+    loaded with ``other=a_pad`` (the activation's zero point) instead of 0, and the correction
+    ``(shift - za) * colsum(w)`` over all K then cancels it exactly."""
+
+    a_dtype: DType
+    out_dtype: DType
+    has_corr: bool
+    relu: bool = False
+    stages: tuple = ()  # ((add, relu), ...): see scaled_epilogue
+    res_dtype: DType = None
+
+    def params(self, axes: str) -> list:
+        """``cs`` (and ``corr``) as pointer and offset, ``a_pad, y_scale, y_zero``; with a residual
+        its pointer, offset, N C (D) H W strides, ``res_scale, res_zero``; ``s{k}_scale, s{k}_zero``
+        per stage."""
+        out = ["cs_ptr", "cs_off"] + (["corr_ptr", "corr_off"] if self.has_corr else []) + ["a_pad", "y_scale", "y_zero"]
+        if any(add for add, _ in self.stages):
+            out += ["res_ptr", "res_off", *(f"res_s{a}" for a in "nc" + axes), "res_scale", "res_zero"]
+        for k in range(1, len(self.stages) + 1):
+            out += [f"s{k}_scale", f"s{k}_zero"]
+        return out
+
+    def epilogue(self, out_addr: str, has_bias: bool, res_addr: str) -> list:
+        return scaled_epilogue(out_addr, self.out_dtype, self.has_corr, has_bias, cols="co", relu=self.relu,
+                               stages=self.stages, res_addr=res_addr)
+
+    def header(self) -> str:
+        text = f" quant={self.a_dtype.short}->{self.out_dtype.short} corr={self.has_corr}"
+        text += " relu" if self.relu else ""
+        for add, relu in self.stages:
+            text += f" stage={'add' if add else ''}{'+' if add and relu else ''}{'relu' if relu else ''}"
+        text += f" residual={self.res_dtype.short}" if self.res_dtype is not None else ""
+        return text
