@@ -11,7 +11,10 @@ Cases (full size, for a GPU):
 Each: the quantized model run by rtxjit, and the fp32 model run by rtxjit in fp16
 (``precision="fp16"``), timed after warm-up and specialization (CUDA events on a GPU, wall clock on
 the CPU); accuracy of both against the fp32 model run by onnxruntime on the same random inputs
-(max relative error, and top-1 agreement for the classifier). Every case runs in its own try/except
+(max relative error, and top-1 agreement for the classifier), the optimized graph's op counts and,
+for the quantized model, ``fused_op_counts``: the quantized products rtxjit.quant.fuse made (every
+resnet50 conv is one ``rtxjit.QLinearConv``: int8 in, int8 out) and the float products left. Every
+case runs in its own try/except
 (the error is recorded, the others go on) and stops timing at ``--time-limit`` seconds.
 ``--tiny`` runs small versions of the same cases on the CPU (Triton's interpreter), for a test.
 
@@ -32,6 +35,7 @@ import statistics
 import sys
 import time
 import traceback
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +43,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # rtxjit from this checkout, installed or not
 
 CASES = ("resnet50_int8", "bert_fp8", "mlp_int4_b1", "mlp_int4_b16")
+FUSED_OPS = ("rtxjit.QLinearConv", "rtxjit.QLinearMatMul", "com.microsoft.MatMulNBits")
+FLOAT_PRODUCTS = ("Conv", "MatMul", "Gemm")
 
 
 def _export(module, example, names=("x",)) -> "onnx.ModelProto":
@@ -211,6 +217,9 @@ def run_case(case: str, tiny: bool, time_limit: float, iters: int) -> dict:
             out = out.float().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out, np.float32)
             entry.update(_accuracy(out, ref, classifier))
             entry["kernels"] = sorted({s.kernel.name for s in sess.plan_for(dev_feeds).steps})
+            entry["ops"] = dict(sorted(Counter(n.op for n in sess.graph.nodes).items()))
+            if label == "quantized":  # what fuse_quantized folded, and the float products left
+                result["fused_op_counts"] = {op: entry["ops"].get(op, 0) for op in FUSED_OPS + FLOAT_PRODUCTS}
             entry.update(_time(sess, dev_feeds, cuda, iters, deadline))
         except Exception as exc:  # recorded, the other runs go on
             entry["error"] = f"{type(exc).__name__}: {exc}"[:2000]
