@@ -19,6 +19,7 @@ from onnx import helper
 
 from rtxjit import config
 from rtxjit.errors import InputError, UsageError
+from rtxjit.ir.types import DType
 from rtxjit.session import InferenceSession
 
 DEVICES = {"CPU": "cpu", "CUDA": "cuda"}
@@ -35,17 +36,24 @@ def _bit_types() -> tuple:
             (np.dtype(ml_dtypes.float8_e5m2), torch.float8_e5m2, torch.int8))
 
 
-def to_feed(x) -> torch.Tensor:
-    """A feed as a torch tensor, so the session answers in torch too (bf16 and fp8 included)."""
+def to_feed(x):
+    """A feed as a torch tensor, so the session answers in torch too (bf16 and fp8 included).
+    ``ml_dtypes`` int4 / uint4 arrays stay numpy: torch has no such type (an int8 tensor would be
+    an int8 feed), and the session takes them as DType.INT4 / UINT4 (int8 / uint8 on the device)."""
     x = np.array(x)  # a writable copy that keeps 0-d shapes (torch.from_numpy wants writable)
     for np_dtype, torch_dtype, _ in _bit_types():
         if x.dtype == np_dtype:
             return torch.from_numpy(x.view(f"i{x.itemsize}")).view(torch_dtype)
+    if x.dtype.name in ("int4", "uint4"):
+        return x
     return torch.from_numpy(x)
 
 
-def to_numpy(t) -> np.ndarray:
-    """A session output (a torch tensor, or numpy for a model without inputs) as numpy."""
+def to_numpy(t, dtype: DType = None) -> np.ndarray:
+    """A session output (a torch tensor, or numpy for a model without inputs) as numpy; an output
+    of ``dtype`` INT4 / UINT4 (int8 / uint8 on the device) as ``ml_dtypes`` int4 / uint4."""
+    if dtype in (DType.INT4, DType.UINT4):
+        return np.asarray(to_numpy(t)).astype(dtype.to_numpy())
     if not isinstance(t, torch.Tensor):
         return np.asarray(t)
     t = t.detach().cpu()
@@ -75,7 +83,8 @@ class RtxjitRep(onnx_backend.BackendRep):
                                  f"got {len(inputs)}")
             feeds = {n: to_feed(x) for n, x in zip(self.input_names, inputs)}
         outs = self.session.run(None, feeds)
-        return onnx_backend.namedtupledict("Outputs", self.output_names)(*[to_numpy(o) for o in outs])
+        dtypes = [v.type.dtype for v in self.session.graph.outputs]
+        return onnx_backend.namedtupledict("Outputs", self.output_names)(*[to_numpy(o, d) for o, d in zip(outs, dtypes)])
 
 
 class RtxjitBackend(onnx_backend.Backend):
