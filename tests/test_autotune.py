@@ -94,3 +94,12 @@ def test_conv_with_constant_weights(x_shape, w_shape, attrs, rng):
     (got,) = rtxjit.InferenceSession(_conv_model(x_shape, w, b, attrs)).run(None, {"x": x})
     want = get_op("Conv").reference_fn(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), **attrs)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("c, taps", [(48, 4), (96, 4), (24, 16), (80, 4), (64, 9), (3, 49)])
+def test_tap_major_convs_load_unmasked_only_when_each_taps_channels_fill_whole_k_steps(c, taps):
+    """A tap-major conv steps over ``c`` channels per tap: a K step of 64 over 48 channels reads 16
+    channels of the next pixel unless masked, even though K = 48 x 4 = 192 is a multiple of 64."""
+    for sm in (80, 90):
+        for cfg in tile_configs(4096, 128, c * taps, DType.FP16, False, sm=sm, k_cap=c):
+            assert cfg["EVEN_K"] == (c % cfg["BLOCK_K"] == 0), cfg

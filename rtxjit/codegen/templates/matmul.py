@@ -251,10 +251,18 @@ def tile_configs(m: int, n: int, k: int, dtype: DType, interpret: bool, sm: int 
         efficiency = min(1.0, (bm * bn / (bm + bn)) / 64.0)
         cost = waves * bm * bn / efficiency
         ranked.append((cost, -bm * bn, len(ranked), {
-            "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "EVEN_K": k % bk == 0,
+            "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "EVEN_K": even_k(k, bk, k_cap),
             "num_warps": warps if bm * bn >= 64 * 64 else 4, "num_stages": stages}))
     ranked.sort(key=lambda r: r[:3])
     return [r[3] for r in ranked[:TUNE_CANDIDATES]]
+
+
+def even_k(k: int, bk: int, k_cap: int = None) -> bool:
+    """Whether K loads may go unmasked: no K step runs past its extent. A tap-major conv steps over
+    ``k_cap`` channels per tap, so those must be a multiple of ``BLOCK_K`` too (48 channels x 2x2
+    taps is K 192, a multiple of 64, yet each tap's 64-wide step would read 16 channels of the next
+    pixel: a wrong result on the GPU's tuned tiles until 2026-12-07)."""
+    return k % bk == 0 and (k_cap is None or k_cap % bk == 0)
 
 
 def generic_tile_config(a_dtype: DType, k_cap: int = None) -> dict:
