@@ -379,8 +379,7 @@ class InferenceSession:
             if not t.is_contiguous():
                 t = contiguous(t, self.device)
             return t.reshape(-1)
-        x = np.ascontiguousarray(x)
-        return torch.from_numpy(x.reshape(-1)).to(self._tdev)
+        return host_tensor(np.ascontiguousarray(x).reshape(-1), dt).to(self._tdev)  # int4 / fp8 feeds too
 
     def _inputs_needed_on_host(self) -> set:
         from rtxjit.ir.host import host_read_values

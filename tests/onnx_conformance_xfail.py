@@ -77,10 +77,5 @@ EXPECTED_FAILURES = {
     # ---- QuantizeLinear, DequantizeLinear (issue 19) ----
     r"test_(de)?quantizelinear_(u?int16|blocked_symmetric)": _NO_DTYPE.format("int16 / uint16"),
     r"test_(de)?quantizelinear_(u?int2|float4e2m1)": _NO_DTYPE.format("int2 / uint2 / float4e2m1"),
-    # rtxjit runs int4 (DType.INT4 / UINT4) and the adapter hands the ml_dtypes int4 feeds over as
-    # numpy (rtxjit/onnx/backend.py); the session's _to_device then calls torch.from_numpy on them,
-    # which refuses ml_dtypes (kernels/tensors.host_tensor would convert them: with that one line
-    # in session.py these four cases pass)
-    r"test_(de)?quantizelinear_u?int4": "session: numpy int4 / uint4 feeds go to torch.from_numpy, not host_tensor",
     r"test_dynamicquantizelinear(_max_adjusted|_min_adjusted)?_expanded": _OLD_OPSET.format(11),
 }
