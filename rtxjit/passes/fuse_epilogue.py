@@ -4,7 +4,9 @@ Rewrites:
     f(MatMul(a, b), r)   => rtxjit.Epilogue(a, b, r){anchor: MatMul, program: [f]}
     P(Conv(x, w, b), s)  => rtxjit.Epilogue(x, w, b, s){anchor: Conv, program: P's}   (P: rtxjit.Pointwise)
 
-(likewise for ConvTranspose and rtxjit.UpsampleConv, see passes/fuse_upsample_conv.py)
+(likewise for ConvTranspose and rtxjit.UpsampleConv, see passes/fuse_upsample_conv.py, and the
+quantized products of rtxjit/quant/: com.microsoft.MatMulNBits, and rtxjit.QLinearMatMul where it
+produces a float (not a requantized) output)
 
 Where the product's only reader is pointwise (a plain pointwise op, or a chain fused by
 fuse_pointwise), the product is not a graph output, and the reader's output has the product's
@@ -27,7 +29,8 @@ from rtxjit.ir.rewrite import FreshNames, is_graph_output, make_constant, make_n
 from rtxjit.passes.base import PassResult
 from rtxjit.passes.fuse_pointwise import fusable, program_of
 
-ANCHORS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "rtxjit.UpsampleConv")
+ANCHORS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "rtxjit.UpsampleConv", "com.microsoft.MatMulNBits",
+           "rtxjit.QLinearMatMul")
 CONVS = ("Conv", "ConvTranspose", "rtxjit.UpsampleConv")
 VIEWS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 
@@ -49,7 +52,10 @@ def _anchor_ok(node: Node) -> bool:
         return all(v.type.rank >= 2 for v in node.inputs)
     if node.op in CONVS:
         return node.inputs[0].type.rank in (3, 4, 5)
-    return node.op == "Gemm"
+    if node.op == "rtxjit.QLinearMatMul":  # fp8 weights: the plan cannot upload ml_dtypes constants as device views
+        out, w = node.outputs[0].type.dtype, node.inputs[3].type.dtype
+        return out.is_float and out.itemsize > 1 and w.is_int
+    return node.op in ("Gemm", "com.microsoft.MatMulNBits")
 
 
 def _only_reader(graph: Graph, value, uses: dict):

@@ -37,6 +37,8 @@ from rtxjit.codegen.templates.matmul import tile_count
 from rtxjit.errors import ModelError, ShapeError, UnsupportedOpError
 from rtxjit.ir.registry import Kind, Rand, Sample, Unknown, known, op
 from rtxjit.ir.types import DType, TensorType
+from rtxjit.ops.matmul import epilogue_args, take_epilogue
+from rtxjit.quant.qlinear import host_constants
 
 FLOATS = (DType.FP32, DType.FP16, DType.BF16)
 GEMV_ROWS = 16  # up to this many rows of A: the GEMV form (decode shapes)
@@ -86,7 +88,10 @@ def _check(name, a, b, scales, zero, g_idx, bias, K, N, bits, block_size, weight
         if zero.static and _numel(zero) != want:
             raise ShapeError(f"{name}: zero_points of shape {list(zero.shape)} ({want} values expected)")
     if g_idx is not None:
-        gt = g_idx.type if isinstance(g_idx, Unknown) else TensorType(DType.from_numpy(g_idx.dtype), g_idx.shape)
+        if isinstance(g_idx, TensorType):  # behind rtxjit.Epilogue: types only
+            gt = g_idx
+        else:
+            gt = g_idx.type if isinstance(g_idx, Unknown) else TensorType(DType.from_numpy(g_idx.dtype), g_idx.shape)
         if gt.dtype is not DType.INT32 or (gt.static and gt.shape != (K,)):
             raise ModelError(f"{name}: g_idx of {gt} (int32 [K={K}] is needed)")
     if bias is not None and (bias.dtype is not a.dtype or (bias.static and bias.shape != (N,))):
@@ -163,9 +168,12 @@ def _(a, b, scales, zero_points=None, g_idx=None, bias=None, *, K, N, bits=4, bl
 @matmul_nbits.lower
 def _(ctx, a, b, scales, zero_points=None, g_idx=None, bias=None, *, K, N, bits=4, block_size, accuracy_level=0,
       weight_prepacked=0):
+    if g_idx is not None:
+        g_idx = host_constants(ctx, [g_idx], 4)[0]
     n, k_blocks, blob = packed_shape(N, K, bits, block_size)
     rows = int(np.prod(a.shape[:-1], dtype=np.int64))
     out = ctx.outputs[0].reshape((rows, N))
+    fused, extras = take_epilogue(ctx, a.dtype, (rows, N))
     if rows == 0:
         return
     a2 = ctx.contiguous(a).reshape((rows, K))
@@ -181,7 +189,7 @@ def _(ctx, a, b, scales, zero_points=None, g_idx=None, bias=None, *, K, N, bits=
         views.append(bias.broadcast_to((rows, N)))
     gemv = rows <= GEMV_ROWS
     src = render_nbits(a.dtype, bits, block_size, zero, groups is not None, bias is not None, gemv,
-                       wide=ctx.needs_wide(*views))
+                       wide=ctx.needs_wide(*views, *extras), fused=fused)
     args = []
     for v in views:
         args += [ctx.ptr(v), v.offset]
@@ -190,6 +198,7 @@ def _(ctx, a, b, scales, zero_points=None, g_idx=None, bias=None, *, K, N, bits=
         args.append(-(-k_blocks * bits // 8))
     if bias is not None:
         args += list(views[-1].strides)
+    args += epilogue_args(ctx, fused, extras, lambda e: e.strides)
     cfgs = nbits_configs(rows, N, K, gemv, ctx.interpret, a.dtype, ctx.sm or 90, ctx.sm_count)
     grid = (lambda c: gemv_grid(N, c)) if gemv else (lambda c: (tile_count(rows, N, c),))
     ctx.launch_tuned(src, [(grid(c), c) for c in cfgs], args, ctx.tune_key(src, rows, N, K))

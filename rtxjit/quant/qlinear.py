@@ -21,10 +21,12 @@ import numpy as np
 
 from rtxjit.codegen.templates.matmul import tile_configs, tile_count
 from rtxjit.codegen.templates.quant_gemm import FP8, QuantConv, min_block_k, render_qdot
+from rtxjit.codegen.view import View
 from rtxjit.errors import ModelError, ShapeError, UnsupportedOpError
 from rtxjit.ir.registry import Kind, Unknown, get_op, known, op
 from rtxjit.ir.types import DType, TensorType
 from rtxjit.ops.conv import channels_last_output, conv, conv_geometry, dense_weight, emit_conv
+from rtxjit.ops.matmul import epilogue_args, take_epilogue
 from rtxjit.ops.quant import FP8_NUMPY
 
 INTS = (DType.INT8, DType.UINT8)
@@ -44,6 +46,22 @@ def _dtype(x) -> DType:
     return FROM_NUMPY_FP8.get(dt) or DType.from_numpy(dt)
 
 
+def host_constants(ctx, args: list, first: int = 1) -> list:
+    """``args`` (the node's inputs ``first, first + 1, ...``) with device views replaced by the
+    graph constants they hold. A plain node gets its constants on the host (``host_inputs``); behind
+    rtxjit.Epilogue (passes/fuse_epilogue.py; an op without host inputs) the same inputs arrive as
+    device views, and the lowering reads them from the graph instead."""
+    out = []
+    for i, v in enumerate(args, start=first):
+        if isinstance(v, View):
+            const = ctx.node.inputs[i].const
+            if const is None:
+                raise UnsupportedOpError(f"{ctx.where}: input {i} ('{ctx.node.inputs[i].name}') must be a constant")
+            v = const
+        out.append(v)
+    return out
+
+
 def int8_weight(w_q: np.ndarray, w_zero) -> np.ndarray:
     """``w_q - w_zero`` as int8 (columns broadcast), or None where a value leaves int8's range."""
     w = np.asarray(w_q).astype(np.int32)
@@ -60,7 +78,7 @@ def qlinear_matmul(a_q: TensorType, a_scale, a_zero, w_q, w_scale, w_zero=None, 
                    y_zero=None, *, alpha: float = 1.0, saturate: int = 1) -> TensorType:
     if a_q.dtype not in INTS + FP8:
         raise ModelError(f"rtxjit.QLinearMatMul: a quantized activation of {a_q.dtype.short}")
-    k, n = w_q.type.shape if isinstance(w_q, Unknown) else np.shape(w_q)
+    k, n = _shape(w_q)
     shape = a_q.shape[:-1] + (n,)
     if y_scale is None:
         return TensorType(_dtype(a_scale), shape)
@@ -89,6 +107,9 @@ def _(a_q, a_scale, a_zero, w_q, w_scale, w_zero=None, bias=None, y_scale=None, 
 @qlinear_matmul.lower
 def _(ctx, a_q, a_scale, a_zero, w_q, w_scale, w_zero=None, bias=None, y_scale=None, y_zero=None, *, alpha=1.0,
       saturate=1):
+    w_view = w_q if isinstance(w_q, View) else None  # the weight on the device already (behind rtxjit.Epilogue)
+    a_scale, a_zero, w_q, w_scale, w_zero, bias, y_scale, y_zero = host_constants(
+        ctx, [a_scale, a_zero, w_q, w_scale, w_zero, bias, y_scale, y_zero])
     for name, v in (("a_scale", a_scale), ("w_q", w_q), ("w_scale", w_scale)):
         if not known(v):
             raise UnsupportedOpError(f"{ctx.where}: {name} must be a constant")
@@ -99,6 +120,7 @@ def _(ctx, a_q, a_scale, a_zero, w_q, w_scale, w_zero=None, bias=None, y_scale=N
     k, n = np.shape(w_q)
     rows = int(np.prod(a_q.shape[:-1], dtype=np.int64))
     out = ctx.outputs[0].reshape((rows, n))
+    fused, extras = take_epilogue(ctx, out.dtype, (rows, n))
     if rows == 0:
         return
     a = ctx.contiguous(a_q).reshape((rows, k))
@@ -117,14 +139,17 @@ def _(ctx, a_q, a_scale, a_zero, w_q, w_scale, w_zero=None, bias=None, y_scale=N
         corr = corr.astype(np.int32) if corr.any() else None
     cs = (np.float32(np.asarray(a_scale, np.float32).reshape(-1)[0]) * np.asarray(w_scale, np.float32).reshape(-1)
           * np.float32(alpha))
-    views = [out, a, ctx.const(w), ctx.const(np.broadcast_to(cs, (n,)).astype(np.float32))]
+    same = w_view is not None and w_view.contiguous and (fp8 or (w.dtype == np.asarray(w_q).dtype
+                                                                 and (w_zero is None or not np.any(w_zero))))
+    w_dev = (w_view.with_dtype(DType.UINT8) if fp8 else w_view) if same else ctx.const(w)
+    views = [out, a, w_dev, ctx.const(np.broadcast_to(cs, (n,)).astype(np.float32))]
     if corr is not None:
         views.append(ctx.const(corr))
     if bias is not None:
         views.append(ctx.const(np.broadcast_to(np.asarray(bias, np.float32).reshape(-1), (n,)).copy())
                      .broadcast_to((rows, n)))
     src = render_qdot(a_q.dtype, w_dtype, out.dtype, corr is not None, bias is not None, ctx.interpret,
-                      saturate=bool(saturate), wide=ctx.needs_wide(*views))
+                      saturate=bool(saturate), wide=ctx.needs_wide(*views, *extras), fused=fused)
     args = []
     for v in views:
         args += [ctx.ptr(v), v.offset]
@@ -133,6 +158,7 @@ def _(ctx, a_q, a_scale, a_zero, w_q, w_scale, w_zero=None, bias=None, y_scale=N
     args += [ys, yz, rows, n, k, n, 1, k, 1, n, 1]
     if bias is not None:
         args += list(views[-1].strides)
+    args += epilogue_args(ctx, fused, extras, lambda e: e.strides)
     cfgs = tile_configs(rows, n, k, DType.FP16, ctx.interpret, sm=ctx.sm or 90, sm_count=ctx.sm_count)
     cfgs = [min_block_k(c, k, ctx.interpret) for c in cfgs]
     ctx.launch_tuned(src, [((tile_count(rows, n, c),), c) for c in cfgs], args, ctx.tune_key(src, rows, n, k))
@@ -146,6 +172,9 @@ MAX_STAGES = 2
 
 
 def _shape(v) -> tuple:
+    """The shape of a type (behind rtxjit.Epilogue the constants come as types), an Unknown or an array."""
+    if isinstance(v, TensorType):
+        return v.shape
     return v.type.shape if isinstance(v, Unknown) else np.shape(v)
 
 

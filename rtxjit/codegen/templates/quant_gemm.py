@@ -16,6 +16,11 @@ Two forms: the GEMM (``tl.dot`` on ``[BLOCK_M, BLOCK_N]`` tiles, for M > 16) and
 decode shapes (M <= 16: all M rows in one ``[BLOCK_M, BLOCK_N]`` accumulator, the product summed
 over a ``[BLOCK_M, BLOCK_N, BLOCK_K]`` register tile: no tensor-core padding of M to 16, and
 every weight byte read once).
+**Split-K** (the GEMV, ``split=True``): where ``N / BLOCK_N`` programs leave SMs idle (a decoder
+MLP's down-projection, K 11008 x N 4096 at one token: 64 to 128 programs for 132 SMs), program
+``(n, s)`` sums K range ``[s * k_per, (s + 1) * k_per)`` into an fp32 workspace ``[splits, M, N]``
+and ``render_split_reduce`` adds the partials in split order (deterministic: no atomics), then the
+bias and any fused epilogue.
 
 **Quantized operands (``render_qdot``)**: ``a`` int8 / uint8 / fp8 (the quantized activation as
 the graph's QuantizeLinear made it), ``b`` int8 / fp8 (a constant weight, its zero point already
@@ -34,6 +39,7 @@ source keeps the fp8 ``tl.dot`` (tests check the source text).
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 
 from rtxjit.codegen.dtypes import TL
@@ -91,15 +97,22 @@ def dequant_lines(bits: int, block: int, zero: str, g_idx: bool) -> list:
 
 
 def render_nbits(a_dtype: DType, bits: int, block: int, zero: str, g_idx: bool, has_bias: bool, gemv: bool,
-                 wide: bool = False) -> KernelSource:
+                 wide: bool = False, fused=None, split: bool = False) -> KernelSource:
     """``out[M, N] = a[M, K] @ dequant(b)^T (+ bias)``: see the module docstring.
 
     Arguments: ``out, a, b, s`` (scales) and, where present, ``z`` (zero points), ``g``
     (``g_idx`` as int32 block indices), ``bias`` (a ``[M, N]`` broadcast view), each as pointer
     and offset; ``M, N, K``; ``out_sm, a_sm`` (rows are contiguous), ``ldb`` (bytes per weight
     row), ``lds`` (scales per row), ``ldz`` (packed zero-point bytes per row, packed only), then
-    ``bias_sm, bias_sn``. Constexprs as the matmul template's (``GROUP_M``, ``EVEN_K`` unused by
-    the GEMV)."""
+    ``bias_sm, bias_sn``, then a ``fused`` epilogue's extras (pointer, offset, row and column
+    strides) and scalars (templates/epilogue.py). Constexprs as the matmul template's (``GROUP_M``,
+    ``EVEN_K`` unused by the GEMV).
+
+    ``split`` (GEMV only, no bias or fused epilogue: ``render_split_reduce`` applies them): program
+    ``(n, s)`` covers K from ``s * k_per`` (a multiple of ``BLOCK_K``) and stores its fp32 partial
+    sums at ``out + s * out_ss``; arguments ``k_per, out_ss`` follow ``ldz``."""
+    if split and (not gemv or has_bias or fused is not None):
+        raise InternalError("qgemv: a split-K GEMV stores fp32 partial sums (no bias or fused epilogue)")
     if zero not in ZERO_KINDS:
         raise InternalError(f"qmatmul: zero point kind {zero!r} (one of {ZERO_KINDS})")
     params = ["out_ptr", "out_off", "a_ptr", "a_off", "b_ptr", "b_off", "s_ptr", "s_off"]
@@ -108,12 +121,19 @@ def render_nbits(a_dtype: DType, bits: int, block: int, zero: str, g_idx: bool, 
     params += ["bias_ptr", "bias_off"] if has_bias else []
     params += ["M", "N", "K", "out_sm", "a_sm", "ldb", "lds"]
     params += ["ldz"] if zero == "packed" else []
+    params += ["k_per", "out_ss"] if split else []
     params += ["bias_sm", "bias_sn"] if has_bias else []
+    params += fused.params(["sm", "sn"]) if fused else []
     w = int64_suffix(wide)
     a_addr = "a_ptr + a_off + rm[:, None] * a_sm + rk[None, :]"
+    k_range = "0, K, BLOCK_K"
     if gemv:
         head = ["    pid = tl.program_id(0)", f"    rm = tl.arange(0, BLOCK_M){w}",
                 f"    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N){w}"]
+        if split:
+            head += [f"    pid_k = tl.program_id(1){w}", "    out_off = out_off + pid_k * out_ss",
+                     "    k_lo = pid_k * k_per"]
+            k_range = "k_lo, tl.minimum(k_lo + k_per, K), BLOCK_K"
         step = ["        a = tl.load(" + a_addr + ", mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)"
                 ".to(tl.float32)",
                 "        acc += tl.sum(a[:, None, :] * w[None, :, :], axis=2)"]
@@ -126,16 +146,70 @@ def render_nbits(a_dtype: DType, bits: int, block: int, zero: str, g_idx: bool, 
         signature("qgemv" if gemv else "qmatmul", params),
         *head,
         "    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
-        "    for k0 in range(0, K, BLOCK_K):",
+        f"    for k0 in range({k_range}):",
         f"        rk = k0 + tl.arange(0, BLOCK_K){w}",
         *dequant_lines(bits, block, zero, g_idx),
         *step,
         "    mask = (rm[:, None] < M) & (rn[None, :] < N)",
-        *epilogue("out_ptr + out_off + rm[:, None] * out_sm + rn[None, :]", a_dtype, has_bias, False),
+        *epilogue("out_ptr + out_off + rm[:, None] * out_sm + rn[None, :]", DType.FP32 if split else a_dtype,
+                  has_bias, False, fused=fused, fused_addr=_extra_addr),
     ]
     header = (f"{'qgemv' if gemv else 'qmatmul'} in={a_dtype.short} bits={bits} block={block} zero={zero} "
-              f"g_idx={g_idx} bias={has_bias}")
+              f"g_idx={g_idx} bias={has_bias}") + (fused.header() if fused else "") + (" split_k" if split else "")
     return render("qgemv" if gemv else "qmatmul", header, "\n".join(lines))
+
+
+def render_split_reduce(out_dtype: DType, has_bias: bool, wide: bool = False, fused=None) -> KernelSource:
+    """``out[M, N] = sum over s of ws[s, M, N] (+ bias)`` then a ``fused`` epilogue: the second
+    kernel of a split-K GEMV, adding the partials in split order (the same bits on every run).
+
+    Arguments: ``out, ws`` (and ``bias``) as pointer and offset; ``M, N, splits``; ``out_sm``
+    (``ws`` is contiguous ``[splits, M, N]``); ``bias_sm, bias_sn``; then the fused epilogue's
+    extras and scalars. Constexprs ``BLOCK_M`` (all rows), ``BLOCK_N``; grid ``cdiv(N, BLOCK_N)``."""
+    params = ["out_ptr", "out_off", "ws_ptr", "ws_off"] + (["bias_ptr", "bias_off"] if has_bias else [])
+    params += ["M", "N", "splits", "out_sm"] + (["bias_sm", "bias_sn"] if has_bias else [])
+    params += fused.params(["sm", "sn"]) if fused else []
+    w = int64_suffix(wide)
+    text = ", ".join(params + ["BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr"]) + "):"
+    lines = [
+        textwrap.fill(text, width=100, initial_indent="def qsplit_reduce(", subsequent_indent=" " * 17,
+                      break_long_words=False, break_on_hyphens=False),
+        f"    rm = tl.arange(0, BLOCK_M){w}",
+        f"    rn = tl.program_id(0){w} * BLOCK_N + tl.arange(0, BLOCK_N){w}",
+        "    mask = (rm[:, None] < M) & (rn[None, :] < N)",
+        "    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
+        "    for s in range(0, splits):",
+        "        acc += tl.load(ws_ptr + ws_off + (s * M + rm[:, None]) * N + rn[None, :], mask=mask, other=0.0)",
+        *epilogue("out_ptr + out_off + rm[:, None] * out_sm + rn[None, :]", out_dtype, has_bias, False, fused=fused,
+                  fused_addr=_extra_addr),
+    ]
+    header = f"qsplit_reduce out={out_dtype.short} bias={has_bias}" + (fused.header() if fused else "")
+    return render("qsplit_reduce", header, "\n".join(lines))
+
+
+# A split-K GEMV aims at this many programs per SM (memory-bound: bytes in flight), each split
+# covering at least SPLIT_MIN_STEPS steps of the largest BLOCK_K among the candidate configurations.
+SPLIT_PROGRAMS_PER_SM = 4
+SPLIT_MIN_STEPS = 2
+
+
+def split_k(n: int, k: int, cfgs: list, sm_count: int) -> tuple:
+    """``(splits, k_per)`` for a GEMV over ``cfgs`` (one K chunk for all of them: ``k_per`` is a
+    multiple of every ``BLOCK_K``): ``(1, k)`` where the first configuration's ``cdiv(N, BLOCK_N)``
+    programs already fill ``sm_count`` SMs or K is too short to split."""
+    step = max(c["BLOCK_K"] for c in cfgs)
+    programs = -(-n // cfgs[0]["BLOCK_N"])
+    most = k // (step * SPLIT_MIN_STEPS)
+    if programs >= sm_count or most < 2:
+        return 1, k
+    splits = min(-(-SPLIT_PROGRAMS_PER_SM * sm_count // programs), most)
+    k_per = -(-(-(-k // splits)) // step) * step
+    return -(-k // k_per), k_per
+
+
+def _extra_addr(k: int) -> str:
+    """A fused epilogue's extra input ``k`` at the ``[rm, rn]`` tile (templates/epilogue.py)."""
+    return f"e{k}_ptr + e{k}_off + rm[:, None] * e{k}_sm + rn[None, :] * e{k}_sn"
 
 
 def nbits_configs(m: int, n: int, k: int, gemv: bool, interpret: bool, dtype: DType, sm: int, sm_count: int) -> list:
@@ -186,7 +260,8 @@ def int8_operand(a_dtype: DType) -> list:
 
 
 def scaled_epilogue(out_addr: str, out_dtype: DType, has_corr: bool, has_bias: bool, saturate: bool = True,
-                    cols: str = "rn", relu: bool = False, stages: tuple = (), res_addr: str = None) -> list:
+                    cols: str = "rn", relu: bool = False, stages: tuple = (), res_addr: str = None,
+                    fused=None) -> list:
     """From the integer (or fp8 product) accumulator ``acc`` to the stored output: ``acc + corr[n]``
     (the zero points' correction), times ``cs[n]`` in fp32, plus the float bias, ``relu``, then
     where ``out_dtype`` is quantized the QuantizeLinear arithmetic of ``templates/quant.py``
@@ -197,13 +272,17 @@ def scaled_epilogue(out_addr: str, out_dtype: DType, has_corr: bool, has_bias: b
     operations as its pointwise kernels: ``(q - zero) * scale`` with the previous quantization's
     parameters, ``+ (res - res_zero) * res_scale`` (the tile at ``res_addr``), ``max(., 0)``, then
     quantized with ``s{k}_scale, s{k}_zero`` (k = 1, 2, ...). ``cols`` indexes the per-column vectors
-    (``co`` in a grouped conv), masked by ``rn < N``."""
+    (``co`` in a grouped conv), masked by ``rn < N``. A ``fused`` epilogue (a pointwise program of
+    rtxjit.Epilogue, templates/epilogue.py; float outputs without ``relu`` only) runs after the bias,
+    its extras addressed at the ``[rm, rn]`` tile."""
     lines = []
     if has_corr:
         lines.append(f"    acc = acc + tl.load(corr_ptr + corr_off + {cols}, mask=rn < N, other=0)[None, :]")
     lines.append(f"    acc = acc.to(tl.float32) * tl.load(cs_ptr + cs_off + {cols}, mask=rn < N, other=0.0)[None, :]")
     if out_dtype.is_float and out_dtype not in FP8 and not relu:
-        return lines + epilogue(out_addr, out_dtype, has_bias, False, cols=cols)
+        return lines + epilogue(out_addr, out_dtype, has_bias, False, cols=cols, fused=fused, fused_addr=_extra_addr)
+    if fused is not None:
+        raise InternalError(f"a fused epilogue after a quantized product of {out_dtype.short} (relu={relu})")
     lines += epilogue(out_addr, DType.FP32, has_bias, False, cols=cols)[:-1]  # all but the store
     if relu:
         lines.append("    y = tl.maximum(y, 0.0)")
@@ -230,13 +309,14 @@ def scaled_epilogue(out_addr: str, out_dtype: DType, has_corr: bool, has_bias: b
 
 
 def render_qdot(a_dtype: DType, b_dtype: DType, out_dtype: DType, has_corr: bool, has_bias: bool,
-                interpret: bool, saturate: bool = True, wide: bool = False) -> KernelSource:
+                interpret: bool, saturate: bool = True, wide: bool = False, fused=None) -> KernelSource:
     """``out = requant?(acc * cs[n] (+ bias))``, ``acc = a @ b`` in int32 (int8 operands) or fp32
     (fp8 operands): see the module docstring.
 
     Arguments: ``out, a, b, cs`` (and ``corr``, ``bias``) as pointer and offset; ``y_scale,
     y_zero`` (floats; used where ``out_dtype`` is quantized); ``M, N, K``; ``out_sm, out_sn, a_sm,
-    a_sk, b_sk, b_sn`` (and ``bias_sm, bias_sn``). uint8 ``a`` is shifted into int8 in the kernel;
+    a_sk, b_sk, b_sn`` (and ``bias_sm, bias_sn``), then a ``fused`` epilogue's extras and scalars
+    (float outputs: see ``scaled_epilogue``). uint8 ``a`` is shifted into int8 in the kernel;
     ``b`` is int8 or fp8 bits; fp8 operands come as their uint8 bits. ``saturate`` is the fp8
     QuantizeLinear's."""
     fp8 = a_dtype in FP8
@@ -245,6 +325,7 @@ def render_qdot(a_dtype: DType, b_dtype: DType, out_dtype: DType, has_corr: bool
     params += ["bias_ptr", "bias_off"] if has_bias else []
     params += ["y_scale", "y_zero", "M", "N", "K", "out_sm", "out_sn", "a_sm", "a_sk", "b_sk", "b_sn"]
     params += ["bias_sm", "bias_sn"] if has_bias else []
+    params += fused.params(["sm", "sn"]) if fused else []
     a_addr = "a_ptr + a_off + rm[:, None] * a_sm + rk[None, :] * a_sk"
     b_addr = "b_ptr + b_off + rk[:, None] * b_sk + rn[None, :] * b_sn"
     loads = [*masked_load("a", a_addr, "(rm[:, None] < M)", "(rk[None, :] < K)"),
@@ -267,10 +348,11 @@ def render_qdot(a_dtype: DType, b_dtype: DType, out_dtype: DType, has_corr: bool
         "    mask = (rm[:, None] < M) & (rn[None, :] < N)",
         "    # scales: acc is sum (a - za)(b - zb) in integers (int8) or the fp8 product",
         *scaled_epilogue("out_ptr + out_off + rm[:, None] * out_sm + rn[None, :] * out_sn", out_dtype, has_corr,
-                         has_bias, saturate),
+                         has_bias, saturate, fused=fused),
     ]
     header = (f"qdot a={a_dtype.short} b={b_dtype.short} out={out_dtype.short} corr={has_corr} bias={has_bias}"
               f"{'' if saturate else ' saturate=0'}{' interpret' if interpret and fp8 else ''}")
+    header += fused.header() if fused else ""
     return render("qdot", header, "\n".join(lines))
 
 
