@@ -115,3 +115,62 @@ def test_float_qlinear_matmul_takes_bias_silu_and_residual_into_its_store(dtype)
     unfused = rtxjit.InferenceSession(m, device="cpu", optimize=False).run(None, {"x": x})[0]
     for other in (unfused, _ort(m, {"x": x})[0]):
         np.testing.assert_allclose(got.astype(np.float32), other.astype(np.float32), **TOL[dtype])
+
+
+# ---- split-K GEMV ---------------------------------------------------------------------------------
+
+def test_split_k_is_chosen_for_the_decoder_down_projection():
+    """K 11008 x N 4096 at one token: 64-128 column programs for 132 SMs, so K is split (each split
+    a whole number of every candidate's BLOCK_K); the up-projection (N 11008) fills the SMs as is."""
+    from rtxjit.codegen.templates.quant_gemm import nbits_configs, split_k
+    from rtxjit.ir.types import DType
+
+    cfgs = nbits_configs(1, 4096, 11008, True, False, DType.FP16, 90, 132)
+    splits, k_per = split_k(4096, 11008, cfgs, 132)
+    assert splits > 1 and -(-4096 // cfgs[0]["BLOCK_N"]) * splits >= 132
+    assert all(k_per % c["BLOCK_K"] == 0 for c in cfgs) and (splits - 1) * k_per < 11008 <= splits * k_per
+    cfgs = nbits_configs(1, 11008, 4096, True, False, DType.FP16, 90, 132)
+    assert split_k(11008, 4096, cfgs, 132) == (1, 4096)
+    assert split_k(4096, 11008, cfgs, 1) == (1, 11008)  # the interpreter's one "SM"
+
+
+def _nbits_residual(k, n, dtype, seed=4):
+    """``y = MatMulNBits(x; 4 bits, block 32, packed zero points, bias) + r``."""
+    rng = np.random.default_rng(seed)
+    inits = {"bias": rng.standard_normal(n).astype(dtype)}
+    names = ["x"] + _nbits(rng, "w", k, n, 4, 32, True, inits, dtype) + ["", "bias"]
+    nodes = [helper.make_node("MatMulNBits", names, ["p"], domain="com.microsoft", K=k, N=n, bits=4, block_size=32,
+                              accuracy_level=1),
+             helper.make_node("Add", ["p", "r"], ["y"])]
+    t = ONNX_TYPE[dtype]
+    g = helper.make_graph(nodes, "nbits_res", [helper.make_tensor_value_info("x", t, [None, k]),
+                                               helper.make_tensor_value_info("r", t, [None, n])],
+                          [helper.make_tensor_value_info("y", t, [None, n])],
+                          [numpy_helper.from_array(v, name) for name, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    m.ir_version = 10
+    return m
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+def test_split_k_gemv_matches_the_unsplit_kernel_and_onnxruntime(dtype, monkeypatch):
+    """The interpreter counts one SM; with 132 the GEMV of K 776 (not a multiple of the block) x N
+    40 splits K in 3 (384 + 384 + 8), and the reduction adds the bias and the fused residual."""
+    from rtxjit.plan.plan import LowerCtx
+
+    k, n, rows = 776, 40, 3
+    m = _nbits_residual(k, n, dtype)
+    rng = np.random.default_rng(9)
+    feeds = {"x": rng.standard_normal((rows, k)).astype(dtype), "r": rng.standard_normal((rows, n)).astype(dtype)}
+    plain = rtxjit.InferenceSession(m, device="cpu")
+    assert [s.kernel.name for s in plain.plan_for(feeds).steps] == ["qgemv"]
+    want = plain.run(None, feeds)[0]
+    monkeypatch.setattr(LowerCtx, "sm_count", property(lambda self: 132))
+    split = rtxjit.InferenceSession(m, device="cpu")
+    steps = split.plan_for(feeds).steps
+    assert [s.kernel.name for s in steps] == ["qgemv", "qsplit_reduce"]
+    assert steps[0].grid[-1] == 3
+    got = split.run(None, feeds)[0]
+    assert got.dtype == dtype
+    np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), **TOL[dtype])
+    np.testing.assert_allclose(got.astype(np.float32), _ort(m, feeds)[0].astype(np.float32), **TOL[dtype])

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from rtxjit.codegen.templates.quant_gemm import gemv_grid, nbits_configs, render_nbits
-from rtxjit.codegen.templates.matmul import tile_count
+from rtxjit.codegen.templates.quant_gemm import gemv_grid, nbits_configs, render_nbits, render_split_reduce, split_k
+from rtxjit.codegen.templates.matmul import _next_pow2, tile_count
 from rtxjit.errors import ModelError, ShapeError, UnsupportedOpError
 from rtxjit.ir.registry import Kind, Rand, Sample, Unknown, known, op
 from rtxjit.ir.types import DType, TensorType
@@ -188,20 +188,53 @@ def _(ctx, a, b, scales, zero_points=None, g_idx=None, bias=None, *, K, N, bits=
     if bias is not None:
         views.append(bias.broadcast_to((rows, N)))
     gemv = rows <= GEMV_ROWS
-    src = render_nbits(a.dtype, bits, block_size, zero, groups is not None, bias is not None, gemv,
-                       wide=ctx.needs_wide(*views, *extras), fused=fused)
+    cfgs = nbits_configs(rows, N, K, gemv, ctx.interpret, a.dtype, ctx.sm or 90, ctx.sm_count)
+    splits, k_per = split_k(N, K, cfgs, ctx.sm_count) if gemv else (1, K)
+    if splits > 1:  # fp32 partials to a workspace; bias and epilogue in the reduction
+        ws = ctx.temp(DType.FP32, (splits, rows, N))
+        _launch_nbits(ctx, [ws.reshape((splits * rows, N))] + views[1:len(views) - (bias is not None)], a.dtype,
+                      bits, block_size, zero, groups, None, (), rows, N, K, cfgs, split=(splits, k_per))
+        _launch_split_reduce(ctx, out, ws, bias if bias is None else views[-1], fused, extras, rows, N, splits)
+        return
+    _launch_nbits(ctx, views, a.dtype, bits, block_size, zero, groups, fused, extras, rows, N, K, cfgs)
+
+
+def _launch_nbits(ctx, views, a_dtype, bits, block_size, zero, groups, fused, extras, rows, N, K, cfgs, split=None):
+    """One product kernel over ``views`` (out, a, b, scales, [zero points], [g_idx], [bias]);
+    ``split``: ``(splits, k_per)`` of a split-K GEMV writing fp32 partials into ``views[0]``."""
+    has_bias = len(views) > 4 + (zero != "none") + (groups is not None)
+    gemv = rows <= GEMV_ROWS
+    k_blocks = -(-K // block_size)
+    src = render_nbits(a_dtype, bits, block_size, zero, groups is not None, has_bias, gemv,
+                       wide=ctx.needs_wide(*views, *extras), fused=fused, split=split is not None)
     args = []
     for v in views:
         args += [ctx.ptr(v), v.offset]
-    args += [rows, N, K, N, K, k_blocks * blob, k_blocks]
+    args += [rows, N, K, N, K, k_blocks * block_size * bits // 8, k_blocks]
     if zero == "packed":
         args.append(-(-k_blocks * bits // 8))
-    if bias is not None:
+    if split is not None:
+        args += [split[1], rows * N]
+    if has_bias:
         args += list(views[-1].strides)
     args += epilogue_args(ctx, fused, extras, lambda e: e.strides)
-    cfgs = nbits_configs(rows, N, K, gemv, ctx.interpret, a.dtype, ctx.sm or 90, ctx.sm_count)
-    grid = (lambda c: gemv_grid(N, c)) if gemv else (lambda c: (tile_count(rows, N, c),))
+    splits = 1 if split is None else split[0]
+    grid = (lambda c: gemv_grid(N, c) + ((splits,) if splits > 1 else ())) if gemv else (
+        lambda c: (tile_count(rows, N, c),))
     ctx.launch_tuned(src, [(grid(c), c) for c in cfgs], args, ctx.tune_key(src, rows, N, K))
+
+
+def _launch_split_reduce(ctx, out, ws, bias, fused, extras, rows: int, n: int, splits: int) -> None:
+    views = [out, ws] + ([] if bias is None else [bias])
+    src = render_split_reduce(out.dtype, bias is not None, wide=ctx.needs_wide(*views, *extras), fused=fused)
+    args = []
+    for v in views:
+        args += [ctx.ptr(v), v.offset]
+    args += [rows, n, splits, n] + ([] if bias is None else list(bias.strides))
+    args += epilogue_args(ctx, fused, extras, lambda e: e.strides)
+    bm = max(1, _next_pow2(rows))
+    bn = max(16, min(1024 // bm, _next_pow2(n)))
+    ctx.launch(src, (-(-n // bn),), args, BLOCK_M=bm, BLOCK_N=bn)
 
 
 def _groups(ctx, g_idx, k: int, block_size: int, k_blocks: int):
