@@ -29,9 +29,11 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
-from rtxjit.codegen.templates.quant import FP8_FORMATS, INT_RANGES, decode_fp8, divide, encode_fp8, quantize_int
+from rtxjit.codegen.dtypes import TL
+from rtxjit.codegen.templates.quant import (FP8_FORMATS, INT_RANGES, decode_fp8, divide, encode_fp8, quantize_int,
+                                            quantize_int_expr)
 from rtxjit.codegen.view import View
-from rtxjit.errors import ModelError, ShapeError, UnsupportedOpError
+from rtxjit.errors import InternalError, ModelError, ShapeError, UnsupportedOpError
 from rtxjit.ir.registry import Kind, Rand, Sample, op
 from rtxjit.ir.types import DType, TensorType
 from rtxjit.ops.shape import norm_axis
@@ -139,6 +141,48 @@ def _launch(ctx, x: View, params: list, kind: str, axis, block_size: int, prolog
         ctx.pointwise(expr, [xv, *pvs], ov, prologue=tuple(prologue))
 
 
+# ---- the pointwise form (fused with neighbouring pointwise ops) --------------------------------
+
+NARROW = (DType.FP16, DType.BF16)
+
+
+def pointwise_form(node) -> bool:
+    """Whether a QuantizeLinear / DequantizeLinear graph node may run as its ``expr`` hook, inside
+    a fused pointwise kernel (passes/fuse_pointwise.py asks): a constant per-tensor scale (and zero
+    point) that broadcasts against the input, and an int8 / uint8 side (int32 too for
+    DequantizeLinear). fp8 and int4 keep their own kernels: their encodings take statements, and a
+    per-axis or block-wise parameter does not broadcast numpy-style."""
+    x = node.inputs[0]
+    params = [v for v in node.inputs[1:3] if v is not None]
+    if any(p.const is None or p.const.size != 1 or p.type.rank > min(1, x.type.rank) for p in params):
+        return False
+    if node.op == "QuantizeLinear":
+        return node.outputs[0].type.dtype in INT8S
+    return x.type.dtype in INT8S + (DType.INT32,)
+
+
+def _quantize_expr(in_dtypes, out_dtype, attrs):
+    """The kernel's arithmetic as one expression. Its input is first rounded to its own type
+    (fp16 / bf16): in a fused chain it arrives in fp32, and the integers must be those of the
+    unfused graph, which quantizes the stored value."""
+    if out_dtype not in INT8S:
+        raise InternalError(f"QuantizeLinear to {out_dtype.short} has no pointwise form (see pointwise_form)")
+    x = f"x0.to({TL[in_dtypes[0]]})" if in_dtypes[0] in NARROW else "x0"
+    v = divide(f"{x}.to(tl.float32)", "x1.to(tl.float32)")
+    zero = "x2.to(tl.float32)" if len(in_dtypes) > 2 and in_dtypes[2] is not None else None
+    return quantize_int_expr(v, zero, out_dtype), ()
+
+
+def _dequantize_expr(in_dtypes, out_dtype, attrs):
+    """The kernel's arithmetic as one expression, rounded to the output type (fp16 / bf16) as the
+    unfused kernel's store rounds it, so a QuantizeLinear later in the chain sees the same value."""
+    if in_dtypes[0] not in INT8S + (DType.INT32,):
+        raise InternalError(f"DequantizeLinear of {in_dtypes[0].short} has no pointwise form (see pointwise_form)")
+    zero = len(in_dtypes) > 2 and in_dtypes[2] is not None
+    expr = "(x0.to(tl.float32) - x2.to(tl.float32)) * x1" if zero else "x0.to(tl.float32) * x1"
+    return (f"({expr}).to({TL[out_dtype]})" if out_dtype in NARROW else expr), ()
+
+
 # ---- QuantizeLinear ----------------------------------------------------------------------------
 
 def _quantize_type(name: str, allowed: tuple, x: TensorType, scale: TensorType, zero: TensorType, axis: int,
@@ -210,6 +254,7 @@ def _q_samples(opset: int, float_types=("fp32", "fp16")) -> list:
 
 @op("QuantizeLinear", since=13, kind=Kind.POINTWISE, samples=_q_samples(13, ("fp32",)))
 def quantize_linear_13(x: TensorType, scale: TensorType, zero: TensorType = None, *, axis: int = 1) -> TensorType:
+    """Fuses only with a constant per-tensor scale and an int8 / uint8 output (see pointwise_form)."""
     if scale.dtype is not DType.FP32 or x.dtype not in (DType.FP32, DType.INT32):
         raise ModelError(f"QuantizeLinear-13 takes fp32 or int32 x and an fp32 scale, got {x.dtype.short} and "
                          f"{scale.dtype.short}")
@@ -217,17 +262,20 @@ def quantize_linear_13(x: TensorType, scale: TensorType, zero: TensorType = None
 
 
 quantize_linear_13.reference(_quantize_reference)
-quantize_linear_13.lower(_quantize_lower)
+quantize_linear_13.expr(_quantize_expr)
+quantize_linear_13.lower(_quantize_lower)  # after expr: the op's own kernels where the pointwise form does not fit
 
 
 @op("QuantizeLinear", since=19, kind=Kind.POINTWISE, samples=_q_samples(19))
 def quantize_linear_19(x: TensorType, scale: TensorType, zero: TensorType = None, *, axis: int = 1,
                        saturate: int = 1) -> TensorType:
+    """Fuses only with a constant per-tensor scale and an int8 / uint8 output (see pointwise_form)."""
     return _quantize_type("QuantizeLinear-19", INT8S + FP8, x, scale, zero, axis)
 
 
 quantize_linear_19.reference(_quantize_reference)
-quantize_linear_19.lower(_quantize_lower)
+quantize_linear_19.expr(_quantize_expr)
+quantize_linear_19.lower(_quantize_lower)  # after expr: the op's own kernels where the pointwise form does not fit
 
 
 @op("QuantizeLinear", since=21, kind=Kind.POINTWISE,
@@ -240,11 +288,13 @@ quantize_linear_19.lower(_quantize_lower)
         Sample([Rand((2, 3)), np.float32(0.05)], {"output_dtype": 3})])
 def quantize_linear_21(x: TensorType, scale: TensorType, zero: TensorType = None, *, axis: int = 1,
                        saturate: int = 1, block_size: int = 0, output_dtype: int = 0) -> TensorType:
+    """Fuses only with a constant per-tensor scale and an int8 / uint8 output (see pointwise_form)."""
     return _quantize_type("QuantizeLinear", INT8S + INT4S + FP8, x, scale, zero, axis, block_size, output_dtype)
 
 
 quantize_linear_21.reference(_quantize_reference)
-quantize_linear_21.lower(_quantize_lower)
+quantize_linear_21.expr(_quantize_expr)
+quantize_linear_21.lower(_quantize_lower)  # after expr: the op's own kernels where the pointwise form does not fit
 
 
 # ---- DequantizeLinear --------------------------------------------------------------------------
@@ -299,21 +349,25 @@ def _dq_samples(opset: int, float_types=("fp32", "fp16")) -> list:
 
 @op("DequantizeLinear", since=13, kind=Kind.POINTWISE, samples=_dq_samples(13, ("fp32",)))
 def dequantize_linear_13(x: TensorType, scale: TensorType, zero: TensorType = None, *, axis: int = 1) -> TensorType:
+    """Fuses only with a constant per-tensor scale and an int8 / uint8 / int32 input (see pointwise_form)."""
     return _dequantize_type("DequantizeLinear-13", INT8S + (DType.INT32,), x, scale, zero, axis,
                             scale_types=(DType.FP32,))
 
 
 dequantize_linear_13.reference(_dequantize_reference)
-dequantize_linear_13.lower(_dequantize_lower)
+dequantize_linear_13.expr(_dequantize_expr)
+dequantize_linear_13.lower(_dequantize_lower)  # after expr (see QuantizeLinear)
 
 
 @op("DequantizeLinear", since=19, kind=Kind.POINTWISE, samples=_dq_samples(19))
 def dequantize_linear_19(x: TensorType, scale: TensorType, zero: TensorType = None, *, axis: int = 1) -> TensorType:
+    """Fuses only with a constant per-tensor scale and an int8 / uint8 / int32 input (see pointwise_form)."""
     return _dequantize_type("DequantizeLinear-19", INT8S + (DType.INT32,) + FP8, x, scale, zero, axis)
 
 
 dequantize_linear_19.reference(_dequantize_reference)
-dequantize_linear_19.lower(_dequantize_lower)
+dequantize_linear_19.expr(_dequantize_expr)
+dequantize_linear_19.lower(_dequantize_lower)  # after expr (see QuantizeLinear)
 
 
 @op("DequantizeLinear", since=21, kind=Kind.POINTWISE,
@@ -325,9 +379,11 @@ dequantize_linear_19.lower(_dequantize_lower)
                {"axis": 0, "block_size": 2})])
 def dequantize_linear_21(x: TensorType, scale: TensorType, zero: TensorType = None, *, axis: int = 1,
                          block_size: int = 0) -> TensorType:
+    """Fuses only with a constant per-tensor scale and an int8 / uint8 / int32 input (see pointwise_form)."""
     return _dequantize_type("DequantizeLinear", INT8S + INT4S + (DType.INT32,) + FP8, x, scale, zero, axis,
                             block_size)
 
 
 dequantize_linear_21.reference(_dequantize_reference)
-dequantize_linear_21.lower(_dequantize_lower)
+dequantize_linear_21.expr(_dequantize_expr)
+dequantize_linear_21.lower(_dequantize_lower)  # after expr (see QuantizeLinear)

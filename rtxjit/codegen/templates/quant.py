@@ -72,6 +72,14 @@ def quantize_int(v: str, zero: str, dtype: DType, out: str) -> list:
             f"{out} = tl.where({v} != {v}, {float(lo)}, tl.minimum(tl.maximum({shifted}, {float(lo)}), {float(hi)}))"]
 
 
+def quantize_int_expr(v: str, zero: str, dtype: DType) -> str:
+    """``quantize_int`` as one expression (``v`` repeated; Triton's compiler shares the repeats),
+    for the QuantizeLinear ``expr`` hook that fuses it into neighbouring pointwise kernels."""
+    lo, hi = INT_RANGES[dtype]
+    shifted = f"{rint(v)} + {zero}" if zero else rint(v)
+    return f"tl.where({v} != {v}, {float(lo)}, tl.minimum(tl.maximum({shifted}, {float(lo)}), {float(hi)}))"
+
+
 def encode_fp8(v: str, dtype: DType, saturate: bool, out: str) -> list:
     """Statements: ``out`` = the fp32 value ``v`` as fp8 ``dtype`` (an fp8-typed value), rounded to
     nearest even; beyond the largest finite value: that value where ``saturate`` (inf too), else
