@@ -8,6 +8,7 @@ so Triton can read it back, as it does for functions defined in files.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import linecache
 import re
@@ -24,8 +25,8 @@ class KernelSource:
     name: str  # the Python function name inside ``text``
     text: str
 
-    @property
-    def key(self) -> str:
+    @functools.cached_property
+    def key(self) -> str:  # computed once per object: planning a binding asks it per launch
         return hashlib.sha256(self.text.encode()).hexdigest()
 
     @property
@@ -41,8 +42,14 @@ def render(name: str, header: str, body: str) -> KernelSource:
 _DEF_RE = re.compile(r"^def (\w+)\((.*?)\):$", re.M | re.S)
 
 
-def parameters(src: KernelSource) -> list:
-    """``[(name, is_constexpr)]`` of the kernel function's parameters, in order."""
+@functools.lru_cache(maxsize=8192)
+def parameters(src: KernelSource) -> tuple:
+    """``((name, is_constexpr), ...)`` of the kernel function's parameters, in order (parsed once
+    per source: planning and launching ask it per launch)."""
+    return tuple(_parameters(src))
+
+
+def _parameters(src: KernelSource) -> list:
     for m in _DEF_RE.finditer(src.text):
         if m.group(1) == src.name:
             return [(p.split(":")[0].strip(), "constexpr" in p) for p in m.group(2).split(",") if p.strip()]
@@ -52,10 +59,28 @@ def parameters(src: KernelSource) -> list:
 def specialize(src: KernelSource, names) -> KernelSource:
     """``src`` with the parameters ``names`` made ``tl.constexpr``: Triton then compiles the kernel
     for their values (loop bounds, strides and sizes folded in). Deterministic: the same source and
-    names give the same text and key."""
-    names = set(names)
+    names give the same text and key. Parameters that are constexprs already are left as they are
+    (and not named again); with none left to change, ``src`` itself is returned."""
+    names = set(names) - {name for name, const in parameters(src) if const}
     if not names:
         return src
+    return KernelSource(src.name, _constexprs(src, names, f"# specialized: {', '.join(sorted(names))}"))
+
+
+def with_static(src: KernelSource, values: dict) -> KernelSource:
+    """``src`` with the parameters in ``values`` (name -> int) made ``tl.constexpr`` and their values
+    written in a ``# static:`` line: the source of a shape-generic (fallback) kernel whose sizes that
+    are the same for every binding of the model are compiled in (plan/statics.py). The values are
+    part of the text, so the source's key tells two launches with different static sizes apart,
+    although Triton receives the values as arguments. Deterministic: sorted names."""
+    if not values:
+        return src
+    note = "# static: " + ", ".join(f"{name}={int(values[name])}" for name in sorted(values))
+    return KernelSource(src.name, _constexprs(src, set(values), note))
+
+
+def _constexprs(src: KernelSource, names: set, note: str) -> str:
+    """``src``'s text with ``names`` annotated ``tl.constexpr`` and ``note`` as its second line."""
     m = next(m for m in _DEF_RE.finditer(src.text) if m.group(1) == src.name)
     params = []
     for p in m.group(2).split(","):
@@ -63,8 +88,7 @@ def specialize(src: KernelSource, names) -> KernelSource:
         params.append(f"{name}: tl.constexpr" if name in names and ":" not in p else p.strip())
     head = f"def {src.name}({', '.join(params)}):"
     text = src.text[:m.start()] + head + src.text[m.end():]
-    text = text.replace("\n", f"\n# specialized: {', '.join(sorted(names))}\n", 1)
-    return KernelSource(src.name, text)
+    return text.replace("\n", f"\n{note}\n", 1)
 
 
 _lock = threading.Lock()

@@ -36,7 +36,7 @@ from typing import Optional
 
 import torch
 
-from rtxjit.codegen.source import is_loaded, load_kernel
+from rtxjit.codegen.source import load_kernel
 from rtxjit.errors import KernelError
 from rtxjit.exec import executor
 from rtxjit.exec.executor import Executable
@@ -232,11 +232,23 @@ def _parallel(items: list, exe: Optional[Executable] = None) -> list:
     return out
 
 
+_interpreted: set = set()  # item keys "compiled" under the interpreter in this process
+_interpreted_lock = threading.Lock()
+
+
 def _prepare_interpreted(exe: Executable, kind: str) -> tuple:
+    """Under the interpreter nothing is compiled: each kernel source is loaded once. Counted as a GPU
+    would compile: each distinct compilation (``_item_key``: source, kind, Triton's classes of
+    the arguments, constexprs) once per process, so tests on the CPU count what a GPU compiles."""
     built = 0
-    for src, generic, *_ in _items(exe, kind):
-        built += not is_loaded(src, True, generic)
+    for item in _items(exe, kind):
+        src, generic = item[0], item[1]
         load_kernel(src, True, generic=generic)
+        key = _item_key(item)
+        with _interpreted_lock:
+            if key not in _interpreted:
+                _interpreted.add(key)
+                built += 1
     return built, 0
 
 

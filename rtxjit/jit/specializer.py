@@ -1,14 +1,21 @@
 """Just-in-time specialization: shape-generic kernels serve at once, specialized ones replace them.
 
 Each binding of input shapes (an ``Executable``) starts on its *generic* variant: every launch uses
-a kernel that Triton compiled without specializing any runtime argument, with a tile configuration
-chosen without the dynamic sizes (``Launch.generic``), so one binary serves every shape and a new
-shape compiles nothing. The first run of a binding enqueues it here (mode ``"lazy"``).
+a kernel whose sizes that are static in the model (the same for every binding: weights' dims,
+hidden sizes, channels) are compiled in as constexprs (plan/statics.py), while Triton specializes
+none of its other run-time arguments (the dynamic sizes: batch, sequence, image), with a tile
+configuration chosen without the dynamic sizes (``Launch.generic``), so one binary per launch site
+serves every shape and a new shape compiles nothing. The first run of a binding enqueues it here
+(mode ``"lazy"``).
 
 The specializer's thread then, off the hot path:
-1. compiles the binding's *specialized* kernels: the same source with its shape arguments made
-   ``tl.constexpr`` (``kernel_keys.specialized_source``), every tile configuration the plan offers; on
-   a GPU in worker processes (exec/compiler.py), so the serving thread never waits on the GIL;
+1. compiles the binding's *specialized* kernels (``kernel_keys.specialized_source``): the same source,
+   its dynamic sizes specialized as Triton does any integer argument (a multiple of 16, equal to 1)
+   and the plan's tile configurations for the binding, every one it offers. Those classes and tiles
+   are a *bucket* of shapes: a kernel compiled for one shape of the bucket (in this process, or in
+   another over the same runtime cache) serves the others without a compile (kernels/keys.py;
+   ``EXACT`` compiles every size in instead, one binary per shape). On a GPU in worker processes
+   (exec/compiler.py), so the serving thread never waits on the GIL;
 2. on a side stream, over its own arena and a snapshot of the binding's first live inputs: runs the
    generic variant (the reference), times the tile configurations of tuned launches and keeps the
    fastest (plan/autotune.py), runs the specialized variant and compares every output within

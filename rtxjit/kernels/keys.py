@@ -8,7 +8,7 @@ other for them, inside functions to hide the cycle)."""
 from __future__ import annotations
 
 from rtxjit.cache.keys import cache_key, target_of
-from rtxjit.codegen.source import parameters, specialize
+from rtxjit.codegen.source import specialize
 from rtxjit.kernels import binaries
 from rtxjit.kernels.tensors import torch_dtype
 from rtxjit.plan.plan import Buf, Launch
@@ -16,33 +16,45 @@ from rtxjit.plan.plan import Buf, Launch
 GENERIC, SPECIALIZED = "generic", "specialized"
 
 
+# Specialized kernels serve a *bucket* of shapes: a launch's dynamic sizes (those not compiled into
+# its fallback kernel as static, plan/statics.py) stay run-time arguments, which Triton specializes
+# as it does any integer argument (32 or 64 bits, a multiple of 16 or not, equal to 1 or not), and
+# the tile configuration is the plan's for the binding (heuristic tiles for sizes rounded up to
+# powers of two; timed once per such bucket, plan/autotune.py). Shapes that agree on those share one
+# binary, so a new shape near one specialized before compiles nothing; the kernel masks with the
+# true sizes, as the fallback does. EXACT: every size a constexpr instead (one binary per shape; the
+# behaviour before issue 17), kept to compare the two on a GPU.
+EXACT = False
+
+
 def shape_params(step: Launch) -> list:
-    """Names of the kernel parameters that a specialized kernel takes as constants: the integer
-    arguments that are not buffer offsets (an offset is the integer right after a buffer pointer;
-    offsets differ between the layers that share a kernel, so they stay runtime arguments)."""
-    names = [name for name, _ in parameters(step.kernel)]
-    out = []
-    for j, a in enumerate(step.args):
-        if isinstance(a, int) and not isinstance(a, bool) and not (j > 0 and isinstance(step.args[j - 1], Buf)):
-            out.append(names[j])
-    return out
+    """Names of the kernel parameters that ``step``'s specialized kernel takes as constants: its
+    static sizes (already constexprs of ``step.kernel``), or with ``EXACT`` every size argument."""
+    if EXACT:
+        return [name for _, name in step.size_args()]
+    return list(step.static)
 
 
 def specialized_source(step: Launch):
-    """The source of ``step``'s specialized kernel."""
+    """The source of ``step``'s specialized kernel (``step.kernel`` itself unless ``EXACT``)."""
     return specialize(step.kernel, shape_params(step))
 
 
 def arg_classes(args: tuple, generic: bool) -> tuple:
-    """What Triton's specialization sees of the arguments (equal classes: one compilation)."""
+    """What Triton's specialization sees of the arguments (equal classes: one compilation). The
+    values of static sizes are in the kernel's source (``with_static``), so they need no class of
+    their own; a generic kernel specializes no run-time integer, a bucketed specialized kernel
+    only as Triton does, an ``EXACT`` one is compiled for every value."""
     out = []
     for a in args:
         if isinstance(a, bool) or not isinstance(a, int):
             out.append(str(a) if not isinstance(a, float) else "f")
         elif generic:
             out.append("i" if -2**31 <= a < 2**31 else "l")
-        else:
+        elif EXACT:
             out.append((a, a % 16 == 0, a == 1))
+        else:
+            out.append(("i" if -2**31 <= a < 2**31 else "l", a % 16 == 0, a == 1))
     return tuple(out)
 
 

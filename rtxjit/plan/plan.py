@@ -13,7 +13,7 @@ from typing import Optional
 
 import numpy as np
 
-from rtxjit.codegen.source import KernelSource
+from rtxjit.codegen.source import KernelSource, parameters
 from rtxjit.codegen.templates.pointwise import render_pointwise
 from rtxjit.codegen.view import View, collapse
 from rtxjit.errors import ModelError, ShapeError, UnsupportedOpError
@@ -21,7 +21,7 @@ from rtxjit.ir import host
 from rtxjit.ir.graph import Graph, Node
 from rtxjit.ir.registry import get_op
 from rtxjit.ir.types import DType, TensorType, is_static
-from rtxjit.plan import autotune
+from rtxjit.plan import autotune, statics
 
 WIDE_LIMIT = 2**31 - 1
 POINTWISE_CAP = 1024  # elements per program of a flat kernel on the GPU
@@ -67,6 +67,20 @@ class Launch:
     # the shape-generic fallback: (grid, constexprs) of a configuration that does not depend on the
     # binding's dynamic sizes, so one compiled kernel serves every shape (see jit/specializer.py)
     generic: tuple = ()
+    # names of the size arguments that are the same for every binding of the model: constexprs of
+    # ``kernel``, their values written in it (plan/statics.py)
+    static: tuple = ()
+
+    def size_args(self) -> list:
+        """``[(position, name)]`` of the integer arguments that are sizes or strides: not buffer
+        offsets (the integer right after a buffer pointer; offsets differ between the layers that
+        share a kernel), not flags."""
+        names = [name for name, _ in parameters(self.kernel)]
+        out = []
+        for j, a in enumerate(self.args):
+            if isinstance(a, int) and not isinstance(a, bool) and not (j > 0 and isinstance(self.args[j - 1], Buf)):
+                out.append((j, names[j]))
+        return out
 
     @property
     def generic_grid(self) -> tuple:
@@ -240,8 +254,13 @@ class LowerCtx:
 
 
 class PlanBuilder:
-    def __init__(self, graph: Graph, device, session_consts: frozenset = frozenset()):
+    """Lowers ``graph`` for one binding. ``statics`` keeps which launch arguments are the same for
+    every binding (plan/statics.py; by default the graph's own, shared by every builder of it)."""
+
+    def __init__(self, graph: Graph, device, session_consts: frozenset = frozenset(),
+                 statics: Optional["statics.GraphStatics"] = None):
         self.graph = graph
+        self.statics = statics
         self.device = device
         self.interpret = device.interpret
         self.plan = Plan()
@@ -269,6 +288,17 @@ class PlanBuilder:
         return View.of(idx, dtype, value.shape)
 
     def build(self, input_types: dict, host_feeds: dict) -> Plan:
+        """The plan of this binding; the launches' static sizes compiled into their kernels."""
+        plan = self._lower(input_types, host_feeds)
+        kept = statics.of_graph(self.graph) if self.statics is None else self.statics
+
+        def probe(types: dict) -> Plan:
+            return PlanBuilder(self.graph, self.device, self.session_consts, kept)._lower(types, host_feeds)
+
+        kept.apply(self.graph, plan, input_types, probe)
+        return plan
+
+    def _lower(self, input_types: dict, host_feeds: dict) -> Plan:
         env: dict = {}
         for v in self.graph.inputs:
             t = input_types[v.name]
