@@ -17,8 +17,11 @@ ONNX_TYPE = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
 TOL = {np.float32: dict(rtol=1e-4, atol=1e-4), np.float16: dict(rtol=1e-2, atol=2e-2)}
 
 
-def _ort(model, feeds):
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+def _ort(model, feeds, optimized=True):
+    options = ort.SessionOptions()
+    if not optimized:  # onnxruntime's graph optimizations get fp8 Q/DQ products wrong (docs/quantization.md)
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
 def _fused_ops(sess) -> list:
@@ -80,13 +83,19 @@ def test_swiglu_epilogues_run_in_the_matmul_nbits_kernels(dtype, rows):
         np.testing.assert_allclose(got.astype(np.float32), other.astype(np.float32), **TOL[dtype])
 
 
-def _qdq_mlp(dtype, rows, seed=1):
-    """Q(x) -> DQ -> MatMul <- DQ(int8 per-channel weight) -> Add(bias) -> SiLU -> Add(x[:, :n]):
+def _qdq_mlp(dtype, rows, fp8=False, seed=1):
+    """Q(x) -> DQ -> MatMul <- DQ(int8 / e4m3 per-channel weight) -> Add(bias) -> SiLU -> Add(x):
     the product leaves as a float, so the bias, activation and residual join its kernel."""
+    import ml_dtypes
+
     rng = np.random.default_rng(seed)
     k, n = 48, 48
-    inits = {"xs": np.array(0.03, dtype), "xz": np.array(121, np.uint8),
-             "w": rng.integers(-127, 128, (k, n)).astype(np.int8),
+    if fp8:
+        w = (rng.standard_normal((k, n)) * 40).astype(ml_dtypes.float8_e4m3fn)
+        xz = np.zeros((), ml_dtypes.float8_e4m3fn)
+    else:
+        w, xz = rng.integers(-127, 128, (k, n)).astype(np.int8), np.array(121, np.uint8)
+    inits = {"xs": np.array(0.03, dtype), "xz": xz, "w": w,
              "ws": rng.uniform(0.002, 0.01, n).astype(dtype), "b": (rng.standard_normal(n) * 0.5).astype(dtype)}
     nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
              helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
@@ -105,15 +114,18 @@ def _qdq_mlp(dtype, rows, seed=1):
     return m, (rng.standard_normal((rows, k)) * 2).astype(dtype)
 
 
+@pytest.mark.parametrize("fp8", [False, True], ids=["int8", "fp8"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
-def test_float_qlinear_matmul_takes_bias_silu_and_residual_into_its_store(dtype):
-    m, x = _qdq_mlp(dtype, 6)
+def test_float_qlinear_matmul_takes_bias_silu_and_residual_into_its_store(dtype, fp8):
+    """int8 x int8 and e4m3 x e4m3 products (fuse.py stores the fp8 weight as its bits, so the
+    anchor's constants upload as they are)."""
+    m, x = _qdq_mlp(dtype, 6, fp8)
     sess = rtxjit.InferenceSession(m, device="cpu")
     assert "Epilogue(rtxjit.QLinearMatMul)" in _fused_ops(sess)
     assert [s.kernel.name for s in sess.plan_for({"x": x}).steps] == ["pointwise", "qdot"]  # Q(x), the product
     got = sess.run(None, {"x": x})[0]
     unfused = rtxjit.InferenceSession(m, device="cpu", optimize=False).run(None, {"x": x})[0]
-    for other in (unfused, _ort(m, {"x": x})[0]):
+    for other in (unfused, _ort(m, {"x": x}, optimized=not fp8)[0]):
         np.testing.assert_allclose(got.astype(np.float32), other.astype(np.float32), **TOL[dtype])
 
 

@@ -52,7 +52,7 @@ def _anchor_ok(node: Node) -> bool:
         return all(v.type.rank >= 2 for v in node.inputs)
     if node.op in CONVS:
         return node.inputs[0].type.rank in (3, 4, 5)
-    if node.op == "rtxjit.QLinearMatMul":  # fp8 weights: the plan cannot upload ml_dtypes constants as device views
+    if node.op == "rtxjit.QLinearMatMul":  # a float output; int weights (fp8 ones as bits: quant/fuse.py)
         out, w = node.outputs[0].type.dtype, node.inputs[3].type.dtype
         return out.is_float and out.itemsize > 1 and w.is_int
     return node.op in ("Gemm", "com.microsoft.MatMulNBits")

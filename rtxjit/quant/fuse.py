@@ -17,7 +17,8 @@ per-tensor scale becomes one block covering K (a power of two >= 16, as MatMulNB
 sizes that are no power of two >= 16 stay as they are (fold_constants then folds them).
 
 Quantized operands: the activation DQ's scale and zero point must be constants of one value, the
-weight's per tensor or per output column (MatMul ``[K, N]`` axis 1, Gemm with ``transB`` axis 0);
+weight's per tensor or per output column (MatMul ``[K, N]`` axis 1, Gemm with ``transB`` axis 0),
+stored ``[K, N]`` as the kernel reads it (int8 less its zero point, or fp8 as its uint8 bits);
 the Gemm's C (a constant, or a DQ of constants: evaluated here) becomes the bias, ``alpha`` a
 factor of the scales, ``transA`` is not folded. Where the product's only reader is a
 QuantizeLinear of constant per-tensor parameters, the quantization moves into the kernel and the
@@ -206,8 +207,12 @@ def _quantized_operands(graph: Graph, node: Node, names: FreshNames) -> bool:
         if c is None or c.size not in (1, q.shape[1]) or (c.ndim == 2 and c.shape[0] != 1) or c.ndim > 2:
             return False
         bias = np.broadcast_to(c.reshape(-1) * attrs.get("beta", 1.0), (q.shape[1],)).astype(np.float32)
-    if trans_b:  # a Value of wq's type: make_constant cannot tell fp8 arrays' types
-        wq = Value(names(wq.name + "_kn"), wq.type.with_shape(q.shape), np.ascontiguousarray(q))
+    # the weight as the kernel reads it, so the node's constant is also its device copy (behind
+    # rtxjit.Epilogue every input is uploaded): fp8 as its bits, int8 less its zero point
+    if a_dtype in FP8:
+        wq = make_constant(names, wq.name + "_bits", np.ascontiguousarray(q).view(np.uint8))
+    else:
+        wq, zw = make_constant(names, wq.name + "_int8", int8_weight(q, zw_)), None
     inputs = [aq, sa, za, wq, sw, zw,
               None if bias is None else make_constant(names, node.name + "_bias", bias)]
     outputs, q_node = None, _only_quantize_reader(graph, node.outputs[0])

@@ -5,7 +5,8 @@ rtxjit/quant/fuse.py (never found in a model).
     out = QuantizeLinear(y, y_scale, y_zero, saturate)   (where the graph quantizes y; else out = y)
 
 ``a_q [..., M, K]`` is the quantized activation (int8 / uint8, or fp8), the rest are constants read
-on the host at lowering: ``w_q [K, N]`` (int8 / uint8, or fp8), ``w_scale`` / ``w_zero`` one value
+on the host at lowering: ``w_q [K, N]`` (int8 / uint8, or fp8: the fp8 values or, as
+rtxjit/quant/fuse.py writes them, their uint8 bits, read as ``a_q``'s fp8 type), ``w_scale`` / ``w_zero`` one value
 or one per column N, ``a_scale`` / ``a_zero`` / ``y_scale`` / ``y_zero`` one value each, ``bias``
 ``[N]`` (float). Float8 zero points are ignored, as in DequantizeLinear / QuantizeLinear.
 
@@ -62,6 +63,14 @@ def host_constants(ctx, args: list, first: int = 1) -> list:
     return out
 
 
+def fp8_weight(w_q, a_dtype: DType):
+    """``w_q`` as fp8 values where ``a_dtype`` is fp8 and ``w_q`` holds their uint8 bits."""
+    w = np.asarray(w_q)
+    if a_dtype in FP8 and w.dtype == np.uint8:
+        return w.view(FP8_NUMPY[a_dtype])
+    return w_q
+
+
 def int8_weight(w_q: np.ndarray, w_zero) -> np.ndarray:
     """``w_q - w_zero`` as int8 (columns broadcast), or None where a value leaves int8's range."""
     w = np.asarray(w_q).astype(np.int32)
@@ -90,6 +99,7 @@ def qlinear_matmul(a_q: TensorType, a_scale, a_zero, w_q, w_scale, w_zero=None, 
 def _(a_q, a_scale, a_zero, w_q, w_scale, w_zero=None, bias=None, y_scale=None, y_zero=None, *, alpha=1.0,
       saturate=1):
     dq = get_op("DequantizeLinear")
+    w_q = fp8_weight(w_q, _dtype(a_q))
     a = np.asarray(dq.run_reference([a_q, a_scale, a_zero], {"axis": 1, "block_size": 0}, 1)[0], np.float64)
     w = np.asarray(dq.run_reference([w_q, w_scale, w_zero], {"axis": 1, "block_size": 0}, 1)[0], np.float64)
     y = alpha * (a @ w)
@@ -124,7 +134,7 @@ def _(ctx, a_q, a_scale, a_zero, w_q, w_scale, w_zero=None, bias=None, y_scale=N
     if rows == 0:
         return
     a = ctx.contiguous(a_q).reshape((rows, k))
-    w_dtype = _dtype(w_q)
+    w_dtype = a_q.dtype if fp8 else _dtype(w_q)
     if fp8:
         a = a.with_dtype(DType.UINT8)  # the bits: decoded or bitcast in the kernel
         w = np.ascontiguousarray(np.asarray(w_q)).view(np.uint8)
@@ -139,9 +149,11 @@ def _(ctx, a_q, a_scale, a_zero, w_q, w_scale, w_zero=None, bias=None, y_scale=N
         corr = corr.astype(np.int32) if corr.any() else None
     cs = (np.float32(np.asarray(a_scale, np.float32).reshape(-1)[0]) * np.asarray(w_scale, np.float32).reshape(-1)
           * np.float32(alpha))
-    same = w_view is not None and w_view.contiguous and (fp8 or (w.dtype == np.asarray(w_q).dtype
-                                                                 and (w_zero is None or not np.any(w_zero))))
-    w_dev = (w_view.with_dtype(DType.UINT8) if fp8 else w_view) if same else ctx.const(w)
+    # behind rtxjit.Epilogue the weight is on the device already: used as is where it is what the
+    # kernel reads (fuse.py writes it so: int8 less its zero point, fp8 bits)
+    same = w_view is not None and w_view.contiguous and w_view.dtype in (DType.UINT8, DType.INT8) and (
+        fp8 or (w.dtype == np.asarray(w_q).dtype and (w_zero is None or not np.any(w_zero))))
+    w_dev = w_view.with_dtype(DType.UINT8 if fp8 else DType.INT8) if same else ctx.const(w)
     views = [out, a, w_dev, ctx.const(np.broadcast_to(cs, (n,)).astype(np.float32))]
     if corr is not None:
         views.append(ctx.const(corr))
