@@ -75,8 +75,14 @@ def with_static(src: KernelSource, values: dict) -> KernelSource:
     although Triton receives the values as arguments. Deterministic: sorted names."""
     if not values:
         return src
-    note = "# static: " + ", ".join(f"{name}={int(values[name])}" for name in sorted(values))
-    return KernelSource(src.name, _constexprs(src, set(values), note))
+    return _with_static(src, tuple(sorted((name, int(v)) for name, v in values.items())))
+
+
+@functools.lru_cache(maxsize=8192)
+def _with_static(src: KernelSource, values: tuple) -> KernelSource:
+    """``with_static`` once per source and values: every binding's plan asks it per launch."""
+    note = "# static: " + ", ".join(f"{name}={v}" for name, v in values)
+    return KernelSource(src.name, _constexprs(src, {name for name, _ in values}, note))
 
 
 def _constexprs(src: KernelSource, names: set, note: str) -> str:
