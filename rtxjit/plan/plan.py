@@ -296,6 +296,11 @@ class PlanBuilder:
             return PlanBuilder(self.graph, self.device, self.session_consts, kept)._lower(types, host_feeds)
 
         kept.apply(self.graph, plan, input_types, probe)
+        launched: dict = {}  # the trace names the kernels that run: their sources with static sizes
+        for step in plan.steps:
+            if step.node in plan.trace:
+                launched.setdefault(step.node, []).append(f"{step.kernel.name}:{step.kernel.short_key}")
+        plan.trace.update(launched)
         return plan
 
     def _lower(self, input_types: dict, host_feeds: dict) -> Plan:
