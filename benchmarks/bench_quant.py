@@ -217,7 +217,9 @@ def run_case(case: str, tiny: bool, time_limit: float, iters: int) -> dict:
             out = out.float().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out, np.float32)
             entry.update(_accuracy(out, ref, classifier))
             entry["kernels"] = sorted({s.kernel.name for s in sess.plan_for(dev_feeds).steps})
-            entry["ops"] = dict(sorted(Counter(n.op for n in sess.graph.nodes).items()))
+            # a product with a fused epilogue is an rtxjit.Epilogue node: counted as its anchor op
+            entry["ops"] = dict(sorted(Counter(n.attrs.get("anchor", n.op) if n.op == "rtxjit.Epilogue" else n.op
+                                               for n in sess.graph.nodes).items()))
             if label == "quantized":  # what fuse_quantized folded, and the float products left
                 result["fused_op_counts"] = {op: entry["ops"].get(op, 0) for op in FUSED_OPS + FLOAT_PRODUCTS}
             entry.update(_time(sess, dev_feeds, cuda, iters, deadline))
