@@ -114,3 +114,10 @@ def test_fallback_sources_are_deterministic():
     assert a == b
     plan = _plan(graph, H100, M=4)
     assert all(arg_classes(step_args(plan, s), True) for s in plan.steps)
+
+
+def test_static_sizes_can_be_switched_off(monkeypatch):
+    """``statics.ENABLED = False``: the fallback before issue 17 (every size at run time)."""
+    monkeypatch.setattr(statics, "ENABLED", False)
+    step = _run(rtxjit.InferenceSession(_matmul()), 3)
+    assert not step.static and not ({"M", "N", "K"} & _constexprs(step.kernel))
