@@ -58,9 +58,15 @@ def _swiglu(hidden, ffn, dtype, seed=0):
              helper.make_node("Mul", ["act", "u"], ["h"]),
              mm("down", "h", "d", ffn, hidden, 4, True),
              helper.make_node("Add", ["d", "x"], ["y"])]
+    return _contrib_model(nodes, "swiglu", dtype, {"x": hidden}, hidden, inits)
+
+
+def _contrib_model(nodes, name, dtype, inputs: dict, width: int, inits: dict):
+    """An opset-21 + com.microsoft model: inputs ``[rows, d]`` per ``inputs`` (name -> d), output ``y``
+    ``[rows, width]``."""
     t = ONNX_TYPE[dtype]
-    g = helper.make_graph(nodes, "swiglu", [helper.make_tensor_value_info("x", t, [None, hidden])],
-                          [helper.make_tensor_value_info("y", t, [None, hidden])],
+    g = helper.make_graph(nodes, name, [helper.make_tensor_value_info(k, t, [None, d]) for k, d in inputs.items()],
+                          [helper.make_tensor_value_info("y", t, [None, width])],
                           [numpy_helper.from_array(v, k) for k, v in inits.items()])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
     m.ir_version = 10
@@ -154,14 +160,7 @@ def _nbits_residual(k, n, dtype, seed=4):
     nodes = [helper.make_node("MatMulNBits", names, ["p"], domain="com.microsoft", K=k, N=n, bits=4, block_size=32,
                               accuracy_level=1),
              helper.make_node("Add", ["p", "r"], ["y"])]
-    t = ONNX_TYPE[dtype]
-    g = helper.make_graph(nodes, "nbits_res", [helper.make_tensor_value_info("x", t, [None, k]),
-                                               helper.make_tensor_value_info("r", t, [None, n])],
-                          [helper.make_tensor_value_info("y", t, [None, n])],
-                          [numpy_helper.from_array(v, name) for name, v in inits.items()])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
-    m.ir_version = 10
-    return m
+    return _contrib_model(nodes, "nbits_res", dtype, {"x": k, "r": n}, n, inits)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
