@@ -1,14 +1,26 @@
-"""Benchmark real models: eager PyTorch, torch.compile (with and without CUDA graphs) and rtxjit.
+"""Benchmark real models: rtxjit against torch.compile captured in a CUDA graph, eager PyTorch and
+torch.compile's other modes.
 
-Cases (fp16, random weights, no download): resnet50 batch 1 and 32, vit_b_16 batch 1
-(torchvision), bert-base sequence 128 batch 1 and 8 (transformers ``BertModel`` from its config).
-Each model is exported to ONNX in a temporary folder for rtxjit. In one process, on one GPU, each
-system is timed in its steady state (CUDA events, warm-up, median), its output is checked against
-eager, and its kernel launches per inference and peak GPU memory are recorded. Results go to
-``<out>/bench_models.json`` and ``<out>/bench_models.md``.
+Cases (fp16, random weights, no download; issue 18's thirteen): resnet50 batch 1 and 32, vit_b_16 b1,
+mobilenet_v3_large b1, efficientnet_b0 b8, convnext_tiny b8, swin_t b1 (torchvision, 224 x 224);
+bert-base sequence 128 batch 1 and 8 (``BertModel`` from its config); GPT-2 s128 b1, the Whisper-base
+encoder (30 s of audio) and CLIP ViT-B/32 (tests/zoo/archs.py's configs and random weights); one
+step of Stable Diffusion 1.5's UNet at 512 x 512 (batch 2, 64 x 64 latents; diffusers,
+tests/zoo/vision_archs.py). A case whose package is missing is skipped with that reason.
+
+The reference is ``compile_graph``: torch.compile's compiled callable captured in a
+torch.cuda.CUDAGraph and its replays timed (zoo_gpu's ``graphed``); mode="reduce-overhead" stays as
+the ``compile_cudagraphs`` row. Each model is exported to ONNX in a temporary folder for rtxjit. Each
+case runs in its own process (``--isolate``, the default); in it, on one GPU, each system is timed
+in its steady state (CUDA events, warm-up, median), its output is checked against eager, and its
+kernel launches per inference, peak GPU memory and roofline fraction (the floor of rtxjit's plan,
+rtxjit/exec/roofline.py, over its time) are recorded. Results go to ``<out>/bench_models.json`` and
+``<out>/bench_models.md``, rewritten after every case.
 
     python benchmarks/bench_models.py                       # everything (GPU machine)
-    python benchmarks/bench_models.py --cases resnet50_b1 --systems eager,rtxjit --quick
+    python benchmarks/bench_models.py --time-limit 540      # stop in time; then the rest:
+    python benchmarks/bench_models.py --time-limit 540 --resume
+    python benchmarks/bench_models.py --cases resnet50_b1 --systems eager,compile_graph,rtxjit --quick
     python benchmarks/bench_models.py --dry-run             # CPU: tiny models, no torch.compile
 
 A system that fails on a case records its error and the script goes on.
@@ -22,10 +34,14 @@ from collections import Counter
 import datetime
 import gc
 import importlib.metadata
+import importlib.util
 import json
 import math
+import os
 import platform
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,11 +60,13 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import rtxjit  # noqa: E402  (before triton: on a CPU it switches Triton's interpreter on)
+from rtxjit.exec import roofline  # noqa: E402
 
 SEED = 0
 REL_ERR_LIMIT = 2e-2
 MIB = 1 << 20
 PROFILE_ITERS = 3
+MIN_CASE_S = 60  # --time-limit: no case starts with less time left
 
 
 # --- cases -------------------------------------------------------------------------------------
@@ -56,19 +74,25 @@ PROFILE_ITERS = 3
 @dataclass(frozen=True)
 class Case:
     """A model and its inputs. ``build(device)`` returns (module in eval mode, fp16, on device;
-    ordered dict of input name -> tensor). The first output is the one compared with eager."""
+    ordered dict of input name -> tensor). The first output is the one compared with eager.
+    ``requires``: packages the builder imports; a case whose package is missing is skipped with
+    that reason (torchvision on a CPU box, diffusers on the GPU image unless its wheel is carried)."""
 
     name: str
     build: Callable
     output_names: tuple
+    requires: tuple = ()
 
 
-def _vision(ctor: str, batch: int, device):
+def _vision(ctor: str, batch: int, device, side: int = 224):
     import torchvision
+
+    from benchmarks.vision_gpu import calibrate_batchnorm  # imported here: vision_gpu imports this module
 
     model = getattr(torchvision.models, ctor)(weights=None)
     _randomize_zero_inits(model)
-    x = torch.randn(batch, 3, 224, 224, device=device, dtype=torch.float16)
+    calibrate_batchnorm(model, (batch, 3, side, side), device)
+    x = torch.randn(batch, 3, side, side, device=device, dtype=torch.float16)
     return _ready(model, device), {"image": x}
 
 
@@ -117,12 +141,58 @@ def _ready(model: nn.Module, device) -> nn.Module:
     return model.eval().half().to(device)
 
 
+def _on(feeds: dict, device) -> dict:
+    """The feeds on ``device``, floating ones in fp16 (as the model)."""
+    return {k: v.to(device, torch.float16) if v.is_floating_point() else v.to(device) for k, v in feeds.items()}
+
+
+def _zoo(name: str, size: str, batch: int, seq: int, device):
+    """A transformers model of tests/zoo/archs.py (its config, its random weights, SDPA attention),
+    first output only: ``gpt2``, ``whisper_encoder`` (80 mel bins x 3000 frames: 30 s of audio, the
+    length is the config's), ``clip_vision``. The feeds are unpadded ("right" padding of a batch of
+    one keeps every token)."""
+    from tests.zoo import archs
+
+    if name == "clip_vision" and size == "full":
+        # archs has no full size for CLIP vision; ViT-B/32 has bert-base's widths (768, 12 layers,
+        # 12 heads, 3072) and archs' config gives it 224 x 224 images in 32 x 32 patches at that width
+        config, cls = archs._config(name, archs.dims("bert", "full"))
+        config._attn_implementation = "sdpa"
+        torch.manual_seed(SEED)
+        model = cls(config).eval()
+        archs.randomize(model, SEED)
+        g = torch.Generator().manual_seed(SEED + 1)
+        feeds = {"pixel_values": torch.randn(batch, 3, config.image_size, config.image_size, generator=g)}
+    else:
+        model, make_feeds = archs.build(name, size, seed=SEED)
+        feeds = make_feeds("right", batch, seq)
+    return _ready(archs.Wrapped(model, list(feeds)), device), _on(feeds, device)
+
+
+def _diffusion_unet(size: str, batch: int, device):
+    """tests/zoo/vision_archs.py's UNet2DConditionModel: at "full" Stable Diffusion 1.5's (latents
+    64 x 64 for 512 x 512 images, 77 text tokens of width 768), one denoising step."""
+    from tests.zoo import vision_archs
+
+    module, make_feeds = vision_archs.build("unet2d", size, seed=SEED)
+    return _ready(module, device), _on(make_feeds(batch), device)
+
+
+TEXT_OUT = ("last_hidden_state",)
 CASES = [
-    Case("resnet50_b1", partial(_vision, "resnet50", 1), ("logits",)),
-    Case("resnet50_b32", partial(_vision, "resnet50", 32), ("logits",)),
-    Case("vit_b_16_b1", partial(_vision, "vit_b_16", 1), ("logits",)),
-    Case("bert_base_s128_b1", partial(_bert, 1, 128), ("last_hidden_state", "pooler_output")),
-    Case("bert_base_s128_b8", partial(_bert, 8, 128), ("last_hidden_state", "pooler_output")),
+    Case("resnet50_b1", partial(_vision, "resnet50", 1), ("logits",), ("torchvision",)),
+    Case("resnet50_b32", partial(_vision, "resnet50", 32), ("logits",), ("torchvision",)),
+    Case("vit_b_16_b1", partial(_vision, "vit_b_16", 1), ("logits",), ("torchvision",)),
+    Case("bert_base_s128_b1", partial(_bert, 1, 128), ("last_hidden_state", "pooler_output"), ("transformers",)),
+    Case("bert_base_s128_b8", partial(_bert, 8, 128), ("last_hidden_state", "pooler_output"), ("transformers",)),
+    Case("mobilenet_v3_large_b1", partial(_vision, "mobilenet_v3_large", 1), ("logits",), ("torchvision",)),
+    Case("efficientnet_b0_b8", partial(_vision, "efficientnet_b0", 8), ("logits",), ("torchvision",)),
+    Case("convnext_tiny_b8", partial(_vision, "convnext_tiny", 8), ("logits",), ("torchvision",)),
+    Case("swin_t_b1", partial(_vision, "swin_t", 1), ("logits",), ("torchvision",)),
+    Case("gpt2_s128_b1", partial(_zoo, "gpt2", "full", 1, 128), TEXT_OUT, ("transformers",)),
+    Case("whisper_base_encoder", partial(_zoo, "whisper_encoder", "full", 1, 0), TEXT_OUT, ("transformers",)),
+    Case("clip_vit_b32", partial(_zoo, "clip_vision", "full", 1, 0), TEXT_OUT, ("transformers",)),
+    Case("sd15_unet_512", partial(_diffusion_unet, "full", 2), ("noise_pred",), ("diffusers",)),
 ]
 
 
@@ -199,6 +269,13 @@ DRY_RUN_CASES = [
     Case("tiny_cnn_b4", partial(_tiny_image, _TinyCNN, 4), ("logits",)),
     Case("tiny_encoder_s16_b2", partial(_tiny_text, 2, 16), ("last_hidden_state", "pooler_output")),
     Case("tiny_vit_b1", partial(_tiny_image, _TinyViT, 1), ("logits",)),
+    # the new cases' builders at tiny sizes (torchvision's real models at 32 x 32: no tiny configs)
+    Case("tiny_mobilenet_v3_large", partial(_vision, "mobilenet_v3_large", 1, side=32), ("logits",), ("torchvision",)),
+    Case("tiny_swin_t", partial(_vision, "swin_t", 1, side=32), ("logits",), ("torchvision",)),
+    Case("tiny_gpt2_s16_b1", partial(_zoo, "gpt2", "tiny", 1, 16), TEXT_OUT, ("transformers",)),
+    Case("tiny_whisper_encoder", partial(_zoo, "whisper_encoder", "tiny", 1, 0), TEXT_OUT, ("transformers",)),
+    Case("tiny_clip_vision", partial(_zoo, "clip_vision", "tiny", 1, 0), TEXT_OUT, ("transformers",)),
+    Case("tiny_unet2d", partial(_diffusion_unet, "tiny", 1), ("noise_pred",), ("diffusers",)),
 ]
 
 
@@ -253,6 +330,7 @@ class Context:
     onnx_path: Optional[Path]
     onnx_error: Optional[str]
     cuda: bool
+    machine: object = None  # rtxjit.exec.roofline.Machine of this GPU (None on a CPU)
 
 
 @dataclass
@@ -305,18 +383,32 @@ def make_rtxjit(ctx: Context) -> Runner:
     sess.run(names, feeds)  # the first run is served by generic kernels; time the specialized ones
     sess.wait_for_specialization(timeout=900)
     info: dict = {}
-    return Runner(lambda: sess.run(names, feeds), launches=lambda: rtxjit_launches(sess, info), info=info)
+    return Runner(lambda: sess.run(names, feeds), launches=lambda: rtxjit_launches(sess, info, ctx.machine),
+                  info=info)
 
 
-def rtxjit_launches(sess, info: dict) -> int:
+def rtxjit_launches(sess, info: dict, machine=None) -> int:
     """Kernel launches per inference of the session's last plan; also records into ``info`` the
-    kernel mix, the optimized graph's ops and rtxjit's own activation memory (its arena)."""
-    steps = sess.last_executable.plan.steps
-    info["rtxjit_kernels"] = dict(Counter(step.kernel.name for step in steps))
+    kernel mix, the optimized graph's ops, rtxjit's own activation memory (its arena) and the
+    plan's bytes and flops; with a ``machine``, their roofline floor (``floor_ms``)."""
+    plan = sess.last_executable.plan
+    info["rtxjit_kernels"] = dict(Counter(step.kernel.name for step in plan.steps))
     info["rtxjit_ops"] = dict(Counter(n.attrs["anchor"] + "+epilogue" if n.op == "rtxjit.Epilogue" else n.op
                                       for n in sess.graph.nodes))
     info["rtxjit_activation_mib"] = sess.activation_bytes / 2**20
+    info.update(plan_floor(plan, machine))
     return sess.launches_per_inference
+
+
+def plan_floor(plan, machine=None) -> dict:
+    """What a plan must move and compute (rtxjit/exec/roofline.py counts each launch from its
+    buffers and sizes) and, with a measured ``machine``, the floor time that allows: the sum over
+    launches of max(bytes / bandwidth, flops / peak), as ``rtxjit profile`` totals it."""
+    counts = roofline.plan_counts(plan)
+    out = {"plan_bytes": sum(c.bytes for c in counts), "plan_flops": sum(c.flops for c in counts)}
+    if machine is not None:
+        out["floor_ms"] = sum(machine.floor(c) for c in counts) * 1e3
+    return out
 
 
 def make_rtxjit_backend(ctx: Context) -> Runner:
@@ -337,16 +429,38 @@ def make_rtxjit_backend(ctx: Context) -> Runner:
     return Runner(call)
 
 
-# Add a system here and it shows up in every table.
+def make_compile_graph(ctx: Context) -> Runner:
+    """torch.compile's compiled callable (default mode) captured in a torch.cuda.CUDAGraph, its
+    replays timed: what a user who graphs the compiled model runs, with none of reduce-overhead's
+    per-call guards and cudagraph-tree bookkeeping. The reference of every ratio. Compiled by its
+    first call, outside the capture; its launches are the compiled callable's kernels, counted by
+    the profiler before the capture (inside a graph the profiler may not see them)."""
+    from benchmarks.zoo_gpu import graphed  # imported here: zoo_gpu imports this module
+
+    compiled = torch.compile(ctx.model)
+    args = tuple(ctx.inputs.values())
+
+    def call():
+        return compiled(*args)
+
+    call()
+    kernels = profile_kernels(call)["kernels_profiled"] if ctx.cuda else None
+    return Runner(graphed(call, ctx.cuda), launches=lambda: kernels,
+                  info={"launches_source": "profiler, compiled callable before capture"})
+
+
+# Add a system here and it shows up in every table. The order is the running order: with a
+# --time-limit, what matters most is measured first.
 SYSTEMS = [
     System("eager", "eager PyTorch", make_eager),
-    System("compile", "torch.compile", make_compiled, gpu_only=True),
-    System("compile_cudagraphs", "torch.compile reduce-overhead (CUDA graphs)",
-           partial(make_compiled, mode="reduce-overhead"), gpu_only=True),
+    System("compile_graph", "torch.compile, CUDA-graph replay", make_compile_graph, gpu_only=True),
     System("rtxjit", "rtxjit", make_rtxjit),
+    System("compile_cudagraphs", 'torch.compile mode="reduce-overhead" (CUDA graphs)',
+           partial(make_compiled, mode="reduce-overhead"), gpu_only=True),
+    System("compile", "torch.compile", make_compiled, gpu_only=True),
     System("compile_rtxjit", 'torch.compile(backend="rtxjit")', make_rtxjit_backend, gpu_only=True),
 ]
-EAGER, CUDAGRAPHS = "eager", "compile_cudagraphs"
+EAGER, REFERENCE, CUDAGRAPHS = "eager", "compile_graph", "compile_cudagraphs"
 
 
 # --- measurement -------------------------------------------------------------------------------
@@ -509,27 +623,80 @@ def _seed() -> None:
     torch.manual_seed(SEED)  # seeds every CUDA device as well
 
 
-def run_case(case: Case, systems: list, settings: Settings, tmp: Path) -> tuple:
-    """All systems on one case; returns (case info, records). A failed build fails every system."""
+def missing_packages(case: Case) -> list:
+    return [name for name in case.requires if importlib.util.find_spec(name) is None]
+
+
+def run_case(case: Case, systems: list, settings: Settings, tmp: Path, progress: Optional[Callable] = None) -> tuple:
+    """All systems on one case; returns (case info, records). A failed build fails every system; a
+    case whose packages are missing is skipped (no records). ``progress(info, records)`` is called
+    after every system, so a process stopped mid-case still leaves what it measured."""
     device = torch.device("cuda" if settings.cuda else "cpu")
     info = {"case": case.name}
+    missing = missing_packages(case)
+    if missing:
+        info["skipped"] = f"needs {', '.join(missing)} (not installed)"
+        return info, []
     try:
         _seed()
         model, inputs = case.build(device)
         ref = _first(model(*inputs.values())).detach().clone()
     except Exception as exc:
         info["error"] = _short(exc)
-        return info, [{"system": s.name, "label": s.label, "error": "case setup failed: " + info["error"]}
-                      for s in systems]
+        return info, [{"case": case.name, "system": s.name, "label": s.label,
+                       "error": "case setup failed: " + info["error"]} for s in systems]
     info["inputs"] = {n: [list(t.shape), str(t.dtype).replace("torch.", "")] for n, t in inputs.items()}
     onnx_path, onnx_error = _export_case(case, model, inputs, settings.exporter, tmp, info)
-    ctx = Context(model, inputs, case.output_names, onnx_path, onnx_error, settings.cuda)
+    ctx = Context(model, inputs, case.output_names, onnx_path, onnx_error, settings.cuda, _machine(settings, info))
     records = []
     for system in systems:
         print(f"[{case.name}] {system.name} ...", flush=True)
         records.append({"case": case.name, **run_system(system, ctx, ref, settings)})
-    _fill_graph_launches(records)
+        _fill_graph_launches(records)
+        derive(info, records)
+        if progress is not None:
+            progress(info, records)
     return info, records
+
+
+def _machine(settings: Settings, info: dict):
+    """The GPU's measured bandwidth and peaks (rtxjit.exec.roofline.measure_machine, about a
+    second), for the roofline floor of rtxjit's plan; None on a CPU."""
+    if not settings.cuda:
+        return None
+    try:
+        machine = roofline.measure_machine()
+    except Exception as exc:  # no roofline column then, but the timings still count
+        info["machine_error"] = _short(exc)
+        return None
+    info["machine"] = {"bandwidth_gbs": machine.bandwidth / 1e9, "peak_fp16_tflops": machine.peak_fp16 / 1e12,
+                       "peak_fp32_tflops": machine.peak_fp32 / 1e12}
+    return machine
+
+
+def derive(info: dict, records: list) -> None:
+    """Per record: speedup vs eager, ratio = its time / compile_graph's (< 1 is faster) and
+    roofline = the floor of rtxjit's plan / its time. The floor comes from rtxjit's plan (its
+    bytes and flops over the measured ceilings; rtxjit/exec/roofline.py): the same work floor for
+    every system of the case, so the roofline column orders systems as their times do."""
+    by_name = {r["system"]: r for r in records}
+    floor = by_name.get("rtxjit", {}).get("floor_ms")
+    if floor is not None:
+        info["floor_ms"] = floor
+    def ms(name: str) -> Optional[float]:
+        r = by_name.get(name, {})
+        return None if "error" in r else r.get("median_ms")
+
+    eager, reference = ms(EAGER), ms(REFERENCE)
+    for r in records:
+        if "median_ms" not in r or "error" in r:
+            continue
+        if eager is not None:
+            r["speedup_vs_eager"] = eager / r["median_ms"]
+        if reference is not None:
+            r["ratio_vs_compile_graph"] = r["median_ms"] / reference
+        if floor is not None:
+            r["roofline"] = floor / r["median_ms"]
 
 
 def _export_case(case: Case, model, inputs: dict, exporter: str, tmp: Path, info: dict) -> tuple:
@@ -544,12 +711,17 @@ def _export_case(case: Case, model, inputs: dict, exporter: str, tmp: Path, info
 
 
 def _fill_graph_launches(records: list) -> None:
-    """CUDA-graph replay: if the profiler did not see the kernels inside the graph, use
-    torch.compile's count (the same kernels, captured)."""
+    """reduce-overhead's CUDA-graph replay: if the profiler did not see the kernels inside the
+    graph, use torch.compile's count (the same kernels, captured), from compile_graph or compile."""
     by_name = {r["system"]: r for r in records}
-    graph, plain = by_name.get(CUDAGRAPHS), by_name.get("compile")
-    if graph and plain and "error" not in graph and not graph.get("launches") and plain.get("launches"):
-        graph.update(launches=plain["launches"], launches_source="same as torch.compile (graph not visible)")
+    graph = by_name.get(CUDAGRAPHS)
+    if not graph or "error" in graph or graph.get("launches"):
+        return
+    for name in (REFERENCE, "compile"):
+        plain = by_name.get(name)
+        if plain and "error" not in plain and plain.get("launches"):
+            graph.update(launches=plain["launches"], launches_source=f"same as {name} (graph not visible)")
+            return
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -579,22 +751,31 @@ def _fmt(value, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
-def _speedup(record: dict, reference: Optional[dict]) -> str:
-    if not reference or "error" in reference or "error" in record:
-        return "—"
-    return f"{reference['median_ms'] / record['median_ms']:.2f}x"
-
-
-def _row(r: dict, eager: Optional[dict], graphs: Optional[dict]) -> str:
+def _row(r: dict) -> str:
     if "error" in r:
-        cells = [r["case"], r["system"], "error"] + ["—"] * 6
+        cells = [r["case"], r["system"], "error"] + ["—"] * 7
     else:
         err = _fmt(r.get("max_rel_err"), ".1e") + ("" if r.get("rel_err_ok") else f" (> {REL_ERR_LIMIT:g})")
         launches = r.get("launches")
-        cells = [r["case"], r["system"], f"{r['median_ms']:.3f}", _speedup(r, eager), _speedup(r, graphs),
-                 "—" if launches is None else f"{launches:g}", _fmt(r.get("activation_mib"), ".1f"),
-                 err, f"{r.get('setup_s', 0.0) + r['first_call_s']:.2f}"]
+        cells = [r["case"], r["system"], f"{r['median_ms']:.3f}", _fmt(r.get("speedup_vs_eager"), ".2f"),
+                 _fmt(r.get("ratio_vs_compile_graph"), ".2f"), "—" if launches is None else f"{launches:g}",
+                 _fmt(None if r.get("roofline") is None else 100 * r["roofline"], ".1f"),
+                 _fmt(r.get("activation_mib"), ".1f"), err, f"{r.get('setup_s', 0.0) + r['first_call_s']:.2f}"]
     return "| " + " | ".join(cells) + " |"
+
+
+def summary(results: list, system: str = "rtxjit") -> dict:
+    """``system``'s time / compile_graph's over the cases where both ran: geometric mean, worst
+    case, and issue 18's bar (geomean <= 0.9, every case <= 1.1)."""
+    ratios = {r["case"]: r["ratio_vs_compile_graph"] for r in results
+              if r["system"] == system and r.get("ratio_vs_compile_graph") is not None}
+    if not ratios:
+        return {}
+    geomean = math.exp(statistics.fmean(math.log(x) for x in ratios.values()))
+    worst = max(ratios, key=ratios.get)
+    return {"system": system, "cases": len(ratios), "geomean_ratio": geomean, "worst_case": worst,
+            "worst_ratio": ratios[worst], "over_1_1": sorted(c for c, x in ratios.items() if x > 1.1),
+            "meets_issue_18": len(ratios) >= 12 and geomean <= 0.9 and ratios[worst] <= 1.1}
 
 
 def markdown(report: dict) -> str:
@@ -604,19 +785,32 @@ def markdown(report: dict) -> str:
         "# rtxjit model benchmarks", "",
         f"{env['device']} · torch {env['torch']}{cuda} · triton {env['triton']} · "
         f"rtxjit {env['rtxjit']} · {env['date']}", "",
-        f"fp16, random weights. Median of {s['iters']} calls after {s['warmup']} warm-up calls, each call "
-        f"synchronized and timed by {'CUDA events' if s['cuda'] else 'the wall clock'}. Speedup = other's "
-        f"median / this median (> 1 is faster). Launches = kernels per inference. Activation = peak during one "
-        f"call minus memory resident before it. Max rel err = max|out - eager| / max|eager| on the first "
-        f"output (flagged above {REL_ERR_LIMIT:g}). First output = setup + first call, compilation included.", "",
-        "| case | system | median ms | speedup vs eager | speedup vs compile+cudagraphs | launches | "
+        f"fp16, random weights, {'one process per case' if s.get('isolate') else 'all cases in one process'}. "
+        f"Median of {s['iters']} calls after {s['warmup']} warm-up calls, each call synchronized and timed by "
+        f"{'CUDA events' if s['cuda'] else 'the wall clock'}. Reference: `{REFERENCE}` = torch.compile's compiled "
+        f"callable captured in a torch.cuda.CUDAGraph, its replays timed; ratio = this median / its median "
+        f"(< 1 is faster); speedup vs eager = eager's median / this median. Launches = kernels per inference. "
+        f"% roofline = the floor of rtxjit's plan (each launch's bytes and flops over the GPU's measured "
+        f"bandwidth and peaks, rtxjit/exec/roofline.py) / this median. Activation = peak during one call minus "
+        f"memory resident before it. Max rel err = max|out - eager| / max|eager| on the first output (flagged "
+        f"above {REL_ERR_LIMIT:g}). First output = setup + first call, compilation included.", "",
+        "| case | system | median ms | speedup vs eager | ratio vs compile_graph | launches | % roofline | "
         "activation MiB | max rel err | first output s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for case in report["cases"]:
-        records = [r for r in report["results"] if r["case"] == case["case"]]
-        by_name = {r["system"]: r for r in records}
-        lines += [_row(r, by_name.get(EAGER), by_name.get(CUDAGRAPHS)) for r in records]
+        lines += [_row(r) for r in report["results"] if r["case"] == case["case"]]
+    total = summary(report["results"])
+    if total:
+        lines += ["", f"rtxjit / compile_graph over {total['cases']} cases: geometric mean "
+                      f"{total['geomean_ratio']:.2f}, worst {total['worst_ratio']:.2f} ({total['worst_case']}); "
+                      f"above 1.1: {', '.join(total['over_1_1']) or 'none'}. Issue 18's bar (>= 12 cases, geomean "
+                      f"<= 0.9, every case <= 1.1): {'met' if total['meets_issue_18'] else 'not met'}."]
+    skipped = [c for c in report["cases"] if "skipped" in c]
+    if skipped:
+        lines += ["", "Skipped:", ""] + [f"- {c['case']}: {c['skipped']}" for c in skipped]
+    if report.get("not_run"):
+        lines += ["", f"Not run (--time-limit reached; rerun with --resume): {', '.join(report['not_run'])}"]
     errors = [r for r in report["results"] if "error" in r]
     if errors:
         lines += ["", "Errors:", ""] + [f"- {r['case']} / {r['system']}: `{' '.join(r['error'].split())[:300]}`"
@@ -667,8 +861,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="folder for JSON + markdown")
     p.add_argument("--quick", action="store_true", help="few iterations, to check that everything runs")
     p.add_argument("--merge", action="store_true", help="keep the other cases of an earlier run's JSON")
+    p.add_argument("--resume", action="store_true",
+                   help="--merge, and skip the cases that the earlier JSON already holds complete")
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
+                   help="one process per case (default): no compile cache, allocator state or poisoned "
+                        "CUDA context carries from one model to the next")
+    p.add_argument("--time-limit", type=float,
+                   help="seconds for the whole run: no case starts with less than %d s left, and with "
+                        "--isolate a case still running at the limit is stopped (what it measured is kept)"
+                        % MIN_CASE_S)
     p.add_argument("--dry-run", action="store_true",
                    help="CPU plumbing check: tiny models, eager and rtxjit (Triton interpreter) only")
+    p.add_argument("--worker-json", type=Path, help=argparse.SUPPRESS)  # a case's process writes here
     return p.parse_args(argv)
 
 
@@ -683,29 +887,106 @@ def _merge_previous(report: dict, path: Path, running: set) -> dict:
     return report
 
 
+def _complete(path: Path) -> set:
+    """Cases of an earlier run's JSON that need no rerun: measured (errors included) or skipped,
+    not stopped by a time limit or a crash."""
+    if not path.exists():
+        return set()
+    return {c["case"] for c in json.loads(path.read_text()).get("cases", []) if "incomplete" not in c}
+
+
+def _worker_argv(args: argparse.Namespace, case: Case, path: Path) -> list:
+    """The command line of one case's process: this run's settings, that case, its JSON file."""
+    argv = [sys.executable, str(Path(__file__).resolve()), "--cases", case.name, "--no-isolate",
+            "--exporter", args.exporter, "--worker-json", str(path)]
+    for flag, value in (("--systems", args.systems), ("--iters", args.iters), ("--warmup", args.warmup)):
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv + ["--quick"] * args.quick + ["--dry-run"] * args.dry_run
+
+
+def run_isolated(case: Case, args: argparse.Namespace, systems: list, tmp: Path, timeout: Optional[float]) -> tuple:
+    """One case in its own process (its own session, so a stop ends its compile workers too).
+    Returns what the process recorded; the systems it did not finish get an error saying why (the
+    time limit, or its exit status and the end of its stderr), and the case is marked incomplete."""
+    path, log = tmp / f"{case.name}.json", tmp / f"{case.name}.log"
+    start = time.perf_counter()
+    with open(log, "w") as err:
+        proc = subprocess.Popen(_worker_argv(args, case, path), stderr=err, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = None
+    elapsed = time.perf_counter() - start
+    done = json.loads(path.read_text()) if path.exists() else {"case": {"case": case.name}, "results": []}
+    info, records = done["case"], done["results"]
+    info["process_s"] = round(elapsed, 1)
+    if rc == 0 or "skipped" in info:
+        return info, records
+    why = (f"stopped by --time-limit after {elapsed:.0f} s" if rc is None else
+           f"case process exited with status {rc}: " + " ".join(log.read_text()[-1500:].split()))
+    info["incomplete"] = why
+    finished = {r["system"] for r in records}
+    records += [{"case": case.name, "system": s.name, "label": s.label, "error": "not measured: " + why}
+                for s in systems if s.name not in finished]
+    return info, records
+
+
+def _write_worker(path: Path, info: dict, records: list) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(_plain({"case": info, "results": records})))
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
 def main(argv=None) -> int:
     args = parse_args(argv)
     cuda = torch.cuda.is_available() and not args.dry_run
     if not cuda and not args.dry_run:
         raise SystemExit("no CUDA GPU visible to torch; use --dry-run to check the script on a CPU")
+    started = time.perf_counter()
     fast = args.quick or args.dry_run
     settings = Settings(iters=args.iters or (3 if args.dry_run else 10 if args.quick else 100),
                         warmup=args.warmup if args.warmup is not None else (1 if args.dry_run else 3 if fast else 20),
                         cuda=cuda, exporter=args.exporter)
     cases = _pick(args.cases, DRY_RUN_CASES if args.dry_run else CASES, "case")
     systems = [s for s in _pick(args.systems, SYSTEMS, "system") if cuda or not s.gpu_only]
+    if args.worker_json:  # one case's process (see run_isolated)
+        with tempfile.TemporaryDirectory(prefix="bench_models_") as tmp:
+            info, records = run_case(cases[0], systems, settings, Path(tmp),
+                                     progress=partial(_write_worker, args.worker_json))
+        _write_worker(args.worker_json, info, records)
+        return 0
     stem = "bench_models_dryrun" if args.dry_run else "bench_models"
-    report = {"environment": environment(cuda), "settings": vars(settings) | {"dry_run": args.dry_run},
+    report = {"environment": environment(cuda),
+              "settings": vars(settings) | {"dry_run": args.dry_run, "isolate": args.isolate,
+                                            "time_limit_s": args.time_limit},
               "cases": [], "results": []}
-    if args.merge:
+    if args.resume:
+        done = _complete(args.out / f"{stem}.json")
+        cases = [c for c in cases if c.name not in done]
+    if args.merge or args.resume:
         report = _merge_previous(report, args.out / f"{stem}.json", {c.name for c in cases})
-    torch.set_grad_enabled(False)
+    report["not_run"] = []
     with tempfile.TemporaryDirectory(prefix="bench_models_") as tmp:
         for case in cases:
-            info, records = run_case(case, systems, settings, Path(tmp))
+            left = None if args.time_limit is None else args.time_limit - (time.perf_counter() - started)
+            if left is not None and left < MIN_CASE_S and not missing_packages(case):
+                report["not_run"].append(case.name)
+                continue
+            print(f"[{case.name}] starting ({'own process' if args.isolate else 'this process'})", flush=True)
+            if args.isolate:
+                info, records = run_isolated(case, args, systems, Path(tmp), left)
+            else:
+                info, records = run_case(case, systems, settings, Path(tmp))
             report["cases"].append(info)
             report["results"] += records
+            report["summary"] = summary(report["results"])
             write_report(report, args.out, stem)  # after every case, so a crash keeps what was measured
+    report["summary"] = summary(report["results"])
+    write_report(report, args.out, stem)
     print(markdown(report))
     print(f"wrote {args.out / stem}.json and .md")
     return 0
