@@ -152,6 +152,16 @@ def _range_args(p, what: str) -> None:
                        help=f"optimization profile: {text}{what}")
 
 
+def _model_run_args(p) -> None:
+    """What ``run`` and ``profile`` share: a model or engine, its shapes and profile ranges (--onnx),
+    precision (--onnx) and the run options."""
+    _model_args(p)
+    _shapes_arg(p)
+    _range_args(p, " (--onnx only; an engine keeps its own)")
+    _precision_args(p, "--onnx only")
+    _run_args(p)
+
+
 def _run_args(p) -> None:
     p.add_argument("--runtime-cache", default=None, metavar="DIR", help="keep compiled kernels across processes")
     p.add_argument("--specialize", choices=["lazy", "eager", "none"], default=None,
@@ -199,20 +209,12 @@ def parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=cmd_build)
 
     r = sub.add_parser("run", parents=[common], help="run a model or engine on random inputs and time it")
-    _model_args(r)
-    _shapes_arg(r)
-    _range_args(r, " (--onnx only; an engine keeps its own)")
-    _precision_args(r, "--onnx only")
-    _run_args(r)
+    _model_run_args(r)
     _timing_args(r, 2, 10)
     r.set_defaults(fn=cmd_run)
 
     f = sub.add_parser("profile", parents=[common], help="time every kernel launch against its roofline floor")
-    _model_args(f)
-    _shapes_arg(f)
-    _range_args(f, " (--onnx only; an engine keeps its own)")
-    _precision_args(f, "--onnx only")
-    _run_args(f)
+    _model_run_args(f)
     f.add_argument("--export-profile", default=None, metavar="FILE.json", help="also write the table as JSON")
     _timing_args(f, 2, 10, trtexec=False)
     f.set_defaults(fn=cmd_profile)
