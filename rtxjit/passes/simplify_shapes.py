@@ -6,6 +6,9 @@ Rewrites:
     Cast(x, to=dtype of x) => x;  CastLike(x, y) where x and y have one dtype => x
     Reshape|Flatten|Squeeze|Unsqueeze(x) whose output has x's static shape => x
     Transpose(x, perm=identity) => x
+    Concat|Sum|Max|Min(x) with one input => x
+        (the TorchScript exporter concatenates GPT-2's K and V with an absent past as a one-input
+        Concat: left in, it is a copy that keeps attention fusion from reading the projection)
     Reshape(Reshape|Flatten|Squeeze|Unsqueeze(x), s) => Reshape(x, s)
         (s without 0 "copy this dim" entries, or with them resolved from a static output shape)
     Transpose(Transpose(x, p), q) => Transpose(x, [p[i] for i in q])
@@ -25,6 +28,7 @@ from rtxjit.ir.types import TensorType
 from rtxjit.passes.base import PassResult
 
 VIEWS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+VARIADIC = ("Concat", "Sum", "Max", "Min")  # one input: its output is that input
 
 
 def simplify_shapes(graph: Graph) -> PassResult:
@@ -121,6 +125,8 @@ def _is_no_op(graph: Graph, node: Node) -> bool:
         return x.type.static and x.type == y.type
     if node.op == "Transpose":
         return _perm(node) == list(range(x.type.rank))
+    if node.op in VARIADIC:
+        return len(node.inputs) == 1 and x.type == y.type
     return False
 
 

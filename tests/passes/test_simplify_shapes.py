@@ -88,6 +88,21 @@ def test_view_that_changes_the_shape_stays():
     assert not modified and ops(g) == {"Unsqueeze": 1, "Relu": 1}
 
 
+@pytest.mark.parametrize("op, attrs", [("Concat", {"axis": 1}), ("Sum", {}), ("Max", {}), ("Min", {})])
+def test_one_input_variadic_op_is_removed(op, attrs):
+    m = model([node(op, ["x"], ["c"], **attrs), node("Relu", ["c"], ["y"])],
+              {"x": (F32, [2, 3])}, {"y": (F32, [2, 3])})
+    _, g, modified = apply(simplify_shapes, m, {"x": random((2, 3))})
+    assert modified and ops(g) == {"Relu": 1} and g.nodes[0].inputs[0] is g.inputs[0]
+
+
+def test_two_input_concat_stays():
+    m = model([node("Concat", ["x", "x"], ["c"], axis=1), node("Relu", ["c"], ["y"])],
+              {"x": (F32, [2, 3])}, {"y": (F32, [2, 6])})
+    _, g, modified = apply(simplify_shapes, m, {"x": random((2, 3))})
+    assert not modified and ops(g) == {"Concat": 1, "Relu": 1}
+
+
 def test_identity_transpose_is_removed():
     m = model([node("Transpose", ["x"], ["t"], perm=[0, 1, 2]), node("Relu", ["t"], ["y"])],
               {"x": (F32, [2, 3, 4])}, {"y": (F32, [2, 3, 4])})
