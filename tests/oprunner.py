@@ -34,7 +34,7 @@ def random_array(spec: Rand, float_type: str, rng) -> np.ndarray:
     dt = spec.dtype
     if dt == "bool":
         return rng.random(spec.shape) < 0.5
-    if dt in ("int64", "int32", "int8", "uint8"):
+    if dt in ("int64", "int32", "int16", "uint16", "int8", "uint8"):
         return rng.integers(int(spec.low), int(spec.high) + 1, size=spec.shape).astype(dt)
     npdt = NP_FLOAT[dt or (float_type if float_type in NP_FLOAT else "fp32")]
     a = rng.uniform(spec.low, spec.high, size=spec.shape)

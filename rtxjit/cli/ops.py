@@ -25,7 +25,7 @@ REGENERATE = "python -m rtxjit ops --markdown --output docs/ops.md"
 DEFAULT_DOMAIN = "ai.onnx"
 # dtypes in this order, then any other alphabetically: the common float types first
 _DTYPE_ORDER = ("fp32", "fp16", "bf16", "fp64", "fp8e4m3", "fp8e5m2", "int64", "int32", "int16", "int8",
-                "uint8", "bool")
+                "uint16", "uint8", "bool")
 _FLOAT_TYPES = ("fp32", "fp16", "bf16", "fp64")
 
 _KIND_NOTES = {

@@ -11,6 +11,8 @@ TL = {
     DType.FP8E5M2: "tl.float8e5",
     DType.INT64: "tl.int64",
     DType.INT32: "tl.int32",
+    DType.INT16: "tl.int16",
+    DType.UINT16: "tl.uint16",
     DType.INT8: "tl.int8",
     DType.UINT8: "tl.uint8",
     DType.INT4: "tl.int8",  # held unpacked, one per byte (rtxjit/ir/types.py)

@@ -40,6 +40,8 @@ class DType(enum.Enum):
     FP64 = ("fp64", 11, "float64", 8)
     INT64 = ("int64", 7, "int64", 8)
     INT32 = ("int32", 6, "int32", 4)
+    INT16 = ("int16", 5, "int16", 2)
+    UINT16 = ("uint16", 4, "uint16", 2)
     INT8 = ("int8", 3, "int8", 1)
     UINT8 = ("uint8", 2, "uint8", 1)
     INT4 = ("int4", 22, "int4", 1)  # ml_dtypes' name (numpy's own "int4" is int32: see to_numpy)

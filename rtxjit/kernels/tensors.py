@@ -13,7 +13,8 @@ from rtxjit.ir.types import DType
 
 TORCH_DTYPES = {
     "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64,
-    "int64": torch.int64, "int32": torch.int32, "int8": torch.int8, "uint8": torch.uint8,
+    "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "uint16": torch.uint16,
+    "int8": torch.int8, "uint8": torch.uint8,
     "bool": torch.bool, "fp8e4m3": torch.float8_e4m3fn, "fp8e5m2": torch.float8_e5m2,
     "int4": torch.int8, "uint4": torch.uint8,  # unpacked, one per byte (rtxjit/ir/types.py)
 }

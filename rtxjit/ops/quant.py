@@ -8,7 +8,8 @@ Versions (the registry resolves a node to the newest declaration not above its v
 - 19: fp8 (e4m3fn, e5m2) quantized types and ``saturate``; fp16 / bf16 scales; DequantizeLinear's
   output takes the scale's type.
 - 21: block-wise quantization (``block_size``: one scale per ``block_size`` elements along
-  ``axis``, the last block possibly shorter), int4 / uint4, QuantizeLinear's ``output_dtype``.
+  ``axis``, the last block possibly shorter), int16 / uint16 and int4 / uint4, QuantizeLinear's
+  ``output_dtype``.
   Later versions (23: ``precision``, DequantizeLinear's ``output_dtype``; 24: float8e8m0 scales;
   25: int2) run this declaration; their new attributes are refused by name, their new types by
   the importer (rtxjit has no such DType).
@@ -20,8 +21,12 @@ blocks, by viewing the input's axis as ``[blocks, block_size]`` (one launch over
 blocks, one over a shorter last block): no scale is ever copied.
 
 Float8 zero points: onnx's reference and onnxruntime ignore them (DequantizeLinear's reference
-requires zero); so does rtxjit, in both ops. Types rtxjit has no DType for (int16, uint16,
-int2, float4e2m1, the fnuz fp8 types) are refused at import.
+requires zero); so does rtxjit, in both ops. Types rtxjit has no DType for (int2, uint2,
+float4e2m1, the fnuz fp8 types) are refused at import.
+
+int16 / uint16 run the int8 kernels' arithmetic with their own saturation range: the fp32
+quotient holds every integer of 16 bits exactly, so ``rint`` and the clamp are exact, and so is
+DequantizeLinear's ``x - zero_point`` in fp32.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from rtxjit.ops.shape import norm_axis
 FLOATS = (DType.FP32, DType.FP16, DType.BF16)
 FP8 = tuple(FP8_FORMATS)
 INT8S = (DType.INT8, DType.UINT8)
+INT16S = (DType.INT16, DType.UINT16)
 INT4S = (DType.INT4, DType.UINT4)
 FP8_NUMPY = {DType.FP8E4M3: np.dtype(ml_dtypes.float8_e4m3fn), DType.FP8E5M2: np.dtype(ml_dtypes.float8_e5m2)}
 
@@ -149,23 +155,23 @@ NARROW = (DType.FP16, DType.BF16)
 def pointwise_form(node) -> bool:
     """Whether a QuantizeLinear / DequantizeLinear graph node may run as its ``expr`` hook, inside
     a fused pointwise kernel (passes/fuse_pointwise.py asks): a constant per-tensor scale (and zero
-    point) that broadcasts against the input, and an int8 / uint8 side (int32 too for
-    DequantizeLinear). fp8 and int4 keep their own kernels: their encodings take statements, and a
+    point) that broadcasts against the input, and an int8 / uint8 / int16 / uint16 side (int32 too
+    for DequantizeLinear). fp8 and int4 keep their own kernels: their encodings take statements, and a
     per-axis or block-wise parameter does not broadcast numpy-style."""
     x = node.inputs[0]
     params = [v for v in node.inputs[1:3] if v is not None]
     if any(p.const is None or p.const.size != 1 or p.type.rank > min(1, x.type.rank) for p in params):
         return False
     if node.op == "QuantizeLinear":
-        return node.outputs[0].type.dtype in INT8S
-    return x.type.dtype in INT8S + (DType.INT32,)
+        return node.outputs[0].type.dtype in INT8S + INT16S
+    return x.type.dtype in INT8S + INT16S + (DType.INT32,)
 
 
 def _quantize_expr(in_dtypes, out_dtype, attrs):
     """The kernel's arithmetic as one expression. Its input is first rounded to its own type
     (fp16 / bf16): in a fused chain it arrives in fp32, and the integers must be those of the
     unfused graph, which quantizes the stored value."""
-    if out_dtype not in INT8S:
+    if out_dtype not in INT8S + INT16S:
         raise InternalError(f"QuantizeLinear to {out_dtype.short} has no pointwise form (see pointwise_form)")
     x = f"x0.to({TL[in_dtypes[0]]})" if in_dtypes[0] in NARROW else "x0"
     v = divide(f"{x}.to(tl.float32)", "x1.to(tl.float32)")
@@ -176,7 +182,7 @@ def _quantize_expr(in_dtypes, out_dtype, attrs):
 def _dequantize_expr(in_dtypes, out_dtype, attrs):
     """The kernel's arithmetic as one expression, rounded to the output type (fp16 / bf16) as the
     unfused kernel's store rounds it, so a QuantizeLinear later in the chain sees the same value."""
-    if in_dtypes[0] not in INT8S + (DType.INT32,):
+    if in_dtypes[0] not in INT8S + INT16S + (DType.INT32,):
         raise InternalError(f"DequantizeLinear of {in_dtypes[0].short} has no pointwise form (see pointwise_form)")
     zero = len(in_dtypes) > 2 and in_dtypes[2] is not None
     expr = "(x0.to(tl.float32) - x2.to(tl.float32)) * x1" if zero else "x0.to(tl.float32) * x1"
@@ -254,7 +260,8 @@ def _q_samples(opset: int, float_types=("fp32", "fp16")) -> list:
 
 @op("QuantizeLinear", since=13, kind=Kind.POINTWISE, samples=_q_samples(13, ("fp32",)))
 def quantize_linear_13(x: TensorType, scale: TensorType, zero: TensorType = None, *, axis: int = 1) -> TensorType:
-    """Fuses only with a constant per-tensor scale and an int8 / uint8 output (see pointwise_form)."""
+    """Fuses only with a constant per-tensor scale and an int8 / uint8 / int16 / uint16 output (see
+    pointwise_form)."""
     if scale.dtype is not DType.FP32 or x.dtype not in (DType.FP32, DType.INT32):
         raise ModelError(f"QuantizeLinear-13 takes fp32 or int32 x and an fp32 scale, got {x.dtype.short} and "
                          f"{scale.dtype.short}")
@@ -269,7 +276,8 @@ quantize_linear_13.lower(_quantize_lower)  # after expr: the op's own kernels wh
 @op("QuantizeLinear", since=19, kind=Kind.POINTWISE, samples=_q_samples(19))
 def quantize_linear_19(x: TensorType, scale: TensorType, zero: TensorType = None, *, axis: int = 1,
                        saturate: int = 1) -> TensorType:
-    """Fuses only with a constant per-tensor scale and an int8 / uint8 output (see pointwise_form)."""
+    """Fuses only with a constant per-tensor scale and an int8 / uint8 / int16 / uint16 output (see
+    pointwise_form)."""
     return _quantize_type("QuantizeLinear-19", INT8S + FP8, x, scale, zero, axis)
 
 
@@ -285,11 +293,21 @@ quantize_linear_19.lower(_quantize_lower)  # after expr: the op's own kernels wh
                 np.array([[0, 1, 2], [3, 4, 5]], np.uint8)], {"axis": 1, "block_size": 2}),
         Sample([Rand((5, 3)), np.array([[0.01, 0.02, 0.03], [0.04, 0.05, 0.06], [0.02, 0.02, 0.02]], np.float32),
                 np.array([[0, 1, -2], [3, -4, 5], [1, 1, 1]], np.int8)], {"axis": 0, "block_size": 2}),
-        Sample([Rand((2, 3)), np.float32(0.05)], {"output_dtype": 3})])
+        Sample([Rand((2, 3)), np.float32(0.05)], {"output_dtype": 3}),
+        # int16 / uint16: saturation at both ends (|x| / scale up to 35000), negative zero points
+        Sample([Rand((2, 3, 4), None, -700, 700), np.float32(0.02), np.int16(-1200)]),
+        Sample([Rand((2, 3, 4), None, -30, 700), np.array([0.01, 0.02, 0.05], np.float32),
+                np.array([0, 30000, 65000], np.uint16)], {"axis": 1}),
+        Sample([Rand((5, 3), None, -700, 700), np.array([[0.01, 0.02, 0.03], [0.04, 0.05, 0.06], [0.02, 0.02, 0.02]],
+                                                       np.float32),
+                np.array([[0, 1, -2000], [3, -4, 5], [1, 1, 1]], np.int16)], {"axis": 0, "block_size": 2}),
+        Sample([Rand((2, 3), None, -50, 3000), np.float32(0.05)], {"output_dtype": 4})])
 def quantize_linear_21(x: TensorType, scale: TensorType, zero: TensorType = None, *, axis: int = 1,
                        saturate: int = 1, block_size: int = 0, output_dtype: int = 0) -> TensorType:
-    """Fuses only with a constant per-tensor scale and an int8 / uint8 output (see pointwise_form)."""
-    return _quantize_type("QuantizeLinear", INT8S + INT4S + FP8, x, scale, zero, axis, block_size, output_dtype)
+    """Fuses only with a constant per-tensor scale and an int8 / uint8 / int16 / uint16 output (see
+    pointwise_form)."""
+    return _quantize_type("QuantizeLinear", INT8S + INT16S + INT4S + FP8, x, scale, zero, axis, block_size,
+                          output_dtype)
 
 
 quantize_linear_21.reference(_quantize_reference)
@@ -349,7 +367,8 @@ def _dq_samples(opset: int, float_types=("fp32", "fp16")) -> list:
 
 @op("DequantizeLinear", since=13, kind=Kind.POINTWISE, samples=_dq_samples(13, ("fp32",)))
 def dequantize_linear_13(x: TensorType, scale: TensorType, zero: TensorType = None, *, axis: int = 1) -> TensorType:
-    """Fuses only with a constant per-tensor scale and an int8 / uint8 / int32 input (see pointwise_form)."""
+    """Fuses only with a constant per-tensor scale and an int8 / uint8 / int16 / uint16 / int32 input (see
+    pointwise_form)."""
     return _dequantize_type("DequantizeLinear-13", INT8S + (DType.INT32,), x, scale, zero, axis,
                             scale_types=(DType.FP32,))
 
@@ -361,7 +380,8 @@ dequantize_linear_13.lower(_dequantize_lower)  # after expr (see QuantizeLinear)
 
 @op("DequantizeLinear", since=19, kind=Kind.POINTWISE, samples=_dq_samples(19))
 def dequantize_linear_19(x: TensorType, scale: TensorType, zero: TensorType = None, *, axis: int = 1) -> TensorType:
-    """Fuses only with a constant per-tensor scale and an int8 / uint8 / int32 input (see pointwise_form)."""
+    """Fuses only with a constant per-tensor scale and an int8 / uint8 / int16 / uint16 / int32 input (see
+    pointwise_form)."""
     return _dequantize_type("DequantizeLinear-19", INT8S + (DType.INT32,) + FP8, x, scale, zero, axis)
 
 
@@ -376,12 +396,18 @@ dequantize_linear_19.lower(_dequantize_lower)  # after expr (see QuantizeLinear)
                 np.array([[0, 1, 2], [3, 4, 5]], np.uint8)], {"axis": 1, "block_size": 2}),
         Sample([Rand((5, 3), "int8", -128, 127),
                 np.array([[0.01, 0.02, 0.03], [0.04, 0.05, 0.06], [0.02, 0.02, 0.02]], np.float32)],
-               {"axis": 0, "block_size": 2})])
+               {"axis": 0, "block_size": 2}),
+        Sample([Rand((2, 3, 4), "int16", -32768, 32767), np.float32(0.001), np.int16(-5)]),
+        Sample([Rand((2, 3, 4), "uint16", 0, 65535), np.array([0.001, 0.0005, 0.002], np.float32),
+                np.array([0, 40000, 65535], np.uint16)], {"axis": 1}),
+        Sample([Rand((2, 6), "int16", -32768, 32767), np.array([[0.01, 0.02, 0.03], [0.04, 0.05, 0.06]], np.float32),
+                np.array([[0, -1, 2], [-300, 4, 5]], np.int16)], {"axis": 1, "block_size": 2})])
 def dequantize_linear_21(x: TensorType, scale: TensorType, zero: TensorType = None, *, axis: int = 1,
                          block_size: int = 0) -> TensorType:
-    """Fuses only with a constant per-tensor scale and an int8 / uint8 / int32 input (see pointwise_form)."""
-    return _dequantize_type("DequantizeLinear", INT8S + INT4S + (DType.INT32,) + FP8, x, scale, zero, axis,
-                            block_size)
+    """Fuses only with a constant per-tensor scale and an int8 / uint8 / int16 / uint16 / int32 input (see
+    pointwise_form)."""
+    return _dequantize_type("DequantizeLinear", INT8S + INT16S + INT4S + (DType.INT32,) + FP8, x, scale, zero,
+                            axis, block_size)
 
 
 dequantize_linear_21.reference(_dequantize_reference)

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from rtxjit.codegen.dtypes import TL
 from rtxjit.ir.types import DType
 
-INT_RANGES = {DType.INT8: (-128, 127), DType.UINT8: (0, 255), DType.INT4: (-8, 7), DType.UINT4: (0, 15)}
+INT_RANGES = {DType.INT16: (-32768, 32767), DType.UINT16: (0, 65535), DType.INT8: (-128, 127), DType.UINT8: (0, 255),
+              DType.INT4: (-8, 7), DType.UINT4: (0, 15)}
 
 
 @dataclass(frozen=True)

@@ -47,8 +47,8 @@ def extreme_literal(dtype: DType, lowest: bool) -> str:
     if acc.is_float:
         return "float('-inf')" if lowest else "float('inf')"
     bits = acc.itemsize * 8
-    if acc is DType.UINT8:
-        return "0" if lowest else "255"
+    if acc.short.startswith("uint"):
+        return "0" if lowest else str(2 ** bits - 1)
     return str(-(2 ** (bits - 1))) if lowest else str(2 ** (bits - 1) - 1)
 
 
