@@ -72,6 +72,39 @@ def test_old_opset_is_rejected():
         rtxjit.InferenceSession(_model(opset=9))
 
 
+def _mixed_layernorm():
+    """LayerNormalization of a float32 input with float16 scale and bias: T bound to two dtypes, as
+    torch.onnx's TorchScript exporter writes fp16 GPT-2 (onnxruntime refuses the file)."""
+    rng = np.random.default_rng(0)
+    scale, bias = rng.standard_normal(4).astype(np.float16), rng.standard_normal(4).astype(np.float16)
+    node = helper.make_node("LayerNormalization", ["x", "s", "b"], ["y"], name="ln_2", axis=-1)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])],
+                              [helper.make_tensor("s", TensorProto.FLOAT16, [4], scale.tobytes(), raw=True),
+                               helper.make_tensor("b", TensorProto.FLOAT16, [4], bias.tobytes(), raw=True)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), scale, bias
+
+
+def test_a_type_parameter_bound_to_two_dtypes_is_warned_about_and_runs():
+    model, scale, bias = _mixed_layernorm()
+    with pytest.warns(RuntimeWarning, match=r"not valid ONNX: node 'ln_2' \(LayerNormalization.*binds type "
+                                            r"parameter T to fp16 and fp32.*dynamo=True"):
+        sess = rtxjit.InferenceSession(model)
+    x = np.random.default_rng(1).standard_normal((3, 4)).astype(np.float32)
+    (y,) = sess.run(None, {"x": x})
+    x64 = x.astype(np.float64)
+    want = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5) * scale + bias
+    assert y.dtype == np.float32 and np.abs(y - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_a_valid_model_gets_no_type_warning():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        rtxjit.InferenceSession(_model())
+
+
 def test_unknown_input_name(session):
     with pytest.raises(InputError, match="unknown input 'z'"):
         session.run(None, {"x": np.ones((2, 4), np.float32), "z": np.ones(1)})

@@ -18,6 +18,7 @@ or local function covers is an UnsupportedOpError naming the op and its domain.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -282,7 +283,43 @@ def _import(proto: onnx.ModelProto) -> Graph:
         outputs.append(values[vo.name])
     graph = Graph(g.name or "main", inputs, outputs, [n for n in nodes if n is not None], opset)
     verify(graph)
+    if scope.mixed:
+        warnings.warn(_mixed_types_message(scope.mixed), RuntimeWarning, stacklevel=3)
     return graph
+
+
+def _mixed_types_message(mixed: list) -> str:
+    where, param, dtypes = mixed[0]
+    more = f" (and {len(mixed) - 1} more node(s))" if len(mixed) > 1 else ""
+    return (f"rtxjit: the model is not valid ONNX: {where} binds type parameter {param} to "
+            f"{' and '.join(dtypes)}{more}; onnxruntime rejects such a file, rtxjit runs it as it is. "
+            f"torch.onnx's TorchScript exporter (dynamo=False) writes this for "
+            f"float16 models whose scaled_dot_product_attention takes a boolean mask, and computes every later "
+            f"layer in float32 (float32 copies of the weights); export with dynamo=True, or pass "
+            f"precision='fp16', to run the model in float16")
+
+
+def _check_type_bindings(where: str, schema, ins: list, mixed: list) -> None:
+    """Inputs that the op's schema types with one parameter (``T``) have one dtype; a file that
+    breaks this is recorded in ``mixed`` (warned about once per model) rather than refused: rtxjit
+    can run it, and the file is what the user has."""
+    if schema is None or not schema.inputs:
+        return
+    formals = schema.inputs
+    variadic = onnx.defs.OpSchema.FormalParameterOption.Variadic
+    bound: dict = {}
+    for i, v in enumerate(ins):
+        if i >= len(formals) and formals[-1].option != variadic:
+            break
+        formal = formals[min(i, len(formals) - 1)]
+        if v is None or (formal.option == variadic and not formal.is_homogeneous):
+            continue
+        bound.setdefault(formal.type_str, []).append(v.type.dtype)
+    for param, dtypes in bound.items():
+        names = sorted({d.short for d in dtypes})
+        if len(names) > 1:
+            mixed.append((where, param, names))
+            return
 
 
 class _Scope:
@@ -300,6 +337,7 @@ class _Scope:
         for n in list(g.node) + [n for f in proto.functions for n in f.node]:
             taken += [n.name, *n.input, *n.output]
         self.names = functions.Names(taken)
+        self.mixed: list = []  # nodes whose inputs bind one type parameter of their schema to several dtypes
 
 
 def _import_or_expand(n: onnx.NodeProto, index: int, opset: int, values: dict, scope: _Scope, stack: tuple) -> list:
@@ -315,7 +353,7 @@ def _import_or_expand(n: onnx.NodeProto, index: int, opset: int, values: dict, s
         return out
     found = _function_of(n, opset, values, scope, where)
     if found is None:
-        node = _import_node(n, index, opset, values, scope.domains)
+        node = _import_node(n, index, opset, values, scope.domains, scope.mixed)
         return [] if node is None else [node]
     body, defaults, key = found
     if key in stack or len(stack) >= functions.MAX_DEPTH:
@@ -372,7 +410,7 @@ def _resolve(n: onnx.NodeProto, opset: int, domains: dict, where: str) -> tuple:
     return opdef, version or (max(opset, opdef.since) if default else opdef.since), schema
 
 
-def _import_node(n: onnx.NodeProto, index: int, opset: int, values: dict, domains: dict):
+def _import_node(n: onnx.NodeProto, index: int, opset: int, values: dict, domains: dict, mixed: list):
     name = n.name or f"{n.op_type}_{index}"
     if n.domain in functions.DEFAULT_DOMAINS or n.domain == natives.RTXJIT_DOMAIN:
         where = f"node '{name}' ({n.op_type}, opset {opset})"
@@ -383,6 +421,7 @@ def _import_node(n: onnx.NodeProto, index: int, opset: int, values: dict, domain
     _check_window_attrs(where, attrs)
     ins = [values[i] if i else None for i in n.input]
     _check_required_inputs(where, n, schema)
+    _check_type_bindings(where, schema, ins, mixed)
     try:
         out_types = opdef.infer(infer_args(opdef, ins), attrs, len(n.output))
     except RtxjitError as exc:
