@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rtxjit.codegen.templates.conv import render_conv2d, render_nchw_to_nhwc
+from rtxjit.codegen.templates.matmul import TUNE_CANDIDATES, tile_count
 from rtxjit.codegen.view import View
 from rtxjit.errors import ModelError, ShapeError, UnsupportedOpError
 from rtxjit.ops.matmul import check_dot_type, emit_matmul, epilogue_args, launch_tiles, take_epilogue
@@ -317,6 +318,9 @@ def emit_conv(ctx, x: View, w: View, b, out: View, geo: WindowGeometry, group: i
     n = c_out // group  # output channels per group
     k = c * int(np.prod(geo.kernel, dtype=np.int64))  # taps per output: (ci, (kd,) kh, kw)
     bias = [b.broadcast_to((m, c_out))] if b is not None else []  # the epilogue reads it as [M, Cout]
+    if DEPTHWISE and c == 1 and n == 1 and not transposed and quant is None:
+        _emit_depthwise(ctx, x, w, bias, out, geo, spatial, upsample)
+        return
     taps = tap_major(c, geo.kernel, quant is not None)
     if taps and x.strides[1] != 1:
         x = _channels_last(ctx, x)
@@ -334,6 +338,63 @@ def emit_conv(ctx, x: View, w: View, b, out: View, geo: WindowGeometry, group: i
                         unit=unit, fused=fused, depth=x.rank == 5, transposed=transposed,
                         upsample=None if upsample is None else tuple(upsample), quant=quant)
     launch_tiles(ctx, src, args, m, n, k, x.dtype, group, k_cap=c if taps else None)
+
+
+def _emit_depthwise(ctx, x: View, w: View, bias: list, out: View, geo: WindowGeometry, spatial: tuple,
+                    upsample) -> None:
+    """A depthwise convolution (one input and one output channel per group): the template's direct
+    form, tiles of pixels x channels with ``N`` = all output channels (templates/conv.py)."""
+    m = x.shape[0] * int(np.prod(geo.out, dtype=np.int64))
+    n = out.shape[1]
+    k = int(np.prod(geo.kernel, dtype=np.int64))
+    args = []
+    for v in [out, x, w] + bias:
+        args += [ctx.ptr(v), v.offset]
+    args += [m, n, k, 1, *spatial, *geo.out, *geo.kernel, *geo.strides, *geo.pads_begin, *geo.dilations]
+    args += [*x.strides, *w.strides, *out.strides] + [st for v in bias for st in v.strides]
+    unit = frozenset(name for name, st in (("x_sc", x.strides[1]), ("x_sw", x.strides[-1]), ("w_sco", w.strides[0]),
+                                           ("out_sw", out.strides[-1])) if st == 1)
+    fused, extras = take_epilogue(ctx, x.dtype, out.shape)
+    args += epilogue_args(ctx, fused, extras, lambda e: e.strides)
+    src = render_conv2d(x.dtype, bool(bias), wide=ctx.needs_wide(out, x, w, *extras), tap_major=False, unit=unit,
+                        fused=fused, depth=x.rank == 5, upsample=None if upsample is None else tuple(upsample),
+                        depthwise=True)
+    choices = [((tile_count(m, n, c), 1), c) for c in depthwise_configs(m, n, ctx.interpret, ctx.sm_count)]
+    generic = depthwise_configs(m, n, ctx.interpret, ctx.sm_count, generic=True)[0]
+    ctx.launch_tuned(src, choices, args, ctx.tune_key(src, m, n, k), generic=((tile_count(m, n, generic), 1), generic))
+
+
+# (BLOCK_M pixels, BLOCK_N channels, num_warps) of the depthwise kernel: a pixel-major tile suits NCHW
+# inputs (pixels contiguous), a channel-major one channels-last inputs; the autotuner times them
+DEPTHWISE_TILES = [(64, 32, 4), (128, 32, 4), (32, 64, 4), (64, 64, 4), (128, 64, 8), (256, 16, 4), (16, 128, 4)]
+DEPTHWISE = True  # False: depthwise convs run the per-group implicit GEMM (as before 2026-12-07), to compare
+
+
+def depthwise_configs(m: int, n: int, interpret: bool, sm_count: int = 132, generic: bool = False) -> list:
+    """Launch configurations of the depthwise kernel, best guess first: on the GPU the tiles of
+    ``DEPTHWISE_TILES`` clipped to the problem, those that fill the SMs first; the interpreter runs
+    one large tile (fewer Python-level programs); ``generic``: the fallback kernel's fixed 64 x 32."""
+    def cfg(bm, bn, warps):
+        return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 16, "GROUP_M": 8, "EVEN_K": False, "num_warps": warps}
+
+    if generic:
+        return [cfg(64, 32, 4)]
+    if interpret:
+        return [cfg(max(16, min(256, _pow2(m))), max(16, min(64, _pow2(n))), 4)]
+    seen, ranked = set(), []
+    for bm, bn, warps in DEPTHWISE_TILES:
+        bm, bn = max(16, min(bm, _pow2(m))), max(16, min(bn, _pow2(n)))
+        if (bm, bn) in seen:
+            continue
+        seen.add((bm, bn))
+        tiles = -(-m // bm) * -(-n // bn)
+        ranked.append((tiles < sm_count, len(ranked), cfg(bm, bn, warps)))
+    ranked.sort(key=lambda r: r[:2])
+    return [r[2] for r in ranked[:TUNE_CANDIDATES]]
+
+
+def _pow2(v: int) -> int:
+    return 1 << max(0, int(v) - 1).bit_length()
 
 
 # --- rtxjit.UpsampleConv --------------------------------------------------------------------------

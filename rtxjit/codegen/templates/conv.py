@@ -36,6 +36,13 @@ Two K loops (``tap_major``):
   group has few input channels (the 3-channel stem, depthwise), where a block of channels per tap
   would be mostly padding.
 
+Depthwise (``depthwise``: one input and one output channel per group, MobileNet / EfficientNet /
+ConvNeXt): no dot. A GEMM per group would be ``N = 1`` wide, padded to 16 columns, with one program
+per group and pixel block. Instead the tile's columns are channels (``N`` is ``Cout``,
+``program_id(1)`` is 0): each tap loads a ``[BLOCK_M pixels, BLOCK_N channels]`` tile of the input
+and the taps' weights of those channels, and multiply-adds in the accumulator type; the epilogue is
+the same (a tile of pixels x output channels).
+
 Every size, stride, pad and dilation is a run-time argument: one compiled kernel per dtype, bias
 flag, loop kind, unit-stride set and the two options serves every shape. The epilogue is the
 matmul template's.
@@ -176,6 +183,30 @@ def _tap_major_loop(dtype: DType, wide: bool, unit: frozenset, axes: str, transp
     ]
 
 
+def _depthwise_loop(dtype: DType, unit: frozenset, axes: str, upsample: tuple = None) -> list:
+    """The tap loop of a depthwise conv: per tap a ``[BLOCK_M, BLOCK_N]`` input tile (pixels x
+    channels, ``x_base`` per pixel) times the tap's weight per channel (``[BLOCK_N]``)."""
+    acc = TL[acc_type(dtype)]
+    taps = " * ".join(f"K{a.upper()}" for a in axes)
+    rows, valid = _tap_rows(axes, False, "", "")
+    w_tap = " + ".join(f"k{a} * w_sk{a}" for a in axes)
+    return [
+        f"    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype={acc})",
+        "    m_ok = rm < M",
+        "    n_ok = rn < N",
+        f"    x_cols = {scaled('co', 'x_sc', unit)}",
+        f"    w_cols = w_ptr + w_off + {scaled('co', 'w_sco', unit)}",
+        f"    for tap in range(0, {taps}):",
+        *_tap_split(axes),
+        *(f"        {line}" for line in rows),
+        f"        row_ok = m_ok & {valid}",
+        f"        a_rows = x_ptr + x_base + {_input_offset(axes, unit, upsample)}",
+        "        a = tl.load(a_rows[:, None] + x_cols[None, :], mask=row_ok[:, None] & n_ok[None, :], other=0.0)",
+        f"        b = tl.load(w_cols + {w_tap}, mask=n_ok, other=0.0)",
+        f"        acc += a.to({acc}) * b.to({acc})[None, :]",
+    ]
+
+
 def _arithmetic(dtype: DType, quant: QuantConv = None) -> tuple:
     """``(accumulator type, the value of an activation tap in the padding, loop-body lines making
     the loaded tiles the dot's operands, the K step)``: fp32 (fp64) accumulation of ``dtype``
@@ -207,7 +238,8 @@ def _pixel(axes: str, stride: str, unit: frozenset = frozenset(), last: str = No
 
 def render_conv2d(dtype: DType, has_bias: bool, wide: bool = False, tap_major: bool = True,
                   unit: frozenset = frozenset(), fused=None, depth: bool = False,
-                  transposed: bool = False, upsample: tuple = None, quant: QuantConv = None) -> KernelSource:
+                  transposed: bool = False, upsample: tuple = None, quant: QuantConv = None,
+                  depthwise: bool = False) -> KernelSource:
     """The kernel for ``Conv`` over 2-D NCHW views (3-D NCDHW ones with ``depth``; ConvTranspose's
     gather form with ``transposed``; the Conv of ``x`` upsampled by ``upsample``, a factor per
     spatial axis, nearest: ``None`` or all 1 for none).
@@ -224,6 +256,10 @@ def render_conv2d(dtype: DType, has_bias: bool, wide: bool = False, tap_major: b
     accumulator, padding taps read the activation's zero point, and the epilogue scales per output
     channel, adds the bias and requantizes (``scaled_epilogue``); its arguments (``QuantConv.params``)
     follow the bias strides. Not combined with ``transposed``, ``upsample`` or ``fused``.
+
+    ``depthwise``: ``C`` and the output channels per group are 1; ``N`` is then all output channels
+    (the module docstring), ``K`` the taps, and the launch has one program along ``program_id(1)``.
+    Not combined with ``transposed`` or ``quant``.
     """
     axes = "dhw" if depth else "hw"
     if upsample is not None and all(f == 1 for f in upsample):
@@ -240,7 +276,11 @@ def render_conv2d(dtype: DType, has_bias: bool, wide: bool = False, tap_major: b
     params += ["bias_sm", "bias_sn"] if has_bias else []
     params += quant.params(axes) if quant else []
     params += fused.params([f"s{a}" for a in "nc" + axes]) if fused else []  # extras as NC(D)HW views
-    if tap_major:
+    if depthwise and (transposed or quant is not None):
+        raise InternalError("conv template: depthwise is not combined with transposed or quant")
+    if depthwise:
+        loop = _depthwise_loop(dtype, unit, axes, upsample)
+    elif tap_major:
         loop = _tap_major_loop(dtype, wide, unit, axes, transposed, upsample, quant)
     else:
         loop = _flat_loop(dtype, wide, unit, axes, transposed, upsample, quant)
@@ -268,8 +308,9 @@ def render_conv2d(dtype: DType, has_bias: bool, wide: bool = False, tap_major: b
                           fused_addr=lambda k: _extra_addr(k, axes))
     else:
         lines += quant.epilogue(out_addr, has_bias, _tile_addr("res", axes))
-    kind = "implicit gemm (gather)" if transposed else "implicit gemm"
-    header = f"{name} {kind} in={dtype.short} bias={has_bias} loop={'tap' if tap_major else 'flat'}"
+    kind = "implicit gemm (gather)" if transposed else "direct" if depthwise else "implicit gemm"
+    loop_kind = "depthwise" if depthwise else "tap" if tap_major else "flat"
+    header = f"{name} {kind} in={dtype.short} bias={has_bias} loop={loop_kind}"
     header += fused.header() if fused else ""
     header += quant.header() if quant else ""
     if upsample is not None:
