@@ -125,3 +125,29 @@ def test_depthwise_configs_fill_the_gpu_first_and_fit_the_problem():
         assert c["BLOCK_M"] <= 256 and c["BLOCK_N"] <= 128 and c["BLOCK_N"] >= 16
     few = conv_ops.depthwise_configs(7 * 7, 24, interpret=False, sm_count=132)
     assert all(c["BLOCK_M"] <= 64 and c["BLOCK_N"] <= 32 for c in few)  # clipped to 49 pixels, 24 channels
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+def test_a_conv_read_through_a_transpose_to_nhwc_writes_channels_last(dtype):
+    """ConvNeXt: depthwise conv -> Transpose(0, 2, 3, 1) -> LayerNormalization over channels. The
+    conv writes NHWC, so the Transpose is a contiguous view and no copy kernel runs before the norm."""
+    rng = np.random.default_rng(4)
+    c = 24
+    tail = [helper.make_node("Transpose", ["y0"], ["t"], perm=[0, 2, 3, 1]),
+            helper.make_node("LayerNormalization", ["t", "g", "beta"], ["y"], axis=-1)]
+    proto = _model((2, c, 7, 9), (7, 7), dtype, rng, tail=tail, pads=[3, 3, 3, 3])
+    proto.graph.initializer.extend([_const("g", rng.standard_normal(c).astype(dtype)),
+                                    _const("beta", rng.standard_normal(c).astype(dtype))])
+    sess = _check(proto, {"x": rng.standard_normal((2, c, 7, 9)).astype(dtype)}, dtype)
+    names = [s.kernel.name for s in sess.last_executable.plan.steps]
+    assert names == ["conv2d", "reduce_layernorm"], names
+
+
+def test_a_conv_with_another_reader_beside_the_transpose_stays_nchw():
+    rng = np.random.default_rng(5)
+    tail = [helper.make_node("Transpose", ["y0"], ["t"], perm=[0, 2, 3, 1]),
+            helper.make_node("Relu", ["y0"], ["r0"]),
+            helper.make_node("Transpose", ["r0"], ["r1"], perm=[0, 2, 3, 1]),
+            helper.make_node("Add", ["t", "r1"], ["y"])]
+    proto = _model((1, 16, 5, 6), (3, 3), np.float32, rng, tail=tail, pads=[1, 1, 1, 1])
+    _check(proto, {"x": rng.standard_normal((1, 16, 5, 6)).astype(np.float32)}, np.float32)

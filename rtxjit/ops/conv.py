@@ -271,6 +271,13 @@ def channels_last_output(ctx) -> View:
 
 
 def _reads_channels_last(node) -> bool:
+    """Whether ``node`` reads its input channels-last best: a tap-major convolution, or a
+    Transpose to N(D)HWC (ConvNeXt's permute before its LayerNorm), whose view of a channels-last
+    output is contiguous, so its readers need no copy."""
+    if node.op == "Transpose":
+        rank = node.inputs[0].type.rank
+        perm = node.attrs.get("perm")
+        return rank in (4, 5) and perm is not None and list(perm) == [0, *range(2, rank), 1]
     anchor = node.attrs.get("anchor", node.op)
     if anchor not in CHANNELS_LAST_READERS or node.inputs[0].type.rank not in (4, 5):
         return False
