@@ -33,7 +33,7 @@ ONNX_TYPE_NAMES = {
     DType.INT16: "tensor(int16)", DType.UINT16: "tensor(uint16)",
     DType.INT8: "tensor(int8)", DType.UINT8: "tensor(uint8)", DType.BOOL: "tensor(bool)",
     DType.FP8E4M3: "tensor(float8e4m3fn)", DType.FP8E5M2: "tensor(float8e5m2)",
-    DType.INT4: "tensor(int4)", DType.UINT4: "tensor(uint4)",
+    DType.INT4: "tensor(int4)", DType.UINT4: "tensor(uint4)", DType.INT2: "tensor(int2)", DType.UINT2: "tensor(uint2)",
 }
 
 

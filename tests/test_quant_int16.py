@@ -2,10 +2,12 @@
 quantized types, per tensor, per axis and block-wise, unfused and fused into pointwise chains, and
 Cast to and from them, against onnxruntime without graph optimizations (its QDQ fusions round
 otherwise). Saturation at both ends ([-32768, 32767], [0, 65535]), negative zero points, ties to
-even, NaN and inf are exact: the integers must be onnxruntime's bit for bit."""
+even, NaN and inf are exact: the integers must be onnxruntime's bit for bit. int2 / uint2 (opset 25,
+held one value per byte as int4 is) through a Q -> DQ round trip as well."""
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -15,16 +17,16 @@ import rtxjit
 
 ONNX_TYPE = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, np.int16: TensorProto.INT16,
              np.uint16: TensorProto.UINT16, np.int32: TensorProto.INT32, np.int64: TensorProto.INT64,
-             np.bool_: TensorProto.BOOL}
+             np.int8: TensorProto.INT8, np.bool_: TensorProto.BOOL}
 RANGE = {np.int16: (-32768, 32767), np.uint16: (0, 65535)}
 
 
-def _model(nodes, inputs, outputs, inits):
+def _model(nodes, inputs, outputs, inits, opset=21):
     g = helper.make_graph(nodes, "q16", [helper.make_tensor_value_info(n, ONNX_TYPE[t], s) for n, t, s in inputs],
                           [helper.make_tensor_value_info(n, ONNX_TYPE[t], s) for n, t, s in outputs],
                           [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
-    m.ir_version = 10
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 10 if opset < 25 else 11
     return m
 
 
@@ -191,3 +193,30 @@ def test_16bit_reductions_pad_masked_lanes_with_the_types_identity(op, qtype):
     m = _model([node], [("x", qtype, [3, 37])], [("y", qtype, [3])], {"axes": np.array([1], np.int64)})
     got = rtxjit.InferenceSession(m, device="cpu").run(None, {"x": x})[0]
     np.testing.assert_array_equal(got, x.max(1) if op == "ReduceMax" else x.min(1))
+
+
+@pytest.mark.parametrize("qtype,kind", [(ml_dtypes.int2, "tensor"), (ml_dtypes.uint2, "axis"),
+                                        (ml_dtypes.int2, "block")])
+def test_2bit_quantize_dequantize_round_trip_matches_onnxruntime(qtype, kind):
+    """Q(x) -> int2 / uint2 -> DQ, the integers read through a Cast to int8 (onnxruntime's Python API
+    cannot pass 2-bit arrays; the zero point is an initializer): saturation at both ends ([-2, 1],
+    [0, 3]), ties to even, against onnxruntime at opset 25."""
+    rng = np.random.default_rng(2)
+    shape = [2, 5, 6]
+    info = ml_dtypes.iinfo(qtype)
+    pshape = {"tensor": (), "axis": (5,), "block": (2, 3, 6)}[kind]
+    attrs = {"tensor": {}, "axis": {"axis": 1}, "block": {"axis": 1, "block_size": 2}}[kind]
+    scale = rng.uniform(0.2, 0.5, pshape).astype(np.float32)
+    zero = rng.integers(int(info.min), int(info.max) + 1, pshape).astype(qtype)
+    x = rng.uniform(-3.0, 3.0, shape).astype(np.float32)
+    x.flat[:4] = (0.25, -0.25, 0.75, 100.0)  # with scale 0.5 at index 0: ties 0.5 and -0.5, 1.5; saturation
+    if kind == "tensor":
+        scale = np.float32(0.5)
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], **attrs),
+             helper.make_node("Cast", ["q"], ["q8"], to=TensorProto.INT8),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], **attrs)]
+    m = _model(nodes, [("x", np.float32, shape)], [("q8", np.int8, shape), ("y", np.float32, shape)],
+               {"s": scale, "z": zero}, opset=25)
+    _check(m, {"x": x})
+    q8 = rtxjit.InferenceSession(m, device="cpu").run(None, {"x": x})[0]
+    assert q8.min() == int(info.min) and q8.max() == int(info.max)

@@ -17,6 +17,8 @@ TL = {
     DType.UINT8: "tl.uint8",
     DType.INT4: "tl.int8",  # held unpacked, one per byte (rtxjit/ir/types.py)
     DType.UINT4: "tl.uint8",
+    DType.INT2: "tl.int8",
+    DType.UINT2: "tl.uint8",
     DType.BOOL: "tl.int1",
 }
 

@@ -119,7 +119,7 @@ LOWEST_SM, HIGHEST_SM = 50, 199
 _SM_RE = re.compile(r"(?:sm_?)?(\d{2,3})")
 _BINARY_NAME_RE = re.compile(r"[0-9A-Za-z_][0-9A-Za-z_.-]*(/[0-9A-Za-z_][0-9A-Za-z_.-]*)*")
 _STORAGE = {"bfloat16": "uint16", "float8_e4m3fn": "uint8", "float8_e5m2": "uint8",  # safetensors lacks them
-            "int4": "uint8", "uint4": "uint8"}
+            "int4": "uint8", "uint4": "uint8", "int2": "uint8", "uint2": "uint8"}
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed: the same engine gives the same bytes
 
 

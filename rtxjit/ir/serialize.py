@@ -81,7 +81,7 @@ WEIGHTS_MODES = ("required", "absent")
 
 _NUMPY_NAMES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
                 "float16", "float32", "float64")
-_ML_DTYPES_NAMES = ("bfloat16", "float8_e4m3fn", "float8_e5m2", "int4", "uint4")
+_ML_DTYPES_NAMES = ("bfloat16", "float8_e4m3fn", "float8_e5m2", "int4", "uint4", "int2", "uint2")
 _DEFAULT_NAN_BITS = struct.unpack("<Q", struct.pack("<d", float("nan")))[0]
 
 

@@ -24,12 +24,13 @@ Shape = tuple  # tuple[Dim, ...]
 class DType(enum.Enum):
     """Element types. Value: (short name, ONNX TensorProto code, numpy dtype name, bytes).
 
-    INT4 and UINT4 are unpacked, one value per byte: on the host as ``ml_dtypes.int4`` / ``uint4``
-    arrays (ONNX packs two per byte; the importer unpacks initializers, see
-    ``rtxjit.onnx.importer.tensor_to_array``), so numpy references see the type and QuantizeLinear
-    clamps to 4 bits when it folds; on the device as int8 / uint8 tensors (a kernel loads bytes;
-    only the ops that produce int4 need to know the narrower range). fp8 values have no numpy
-    dtype (folding and host evaluation skip them); the IR holds fp8 constants as ``ml_dtypes`` arrays.
+    INT4 and UINT4 (INT2 and UINT2 alike) are unpacked, one value per byte: on the host as
+    ``ml_dtypes.int4`` / ``uint4`` arrays (ONNX packs two per byte, four for 2 bits; the importer
+    unpacks initializers, see ``rtxjit.onnx.importer.tensor_to_array``), so numpy references see
+    the type and QuantizeLinear clamps to 4 bits when it folds; on the device as int8 / uint8
+    tensors (a kernel loads bytes; only the ops that produce int4 need to know the narrower
+    range). fp8 values have no numpy dtype (folding and host evaluation skip them); the IR holds
+    fp8 constants as ``ml_dtypes`` arrays.
     """
 
     FP32 = ("fp32", 1, "float32", 4)
@@ -46,6 +47,8 @@ class DType(enum.Enum):
     UINT8 = ("uint8", 2, "uint8", 1)
     INT4 = ("int4", 22, "int4", 1)  # ml_dtypes' name (numpy's own "int4" is int32: see to_numpy)
     UINT4 = ("uint4", 21, "uint4", 1)
+    INT2 = ("int2", 26, "int2", 1)  # ml_dtypes' name, as int4
+    UINT2 = ("uint2", 25, "uint2", 1)
     BOOL = ("bool", 9, "bool", 1)
 
     @property
@@ -71,7 +74,7 @@ class DType(enum.Enum):
     def to_numpy(self) -> np.dtype:
         if self.value[2] is None:
             raise NoNumpyDtypeError(f"dtype {self.short} has no numpy dtype")
-        if self in (DType.INT4, DType.UINT4):
+        if self in SUB_BYTE_INTS:
             return np.dtype(getattr(ml_dtypes, self.value[2]))
         return np.dtype(self.value[2])
 
@@ -99,6 +102,10 @@ class DType(enum.Enum):
 
     def __repr__(self) -> str:
         return self.short
+
+
+# held unpacked, one value per byte, as ml_dtypes arrays on the host (see DType)
+SUB_BYTE_INTS = (DType.INT4, DType.UINT4, DType.INT2, DType.UINT2)
 
 
 def is_static(shape: Shape) -> bool:

@@ -9,14 +9,15 @@ import numpy as np
 import torch
 
 from rtxjit.errors import InputError
-from rtxjit.ir.types import DType
+from rtxjit.ir.types import SUB_BYTE_INTS, DType
 
 TORCH_DTYPES = {
     "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64,
     "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "uint16": torch.uint16,
     "int8": torch.int8, "uint8": torch.uint8,
     "bool": torch.bool, "fp8e4m3": torch.float8_e4m3fn, "fp8e5m2": torch.float8_e5m2,
-    "int4": torch.int8, "uint4": torch.uint8,  # unpacked, one per byte (rtxjit/ir/types.py)
+    "int4": torch.int8, "uint4": torch.uint8, "int2": torch.int8, "uint2": torch.uint8,  # unpacked, one per
+    # byte (rtxjit/ir/types.py)
 }
 
 
@@ -26,11 +27,11 @@ def torch_dtype(dtype: DType) -> torch.dtype:
 
 def host_tensor(data: np.ndarray, dtype: DType) -> torch.Tensor:
     """A CPU tensor of ``dtype`` holding the IR's array ``data`` (C-contiguous, flat or not).
-    torch.from_numpy refuses ``ml_dtypes`` arrays: int4 / uint4 become their values in int8 /
-    uint8 (ml_dtypes keeps a 4-bit value in the low half of its byte, not sign-extended), fp8
+    torch.from_numpy refuses ``ml_dtypes`` arrays: int4 / uint4 / int2 / uint2 become their values
+    in int8 / uint8 (ml_dtypes keeps a 4-bit value in the low half of its byte, not sign-extended), fp8
     crosses as its bits; bf16 (held as float32 values) converts."""
-    if dtype in (DType.INT4, DType.UINT4):
-        data = data.astype(np.int8 if dtype is DType.INT4 else np.uint8)
+    if dtype in SUB_BYTE_INTS:
+        data = data.astype(np.int8 if dtype in (DType.INT4, DType.INT2) else np.uint8)
     if dtype in (DType.FP8E4M3, DType.FP8E5M2) and data.dtype.itemsize == 1:
         return torch.from_numpy(data.view(np.uint8).copy()).view(torch_dtype(dtype))
     return torch.from_numpy(data if data.flags.writeable else data.copy()).to(torch_dtype(dtype))

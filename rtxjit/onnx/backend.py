@@ -19,7 +19,7 @@ from onnx import helper
 
 from rtxjit import config
 from rtxjit.errors import InputError, UsageError
-from rtxjit.ir.types import DType
+from rtxjit.ir.types import SUB_BYTE_INTS, DType
 from rtxjit.session import InferenceSession
 
 DEVICES = {"CPU": "cpu", "CUDA": "cuda"}
@@ -38,21 +38,22 @@ def _bit_types() -> tuple:
 
 def to_feed(x):
     """A feed as a torch tensor, so the session answers in torch too (bf16 and fp8 included).
-    ``ml_dtypes`` int4 / uint4 arrays stay numpy: torch has no such type (an int8 tensor would be
-    an int8 feed), and the session takes them as DType.INT4 / UINT4 (int8 / uint8 on the device)."""
+    ``ml_dtypes`` int4 / uint4 / int2 / uint2 arrays stay numpy: torch has no such type (an int8
+    tensor would be an int8 feed), and the session takes them as DType.INT4 / UINT4 / INT2 / UINT2
+    (int8 / uint8 on the device)."""
     x = np.array(x)  # a writable copy that keeps 0-d shapes (torch.from_numpy wants writable)
     for np_dtype, torch_dtype, _ in _bit_types():
         if x.dtype == np_dtype:
             return torch.from_numpy(x.view(f"i{x.itemsize}")).view(torch_dtype)
-    if x.dtype.name in ("int4", "uint4"):
+    if x.dtype.name in ("int4", "uint4", "int2", "uint2"):
         return x
     return torch.from_numpy(x)
 
 
 def to_numpy(t, dtype: DType = None) -> np.ndarray:
     """A session output (a torch tensor, or numpy for a model without inputs) as numpy; an output
-    of ``dtype`` INT4 / UINT4 (int8 / uint8 on the device) as ``ml_dtypes`` int4 / uint4."""
-    if dtype in (DType.INT4, DType.UINT4):
+    of ``dtype`` INT4 / UINT4 / INT2 / UINT2 (int8 / uint8 on the device) as ``ml_dtypes`` arrays."""
+    if dtype in SUB_BYTE_INTS:
         return np.asarray(to_numpy(t)).astype(dtype.to_numpy())
     if not isinstance(t, torch.Tensor):
         return np.asarray(t)

@@ -66,13 +66,15 @@ def load_model(model) -> onnx.ModelProto:
 
 def tensor_to_array(t: onnx.TensorProto) -> tuple:
     """(numpy array, DType) of an ONNX tensor. bf16 data is held as float32 values, fp8 and
-    int4 / uint4 (packed two per byte in ONNX: unpacked here) as ``ml_dtypes`` arrays."""
+    int4 / uint4 / int2 / uint2 (packed two or four per byte in ONNX: unpacked here) as ``ml_dtypes``
+    arrays."""
     dtype = _dtype(t.data_type, f"tensor '{t.name}'")
     dims = [int(d) for d in t.dims]
     if any(d < 0 for d in dims):
         raise ModelError(f"tensor '{t.name}': negative dimension in its shape {dims}")
     count = int(np.prod(dims, dtype=object))
-    size = (count + 1) // 2 if dtype in (DType.INT4, DType.UINT4) else dtype.itemsize * count
+    per_byte = {DType.INT4: 2, DType.UINT4: 2, DType.INT2: 4, DType.UINT2: 4}.get(dtype)
+    size = -(-count // per_byte) if per_byte else dtype.itemsize * count
     if t.HasField("raw_data") and len(t.raw_data) != size:
         raise ModelError(f"tensor '{t.name}': {len(t.raw_data)} bytes of data, but shape {dims} of "
                          f"{dtype.short} needs {size}")

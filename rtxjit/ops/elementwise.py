@@ -12,7 +12,7 @@ import numpy as np
 
 from rtxjit.errors import ModelError, UnsupportedOpError
 from rtxjit.ir.registry import Kind, Rand, Sample, op
-from rtxjit.ir.types import DType, TensorType, broadcast_shapes
+from rtxjit.ir.types import SUB_BYTE_INTS, DType, TensorType, broadcast_shapes
 
 # tanh as Cephes' tanhf: a polynomial near 0 (full relative precision), exp far from it.
 _TANH = ("tl.where(tl.abs({x}) < 0.625, "
@@ -422,9 +422,9 @@ def cast_expr(in_dtypes, out_dtype, attrs):
     if out_dtype.short.startswith("fp8") or in_dtypes[0].short.startswith("fp8"):
         raise UnsupportedOpError(f"{'CastLike' if len(in_dtypes) > 1 else 'Cast'} to or from fp8 "
                                  "is not supported yet")
-    if out_dtype in (DType.INT4, DType.UINT4):  # a byte store would neither round nor clamp to 4 bits
+    if out_dtype in SUB_BYTE_INTS:  # a byte store would neither round nor clamp to 4 (2) bits
         raise UnsupportedOpError(f"{'CastLike' if len(in_dtypes) > 1 else 'Cast'} to {out_dtype.short} "
-                                 "is not supported yet (QuantizeLinear produces int4 / uint4)")
+                                 "is not supported yet (QuantizeLinear produces int4 / uint4 / int2 / uint2)")
     return ("x0 != 0" if out_dtype is DType.BOOL else "x0"), ()
 
 

@@ -11,8 +11,8 @@ Versions (the registry resolves a node to the newest declaration not above its v
   ``axis``, the last block possibly shorter), int16 / uint16 and int4 / uint4, QuantizeLinear's
   ``output_dtype``.
   Later versions (23: ``precision``, DequantizeLinear's ``output_dtype``; 24: float8e8m0 scales;
-  25: int2) run this declaration; their new attributes are refused by name, their new types by
-  the importer (rtxjit has no such DType).
+  25: int2 / uint2, which rtxjit has) run this declaration; their new attributes are refused by
+  name, float8e8m0 and float4e2m1 by the importer (rtxjit has no such DType).
 
 Granularity comes from the scale's shape: one element is per-tensor (as onnx's reference, whatever
 its rank), rank 1 per-axis (one scale per index of ``axis``), the input's rank block-wise. The zero
@@ -21,8 +21,9 @@ blocks, by viewing the input's axis as ``[blocks, block_size]`` (one launch over
 blocks, one over a shorter last block): no scale is ever copied.
 
 Float8 zero points: onnx's reference and onnxruntime ignore them (DequantizeLinear's reference
-requires zero); so does rtxjit, in both ops. Types rtxjit has no DType for (int2, uint2,
-float4e2m1, the fnuz fp8 types) are refused at import.
+requires zero); so does rtxjit, in both ops. Types rtxjit has no DType for (float4e2m1, the fnuz
+fp8 types) are refused at import. int2 / uint2 are held as int4 is (one value per byte) and
+quantize with their own saturation range.
 
 int16 / uint16 run the int8 kernels' arithmetic with their own saturation range: the fp32
 quotient holds every integer of 16 bits exactly, so ``rint`` and the clamp are exact, and so is
@@ -47,7 +48,7 @@ FLOATS = (DType.FP32, DType.FP16, DType.BF16)
 FP8 = tuple(FP8_FORMATS)
 INT8S = (DType.INT8, DType.UINT8)
 INT16S = (DType.INT16, DType.UINT16)
-INT4S = (DType.INT4, DType.UINT4)
+INT4S = (DType.INT4, DType.UINT4, DType.INT2, DType.UINT2)  # sub-byte, held one value per byte
 FP8_NUMPY = {DType.FP8E4M3: np.dtype(ml_dtypes.float8_e4m3fn), DType.FP8E5M2: np.dtype(ml_dtypes.float8_e5m2)}
 
 

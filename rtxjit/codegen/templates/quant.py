@@ -27,7 +27,7 @@ from rtxjit.codegen.dtypes import TL
 from rtxjit.ir.types import DType
 
 INT_RANGES = {DType.INT16: (-32768, 32767), DType.UINT16: (0, 65535), DType.INT8: (-128, 127), DType.UINT8: (0, 255),
-              DType.INT4: (-8, 7), DType.UINT4: (0, 15)}
+              DType.INT4: (-8, 7), DType.UINT4: (0, 15), DType.INT2: (-2, 1), DType.UINT2: (0, 3)}
 
 
 @dataclass(frozen=True)
