@@ -23,6 +23,11 @@ rtxjit/exec/roofline.py, over its time) are recorded. Results go to ``<out>/benc
     python benchmarks/bench_models.py --cases resnet50_b1 --systems eager,compile_graph,rtxjit --quick
     python benchmarks/bench_models.py --dry-run             # CPU: tiny models, no torch.compile
 
+``--jobs N`` sets up N cases at once (each in its own process: export, torch.compile, rtxjit's
+compiles and autotuning, first calls) and then times them one at a time: a case that is ready waits
+at a gate until no other case is still setting up (or until ``--setup-wait`` seconds have passed),
+so no timing runs beside another case's compiles, and the setups, which take most of a run, overlap.
+
 A system that fails on a case records its error and the script goes on.
 """
 
@@ -589,8 +594,10 @@ def count_launches(runner: Runner, cuda: bool) -> dict:
     return counts
 
 
-def run_system(system: System, ctx: Context, ref: torch.Tensor, settings: Settings) -> dict:
-    """Set up, first call, warm-up, check, time, memory, launches; an exception becomes 'error'."""
+def set_up_system(system: System, ctx: Context, settings: Settings) -> tuple:
+    """``(record, runner)``: the system made ready and called once (``setup_s``, ``first_call_s``);
+    runner None and the record's ``error`` set if that failed. The record keeps the memory the
+    system holds from then on (``_resident``)."""
     record = {"system": system.name, "label": system.label}
     runner = None
     try:
@@ -602,18 +609,44 @@ def run_system(system: System, ctx: Context, ref: torch.Tensor, settings: Settin
         runner.call()
         _sync(settings.cuda)
         record["first_call_s"] = time.perf_counter() - start
+        if settings.cuda:
+            gc.collect()
+            record["_resident"] = torch.cuda.memory_allocated() - baseline
+    except Exception as exc:
+        record["error"] = _short(exc)
+        record["traceback"] = traceback.format_exc(limit=8)
+        runner = None
+    return record, runner
+
+
+def measure_system(record: dict, runner: Runner, ref: torch.Tensor, settings: Settings) -> dict:
+    """Warm-up, check against ``ref``, time, memory and launches of a system set up by
+    ``set_up_system``; an exception becomes the record's error."""
+    try:
         for _ in range(settings.warmup):
             runner.call()
         record["max_rel_err"] = rel_err(_first(runner.call()), ref)
         record["rel_err_ok"] = record["max_rel_err"] <= REL_ERR_LIMIT
         record.update(time_calls(runner.call, settings.iters, settings.cuda))
         if settings.cuda:
-            record.update(measure_memory(runner.call, baseline))
+            record.update(measure_memory(runner.call, 0))
+            record["resident_extra_mib"] = record["_resident"] / MIB  # what it kept beyond the eager model
         record.update(count_launches(runner, settings.cuda))
         record.update(runner.info)
     except Exception as exc:
         record["error"] = _short(exc)
         record["traceback"] = traceback.format_exc(limit=8)
+    record.pop("_resident", None)
+    return record
+
+
+def run_system(system: System, ctx: Context, ref: torch.Tensor, settings: Settings) -> dict:
+    """Set up, first call, warm-up, check, time, memory, launches; an exception becomes 'error'."""
+    record, runner = set_up_system(system, ctx, settings)
+    try:
+        if runner is not None:
+            measure_system(record, runner, ref, settings)
+        record.pop("_resident", None)
     finally:
         del runner
         _release(settings.cuda)
@@ -644,10 +677,12 @@ def missing_packages(case: Case) -> list:
     return [name for name in case.requires if importlib.util.find_spec(name) is None]
 
 
-def run_case(case: Case, systems: list, settings: Settings, tmp: Path, progress: Optional[Callable] = None) -> tuple:
+def run_case(case: Case, systems: list, settings: Settings, tmp: Path, progress: Optional[Callable] = None,
+             gate: Optional["FileGate"] = None) -> tuple:
     """All systems on one case; returns (case info, records). A failed build fails every system; a
     case whose packages are missing is skipped (no records). ``progress(info, records)`` is called
-    after every system, so a process stopped mid-case still leaves what it measured."""
+    after every system, so a process stopped mid-case still leaves what it measured. With a
+    ``gate``, every system is set up first, then the case waits for its turn and times them all."""
     device = torch.device("cuda" if settings.cuda else "cpu")
     info = {"case": case.name}
     missing = missing_packages(case)
@@ -665,6 +700,8 @@ def run_case(case: Case, systems: list, settings: Settings, tmp: Path, progress:
     info["inputs"] = {n: [list(t.shape), str(t.dtype).replace("torch.", "")] for n, t in inputs.items()}
     onnx_path, onnx_error = _export_case(case, model, inputs, settings.exporter, tmp, info)
     ctx = Context(model, inputs, case.output_names, onnx_path, onnx_error, settings.cuda, _machine(settings, info))
+    if gate is not None:
+        return _run_gated(case, systems, settings, ctx, ref, info, gate, progress)
     records = []
     for system in systems:
         print(f"[{case.name}] {system.name} ...", flush=True)
@@ -674,6 +711,55 @@ def run_case(case: Case, systems: list, settings: Settings, tmp: Path, progress:
         if progress is not None:
             progress(info, records)
     return info, records
+
+
+def _run_gated(case: Case, systems: list, settings: Settings, ctx: Context, ref, info: dict, gate: "FileGate",
+               progress: Optional[Callable]) -> tuple:
+    """``run_case`` with a gate: set up every system, wait for the turn, time each."""
+    prepared = []
+    for system in systems:
+        print(f"[{case.name}] {system.name} setting up ...", flush=True)
+        record, runner = set_up_system(system, ctx, settings)
+        prepared.append(({"case": case.name, **record}, runner))
+    records = [r for r, _ in prepared]
+    if progress is not None:
+        progress(info, [{k: v for k, v in r.items() if k != "_resident"} for r in records])
+    info["gate_wait_s"] = round(gate.wait(), 1)
+    info["timed_from"] = time.time()  # wall-clock stamps: the parent lets one case time at a time
+    for i, (record, runner) in enumerate(prepared):
+        print(f"[{case.name}] {record['system']} timing ...", flush=True)
+        if runner is not None:
+            measure_system(record, runner, ref, settings)
+        record.pop("_resident", None)
+        prepared[i] = (record, None)
+        del runner
+        _fill_graph_launches(records)
+        derive(info, records)
+        if progress is not None:
+            progress(info, records)
+    del prepared
+    _release(settings.cuda)
+    info["timed_until"] = time.time()
+    return info, records
+
+
+class FileGate:
+    """A case process's side of the gate of ``--jobs``: it writes ``<dir>/<case>.ready`` once set
+    up and waits until the parent writes ``<dir>/<case>.go``."""
+
+    def __init__(self, folder: Path, case: str):
+        self.ready, self.go = Path(folder) / f"{case}.ready", Path(folder) / f"{case}.go"
+
+    def wait(self) -> float:
+        """Seconds spent waiting for the turn."""
+        self.ready.touch()
+        start = time.perf_counter()
+        while not self.go.exists():
+            time.sleep(GATE_POLL_S)
+        return time.perf_counter() - start
+
+
+GATE_POLL_S = 0.05
 
 
 def _machine(settings: Settings, info: dict):
@@ -802,7 +888,8 @@ def markdown(report: dict) -> str:
         "# rtxjit model benchmarks", "",
         f"{env['device']} · torch {env['torch']}{cuda} · triton {env['triton']} · "
         f"rtxjit {env['rtxjit']} · {env['date']}", "",
-        f"fp16, random weights, {'one process per case' if s.get('isolate') else 'all cases in one process'}. "
+        f"fp16, random weights, {'one process per case' if s.get('isolate') else 'all cases in one process'}"
+        f"{f' ({jobs} set up at once, timed one at a time)' if (jobs := s.get('jobs') or 1) > 1 else ''}. "
         f"Median of {s['iters']} calls after {s['warmup']} warm-up calls, each call synchronized and timed by "
         f"{'CUDA events' if s['cuda'] else 'the wall clock'}. Reference: `{REFERENCE}` = torch.compile's compiled "
         f"callable captured in a torch.cuda.CUDAGraph, its replays timed; ratio = this median / its median "
@@ -889,7 +976,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         % MIN_CASE_S)
     p.add_argument("--dry-run", action="store_true",
                    help="CPU plumbing check: tiny models, eager and rtxjit (Triton interpreter) only")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="cases set up at once, each in its own process, then timed one at a time (see above)")
+    p.add_argument("--setup-wait", type=float, default=240.0,
+                   help="--jobs: seconds a ready case waits for the others' setups before it is timed anyway")
     p.add_argument("--worker-json", type=Path, help=argparse.SUPPRESS)  # a case's process writes here
+    p.add_argument("--gate", type=Path, help=argparse.SUPPRESS)  # --jobs: the case process's gate folder
     return p.parse_args(argv)
 
 
@@ -926,29 +1018,95 @@ def run_isolated(case: Case, args: argparse.Namespace, systems: list, tmp: Path,
     """One case in its own process (its own session, so a stop ends its compile workers too).
     Returns what the process recorded; the systems it did not finish get an error saying why (the
     time limit, or its exit status and the end of its stderr), and the case is marked incomplete."""
-    path, log = tmp / f"{case.name}.json", tmp / f"{case.name}.log"
-    start = time.perf_counter()
-    with open(log, "w") as err:
-        proc = subprocess.Popen(_worker_argv(args, case, path), stderr=err, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            rc = None
-    elapsed = time.perf_counter() - start
-    done = json.loads(path.read_text()) if path.exists() else {"case": {"case": case.name}, "results": []}
-    info, records = done["case"], done["results"]
-    info["process_s"] = round(elapsed, 1)
-    if rc == 0 or "skipped" in info:
+    job = _start_case(case, args, tmp)
+    try:
+        rc = job.proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        rc = job.stop()
+    return job.result(rc, systems)
+
+
+@dataclass
+class _CaseJob:
+    """A case's process (``_start_case``)."""
+
+    case: Case
+    proc: subprocess.Popen
+    path: Path
+    log: Path
+    started: float
+
+    def stop(self):
+        """Kill the process group; None (the return code of a stopped case)."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        return None
+
+    def result(self, rc, systems: list) -> tuple:
+        elapsed = time.perf_counter() - self.started
+        path, log = self.path, self.log
+        done = json.loads(path.read_text()) if path.exists() else {"case": {"case": self.case.name}, "results": []}
+        info, records = done["case"], done["results"]
+        info["process_s"] = round(elapsed, 1)
+        if rc == 0 or "skipped" in info:
+            return info, records
+        why = (f"stopped by --time-limit after {elapsed:.0f} s" if rc is None else
+               f"case process exited with status {rc}: " + " ".join(log.read_text()[-1500:].split()))
+        info["incomplete"] = why
+        finished = {r["system"] for r in records if "median_ms" in r or "error" in r}
+        records = [r for r in records if r["system"] in finished]
+        records += [{"case": self.case.name, "system": s.name, "label": s.label, "error": "not measured: " + why}
+                    for s in systems if s.name not in finished]
         return info, records
-    why = (f"stopped by --time-limit after {elapsed:.0f} s" if rc is None else
-           f"case process exited with status {rc}: " + " ".join(log.read_text()[-1500:].split()))
-    info["incomplete"] = why
-    finished = {r["system"] for r in records}
-    records += [{"case": case.name, "system": s.name, "label": s.label, "error": "not measured: " + why}
-                for s in systems if s.name not in finished]
-    return info, records
+
+
+def _start_case(case: Case, args: argparse.Namespace, tmp: Path, gate: Optional[Path] = None) -> _CaseJob:
+    path, log = tmp / f"{case.name}.json", tmp / f"{case.name}.log"
+    argv = _worker_argv(args, case, path) + (["--gate", str(gate)] if gate is not None else [])
+    with open(log, "w") as err:
+        proc = subprocess.Popen(argv, stderr=err, start_new_session=True)
+    return _CaseJob(case, proc, path, log, time.perf_counter())
+
+
+def run_parallel(cases: list, args: argparse.Namespace, systems: list, tmp: Path, started: float,
+                 done: Callable) -> list:
+    """``--jobs``: up to ``args.jobs`` case processes set up at once; one at a time is let through
+    its gate to time its systems, when no other running case is still setting up (or the oldest
+    ready one has waited ``args.setup_wait`` seconds). ``done(info, records)`` is called per case
+    as it finishes. Returns the cases not started for lack of time."""
+    gate = tmp / "gate"
+    gate.mkdir(exist_ok=True)
+    pending, running, not_run = list(cases), [], []
+    granted, ready_since = None, {}
+    while pending or running:
+        left = None if args.time_limit is None else args.time_limit - (time.perf_counter() - started)
+        while pending and len(running) < args.jobs:
+            case = pending.pop(0)
+            if left is not None and left < MIN_CASE_S and not missing_packages(case):
+                not_run.append(case.name)
+                continue
+            print(f"[{case.name}] starting (own process, {args.jobs} at once)", flush=True)
+            running.append(_start_case(case, args, tmp, gate))
+        for job in list(running):
+            rc = job.proc.poll()
+            if rc is None and left is not None and left <= 0:
+                rc = job.stop()
+            elif rc is None:
+                continue
+            running.remove(job)
+            granted = None if granted is job else granted
+            done(*job.result(rc, systems))
+        now = time.perf_counter()
+        ready = [j for j in running if (gate / f"{j.case.name}.ready").exists()]
+        for j in ready:
+            ready_since.setdefault(j.case.name, now)
+        if granted is None and ready:
+            first = ready[0]
+            if len(ready) == len(running) or now - ready_since[first.case.name] >= args.setup_wait:
+                granted = first
+                (gate / f"{first.case.name}.go").touch()
+        time.sleep(GATE_POLL_S)
+    return not_run
 
 
 def _write_worker(path: Path, info: dict, records: list) -> None:
@@ -972,14 +1130,15 @@ def main(argv=None) -> int:
     systems = [s for s in _pick(args.systems, SYSTEMS, "system") if cuda or not s.gpu_only]
     if args.worker_json:  # one case's process (see run_isolated)
         with tempfile.TemporaryDirectory(prefix="bench_models_") as tmp:
+            gate = FileGate(args.gate, cases[0].name) if args.gate is not None else None
             info, records = run_case(cases[0], systems, settings, Path(tmp),
-                                     progress=partial(_write_worker, args.worker_json))
+                                     progress=partial(_write_worker, args.worker_json), gate=gate)
         _write_worker(args.worker_json, info, records)
         return 0
     stem = "bench_models_dryrun" if args.dry_run else "bench_models"
     report = {"environment": environment(cuda),
               "settings": vars(settings) | {"dry_run": args.dry_run, "isolate": args.isolate,
-                                            "time_limit_s": args.time_limit},
+                                            "time_limit_s": args.time_limit, "jobs": args.jobs},
               "cases": [], "results": []}
     if args.resume:
         done = _complete(args.out / f"{stem}.json")
@@ -987,7 +1146,16 @@ def main(argv=None) -> int:
     if args.merge or args.resume:
         report = _merge_previous(report, args.out / f"{stem}.json", {c.name for c in cases})
     report["not_run"] = []
+    def finished(info: dict, records: list) -> None:
+        report["cases"].append(info)
+        report["results"] += records
+        report["summary"] = summary(report["results"])
+        write_report(report, args.out, stem)  # after every case, so a crash keeps what was measured
+
     with tempfile.TemporaryDirectory(prefix="bench_models_") as tmp:
+        if args.isolate and args.jobs > 1:
+            report["not_run"] = run_parallel(cases, args, systems, Path(tmp), started, finished)
+            cases = []
         for case in cases:
             left = None if args.time_limit is None else args.time_limit - (time.perf_counter() - started)
             if left is not None and left < MIN_CASE_S and not missing_packages(case):
@@ -995,13 +1163,9 @@ def main(argv=None) -> int:
                 continue
             print(f"[{case.name}] starting ({'own process' if args.isolate else 'this process'})", flush=True)
             if args.isolate:
-                info, records = run_isolated(case, args, systems, Path(tmp), left)
+                finished(*run_isolated(case, args, systems, Path(tmp), left))
             else:
-                info, records = run_case(case, systems, settings, Path(tmp))
-            report["cases"].append(info)
-            report["results"] += records
-            report["summary"] = summary(report["results"])
-            write_report(report, args.out, stem)  # after every case, so a crash keeps what was measured
+                finished(*run_case(case, systems, settings, Path(tmp)))
     report["summary"] = summary(report["results"])
     write_report(report, args.out, stem)
     print(markdown(report))

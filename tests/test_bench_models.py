@@ -74,3 +74,42 @@ def test_ratios_against_compile_graph_and_the_issue_18_summary():
     assert total["cases"] == 12 and math.isclose(total["geomean_ratio"], math.exp(sum(map(math.log, ratios)) / 12))
     assert total["worst_case"] == "c11" and total["over_1_1"] == ["c11"] and not total["meets_issue_18"]
     assert bm.summary(results[:11] + [dict(results[11], ratio_vs_compile_graph=1.0)])["meets_issue_18"]
+
+
+def test_jobs_set_up_cases_at_once_and_time_them_one_at_a_time(tmp_path):
+    cases = ["tiny_cnn_b1", "tiny_cnn_b4", "tiny_gpt2_s16_b1"]
+    assert bm.main(["--dry-run", "--out", str(tmp_path), "--cases", ",".join(cases), "--jobs", "3"]) == 0
+    report = _report(tmp_path)
+    assert report["settings"]["jobs"] == 3 and sorted(c["case"] for c in report["cases"]) == sorted(cases)
+    spans = []
+    for info in report["cases"]:
+        assert "incomplete" not in info and info["gate_wait_s"] >= 0
+        spans.append((info["timed_from"], info["timed_until"]))
+        records = {r["system"]: r for r in report["results"] if r["case"] == info["case"]}
+        assert set(records) == {"eager", "rtxjit"} and not any("error" in r for r in records.values()), records
+        assert records["rtxjit"]["rel_err_ok"] and records["rtxjit"]["median_ms"] > 0
+        assert all("_resident" not in r for r in records.values())
+    spans.sort()
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans  # no two cases timed at once
+    assert "3 set up at once" in (tmp_path / "bench_models_dryrun.md").read_text()
+
+
+def test_jobs_stop_cases_at_the_time_limit_and_start_none_without_time(tmp_path, monkeypatch):
+    """--jobs with a time limit: a case still running at the limit is marked incomplete, its systems
+    'not measured'; with less than MIN_CASE_S left, no case starts and all are listed not run."""
+    import time
+
+    args = bm.parse_args(["--dry-run", "--out", str(tmp_path), "--jobs", "2", "--time-limit", "1"])
+    cases = [c for c in bm.DRY_RUN_CASES if c.name in ("tiny_cnn_b1", "tiny_cnn_b4")]
+    systems = [s for s in bm.SYSTEMS if not s.gpu_only]
+    got = []
+    assert bm.run_parallel(cases, args, systems, tmp_path, time.perf_counter(), got.append) == \
+        ["tiny_cnn_b1", "tiny_cnn_b4"] and got == []  # 1 s left < MIN_CASE_S
+    monkeypatch.setattr(bm, "MIN_CASE_S", 0)
+    assert bm.run_parallel(cases, args, systems, tmp_path, time.perf_counter(),
+                           lambda info, records: got.append((info, records))) == []
+    assert sorted(info["case"] for info, _ in got) == ["tiny_cnn_b1", "tiny_cnn_b4"]
+    for info, records in got:  # a dry-run case takes well over a second (imports, interpreter)
+        assert info["incomplete"].startswith("stopped by --time-limit")
+        assert {r["system"] for r in records} == {"eager", "rtxjit"}
+        assert all(r["error"].startswith("not measured") for r in records)
