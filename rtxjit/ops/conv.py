@@ -18,13 +18,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rtxjit.codegen.templates.conv import render_conv2d, render_nchw_to_nhwc
-from rtxjit.codegen.templates.matmul import TUNE_CANDIDATES, tile_count
+from rtxjit.codegen.templates.conv import render_conv2d, render_conv_split_sum, render_nchw_to_nhwc
+from rtxjit.codegen.templates.matmul import TUNE_CANDIDATES, generic_tile_config, tile_configs, tile_count
 from rtxjit.codegen.view import View
 from rtxjit.errors import ModelError, ShapeError, UnsupportedOpError
 from rtxjit.ops.matmul import check_dot_type, emit_matmul, epilogue_args, launch_tiles, take_epilogue
 from rtxjit.ir.registry import Kind, Rand, Sample, op
-from rtxjit.ir.types import TensorType
+from rtxjit.ir.types import DType, TensorType
 
 AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
 
@@ -331,6 +331,10 @@ def emit_conv(ctx, x: View, w: View, b, out: View, geo: WindowGeometry, group: i
     taps = tap_major(c, geo.kernel, quant is not None)
     if taps and x.strides[1] != 1:
         x = _channels_last(ctx, x)
+    splits = _splits(ctx, m, n, k, c, geo, x.dtype) if taps and group == 1 and not transposed and quant is None else 1
+    if splits > 1:
+        _emit_split_conv(ctx, x, w, bias, out, geo, spatial, upsample, splits)
+        return
     args = []
     for v in [out, x, w] + bias:
         args += [ctx.ptr(v), v.offset]
@@ -345,6 +349,72 @@ def emit_conv(ctx, x: View, w: View, b, out: View, geo: WindowGeometry, group: i
                         unit=unit, fused=fused, depth=x.rank == 5, transposed=transposed,
                         upsample=None if upsample is None else tuple(upsample), quant=quant)
     launch_tiles(ctx, src, args, m, n, k, x.dtype, group, k_cap=c if taps else None)
+
+
+# Split-K (see templates/conv.py's ``split``): "auto" splits a tap-major conv whose output tiles fill
+# less than half of the GPU's SMs (on a GPU only); "off" never; an int forces that many splits (tests).
+SPLIT_K = "auto"
+SPLIT_MAX = 16
+
+
+def _splits(ctx, m: int, n: int, k: int, c: int, geo: WindowGeometry, dtype: DType) -> int:
+    """How many tap ranges the K loop of this conv is split into (1: none). Each split covers
+    ``ceil(taps / splits)`` whole taps. ``auto``: where the first candidate tile configuration gives
+    fewer programs than half the SMs, about one wave (``sm_count`` programs) in all."""
+    taps = int(np.prod(geo.kernel, dtype=np.int64))
+    if SPLIT_K == "off" or dtype is DType.FP64 or taps < 2:
+        return 1
+    if SPLIT_K != "auto":
+        want = int(SPLIT_K)
+    else:
+        if ctx.interpret:
+            return 1
+        cfg = tile_configs(m, n, k, dtype, False, sm=ctx.sm or 90, sm_count=ctx.sm_count, k_cap=c)[0]
+        programs = tile_count(m, n, cfg)
+        if 2 * programs > ctx.sm_count:
+            return 1
+        want = -(-ctx.sm_count // programs)
+    per = -(-taps // max(1, min(want, taps, SPLIT_MAX)))
+    return -(-taps // per)
+
+
+def _emit_split_conv(ctx, x: View, w: View, bias: list, out: View, geo: WindowGeometry, spatial: tuple,
+                     upsample, splits: int) -> None:
+    """A one-group tap-major conv in ``splits`` tap ranges: fp32 partials into a ``[splits, M, N]``
+    workspace, then ``render_conv_split_sum`` adds them and runs the epilogue (bias, fused program)."""
+    m = x.shape[0] * int(np.prod(geo.out, dtype=np.int64))
+    n, c = out.shape[1], x.shape[1]
+    taps = int(np.prod(geo.kernel, dtype=np.int64))
+    k = c * taps
+    per = -(-taps // splits)
+    ws = ctx.temp(DType.FP32, (splits, m, n))
+    args = [ctx.ptr(ws), ws.offset, ctx.ptr(x), x.offset, ctx.ptr(w), w.offset]
+    args += [m, n, k, c, *spatial, *geo.out, *geo.kernel, *geo.strides, *geo.pads_begin, *geo.dilations]
+    args += [*x.strides, *w.strides, *out.strides, per]
+    unit = frozenset(name for name, st in (("x_sc", x.strides[1]), ("x_sw", x.strides[-1]), ("w_sco", w.strides[0]),
+                                           ("out_sw", out.strides[-1])) if st == 1)
+    depth = x.rank == 5
+    ups = None if upsample is None else tuple(upsample)
+    src = render_conv2d(x.dtype, False, wide=ctx.needs_wide(ws, x, w), tap_major=True, unit=unit, depth=depth,
+                        upsample=ups, split=True)
+    cfgs = tile_configs(m, n, k, x.dtype, ctx.interpret, sm=ctx.sm or 90, sm_count=ctx.sm_count, k_cap=c)
+    generic = generic_tile_config(a_dtype=x.dtype, k_cap=c)
+    ctx.launch_tuned(src, [((tile_count(m, n, cfg), 1, splits), cfg) for cfg in cfgs], args,
+                     ctx.tune_key(src, m, n, k, splits), generic=((tile_count(m, n, generic), 1, splits), generic))
+    fused, extras = take_epilogue(ctx, x.dtype, out.shape)
+    args = [ctx.ptr(out), out.offset, ctx.ptr(ws), ws.offset]
+    for v in bias:
+        args += [ctx.ptr(v), v.offset]
+    args += [m, n, splits, *geo.out, *out.strides] + [st for v in bias for st in v.strides]
+    args += epilogue_args(ctx, fused, extras, lambda e: e.strides)
+    src = render_conv_split_sum(x.dtype, bool(bias), wide=ctx.needs_wide(out, ws, *extras), unit=unit & {"out_sw"},
+                                fused=fused, depth=depth)
+    cfg = SPLIT_SUM_TILE if not ctx.interpret else dict(SPLIT_SUM_TILE, BLOCK_M=max(16, min(256, _pow2(m))),
+                                                        BLOCK_N=max(16, min(64, _pow2(n))))
+    ctx.launch(src, (tile_count(m, n, cfg),), args, **cfg)
+
+
+SPLIT_SUM_TILE = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8, "EVEN_K": False, "num_warps": 4}
 
 
 def _emit_depthwise(ctx, x: View, w: View, bias: list, out: View, geo: WindowGeometry, spatial: tuple,

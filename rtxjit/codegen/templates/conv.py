@@ -147,7 +147,7 @@ def _tap_split(axes: str) -> list:
 
 
 def _tap_major_loop(dtype: DType, wide: bool, unit: frozenset, axes: str, transposed: bool,
-                    upsample: tuple = None, quant: QuantConv = None) -> list:
+                    upsample: tuple = None, quant: QuantConv = None, split: bool = False) -> list:
     w = int64_suffix(wide)
     acc, pad, to_operands, step = _arithmetic(dtype, quant)
     a_cols = scaled("ci[None, :]", "x_sc", unit)  # channels-last input: 16-byte loads, pipelined
@@ -161,7 +161,10 @@ def _tap_major_loop(dtype: DType, wide: bool, unit: frozenset, axes: str, transp
         f"    w_cols = w_ptr + w_off + {scaled('co', 'w_sco', unit)}",
         f"    rc = tl.arange(0, BLOCK_K){w}",
         "    c_steps = tl.cdiv(C, BLOCK_K)",
-        f"    for step in range(0, {taps} * c_steps):",
+        *([f"    step_lo = split * split_taps * c_steps",  # split-K: this program's taps, all their channels
+           f"    step_hi = tl.minimum({taps} * c_steps, step_lo + split_taps * c_steps)",
+           "    for step in range(step_lo, step_hi):"] if split else
+          [f"    for step in range(0, {taps} * c_steps):"]),
         "        tap = step // c_steps",
         "        c0 = (step - tap * c_steps) * BLOCK_K",
         *_tap_split(axes),
@@ -239,7 +242,7 @@ def _pixel(axes: str, stride: str, unit: frozenset = frozenset(), last: str = No
 def render_conv2d(dtype: DType, has_bias: bool, wide: bool = False, tap_major: bool = True,
                   unit: frozenset = frozenset(), fused=None, depth: bool = False,
                   transposed: bool = False, upsample: tuple = None, quant: QuantConv = None,
-                  depthwise: bool = False) -> KernelSource:
+                  depthwise: bool = False, split: bool = False) -> KernelSource:
     """The kernel for ``Conv`` over 2-D NCHW views (3-D NCDHW ones with ``depth``; ConvTranspose's
     gather form with ``transposed``; the Conv of ``x`` upsampled by ``upsample``, a factor per
     spatial axis, nearest: ``None`` or all 1 for none).
@@ -260,6 +263,13 @@ def render_conv2d(dtype: DType, has_bias: bool, wide: bool = False, tap_major: b
     ``depthwise``: ``C`` and the output channels per group are 1; ``N`` is then all output channels
     (the module docstring), ``K`` the taps, and the launch has one program along ``program_id(1)``.
     Not combined with ``transposed`` or ``quant``.
+
+    ``split`` (split-K, one group, tap-major loop, no bias or fused epilogue): program
+    ``(tile, 0, s)`` sums taps ``[s * split_taps, (s + 1) * split_taps)`` (all their channels) and
+    stores the fp32 tile into ``out`` as a contiguous ``[splits, M, N]`` workspace; the second
+    kernel (``render_conv_split_sum``) adds the splits and runs the epilogue. One extra argument,
+    ``split_taps``, after the strides. A conv with few output tiles (a 3x3 conv at 14 x 14 pixels:
+    16 tiles of 64 x 64 on 132 SMs) then fills the GPU.
     """
     axes = "dhw" if depth else "hw"
     if upsample is not None and all(f == 1 for f in upsample):
@@ -276,15 +286,18 @@ def render_conv2d(dtype: DType, has_bias: bool, wide: bool = False, tap_major: b
     params += ["bias_sm", "bias_sn"] if has_bias else []
     params += quant.params(axes) if quant else []
     params += fused.params([f"s{a}" for a in "nc" + axes]) if fused else []  # extras as NC(D)HW views
+    params += ["split_taps"] if split else []
     if depthwise and (transposed or quant is not None):
         raise InternalError("conv template: depthwise is not combined with transposed or quant")
+    if split and (not tap_major or depthwise or transposed or quant is not None or fused is not None or has_bias):
+        raise InternalError("conv template: split-K runs the tap-major loop without bias or fused epilogue")
     if depthwise:
         loop = _depthwise_loop(dtype, unit, axes, upsample)
     elif tap_major:
-        loop = _tap_major_loop(dtype, wide, unit, axes, transposed, upsample, quant)
+        loop = _tap_major_loop(dtype, wide, unit, axes, transposed, upsample, quant, split)
     else:
         loop = _flat_loop(dtype, wide, unit, axes, transposed, upsample, quant)
-    split, nb = _split("rm", axes, "o", "O", "nb")
+    pixel_lines, nb = _split("rm", axes, "o", "O", "nb")
     if transposed:  # i = (o + pad - k * dil) / stride
         bases = [f"    t{a}0 = o{a} + pad_{a}" for a in axes]
     else:
@@ -293,8 +306,9 @@ def render_conv2d(dtype: DType, has_bias: bool, wide: bool = False, tap_major: b
         signature(name, params),
         *tile_indices(wide),
         f"    g = tl.program_id(1){int64_suffix(wide)}",
+        *([f"    split = tl.program_id(2){int64_suffix(wide)}"] if split else []),
         "    co = g * N + rn",
-        *(f"    {line}" for line in split),
+        *(f"    {line}" for line in pixel_lines),
         f"    nb = {nb}",
         *bases,
         "    x_base = x_off + nb * x_sn + g * C * x_sc",
@@ -303,7 +317,9 @@ def render_conv2d(dtype: DType, has_bias: bool, wide: bool = False, tap_major: b
         f"    out_pixel = {_pixel(axes, 'out_s', unit)}",
     ]
     out_addr = "out_ptr + out_off + out_pixel[:, None] + co[None, :] * out_sc"
-    if quant is None:
+    if split:  # fp32 partials to the [splits, M, N] workspace
+        lines.append("    tl.store(out_ptr + out_off + (split * M + rm[:, None]) * N + rn[None, :], acc, mask=mask)")
+    elif quant is None:
         lines += epilogue(out_addr, dtype, has_bias, scaled=False, cols="co", fused=fused,
                           fused_addr=lambda k: _extra_addr(k, axes))
     else:
@@ -315,6 +331,42 @@ def render_conv2d(dtype: DType, has_bias: bool, wide: bool = False, tap_major: b
     header += quant.header() if quant else ""
     if upsample is not None:
         header += f" upsample={'x'.join(str(f) for f in upsample)}"
+    if split:
+        header += " split_k"
+    if unit:
+        header += f" unit_strides={','.join(sorted(unit))}"
+    return render(name, header, "\n".join(lines))
+
+
+def render_conv_split_sum(dtype: DType, has_bias: bool, wide: bool = False, unit: frozenset = frozenset(),
+                          fused=None, depth: bool = False) -> KernelSource:
+    """The second kernel of a split-K convolution: ``out = sum over s of ws[s]`` (in split order,
+    the same bits on every run), then the conv's epilogue (bias, fused program) at the conv's
+    output addresses. Arguments: ``out, ws`` (and ``bias``) as pointer and offset; ``M, N,
+    splits``; the output sizes ``(OD,) OH, OW``; the strides of ``out`` (and ``bias_sm, bias_sn``);
+    the fused epilogue's. Tiles as the conv's (``BLOCK_M`` pixels x ``BLOCK_N`` channels)."""
+    axes = "dhw" if depth else "hw"
+    name = f"conv{len(axes)}d_split_sum"
+    params = ["out_ptr", "out_off", "ws_ptr", "ws_off", *bias_params(has_bias), "M", "N", "splits"]
+    params += [f"O{a.upper()}" for a in axes] + [f"out_s{a}" for a in "nc" + axes]
+    params += ["bias_sm", "bias_sn"] if has_bias else []
+    params += fused.params([f"s{a}" for a in "nc" + axes]) if fused else []
+    pixel_lines, nb = _split("rm", axes, "o", "O", "nb")
+    lines = [
+        signature(name, params),
+        *tile_indices(wide),
+        "    co = rn",
+        *(f"    {line}" for line in pixel_lines),
+        f"    nb = {nb}",
+        "    mask = (rm[:, None] < M) & (rn[None, :] < N)",
+        "    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
+        "    for s in range(0, splits):",
+        "        acc += tl.load(ws_ptr + ws_off + (s * M + rm[:, None]) * N + rn[None, :], mask=mask, other=0.0)",
+        f"    out_pixel = {_pixel(axes, 'out_s', unit)}",
+        *epilogue("out_ptr + out_off + out_pixel[:, None] + co[None, :] * out_sc", dtype, has_bias, scaled=False,
+                  cols="co", fused=fused, fused_addr=lambda k: _extra_addr(k, axes)),
+    ]
+    header = f"{name} out={dtype.short} bias={has_bias}" + (fused.header() if fused else "")
     if unit:
         header += f" unit_strides={','.join(sorted(unit))}"
     return render(name, header, "\n".join(lines))

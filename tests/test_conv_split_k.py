@@ -1,0 +1,113 @@
+"""Split-K convolutions: a one-group tap-major conv with few output tiles (a 3x3 conv at 14 x 14
+pixels at batch 1) splits its taps over programs, writes fp32 partials to a workspace and adds them
+in a second kernel that runs the epilogue. On the interpreter ``SPLIT_K`` forces the split; checked
+against onnxruntime: strides, padding, a channel tail, no bias, fused residual + activation, fp16,
+3-D, a channels-last output read by the next conv; and the GPU heuristic's choices."""
+
+from __future__ import annotations
+
+import importlib
+from types import SimpleNamespace
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+import rtxjit
+from rtxjit.ir.types import DType
+from rtxjit.ops.conv import WindowGeometry
+from tests.oprunner import rel_error
+
+conv_ops = importlib.import_module("rtxjit.ops.conv")
+
+ONNX_TYPE = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
+TOL = {np.float32: 1e-4, np.float16: 1e-2}
+
+
+def _const(name, a):
+    return helper.make_tensor(name, ONNX_TYPE[a.dtype.type], a.shape, a.tobytes(), raw=True)
+
+
+def _convs(x_shape, layers, dtype, rng, tail=(), extra_inputs=()):
+    """A chain of Convs (``layers``: (out channels, kernel, attrs, bias)) then ``tail`` nodes."""
+    nodes, inits, prev, c = [], [], "x", x_shape[1]
+    for i, (cout, kernel, attrs, bias) in enumerate(layers):
+        w = (rng.standard_normal((cout, c, *kernel)) / np.sqrt(c * np.prod(kernel))).astype(dtype)
+        inits.append(_const(f"w{i}", w))
+        ins = [prev, f"w{i}"]
+        if bias:
+            inits.append(_const(f"b{i}", rng.standard_normal(cout).astype(dtype)))
+            ins.append(f"b{i}")
+        nodes.append(helper.make_node("Conv", ins, [f"c{i}"], name=f"conv{i}", kernel_shape=list(kernel), **attrs))
+        prev, c = f"c{i}", cout
+    nodes += list(tail) or [helper.make_node("Identity", [prev], ["y"])]
+    inputs = [helper.make_tensor_value_info("x", ONNX_TYPE[dtype], list(x_shape))]
+    inputs += [helper.make_tensor_value_info(n, ONNX_TYPE[dtype], list(s)) for n, s in extra_inputs]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", ONNX_TYPE[dtype], None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _check(monkeypatch, proto, feeds, dtype, splits):
+    monkeypatch.setattr(conv_ops, "SPLIT_K", splits)
+    sess = rtxjit.InferenceSession(proto.SerializeToString())
+    (got,) = sess.run(None, feeds)
+    (want,) = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    assert got.shape == want.shape and rel_error(got, want) <= TOL[dtype], rel_error(got, want)
+    return [s for s in sess.last_executable.plan.steps if "split" in s.kernel.name or "split_k" in s.kernel.text]
+
+
+CASES = [  # x shape, (out channels, kernel, attrs, bias), splits, expected grid dim 2
+    ((1, 32, 14, 14), (48, (3, 3), {"pads": [1, 1, 1, 1]}, True), 9, 9),
+    ((1, 32, 14, 14), (48, (3, 3), {"pads": [1, 1, 1, 1]}, True), 4, 3),  # 9 taps in ranges of 3
+    ((2, 20, 9, 11), (24, (3, 3), {"pads": [1, 0, 1, 2], "strides": [2, 2]}, False), 3, 3),  # channel tail, no bias
+    ((1, 16, 6, 5, 7), (16, (3, 3, 3), {"pads": [1] * 6}, True), 5, 5),  # 3-D: 27 taps in ranges of 6
+]
+
+
+@pytest.mark.parametrize("x_shape, layer, splits, grid2", CASES, ids=["9", "4->3", "tail-nobias", "3d"])
+def test_split_conv_matches_onnxruntime(monkeypatch, x_shape, layer, splits, grid2):
+    rng = np.random.default_rng(0)
+    proto = _convs(x_shape, [layer], np.float32, rng)
+    split = _check(monkeypatch, proto, {"x": rng.standard_normal(x_shape).astype(np.float32)}, np.float32, splits)
+    conv, total = split
+    assert conv.grid[2] == grid2 and total.kernel.name.endswith("_split_sum")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+def test_split_conv_runs_a_fused_residual_and_activation_in_its_sum(monkeypatch, dtype):
+    rng = np.random.default_rng(1)
+    tail = [helper.make_node("Add", ["c0", "r"], ["s"]), helper.make_node("Sigmoid", ["s"], ["y"])]
+    proto = _convs((1, 32, 14, 14), [(48, (3, 3), {"pads": [1, 1, 1, 1]}, True)], dtype, rng, tail,
+                   [("r", (1, 48, 14, 14))])
+    feeds = {"x": rng.standard_normal((1, 32, 14, 14)).astype(dtype),
+             "r": rng.standard_normal((1, 48, 14, 14)).astype(dtype)}
+    conv, total = _check(monkeypatch, proto, feeds, dtype, 9)
+    assert "bias=False" in conv.kernel.text.split("\n")[0] and "split_k" in conv.kernel.text.split("\n")[0]
+    assert "sigmoid" in total.kernel.text.lower() and "bias=True" in total.kernel.text.split("\n")[0]
+
+
+def test_split_conv_writes_channels_last_for_the_next_conv(monkeypatch):
+    rng = np.random.default_rng(2)
+    layers = [(32, (3, 3), {"pads": [1, 1, 1, 1]}, True), (16, (3, 3), {"pads": [1, 1, 1, 1]}, True)]
+    proto = _convs((1, 16, 8, 8), layers, np.float32, rng)
+    split = _check(monkeypatch, proto, {"x": rng.standard_normal((1, 16, 8, 8)).astype(np.float32)}, np.float32, 3)
+    assert len(split) == 4  # both convs split: two partial kernels, two sums
+
+
+def _ctx(sm_count=132, interpret=False):
+    return SimpleNamespace(interpret=interpret, sm=90, sm_count=sm_count)
+
+
+def test_auto_splits_only_convs_that_leave_most_sms_idle(monkeypatch):
+    monkeypatch.setattr(conv_ops, "SPLIT_K", "auto")
+    geo3 = WindowGeometry(kernel=(3, 3), strides=(1, 1), dilations=(1, 1), pads_begin=(1, 1), pads_end=(1, 1),
+                          out=(14, 14))
+    # resnet50 layer3 3x3 at batch 1: M 196, N 256: 16 tiles of 64 x 64 on 132 SMs -> split
+    assert conv_ops._splits(_ctx(), 196, 256, 256 * 9, 256, geo3, DType.FP16) > 1
+    # the same conv at batch 32 fills the GPU: no split; nor on the interpreter, nor fp64
+    assert conv_ops._splits(_ctx(), 32 * 196, 256, 256 * 9, 256, geo3, DType.FP16) == 1
+    assert conv_ops._splits(_ctx(interpret=True), 196, 256, 256 * 9, 256, geo3, DType.FP16) == 1
+    assert conv_ops._splits(_ctx(), 196, 256, 256 * 9, 256, geo3, DType.FP64) == 1
+    monkeypatch.setattr(conv_ops, "SPLIT_K", "off")
+    assert conv_ops._splits(_ctx(), 196, 256, 256 * 9, 256, geo3, DType.FP16) == 1
