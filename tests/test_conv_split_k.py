@@ -111,3 +111,49 @@ def test_auto_splits_only_convs_that_leave_most_sms_idle(monkeypatch):
     assert conv_ops._splits(_ctx(), 196, 256, 256 * 9, 256, geo3, DType.FP64) == 1
     monkeypatch.setattr(conv_ops, "SPLIT_K", "off")
     assert conv_ops._splits(_ctx(), 196, 256, 256 * 9, 256, geo3, DType.FP16) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+def test_gpu_resnet_and_mobilenet_convs_split_and_depthwise_match_onnxruntime(dtype):
+    """On the GPU at batch 1: a 3x3 conv at 14 x 14 pixels (16 tiles: auto split-K), a depthwise
+    3x3 and a 1x1 conv with a fused ReLU; generic kernels first, then the specialized (tuned) ones,
+    each against onnxruntime in fp32 on the same (rounded) inputs and weights."""
+    _check_block(dtype, "cuda")
+
+
+def test_the_block_of_the_gpu_test_on_the_interpreter(monkeypatch):
+    monkeypatch.setattr(conv_ops, "SPLIT_K", 9)  # the interpreter never splits on its own
+    _check_block(np.float32, None)
+
+
+def _check_block(dtype, device):
+    rng = np.random.default_rng(7)
+    layers = [(256, (3, 3), {"pads": [1, 1, 1, 1]}, True)]
+    proto = _convs((1, 256, 14, 14), layers, dtype, rng,
+                   tail=[helper.make_node("Relu", ["c0"], ["r0"])])
+    c = 256
+    w_dw = (rng.standard_normal((c, 1, 3, 3)) / 3).astype(dtype)
+    w_pw = (rng.standard_normal((64, c, 1, 1)) / 16).astype(dtype)
+    proto.graph.initializer.extend([_const("wdw", w_dw), _const("wpw", w_pw)])
+    proto.graph.node.extend([helper.make_node("Conv", ["r0", "wdw"], ["d0"], group=c, kernel_shape=[3, 3],
+                                              pads=[1, 1, 1, 1]),
+                             helper.make_node("Conv", ["d0", "wpw"], ["p0"], kernel_shape=[1, 1]),
+                             helper.make_node("Relu", ["p0"], ["y"])])
+    x = rng.standard_normal((1, 256, 14, 14)).astype(dtype)
+    proto32 = helper.make_model(proto.graph, opset_imports=[helper.make_opsetid("", 17)])
+    for init in proto32.graph.initializer:  # the same weights in fp32
+        if init.data_type == TensorProto.FLOAT16:
+            a = np.frombuffer(init.raw_data, np.float16).astype(np.float32)
+            init.CopyFrom(helper.make_tensor(init.name, TensorProto.FLOAT, init.dims, a.tobytes(), raw=True))
+    for v in list(proto32.graph.input) + list(proto32.graph.output):
+        v.type.tensor_type.elem_type = TensorProto.FLOAT
+    (want,) = ort.InferenceSession(proto32.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x.astype(np.float32)})
+    sess = rtxjit.InferenceSession(proto.SerializeToString(), device=device)
+    for _ in range(2):
+        (got,) = sess.run(None, {"x": x})
+        assert rel_error(got, want) <= TOL[dtype], rel_error(got, want)
+        sess.wait_for_specialization(timeout=300)
+    texts = [s.kernel.text.split("\n")[0] for s in sess.last_executable.plan.steps]
+    assert any("split_k" in t for t in texts) and any("loop=depthwise" in t for t in texts), texts
