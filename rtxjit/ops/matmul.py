@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from rtxjit.codegen.templates.epilogue import FusedEpilogue
-from rtxjit.codegen.templates.matmul import generic_tile_config, render_matmul, tile_configs, tile_count, unit_strides
+from rtxjit.codegen.templates.matmul import (generic_tile_config, render_matmul, render_matmul_split_sum, tile_configs,
+                                             tile_count, unit_strides)
 from rtxjit.codegen.view import View
 from rtxjit.errors import ModelError, ShapeError, UnsupportedOpError
 from rtxjit.ir.registry import Kind, Rand, Sample, op
@@ -79,6 +80,9 @@ def emit_matmul(ctx, a: View, b: View, out: View, bias: View = None, alpha: floa
     check_dot_type(ctx, a.dtype)
     batch = out.shape[:-2]
     m, n, k = out.shape[-2], out.shape[-1], a.shape[-1]
+    splits, k_per = _splits(ctx, m, n, k, a.dtype) if int(np.prod(batch, dtype=np.int64)) == 1 else (1, k)
+    if splits > 1 and _emit_split(ctx, a, b, out, bias, alpha, beta, splits, k_per):
+        return
     views = [out, a.broadcast_to(batch + a.shape[-2:]), b.broadcast_to(batch + b.shape[-2:])]
     if bias is not None:
         views.append(bias.broadcast_to(out.shape))
@@ -112,6 +116,80 @@ def launch_tiles(ctx, src, args: list, m: int, n: int, k: int, dtype, nbatch: in
     generic = generic_tile_config(a_dtype=dtype, k_cap=k_cap)
     ctx.launch_tuned(src, choices, args, ctx.tune_key(src, m, n, k, nbatch),
                      generic=((tile_count(m, n, generic), nbatch), generic))
+
+
+# Split-K (templates/matmul.py's ``split``): "auto" splits K of a product (no batch, or a batch of
+# one) whose output tiles fill less than half of the GPU's SMs (on a GPU only); "off" never; an int
+# forces about that many splits (tests).
+SPLIT_K = "auto"
+SPLIT_MAX = 16
+SPLIT_MIN_STEPS = 2  # K steps of the largest candidate BLOCK_K per split, at least
+SPLIT_SUM_TILE = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8, "EVEN_K": False, "num_warps": 4}
+
+
+def _splits(ctx, m: int, n: int, k: int, dtype: DType) -> tuple:
+    """``(splits, k_per)``: K in ``splits`` ranges of ``k_per`` (a multiple of every candidate
+    ``BLOCK_K``), or ``(1, k)``. ``auto``: about one wave of ``sm_count`` programs where the first
+    candidate tile configuration gives fewer than half that, each split at least
+    ``SPLIT_MIN_STEPS`` K steps."""
+    if SPLIT_K == "off" or dtype is DType.FP64 or not all(isinstance(d, int) for d in (m, n, k)) or (
+            SPLIT_K == "auto" and ctx.interpret):
+        return 1, k
+    cfgs = tile_configs(m, n, k, dtype, ctx.interpret, sm=ctx.sm or 90, sm_count=ctx.sm_count)
+    if SPLIT_K == "auto":
+        programs = tile_count(m, n, cfgs[0])
+        if 2 * programs > ctx.sm_count:
+            return 1, k
+        want = -(-ctx.sm_count // programs)
+    else:
+        want = int(SPLIT_K)
+    step = max([c["BLOCK_K"] for c in cfgs] + [generic_tile_config(a_dtype=dtype)["BLOCK_K"]])
+    most = k // (step * SPLIT_MIN_STEPS)
+    if most < 2:
+        return 1, k
+    splits = min(want, most, SPLIT_MAX)
+    k_per = -(-(-(-k // splits)) // step) * step
+    return -(-k // k_per), k_per
+
+
+def _emit_split(ctx, a: View, b: View, out: View, bias, alpha: float, beta: float, splits: int, k_per: int) -> bool:
+    """A product with one (or no) batch index in ``splits`` K ranges: fp32 partials into a
+    ``[splits, M, N]`` workspace, then ``render_matmul_split_sum`` adds them and runs the epilogue.
+    False (nothing launched) where the views do not drop their batch dims of size 1."""
+    m, n, k = out.shape[-2], out.shape[-1], a.shape[-1]
+    try:
+        a2, b2, o2 = (v.reshape(v.shape[-2:]) for v in (a.broadcast_to(out.shape[:-2] + a.shape[-2:]),
+                                                         b.broadcast_to(out.shape[:-2] + b.shape[-2:]), out))
+        c2 = None if bias is None else bias.broadcast_to(out.shape).reshape((m, n))
+    except ValueError:
+        return False
+    ws = ctx.temp(DType.FP32, (splits, m, n))
+    unit = unit_strides(a_sm=a2.strides[0], a_sk=a2.strides[1], b_sk=b2.strides[0], b_sn=b2.strides[1])
+    src = render_matmul(a.dtype, DType.FP32, 0, False, wide=ctx.needs_wide(ws, a2, b2), unit=unit, split=True)
+    args = [ctx.ptr(ws), ws.offset, ctx.ptr(a2), a2.offset, ctx.ptr(b2), b2.offset, 1.0, m, n, k, n, 1]
+    args += [*a2.strides, *b2.strides, k_per]
+    cfgs = tile_configs(m, n, k, a.dtype, ctx.interpret, sm=ctx.sm or 90, sm_count=ctx.sm_count)
+    generic = generic_tile_config(a_dtype=a.dtype)
+    ctx.launch_tuned(src, [((tile_count(m, n, c), splits), c) for c in cfgs], args,
+                     ctx.tune_key(src, m, n, k, splits), generic=((tile_count(m, n, generic), splits), generic))
+    fused, extras = take_epilogue(ctx, a.dtype, (m, n))
+    views = [o2, ws] + ([] if c2 is None else [c2])
+    args = []
+    for v in views:
+        args += [ctx.ptr(v), v.offset]
+    args += [float(alpha)] + ([float(beta)] if c2 is not None else []) + [m, n, splits, *o2.strides]
+    args += [] if c2 is None else list(c2.strides)
+    args += epilogue_args(ctx, fused, extras, lambda e: e.strides)
+    src = render_matmul_split_sum(out.dtype, c2 is not None, wide=ctx.needs_wide(*views, *extras),
+                                  unit=unit_strides(out_sm=o2.strides[0], out_sn=o2.strides[1]), fused=fused)
+    cfg = SPLIT_SUM_TILE if not ctx.interpret else dict(SPLIT_SUM_TILE, BLOCK_M=max(16, min(256, _pow2(m))),
+                                                        BLOCK_N=max(16, min(64, _pow2(n))))
+    ctx.launch(src, (tile_count(m, n, cfg),), args, **cfg)
+    return True
+
+
+def _pow2(v: int) -> int:
+    return 1 << max(0, int(v) - 1).bit_length()
 
 
 # --- MatMul

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 from rtxjit.codegen.source import KernelSource, render
 from rtxjit.codegen.templates.matmul import (acc_type, bias_params, epilogue, int64_suffix, k_loop, product,
-                                             scaled, signature, tile_indices)
+                                             scaled, signature, split_sum, tile_indices)
 from rtxjit.codegen.templates.quant_gemm import QuantConv, int8_operand
 from rtxjit.codegen.dtypes import TL
 from rtxjit.errors import InternalError
@@ -359,9 +359,7 @@ def render_conv_split_sum(dtype: DType, has_bias: bool, wide: bool = False, unit
         *(f"    {line}" for line in pixel_lines),
         f"    nb = {nb}",
         "    mask = (rm[:, None] < M) & (rn[None, :] < N)",
-        "    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
-        "    for s in range(0, splits):",
-        "        acc += tl.load(ws_ptr + ws_off + (s * M + rm[:, None]) * N + rn[None, :], mask=mask, other=0.0)",
+        *split_sum(wide),
         f"    out_pixel = {_pixel(axes, 'out_s', unit)}",
         *epilogue("out_ptr + out_off + out_pixel[:, None] + co[None, :] * out_sc", dtype, has_bias, scaled=False,
                   cols="co", fused=fused, fused_addr=lambda k: _extra_addr(k, axes)),

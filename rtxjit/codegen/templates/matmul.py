@@ -22,6 +22,7 @@ import textwrap
 
 from rtxjit.codegen.dtypes import TL
 from rtxjit.codegen.source import KernelSource, render
+from rtxjit.errors import InternalError
 from rtxjit.ir.types import DType
 
 BLOCK_PARAMS = ["BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_K: tl.constexpr",
@@ -68,15 +69,19 @@ def acc_type(dtype: DType) -> DType:
     return DType.FP64 if dtype is DType.FP64 else DType.FP32
 
 
-def k_loop(load_tiles: list, dtype: DType, wide: bool) -> list:
+def k_loop(load_tiles: list, dtype: DType, wide: bool, split: bool = False) -> list:
     """Lines of the reduction over K into the tile ``acc`` (of ``acc_type``).
 
     ``load_tiles`` are loop-body lines (8-space indent) that define the ``[BLOCK_M, BLOCK_K]`` tile
     ``a`` and the ``[BLOCK_K, BLOCK_N]`` tile ``b`` from ``rk``, the K indices of this step.
+    ``split``: only ``[split * k_per, (split + 1) * k_per)`` of K (``k_per`` a multiple of
+    ``BLOCK_K``, ``split`` defined before), for a split-K product.
     """
+    steps = (["    k_lo = split * k_per", "    for k0 in range(k_lo, tl.minimum(K, k_lo + k_per), BLOCK_K):"]
+             if split else ["    for k0 in range(0, K, BLOCK_K):"])
     return [
         f"    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype={TL[acc_type(dtype)]})",
-        "    for k0 in range(0, K, BLOCK_K):",
+        *steps,
         f"        rk = k0 + tl.arange(0, BLOCK_K){int64_suffix(wide)}",
         *load_tiles,
         f"        acc = {product(dtype)}",
@@ -152,7 +157,7 @@ def masked_load(name: str, addr: str, mask: str, k_mask: str) -> list:
 
 
 def render_matmul(dtype: DType, out_dtype: DType, batch_rank: int, has_bias: bool,
-                  wide: bool = False, unit: frozenset = frozenset(), fused=None) -> KernelSource:
+                  wide: bool = False, unit: frozenset = frozenset(), fused=None, split: bool = False) -> KernelSource:
     """``out[b] = alpha * (a[b] @ b[b]) + beta * bias[b]`` for every batch index ``b``.
 
     Arguments, in order: ``out, a, b`` (and ``bias``) as pointer and offset; ``alpha`` (and
@@ -160,7 +165,16 @@ def render_matmul(dtype: DType, out_dtype: DType, batch_rank: int, has_bias: boo
     operands' strides along it. Block sizes, ``GROUP_M`` and ``EVEN_K`` are constexprs. ``unit``
     names the matrix strides (``a_sk``, ``b_sn``, ...) that are 1 for this launch: a source
     specialization (the argument is still passed), as Triton's own ``== 1`` specialization would be.
+
+    ``split`` (split-K; no batch dims, bias or fused epilogue): program ``(tile, s)`` multiplies K
+    range ``[s * k_per, (s + 1) * k_per)`` (``k_per``, one more argument after the strides) and
+    stores its fp32 tile into ``out``, a contiguous ``[splits, M, N]`` workspace;
+    ``render_matmul_split_sum`` adds the splits and runs the epilogue (alpha, beta * bias, fused).
+    A product with few output tiles (bert-base's ``[128, 3072] @ [3072, 768]`` at batch 1: 24 tiles
+    of 64 x 64 on 132 SMs, 48 K steps each) then fills the GPU.
     """
+    if split and (batch_rank or has_bias or fused is not None):
+        raise InternalError("matmul template: split-K has no batch dims, bias or fused epilogue")
     extras = [f"e{k}" for k in range(len(fused.extra_dtypes))] if fused else []
     operands = ["out", "a", "b"] + (["bias"] if has_bias else []) + extras
     params = ["out_ptr", "out_off", "a_ptr", "a_off", "b_ptr", "b_off", *bias_params(has_bias), "alpha"]
@@ -168,6 +182,7 @@ def render_matmul(dtype: DType, out_dtype: DType, batch_rank: int, has_bias: boo
     params += ["M", "N", "K", "out_sm", "out_sn", "a_sm", "a_sk", "b_sk", "b_sn"]
     params += ["bias_sm", "bias_sn"] if has_bias else []
     params += fused.params(["sm", "sn"]) if fused else []
+    params += ["k_per"] if split else []
     for d in range(batch_rank):
         params += [f"size{d}"] + [f"{name}_sb{d}" for name in operands]
     a_addr = f"a_ptr + a_off + {scaled('rm[:, None]', 'a_sm', unit)} + {scaled('rk[None, :]', 'a_sk', unit)}"
@@ -175,20 +190,65 @@ def render_matmul(dtype: DType, out_dtype: DType, batch_rank: int, has_bias: boo
     loads = [*masked_load("a", a_addr, "(rm[:, None] < M)", "(rk[None, :] < K)"),
              *masked_load("b", b_addr, "(rn[None, :] < N)", "(rk[:, None] < K)")]
     out_addr = f"out_ptr + out_off + {scaled('rm[:, None]', 'out_sm', unit)} + {scaled('rn[None, :]', 'out_sn', unit)}"
+    if split:  # fp32 partials to the [splits, M, N] workspace
+        store = ["    tl.store(out_ptr + out_off + (split * M + rm[:, None]) * N + rn[None, :], acc, mask=mask)"]
+    else:
+        store = epilogue(out_addr, out_dtype, has_bias, True, fused=fused, fused_addr=_extra_2d)
     lines = [
         signature("matmul", params),
         *_batch_offsets(operands, batch_rank, wide),
         *tile_indices(wide),
-        *k_loop(loads, dtype, wide),
+        *([f"    split = tl.program_id(1){int64_suffix(wide)}"] if split else []),
+        *k_loop(loads, dtype, wide, split),
         "    mask = (rm[:, None] < M) & (rn[None, :] < N)",
-        *epilogue(out_addr, out_dtype, has_bias, True, fused=fused,
-                  fused_addr=lambda k: f"e{k}_ptr + e{k}_off + rm[:, None] * e{k}_sm + rn[None, :] * e{k}_sn"),
+        *store,
     ]
     header = f"matmul in={dtype.short} out={out_dtype.short} batch_rank={batch_rank} bias={has_bias}"
     header += fused.header() if fused else ""
+    header += " split_k" if split else ""
     if unit:
         header += f" unit_strides={','.join(sorted(unit))}"
     return render("matmul", header, "\n".join(lines))
+
+
+def _extra_2d(k: int) -> str:
+    """A fused epilogue's extra input ``k`` at the ``[rm, rn]`` tile (templates/epilogue.py)."""
+    return f"e{k}_ptr + e{k}_off + rm[:, None] * e{k}_sm + rn[None, :] * e{k}_sn"
+
+
+def split_sum(wide: bool) -> list:
+    """Lines that add a split-K product's fp32 partials, ``ws`` a contiguous ``[splits, M, N]``
+    workspace, into ``acc`` at the tile ``[rm, rn]`` under ``mask``, in split order (the same bits
+    on every run)."""
+    return [
+        "    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
+        "    for s in range(0, splits):",
+        "        acc += tl.load(ws_ptr + ws_off + (s * M + rm[:, None]) * N + rn[None, :], mask=mask, other=0.0)",
+    ]
+
+
+def render_matmul_split_sum(out_dtype: DType, has_bias: bool, wide: bool = False, unit: frozenset = frozenset(),
+                            fused=None) -> KernelSource:
+    """The second kernel of a split-K product: ``out = alpha * sum over s of ws[s] + beta * bias``,
+    then the fused epilogue. Arguments: ``out, ws`` (and ``bias``) as pointer and offset; ``alpha``
+    (and ``beta``); ``M, N, splits``; ``out_sm, out_sn`` (and ``bias_sm, bias_sn``); the fused
+    epilogue's. Tiles ``[BLOCK_M, BLOCK_N]`` as the product's."""
+    params = ["out_ptr", "out_off", "ws_ptr", "ws_off", *bias_params(has_bias), "alpha"]
+    params += ["beta"] if has_bias else []
+    params += ["M", "N", "splits", "out_sm", "out_sn"] + (["bias_sm", "bias_sn"] if has_bias else [])
+    params += fused.params(["sm", "sn"]) if fused else []
+    out_addr = f"out_ptr + out_off + {scaled('rm[:, None]', 'out_sm', unit)} + {scaled('rn[None, :]', 'out_sn', unit)}"
+    lines = [
+        signature("matmul_split_sum", params),
+        *tile_indices(wide),
+        "    mask = (rm[:, None] < M) & (rn[None, :] < N)",
+        *split_sum(wide),
+        *epilogue(out_addr, out_dtype, has_bias, True, fused=fused, fused_addr=_extra_2d),
+    ]
+    header = f"matmul_split_sum out={out_dtype.short} bias={has_bias}" + (fused.header() if fused else "")
+    if unit:
+        header += f" unit_strides={','.join(sorted(unit))}"
+    return render("matmul_split_sum", header, "\n".join(lines))
 
 
 def unit_strides(**strides) -> frozenset:
