@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from rtxjit.codegen.templates.gather import render_gather, render_gather_elements
+from rtxjit.codegen.templates.pointwise import render_concat
 from rtxjit.errors import ModelError, ShapeError
 from rtxjit.ops.shape import norm_axis
 from rtxjit.ir.registry import Kind, Rand, Sample, known, op
@@ -60,14 +61,38 @@ def _(*xs, axis):
     return np.concatenate(xs, axis=axis)
 
 
+CONCAT_MAX_INPUTS = 8  # one launch for up to this many non-empty inputs; more run one copy each
+
+
 @concat.lower
 def _(ctx, *xs, axis):
     out = ctx.outputs[0]
     a = norm_axis(axis, out.rank)
-    start = 0
+    parts, start = [], 0
     for x in xs:
-        ctx.copy(x, out.slice(a, start, x.shape[a]))
+        if x.shape[a]:
+            parts.append((x, start))
         start += x.shape[a]
+    if 2 <= len(parts) <= CONCAT_MAX_INPUTS and out.numel:
+        _concat_launch(ctx, parts, out, a)
+        return
+    for x, begin in parts:
+        ctx.copy(x, out.slice(a, begin, x.shape[a]))
+
+
+def _concat_launch(ctx, parts: list, out, axis: int) -> None:
+    """All ``parts`` ((view, start along ``axis``)) in one ``render_concat`` launch."""
+    n = out.numel
+    wide = n > 2**31 - 1 or ctx.needs_wide(out, *(x for x, _ in parts))
+    src = render_concat(len(parts), out.dtype, out.rank, axis, wide=wide)
+    args = [ctx.ptr(out), out.offset]
+    for x, _ in parts:
+        args += [ctx.ptr(x), x.offset]
+    args += [n, *out.shape, *out.strides]
+    for x, begin in parts:
+        args += [begin, x.shape[axis], *x.strides]
+    block = ctx.pointwise_block(n)
+    ctx.launch(src, (-(-n // block),), args, generic=ctx.generic_block(n), BLOCK=block)
 
 
 def _split_sizes(length, split, num_outputs, n_out: int) -> list:

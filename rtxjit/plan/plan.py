@@ -174,6 +174,10 @@ class LowerCtx:
         """``(grid, {"BLOCK": b})`` of a flat kernel over ``n`` elements in blocks of the cap."""
         return (-(-n // POINTWISE_CAP),), {"BLOCK": POINTWISE_CAP}
 
+    def pointwise_block(self, n: int) -> int:
+        """The block of a flat kernel over ``n`` elements on this target (as ``pointwise`` takes)."""
+        return self._b.pointwise_block(n)
+
     @property
     def sm(self):
         """The compute capability of the target GPU as an int (90 for an H100), None on the CPU."""

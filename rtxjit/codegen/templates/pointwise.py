@@ -50,3 +50,41 @@ def render_pointwise(expr: str, in_dtypes: tuple, out_dtype: DType, rank: int, n
     if not prologue:
         header += f" expr={expr}"
     return render("pointwise", header, "\n".join(lines))
+
+
+def render_concat(n_in: int, dtype: DType, rank: int, axis: int, wide: bool = False) -> KernelSource:
+    """``Concat`` of ``n_in`` strided inputs along ``axis`` in one launch: each output element
+    finds its input by its index along the axis (``start{k} <= i < start{k} + len{k}``) and is
+    loaded from that input alone (the others' loads are masked off), so the bytes moved are the
+    copies', with one launch instead of one per input (Swin's patch merging concatenates four
+    strided slices, its shifted windows roll by concatenating two). Values are moved, not
+    converted (``tl.where`` keeps -0.0 and NaN payloads). Arguments: ``out`` and each input as
+    pointer and offset; ``n``; the output's sizes and strides; per input ``start{k}, len{k}`` and
+    its strides."""
+    params = ["out_ptr", "out_off"] + [p for k in range(n_in) for p in (f"x{k}_ptr", f"x{k}_off")]
+    params += ["n"] + [f"size{d}" for d in range(rank)] + [f"out_st{d}" for d in range(rank)]
+    for k in range(n_in):
+        params += [f"start{k}", f"len{k}"] + [f"x{k}_st{d}" for d in range(rank)]
+    params.append("BLOCK: tl.constexpr")
+    pid = "tl.program_id(0).to(tl.int64)" if wide else "tl.program_id(0)"
+    lines = [
+        f"def concat({', '.join(params)}):",
+        f"    idx = {pid} * BLOCK + tl.arange(0, BLOCK)",
+        "    mask = idx < n",
+        "    rem = idx",
+    ]
+    for d in reversed(range(1, rank)):
+        lines += [f"    i{d} = rem % size{d}", f"    rem = rem // size{d}"]
+    lines.append("    i0 = rem")
+    for k in range(n_in):
+        terms = [f"(i{d} - start{k})" if d == axis else f"i{d}" for d in range(rank)]
+        addr = " + ".join([f"x{k}_off"] + [f"{t} * x{k}_st{d}" for d, t in enumerate(terms)])
+        lines += [f"    in{k} = mask & (i{axis} >= start{k}) & (i{axis} < start{k} + len{k})",
+                  f"    v{k} = tl.load(x{k}_ptr + {addr}, mask=in{k})"]
+    y = f"v{n_in - 1}"
+    for k in reversed(range(n_in - 1)):
+        y = f"tl.where(in{k}, v{k}, {y})"
+    lines += [f"    y = {y}",
+              "    tl.store(out_ptr + " + " + ".join(["out_off"] + [f"i{d} * out_st{d}" for d in range(rank)])
+              + ", y, mask=mask)"]
+    return render("concat", f"concat inputs={n_in} rank={rank} axis={axis} dtype={dtype.short}", "\n".join(lines))
