@@ -13,6 +13,16 @@ from rtxjit.codegen.source import KernelSource, render
 from rtxjit.ir.types import DType
 
 
+def flat_indices(rank: int, wide: bool) -> list:
+    """Lines giving this program's flat output indices ``idx`` (``BLOCK`` of them, ``mask`` those
+    below ``n``) and their coordinates ``i0 .. i{rank-1}`` over ``size0 ..`` (row-major)."""
+    pid = "tl.program_id(0).to(tl.int64)" if wide else "tl.program_id(0)"
+    lines = [f"    idx = {pid} * BLOCK + tl.arange(0, BLOCK)", "    mask = idx < n", "    rem = idx"]
+    for d in reversed(range(1, rank)):
+        lines += [f"    i{d} = rem % size{d}", f"    rem = rem // size{d}"]
+    return lines + ["    i0 = rem"]
+
+
 def render_pointwise(expr: str, in_dtypes: tuple, out_dtype: DType, rank: int, n_scalars: int = 0,
                      wide: bool = False, prologue: tuple = ()) -> KernelSource:
     """``prologue`` are statements (fused ops, see ``codegen/compose.py``) that run before ``expr``."""
@@ -26,17 +36,7 @@ def render_pointwise(expr: str, in_dtypes: tuple, out_dtype: DType, rank: int, n
         params += [f"x{k}_st{d}" for d in range(rank)]
     params.append("BLOCK: tl.constexpr")
 
-    pid = "tl.program_id(0).to(tl.int64)" if wide else "tl.program_id(0)"
-    lines = [
-        f"def pointwise({', '.join(params)}):",
-        f"    idx = {pid} * BLOCK + tl.arange(0, BLOCK)",
-        "    mask = idx < n",
-        "    rem = idx",
-    ]
-    for d in reversed(range(1, rank)):
-        lines.append(f"    i{d} = rem % size{d}")
-        lines.append(f"    rem = rem // size{d}")
-    lines.append("    i0 = rem")
+    lines = [f"def pointwise({', '.join(params)}):", *flat_indices(rank, wide)]
 
     def offset(prefix: str) -> str:
         return " + ".join([f"{prefix}_off"] + [f"i{d} * {prefix}_st{d}" for d in range(rank)])
@@ -66,16 +66,7 @@ def render_concat(n_in: int, dtype: DType, rank: int, axis: int, wide: bool = Fa
     for k in range(n_in):
         params += [f"start{k}", f"len{k}"] + [f"x{k}_st{d}" for d in range(rank)]
     params.append("BLOCK: tl.constexpr")
-    pid = "tl.program_id(0).to(tl.int64)" if wide else "tl.program_id(0)"
-    lines = [
-        f"def concat({', '.join(params)}):",
-        f"    idx = {pid} * BLOCK + tl.arange(0, BLOCK)",
-        "    mask = idx < n",
-        "    rem = idx",
-    ]
-    for d in reversed(range(1, rank)):
-        lines += [f"    i{d} = rem % size{d}", f"    rem = rem // size{d}"]
-    lines.append("    i0 = rem")
+    lines = [f"def concat({', '.join(params)}):", *flat_indices(rank, wide)]
     for k in range(n_in):
         terms = [f"(i{d} - start{k})" if d == axis else f"i{d}" for d in range(rank)]
         addr = " + ".join([f"x{k}_off"] + [f"{t} * x{k}_st{d}" for d, t in enumerate(terms)])
