@@ -82,3 +82,19 @@ def test_a_long_reduction_over_few_rows_runs_in_two_stages_as_onnxruntime(op_nam
     want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert sess.launches_per_inference == 2
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mean", [-0.99, -2.0, -1.2, 1.5])
+def test_a_long_integer_mean_truncates_the_whole_mean(mean):
+    """An int64 ReduceMean over 65536 elements: the mean of the whole, truncated (onnxruntime's
+    and numpy's value), not the truncated mean of truncated part means (-0.99 gave -1, -2 gave -1)."""
+    from onnx import TensorProto, helper
+
+    x = np.random.default_rng(5).integers(-1000, 1000, (4, 8, 2048)).astype(np.int64)
+    x.flat[0] += int(round(mean * x.size)) - int(x.sum())
+    g = helper.make_graph([helper.make_node("ReduceMean", ["x"], ["y"], keepdims=0)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.INT64, list(x.shape))],
+                          [helper.make_tensor_value_info("y", TensorProto.INT64, [])])
+    got = rtxjit.InferenceSession(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])).run(
+        None, {"x": x})[0]
+    assert int(got) == int(np.trunc(x.sum() / x.size))

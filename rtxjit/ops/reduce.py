@@ -174,9 +174,10 @@ def _two_stage(ctx, x: View, red: list, mode: str, out: View) -> bool:
     """A long reduction over few rows (T5's ``isinf(h).any()`` over a whole [B, S, E] hidden
     state: one row of 393k elements, ~0.3 ms in one program on an H100) in two launches: each row
     split into up to 256 equal parts reduced side by side, then the parts. Max, min and sum of parts
-    are those of the whole; the mean of equal parts' means is the mean. fp16/bf16 partial sums are
-    kept in fp32. Returns whether it did (the reduced axes must be x's trailing ones)."""
-    if mode not in ("max", "min", "sum", "mean"):
+    are those of the whole; the mean of equal parts' means is the mean, for floats: an integer mean
+    truncates each part's mean (-0.99 came out -1, -2 came out -1), so it stays one stage. fp16/bf16
+    partial sums are kept in fp32. Returns whether it did (the reduced axes must be x's trailing ones)."""
+    if mode not in ("max", "min", "sum", "mean") or (mode == "mean" and not x.dtype.is_float):
         return False
     k = x.rank - len(red)
     if list(red) != list(range(k, x.rank)):
