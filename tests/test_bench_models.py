@@ -32,6 +32,7 @@ def test_dry_run_one_process_per_case(tmp_path):
         rt = records["rtxjit"]
         assert rt["rel_err_ok"] and rt["launches"] > 0 and rt["plan_bytes"] > 0 and rt["plan_flops"] > 0
         assert rt["speedup_vs_eager"] > 0 and "roofline" not in rt  # no measured ceilings on a CPU
+        assert 0 < rt["first_output_s"] <= rt["setup_s"] and rt["specialize_wait_s"] >= 0
 
 
 def test_time_limit_stops_a_case_and_resume_reruns_it(tmp_path):
