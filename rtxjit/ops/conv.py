@@ -474,6 +474,43 @@ def _pow2(v: int) -> int:
     return 1 << max(0, int(v) - 1).bit_length()
 
 
+# --- rtxjit.ScaledConv ----------------------------------------------------------------------------
+
+@op("rtxjit.ScaledConv", since=1, kind=Kind.CONV,
+    samples=[Sample([Rand((2, 6, 5, 4)), Rand((2, 6, 1, 1)), Rand((3, 6, 1, 1)), Rand((3,))]),
+             Sample([Rand((2, 20, 3, 7)), Rand((1, 20, 1, 1)), Rand((8, 20, 1, 1))]),
+             Sample([Rand((1, 40, 9)), Rand((1, 40, 1)), Rand((16, 40, 1)), Rand((16,))])])
+def scaled_conv(x: TensorType, s: TensorType, w: TensorType, b: TensorType = None) -> TensorType:
+    """``Conv(x * s, w, b)`` for a 1x1 conv (stride 1, no padding, one group) whose input is scaled
+    per image and channel by ``s`` (``[N or 1, C, 1, ...]``): a squeeze-and-excitation block's scale
+    (EfficientNet, MobileNetV3, passes/fuse_channel_scale.py) read inside the conv's K loop, so the
+    scaled feature map is never written."""
+    if s.rank != x.rank or s.dtype != x.dtype or any(d != 1 for d in s.shape[2:]) or s.shape[1] != x.shape[1] \
+            or s.shape[0] not in (1, x.shape[0]):
+        raise ShapeError(f"rtxjit.ScaledConv: scale {s} must be [N or 1, C, 1, ...] of input {x}'s dtype")
+    if any(d != 1 for d in w.shape[2:]):
+        raise ShapeError(f"rtxjit.ScaledConv: weight {w} must be a 1x1 kernel")
+    return conv.infer_fn(x, w, b)
+
+
+@scaled_conv.reference
+def _(x, s, w, b=None):
+    return conv.reference_fn(x * s, w, b)
+
+
+@scaled_conv.lower
+def _(ctx, x, s, w, b=None):
+    check_dot_type(ctx, x.dtype)
+    x = ctx.contiguous(x)
+    batch, c_in = x.shape[:2]
+    c_out, pixels = w.shape[0], int(np.prod(x.shape[2:], dtype=np.int64))
+    xm = x.reshape((batch, c_in, pixels))
+    om = ctx.outputs[0].reshape((batch, c_out, pixels))
+    wm = View(w.buf, w.dtype, (c_out, c_in), w.strides[:2], w.offset)  # the kernel dims are all 1
+    scale = View(s.buf, s.dtype, (s.shape[0], c_in), s.strides[:2], s.offset).broadcast_to((batch, c_in))
+    emit_matmul(ctx, wm, xm, om, b.reshape((c_out, 1)) if b is not None else None, b_scale=scale)
+
+
 # --- rtxjit.UpsampleConv --------------------------------------------------------------------------
 
 def upsampled_type(x: TensorType, upsample) -> TensorType:

@@ -73,31 +73,34 @@ def epilogue_args(ctx, fused, extras: list, strides) -> list:
 
 
 def emit_matmul(ctx, a: View, b: View, out: View, bias: View = None, alpha: float = 1.0,
-                beta: float = 1.0) -> None:
+                beta: float = 1.0, b_scale: View = None) -> None:
     """Launch ``out = alpha * (a @ b) + beta * bias`` where ``a`` is ``[..., M, K]``, ``b`` is
     ``[..., K, N]``, ``out`` is ``[..., M, N]`` and the batch dims of ``a``, ``b`` and ``bias``
-    broadcast to those of ``out``."""
+    broadcast to those of ``out``. ``b_scale`` (``[..., K]``) scales the rows of ``b`` first."""
     check_dot_type(ctx, a.dtype)
     batch = out.shape[:-2]
     m, n, k = out.shape[-2], out.shape[-1], a.shape[-1]
-    splits, k_per = _splits(ctx, m, n, k, a.dtype) if int(np.prod(batch, dtype=np.int64)) == 1 else (1, k)
+    one = int(np.prod(batch, dtype=np.int64)) == 1 and b_scale is None
+    splits, k_per = _splits(ctx, m, n, k, a.dtype) if one else (1, k)
     if splits > 1 and _emit_split(ctx, a, b, out, bias, alpha, beta, splits, k_per):
         return
     views = [out, a.broadcast_to(batch + a.shape[-2:]), b.broadcast_to(batch + b.shape[-2:])]
     if bias is not None:
         views.append(bias.broadcast_to(out.shape))
+    if b_scale is not None:  # seen as [..., K, 1]: its strides go where a matrix operand's do
+        views.append(b_scale.broadcast_to(batch + (k,)).reshape(batch + (k, 1)))
     # the batch rank is the graph's, never collapsed by value: a symbolic batch of 1 or of 3 runs
     # the same kernel source
     unit = unit_strides(out_sm=out.strides[-2], out_sn=out.strides[-1], a_sm=views[1].strides[-2],
                         a_sk=views[1].strides[-1], b_sk=views[2].strides[-2], b_sn=views[2].strides[-1])
     fused, extras = take_epilogue(ctx, a.dtype, out.shape)
     src = render_matmul(a.dtype, out.dtype, len(batch), bias is not None, wide=ctx.needs_wide(*views, *extras),
-                        unit=unit, fused=fused)
+                        unit=unit, fused=fused, b_scale=b_scale is not None)
     args = []
     for v in views:
         args += [ctx.ptr(v), v.offset]
     args += [float(alpha)] + ([float(beta)] if bias is not None else [])
-    args += [m, n, k]
+    args += [m, n, k]  # then each view's matrix strides, in the template's order
     for v in views:
         args += list(v.strides[-2:])
     args += epilogue_args(ctx, fused, extras, lambda e: e.strides[-2:])

@@ -18,6 +18,7 @@ from rtxjit.passes.eliminate_dead_code import eliminate_dead_code
 from rtxjit.passes.fold_batchnorm import fold_batchnorm
 from rtxjit.passes.fold_constants import fold_constants
 from rtxjit.passes.fuse_attention import fuse_attention
+from rtxjit.passes.fuse_channel_scale import fuse_channel_scale
 from rtxjit.passes.fuse_epilogue import fuse_epilogue
 from rtxjit.passes.fuse_group_norm import fuse_group_norm
 from rtxjit.passes.fuse_normalization import fuse_normalization
@@ -45,6 +46,7 @@ PIPELINE = [
     ("merge_parallel_matmuls", merge_parallel_matmuls),
     ("fuse_attention", fuse_attention),
     ("fuse_upsample_conv", fuse_upsample_conv),
+    ("fuse_channel_scale", fuse_channel_scale),
     ("fuse_pointwise", fuse_pointwise),
     ("fuse_epilogue", fuse_epilogue),
     # clean up

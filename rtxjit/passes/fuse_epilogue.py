@@ -30,8 +30,8 @@ from rtxjit.passes.base import PassResult
 from rtxjit.passes.fuse_pointwise import fusable, program_of
 
 ANCHORS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "rtxjit.UpsampleConv", "com.microsoft.MatMulNBits",
-           "rtxjit.QLinearMatMul")
-CONVS = ("Conv", "ConvTranspose", "rtxjit.UpsampleConv")
+           "rtxjit.QLinearMatMul", "rtxjit.ScaledConv")
+CONVS = ("Conv", "ConvTranspose", "rtxjit.UpsampleConv", "rtxjit.ScaledConv")
 VIEWS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 
 

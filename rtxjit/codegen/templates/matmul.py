@@ -157,7 +157,8 @@ def masked_load(name: str, addr: str, mask: str, k_mask: str) -> list:
 
 
 def render_matmul(dtype: DType, out_dtype: DType, batch_rank: int, has_bias: bool,
-                  wide: bool = False, unit: frozenset = frozenset(), fused=None, split: bool = False) -> KernelSource:
+                  wide: bool = False, unit: frozenset = frozenset(), fused=None, split: bool = False,
+                  b_scale: bool = False) -> KernelSource:
     """``out[b] = alpha * (a[b] @ b[b]) + beta * bias[b]`` for every batch index ``b``.
 
     Arguments, in order: ``out, a, b`` (and ``bias``) as pointer and offset; ``alpha`` (and
@@ -172,15 +173,21 @@ def render_matmul(dtype: DType, out_dtype: DType, batch_rank: int, has_bias: boo
     ``render_matmul_split_sum`` adds the splits and runs the epilogue (alpha, beta * bias, fused).
     A product with few output tiles (bert-base's ``[128, 3072] @ [3072, 768]`` at batch 1: 24 tiles
     of 64 x 64 on 132 SMs, 48 K steps each) then fills the GPU.
+
+    ``b_scale`` (rtxjit.ScaledConv's channel scale): one more operand ``bs`` (pointer and offset after
+    the bias's; strides ``bs_sk, bs_sn`` after the bias's, per batch dim too) scales row ``k`` of
+    ``b`` by ``bs[k]`` before the product, rounded to ``b``'s type as the unfused Mul would be.
     """
-    if split and (batch_rank or has_bias or fused is not None):
-        raise InternalError("matmul template: split-K has no batch dims, bias or fused epilogue")
+    if split and (batch_rank or has_bias or fused is not None or b_scale):
+        raise InternalError("matmul template: split-K has no batch dims, bias, fused epilogue or b scale")
     extras = [f"e{k}" for k in range(len(fused.extra_dtypes))] if fused else []
-    operands = ["out", "a", "b"] + (["bias"] if has_bias else []) + extras
-    params = ["out_ptr", "out_off", "a_ptr", "a_off", "b_ptr", "b_off", *bias_params(has_bias), "alpha"]
-    params += ["beta"] if has_bias else []
+    operands = ["out", "a", "b"] + (["bias"] if has_bias else []) + (["bs"] if b_scale else []) + extras
+    params = ["out_ptr", "out_off", "a_ptr", "a_off", "b_ptr", "b_off", *bias_params(has_bias)]
+    params += ["bs_ptr", "bs_off"] if b_scale else []
+    params += ["alpha"] + (["beta"] if has_bias else [])
     params += ["M", "N", "K", "out_sm", "out_sn", "a_sm", "a_sk", "b_sk", "b_sn"]
     params += ["bias_sm", "bias_sn"] if has_bias else []
+    params += ["bs_sk", "bs_sn"] if b_scale else []
     params += fused.params(["sm", "sn"]) if fused else []
     params += ["k_per"] if split else []
     for d in range(batch_rank):
@@ -189,6 +196,10 @@ def render_matmul(dtype: DType, out_dtype: DType, batch_rank: int, has_bias: boo
     b_addr = f"b_ptr + b_off + {scaled('rk[:, None]', 'b_sk', unit)} + {scaled('rn[None, :]', 'b_sn', unit)}"
     loads = [*masked_load("a", a_addr, "(rm[:, None] < M)", "(rk[None, :] < K)"),
              *masked_load("b", b_addr, "(rn[None, :] < N)", "(rk[:, None] < K)")]
+    if b_scale:
+        acc = TL[acc_type(dtype)]
+        loads += ["        bsc = tl.load(bs_ptr + bs_off + rk * bs_sk, mask=rk < K, other=0.0)",
+                  f"        b = (b.to({acc}) * bsc.to({acc})[:, None]).to({TL[dtype]})"]
     out_addr = f"out_ptr + out_off + {scaled('rm[:, None]', 'out_sm', unit)} + {scaled('rn[None, :]', 'out_sn', unit)}"
     if split:  # fp32 partials to the [splits, M, N] workspace
         store = ["    tl.store(out_ptr + out_off + (split * M + rm[:, None]) * N + rn[None, :], acc, mask=mask)"]
@@ -206,6 +217,7 @@ def render_matmul(dtype: DType, out_dtype: DType, batch_rank: int, has_bias: boo
     header = f"matmul in={dtype.short} out={out_dtype.short} batch_rank={batch_rank} bias={has_bias}"
     header += fused.header() if fused else ""
     header += " split_k" if split else ""
+    header += " b_scale" if b_scale else ""
     if unit:
         header += f" unit_strides={','.join(sorted(unit))}"
     return render("matmul", header, "\n".join(lines))
