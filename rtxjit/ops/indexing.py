@@ -201,15 +201,15 @@ def _(ctx, data, indices, updates, *, reduction="none"):
         owner = ctx.temp(owner_dtype, dims)
         ctx.pointwise("idx * 0 - 1", [], owner)
         claim = render_scatter_nd_claim(indices.dtype, owner_dtype, m, wide=wide)
-        ctx.launch(claim, (-(-n_tuples // BLOCK),), [ctx.ptr(owner), ctx.ptr(indices), indices.offset, n_tuples,
-                                                     *tuple_args], BLOCK=BLOCK)
+        claim_args = [ctx.ptr(owner), owner.offset, ctx.ptr(indices), indices.offset, n_tuples, *tuple_args]
+        ctx.launch(claim, (-(-n_tuples // BLOCK),), claim_args, BLOCK=BLOCK)
         src = render_scatter_nd(dtype, indices.dtype, m, "claimed", reduction, owner_dtype, wide=wide)
-        args = [ctx.ptr(out), ctx.ptr(updates), updates.offset, ctx.ptr(indices), indices.offset, ctx.ptr(owner),
-                n_tuples, slice_len, *tuple_args]
+        args = [ctx.ptr(out), out.offset, ctx.ptr(updates), updates.offset, ctx.ptr(indices), indices.offset,
+                ctx.ptr(owner), owner.offset, n_tuples, slice_len, *tuple_args]
         n = n_tuples * slice_len
         ctx.launch(src, (-(-n // BLOCK),), args, BLOCK=BLOCK)
         return
-    args = [ctx.ptr(out), ctx.ptr(updates), updates.offset, ctx.ptr(indices), indices.offset,
+    args = [ctx.ptr(out), out.offset, ctx.ptr(updates), updates.offset, ctx.ptr(indices), indices.offset,
             n_tuples, slice_len, *tuple_args]
     if reduction in ("add", "max", "min") and dtype in (DType.INT32, DType.INT64):
         src = render_scatter_nd(dtype, indices.dtype, m, "atomic", reduction, wide=wide)

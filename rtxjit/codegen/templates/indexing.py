@@ -112,13 +112,13 @@ def render_gather_nd(dtype: DType, index_dtype: DType, rank: int, m: int, wide: 
 
 def render_scatter_nd_claim(index_dtype: DType, owner_dtype: DType, m: int, wide: bool = False) -> KernelSource:
     """``owner[slot(t)] = max(owner[slot(t)], t)`` over tuples t: the last tuple of each slot wins."""
-    params = ["owner_ptr", "idx_ptr", "idx_off", "n_tuples"] + [f"dim{j}" for j in range(m)]
+    params = ["owner_ptr", "owner_off", "idx_ptr", "idx_off", "n_tuples"] + [f"dim{j}" for j in range(m)]
     params += [f"dst{j}" for j in range(m)] + ["BLOCK: tl.constexpr"]
     lines = [f"def scatter_nd_claim({', '.join(params)}):",
              f"    t = {_pid(wide)} * BLOCK + tl.arange(0, BLOCK)",
              "    mask = t < n_tuples"]
     lines += _tuple_lines(m, lambda j: f"idx_ptr + idx_off + t * {m} + {j}")
-    lines.append(f"    tl.atomic_max(owner_ptr + slot, t.to({TL[owner_dtype]}), mask=ok)")
+    lines.append(f"    tl.atomic_max(owner_ptr + owner_off + slot, t.to({TL[owner_dtype]}), mask=ok)")
     header = f"scatter_nd_claim index={index_dtype.short} owner={owner_dtype.short} tuple={m}"
     return render("scatter_nd_claim", header, "\n".join(lines))
 
@@ -129,8 +129,8 @@ def render_scatter_nd(dtype: DType, index_dtype: DType, m: int, mode: str, reduc
     reductions) or ``"sequential"`` (one program per block of slice elements, tuples in order)."""
     if mode not in ("claimed", "atomic", "sequential") or reduction not in REDUCTIONS:
         raise InternalError(f"scatter_nd mode {mode!r} reduction {reduction!r}")
-    params = ["out_ptr", "upd_ptr", "upd_off", "idx_ptr", "idx_off"]
-    params += ["owner_ptr"] if mode == "claimed" else []
+    params = ["out_ptr", "out_off", "upd_ptr", "upd_off", "idx_ptr", "idx_off"]
+    params += ["owner_ptr", "owner_off"] if mode == "claimed" else []
     params += ["n_tuples", "slice_len"] + [f"dim{j}" for j in range(m)] + [f"dst{j}" for j in range(m)]
     params.append("BLOCK: tl.constexpr")
     cast, store = load_cast(dtype), TL[dtype]
@@ -143,7 +143,7 @@ def render_scatter_nd(dtype: DType, index_dtype: DType, m: int, mode: str, reduc
         # a scalar mask combined with a block one
         lines += _tuple_lines(m, lambda j: f"idx_ptr + idx_off + t * {m} + {j} + k * 0", indent="        ",
                               mask="kmask")
-        lines += ["        dst = out_ptr + slot * slice_len + k",
+        lines += ["        dst = out_ptr + out_off + slot * slice_len + k",
                   f"        u = tl.load(upd_ptr + upd_off + t * slice_len + k, mask=ok){cast}"]
         if reduction != "none":
             lines += [f"        cur = tl.load(dst, mask=ok){cast}",
@@ -156,16 +156,16 @@ def render_scatter_nd(dtype: DType, index_dtype: DType, m: int, mode: str, reduc
                   "    k = e % slice_len"]
         lines += _tuple_lines(m, lambda j: f"idx_ptr + idx_off + t * {m} + {j}")
         if mode == "claimed":
-            lines += [f"    own = tl.load(owner_ptr + slot, mask=ok, other=-1)",
+            lines += [f"    own = tl.load(owner_ptr + owner_off + slot, mask=ok, other=-1)",
                       f"    ok = ok & (own == t.to({TL[owner_dtype]}))"]
         lines.append("    u = tl.load(upd_ptr + upd_off + e, mask=ok)")
         if mode == "claimed":
-            lines.append(f"    tl.store(out_ptr + slot * slice_len + k, u.to({store}), mask=ok)")
+            lines.append(f"    tl.store(out_ptr + out_off + slot * slice_len + k, u.to({store}), mask=ok)")
         else:
             fn = {"add": "atomic_add", "max": "atomic_max", "min": "atomic_min"}.get(reduction)
             if fn is None or not dtype.is_int:
                 raise InternalError(f"scatter_nd: no exact atomic {reduction} for {dtype.short}")
-            lines.append(f"    tl.{fn}(out_ptr + slot * slice_len + k, u.to({store}), mask=ok)")
+            lines.append(f"    tl.{fn}(out_ptr + out_off + slot * slice_len + k, u.to({store}), mask=ok)")
     header = f"scatter_nd {mode} reduction={reduction} data={dtype.short} index={index_dtype.short} tuple={m}"
     return render("scatter_nd", header, "\n".join(lines))
 
