@@ -494,3 +494,91 @@ def _(in_dtypes, out_dtype, attrs):
     if attrs["fmod"]:
         return "x0 % x1", ()
     return "tl.where(((x0 % x1) != 0) & (((x0 % x1) < 0) != (x1 < 0)), (x0 % x1) + x1, x0 % x1)", ()
+
+
+# --- bitwise (opset 18) and BitShift (opset 11): integer types only ------------------------------------------
+
+def _integers(name: str, *xs: TensorType) -> TensorType:
+    t = same_type(*xs, where=f"{name} inputs")
+    if not t.dtype.is_int or t.dtype in SUB_BYTE_INTS:
+        raise ModelError(f"{name} takes 8- to 64-bit integer tensors, not {t.dtype.short}")
+    return t
+
+
+_INT_SAMPLES = [Sample([Rand((2, 3, 4), "int32", -1000, 1000), Rand((3, 1), "int32", -1000, 1000)], float_types=("-",)),
+                Sample([Rand((4,), "uint8", 0, 255), Rand((2, 1, 4), "uint8", 0, 255)], float_types=("-",)),
+                Sample([Rand((3, 2), "int8", -128, 127), Rand((), "int8", -128, 127)], float_types=("-",))]
+
+
+def _declare_bitwise(name: str, expr: str, ref) -> None:
+    d = op(name, since=18, kind=Kind.POINTWISE, samples=_INT_SAMPLES)(lambda a, b: _integers(name, a, b))
+    d.reference(ref)
+    d.expr(fixed_expr(expr))
+
+
+for _name, (_expr, _ref) in {"BitwiseAnd": ("x0 & x1", np.bitwise_and), "BitwiseOr": ("x0 | x1", np.bitwise_or),
+                             "BitwiseXor": ("x0 ^ x1", np.bitwise_xor)}.items():
+    _declare_bitwise(_name, _expr, _ref)
+
+
+@op("BitwiseNot", since=18, kind=Kind.POINTWISE,
+    samples=[Sample([Rand((2, 5), "int32", -1000, 1000)], float_types=("-",)),
+             Sample([Rand((7,), "uint16", 0, 65535)], float_types=("-",))])
+def bitwise_not(x: TensorType) -> TensorType:
+    return _integers("BitwiseNot", x)
+
+
+bitwise_not.reference(np.invert)
+bitwise_not.expr(fixed_expr("~x0"))
+
+_SHIFT_TYPES = (DType.UINT8, DType.UINT16, DType.INT8, DType.INT16, DType.INT32, DType.INT64)  # no uint32/64 type
+
+
+@op("BitShift", since=11, kind=Kind.POINTWISE,
+    samples=[Sample([Rand((2, 3), "uint8", 0, 255), Rand((3,), "uint8", 0, 10)], {"direction": "LEFT"},
+                    float_types=("-",)),
+             Sample([Rand((4,), "uint16", 0, 65535), Rand((4,), "uint16", 0, 20)], {"direction": "RIGHT"},
+                    float_types=("-",)),
+             Sample([Rand((2, 2), "uint16", 0, 65535), Rand((), "uint16", 0, 20)], {"direction": "LEFT"},
+                    float_types=("-",)),
+             Sample([Rand((3, 4), "int32", -1000, 1000), Rand((4,), "int32", -3, 40)], {"direction": "RIGHT"},
+                    float_types=("-",), opset=21),
+             Sample([Rand((3, 4), "int8", -128, 127), Rand((3, 1), "int8", -2, 10)], {"direction": "LEFT"},
+                    float_types=("-",), opset=21)])
+def bit_shift(x: TensorType, y: TensorType, *, direction: str) -> TensorType:
+    """Unsigned types since opset 11; signed ones as BitShift-28 defines them (a left shift wraps, a
+    right shift is arithmetic), which this declaration serves for every version."""
+    t = _integers("BitShift", x, y)
+    if t.dtype not in _SHIFT_TYPES:
+        raise ModelError(f"BitShift of {t.dtype.short} is not supported (uint8/16 and int8..64 are)")
+    if direction not in ("LEFT", "RIGHT"):
+        raise ModelError(f"BitShift direction must be LEFT or RIGHT, not {direction!r}")
+    return t
+
+
+@bit_shift.reference
+def _(x, y, *, direction):
+    """onnx's reference: a shift count below 0 or of the type's width or more gives 0 (a right
+    shift of a negative signed value: -1); otherwise a wrapping left / arithmetic right shift."""
+    x, y = np.broadcast_arrays(x, y)
+    bits = np.iinfo(x.dtype).bits
+    valid = (y >= 0) & (y < bits)
+    count = np.where(valid, y, 0).astype(x.dtype)
+    signed = np.issubdtype(x.dtype, np.signedinteger)
+    if direction == "LEFT":
+        unsigned = np.dtype(f"u{x.dtype.itemsize}")
+        shifted = np.left_shift(x.view(unsigned), count.astype(unsigned)).view(x.dtype)
+        return np.where(valid, shifted, 0).astype(x.dtype)
+    fill = np.where(x < 0, -1, 0) if signed else 0
+    return np.where(valid, np.right_shift(x, count), fill).astype(x.dtype)
+
+
+@bit_shift.expr
+def _(in_dtypes, out_dtype, attrs):
+    bits = in_dtypes[0].itemsize * 8
+    valid = f"((x1 >= 0) & (x1 < {bits}))"
+    count = f"tl.where({valid}, x1, 0)"
+    if attrs["direction"] == "LEFT":
+        return f"tl.where({valid}, x0 << {count}, 0)", ()
+    fill = "tl.where(x0 < 0, -1, 0)" if in_dtypes[0].name.startswith("INT") else "0"
+    return f"tl.where({valid}, x0 >> {count}, {fill})", ()
