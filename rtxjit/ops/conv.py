@@ -22,7 +22,8 @@ from rtxjit.codegen.templates.conv import render_conv2d, render_conv_split_sum, 
 from rtxjit.codegen.templates.matmul import TUNE_CANDIDATES, generic_tile_config, tile_configs, tile_count
 from rtxjit.codegen.view import View
 from rtxjit.errors import ModelError, ShapeError, UnsupportedOpError
-from rtxjit.ops.matmul import check_dot_type, emit_matmul, epilogue_args, launch_tiles, take_epilogue
+from rtxjit.ops.matmul import (check_dot_type, emit_matmul, epilogue_args, launch_tiles, split_sum_config,
+                               take_epilogue)
 from rtxjit.ir.registry import Kind, Rand, Sample, op
 from rtxjit.ir.types import DType, TensorType
 
@@ -326,22 +327,21 @@ def emit_conv(ctx, x: View, w: View, b, out: View, geo: WindowGeometry, group: i
     k = c * int(np.prod(geo.kernel, dtype=np.int64))  # taps per output: (ci, (kd,) kh, kw)
     bias = [b.broadcast_to((m, c_out))] if b is not None else []  # the epilogue reads it as [M, Cout]
     if DEPTHWISE and c == 1 and n == 1 and not transposed and quant is None:
-        _emit_depthwise(ctx, x, w, bias, out, geo, spatial, upsample)
+        _emit_depthwise(ctx, x, w, bias, out, geo, spatial, upsample, m, c_out, k)
         return
     taps = tap_major(c, geo.kernel, quant is not None)
     if taps and x.strides[1] != 1:
         x = _channels_last(ctx, x)
     splits = _splits(ctx, m, n, k, c, geo, x.dtype) if taps and group == 1 and not transposed and quant is None else 1
     if splits > 1:
-        _emit_split_conv(ctx, x, w, bias, out, geo, spatial, upsample, splits)
+        _emit_split_conv(ctx, x, w, bias, out, geo, spatial, upsample, splits, m, n, k)
         return
     args = []
     for v in [out, x, w] + bias:
         args += [ctx.ptr(v), v.offset]
-    args += [m, n, k, c, *spatial, *geo.out, *geo.kernel, *geo.strides, *geo.pads_begin, *geo.dilations]
+    args += _geometry_args(m, n, k, c, spatial, geo)
     args += [*x.strides, *w.strides, *out.strides] + [st for v in bias for st in v.strides]
-    unit = frozenset(name for name, st in (("x_sc", x.strides[1]), ("x_sw", x.strides[-1]), ("w_sco", w.strides[0]),
-                                           ("out_sw", out.strides[-1])) if st == 1)
+    unit = _unit_strides(x, w, out)
     args += list(quant_args)
     fused, extras = take_epilogue(ctx, x.dtype, out.shape)
     args += epilogue_args(ctx, fused, extras, lambda e: e.strides)
@@ -378,21 +378,28 @@ def _splits(ctx, m: int, n: int, k: int, c: int, geo: WindowGeometry, dtype: DTy
     return -(-taps // per)
 
 
+def _geometry_args(m: int, n: int, k: int, c: int, spatial: tuple, geo: WindowGeometry) -> list:
+    """The conv template's size arguments (``render_conv2d``): ``M, N, K``, then the geometry."""
+    return [m, n, k, c, *spatial, *geo.out, *geo.kernel, *geo.strides, *geo.pads_begin, *geo.dilations]
+
+
+def _unit_strides(x: View, w: View, out: View) -> frozenset:
+    """The conv template's strides that are 1 for this launch (its ``unit`` specialization)."""
+    return frozenset(name for name, st in (("x_sc", x.strides[1]), ("x_sw", x.strides[-1]), ("w_sco", w.strides[0]),
+                                           ("out_sw", out.strides[-1])) if st == 1)
+
+
 def _emit_split_conv(ctx, x: View, w: View, bias: list, out: View, geo: WindowGeometry, spatial: tuple,
-                     upsample, splits: int) -> None:
+                     upsample, splits: int, m: int, n: int, k: int) -> None:
     """A one-group tap-major conv in ``splits`` tap ranges: fp32 partials into a ``[splits, M, N]``
     workspace, then ``render_conv_split_sum`` adds them and runs the epilogue (bias, fused program)."""
-    m = x.shape[0] * int(np.prod(geo.out, dtype=np.int64))
-    n, c = out.shape[1], x.shape[1]
-    taps = int(np.prod(geo.kernel, dtype=np.int64))
-    k = c * taps
-    per = -(-taps // splits)
+    c = x.shape[1]
+    per = -(-int(np.prod(geo.kernel, dtype=np.int64)) // splits)  # taps per split
     ws = ctx.temp(DType.FP32, (splits, m, n))
     args = [ctx.ptr(ws), ws.offset, ctx.ptr(x), x.offset, ctx.ptr(w), w.offset]
-    args += [m, n, k, c, *spatial, *geo.out, *geo.kernel, *geo.strides, *geo.pads_begin, *geo.dilations]
+    args += _geometry_args(m, n, k, c, spatial, geo)
     args += [*x.strides, *w.strides, *out.strides, per]
-    unit = frozenset(name for name, st in (("x_sc", x.strides[1]), ("x_sw", x.strides[-1]), ("w_sco", w.strides[0]),
-                                           ("out_sw", out.strides[-1])) if st == 1)
+    unit = _unit_strides(x, w, out)
     depth = x.rank == 5
     ups = None if upsample is None else tuple(upsample)
     src = render_conv2d(x.dtype, False, wide=ctx.needs_wide(ws, x, w), tap_major=True, unit=unit, depth=depth,
@@ -409,28 +416,20 @@ def _emit_split_conv(ctx, x: View, w: View, bias: list, out: View, geo: WindowGe
     args += epilogue_args(ctx, fused, extras, lambda e: e.strides)
     src = render_conv_split_sum(x.dtype, bool(bias), wide=ctx.needs_wide(out, ws, *extras), unit=unit & {"out_sw"},
                                 fused=fused, depth=depth)
-    cfg = SPLIT_SUM_TILE if not ctx.interpret else dict(SPLIT_SUM_TILE, BLOCK_M=max(16, min(256, _pow2(m))),
-                                                        BLOCK_N=max(16, min(64, _pow2(n))))
+    cfg = split_sum_config(ctx, m, n)
     ctx.launch(src, (tile_count(m, n, cfg),), args, **cfg)
 
 
-SPLIT_SUM_TILE = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8, "EVEN_K": False, "num_warps": 4}
-
-
 def _emit_depthwise(ctx, x: View, w: View, bias: list, out: View, geo: WindowGeometry, spatial: tuple,
-                    upsample) -> None:
+                    upsample, m: int, n: int, k: int) -> None:
     """A depthwise convolution (one input and one output channel per group): the template's direct
-    form, tiles of pixels x channels with ``N`` = all output channels (templates/conv.py)."""
-    m = x.shape[0] * int(np.prod(geo.out, dtype=np.int64))
-    n = out.shape[1]
-    k = int(np.prod(geo.kernel, dtype=np.int64))
+    form, tiles of ``m`` pixels x ``n`` channels (all the output channels), ``k`` taps (templates/conv.py)."""
     args = []
     for v in [out, x, w] + bias:
         args += [ctx.ptr(v), v.offset]
-    args += [m, n, k, 1, *spatial, *geo.out, *geo.kernel, *geo.strides, *geo.pads_begin, *geo.dilations]
+    args += _geometry_args(m, n, k, 1, spatial, geo)
     args += [*x.strides, *w.strides, *out.strides] + [st for v in bias for st in v.strides]
-    unit = frozenset(name for name, st in (("x_sc", x.strides[1]), ("x_sw", x.strides[-1]), ("w_sco", w.strides[0]),
-                                           ("out_sw", out.strides[-1])) if st == 1)
+    unit = _unit_strides(x, w, out)
     fused, extras = take_epilogue(ctx, x.dtype, out.shape)
     args += epilogue_args(ctx, fused, extras, lambda e: e.strides)
     src = render_conv2d(x.dtype, bool(bias), wide=ctx.needs_wide(out, x, w, *extras), tap_major=False, unit=unit,

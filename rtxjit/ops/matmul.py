@@ -185,10 +185,17 @@ def _emit_split(ctx, a: View, b: View, out: View, bias, alpha: float, beta: floa
     args += epilogue_args(ctx, fused, extras, lambda e: e.strides)
     src = render_matmul_split_sum(out.dtype, c2 is not None, wide=ctx.needs_wide(*views, *extras),
                                   unit=unit_strides(out_sm=o2.strides[0], out_sn=o2.strides[1]), fused=fused)
-    cfg = SPLIT_SUM_TILE if not ctx.interpret else dict(SPLIT_SUM_TILE, BLOCK_M=max(16, min(256, _pow2(m))),
-                                                        BLOCK_N=max(16, min(64, _pow2(n))))
+    cfg = split_sum_config(ctx, m, n)
     ctx.launch(src, (tile_count(m, n, cfg),), args, **cfg)
     return True
+
+
+def split_sum_config(ctx, m: int, n: int) -> dict:
+    """The launch configuration of a split-K sum kernel (matmul's or conv's) over ``[m, n]``: fixed
+    64 x 64 tiles on a GPU (a memory-bound pass), one large tile on the interpreter."""
+    if not ctx.interpret:
+        return SPLIT_SUM_TILE
+    return dict(SPLIT_SUM_TILE, BLOCK_M=max(16, min(256, _pow2(m))), BLOCK_N=max(16, min(64, _pow2(n))))
 
 
 def _pow2(v: int) -> int:

@@ -28,10 +28,10 @@ def fuse_channel_scale(graph: Graph) -> PassResult:
     names = FreshNames(graph)
     removed = []
     for i, conv in enumerate(graph.nodes):
-        mul = _scaled_input(graph, conv, uses)
-        if mul is None:
+        found = _scaled_input(graph, conv, uses)
+        if found is None:
             continue
-        x, s = _split_operands(mul)
+        mul, x, s = found
         node = Node("rtxjit.ScaledConv", names(conv.name + "_scaled"), [x, s] + list(conv.inputs[1:]),
                     list(conv.outputs), {}, 1)
         for v in node.outputs:
@@ -43,15 +43,17 @@ def fuse_channel_scale(graph: Graph) -> PassResult:
 
 
 def _scaled_input(graph: Graph, conv: Node, uses: dict):
-    """The Mul feeding ``conv`` (a 1x1 one-group conv) that scales its input per channel, or None."""
+    """``(mul, x, s)``: the Mul feeding ``conv`` (a 1x1 one-group conv) that scales its input
+    ``x`` per channel by ``s``, or None."""
     if conv.op != "Conv" or not _pointwise_1x1(conv):
         return None
     mul = conv.inputs[0].producer
     if mul is None or mul.op != "Mul" or is_graph_output(graph, mul.outputs[0]):
         return None
-    if len({id(n) for n, _ in uses.get(mul.outputs[0].name, [])}) != 1 or _split_operands(mul) is None:
+    operands = _split_operands(mul)
+    if len({id(n) for n, _ in uses.get(mul.outputs[0].name, [])}) != 1 or operands is None:
         return None
-    return mul
+    return (mul, *operands)
 
 
 def _pointwise_1x1(conv: Node) -> bool:

@@ -359,7 +359,7 @@ def render_conv_split_sum(dtype: DType, has_bias: bool, wide: bool = False, unit
         *(f"    {line}" for line in pixel_lines),
         f"    nb = {nb}",
         "    mask = (rm[:, None] < M) & (rn[None, :] < N)",
-        *split_sum(wide),
+        *split_sum(),
         f"    out_pixel = {_pixel(axes, 'out_s', unit)}",
         *epilogue("out_ptr + out_off + out_pixel[:, None] + co[None, :] * out_sc", dtype, has_bias, scaled=False,
                   cols="co", fused=fused, fused_addr=lambda k: _extra_addr(k, axes)),

@@ -228,7 +228,7 @@ def _extra_2d(k: int) -> str:
     return f"e{k}_ptr + e{k}_off + rm[:, None] * e{k}_sm + rn[None, :] * e{k}_sn"
 
 
-def split_sum(wide: bool) -> list:
+def split_sum() -> list:
     """Lines that add a split-K product's fp32 partials, ``ws`` a contiguous ``[splits, M, N]``
     workspace, into ``acc`` at the tile ``[rm, rn]`` under ``mask``, in split order (the same bits
     on every run)."""
@@ -254,7 +254,7 @@ def render_matmul_split_sum(out_dtype: DType, has_bias: bool, wide: bool = False
         signature("matmul_split_sum", params),
         *tile_indices(wide),
         "    mask = (rm[:, None] < M) & (rn[None, :] < N)",
-        *split_sum(wide),
+        *split_sum(),
         *epilogue(out_addr, out_dtype, has_bias, True, fused=fused, fused_addr=_extra_2d),
     ]
     header = f"matmul_split_sum out={out_dtype.short} bias={has_bias}" + (fused.header() if fused else "")
