@@ -648,9 +648,8 @@ def run_system(system: System, ctx: Context, ref: torch.Tensor, settings: Settin
     """Set up, first call, warm-up, check, time, memory, launches; an exception becomes 'error'."""
     record, runner = set_up_system(system, ctx, settings)
     try:
-        if runner is not None:
+        if runner is not None:  # a failed set-up leaves no runner (and no _resident)
             measure_system(record, runner, ref, settings)
-        record.pop("_resident", None)
     finally:
         del runner
         _release(settings.cuda)
@@ -734,7 +733,6 @@ def _run_gated(case: Case, systems: list, settings: Settings, ctx: Context, ref,
         print(f"[{case.name}] {record['system']} timing ...", flush=True)
         if runner is not None:
             measure_system(record, runner, ref, settings)
-        record.pop("_resident", None)
         prepared[i] = (record, None)
         del runner
         _fill_graph_launches(records)
