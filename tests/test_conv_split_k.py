@@ -157,3 +157,29 @@ def _check_block(dtype, device):
         sess.wait_for_specialization(timeout=300)
     texts = [s.kernel.text.split("\n")[0] for s in sess.last_executable.plan.steps]
     assert any("split_k" in t for t in texts) and any("loop=depthwise" in t for t in texts), texts
+
+
+@pytest.mark.parametrize("group", [1, 24], ids=["split", "depthwise"])
+def test_nan_and_inf_inputs_come_out_where_onnxruntime_has_them(monkeypatch, group):
+    """A NaN and both infinities in the input: the split partial sums and the depthwise kernel give
+    NaN and +-inf at the places the unsplit reference gives them."""
+    rng = np.random.default_rng(9)
+    c = 24
+    w = (rng.standard_normal((c, c // group, 3, 3)) / 3).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], group=group, pads=[1, 1, 1, 1])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 9, 9])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [_const("w", w)])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.standard_normal((1, c, 9, 9)).astype(np.float32)
+    x[0, 3, 2, 2], x[0, 5, 6, 6], x[0, 7, 6, 5] = np.nan, np.inf, -np.inf
+    monkeypatch.setattr(conv_ops, "SPLIT_K", 3)
+    sess = rtxjit.InferenceSession(proto.SerializeToString())
+    (got,) = sess.run(None, {"x": x})
+    (want,) = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert np.isnan(want).any() and np.isinf(want).any()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.where(np.isinf(got), got, 0), np.where(np.isinf(want), want, 0))
+    finite = np.isfinite(want)
+    assert rel_error(got[finite], want[finite]) <= TOL[np.float32]
+    texts = [s.kernel.text.split("\n")[0] for s in sess.last_executable.plan.steps]
+    assert any(("split_k" if group == 1 else "loop=depthwise") in t for t in texts), texts
