@@ -46,7 +46,7 @@ def test_tune_key_buckets_sizes():
 def test_choose_remembers_without_timing_again(monkeypatch):
     autotune.forget()
     calls = []
-    monkeypatch.setattr(autotune, "time_ms", lambda fn: (fn(), calls.append(1), 3.0 - len(calls))[2])
+    monkeypatch.setattr(autotune, "time_ms", lambda fn, **kw: (fn(), calls.append(1), 3.0 - len(calls))[2])
     choices = [((1,), {"BLOCK_M": 16}), ((2,), {"BLOCK_M": 32}), ((3,), {"BLOCK_M": 64})]
     ran = []
     best = autotune.choose(("k",), choices, ran.append)
@@ -58,7 +58,7 @@ def test_choose_remembers_without_timing_again(monkeypatch):
 
 def test_choose_skips_failing_choices(monkeypatch):
     autotune.forget()
-    monkeypatch.setattr(autotune, "time_ms", lambda fn: (fn(), 1.0)[1])
+    monkeypatch.setattr(autotune, "time_ms", lambda fn, **kw: (fn(), 1.0)[1])
 
     def run(i):
         if i == 0:
@@ -103,3 +103,67 @@ def test_tap_major_convs_load_unmasked_only_when_each_taps_channels_fill_whole_k
     for sm in (80, 90):
         for cfg in tile_configs(4096, 128, c * taps, DType.FP16, False, sm=sm, k_cap=c):
             assert cfg["EVEN_K"] == (c % cfg["BLOCK_K"] == 0), cfg
+
+
+class _FakeGPU:
+    """torch.cuda's stream and events over a clock that the timed function advances (ms)."""
+
+    def __init__(self, monkeypatch):
+        import torch
+
+        gpu = self
+        self.clock, self.calls, self.queued, self.most_queued = 0.0, [], 0.0, 0.0
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.t = None
+
+            def record(self):
+                gpu.queued = 0.0
+                self.t = gpu.clock
+
+            def synchronize(self):
+                pass
+
+            def elapsed_time(self, end):
+                return end.t - self.t
+
+        class Stream:
+            def synchronize(self):
+                pass
+
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda: Stream())
+
+    def kernel(self, ms):
+        def run():
+            self.clock += ms
+            self.queued += ms
+            self.most_queued = max(self.most_queued, self.queued)
+            self.calls.append(ms)
+        return run
+
+
+def test_paced_timing_queues_about_a_round_at_a_time_and_yields_between_rounds(monkeypatch):
+    gpu = _FakeGPU(monkeypatch)
+    yields = []
+    assert autotune.time_ms(gpu.kernel(0.4), between=lambda: yields.append(1)) == pytest.approx(0.4)
+    # warm-up, one call alone, then 5 rounds of int(ROUND_MS / 0.4) = 2 calls, a yield before each
+    assert len(gpu.calls) == 1 + 1 + 5 * 2 and len(yields) == 1 + 5
+    assert gpu.most_queued <= autotune.ROUND_MS
+    gpu.calls.clear()
+    assert autotune.time_ms(gpu.kernel(0.4)) == pytest.approx(0.4)  # unpaced: 5 rounds of 10
+    assert len(gpu.calls) == 1 + 5 * 10
+
+
+def test_paced_choose_times_a_far_slower_choice_only_once(monkeypatch):
+    autotune.forget()
+    gpu = _FakeGPU(monkeypatch)
+    costs = [1.0, 9.0, 0.5]
+    kernels = [gpu.kernel(ms) for ms in costs]
+    choices = [((1,), {"BLOCK_M": m}) for m in (16, 32, 64)]
+    assert autotune.choose(("slow",), choices, lambda i: kernels[i](), between=lambda: None) == 2
+    assert gpu.calls.count(9.0) == 2  # its warm-up and one timed call: over GIVE_UP x 1.0 ms
+    assert gpu.calls.count(1.0) == 1 + 1 + 5
+    assert [t for _, t in autotune.timings(("slow",))] == pytest.approx(costs)
+    autotune.forget()

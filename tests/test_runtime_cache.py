@@ -260,7 +260,7 @@ def test_autotune_decisions_are_read_from_and_written_to_the_cache(tmp_path, mon
     other_sm = autotune.tune_key("src-fake", 80, 300, 500, 64)
     choices = [((1,), {"BLOCK_M": 16, "EVEN_K": True}), ((2,), {"BLOCK_M": 64, "EVEN_K": True})]
     timed = []
-    monkeypatch.setattr(autotune, "time_ms", lambda fn: (fn(), 2.0 - len(timed))[1])
+    monkeypatch.setattr(autotune, "time_ms", lambda fn, **kw: (fn(), 2.0 - len(timed))[1])
     try:
         assert autotune.attach(c, [key, other_sm]) == 0
         assert autotune.choose(key, choices, timed.append) == 1 and timed == [0, 1]

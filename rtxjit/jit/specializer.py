@@ -470,7 +470,8 @@ def _tune(exe: Executable, feeds: dict, arena) -> dict:
             fn = exe.kernel(step, SPECIALIZED)[0]
             trials = [_Trial(fn, grid, args, cfg, step) for grid, cfg in step.choices]
             _yield_to_serving()
-            best = autotune.choose(step.tune_key, list(step.choices), lambda c: trials[c]())
+            best = autotune.choose(step.tune_key, list(step.choices), lambda c: trials[c](),
+                                   between=_yield_to_serving)
             configs[i] = step.choices[best]
             launcher, constexprs = fn[configs[i][0]], configs[i][1]
         launcher(*args, **constexprs)
