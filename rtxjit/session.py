@@ -243,8 +243,9 @@ class InferenceSession:
 
     def jit_stats(self) -> dict:
         """Counters of the JIT: kernels compiled and loaded from caches, bindings pending and
-        specialized, kernels rejected by the check, failures; and, per node of the last run, which
-        kernel served it ("generic" or "specialized")."""
+        specialized, kernels rejected by the check, failures; per node of the last run, which
+        kernel served it ("generic" or "specialized"); and per binding (``bindings``: its key, and
+        the seconds from its first request to each install of a specialized variant)."""
         s = self._jit
         with s.lock:
             out = {"mode": self.specialize, "compiles": s.compiles, "cache_hits": s.cache_hits,
@@ -259,6 +260,8 @@ class InferenceSession:
             out["last_run"] = v.kind
         out["served"] = {node: "specialized" if kinds == {"specialized"} else "generic" if kinds == {"generic"}
                          else "mixed" for node, kinds in served.items()}
+        out["bindings"] = [{"key": repr(key), "installed_after_s": [round(t - e.created_s, 4) for t in e.installed_s]}
+                           for key, e in list(self._executables.items())]
         return out
 
     @property

@@ -107,6 +107,9 @@ def test_lazy_state_machine_generic_then_specialized(slow_compiler, paused):
     assert stats["last_run"] == "specialized" and stats["pending"] == 0 and stats["specialized"] == 1
     assert set(stats["served"].values()) == {"specialized"}
     assert stats["compiles"] > 0 and stats["rejected"] == 0 and stats["failed"] == 0
+    # the binding's time from its first request to the install (the paused queue and the 0.2 s compile)
+    [binding] = stats["bindings"]
+    assert len(binding["installed_after_s"]) == 1 and binding["installed_after_s"][0] >= 0.2
     np.testing.assert_allclose(first, ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(second, first, rtol=1e-5, atol=1e-6)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -100,6 +101,8 @@ class Executable:
         self.model_key = None  # the model's key in the runtime cache where its checked variant is recorded
         self.recorded = False  # serving a variant recorded by an earlier process (jit/warm.py)
         self.tune = True  # whether specialization times tile configurations (not for AOT engines)
+        self.created_s = time.monotonic()  # when the binding's first request built it
+        self.installed_s: list = []  # time.monotonic() of each ``install`` (jit_stats reports them)
 
     def _plan_constant(self, spec, shared: dict) -> torch.Tensor:
         """A constant the lowering made (a pre-transposed conv weight, a fill value) on the device,
@@ -153,6 +156,7 @@ class Executable:
         a run in progress finishes on the old variant)."""
         with self.lock:
             self.active = variant
+            self.installed_s.append(time.monotonic())
 
     @property
     def activation_bytes(self) -> int:
