@@ -33,6 +33,8 @@ def test_dry_run_one_process_per_case(tmp_path):
         assert rt["rel_err_ok"] and rt["launches"] > 0 and rt["plan_bytes"] > 0 and rt["plan_flops"] > 0
         assert rt["speedup_vs_eager"] > 0 and "roofline" not in rt  # no measured ceilings on a CPU
         assert 0 < rt["first_output_s"] <= rt["setup_s"] and rt["specialize_wait_s"] >= 0
+        # an fp32 copy of the model judges both; eager and rtxjit are about as far from it
+        assert 0 < info[case]["eager_vs_fp32"] <= 1e-2 and rt["err_vs_fp32"] <= 1e-2
 
 
 def test_time_limit_stops_a_case_and_resume_reruns_it(tmp_path):
