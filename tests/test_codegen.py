@@ -49,3 +49,35 @@ def test_reshape_of_a_strided_view_matches_numpy():
     strided = View.of(0, DType.FP32, (2, 3, 4, 5)).permute((0, 2, 1, 3))
     with pytest.raises(ValueError):
         strided.reshape((2, 4, 15))  # dims 1 and 3 of the view are not adjacent in memory
+
+
+def test_memoized_render_keys_on_every_value_type_nested_too():
+    from dataclasses import dataclass
+
+    from rtxjit.codegen.source import memoized
+
+    @dataclass(frozen=True)
+    class Program:
+        steps: tuple
+
+    calls = []
+
+    @memoized
+    def render(a, program=None):
+        calls.append(1)
+        return f"{a!r} {program!r}"
+
+    assert render(1) == "1 None" and render(True) == "True None" and render(1.0) == "1.0 None"
+    assert render(1) == "1 None" and len(calls) == 3  # the repeat is a hit
+    assert render(1, program=Program(((2,),))) != render(1, program=Program(((2.0,),)))  # equal, not the same
+    assert len(calls) == 5
+    assert render(1, program=Program(([2],))) == render(1, program=Program(([2],))) and len(calls) == 6
+    assert render({1: 2}) == render({1: 2}) and len(calls) == 8  # unhashable: rendered each time
+
+
+def test_the_memoized_matmul_template_returns_one_source_object_per_configuration():
+    from rtxjit.codegen.templates.matmul import render_matmul
+
+    a = render_matmul(DType.FP16, DType.FP16, 1, True, unit=frozenset({"a_sk"}))
+    assert render_matmul(DType.FP16, DType.FP16, 1, True, unit=frozenset({"a_sk"})) is a
+    assert render_matmul(DType.FP16, DType.FP32, 1, True, unit=frozenset({"a_sk"})).text != a.text

@@ -8,6 +8,7 @@ so Triton can read it back, as it does for functions defined in files.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import linecache
@@ -37,6 +38,46 @@ class KernelSource:
 def render(name: str, header: str, body: str) -> KernelSource:
     text = f"# rtxjit kernel {name}: {header}\n" + PRELUDE + body.strip("\n") + "\n"
     return KernelSource(name, text)
+
+
+def memoized(render):
+    """A template's ``render_*`` function, memoized on its arguments: planning a new binding renders
+    the same sources again (their dynamic sizes are arguments), and a source object computes its
+    key once. A render function so marked reads nothing but its arguments. The cache key keeps
+    every value's type, nested ones too (``1``, ``1.0`` and ``True`` are equal in Python but
+    render differently); a call with an unhashable argument is rendered afresh."""
+    cache: dict = {}
+
+    @functools.wraps(render)
+    def wrapper(*args, **kwargs):
+        try:
+            key = _typed_key((args, tuple(sorted(kwargs.items()))))
+            hit = cache.get(key)
+        except TypeError:  # an unhashable argument
+            return render(*args, **kwargs)
+        if hit is None:
+            hit = render(*args, **kwargs)
+            if len(cache) >= MEMO_LIMIT:
+                cache.clear()
+            cache[key] = hit
+        return hit
+
+    wrapper.cache_clear = cache.clear
+    return wrapper
+
+
+MEMO_LIMIT = 4096  # rendered sources kept per template function
+
+
+def _typed_key(value):
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, tuple(_typed_key(v) for v in value))
+    if isinstance(value, frozenset):
+        return ("frozenset", frozenset(_typed_key(v) for v in value))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return (type(value), tuple(_typed_key(getattr(value, f.name)) for f in dataclasses.fields(value)))
+    hash(value)
+    return (type(value), value)
 
 
 _DEF_RE = re.compile(r"^def (\w+)\((.*?)\):$", re.M | re.S)

@@ -34,7 +34,7 @@ Masks and non-finite values, as the unfused graph computes them:
 from __future__ import annotations
 
 from rtxjit.codegen.dtypes import TL
-from rtxjit.codegen.source import KernelSource, render
+from rtxjit.codegen.source import KernelSource, memoized, render
 from rtxjit.ir.types import DType
 
 LOG2E = 1.4426950408889634
@@ -139,6 +139,7 @@ def _key_block(dtype: DType, has_mask: bool) -> list:
     return lines
 
 
+@memoized
 def render_attention(dtype: DType, out_dtype: DType, has_mask: bool, wide: bool = False,
                      nan_rows_zero: bool = False) -> KernelSource:
     """The fused attention kernel for Q/K/V of ``dtype`` writing ``out_dtype``.

@@ -50,7 +50,7 @@ matmul template's.
 
 from __future__ import annotations
 
-from rtxjit.codegen.source import KernelSource, render
+from rtxjit.codegen.source import KernelSource, memoized, render
 from rtxjit.codegen.templates.matmul import (acc_type, bias_params, epilogue, int64_suffix, k_loop, product,
                                              scaled, signature, split_sum, tile_indices)
 from rtxjit.codegen.templates.quant_gemm import QuantConv, int8_operand
@@ -239,6 +239,7 @@ def _pixel(axes: str, stride: str, unit: frozenset = frozenset(), last: str = No
     return " + ".join(terms)
 
 
+@memoized
 def render_conv2d(dtype: DType, has_bias: bool, wide: bool = False, tap_major: bool = True,
                   unit: frozenset = frozenset(), fused=None, depth: bool = False,
                   transposed: bool = False, upsample: tuple = None, quant: QuantConv = None,
@@ -338,6 +339,7 @@ def render_conv2d(dtype: DType, has_bias: bool, wide: bool = False, tap_major: b
     return render(name, header, "\n".join(lines))
 
 
+@memoized
 def render_conv_split_sum(dtype: DType, has_bias: bool, wide: bool = False, unit: frozenset = frozenset(),
                           fused=None, depth: bool = False) -> KernelSource:
     """The second kernel of a split-K convolution: ``out = sum over s of ws[s]`` (in split order,

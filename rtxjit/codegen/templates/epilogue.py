@@ -9,6 +9,7 @@ program are the kernel arguments ``es0, es1, ...``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -23,13 +24,14 @@ class FusedEpilogue:
     product_dtype: DType
     extra_dtypes: tuple
 
-    def _compose(self) -> tuple:
+    @functools.cached_property  # on the frozen instance's __dict__: composed once per epilogue
+    def _composed(self) -> tuple:
         names = ["y"] + [f"e{k}" for k in range(len(self.extra_dtypes))]
         return compose(self.program, names, [self.product_dtype, *self.extra_dtypes], scalar_prefix="es")
 
     @property
     def scalars(self) -> tuple:
-        return self._compose()[2]
+        return self._composed[2]
 
     def params(self, strides: list) -> list:
         """Per extra input: pointer, offset and one stride per name in ``strides``; then scalars."""
@@ -42,7 +44,7 @@ class FusedEpilogue:
         """Statements turning ``y`` into the program's result; ``address(k)`` is extra ``k``'s tile."""
         out = [f"    e{k} = tl.load({address(k)}, mask=mask, other=0){load_cast(dt)}"
                for k, dt in enumerate(self.extra_dtypes)]
-        stmts, result, _ = self._compose()
+        stmts, result, _ = self._composed
         return out + [f"    {s}" for s in stmts] + [f"    y = {result}"]
 
     def header(self) -> str:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import textwrap
 
 from rtxjit.codegen.dtypes import TL
-from rtxjit.codegen.source import KernelSource, render
+from rtxjit.codegen.source import KernelSource, memoized, render
 from rtxjit.errors import InternalError
 from rtxjit.ir.types import DType
 
@@ -156,6 +156,7 @@ def masked_load(name: str, addr: str, mask: str, k_mask: str) -> list:
     ]
 
 
+@memoized
 def render_matmul(dtype: DType, out_dtype: DType, batch_rank: int, has_bias: bool,
                   wide: bool = False, unit: frozenset = frozenset(), fused=None, split: bool = False,
                   b_scale: bool = False) -> KernelSource:
@@ -239,6 +240,7 @@ def split_sum() -> list:
     ]
 
 
+@memoized
 def render_matmul_split_sum(out_dtype: DType, has_bias: bool, wide: bool = False, unit: frozenset = frozenset(),
                             fused=None) -> KernelSource:
     """The second kernel of a split-K product: ``out = alpha * sum over s of ws[s] + beta * bias``,

@@ -9,7 +9,7 @@ and ``idx`` is the flat output index. A copy is the expression ``x0``.
 from __future__ import annotations
 
 from rtxjit.codegen.dtypes import TL, load_cast
-from rtxjit.codegen.source import KernelSource, render
+from rtxjit.codegen.source import KernelSource, memoized, render
 from rtxjit.ir.types import DType
 
 
@@ -23,6 +23,7 @@ def flat_indices(rank: int, wide: bool) -> list:
     return lines + ["    i0 = rem"]
 
 
+@memoized
 def render_pointwise(expr: str, in_dtypes: tuple, out_dtype: DType, rank: int, n_scalars: int = 0,
                      wide: bool = False, prologue: tuple = ()) -> KernelSource:
     """``prologue`` are statements (fused ops, see ``codegen/compose.py``) that run before ``expr``."""

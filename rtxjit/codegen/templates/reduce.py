@@ -23,7 +23,7 @@ result toward zero on the store, as onnxruntime does.
 from __future__ import annotations
 
 from rtxjit.codegen.dtypes import TL, compute_type
-from rtxjit.codegen.source import KernelSource, render
+from rtxjit.codegen.source import KernelSource, memoized, render
 from rtxjit.errors import InternalError
 from rtxjit.ir.types import DType
 
@@ -306,6 +306,7 @@ _BODIES = {**{m: _row_body for m in ROW_MODES}, **{m: _arg_body for m in ARG_MOD
            "layernorm": _layernorm_body, "rmsnorm": _rmsnorm_body}
 
 
+@memoized
 def render_reduce(mode: str, in_dtype: DType, out_dtype: DType, kept_rank: int, red_rank: int, *,
                   scale: bool = False, bias: bool = False, stats_dtype: DType = None,
                   wide: bool = False) -> KernelSource:
