@@ -164,7 +164,10 @@ class OpDef:
         given = [x for x in xs if x is not None]
         dtypes = [None if x is None else x.dtype for x in xs]
         expr, scalars = self.expr_fn(dtypes, ctx.outputs[0].dtype, attrs)
-        ctx.pointwise(expr, given, ctx.outputs[0], tuple(scalars))
+        out = ctx.pointwise_output(given)
+        ctx.pointwise(expr, given, out, tuple(scalars))
+        if out is not ctx.outputs[0]:
+            ctx.alias(0, out)
 
     def bind_attrs(self, attrs: dict, where: str) -> dict:
         """The node's attributes completed with defaults; an unknown or missing one is an error."""

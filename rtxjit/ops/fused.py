@@ -44,7 +44,10 @@ fused_pointwise.reference(lambda *xs, program: program_reference(program, list(x
 @fused_pointwise.lower
 def _(ctx, *xs, program):
     lines, result, scalars = compose(program, [f"x{k}" for k in range(len(xs))], [x.dtype for x in xs])
-    ctx.pointwise(result, list(xs), ctx.outputs[0], scalars, prologue=tuple(lines))
+    out = ctx.pointwise_output(list(xs))
+    ctx.pointwise(result, list(xs), out, scalars, prologue=tuple(lines))
+    if out is not ctx.outputs[0]:
+        ctx.alias(0, out)
 
 
 @op("rtxjit.Epilogue", since=1, kind=Kind.MATMUL)

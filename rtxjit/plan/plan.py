@@ -15,11 +15,11 @@ import numpy as np
 
 from rtxjit.codegen.source import KernelSource, parameters
 from rtxjit.codegen.templates.pointwise import render_pointwise
-from rtxjit.codegen.view import View, collapse
+from rtxjit.codegen.view import View, collapse, contiguous_strides
 from rtxjit.errors import ModelError, ShapeError, UnsupportedOpError
 from rtxjit.ir import host
 from rtxjit.ir.graph import Graph, Node
-from rtxjit.ir.registry import get_op
+from rtxjit.ir.registry import Kind, get_op
 from rtxjit.ir.types import DType, TensorType, is_static
 from rtxjit.plan import autotune, statics
 
@@ -118,6 +118,19 @@ class _Entry:
     type: TensorType
     host: Optional[np.ndarray] = None
     view: Optional[View] = None
+
+
+LAYOUT_FOLLOWS_INPUTS = True  # False: pointwise outputs are always row-major (as before 2026-12-07), to compare
+STRIDED_READERS = ("Transpose", "Conv", "ConvTranspose")  # read any strides (convs: their data input)
+
+
+def _takes_strided(reader: Node, value) -> bool:
+    """Whether ``reader`` reads ``value`` as a strided view without a copy first."""
+    if reader.op == "Transpose" or get_op(reader.op, version=reader.version).kind is Kind.POINTWISE:
+        return True
+    anchor = reader.attrs.get("anchor", reader.op) if reader.op == "rtxjit.Epilogue" else reader.op
+    return anchor in STRIDED_READERS[1:] and reader.inputs[0] is value and all(
+        x is not value for x in reader.inputs[1:])
 
 
 class LowerCtx:
@@ -234,10 +247,39 @@ class LowerCtx:
         idx = self._b.plan.add_buffer(BufferSpec(dtype, int(np.prod(shape, dtype=np.int64)), "temp"))
         return View.of(idx, dtype, shape)
 
+    def pointwise_output(self, inputs: list) -> View:
+        """Output 0 of a pointwise node, laid out as its full-size inputs are where they share one
+        dense layout other than row-major (channels-last activations: ConvNeXt's residual stream
+        after its channels-last convs and matmuls), so the kernel reads and writes along one
+        order, coalesced, instead of transposing through strided reads. Only where every reader
+        takes a strided view as it comes (pointwise ops, Transpose, convolutions' data input);
+        otherwise, and for a graph output, the planned row-major output. The caller aliases
+        output 0 to the returned view where it is not the planned one."""
+        out = self.outputs[0]
+        full = [v for v in inputs if tuple(v.shape) == tuple(out.shape)]
+        if not LAYOUT_FOLLOWS_INPUTS or out.rank < 2 or not full or full[0].contiguous:
+            return out
+        strides = full[0].strides
+        if any(v.strides != strides for v in full[1:]):
+            return out
+        order = sorted(range(out.rank), key=lambda d: (-strides[d], d))
+        phys = [out.shape[d] for d in order]
+        dense = contiguous_strides(phys)
+        if any(out.shape[d] != 1 and strides[d] != dense[j] for j, d in enumerate(order)):
+            return out
+        value = self.node.outputs[0]
+        readers = self.readers()
+        if not readers or not all(_takes_strided(r, value) for r in readers):
+            return out
+        return self.temp(out.dtype, phys).permute([order.index(d) for d in range(out.rank)])
+
     def pointwise(self, expr: str, inputs: list, out: View, scalars: tuple = (), prologue: tuple = ()) -> None:
         """``out = expr(inputs...)`` with numpy broadcasting of the inputs to ``out.shape``;
         ``prologue`` statements run first (a fused chain of ops)."""
         views = [v.broadcast_to(out.shape) for v in inputs]
+        if not out.contiguous:  # iterate in the output's memory order (elementwise: any order is right)
+            order = sorted(range(out.rank), key=lambda d: (-out.strides[d], d))
+            out, views = out.permute(order), [v.permute(order) for v in views]
         shape, strides = collapse(out.shape, out.strides, *[v.strides for v in views])
         n = out.numel
         src = render_pointwise(expr, tuple(v.dtype for v in views), out.dtype, len(shape), len(scalars),
