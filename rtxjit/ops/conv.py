@@ -260,15 +260,28 @@ def _(ctx, x, w, b=None, *, group=1, **attrs):
 
 def channels_last_output(ctx) -> View:
     """Where every reader is a convolution that reads channels-last (the tap-major loop, see
-    ``emit_conv``), the 2-D or 3-D output is written N(D)HWC (seen as an NC(D)HW view with
+    ``emit_conv``) or a Transpose to it, but for depthwise convs (either layout suits them), the
+    2-D or 3-D output is written N(D)HWC (seen as an NC(D)HW view with
     channels-last strides), so those readers need no layout copy: the layout choice is made per
     edge, the graph stays NCHW. Otherwise the planned (NCHW) output."""
     out = ctx.outputs[0]
     readers = ctx.readers()
-    if out.rank not in (4, 5) or not readers or not all(_reads_channels_last(r) for r in readers):
+    if out.rank not in (4, 5) or not any(_reads_channels_last(r) for r in readers) \
+            or not all(_reads_channels_last(r) or _any_layout(r) for r in readers):
         return out
     n, c = out.shape[:2]
     return ctx.temp(out.dtype, (n, *out.shape[2:], c)).permute(_channels_last_perm(out.rank))
+
+
+def _any_layout(node) -> bool:
+    """Whether ``node`` reads a channels-last input as well as an NCHW one: a depthwise conv (its
+    direct kernel's tiles are tuned to either layout)."""
+    anchor = node.attrs.get("anchor", node.op)
+    if anchor != "Conv" or not DEPTHWISE or node.inputs[0].type.rank not in (4, 5):
+        return False
+    group = dict(node.attrs.get("anchor_attrs", node.attrs)).get("group", 1)
+    w = node.inputs[1].type.shape
+    return group > 1 and w[1] == 1 and w[0] == group
 
 
 def _reads_channels_last(node) -> bool:

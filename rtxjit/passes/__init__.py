@@ -26,6 +26,7 @@ from rtxjit.passes.fuse_pointwise import fuse_pointwise
 from rtxjit.passes.fuse_upsample_conv import fuse_upsample_conv
 from rtxjit.passes.merge_parallel_matmuls import merge_parallel_matmuls
 from rtxjit.passes.simplify_shapes import simplify_shapes
+from rtxjit.passes.sink_transpose import sink_transpose
 from rtxjit.quant.fuse import fuse_quantized
 
 PIPELINE = [
@@ -47,6 +48,7 @@ PIPELINE = [
     ("fuse_attention", fuse_attention),
     ("fuse_upsample_conv", fuse_upsample_conv),
     ("fuse_channel_scale", fuse_channel_scale),
+    ("sink_transpose", sink_transpose),
     ("fuse_pointwise", fuse_pointwise),
     ("fuse_epilogue", fuse_epilogue),
     # clean up
