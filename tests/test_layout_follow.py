@@ -99,3 +99,71 @@ def test_a_pointwise_kernel_iterates_in_its_outputs_memory_order():
     plan = sess.plan({"x": NHWC})
     texts = [s.kernel.text for s in plan.steps]
     assert len(texts) <= 2 and any("size0=480" in t and "size1" not in t for t in texts), texts
+
+
+def _convnext_blocks(dtype, rng, c: int = 32, blocks: int = 2):
+    """A ConvNeXt stem (4x4 stride-4 conv) and ``blocks`` torchvision CNBlocks built node by node:
+    depthwise 7x7 -> permute to NHWC -> LayerNorm -> Linear -> Gelu -> Linear -> permute back ->
+    * layer scale -> + residual; then a global average pool."""
+    onnx_type = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
+
+    def const(name, a):
+        return helper.make_tensor(name, onnx_type, a.shape, a.astype(dtype).tobytes(), raw=True)
+
+    inits = [const("stem_w", rng.standard_normal((c, 3, 4, 4)) / 7), const("stem_b", rng.standard_normal(c) * 0.1)]
+    nodes = [helper.make_node("Conv", ["x", "stem_w", "stem_b"], ["r0"], strides=[4, 4])]
+    for i in range(blocks):
+        p = f"b{i}_"
+        inits += [const(p + "dw", rng.standard_normal((c, 1, 7, 7)) / 7), const(p + "dwb", rng.standard_normal(c) * .1),
+                  const(p + "ln_s", 1 + 0.2 * rng.standard_normal(c)), const(p + "ln_b", 0.1 * rng.standard_normal(c)),
+                  const(p + "w1", rng.standard_normal((c, 4 * c)) / np.sqrt(c)),
+                  const(p + "b1", 0.1 * rng.standard_normal(4 * c)),
+                  const(p + "w2", rng.standard_normal((4 * c, c)) / np.sqrt(4 * c)),
+                  const(p + "b2", 0.1 * rng.standard_normal(c)), const(p + "g", rng.standard_normal((c, 1, 1)))]
+        r, nxt = f"r{i}", f"r{i + 1}"
+        nodes += [helper.make_node("Conv", [r, p + "dw", p + "dwb"], [p + "d"], group=c, pads=[3, 3, 3, 3]),
+                  helper.make_node("Transpose", [p + "d"], [p + "t"], perm=[0, 2, 3, 1]),
+                  helper.make_node("LayerNormalization", [p + "t", p + "ln_s", p + "ln_b"], [p + "n"], epsilon=1e-6),
+                  helper.make_node("MatMul", [p + "n", p + "w1"], [p + "m1"]),
+                  helper.make_node("Add", [p + "m1", p + "b1"], [p + "a1"]),
+                  helper.make_node("Gelu", [p + "a1"], [p + "gl"]),
+                  helper.make_node("MatMul", [p + "gl", p + "w2"], [p + "m2"]),
+                  helper.make_node("Add", [p + "m2", p + "b2"], [p + "a2"]),
+                  helper.make_node("Transpose", [p + "a2"], [p + "tb"], perm=[0, 3, 1, 2]),
+                  helper.make_node("Mul", [p + "g", p + "tb"], [p + "s"]),
+                  helper.make_node("Add", [p + "s", r], [nxt])]
+    nodes.append(helper.make_node("GlobalAveragePool", [f"r{blocks}"], ["y"]))
+    graph = helper.make_graph(nodes, "convnext", [helper.make_tensor_value_info("x", onnx_type, [2, 3, 32, 32])],
+                              [helper.make_tensor_value_info("y", onnx_type, [2, c, 1, 1])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+
+
+def _check_convnext(dtype, device):
+    rng = np.random.default_rng(5)
+    model = _convnext_blocks(dtype, rng)
+    want = ort.InferenceSession(_convnext_blocks(np.float32, np.random.default_rng(5)).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((2, 3, 32, 32)).astype(dtype)
+    (ref,) = want.run(None, {"x": x.astype(np.float32)})
+    sess = rtxjit.InferenceSession(model, device=device)
+    for _ in range(2):  # generic kernels, then (on a GPU) the specialized ones
+        (got,) = sess.run(None, {"x": x})
+        assert rel_error(got, ref) <= (1e-4 if dtype == np.float32 else 1e-2), rel_error(got, ref)
+        sess.wait_for_specialization(timeout=300)
+    kinds = [n.attrs.get("anchor", n.op) for n in sess.graph.nodes]
+    # per block: the depthwise conv, the LayerNorm in the first Linear, the second Linear with the
+    # bias, layer scale and residual add in its epilogue; no pointwise kernel of its own
+    assert "rtxjit.Pointwise" not in kinds and kinds.count("rtxjit.NormMatMul") == 2, kinds
+    return sess
+
+
+def test_convnext_blocks_run_in_four_kernels_each_and_match_onnxruntime():
+    sess = _check_convnext(np.float32, None)
+    # stem, 2 x (depthwise, norm + linear, linear + residual), the pool (and its layout copy)
+    assert sess.launches_per_inference <= 9, [s.kernel.name for s in sess.last_executable.plan.steps]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+def test_gpu_convnext_blocks_match_onnxruntime(dtype):
+    _check_convnext(dtype, "cuda")

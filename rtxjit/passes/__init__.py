@@ -21,6 +21,7 @@ from rtxjit.passes.fuse_attention import fuse_attention
 from rtxjit.passes.fuse_channel_scale import fuse_channel_scale
 from rtxjit.passes.fuse_epilogue import fuse_epilogue
 from rtxjit.passes.fuse_group_norm import fuse_group_norm
+from rtxjit.passes.fuse_norm_matmul import fuse_norm_matmul
 from rtxjit.passes.fuse_normalization import fuse_normalization
 from rtxjit.passes.fuse_pointwise import fuse_pointwise
 from rtxjit.passes.fuse_upsample_conv import fuse_upsample_conv
@@ -46,6 +47,7 @@ PIPELINE = [
     # are still plain nodes; then chains of pointwise ops
     ("merge_parallel_matmuls", merge_parallel_matmuls),
     ("fuse_attention", fuse_attention),
+    ("fuse_norm_matmul", fuse_norm_matmul),
     ("fuse_upsample_conv", fuse_upsample_conv),
     ("fuse_channel_scale", fuse_channel_scale),
     ("sink_transpose", sink_transpose),

@@ -159,7 +159,7 @@ def masked_load(name: str, addr: str, mask: str, k_mask: str) -> list:
 @memoized
 def render_matmul(dtype: DType, out_dtype: DType, batch_rank: int, has_bias: bool,
                   wide: bool = False, unit: frozenset = frozenset(), fused=None, split: bool = False,
-                  b_scale: bool = False) -> KernelSource:
+                  b_scale: bool = False, a_norm: tuple = None) -> KernelSource:
     """``out[b] = alpha * (a[b] @ b[b]) + beta * bias[b]`` for every batch index ``b``.
 
     Arguments, in order: ``out, a, b`` (and ``bias``) as pointer and offset; ``alpha`` (and
@@ -178,17 +178,30 @@ def render_matmul(dtype: DType, out_dtype: DType, batch_rank: int, has_bias: boo
     ``b_scale`` (rtxjit.ScaledConv's channel scale): one more operand ``bs`` (pointer and offset after
     the bias's; strides ``bs_sk, bs_sn`` after the bias's, per batch dim too) scales row ``k`` of
     ``b`` by ``bs[k]`` before the product, rounded to ``b``'s type as the unfused Mul would be.
+
+    ``a_norm`` (rtxjit.NormMatMul: a LayerNorm or RMSNorm over K of ``a``'s rows, folded into the
+    product): ``(mode, has_scale, has_bias)`` with mode "layernorm" or "rmsnorm"; no batch dims,
+    split or b scale. The statistics of the tile's rows come from a first loop over K (fp32; the
+    LayerNorm kernel's parallel variance), then each ``a`` tile is normalized, scaled by ``ns[k]``
+    and shifted by ``nb[k]`` and rounded to ``a``'s type, as the unfused norm's output would be.
+    Parameters ``ns_ptr, ns_off`` / ``nb_ptr, nb_off`` after the bias's, ``n_eps`` after alpha and
+    beta, strides ``ns_sk`` / ``nb_sk`` after the operands'.
     """
     if split and (batch_rank or has_bias or fused is not None or b_scale):
         raise InternalError("matmul template: split-K has no batch dims, bias, fused epilogue or b scale")
+    if a_norm is not None and (split or batch_rank or b_scale):
+        raise InternalError("matmul template: a_norm has no batch dims, split-K or b scale")
+    norm_mode, norm_scale, norm_bias = a_norm or (None, False, False)
     extras = [f"e{k}" for k in range(len(fused.extra_dtypes))] if fused else []
     operands = ["out", "a", "b"] + (["bias"] if has_bias else []) + (["bs"] if b_scale else []) + extras
     params = ["out_ptr", "out_off", "a_ptr", "a_off", "b_ptr", "b_off", *bias_params(has_bias)]
     params += ["bs_ptr", "bs_off"] if b_scale else []
-    params += ["alpha"] + (["beta"] if has_bias else [])
+    params += (["ns_ptr", "ns_off"] if norm_scale else []) + (["nb_ptr", "nb_off"] if norm_bias else [])
+    params += ["alpha"] + (["beta"] if has_bias else []) + (["n_eps"] if norm_mode else [])
     params += ["M", "N", "K", "out_sm", "out_sn", "a_sm", "a_sk", "b_sk", "b_sn"]
     params += ["bias_sm", "bias_sn"] if has_bias else []
     params += ["bs_sk", "bs_sn"] if b_scale else []
+    params += (["ns_sk"] if norm_scale else []) + (["nb_sk"] if norm_bias else [])
     params += fused.params(["sm", "sn"]) if fused else []
     params += ["k_per"] if split else []
     for d in range(batch_rank):
@@ -201,6 +214,10 @@ def render_matmul(dtype: DType, out_dtype: DType, batch_rank: int, has_bias: boo
         acc = TL[acc_type(dtype)]
         loads += ["        bsc = tl.load(bs_ptr + bs_off + rk * bs_sk, mask=rk < K, other=0.0)",
                   f"        b = (b.to({acc}) * bsc.to({acc})[:, None]).to({TL[dtype]})"]
+    stats = []
+    if norm_mode:
+        stats, normalize = _norm_lines(norm_mode, norm_scale, norm_bias, a_addr, dtype, wide)
+        loads += normalize
     out_addr = f"out_ptr + out_off + {scaled('rm[:, None]', 'out_sm', unit)} + {scaled('rn[None, :]', 'out_sn', unit)}"
     if split:  # fp32 partials to the [splits, M, N] workspace
         store = ["    tl.store(out_ptr + out_off + (split * M + rm[:, None]) * N + rn[None, :], acc, mask=mask)"]
@@ -211,6 +228,7 @@ def render_matmul(dtype: DType, out_dtype: DType, batch_rank: int, has_bias: boo
         *_batch_offsets(operands, batch_rank, wide),
         *tile_indices(wide),
         *([f"    split = tl.program_id(1){int64_suffix(wide)}"] if split else []),
+        *stats,
         *k_loop(loads, dtype, wide, split),
         "    mask = (rm[:, None] < M) & (rn[None, :] < N)",
         *store,
@@ -219,9 +237,50 @@ def render_matmul(dtype: DType, out_dtype: DType, batch_rank: int, has_bias: boo
     header += fused.header() if fused else ""
     header += " split_k" if split else ""
     header += " b_scale" if b_scale else ""
+    header += f" a_norm={norm_mode}" if norm_mode else ""
     if unit:
         header += f" unit_strides={','.join(sorted(unit))}"
     return render("matmul", header, "\n".join(lines))
+
+
+def _norm_lines(mode: str, has_scale: bool, has_bias: bool, a_addr: str, dtype: DType, wide: bool) -> tuple:
+    """``(lines before the K loop, lines after a's load in it)`` of ``render_matmul``'s ``a_norm``:
+    per row of the tile, mean and 1/std (layernorm) or 1/rms (rmsnorm) over K in fp32, then the
+    normalized, scaled, shifted ``a`` in its own type. Rows past M and K past K load zeros: their
+    normalized values are zero or are never stored."""
+    acc = TL[acc_type(dtype)]
+    before = [
+        f"    n_mean = tl.zeros((BLOCK_M,), dtype={acc})",
+        f"    n_m2 = tl.zeros((BLOCK_M,), dtype={acc})",
+        "    for k0 in range(0, K, BLOCK_K):",
+        f"        rk = k0 + tl.arange(0, BLOCK_K){int64_suffix(wide)}",
+        "        n_mask = (rm[:, None] < M) & (rk[None, :] < K)",
+        f"        x = tl.load({a_addr}, mask=n_mask, other=0.0).to({acc})",
+    ]
+    if mode == "layernorm":  # Chan's parallel combination of per-block mean and M2, as the LayerNorm kernel
+        before += [
+            f"        n_b = tl.minimum(K - k0, BLOCK_K).to({acc})",
+            "        b_mean = tl.sum(x, 1) / n_b",
+            "        d = tl.where(n_mask, x - b_mean[:, None], 0.0)",
+            "        total = k0 + n_b",
+            "        delta = b_mean - n_mean",
+            "        n_mean = n_mean + delta * (n_b / total)",
+            "        n_m2 = n_m2 + tl.sum(d * d, 1) + delta * delta * (k0 * n_b / total)",
+        ]
+        value = f"(a.to({acc}) - n_mean[:, None]) * n_rstd[:, None]"
+    else:
+        before += ["        n_m2 = n_m2 + tl.sum(x * x, 1)"]
+        value = f"a.to({acc}) * n_rstd[:, None]"
+    before += ["    n_rstd = 1.0 / tl.sqrt(n_m2 / K + n_eps)"]
+    inside = []
+    if has_scale:
+        inside.append(f"        n_s = tl.load(ns_ptr + ns_off + rk * ns_sk, mask=rk < K, other=0.0).to({acc})")
+        value += " * n_s[None, :]"
+    if has_bias:
+        inside.append(f"        n_sh = tl.load(nb_ptr + nb_off + rk * nb_sk, mask=rk < K, other=0.0).to({acc})")
+        value += " + n_sh[None, :]"
+    inside.append(f"        a = ({value}).to({TL[dtype]})")
+    return before, inside
 
 
 def _extra_2d(k: int) -> str:
