@@ -133,3 +133,27 @@ def test_gpu_pre_norm_projection_matches_the_unfused_graph_and_onnxruntime(dtype
     monkeypatch.setattr(pass_module, "ENABLED", False)
     unfused = rtxjit.InferenceSession(model, device="cuda")
     assert rel_error(out, unfused.run(None, feeds)[0]) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_gpt2s_view_then_gemm_after_the_norm_fuses_too(trans_b):
+    """GPT-2's Conv1D: ``x.view(-1, nx)`` then ``addmm`` (a Gemm with C), B stored either way."""
+    rng = np.random.default_rng(2)
+    w = (rng.standard_normal((N, K) if trans_b else (K, N)) / np.sqrt(K)).astype(np.float32)
+    inits = [_const("w", w), _const("c", rng.standard_normal(N).astype(np.float32)),
+             _const("s", (1 + 0.3 * rng.standard_normal(K)).astype(np.float32)),
+             _const("sh", (0.2 * rng.standard_normal(K)).astype(np.float32)),
+             helper.make_tensor("flat", TensorProto.INT64, [2], [-1, K]),
+             helper.make_tensor("back", TensorProto.INT64, [3], [2, 7, N])]
+    nodes = [helper.make_node("LayerNormalization", ["x", "s", "sh"], ["n"], axis=-1, epsilon=1e-5),
+             helper.make_node("Reshape", ["n", "flat"], ["n2"]),
+             helper.make_node("Gemm", ["n2", "w", "c"], ["g"], transB=trans_b),
+             helper.make_node("Reshape", ["g", "back"], ["y"])]
+    graph = helper.make_graph(nodes, "gpt2_proj", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 7, K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 7, N])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    feeds = {"x": (3.0 + 1.5 * rng.standard_normal((2, 7, K))).astype(np.float32)}
+    sess = rtxjit.InferenceSession(model)
+    assert "rtxjit.NormMatMul" in _anchors(sess) and "LayerNormalization" not in _anchors(sess)
+    assert rel_error(sess.run(None, feeds)[0], run_onnxruntime(model, feeds)[0]) <= 1e-4
+    assert sess.launches_per_inference == 1  # C added in the product's epilogue

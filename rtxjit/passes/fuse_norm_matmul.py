@@ -5,9 +5,12 @@ Rewrite:
         => rtxjit.NormMatMul(x, w, s, b){mode: "layernorm", epsilon: e}
     MatMul(rtxjit.RMSNorm(x, s){axis: -1, epsilon: e}, w)
         => rtxjit.NormMatMul(x, w, s){mode: "rmsnorm", epsilon: e}
+    Gemm(Reshape(LayerNormalization(x, s, b), shape), w, c){transB: t}
+        => Add(rtxjit.NormMatMul(Reshape(x, shape), Transpose(w) if t else w, s, b), c)
 
-where every reader of the norm's output is a MatMul reading it as its first operand with a
-``[K, N]`` weight, the output is not a graph output, the norm's statistics outputs (Mean,
+where every reader of the norm's output is a MatMul (or a Gemm without transA, alpha and beta 1)
+reading it as its first operand with a ``[K, N]`` weight, directly or through one Reshape that keeps
+the last axis, the output is not a graph output, the norm's statistics outputs (Mean,
 InvStdDev) are unused, its scale and bias are ``[K]`` (or broadcast to it) and its statistics are
 fp32 (``stash_type`` 1). A pre-norm transformer (GPT-2, ViT, CLIP, Whisper, LLaMA) normalizes the
 residual stream only to project it (QKV, after merge_parallel_matmuls, and the MLP's first
@@ -20,7 +23,7 @@ merge_parallel_matmuls and before fuse_epilogue (a bias or activation joins the 
 from __future__ import annotations
 
 from rtxjit.ir.graph import Graph, Node
-from rtxjit.ir.rewrite import FreshNames, is_graph_output, remove_nodes
+from rtxjit.ir.rewrite import FreshNames, is_graph_output, make_node, remove_nodes
 from rtxjit.passes.base import PassResult
 
 ENABLED = True  # False: norms keep their own kernel (as before 2026-12-07), for a GPU A/B
@@ -34,26 +37,54 @@ def fuse_norm_matmul(graph: Graph) -> PassResult:
     names = FreshNames(graph)
     removed = []
     for norm in list(graph.nodes):
-        readers = _fusable(graph, norm, uses)
-        if readers is None:
+        projections = _fusable(graph, norm, uses)
+        if projections is None:
             continue
         x = norm.inputs[0]
         scale = norm.inputs[1] if len(norm.inputs) > 1 else None
         shift = norm.inputs[2] if len(norm.inputs) > 2 and norm.op == "LayerNormalization" else None
         attrs = {"mode": MODES[norm.op], "epsilon": float(norm.attrs.get("epsilon", 1e-5))}
-        for mm in readers:
-            node = Node("rtxjit.NormMatMul", names(mm.name + "_norm"), [x, mm.inputs[1], scale, shift],
-                        list(mm.outputs), dict(attrs), 1)
-            for v in node.outputs:
-                v.producer = node
-            graph.nodes[graph.nodes.index(mm)] = node
+        for view, product in projections:
+            _rewrite(graph, names, x, scale, shift, attrs, view, product)
+            removed += [n for n in (view, product) if n is not None]
         removed.append(norm)
     remove_nodes(graph, removed)
     return PassResult(graph, bool(removed))
 
 
+def _rewrite(graph: Graph, names: FreshNames, x, scale, shift, attrs: dict, view, product: Node) -> None:
+    """``product`` (reading the norm's output, through ``view`` if not None) becomes a NormMatMul of
+    ``x`` (through the same Reshape), a Gemm's B transposed by a view where ``transB``, its C added
+    after (fuse_epilogue puts the Add into the product's kernel)."""
+    at = graph.nodes.index(product)
+    new = []
+    if view is not None:
+        reshape = make_node(names, "Reshape", [x, view.inputs[1]], dict(view.attrs), base="norm_view")
+        new.append(reshape)
+        x = reshape.outputs[0]
+    w = product.inputs[1]
+    if product.op == "Gemm" and product.attrs.get("transB", 0):
+        flip = make_node(names, "Transpose", [w], {"perm": [1, 0]}, base="norm_weight")
+        new.append(flip)
+        w = flip.outputs[0]
+    out = product.outputs[0]
+    c = product.inputs[2] if product.op == "Gemm" and len(product.inputs) > 2 else None
+    node = make_node(names, "rtxjit.NormMatMul", [x, w, scale, shift], dict(attrs), base=product.name + "_norm")
+    new.append(node)
+    if c is None:
+        node.outputs = [out]
+        out.producer = node
+    else:
+        add = Node("Add", names(product.name + "_bias"), [node.outputs[0], c], [out], {}, 14)
+        out.producer = add
+        new.append(add)
+    graph.nodes[at:at + 1] = [*new, product]  # the product itself goes with the removed nodes
+
+
 def _fusable(graph: Graph, norm: Node, uses: dict):
-    """The MatMuls that read ``norm``'s output, if the rewrite applies to all of them; else None."""
+    """``[(view or None, product)]``: the products that read ``norm``'s output, directly or through
+    one Reshape that keeps the last axis (GPT-2's ``x.view(-1, nx)`` before its Gemm), if the
+    rewrite applies to all of them; else None."""
     if norm.op not in MODES:
         return None
     x, out = norm.inputs[0], norm.outputs[0]
@@ -71,11 +102,41 @@ def _fusable(graph: Graph, norm: Node, uses: dict):
     for p in norm.inputs[1:]:
         if p is not None and (p.type.rank > 1 or (p.type.rank and p.type.shape[0] not in (1, k))):
             return None
-    readers = {id(n): n for n, _ in uses.get(out.name, [])}
+    readers = _readers(graph, out, uses)
     if not readers:
         return None
-    for mm in readers.values():
-        if mm.op != "MatMul" or mm.inputs[0] is not out or mm.inputs[1] is out or mm.inputs[1].type.rank != 2 \
-                or mm.inputs[1].type.dtype is not x.type.dtype:
+    projections = []
+    for reader in readers:
+        view = None
+        if reader.op == "Reshape" and reader.inputs[0] is out:
+            r_out = reader.outputs[0]
+            nxt = _readers(graph, r_out, uses)
+            if r_out.type.rank < 2 or r_out.type.shape[-1] != k or len(nxt) != 1:
+                return None
+            view, reader, out_v = reader, nxt[0], r_out
+        else:
+            out_v = out
+        if not _product(reader, out_v, x.type.dtype):
             return None
-    return list(readers.values())
+        projections.append((view, reader))
+    return projections
+
+
+def _readers(graph: Graph, value, uses: dict) -> list:
+    if is_graph_output(graph, value):
+        return []
+    return list({id(n): n for n, _ in uses.get(value.name, [])}.values())
+
+
+def _product(node: Node, value, dtype) -> bool:
+    """Whether ``node`` multiplies ``value`` (its first operand only) by a ``[K, N]`` weight: a MatMul,
+    or a Gemm without transA and with alpha and beta 1."""
+    if node.op not in ("MatMul", "Gemm") or node.inputs[0] is not value or any(v is value for v in node.inputs[1:]):
+        return False
+    w = node.inputs[1]
+    if w.type.rank != 2 or w.type.dtype is not dtype:
+        return False
+    if node.op == "Gemm":
+        a = node.attrs
+        return not a.get("transA", 0) and a.get("alpha", 1.0) == 1.0 and a.get("beta", 1.0) == 1.0
+    return True
