@@ -45,7 +45,7 @@ def _convs(x_shape, layers, dtype, rng, tail=(), extra_inputs=()):
     inputs = [helper.make_tensor_value_info("x", ONNX_TYPE[dtype], list(x_shape))]
     inputs += [helper.make_tensor_value_info(n, ONNX_TYPE[dtype], list(s)) for n, s in extra_inputs]
     graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", ONNX_TYPE[dtype], None)], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
 
 
 def _check(monkeypatch, proto, feeds, dtype, splits):
@@ -141,7 +141,7 @@ def _check_block(dtype, device):
                              helper.make_node("Conv", ["d0", "wpw"], ["p0"], kernel_shape=[1, 1]),
                              helper.make_node("Relu", ["p0"], ["y"])])
     x = rng.standard_normal((1, 256, 14, 14)).astype(dtype)
-    proto32 = helper.make_model(proto.graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto32 = helper.make_model(proto.graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     for init in proto32.graph.initializer:  # the same weights in fp32
         if init.data_type == TensorProto.FLOAT16:
             a = np.frombuffer(init.raw_data, np.float16).astype(np.float32)
@@ -169,7 +169,7 @@ def test_nan_and_inf_inputs_come_out_where_onnxruntime_has_them(monkeypatch, gro
     node = helper.make_node("Conv", ["x", "w"], ["y"], group=group, pads=[1, 1, 1, 1])
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 9, 9])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [_const("w", w)])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     x = rng.standard_normal((1, c, 9, 9)).astype(np.float32)
     x[0, 3, 2, 2], x[0, 5, 6, 6], x[0, 7, 6, 5] = np.nan, np.inf, -np.inf
     monkeypatch.setattr(conv_ops, "SPLIT_K", 3)

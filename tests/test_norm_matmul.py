@@ -22,6 +22,12 @@ TOL = {np.float32: 1e-4, np.float16: 1e-2}
 K, N = 48, 40
 
 
+@pytest.fixture(autouse=True)
+def fused(monkeypatch):
+    """The pass is off by default (measured slower on ViT, see its module); these tests turn it on."""
+    monkeypatch.setattr(pass_module, "ENABLED", True)
+
+
 def _const(name, a):
     return helper.make_tensor(name, ONNX[a.dtype.type], a.shape, a.tobytes(), raw=True)
 
@@ -37,9 +43,10 @@ def _pre_norm(dtype, rms: bool = False, tail: str = "gelu"):
              _const("sh", (0.2 * rng.standard_normal(K)).astype(dtype))]
     outputs = [helper.make_tensor_value_info("y", ONNX[dtype], [2, 7, N])]
     if rms:
-        inits += [_const("two", np.array(2, dtype)), _const("eps", np.array(1e-6, dtype))]
+        inits += [_const("two", np.array(2, dtype)), _const("eps", np.array(1e-6, dtype)),
+                  helper.make_tensor("last", TensorProto.INT64, [1], [-1])]
         nodes = [helper.make_node("Pow", ["x", "two"], ["sq"]),
-                 helper.make_node("ReduceMean", ["sq"], ["ms"], axes=[-1], keepdims=1),
+                 helper.make_node("ReduceMean", ["sq", "last"], ["ms"], keepdims=1),
                  helper.make_node("Add", ["ms", "eps"], ["mse"]), helper.make_node("Sqrt", ["mse"], ["rms"]),
                  helper.make_node("Div", ["x", "rms"], ["xn"]), helper.make_node("Mul", ["xn", "s"], ["n"])]
     else:
@@ -58,7 +65,7 @@ def _pre_norm(dtype, rms: bool = False, tail: str = "gelu"):
         nodes.append(helper.make_node("Gelu", ["pb"], ["y"]))
     graph = helper.make_graph(nodes, "pre_norm", [helper.make_tensor_value_info("x", ONNX[dtype], [2, 7, K])],
                               outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=9)
     x = (3.0 + rng.standard_normal((2, 7, K)) * 1.5).astype(dtype)  # an offset mean
     return model, {"x": x}
 
@@ -76,6 +83,7 @@ def test_a_pre_norm_projection_runs_as_one_product_and_matches_onnxruntime(dtype
     out = sess.run(None, feeds)[0]
     assert sess.launches_per_inference == 1
     want = run_onnxruntime(model, feeds)
+    assert want is not None or dtype == np.float16  # onnxruntime's CPU kernels lack some fp16 ops
     if want is not None:
         assert rel_error(out, want[0]) <= TOL[dtype]
     monkeypatch.setattr(pass_module, "ENABLED", False)
@@ -151,7 +159,7 @@ def test_gpt2s_view_then_gemm_after_the_norm_fuses_too(trans_b):
              helper.make_node("Reshape", ["g", "back"], ["y"])]
     graph = helper.make_graph(nodes, "gpt2_proj", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 7, K])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 7, N])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=9)
     feeds = {"x": (3.0 + 1.5 * rng.standard_normal((2, 7, K))).astype(np.float32)}
     sess = rtxjit.InferenceSession(model)
     assert "rtxjit.NormMatMul" in _anchors(sess) and "LayerNormalization" not in _anchors(sess)
