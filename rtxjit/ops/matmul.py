@@ -77,7 +77,7 @@ def emit_matmul(ctx, a: View, b: View, out: View, bias: View = None, alpha: floa
     """Launch ``out = alpha * (a @ b) + beta * bias`` where ``a`` is ``[..., M, K]``, ``b`` is
     ``[..., K, N]``, ``out`` is ``[..., M, N]`` and the batch dims of ``a``, ``b`` and ``bias``
     broadcast to those of ``out``. ``b_scale`` (``[..., K]``) scales the rows of ``b`` first.
-    ``a_norm`` ``(mode, scale, shift, eps)`` (no batch dims; scale and shift views over K or None):
+    ``a_norm`` ``(mode, colsum, eps)`` (no batch dims; ``colsum`` a view over N, layernorm only):
     rtxjit.NormMatMul's LayerNorm / RMSNorm of ``a``'s rows, inside the product."""
     check_dot_type(ctx, a.dtype)
     batch = out.shape[:-2]
@@ -96,14 +96,13 @@ def emit_matmul(ctx, a: View, b: View, out: View, bias: View = None, alpha: floa
     unit = unit_strides(out_sm=out.strides[-2], out_sn=out.strides[-1], a_sm=views[1].strides[-2],
                         a_sk=views[1].strides[-1], b_sk=views[2].strides[-2], b_sn=views[2].strides[-1])
     fused, extras = take_epilogue(ctx, a.dtype, out.shape)
-    norm = [v.broadcast_to((k,)) for v in a_norm[1:3] if v is not None] if a_norm else []
+    norm = [a_norm[1].broadcast_to((n,))] if a_norm and a_norm[1] is not None else []
     src = render_matmul(a.dtype, out.dtype, len(batch), bias is not None, wide=ctx.needs_wide(*views, *extras),
-                        unit=unit, fused=fused, b_scale=b_scale is not None,
-                        a_norm=(a_norm[0], a_norm[1] is not None, a_norm[2] is not None) if a_norm else None)
+                        unit=unit, fused=fused, b_scale=b_scale is not None, a_norm=a_norm[0] if a_norm else None)
     args = []
     for v in views + norm:
         args += [ctx.ptr(v), v.offset]
-    args += [float(alpha)] + ([float(beta)] if bias is not None else []) + ([float(a_norm[3])] if a_norm else [])
+    args += [float(alpha)] + ([float(beta)] if bias is not None else []) + ([float(a_norm[2])] if a_norm else [])
     args += [m, n, k]  # then each view's matrix strides, in the template's order
     for v in views:
         args += list(v.strides[-2:])
@@ -262,49 +261,54 @@ NORM_MODES = ("layernorm", "rmsnorm")
 
 
 @op("rtxjit.NormMatMul", since=1, kind=Kind.MATMUL,
-    samples=[Sample([Rand((4, 8)), Rand((8, 5)), Rand((8,)), Rand((8,))], {"mode": "layernorm"}),
-             Sample([Rand((2, 3, 20)), Rand((20, 6)), Rand((20,))], {"mode": "layernorm", "epsilon": 1e-3}),
-             Sample([Rand((5, 16)), Rand((16, 7)), Rand((16,))], {"mode": "rmsnorm", "epsilon": 1e-6}),
-             Sample([Rand((3, 9)), Rand((9, 4))], {"mode": "rmsnorm"})])
-def norm_matmul(x: TensorType, w: TensorType, scale: TensorType = None, shift: TensorType = None, *,
+    samples=[Sample([Rand((4, 8)), Rand((8, 5)), Rand((5,)), Rand((5,))], {"mode": "layernorm"}),
+             Sample([Rand((2, 3, 20)), Rand((20, 6)), Rand((6,))], {"mode": "layernorm", "epsilon": 1e-3}),
+             Sample([Rand((5, 16)), Rand((16, 7))], {"mode": "rmsnorm", "epsilon": 1e-6}),
+             Sample([Rand((3, 9)), Rand((9, 4)), None, Rand((4,))], {"mode": "rmsnorm"})])
+def norm_matmul(x: TensorType, w: TensorType, colsum: TensorType = None, bias: TensorType = None, *,
                 mode: str, epsilon: float = 1e-5) -> TensorType:
-    """``MatMul(norm(x) * scale + shift, w)``: a LayerNorm (``mode`` "layernorm", statistics in fp32)
-    or RMSNorm ("rmsnorm") over the last axis of ``x`` whose output only this product reads (a
-    pre-norm transformer's QKV and MLP input projections; passes/fuse_norm_matmul.py), normalized
-    inside the product's K loop: no kernel and no round trip through memory for the norm.
-    ``scale`` and ``shift`` are ``[K]`` (or broadcast to it); ``w`` is ``[K, N]``."""
+    """``MatMul(norm(x) * g + s, W)`` with ``w = g[:, None] * W``, ``bias = s @ W`` and (layernorm)
+    ``colsum`` the column sums of ``w``, made by passes/fuse_norm_matmul.py from a LayerNorm
+    (``mode`` "layernorm", statistics in fp32) or RMSNorm ("rmsnorm") over the last axis of ``x``
+    that only this product reads (a pre-norm transformer's QKV and MLP input projections):
+    ``rstd * (x @ w - mean * colsum) + bias`` (layernorm) or ``rstd * (x @ w) + bias`` (rmsnorm),
+    ``mean`` and ``rstd`` of each row of ``x``. The product runs on the raw rows, summing them and
+    their squares as it goes, and normalizes in its epilogue: no kernel and no round trip through
+    memory for the norm. ``w`` is ``[K, N]``; ``colsum`` and ``bias`` are ``[N]``."""
     if mode not in NORM_MODES:
         raise ModelError(f"rtxjit.NormMatMul: mode '{mode}' is not one of {', '.join(NORM_MODES)}")
     if not x.dtype.is_float or x.rank < 2 or w.rank != 2 or w.dtype != x.dtype:
         raise ShapeError(f"rtxjit.NormMatMul needs a float [..., K] input and a [K, N] weight of its type, "
                          f"got {x} and {w}")
     _check_inner("rtxjit.NormMatMul", x.shape[-1], w.shape[0])
-    for name, t in (("scale", scale), ("shift", shift)):
-        if t is not None and (t.rank > 1 or (t.rank and t.shape[0] not in (1, x.shape[-1]))):
-            raise ShapeError(f"rtxjit.NormMatMul: {name} {t} must be [K] or broadcast to it")
+    if (colsum is None) != (mode == "rmsnorm"):
+        raise ShapeError(f"rtxjit.NormMatMul: mode {mode} {'needs' if colsum is None else 'takes no'} column sums")
+    for name, t in (("colsum", colsum), ("bias", bias)):
+        if t is not None and (t.rank != 1 or t.shape[0] != w.shape[1] or not t.dtype.is_float):
+            raise ShapeError(f"rtxjit.NormMatMul: {name} {t} must be a float [N]")
     return TensorType(x.dtype, x.shape[:-1] + (w.shape[1],))
 
 
 @norm_matmul.reference
-def _(x, w, scale=None, shift=None, *, mode, epsilon=1e-5):
-    if mode == "layernorm":
+def _(x, w, colsum=None, bias=None, *, mode, epsilon=1e-5):
+    if mode == "layernorm":  # colsum as given (the pass makes it w's column sums)
         mean = x.mean(-1, keepdims=True)
-        y = (x - mean) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + epsilon)
+        y = (np.matmul(x, w) - mean * colsum) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + epsilon)
     else:
-        y = x / np.sqrt((x * x).mean(-1, keepdims=True) + epsilon)
-    y = y * (1 if scale is None else scale) + (0 if shift is None else shift)
-    return np.matmul(y, w)
+        y = np.matmul(x, w) / np.sqrt((x * x).mean(-1, keepdims=True) + epsilon)
+    return y + (0 if bias is None else bias)
 
 
 @norm_matmul.lower
-def _(ctx, x, w, scale=None, shift=None, *, mode, epsilon=1e-5):
+def _(ctx, x, w, colsum=None, bias=None, *, mode, epsilon=1e-5):
     rows = int(np.prod(x.shape[:-1], dtype=np.int64))
     try:
         a = x.reshape((rows, x.shape[-1]))
     except ValueError:
         a = ctx.contiguous(x).reshape((rows, x.shape[-1]))
     out = ctx.outputs[0].reshape((rows, w.shape[1]))
-    emit_matmul(ctx, a, w, out, a_norm=(mode, scale, shift, epsilon))
+    emit_matmul(ctx, a, w, out, bias.broadcast_to((rows, w.shape[1])) if bias is not None else None,
+                a_norm=(mode, colsum, epsilon))
 
 
 # --- Gemm

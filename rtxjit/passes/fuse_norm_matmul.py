@@ -1,12 +1,12 @@
 """Fold a LayerNorm or RMSNorm over the last axis into the products that read it.
 
-Rewrite:
+Rewrite (``s``, ``b``, ``w`` constants, folded here in float64):
     MatMul(LayerNormalization(x, s, b){axis: -1, epsilon: e}, w)
-        => rtxjit.NormMatMul(x, w, s, b){mode: "layernorm", epsilon: e}
+        => rtxjit.NormMatMul(x, s[:, None] * w, colsum(s[:, None] * w), b @ w){mode: "layernorm", epsilon: e}
     MatMul(rtxjit.RMSNorm(x, s){axis: -1, epsilon: e}, w)
-        => rtxjit.NormMatMul(x, w, s){mode: "rmsnorm", epsilon: e}
+        => rtxjit.NormMatMul(x, s[:, None] * w){mode: "rmsnorm", epsilon: e}
     Gemm(Reshape(LayerNormalization(x, s, b), shape), w, c){transB: t}
-        => Add(rtxjit.NormMatMul(Reshape(x, shape), Transpose(w) if t else w, s, b), c)
+        => Add(rtxjit.NormMatMul(Reshape(x, shape), folded w (transposed if t), ...), c)
 
 where every reader of the norm's output is a MatMul (or a Gemm without transA, alpha and beta 1)
 reading it as its first operand with a ``[K, N]`` weight, directly or through one Reshape that keeps
@@ -14,21 +14,25 @@ the last axis, the output is not a graph output, the norm's statistics outputs (
 InvStdDev) are unused, its scale and bias are ``[K]`` (or broadcast to it) and its statistics are
 fp32 (``stash_type`` 1). A pre-norm transformer (GPT-2, ViT, CLIP, Whisper, LLaMA) normalizes the
 residual stream only to project it (QKV, after merge_parallel_matmuls, and the MLP's first
-layer): the norm's kernel and its output's round trip through memory go; each product's tile
-computes its rows' statistics in a first loop over K (templates/matmul.py ``a_norm``). Post-norm
+layer): the norm's kernel and its output's round trip through memory go; each product's K loop
+runs on the raw rows, summing them and their squares, and normalizes in its epilogue
+(templates/matmul.py ``a_norm``: ``rstd * (x @ w - mean * colsum) + bias``). Post-norm
 models (BERT) read the norm's output in the residual add too: nothing changes there. Runs after
 merge_parallel_matmuls and before fuse_epilogue (a bias or activation joins the new product).
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 from rtxjit.ir.graph import Graph, Node
-from rtxjit.ir.rewrite import FreshNames, is_graph_output, make_node, remove_nodes
+from rtxjit.ir.rewrite import FreshNames, is_graph_output, make_constant, make_node, remove_nodes
 from rtxjit.passes.base import PassResult
 
-# Off by default: on an H100 (2026-12-07, bench_models) ViT-B/16 b1 ran 0.976 ms with it against 0.794
-# ms before (compile + graph 0.657): normalizing each A tile inside the K loop, once per N tile, keeps
-# Triton from pipelining A's loads into the dot; True turns it on (tests, a better design to come)
+# Off by default until measured: its first form (each A tile normalized inside the K loop, once per N
+# tile) ran ViT-B/16 b1 in 0.976 ms on an H100 against 0.662 without it (2026-12-07); this form keeps the
+# K loop a plain product (the statistics are row sums of the loaded tiles, applied in the epilogue),
+# not yet timed on a GPU. True turns it on (tests; `.gpu/next*.sh` A/B)
 ENABLED = False
 MODES = {"LayerNormalization": "layernorm", "rtxjit.RMSNorm": "rmsnorm"}
 
@@ -57,22 +61,31 @@ def fuse_norm_matmul(graph: Graph) -> PassResult:
 
 def _rewrite(graph: Graph, names: FreshNames, x, scale, shift, attrs: dict, view, product: Node) -> None:
     """``product`` (reading the norm's output, through ``view`` if not None) becomes a NormMatMul of
-    ``x`` (through the same Reshape), a Gemm's B transposed by a view where ``transB``, its C added
-    after (fuse_epilogue puts the Add into the product's kernel)."""
+    ``x`` (through the same Reshape) with the norm's scale folded into the weight, its shift into a
+    bias and (layernorm) the folded weight's column sums, computed here in float64; a Gemm's C is
+    added after (fuse_epilogue puts the Add into the product's kernel)."""
     at = graph.nodes.index(product)
     new = []
     if view is not None:
         reshape = make_node(names, "Reshape", [x, view.inputs[1]], dict(view.attrs), base="norm_view")
         new.append(reshape)
         x = reshape.outputs[0]
-    w = product.inputs[1]
+    w = np.asarray(product.inputs[1].const, np.float64)
     if product.op == "Gemm" and product.attrs.get("transB", 0):
-        flip = make_node(names, "Transpose", [w], {"perm": [1, 0]}, base="norm_weight")
-        new.append(flip)
-        w = flip.outputs[0]
+        w = w.T
+    k = w.shape[0]
+    g = np.broadcast_to(np.asarray(scale.const, np.float64).reshape(-1), (k,)) if scale is not None else np.ones(k)
+    folded = g[:, None] * w
+    wtype = product.inputs[1].type.dtype
+    inputs = [x, make_constant(names, product.name + "_norm_w", folded.astype(wtype.to_numpy()))]
+    inputs.append(make_constant(names, product.name + "_norm_colsum", folded.sum(0).astype(np.float32))
+                  if attrs["mode"] == "layernorm" else None)
+    if shift is not None:
+        b = np.broadcast_to(np.asarray(shift.const, np.float64).reshape(-1), (k,)) @ w
+        inputs.append(make_constant(names, product.name + "_norm_bias", b.astype(wtype.to_numpy())))
     out = product.outputs[0]
     c = product.inputs[2] if product.op == "Gemm" and len(product.inputs) > 2 else None
-    node = make_node(names, "rtxjit.NormMatMul", [x, w, scale, shift], dict(attrs), base=product.name + "_norm")
+    node = make_node(names, "rtxjit.NormMatMul", inputs, dict(attrs), base=product.name + "_norm")
     new.append(node)
     if c is None:
         node.outputs = [out]
@@ -102,8 +115,8 @@ def _fusable(graph: Graph, norm: Node, uses: dict):
     k = x.type.shape[-1]
     if not isinstance(k, int):
         return None
-    for p in norm.inputs[1:]:
-        if p is not None and (p.type.rank > 1 or (p.type.rank and p.type.shape[0] not in (1, k))):
+    for p in norm.inputs[1:]:  # scale and shift are folded into the weights: constants over K
+        if p is not None and (not p.is_const or p.type.rank > 1 or (p.type.rank and p.type.shape[0] not in (1, k))):
             return None
     readers = _readers(graph, out, uses)
     if not readers:
@@ -137,7 +150,7 @@ def _product(node: Node, value, dtype) -> bool:
     if node.op not in ("MatMul", "Gemm") or node.inputs[0] is not value or any(v is value for v in node.inputs[1:]):
         return False
     w = node.inputs[1]
-    if w.type.rank != 2 or w.type.dtype is not dtype:
+    if w.type.rank != 2 or w.type.dtype is not dtype or not w.is_const:
         return False
     if node.op == "Gemm":
         a = node.attrs

@@ -99,7 +99,7 @@ def product(dtype: DType) -> str:
 
 
 def epilogue(out_addr: str, out_dtype: DType, has_bias: bool, scaled: bool, cols: str = "rn",
-             fused=None, fused_addr=None) -> list:
+             fused=None, fused_addr=None, before: list = ()) -> list:
     """EPILOGUE hook: the accumulator tile ``acc`` becomes ``y``, stored at ``out_addr`` under ``mask``.
 
     ``y = alpha * acc + beta * bias`` (``scaled``) or ``acc + bias``; the bias is a strided view
@@ -107,7 +107,7 @@ def epilogue(out_addr: str, out_dtype: DType, has_bias: bool, scaled: bool, cols
     program, see templates/epilogue.py) runs after the bias; ``fused_addr(k)`` addresses its
     extra input ``k`` at the tile.
     """
-    lines = ["    # epilogue", f"    y = {'alpha * acc' if scaled else 'acc'}"]
+    lines = ["    # epilogue", *before, f"    y = {'alpha * acc' if scaled else 'acc'}"]
     if has_bias:
         lines += [
             f"    bias_addr = bias_ptr + bias_off + rm[:, None] * bias_sm + {cols}[None, :] * bias_sn",
@@ -159,7 +159,7 @@ def masked_load(name: str, addr: str, mask: str, k_mask: str) -> list:
 @memoized
 def render_matmul(dtype: DType, out_dtype: DType, batch_rank: int, has_bias: bool,
                   wide: bool = False, unit: frozenset = frozenset(), fused=None, split: bool = False,
-                  b_scale: bool = False, a_norm: tuple = None) -> KernelSource:
+                  b_scale: bool = False, a_norm: str = None) -> KernelSource:
     """``out[b] = alpha * (a[b] @ b[b]) + beta * bias[b]`` for every batch index ``b``.
 
     Arguments, in order: ``out, a, b`` (and ``bias``) as pointer and offset; ``alpha`` (and
@@ -179,29 +179,29 @@ def render_matmul(dtype: DType, out_dtype: DType, batch_rank: int, has_bias: boo
     the bias's; strides ``bs_sk, bs_sn`` after the bias's, per batch dim too) scales row ``k`` of
     ``b`` by ``bs[k]`` before the product, rounded to ``b``'s type as the unfused Mul would be.
 
-    ``a_norm`` (rtxjit.NormMatMul: a LayerNorm or RMSNorm over K of ``a``'s rows, folded into the
-    product): ``(mode, has_scale, has_bias)`` with mode "layernorm" or "rmsnorm"; no batch dims,
-    split or b scale. The statistics of the tile's rows come from a first loop over K (fp32; the
-    LayerNorm kernel's parallel variance), then each ``a`` tile is normalized, scaled by ``ns[k]``
-    and shifted by ``nb[k]`` and rounded to ``a``'s type, as the unfused norm's output would be.
-    Parameters ``ns_ptr, ns_off`` / ``nb_ptr, nb_off`` after the bias's, ``n_eps`` after alpha and
-    beta, strides ``ns_sk`` / ``nb_sk`` after the operands'.
+    ``a_norm`` (rtxjit.NormMatMul: a LayerNorm, mode "layernorm", or RMSNorm, "rmsnorm", over K of
+    ``a``'s rows, its scale folded into ``b`` and its shift into the bias by the pass; no batch dims,
+    split or b scale): the K loop is the plain product of the raw rows, which also sums each row
+    and its squares (fp32); the epilogue turns ``acc`` into ``(acc - mean * cs[n]) * rstd``
+    (layernorm; ``cs``: ``b``'s column sums, parameters ``cs_ptr, cs_off`` after the bias's and
+    ``cs_sn`` after the operands' strides) or ``acc * rstd`` (rmsnorm), before the bias and fused
+    epilogue; ``n_eps`` after alpha and beta.
     """
     if split and (batch_rank or has_bias or fused is not None or b_scale):
         raise InternalError("matmul template: split-K has no batch dims, bias, fused epilogue or b scale")
     if a_norm is not None and (split or batch_rank or b_scale):
         raise InternalError("matmul template: a_norm has no batch dims, split-K or b scale")
-    norm_mode, norm_scale, norm_bias = a_norm or (None, False, False)
+    norm_mode = a_norm
     extras = [f"e{k}" for k in range(len(fused.extra_dtypes))] if fused else []
     operands = ["out", "a", "b"] + (["bias"] if has_bias else []) + (["bs"] if b_scale else []) + extras
     params = ["out_ptr", "out_off", "a_ptr", "a_off", "b_ptr", "b_off", *bias_params(has_bias)]
     params += ["bs_ptr", "bs_off"] if b_scale else []
-    params += (["ns_ptr", "ns_off"] if norm_scale else []) + (["nb_ptr", "nb_off"] if norm_bias else [])
+    params += ["cs_ptr", "cs_off"] if norm_mode == "layernorm" else []
     params += ["alpha"] + (["beta"] if has_bias else []) + (["n_eps"] if norm_mode else [])
     params += ["M", "N", "K", "out_sm", "out_sn", "a_sm", "a_sk", "b_sk", "b_sn"]
     params += ["bias_sm", "bias_sn"] if has_bias else []
     params += ["bs_sk", "bs_sn"] if b_scale else []
-    params += (["ns_sk"] if norm_scale else []) + (["nb_sk"] if norm_bias else [])
+    params += ["cs_sn"] if norm_mode == "layernorm" else []
     params += fused.params(["sm", "sn"]) if fused else []
     params += ["k_per"] if split else []
     for d in range(batch_rank):
@@ -214,15 +214,15 @@ def render_matmul(dtype: DType, out_dtype: DType, batch_rank: int, has_bias: boo
         acc = TL[acc_type(dtype)]
         loads += ["        bsc = tl.load(bs_ptr + bs_off + rk * bs_sk, mask=rk < K, other=0.0)",
                   f"        b = (b.to({acc}) * bsc.to({acc})[:, None]).to({TL[dtype]})"]
-    stats = []
+    stats, normalize = [], []
     if norm_mode:
-        stats, normalize = _norm_lines(norm_mode, norm_scale, norm_bias, a_addr, dtype, wide)
-        loads += normalize
+        stats, sums, normalize = _norm_lines(norm_mode, dtype)
+        loads += sums
     out_addr = f"out_ptr + out_off + {scaled('rm[:, None]', 'out_sm', unit)} + {scaled('rn[None, :]', 'out_sn', unit)}"
     if split:  # fp32 partials to the [splits, M, N] workspace
         store = ["    tl.store(out_ptr + out_off + (split * M + rm[:, None]) * N + rn[None, :], acc, mask=mask)"]
     else:
-        store = epilogue(out_addr, out_dtype, has_bias, True, fused=fused, fused_addr=_extra_2d)
+        store = epilogue(out_addr, out_dtype, has_bias, True, fused=fused, fused_addr=_extra_2d, before=normalize)
     lines = [
         signature("matmul", params),
         *_batch_offsets(operands, batch_rank, wide),
@@ -243,44 +243,21 @@ def render_matmul(dtype: DType, out_dtype: DType, batch_rank: int, has_bias: boo
     return render("matmul", header, "\n".join(lines))
 
 
-def _norm_lines(mode: str, has_scale: bool, has_bias: bool, a_addr: str, dtype: DType, wide: bool) -> tuple:
-    """``(lines before the K loop, lines after a's load in it)`` of ``render_matmul``'s ``a_norm``:
-    per row of the tile, mean and 1/std (layernorm) or 1/rms (rmsnorm) over K in fp32, then the
-    normalized, scaled, shifted ``a`` in its own type. Rows past M and K past K load zeros: their
-    normalized values are zero or are never stored."""
+def _norm_lines(mode: str, dtype: DType) -> tuple:
+    """``(lines before the K loop, lines after the loads in it, lines before the epilogue)`` of
+    ``render_matmul``'s ``a_norm``: the rows' sums and sums of squares over K (fp32; zeros past K
+    and M add nothing), then mean and 1/std (one-pass variance) or 1/rms applied to ``acc``."""
     acc = TL[acc_type(dtype)]
-    before = [
-        f"    n_mean = tl.zeros((BLOCK_M,), dtype={acc})",
-        f"    n_m2 = tl.zeros((BLOCK_M,), dtype={acc})",
-        "    for k0 in range(0, K, BLOCK_K):",
-        f"        rk = k0 + tl.arange(0, BLOCK_K){int64_suffix(wide)}",
-        "        n_mask = (rm[:, None] < M) & (rk[None, :] < K)",
-        f"        x = tl.load({a_addr}, mask=n_mask, other=0.0).to({acc})",
-    ]
-    if mode == "layernorm":  # Chan's parallel combination of per-block mean and M2, as the LayerNorm kernel
-        before += [
-            f"        n_b = tl.minimum(K - k0, BLOCK_K).to({acc})",
-            "        b_mean = tl.sum(x, 1) / n_b",
-            "        d = tl.where(n_mask, x - b_mean[:, None], 0.0)",
-            "        total = k0 + n_b",
-            "        delta = b_mean - n_mean",
-            "        n_mean = n_mean + delta * (n_b / total)",
-            "        n_m2 = n_m2 + tl.sum(d * d, 1) + delta * delta * (k0 * n_b / total)",
-        ]
-        value = f"(a.to({acc}) - n_mean[:, None]) * n_rstd[:, None]"
+    before = [f"    n_s1 = tl.zeros((BLOCK_M,), dtype={acc})", f"    n_s2 = tl.zeros((BLOCK_M,), dtype={acc})"]
+    sums = [f"        n_x = a.to({acc})", "        n_s1 += tl.sum(n_x, 1)", "        n_s2 += tl.sum(n_x * n_x, 1)"]
+    if mode == "layernorm":
+        after = ["    n_mean = n_s1 / K",
+                 "    n_rstd = 1.0 / tl.sqrt(tl.maximum(n_s2 / K - n_mean * n_mean, 0.0) + n_eps)",
+                 f"    n_cs = tl.load(cs_ptr + cs_off + rn * cs_sn, mask=rn < N, other=0.0).to({acc})",
+                 "    acc = (acc - n_mean[:, None] * n_cs[None, :]) * n_rstd[:, None]"]
     else:
-        before += ["        n_m2 = n_m2 + tl.sum(x * x, 1)"]
-        value = f"a.to({acc}) * n_rstd[:, None]"
-    before += ["    n_rstd = 1.0 / tl.sqrt(n_m2 / K + n_eps)"]
-    inside = []
-    if has_scale:
-        inside.append(f"        n_s = tl.load(ns_ptr + ns_off + rk * ns_sk, mask=rk < K, other=0.0).to({acc})")
-        value += " * n_s[None, :]"
-    if has_bias:
-        inside.append(f"        n_sh = tl.load(nb_ptr + nb_off + rk * nb_sk, mask=rk < K, other=0.0).to({acc})")
-        value += " + n_sh[None, :]"
-    inside.append(f"        a = ({value}).to({TL[dtype]})")
-    return before, inside
+        after = ["    n_rstd = 1.0 / tl.sqrt(n_s2 / K + n_eps)", "    acc = acc * n_rstd[:, None]"]
+    return before, sums, after
 
 
 def _extra_2d(k: int) -> str:
