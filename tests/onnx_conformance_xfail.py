@@ -21,15 +21,6 @@ EXPECTED_FAILURES = {
     r"test_cast(like)?_(no_saturate_)?\w*FNUZ\w*": _NO_DTYPE.format("float8 *FNUZ"),
     r"test_cast(like)?_e8m0_\w+": _NO_DTYPE.format("float8e8m0"),
     r"test_cast(like)?_\w*FLOAT4E2M1\w*": _NO_DTYPE.format("float4e2m1"),
-    # int4 / uint4 / int2 / uint2 sources run (issue 19's DType.INT4 / UINT4 / INT2 / UINT2); a Cast to
-    # them is refused: a plain byte store would neither round nor clamp to 4 (2) bits
-    r"test_cast(like)?_\w*_to_U?INT[24]\w*":
-        "Cast to int4 / uint4 / int2 / uint2 is refused (no rounding and clamping store)",
-    # fp8 e4m3fn / e5m2 exist as DTypes, but Cast needs ONNX's saturating, round-to-nearest-even
-    # conversion (and saturate=0's inf/NaN rules); the store's plain conversion would differ.
-    r"test_cast(like)?_(no_saturate_)?(FLOAT|FLOAT16)_to_(FLOAT8E4M3FN|FLOAT8E5M2)(_expanded)?":
-        "Cast to fp8 (saturating conversion) is not implemented",
-    r"test_cast(like)?_(FLOAT8E4M3FN|FLOAT8E5M2)_to_(FLOAT|FLOAT16)(_expanded)?": "Cast from fp8 is not implemented",
     # Models below the importer's opset floor.
     r"test_(and|or|xor)(2d|3d|4d|_bcast\w+)": _OLD_OPSET.format(7),
     r"test_not_[234]d": _OLD_OPSET.format(1),

@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 
+from rtxjit.codegen.templates.quant import INT_RANGES, decode_fp8, encode_fp8
 from rtxjit.errors import ModelError, UnsupportedOpError
 from rtxjit.ir.registry import Kind, Rand, Sample, op
 from rtxjit.ir.types import SUB_BYTE_INTS, DType, TensorType, broadcast_shapes
@@ -417,23 +418,55 @@ def _(x, *, to, saturate=1, round_mode="up"):
 
 
 def cast_expr(in_dtypes, out_dtype, attrs):
-    """Cast and CastLike: a conversion (bool: x != 0). fp8 needs ONNX's saturating conversion,
-    which a plain conversion does not do, so it is refused rather than rounded wrongly."""
-    if out_dtype.short.startswith("fp8") or in_dtypes[0].short.startswith("fp8"):
-        raise UnsupportedOpError(f"{'CastLike' if len(in_dtypes) > 1 else 'Cast'} to or from fp8 "
-                                 "is not supported yet")
-    if out_dtype in SUB_BYTE_INTS:  # a byte store would neither round nor clamp to 4 (2) bits
-        raise UnsupportedOpError(f"{'CastLike' if len(in_dtypes) > 1 else 'Cast'} to {out_dtype.short} "
-                                 "is not supported yet (QuantizeLinear produces int4 / uint4 / int2 / uint2)")
+    """Cast and CastLike as one expression: a conversion (bool: x != 0). Casts to or from fp8 and
+    to 4- and 2-bit ints take statements (``lower_cast``): they are never fused into other pointwise
+    kernels (``special_cast``)."""
+    if special_cast(in_dtypes[0], out_dtype):
+        raise UnsupportedOpError(f"{'CastLike' if len(in_dtypes) > 1 else 'Cast'} from {in_dtypes[0].short} to "
+                                 f"{out_dtype.short} runs in a kernel of its own (it cannot be fused)")
     return ("x0 != 0" if out_dtype is DType.BOOL else "x0"), ()
 
 
 cast.expr(cast_expr)
 
 
-def lower_cast(ctx, x, *rest, **attrs):
-    expr, _ = cast_expr([x.dtype], ctx.outputs[0].dtype, attrs)
-    ctx.pointwise(expr, [x], ctx.outputs[0])
+def special_cast(src: DType, dst: DType) -> bool:
+    """A cast to or from fp8, or to a 4- or 2-bit int: ONNX's saturating / range rules need more
+    than a conversion (a byte store would neither round nor clamp to 4 bits)."""
+    return src.short.startswith("fp8") or dst.short.startswith("fp8") or dst in SUB_BYTE_INTS
+
+
+def lower_cast(ctx, x, *rest, saturate: int = 1, **attrs):
+    out = ctx.outputs[0]
+    if not special_cast(x.dtype, out.dtype):
+        expr, _ = cast_expr([x.dtype], out.dtype, attrs)
+        ctx.pointwise(expr, [x], out)
+        return
+    lines, v = [], "x0"
+    if x.dtype.short.startswith("fp8"):  # its bits, decoded here (Triton's interpreter widens NaN wrongly)
+        lines += decode_fp8("x0", x.dtype, "c_in")
+        x, v = x.with_dtype(DType.UINT8), "c_in"
+    elif x.dtype is DType.BOOL:
+        v = "x0.to(tl.int32)"
+    if out.dtype.short.startswith("fp8"):  # to nearest even; beyond the range as ``saturate`` says
+        lines += encode_fp8(f"{v}.to(tl.float32)", out.dtype, bool(saturate), "c_out")
+        v = "c_out"
+    elif out.dtype in SUB_BYTE_INTS:
+        lo, hi = INT_RANGES[out.dtype]
+        if x.dtype.is_float or v == "c_in":
+            # toward zero, as numpy's (ml_dtypes') conversion and the onnx suite's data: a value out of
+            # the type's range (NaN, inf too) becomes 0
+            lines += [f"c_t = {v}.to(tl.float32)",
+                      "c_t = tl.where(c_t < 0, -tl.floor(-c_t), tl.floor(c_t))",
+                      f"c_i = tl.where((c_t >= {lo}) & (c_t <= {hi}), c_t, 0.0).to(tl.int32)"]
+        else:  # ints wrap to the low bits, two's complement
+            span = hi - lo + 1
+            lines += [f"c_i = ((({v}).to(tl.int64) - {lo}) & {span - 1}) + {lo}"]
+        v = "c_i"
+    ctx.pointwise(v, [x], out, prologue=tuple(lines))
+
+
+cast.lower(lower_cast)
 
 
 @op("CastLike", since=15, kind=Kind.POINTWISE,

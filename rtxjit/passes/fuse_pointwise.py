@@ -18,6 +18,7 @@ from rtxjit.ir.graph import Graph, Node
 from rtxjit.ir.registry import get_op
 from rtxjit.ir.rewrite import FreshNames, is_graph_output, remove_nodes
 from rtxjit.ir.types import broadcast_shapes
+from rtxjit.ops.elementwise import special_cast
 from rtxjit.ops.quant import pointwise_form
 from rtxjit.passes.base import PassResult
 
@@ -27,6 +28,9 @@ MAX_GROUP = 32  # ops per fused kernel: keeps the generated source and its argum
 def fusable(node: Node) -> bool:
     if node.op in ("QuantizeLinear", "DequantizeLinear") and not pointwise_form(node):
         return False  # per-axis / block-wise parameters, fp8, int4: their own kernels
+    if node.op in ("Cast", "CastLike") and node.outputs and node.outputs[0] is not None \
+            and special_cast(node.inputs[0].type.dtype, node.outputs[0].type.dtype):
+        return False  # fp8 and 4- / 2-bit casts: statements of their own (ops/elementwise.py)
     return (get_op(node.op, version=node.version).expr_fn is not None and len(node.outputs) == 1
             and node.outputs[0] is not None)
 
