@@ -88,20 +88,63 @@ def _(x, axis, *, exclusive=0, reverse=0):
 
 @cumsum.lower
 def _(ctx, x, axis, *, exclusive=0, reverse=0):
+    _lower_scan(ctx, x, axis, exclusive, reverse)
+
+
+def _lower_scan(ctx, x, axis, exclusive: int, reverse: int, prod: bool = False) -> None:
+    """CumSum's or (``prod``) CumProd's kernel: rows of the kept dims, the scanned axis as columns."""
     out = ctx.outputs[0]
     if x.rank == 0:
         ctx.copy(x, out)  # a scalar's scan is itself
         return
-    a = norm_axis(_scalar(axis, "CumSum axis"), x.rank)
+    a = norm_axis(_scalar(axis, "CumProd axis" if prod else "CumSum axis"), x.rank)
     kshape, (kst, okst), (cst, ocst) = _rows_view(a, x, out)
     n_cols = x.shape[a]
     n_rows = math.prod(x.shape) // max(n_cols, 1) if n_cols else 0
     src = render_cumsum(x.dtype, out.dtype, len(kshape), exclusive=bool(exclusive), reverse=bool(reverse),
-                        wide=ctx.needs_wide(x, out))
+                        wide=ctx.needs_wide(x, out), prod=prod)
     block_r, block_c = _blocks(n_rows, n_cols, ctx.interpret, SCAN_CAP)
     args = [ctx.ptr(x), x.offset, ctx.ptr(out), out.offset, n_rows, n_cols, *kshape, *kst, *okst, cst, ocst]
     generic = (-(-n_rows // 4),), {"BLOCK_R": 4, "BLOCK_C": SCAN_CAP}
     ctx.launch(src, (-(-n_rows // block_r),), args, generic=generic, BLOCK_R=block_r, BLOCK_C=block_c)
+
+
+# ---- CumProd -----------------------------------------------------------------------------------
+
+_CUMPROD_SAMPLES = [
+    Sample([Rand((2, 3, 5), None, 0.5, 1.5), np.array(1, np.int64)]),
+    Sample([Rand((2, 3, 5), None, -1.5, 1.5), np.array(0, np.int32)], {"exclusive": 1}),
+    Sample([Rand((4, 7), None, 0.5, 1.5), np.array([-1], np.int64)], {"exclusive": 1, "reverse": 1}),
+    # rows longer than a block: the carry is the block's last running product
+    Sample([Rand((3, 2100), None, 0.999, 1.001), np.array(1, np.int64)], {"reverse": 1}, float_types=("fp32",)),
+    Sample([np.array([[np.inf, 0, 2, -1], [np.nan, 1, 2, 3]], np.float32), np.array(1, np.int64)]),
+    Sample([Rand((2, 3, 5), "int64", -3, 3), np.array(2, np.int64)], float_types=("-",)),
+]
+
+
+@op("CumProd", since=26, kind=Kind.ROW, host_inputs=(1,), samples=_CUMPROD_SAMPLES)
+def cumprod(x: TensorType, axis, *, exclusive: int = 0, reverse: int = 0) -> TensorType:
+    if x.dtype is DType.BOOL or x.dtype in (DType.INT8, DType.UINT8):
+        raise ModelError(f"CumProd of {x.dtype.short} (float, int32 or int64 is needed)")
+    if known(axis):
+        norm_axis(_scalar(axis, "CumProd axis"), x.rank)
+    return x
+
+
+@cumprod.reference
+def _(x, axis, *, exclusive=0, reverse=0):
+    a = norm_axis(_scalar(axis, "CumProd axis"), x.ndim)
+    y = np.flip(x, a) if reverse else x
+    out = np.cumprod(y, axis=a, dtype=x.dtype)
+    if exclusive:
+        out = np.concatenate([np.ones_like(np.take(out, [0], axis=a)), np.take(out, range(out.shape[a] - 1), axis=a)],
+                             axis=a) if out.shape[a] else out
+    return np.flip(out, a) if reverse else out
+
+
+@cumprod.lower
+def _(ctx, x, axis, *, exclusive=0, reverse=0):
+    _lower_scan(ctx, x, axis, exclusive, reverse, prod=True)
 
 
 # ---- TopK --------------------------------------------------------------------------------------

@@ -34,8 +34,11 @@ def row_index_lines(rank: int, offsets=(("row_off", "kst"), ("out_row", "okst"))
 
 
 def render_cumsum(in_dtype: DType, out_dtype: DType, kept_rank: int, *, exclusive: bool, reverse: bool,
-                  wide: bool = False) -> KernelSource:
+                  wide: bool = False, prod: bool = False) -> KernelSource:
+    """``prod``: CumProd's running product (masked and exclusive-step loads are 1; a block's carry is
+    its last column's product, which holds every column before it)."""
     acc = TL[compute_type(in_dtype)]
+    unit = 1 if prod else 0
     params = (["x_ptr", "x_off", "y_ptr", "y_off", "n_rows", "n_cols"]
               + [f"ksize{d}" for d in range(kept_rank)] + [f"kst{d}" for d in range(kept_rank)]
               + [f"okst{d}" for d in range(kept_rank)]
@@ -49,20 +52,25 @@ def render_cumsum(in_dtype: DType, out_dtype: DType, kept_rank: int, *, exclusiv
              "    row_mask = rows < n_rows",
              f"    cols0 = {cols0}[None, :]"]
     lines += row_index_lines(kept_rank)
-    lines += [f"    carry = tl.zeros([BLOCK_R, 1], {acc})",
+    lines += [f"    carry = tl.zeros([BLOCK_R, 1], {acc}) + {unit}",
               "    for c0 in range(0, n_cols, BLOCK_C):",
               "        i = c0 + cols0",
               "        mask = row_mask & (i < n_cols)",
               f"        pos = {step}"]
     if exclusive:
         lines += [f"        src = {src}",
-                  "        x = tl.load(x_ptr + x_off + row_off + src * cst, mask=mask & (i > 0), other=0)"
+                  f"        x = tl.load(x_ptr + x_off + row_off + src * cst, mask=mask & (i > 0), other={unit})"
                   f".to({acc})"]
     else:
-        lines.append(f"        x = tl.load(x_ptr + x_off + row_off + pos * cst, mask=mask, other=0).to({acc})")
-    lines += ["        y = carry + tl.cumsum(x, 1)",
-              f"        tl.store(y_ptr + y_off + out_row + pos * ocst, y.to({TL[out_dtype]}), mask=mask)",
-              "        carry = carry + tl.sum(x, 1, keep_dims=True)"]
-    header = (f"cumsum in={in_dtype.short} out={out_dtype.short} kept_rank={kept_rank} exclusive={exclusive} "
-              f"reverse={reverse} wide={wide}")
+        lines.append(f"        x = tl.load(x_ptr + x_off + row_off + pos * cst, mask=mask, other={unit}).to({acc})")
+    if prod:
+        lines += ["        y = carry * tl.cumprod(x, 1)",
+                  f"        tl.store(y_ptr + y_off + out_row + pos * ocst, y.to({TL[out_dtype]}), mask=mask)",
+                  "        carry = tl.sum(tl.where(cols0 == BLOCK_C - 1, y, 0), 1, keep_dims=True)"]
+    else:
+        lines += ["        y = carry + tl.cumsum(x, 1)",
+                  f"        tl.store(y_ptr + y_off + out_row + pos * ocst, y.to({TL[out_dtype]}), mask=mask)",
+                  "        carry = carry + tl.sum(x, 1, keep_dims=True)"]
+    header = (f"{'cumprod' if prod else 'cumsum'} in={in_dtype.short} out={out_dtype.short} kept_rank={kept_rank} "
+              f"exclusive={exclusive} reverse={reverse} wide={wide}")
     return render("cumsum", header, "\n".join(lines))
