@@ -318,6 +318,54 @@ def _(ctx, x, k=None, *, upper=1):
     ctx.pointwise(f"tl.where((idx % s0) - ((idx // s0) % s1) {keep} s2, x0, 0)", [x], out, (cols, rows, k))
 
 
+# ---- OneHot ------------------------------------------------------------------------------------
+
+def _depth(depth) -> int:
+    d = np.asarray(depth).reshape(-1)
+    if d.size != 1 or not np.isfinite(d[0]) or int(d[0]) < 1:
+        raise ShapeError(f"OneHot depth must be one positive number, got {np.asarray(depth).tolist()}")
+    return int(d[0])
+
+
+@op("OneHot", since=11, kind=Kind.MOVEMENT, host_inputs=(1,),
+    samples=[Sample([np.array([[1, 9], [2, 4]], np.int64), np.array(10, np.int64), Rand((2,))]),
+             Sample([np.array([0, -7, -8, 3, 12], np.int64), np.array([10], np.float32), Rand((2,))], {"axis": 0}),
+             Sample([np.array([[1.2, 0.9], [2.0, 4.7]], np.float32), np.array(5, np.int32), Rand((2,))],
+                    {"axis": 1})])
+def one_hot(indices: TensorType, depth, values: TensorType, *, axis: int = -1) -> TensorType:
+    a = norm_axis(axis, indices.rank + 1)
+    if values.rank != 1 or (isinstance(values.shape[0], int) and values.shape[0] != 2):
+        raise ShapeError(f"OneHot values must be [off_value, on_value], got {values}")
+    d = _depth(depth) if known(depth) else "?"
+    return TensorType(values.dtype, indices.shape[:a] + (d,) + indices.shape[a:])
+
+
+@one_hot.reference
+def _(indices, depth, values, *, axis=-1):
+    d = _depth(depth)
+    a = norm_axis(axis, indices.ndim + 1)
+    idx = np.asarray(indices).astype(np.int64)
+    idx = np.where(idx < 0, idx + d, idx)  # in [-depth, depth); anything else hits no position
+    idx = np.expand_dims(idx, a)
+    positions = np.arange(d).reshape([-1 if i == a else 1 for i in range(idx.ndim)])
+    return np.where(positions == idx, values[1], values[0]).astype(values.dtype)
+
+
+@one_hot.lower
+def _(ctx, indices, depth, values, *, axis=-1):
+    d = _depth(depth)
+    out = ctx.outputs[0]  # contiguous: its flat index gives the position along the axis
+    a = norm_axis(axis, indices.rank + 1)
+    seen = indices.reshape(indices.shape[:a] + (1,) + indices.shape[a:]).broadcast_to(out.shape) \
+        if indices.contiguous else ctx.contiguous(indices).reshape(indices.shape[:a] + (1,) + indices.shape[a:]) \
+        .broadcast_to(out.shape)
+    off = View(values.buf, values.dtype, (), (), values.offset)
+    on = View(values.buf, values.dtype, (), (), values.offset + values.strides[0])
+    inner = math.prod(out.shape[a + 1:])
+    ctx.pointwise("tl.where(((idx // s0) % s1) == tl.where(x0.to(tl.int64) < 0, x0.to(tl.int64) + s1, "
+                  "x0.to(tl.int64)), x2, x1)", [seen, off, on], out, (inner, d))
+
+
 # ---- Tile --------------------------------------------------------------------------------------
 
 def _repeats(x_rank: int, repeats) -> list:

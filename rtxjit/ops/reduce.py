@@ -369,6 +369,39 @@ for _name, _mode in (("ArgMax", "argmax"), ("ArgMin", "argmin")):
     _d.lower(_arg_lower(_mode))
 
 
+# ---- Hardmax -----------------------------------------------------------------------------------
+
+@op("Hardmax", since=13, kind=Kind.ROW,
+    samples=[Sample([Rand((3, 4, 5))]), Sample([Rand((3, 4, 5))], {"axis": 0}),
+             Sample([np.array([[1, 3, 3, 2], [0, -1, -1, 0]], np.float32)], {"axis": 1}),
+             Sample([Rand((2, 3000))], float_types=("fp32",))])
+def hardmax(x: TensorType, *, axis: int = -1) -> TensorType:
+    a = norm_axis(axis, x.rank)
+    if not x.dtype.is_float:
+        raise ModelError(f"Hardmax of {x.dtype.short} (a float type is needed)")
+    if isinstance(x.shape[a], int) and x.shape[a] == 0:
+        raise ShapeError(f"Hardmax over axis {axis} of size 0")
+    return x
+
+
+@hardmax.reference
+def _(x, *, axis=-1):
+    a = norm_axis(axis, x.ndim)
+    first = _arg_reference(True)(x, axis=a, keepdims=1)  # the first maximum (NaN as ArgMax takes it)
+    return (np.arange(x.shape[a]).reshape([-1 if i == a else 1 for i in range(x.ndim)]) == first).astype(x.dtype)
+
+
+@hardmax.lower
+def _(ctx, x, *, axis=-1):
+    """ArgMax's kernel into a temporary, then 1 where an element's index along the axis is it."""
+    a = norm_axis(axis, x.rank)
+    out = ctx.outputs[0]  # contiguous: its flat index gives the position along the axis
+    first = ctx.temp(DType.INT64, tuple(1 if i == a else d for i, d in enumerate(x.shape)))
+    row_reduce(ctx, x, [a], "argmax", first)
+    inner = math.prod(x.shape[a + 1:])
+    ctx.pointwise("tl.where(((idx // s0) % s1) == x0, 1.0, 0.0)", [first], out, (inner, x.shape[a]))
+
+
 # ---- Softmax / LogSoftmax ----------------------------------------------------------------------
 
 _SOFTMAX_SAMPLES = [
