@@ -402,6 +402,39 @@ def _(ctx, x, *, axis=-1):
     ctx.pointwise("tl.where(((idx // s0) % s1) == x0, 1.0, 0.0)", [first], out, (inner, x.shape[a]))
 
 
+# ---- LpNormalization ---------------------------------------------------------------------------
+
+@op("LpNormalization", since=1, kind=Kind.ROW,
+    samples=[Sample([Rand((3, 4, 5))]), Sample([Rand((3, 4, 5))], {"axis": 0, "p": 1}),
+             Sample([np.array([[0, 0], [3, -4]], np.float32)], {"axis": 1, "p": 2}),
+             Sample([Rand((2, 3000))], {"p": 1}, float_types=("fp32",))])
+def lp_normalization(x: TensorType, *, axis: int = -1, p: int = 2) -> TensorType:
+    norm_axis(axis, x.rank)
+    if p not in (1, 2):
+        raise ModelError(f"LpNormalization p={p} (1 or 2 is needed)")
+    if not x.dtype.is_float:
+        raise ModelError(f"LpNormalization of {x.dtype.short} (a float type is needed)")
+    return x
+
+
+@lp_normalization.reference
+def _(x, *, axis=-1, p=2):
+    a = norm_axis(axis, x.ndim)
+    norm = np.sum(np.abs(x), axis=a, keepdims=True) if p == 1 else np.sqrt(np.sum(x * x, axis=a, keepdims=True))
+    with np.errstate(all="ignore"):
+        return np.where(norm == 0, 0, x / norm).astype(x.dtype)  # a zero row stays zero (0 / 0 = 0)
+
+
+@lp_normalization.lower
+def _(ctx, x, *, axis=-1, p=2):
+    """ReduceL1's / ReduceL2's kernel into a temporary (fp32), then x / norm (0 where the norm is 0)."""
+    a = norm_axis(axis, x.rank)
+    norm = ctx.temp(DType.FP32 if x.dtype is not DType.FP64 else x.dtype,
+                    tuple(1 if i == a else d for i, d in enumerate(x.shape)))
+    row_reduce(ctx, x, [a], "l1" if p == 1 else "l2", norm)
+    ctx.pointwise("tl.where(x1 == 0, 0.0, x0 / x1)", [x, norm], ctx.outputs[0])
+
+
 # ---- Softmax / LogSoftmax ----------------------------------------------------------------------
 
 _SOFTMAX_SAMPLES = [
