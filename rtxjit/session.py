@@ -30,7 +30,8 @@ from rtxjit.plan.profiles import resolve_profiles, select
 ONNX_TYPE_NAMES = {
     DType.FP32: "tensor(float)", DType.FP16: "tensor(float16)", DType.BF16: "tensor(bfloat16)",
     DType.FP64: "tensor(double)", DType.INT64: "tensor(int64)", DType.INT32: "tensor(int32)",
-    DType.INT16: "tensor(int16)", DType.UINT16: "tensor(uint16)",
+    DType.INT16: "tensor(int16)", DType.UINT16: "tensor(uint16)", DType.UINT32: "tensor(uint32)",
+    DType.UINT64: "tensor(uint64)",
     DType.INT8: "tensor(int8)", DType.UINT8: "tensor(uint8)", DType.BOOL: "tensor(bool)",
     DType.FP8E4M3: "tensor(float8e4m3fn)", DType.FP8E5M2: "tensor(float8e5m2)",
     DType.INT4: "tensor(int4)", DType.UINT4: "tensor(uint4)", DType.INT2: "tensor(int2)", DType.UINT2: "tensor(uint2)",

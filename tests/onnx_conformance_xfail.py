@@ -11,12 +11,6 @@ _OLD_OPSET = ("model opset {} is below the importer's floor (MIN_OPSET = 13), th
 
 EXPECTED_FAILURES = {
     # Element types rtxjit does not have.
-    r"test_(add|sub|mul|div|equal|greater|less|greater_equal|less_equal|max|min)_(uint32|uint64)(_expanded)?":
-        _NO_DTYPE.format("uint32 / uint64"),
-    r"test_pow_types_float32_uint(32|64)": _NO_DTYPE.format("uint32 / uint64"),
-    r"test_mod_(uint32|uint64)": _NO_DTYPE.format("uint32 / uint64"),
-    r"test_bitshift_(left|right)_(uint32|uint64)": _NO_DTYPE.format("uint32 / uint64"),
-    r"test_bitwise_(and|or|xor)_ui64_bcast_3v1d": _NO_DTYPE.format("uint64"),
     r"test_equal_string(_broadcast)?": "string tensors are not supported",
     r"test_cast(like)?_(no_saturate_)?\w*FNUZ\w*": _NO_DTYPE.format("float8 *FNUZ"),
     r"test_cast(like)?_e8m0_\w+": _NO_DTYPE.format("float8e8m0"),
@@ -44,7 +38,6 @@ EXPECTED_FAILURES = {
     r"test_range_bfloat16_type_positive_delta":
         "a bf16 host input (Range start/limit/delta) cannot be read on the host (torch has no bf16 numpy)",
     # ---- reductions, scans, TopK (issue 14) ----
-    r"test_top_k_uint64": _NO_DTYPE.format("uint64"),
     # ---- indexing, scatter, Tile, Trilu, Einsum (issue 14) ----
     # Einsum's batch matmul runs the MatMul template (emit_matmul); on Triton's interpreter its
     # tl.dot of bf16 operands gives wrong values (a plain bf16 MatMul gives 7.9e8 for ones @ ones).

@@ -190,13 +190,24 @@ def test_fp8_below_sm89_is_a_build_error_naming_op_and_target():
                 {"x": (np.float32, ["N", 4])}, {"y": (np.float32, ["N", 4])})
     with pytest.raises(UnsupportedOpError, match=r"cannot build for target sm_86: node 'q_node' \(Cast\).*fp8e4m3"):
         rtxjit.build(fp8, targets=["sm_86", "sm_90"], optimize=False)
-    # after fusion the fp8 value lives inside one fp32 -> fp32 kernel: its program is checked too
-    match = r"cannot build for target sm_86: node '.+' \(rtxjit.Pointwise\): fused step 0 \(Cast\) computes fp8e4m3"
-    with pytest.raises(UnsupportedOpError, match=match):
+    # optimized, the fp8 casts stay kernels of their own (never fused): still named
+    with pytest.raises(UnsupportedOpError, match=r"cannot build for target sm_86: node 'q_node' \(Cast\).*fp8e4m3"):
         rtxjit.build(fp8, targets=["sm_86", "sm_90"])
     engine = rtxjit.build(fp8, targets=["sm_89", "sm_90"])
-    with pytest.raises(EngineError, match=r"cannot run on sm_80 .*fused step 0 \(Cast\) computes fp8e4m3"):
+    with pytest.raises(EngineError, match=r"cannot run on sm_80 .*fp8e4m3"):
         engine.check_device("sm_80")
+
+
+def test_a_fused_programs_inner_precision_is_checked_too():
+    """After fusion a bf16 value lives inside one fp32 -> fp32 kernel: its program is checked."""
+    bf16 = model([node("Cast", ["x"], ["q"], to=TensorProto.BFLOAT16), node("Cast", ["q"], ["y"], to=1)],
+                 {"x": (np.float32, ["N", 4])}, {"y": (np.float32, ["N", 4])})
+    match = r"cannot build for target sm_75: node '.+' \(rtxjit.Pointwise\): fused step 0 \(Cast\) computes bf16"
+    with pytest.raises(UnsupportedOpError, match=match):
+        rtxjit.build(bf16, targets=["sm_75", "sm_90"])
+    engine = rtxjit.build(bf16, targets=["sm_80", "sm_90"])
+    with pytest.raises(EngineError, match=r"cannot run on sm_75 .*fused step 0 \(Cast\) computes bf16"):
+        engine.check_device("sm_75")
 
 
 def test_loading_on_an_sm_that_cannot_run_the_precision_is_an_error(tmp_path):

@@ -11,6 +11,8 @@ TL = {
     DType.FP8E5M2: "tl.float8e5",
     DType.INT64: "tl.int64",
     DType.INT32: "tl.int32",
+    DType.UINT64: "tl.uint64",
+    DType.UINT32: "tl.uint32",
     DType.INT16: "tl.int16",
     DType.UINT16: "tl.uint16",
     DType.INT8: "tl.int8",

@@ -41,6 +41,8 @@ class DType(enum.Enum):
     FP64 = ("fp64", 11, "float64", 8)
     INT64 = ("int64", 7, "int64", 8)
     INT32 = ("int32", 6, "int32", 4)
+    UINT64 = ("uint64", 13, "uint64", 8)
+    UINT32 = ("uint32", 12, "uint32", 4)
     INT16 = ("int16", 5, "int16", 2)
     UINT16 = ("uint16", 4, "uint16", 2)
     INT8 = ("int8", 3, "int8", 1)

@@ -13,7 +13,7 @@ from rtxjit.ir.types import SUB_BYTE_INTS, DType
 
 TORCH_DTYPES = {
     "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64,
-    "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "uint16": torch.uint16,
+    "int64": torch.int64, "int32": torch.int32, "uint64": torch.uint64, "uint32": torch.uint32, "int16": torch.int16, "uint16": torch.uint16,
     "int8": torch.int8, "uint8": torch.uint8,
     "bool": torch.bool, "fp8e4m3": torch.float8_e4m3fn, "fp8e5m2": torch.float8_e5m2,
     "int4": torch.int8, "uint4": torch.uint8, "int2": torch.int8, "uint2": torch.uint8,  # unpacked, one per

@@ -564,7 +564,8 @@ def bitwise_not(x: TensorType) -> TensorType:
 bitwise_not.reference(np.invert)
 bitwise_not.expr(fixed_expr("~x0"))
 
-_SHIFT_TYPES = (DType.UINT8, DType.UINT16, DType.INT8, DType.INT16, DType.INT32, DType.INT64)  # no uint32/64 type
+_SHIFT_TYPES = (DType.UINT8, DType.UINT16, DType.UINT32, DType.UINT64, DType.INT8, DType.INT16, DType.INT32,
+                DType.INT64)
 
 
 @op("BitShift", since=11, kind=Kind.POINTWISE,

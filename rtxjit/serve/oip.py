@@ -40,7 +40,7 @@ from rtxjit.ir.types import DType
 # input or output cannot be served over it, see ``kserve_datatype``)
 KSERVE_DATATYPES = {
     DType.BOOL: "BOOL", DType.UINT8: "UINT8", DType.INT8: "INT8", DType.UINT16: "UINT16", DType.INT16: "INT16",
-    DType.INT32: "INT32", DType.INT64: "INT64",
+    DType.INT32: "INT32", DType.INT64: "INT64", DType.UINT32: "UINT32", DType.UINT64: "UINT64",
     DType.FP16: "FP16", DType.FP32: "FP32", DType.FP64: "FP64", DType.BF16: "BF16",
 }
 HEADER_LENGTH = "inference-header-content-length"  # Triton's binary extension (header names are case-blind)

@@ -36,7 +36,8 @@ NEAREST_ROUNDING = {
 }
 TAPS = {"linear": (2, 0), "cubic": (4, -1)}  # (taps, start) per axis without antialiasing
 INT_RANGE = {DType.INT8: (-128, 127), DType.UINT8: (0, 255), DType.INT16: (-2**15, 2**15 - 1),
-             DType.UINT16: (0, 2**16 - 1), DType.INT32: (-2**31, 2**31 - 1), DType.INT64: (-2**63, 2**63 - 1)}
+             DType.UINT16: (0, 2**16 - 1), DType.INT32: (-2**31, 2**31 - 1), DType.INT64: (-2**63, 2**63 - 1),
+             DType.UINT32: (0, 2**32 - 1), DType.UINT64: (0, 2**64 - 1)}
 
 
 def acc_dtype(dtype: DType) -> DType:
