@@ -72,8 +72,7 @@ def test_a_graph_without_passes_is_taken_as_it_is_and_an_engine_copies_it():
 # -- one legality check, inside fused programs too
 
 @pytest.mark.parametrize("matmul", [False, True], ids=["pointwise", "epilogue"])
-@pytest.mark.parametrize("to, legal, illegal, short", [(TensorProto.BFLOAT16, 80, 75, "bf16"),
-                                                        (TensorProto.FLOAT8E4M3FN, 89, 86, "fp8e4m3")])
+@pytest.mark.parametrize("to, legal, illegal, short", [(TensorProto.BFLOAT16, 80, 75, "bf16")])
 def test_a_type_hidden_in_a_fused_program_is_illegal_on_an_older_sm(matmul, to, legal, illegal, short):
     graph = optimized_graph(_hidden_cast(to, matmul)).graph
     fused = "rtxjit.Epilogue" if matmul else "rtxjit.Pointwise"
@@ -89,16 +88,27 @@ def test_a_type_hidden_in_a_fused_program_is_illegal_on_an_older_sm(matmul, to, 
         rtxjit.build(_hidden_cast(to, matmul), targets=[f"sm_{illegal}"])
 
 
+@pytest.mark.parametrize("matmul", [False, True], ids=["pointwise", "epilogue"])
+def test_fp8_casts_stay_nodes_of_their_own_and_are_illegal_below_sm89(matmul):
+    """Casts to and from fp8 are never fused (their conversion is statements, ops/elementwise.py):
+    the check names the Cast that makes the fp8 value."""
+    graph = optimized_graph(_hidden_cast(TensorProto.FLOAT8E4M3FN, matmul)).graph
+    assert [n.op for n in graph.nodes].count("Cast") == 2
+    check_precision(graph, 89)
+    with pytest.raises(UnsupportedOpError, match=r"node '.+' \(Cast\): output '.+' is fp8e4m3, which needs sm_89"):
+        check_precision(graph, 86)
+
+
 def test_a_session_on_an_older_gpu_checks_inside_fused_programs(monkeypatch):
-    """Sessions used a check that saw only node inputs and outputs: an fp8 Cast fused into an fp32
-    kernel passed on sm_86. They now run the same check as engines (the device faked: it raises
+    """Sessions used a check that saw only node inputs and outputs: a bf16 Cast fused into an fp32
+    kernel passed on sm_75. They now run the same check as engines (the device faked: it raises
     before anything touches a GPU)."""
-    monkeypatch.setattr(session_module, "detect", lambda requested=None: Device("cuda", "fake sm_86", 86))
-    with pytest.raises(UnsupportedOpError, match=r"sm_86: node '.+' \(rtxjit.Pointwise\): fused step 0 \(Cast\)"):
-        InferenceSession(_hidden_cast(TensorProto.FLOAT8E4M3FN), device="cuda")
-    graph = optimized_graph(_hidden_cast(TensorProto.FLOAT8E4M3FN)).graph
-    engine = rtxjit.build(graph, targets=["sm_89"], optimize=False)
-    with pytest.raises(UnsupportedOpError, match=r"sm_86: .*fused step 0 \(Cast\) computes fp8e4m3"):
+    monkeypatch.setattr(session_module, "detect", lambda requested=None: Device("cuda", "fake sm_75", 75))
+    with pytest.raises(UnsupportedOpError, match=r"sm_75: node '.+' \(rtxjit.Pointwise\): fused step 0 \(Cast\)"):
+        InferenceSession(_hidden_cast(TensorProto.BFLOAT16), device="cuda")
+    graph = optimized_graph(_hidden_cast(TensorProto.BFLOAT16)).graph
+    engine = rtxjit.build(graph, targets=["sm_80"], optimize=False)
+    with pytest.raises(UnsupportedOpError, match=r"sm_75: .*fused step 0 \(Cast\) computes bf16"):
         InferenceSession(engine, device="cuda")
 
 

@@ -8,6 +8,7 @@ allocates the intermediate buffers and launches the list: no per-node Python dec
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -122,6 +123,10 @@ class _Entry:
 
 LAYOUT_FOLLOWS_INPUTS = True  # False: pointwise outputs are always row-major (as before 2026-12-07), to compare
 STRIDED_READERS = ("Transpose", "Conv", "ConvTranspose")  # read any strides (convs: their data input)
+
+
+def _uses_flat_index(expr: str, prologue) -> bool:
+    return any(re.search(r"\bidx\b", text) for text in (expr, *prologue))
 
 
 def _takes_strided(reader: Node, value) -> bool:
@@ -277,7 +282,9 @@ class LowerCtx:
         """``out = expr(inputs...)`` with numpy broadcasting of the inputs to ``out.shape``;
         ``prologue`` statements run first (a fused chain of ops)."""
         views = [v.broadcast_to(out.shape) for v in inputs]
-        if not out.contiguous:  # iterate in the output's memory order (elementwise: any order is right)
+        if not out.contiguous and not _uses_flat_index(expr, prologue):
+            # iterate in the output's memory order (elementwise: any order is right; an expression that
+            # reads ``idx``, the flat row-major index, keeps the logical order)
             order = sorted(range(out.rank), key=lambda d: (-out.strides[d], d))
             out, views = out.permute(order), [v.permute(order) for v in views]
         shape, strides = collapse(out.shape, out.strides, *[v.strides for v in views])
