@@ -139,8 +139,9 @@ def _pool_block(n: int, interpret: bool) -> int:
     return block
 
 
-def lower_pool(ctx, x, g: WindowGeometry, mode: str, count_include_pad: int = 0, storage_order: int = 0) -> None:
-    """Launch the window kernel: ``mode`` "max" (with Indices if the node asks) or "avg"."""
+def lower_pool(ctx, x, g: WindowGeometry, mode: str, count_include_pad: int = 0, storage_order: int = 0,
+               p: int = 2) -> None:
+    """Launch the window kernel: ``mode`` "max" (with Indices if the node asks), "avg" or "lp"."""
     out = ctx.outputs[0]
     indices = ctx.outputs[1] if len(ctx.outputs) > 1 else None
     if not x.contiguous:
@@ -151,7 +152,7 @@ def lower_pool(ctx, x, g: WindowGeometry, mode: str, count_include_pad: int = 0,
     strides = contiguous_strides(spatial)
     n = out.numel
     src = render_pool(mode, x.dtype, len(spatial), indices is not None,
-                      wide=max(n, x.numel) > WIDE_LIMIT)
+                      wide=max(n, x.numel) > WIDE_LIMIT, p=p)
     args = [ctx.ptr(x), x.offset, ctx.ptr(out), out.offset]
     if indices is not None:
         args += [ctx.ptr(indices), indices.offset]
@@ -244,6 +245,38 @@ def _(ctx, x, *, kernel_shape, auto_pad="NOTSET", ceil_mode=0, count_include_pad
       pads=None, strides=None):
     g = geometry(x.shape[2:], kernel_shape, strides, pads, dilations, ceil_mode, auto_pad)
     lower_pool(ctx, x, g, "avg", count_include_pad=count_include_pad)
+
+
+# ---- LpPool ------------------------------------------------------------------------------------
+
+@op("LpPool", since=18, kind=Kind.POOL,
+    samples=[Sample([Rand((1, 3, 6, 6))], {"kernel_shape": [2, 2]}),
+             Sample([Rand((2, 2, 7, 5))], {"kernel_shape": [3, 2], "strides": [2, 1], "pads": [1, 0, 1, 1], "p": 1}),
+             Sample([Rand((1, 2, 9))], {"kernel_shape": [3], "dilations": [2], "p": 3}),
+             Sample([Rand((1, 2, 5, 6))], {"kernel_shape": [2, 3], "auto_pad": "SAME_UPPER", "p": 2})])
+def lp_pool(x: TensorType, *, kernel_shape, auto_pad: str = "NOTSET", ceil_mode: int = 0, dilations=None,
+            pads=None, strides=None, p: int = 2) -> TensorType:
+    if not x.dtype.is_float:
+        raise ModelError(f"LpPool of {x.dtype.short} (a float type is needed)")
+    if int(p) < 1:
+        raise ModelError(f"LpPool p={p} (a positive integer is needed)")
+    return _pool_type(x, dict(kernel_shape=kernel_shape, auto_pad=auto_pad, ceil_mode=ceil_mode,
+                              dilations=dilations, pads=pads, strides=strides))
+
+
+@lp_pool.reference
+def _(x, *, kernel_shape, auto_pad="NOTSET", ceil_mode=0, dilations=None, pads=None, strides=None, p=2):
+    g = geometry(x.shape[2:], kernel_shape, strides, pads, dilations, ceil_mode, auto_pad)
+    total = np.zeros(x.shape[:2] + g.out)
+    for values, _, _ in _windows(x.astype(np.float64), g, [(0, n) for n in x.shape[2:]]):
+        total += np.abs(np.nan_to_num(values)) ** int(p)  # outside the input: zeros
+    return (total ** (1.0 / int(p))).astype(x.dtype)
+
+
+@lp_pool.lower
+def _(ctx, x, *, kernel_shape, auto_pad="NOTSET", ceil_mode=0, dilations=None, pads=None, strides=None, p=2):
+    g = geometry(x.shape[2:], kernel_shape, strides, pads, dilations, ceil_mode, auto_pad)
+    lower_pool(ctx, x, g, "lp", p=int(p))
 
 
 # ---- GlobalAveragePool / GlobalMaxPool ---------------------------------------------------------

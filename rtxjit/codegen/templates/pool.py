@@ -31,7 +31,7 @@ def _params(mode: str, rank: int, indices: bool) -> list:
     return p + ["BLOCK: tl.constexpr"]
 
 
-def _window_loops(mode: str, rank: int, indices: bool, acc: str, other: str) -> list:
+def _window_loops(mode: str, rank: int, indices: bool, acc: str, other: str, p: int = 2) -> list:
     """Nested loops over the window, one per spatial dim; the innermost loads one input element
     per output (``other`` where it falls outside the input) and updates the accumulators."""
     lines = []
@@ -49,6 +49,9 @@ def _window_loops(mode: str, rank: int, indices: bool, acc: str, other: str) -> 
     lines.append(f"{pad}v = tl.load(x_ptr + base + {offset}, mask=ok{last}, other={other}).to({acc})")
     if mode == "avg":
         lines += [f"{pad}acc += v", f"{pad}cnt += in{last}.to(tl.float32)"]
+    elif mode == "lp":
+        power = {1: "tl.abs(v)", 2: "v * v"}.get(p, f"tl.exp({float(p)} * tl.log(tl.abs(v)))")
+        lines.append(f"{pad}acc += {power}")
     elif indices:
         flat = " + ".join(f"h{d} * imul{d}" for d in range(rank))
         lines += [f"{pad}take = ok{last} & ((v > acc) | ((v != v) & (acc == acc)))",  # NaN wins, as in max
@@ -59,9 +62,11 @@ def _window_loops(mode: str, rank: int, indices: bool, acc: str, other: str) -> 
     return lines
 
 
-def render_pool(mode: str, dtype: DType, rank: int, indices: bool = False, wide: bool = False) -> KernelSource:
-    """``mode`` is "max" or "avg"; ``rank`` the number of spatial dims."""
-    if mode not in ("max", "avg"):
+def render_pool(mode: str, dtype: DType, rank: int, indices: bool = False, wide: bool = False,
+                p: int = 2) -> KernelSource:
+    """``mode`` is "max", "avg" or "lp" (LpPool: ``(sum |x|^p)^(1/p)`` over the window, padding
+    adding zeros); ``rank`` the number of spatial dims."""
+    if mode not in ("max", "avg", "lp"):
         raise InternalError(f"unknown pooling mode '{mode}'")
     acc = TL[acc_type(dtype)]
     pid = "tl.program_id(0).to(tl.int64)" if wide or indices else "tl.program_id(0)"
@@ -72,16 +77,18 @@ def render_pool(mode: str, dtype: DType, rank: int, indices: bool = False, wide:
     for d in reversed(range(rank)):
         lines += [f"    o{d} = rem % osize{d}", f"    rem = rem // osize{d}"]
     lines += ["    nc = rem", "    base = x_off + nc * plane"]
-    other = "0" if mode == "avg" else extreme_literal(dtype, lowest=True)
+    other = "0" if mode in ("avg", "lp") else extreme_literal(dtype, lowest=True)
     lines.append(f"    acc = tl.full([BLOCK], {other}, {acc})")
     if mode == "avg":
         lines.append("    cnt = tl.zeros([BLOCK], tl.float32)")
     if indices:
         lines.append("    arg = tl.zeros([BLOCK], tl.int64)")
-    lines += _window_loops(mode, rank, indices, acc, other)
-    result = "acc / cnt" if mode == "avg" else "acc"
+    lines += _window_loops(mode, rank, indices, acc, other, p)
+    result = {"avg": "acc / cnt", "lp": {1: "acc", 2: "tl.sqrt(acc)"}.get(p, f"tl.exp(tl.log(acc) / {float(p)})")}.get(
+        mode, "acc")
     lines.append(f"    tl.store(y_ptr + y_off + idx, ({result}).to({TL[dtype]}), mask=mask)")
     if indices:
         lines.append("    tl.store(i_ptr + i_off + idx, arg, mask=mask)")
     header = f"pool mode={mode} dtype={dtype.short} rank={rank} indices={indices} wide={wide}"
+    header += f" p={p}" if mode == "lp" else ""
     return render(f"pool_{mode}", header, "\n".join(lines))
