@@ -245,8 +245,12 @@ def _(data, indices, *, axis=0):
 def _(ctx, data, indices, *, axis=0):
     if _gather_as_view(ctx, data, axis):
         return
-    out, data, indices = ctx.outputs[0], ctx.contiguous(data), ctx.contiguous(indices)
-    a = norm_axis(axis, data.rank)
+    emit_gather(ctx, data, indices, norm_axis(axis, data.rank), ctx.outputs[0])
+
+
+def emit_gather(ctx, data, indices, a: int, out) -> None:
+    """The gather kernel: ``out`` = ``data`` taken at ``indices`` along axis ``a`` (Gather, Compress)."""
+    data, indices = ctx.contiguous(data), ctx.contiguous(indices)
     inner = int(np.prod(data.shape[a + 1:], dtype=np.int64))
     n = out.numel
     block = 1024
@@ -254,6 +258,51 @@ def _(ctx, data, indices, *, axis=0):
     args = [ctx.ptr(out), out.offset, ctx.ptr(data), data.offset, ctx.ptr(indices), indices.offset,
             n, max(indices.numel, 1), max(inner, 1), data.shape[a]]
     ctx.launch(src, (-(-n // block),), args, BLOCK=block)
+
+
+# ---- Compress ----------------------------------------------------------------------------------
+
+def _kept(condition, n: int) -> np.ndarray:
+    """The positions along the axis that ``condition`` keeps (a shorter condition keeps none after it)."""
+    c = np.asarray(condition).reshape(-1).astype(bool)
+    return np.nonzero(c[:n])[0].astype(np.int64)
+
+
+@op("Compress", since=11, kind=Kind.MOVEMENT, host_inputs=(1,),
+    samples=[Sample([Rand((3, 2)), np.array([0, 1, 1], bool)], {"axis": 0}),
+             Sample([Rand((3, 2)), np.array([0, 1], bool)], {"axis": 1}),
+             Sample([Rand((3, 2)), np.array([0, 1, 0, 0, 1], bool)]),
+             Sample([Rand((2, 4, 3)), np.array([1, 0, 1], bool)], {"axis": -1})])
+def compress(data: TensorType, condition, *, axis: int = None):
+    """The condition is read on the host (its values give the output's length): a new condition
+    is a new binding, as a new shape is."""
+    if axis is None:
+        static = all(isinstance(d, int) for d in data.shape)
+        return data.with_shape((len(_kept(condition, int(np.prod(data.shape)))),) if known(condition) and static
+                               else ("?",))
+    a = norm_axis(axis, data.rank)
+    count = len(_kept(condition, data.shape[a])) if known(condition) and isinstance(data.shape[a], int) else "?"
+    return data.with_shape(data.shape[:a] + (count,) + data.shape[a + 1:])
+
+
+@compress.reference
+def _(data, condition, *, axis=None):
+    if axis is None:
+        return data.reshape(-1)[_kept(condition, data.size)]
+    a = norm_axis(axis, data.ndim)
+    return np.take(data, _kept(condition, data.shape[a]), axis=a)
+
+
+@compress.lower
+def _(ctx, data, condition, *, axis=None):
+    if axis is None:
+        data, a = ctx.contiguous(data).reshape((data.numel,)), 0
+    else:
+        a = norm_axis(axis, data.rank)
+    kept = _kept(condition, data.shape[a])
+    if ctx.outputs[0].numel == 0:
+        return
+    emit_gather(ctx, data, ctx.const(kept), a, ctx.outputs[0])
 
 
 def _gather_as_view(ctx, data, axis: int) -> bool:
