@@ -66,24 +66,33 @@ _CUMSUM_SAMPLES = [
 ]
 
 
-@op("CumSum", since=11, kind=Kind.ROW, host_inputs=(1,), samples=_CUMSUM_SAMPLES)
-def cumsum(x: TensorType, axis, *, exclusive: int = 0, reverse: int = 0) -> TensorType:
-    if x.dtype is DType.BOOL or x.dtype in (DType.INT8, DType.UINT8):
-        raise ModelError(f"CumSum of {x.dtype.short} (float, int32 or int64 is needed)")
-    if known(axis):
-        norm_axis(_scalar(axis, "CumSum axis"), x.rank)
-    return x
+def _scan_infer(name: str):
+    def infer(x: TensorType, axis, *, exclusive: int = 0, reverse: int = 0) -> TensorType:
+        if x.dtype is DType.BOOL or x.dtype in (DType.INT8, DType.UINT8):
+            raise ModelError(f"{name} of {x.dtype.short} (float, int32 or int64 is needed)")
+        if known(axis):
+            norm_axis(_scalar(axis, f"{name} axis"), x.rank)
+        return x
+
+    return infer
 
 
-@cumsum.reference
-def _(x, axis, *, exclusive=0, reverse=0):
-    a = norm_axis(_scalar(axis, "CumSum axis"), x.ndim)
-    y = np.flip(x, a) if reverse else x
-    out = np.cumsum(y, axis=a, dtype=x.dtype)
-    if exclusive:
-        out = np.concatenate([np.zeros_like(np.take(out, [0], axis=a)), np.take(out, range(out.shape[a] - 1), axis=a)],
-                             axis=a) if out.shape[a] else out
-    return np.flip(out, a) if reverse else out
+def _scan_reference(name: str, prod: bool = False):
+    """numpy's cumsum / cumprod with ONNX's exclusive (the identity first) and reverse."""
+    def reference(x, axis, *, exclusive=0, reverse=0):
+        a = norm_axis(_scalar(axis, f"{name} axis"), x.ndim)
+        y = np.flip(x, a) if reverse else x
+        out = (np.cumprod if prod else np.cumsum)(y, axis=a, dtype=x.dtype)
+        if exclusive and out.shape[a]:
+            first = (np.ones_like if prod else np.zeros_like)(np.take(out, [0], axis=a))
+            out = np.concatenate([first, np.take(out, range(out.shape[a] - 1), axis=a)], axis=a)
+        return np.flip(out, a) if reverse else out
+
+    return reference
+
+
+cumsum = op("CumSum", since=11, kind=Kind.ROW, host_inputs=(1,), samples=_CUMSUM_SAMPLES)(_scan_infer("CumSum"))
+cumsum.reference(_scan_reference("CumSum"))
 
 
 @cumsum.lower
@@ -122,24 +131,8 @@ _CUMPROD_SAMPLES = [
 ]
 
 
-@op("CumProd", since=26, kind=Kind.ROW, host_inputs=(1,), samples=_CUMPROD_SAMPLES)
-def cumprod(x: TensorType, axis, *, exclusive: int = 0, reverse: int = 0) -> TensorType:
-    if x.dtype is DType.BOOL or x.dtype in (DType.INT8, DType.UINT8):
-        raise ModelError(f"CumProd of {x.dtype.short} (float, int32 or int64 is needed)")
-    if known(axis):
-        norm_axis(_scalar(axis, "CumProd axis"), x.rank)
-    return x
-
-
-@cumprod.reference
-def _(x, axis, *, exclusive=0, reverse=0):
-    a = norm_axis(_scalar(axis, "CumProd axis"), x.ndim)
-    y = np.flip(x, a) if reverse else x
-    out = np.cumprod(y, axis=a, dtype=x.dtype)
-    if exclusive:
-        out = np.concatenate([np.ones_like(np.take(out, [0], axis=a)), np.take(out, range(out.shape[a] - 1), axis=a)],
-                             axis=a) if out.shape[a] else out
-    return np.flip(out, a) if reverse else out
+cumprod = op("CumProd", since=26, kind=Kind.ROW, host_inputs=(1,), samples=_CUMPROD_SAMPLES)(_scan_infer("CumProd"))
+cumprod.reference(_scan_reference("CumProd", prod=True))
 
 
 @cumprod.lower
