@@ -442,7 +442,7 @@ def lower_cast(ctx, x, *rest, saturate: int = 1, **attrs):
         expr, _ = cast_expr([x.dtype], out.dtype, attrs)
         ctx.pointwise(expr, [x], out)
         return
-    lines, v = [], "x0"
+    lines, v, from_float = [], "x0", x.dtype.is_float  # fp8 included
     if x.dtype.short.startswith("fp8"):  # its bits, decoded here (Triton's interpreter widens NaN wrongly)
         lines += decode_fp8("x0", x.dtype, "c_in")
         x, v = x.with_dtype(DType.UINT8), "c_in"
@@ -453,7 +453,7 @@ def lower_cast(ctx, x, *rest, saturate: int = 1, **attrs):
         v = "c_out"
     elif out.dtype in SUB_BYTE_INTS:
         lo, hi = INT_RANGES[out.dtype]
-        if x.dtype.is_float or v == "c_in":
+        if from_float:
             # toward zero, as numpy's (ml_dtypes') conversion and the onnx suite's data: a value out of
             # the type's range (NaN, inf too) becomes 0
             lines += [f"c_t = {v}.to(tl.float32)",

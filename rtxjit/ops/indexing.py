@@ -356,9 +356,7 @@ def _(ctx, indices, depth, values, *, axis=-1):
     d = _depth(depth)
     out = ctx.outputs[0]  # contiguous: its flat index gives the position along the axis
     a = norm_axis(axis, indices.rank + 1)
-    seen = indices.reshape(indices.shape[:a] + (1,) + indices.shape[a:]).broadcast_to(out.shape) \
-        if indices.contiguous else ctx.contiguous(indices).reshape(indices.shape[:a] + (1,) + indices.shape[a:]) \
-        .broadcast_to(out.shape)
+    seen = ctx.contiguous(indices).reshape(indices.shape[:a] + (1,) + indices.shape[a:]).broadcast_to(out.shape)
     off = View(values.buf, values.dtype, (), (), values.offset)
     on = View(values.buf, values.dtype, (), (), values.offset + values.strides[0])
     inner = math.prod(out.shape[a + 1:])

@@ -53,7 +53,7 @@ def fuse_norm_matmul(graph: Graph) -> PassResult:
         attrs = {"mode": MODES[norm.op], "epsilon": float(norm.attrs.get("epsilon", 1e-5))}
         for view, product in projections:
             _rewrite(graph, names, x, scale, shift, attrs, view, product)
-            removed += [n for n in (view, product) if n is not None]
+            removed += [view] if view is not None else []
         removed.append(norm)
     remove_nodes(graph, removed)
     return PassResult(graph, bool(removed))
@@ -94,7 +94,7 @@ def _rewrite(graph: Graph, names: FreshNames, x, scale, shift, attrs: dict, view
         add = Node("Add", names(product.name + "_bias"), [node.outputs[0], c], [out], {}, 14)
         out.producer = add
         new.append(add)
-    graph.nodes[at:at + 1] = [*new, product]  # the product itself goes with the removed nodes
+    graph.nodes[at:at + 1] = new
 
 
 def _fusable(graph: Graph, norm: Node, uses: dict):

@@ -28,7 +28,6 @@ from rtxjit.passes.fuse_pointwise import fusable
 
 ENABLED = True  # False: Transposes stay where the exporter put them (as before 2026-12-07), for an A/B
 PRODUCTS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
-MAX_ROUNDS = 64
 
 
 def sink_transpose(graph: Graph) -> PassResult:
@@ -37,7 +36,7 @@ def sink_transpose(graph: Graph) -> PassResult:
     names = FreshNames(graph)
     made: set = set()  # the operands' inverse Transposes: never sunk (they would sink back up and forth)
     changed = False
-    for _ in range(MAX_ROUNDS):
+    for _ in range(len(graph.nodes)):  # each rewrite moves one Transpose below one more node
         uses = graph.consumers()
         found = next(((t, r) for t in graph.nodes
                       if id(t) not in made and (r := _sinkable(graph, t, uses)) is not None), None)
@@ -110,6 +109,5 @@ def _sink(graph: Graph, transpose: Node, reader: Node, names: FreshNames) -> lis
     moved = Node("Transpose", names(transpose.name + "_sunk"), [inner], [result], {"perm": perm}, transpose.version)
     result.producer = moved
     graph.nodes.insert(at + 1, moved)
-    if not any(t_out is v for n in graph.nodes for v in n.inputs):
-        graph.nodes.remove(transpose)
+    graph.nodes.remove(transpose)  # its only reader now reads u
     return views
