@@ -1,6 +1,7 @@
 """Split-K convolutions: a one-group tap-major conv with few output tiles (a 3x3 conv at 14 x 14
-pixels at batch 1) splits its taps over programs, writes fp32 partials to a workspace and adds them
-in a second kernel that runs the epilogue. On the interpreter ``SPLIT_K`` forces the split; checked
+pixels at batch 1) splits its taps over programs and writes fp32 partials to a workspace; the last
+split of each tile adds them and runs the epilogue in the same launch (``SPLIT_FIXUP``; without it
+a second kernel does). On the interpreter ``SPLIT_K`` forces the split; checked
 against onnxruntime: strides, padding, a channel tail, no bias, fused residual + activation, fp16,
 3-D, a channels-last output read by the next conv; and the GPU heuristic's choices."""
 
@@ -20,6 +21,7 @@ from rtxjit.ops.conv import WindowGeometry
 from tests.oprunner import rel_error
 
 conv_ops = importlib.import_module("rtxjit.ops.conv")
+matmul_ops = importlib.import_module("rtxjit.ops.matmul")
 
 ONNX_TYPE = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
 TOL = {np.float32: 1e-4, np.float16: 1e-2}
@@ -48,13 +50,31 @@ def _convs(x_shape, layers, dtype, rng, tail=(), extra_inputs=()):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
 
 
+@pytest.fixture(params=[True, False], ids=["fixup", "sum-kernel"])
+def fixup(request, monkeypatch):
+    monkeypatch.setattr(matmul_ops, "SPLIT_FIXUP", request.param)
+    return request.param
+
+
 def _check(monkeypatch, proto, feeds, dtype, splits):
     monkeypatch.setattr(conv_ops, "SPLIT_K", splits)
     sess = rtxjit.InferenceSession(proto.SerializeToString())
-    (got,) = sess.run(None, feeds)
     (want,) = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
-    assert got.shape == want.shape and rel_error(got, want) <= TOL[dtype], rel_error(got, want)
+    for _ in range(2):  # the second run finds the arrival counters set back to zero
+        (got,) = sess.run(None, feeds)
+        assert got.shape == want.shape and rel_error(got, want) <= TOL[dtype], rel_error(got, want)
     return [s for s in sess.last_executable.plan.steps if "split" in s.kernel.name or "split_k" in s.kernel.text]
+
+
+def _product_and_sum(split: list, fixup: bool) -> tuple:
+    """The split product's launch and the one that adds its partials (the same with the fix-up)."""
+    if fixup:
+        (conv,) = split
+        assert "split_k fixup" in conv.kernel.text.split("\n")[0]
+        return conv, conv
+    conv, total = split
+    assert total.kernel.name.endswith("_split_sum")
+    return conv, total
 
 
 CASES = [  # x shape, (out channels, kernel, attrs, bias), splits, expected grid dim 2
@@ -66,33 +86,33 @@ CASES = [  # x shape, (out channels, kernel, attrs, bias), splits, expected grid
 
 
 @pytest.mark.parametrize("x_shape, layer, splits, grid2", CASES, ids=["9", "4->3", "tail-nobias", "3d"])
-def test_split_conv_matches_onnxruntime(monkeypatch, x_shape, layer, splits, grid2):
+def test_split_conv_matches_onnxruntime(monkeypatch, fixup, x_shape, layer, splits, grid2):
     rng = np.random.default_rng(0)
     proto = _convs(x_shape, [layer], np.float32, rng)
     split = _check(monkeypatch, proto, {"x": rng.standard_normal(x_shape).astype(np.float32)}, np.float32, splits)
-    conv, total = split
-    assert conv.grid[2] == grid2 and total.kernel.name.endswith("_split_sum")
+    conv, _ = _product_and_sum(split, fixup)
+    assert conv.grid[2] == grid2
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
-def test_split_conv_runs_a_fused_residual_and_activation_in_its_sum(monkeypatch, dtype):
+def test_split_conv_runs_a_fused_residual_and_activation_in_its_sum(monkeypatch, fixup, dtype):
     rng = np.random.default_rng(1)
     tail = [helper.make_node("Add", ["c0", "r"], ["s"]), helper.make_node("Sigmoid", ["s"], ["y"])]
     proto = _convs((1, 32, 14, 14), [(48, (3, 3), {"pads": [1, 1, 1, 1]}, True)], dtype, rng, tail,
                    [("r", (1, 48, 14, 14))])
     feeds = {"x": rng.standard_normal((1, 32, 14, 14)).astype(dtype),
              "r": rng.standard_normal((1, 48, 14, 14)).astype(dtype)}
-    conv, total = _check(monkeypatch, proto, feeds, dtype, 9)
-    assert "bias=False" in conv.kernel.text.split("\n")[0] and "split_k" in conv.kernel.text.split("\n")[0]
+    conv, total = _product_and_sum(_check(monkeypatch, proto, feeds, dtype, 9), fixup)
+    assert f"bias={fixup}" in conv.kernel.text.split("\n")[0] and "split_k" in conv.kernel.text.split("\n")[0]
     assert "sigmoid" in total.kernel.text.lower() and "bias=True" in total.kernel.text.split("\n")[0]
 
 
-def test_split_conv_writes_channels_last_for_the_next_conv(monkeypatch):
+def test_split_conv_writes_channels_last_for_the_next_conv(monkeypatch, fixup):
     rng = np.random.default_rng(2)
     layers = [(32, (3, 3), {"pads": [1, 1, 1, 1]}, True), (16, (3, 3), {"pads": [1, 1, 1, 1]}, True)]
     proto = _convs((1, 16, 8, 8), layers, np.float32, rng)
     split = _check(monkeypatch, proto, {"x": rng.standard_normal((1, 16, 8, 8)).astype(np.float32)}, np.float32, 3)
-    assert len(split) == 4  # both convs split: two partial kernels, two sums
+    assert len(split) == (2 if fixup else 4)  # both convs split (and each has its sum kernel without the fix-up)
 
 
 def _ctx(sm_count=132, interpret=False):
@@ -160,7 +180,7 @@ def _check_block(dtype, device):
 
 
 @pytest.mark.parametrize("group", [1, 24], ids=["split", "depthwise"])
-def test_nan_and_inf_inputs_come_out_where_onnxruntime_has_them(monkeypatch, group):
+def test_nan_and_inf_inputs_come_out_where_onnxruntime_has_them(monkeypatch, fixup, group):
     """A NaN and both infinities in the input: the split partial sums and the depthwise kernel give
     NaN and +-inf at the places the unsplit reference gives them."""
     rng = np.random.default_rng(9)

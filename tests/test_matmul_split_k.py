@@ -1,8 +1,9 @@
 """Split-K products: a MatMul / Gemm / 1x1 conv with few output tiles (bert-base's
 ``[128, 3072] @ [3072, 768]`` at batch 1) splits K over programs, writes fp32 partials to a
-workspace and adds them in a second kernel that runs the epilogue (alpha, beta * C, a fused
-residual / activation). On the interpreter ``SPLIT_K`` forces the split; checked against
-onnxruntime, and the GPU heuristic's choices."""
+workspace, and the last split of each tile to arrive adds them and runs the epilogue (alpha,
+beta * C, a fused residual / activation) in the same launch (``SPLIT_FIXUP``; without it a second
+kernel does). On the interpreter ``SPLIT_K`` forces the split; checked against onnxruntime (twice:
+the arrival counters are back at zero after a run), and the GPU heuristic's choices."""
 
 from __future__ import annotations
 
@@ -36,13 +37,34 @@ def _model(nodes, inputs: dict, inits: dict, dtype):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+@pytest.fixture(params=[True, False], ids=["fixup", "sum-kernel"])
+def fixup(request, monkeypatch):
+    monkeypatch.setattr(mm, "SPLIT_FIXUP", request.param)
+    return request.param
+
+
 def _run(monkeypatch, proto, feeds, dtype, splits):
     monkeypatch.setattr(mm, "SPLIT_K", splits)
     sess = rtxjit.InferenceSession(proto.SerializeToString())
-    (got,) = sess.run(None, feeds)
     (want,) = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
-    assert got.shape == want.shape and rel_error(got, want) <= TOL[dtype], rel_error(got, want)
-    return sess.last_executable.plan.steps
+    for _ in range(2):  # the second run finds the counters the first set back
+        (got,) = sess.run(None, feeds)
+        assert got.shape == want.shape and rel_error(got, want) <= TOL[dtype], rel_error(got, want)
+    exe = sess.last_executable
+    for offset, nbytes in exe.arena_plan.zeroed:
+        assert not exe.active.arena[offset:offset + nbytes].any()
+    return exe.plan.steps
+
+
+def _kernels(steps, fixup: bool) -> list:
+    names = [s.kernel.name for s in steps]
+    if fixup:
+        assert all("fixup" in s.kernel.text.split("\n")[0] for s in steps if s.grid[1:] and s.grid[1] > 1)
+    return names
+
+
+def _split_names(fixup: bool) -> list:
+    return ["matmul"] if fixup else ["matmul", "matmul_split_sum"]
 
 
 def _w(rng, shape, dtype, fan_in):
@@ -51,38 +73,38 @@ def _w(rng, shape, dtype, fan_in):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("k", [3072, 2000], ids=["even", "k-tail"])  # the interpreter's BLOCK_K is 256
-def test_split_matmul_with_residual_and_gelu_matches_onnxruntime(monkeypatch, dtype, k):
+def test_split_matmul_with_residual_and_gelu_matches_onnxruntime(monkeypatch, fixup, dtype, k):
     rng = np.random.default_rng(0)
     nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "r"], ["s"]),
              helper.make_node("Tanh", ["s"], ["y"])]
     proto = _model(nodes, {"x": (1, 40, k), "r": (1, 40, 48)}, {"w": _w(rng, (k, 48), dtype, k)}, dtype)
     feeds = {"x": rng.standard_normal((1, 40, k)).astype(dtype), "r": rng.standard_normal((1, 40, 48)).astype(dtype)}
     steps = _run(monkeypatch, proto, feeds, dtype, 4)
-    names = [s.kernel.name for s in steps]
-    assert names == ["matmul", "matmul_split_sum"], names
-    product, total = steps
+    names = _kernels(steps, fixup)
+    assert names == _split_names(fixup), names
+    product, total = steps[0], steps[-1]
     assert product.grid[1] > 1 and "split_k" in product.kernel.text.split("\n")[0]
-    assert "tanh" in total.kernel.text.lower()  # the fused tail runs in the sum
+    assert "tanh" in total.kernel.text.lower()  # the fused tail runs after the sum
 
 
-def test_split_gemm_keeps_alpha_beta_and_transposes(monkeypatch):
+def test_split_gemm_keeps_alpha_beta_and_transposes(monkeypatch, fixup):
     rng = np.random.default_rng(1)
     nodes = [helper.make_node("Gemm", ["x", "w", "c"], ["y"], transB=1, alpha=0.5, beta=-2.0)]
     proto = _model(nodes, {"x": (24, 1536)}, {"w": _w(rng, (40, 1536), np.float32, 1536),
                                               "c": rng.standard_normal((1, 40)).astype(np.float32)}, np.float32)
     steps = _run(monkeypatch, proto, {"x": rng.standard_normal((24, 1536)).astype(np.float32)}, np.float32, 8)
-    assert [s.kernel.name for s in steps] == ["matmul", "matmul_split_sum"]
+    assert _kernels(steps, fixup) == _split_names(fixup)
     assert steps[0].grid[1] == 3  # at most K / (2 x BLOCK_K 256) splits
 
 
-def test_split_1x1_conv_at_batch_one(monkeypatch):
+def test_split_1x1_conv_at_batch_one(monkeypatch, fixup):
     """A 1x1 conv runs as W @ x[n] per image: with one image, the product splits too."""
     rng = np.random.default_rng(2)
     nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], kernel_shape=[1, 1]), helper.make_node("Relu", ["c"], ["y"])]
     proto = _model(nodes, {"x": (1, 1024, 7, 7)}, {"w": _w(rng, (64, 1024, 1, 1), np.float32, 1024),
                                                    "b": rng.standard_normal(64).astype(np.float32)}, np.float32)
     steps = _run(monkeypatch, proto, {"x": rng.standard_normal((1, 1024, 7, 7)).astype(np.float32)}, np.float32, 4)
-    assert [s.kernel.name for s in steps] == ["matmul", "matmul_split_sum"]
+    assert _kernels(steps, fixup) == _split_names(fixup)
 
 
 def test_a_batched_matmul_or_a_short_k_does_not_split(monkeypatch):
@@ -105,3 +127,33 @@ def test_auto_splits_only_products_that_leave_most_sms_idle(monkeypatch):
     assert mm._splits(SimpleNamespace(interpret=True, sm=None, sm_count=1), 128, 768, 3072, DType.FP16) == (1, 3072)
     assert mm._splits(gpu, 128, 768, 3072, DType.FP64) == (1, 3072)
     assert mm._splits(gpu, 128, 768, "K", DType.FP16) == (1, "K")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float16, np.float32], ids=["fp16", "fp32"])
+def test_gpu_bert_ffn_out_split_with_fixup_is_right_on_every_run(dtype):
+    """bert-base's FFN output product at batch 1 (``[128, 3072] @ [3072, 768]`` + bias + residual:
+    auto split-K on an H100) on the GPU, one launch with the fix-up: 60 runs (eager, CUDA graph
+    replays, then the specialized kernels) each against onnxruntime in fp32; a lost or stale
+    partial or a counter left non-zero would show as a wrong tile on some run."""
+    rng = np.random.default_rng(11)
+    w = _w(rng, (3072, 768), dtype, 3072)
+    bias = (rng.standard_normal(768) * 0.1).astype(dtype)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["hb"]),
+             helper.make_node("Add", ["hb", "r"], ["y"])]
+    proto = _model(nodes, {"x": (1, 128, 3072), "r": (1, 128, 768)}, {"w": w, "b": bias}, dtype)
+    proto.ir_version = 9  # the device's onnxruntime reads IR <= 13
+    feeds = {"x": rng.standard_normal((1, 128, 3072)).astype(dtype), "r": rng.standard_normal((1, 128, 768)).astype(dtype)}
+    ref = _model(nodes, {"x": (1, 128, 3072), "r": (1, 128, 768)},
+                 {"w": w.astype(np.float32), "b": bias.astype(np.float32)}, np.float32)
+    ref.ir_version = 9
+    (want,) = ort.InferenceSession(ref.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {k: v.astype(np.float32) for k, v in feeds.items()})
+    sess = rtxjit.InferenceSession(proto.SerializeToString(), device="cuda")
+    for i in range(60):
+        (got,) = sess.run(None, feeds)
+        assert rel_error(got, want) <= TOL[dtype], (i, rel_error(got, want))
+        if i == 20:
+            sess.wait_for_specialization(timeout=300)
+    texts = [s.kernel.text.split("\n")[0] for s in sess.last_executable.plan.steps]
+    assert any("split_k fixup" in t for t in texts), texts

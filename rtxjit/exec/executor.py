@@ -118,7 +118,10 @@ class Executable:
 
     # -- variants
     def new_arena(self) -> torch.Tensor:
-        return torch.empty(self.arena_plan.size, dtype=torch.uint8, device=self.tdev)
+        arena = torch.empty(self.arena_plan.size, dtype=torch.uint8, device=self.tdev)
+        for offset, nbytes in self.arena_plan.zeroed:  # split-K arrival counters (plan.LowerCtx.counters)
+            arena[offset:offset + nbytes].zero_()
+        return arena
 
     def variant(self, kinds: list, configs: dict = None, arena: torch.Tensor = None) -> Variant:
         """A launch list over ``arena`` (a new one if None): step i runs its ``kinds[i]`` kernel; a

@@ -22,6 +22,7 @@ from rtxjit.codegen.templates.conv import render_conv2d, render_conv_split_sum, 
 from rtxjit.codegen.templates.matmul import TUNE_CANDIDATES, generic_tile_config, tile_configs, tile_count
 from rtxjit.codegen.view import View
 from rtxjit.errors import ModelError, ShapeError, UnsupportedOpError
+from rtxjit.ops import matmul as matmul_ops
 from rtxjit.ops.matmul import (check_dot_type, emit_matmul, epilogue_args, launch_tiles, split_sum_config,
                                take_epilogue)
 from rtxjit.ir.registry import Kind, Rand, Sample, op
@@ -409,18 +410,32 @@ def _emit_split_conv(ctx, x: View, w: View, bias: list, out: View, geo: WindowGe
     c = x.shape[1]
     per = -(-int(np.prod(geo.kernel, dtype=np.int64)) // splits)  # taps per split
     ws = ctx.temp(DType.FP32, (splits, m, n))
-    args = [ctx.ptr(ws), ws.offset, ctx.ptr(x), x.offset, ctx.ptr(w), w.offset]
-    args += _geometry_args(m, n, k, c, spatial, geo)
-    args += [*x.strides, *w.strides, *out.strides, per]
     unit = _unit_strides(x, w, out)
     depth = x.rank == 5
     ups = None if upsample is None else tuple(upsample)
-    src = render_conv2d(x.dtype, False, wide=ctx.needs_wide(ws, x, w), tap_major=True, unit=unit, depth=depth,
-                        upsample=ups, split=True)
     cfgs = tile_configs(m, n, k, x.dtype, ctx.interpret, sm=ctx.sm or 90, sm_count=ctx.sm_count, k_cap=c)
     generic = generic_tile_config(a_dtype=x.dtype, k_cap=c)
-    ctx.launch_tuned(src, [((tile_count(m, n, cfg), 1, splits), cfg) for cfg in cfgs], args,
-                     ctx.tune_key(src, m, n, k, splits), generic=((tile_count(m, n, generic), 1, splits), generic))
+    choices = [((tile_count(m, n, cfg), 1, splits), cfg) for cfg in cfgs]
+    generic_launch = ((tile_count(m, n, generic), 1, splits), generic)
+    if matmul_ops.SPLIT_FIXUP:  # one launch: the last split of each tile adds the partials and runs the epilogue
+        fused, extras = take_epilogue(ctx, x.dtype, out.shape)
+        sem = ctx.counters(max([g[0] for g, _ in choices] + [generic_launch[0][0]]))
+        args = [ctx.ptr(out), out.offset, ctx.ptr(x), x.offset, ctx.ptr(w), w.offset]
+        for v in bias:
+            args += [ctx.ptr(v), v.offset]
+        args += [ctx.ptr(ws), ws.offset, ctx.ptr(sem), sem.offset, *_geometry_args(m, n, k, c, spatial, geo)]
+        args += [*x.strides, *w.strides, *out.strides] + [st for v in bias for st in v.strides]
+        args += epilogue_args(ctx, fused, extras, lambda e: e.strides) + [per]
+        src = render_conv2d(x.dtype, bool(bias), wide=ctx.needs_wide(ws, x, w, out, *extras), tap_major=True,
+                            unit=unit, fused=fused, depth=depth, upsample=ups, split=True, fixup=True)
+        ctx.launch_tuned(src, choices, args, ctx.tune_key(src, m, n, k, splits), generic=generic_launch)
+        return
+    args = [ctx.ptr(ws), ws.offset, ctx.ptr(x), x.offset, ctx.ptr(w), w.offset]
+    args += _geometry_args(m, n, k, c, spatial, geo)
+    args += [*x.strides, *w.strides, *out.strides, per]
+    src = render_conv2d(x.dtype, False, wide=ctx.needs_wide(ws, x, w), tap_major=True, unit=unit, depth=depth,
+                        upsample=ups, split=True)
+    ctx.launch_tuned(src, choices, args, ctx.tune_key(src, m, n, k, splits), generic=generic_launch)
     fused, extras = take_epilogue(ctx, x.dtype, out.shape)
     args = [ctx.ptr(out), out.offset, ctx.ptr(ws), ws.offset]
     for v in bias:

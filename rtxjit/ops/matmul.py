@@ -131,6 +131,9 @@ def launch_tiles(ctx, src, args: list, m: int, n: int, k: int, dtype, nbatch: in
 SPLIT_K = "auto"
 SPLIT_MAX = 16
 SPLIT_MIN_STEPS = 2  # K steps of the largest candidate BLOCK_K per split, at least
+# True: the last split of each tile adds the partials and runs the epilogue (one launch, arrival
+# counters; templates/matmul.split_fixup); False: a second kernel does (one more launch per product)
+SPLIT_FIXUP = True
 SPLIT_SUM_TILE = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8, "EVEN_K": False, "num_warps": 4}
 
 
@@ -172,12 +175,17 @@ def _emit_split(ctx, a: View, b: View, out: View, bias, alpha: float, beta: floa
         return False
     ws = ctx.temp(DType.FP32, (splits, m, n))
     unit = unit_strides(a_sm=a2.strides[0], a_sk=a2.strides[1], b_sk=b2.strides[0], b_sn=b2.strides[1])
+    cfgs = tile_configs(m, n, k, a.dtype, ctx.interpret, sm=ctx.sm or 90, sm_count=ctx.sm_count)
+    generic = generic_tile_config(a_dtype=a.dtype)
+    choices = [((tile_count(m, n, c), splits), c) for c in cfgs]
+    if SPLIT_FIXUP:
+        _emit_split_fixup(ctx, a2, b2, o2, c2, ws, alpha, beta, k_per, choices, generic,
+                          unit | unit_strides(out_sm=o2.strides[0], out_sn=o2.strides[1]))
+        return True
     src = render_matmul(a.dtype, DType.FP32, 0, False, wide=ctx.needs_wide(ws, a2, b2), unit=unit, split=True)
     args = [ctx.ptr(ws), ws.offset, ctx.ptr(a2), a2.offset, ctx.ptr(b2), b2.offset, 1.0, m, n, k, n, 1]
     args += [*a2.strides, *b2.strides, k_per]
-    cfgs = tile_configs(m, n, k, a.dtype, ctx.interpret, sm=ctx.sm or 90, sm_count=ctx.sm_count)
-    generic = generic_tile_config(a_dtype=a.dtype)
-    ctx.launch_tuned(src, [((tile_count(m, n, c), splits), c) for c in cfgs], args,
+    ctx.launch_tuned(src, choices, args,
                      ctx.tune_key(src, m, n, k, splits), generic=((tile_count(m, n, generic), splits), generic))
     fused, extras = take_epilogue(ctx, a.dtype, (m, n))
     views = [o2, ws] + ([] if c2 is None else [c2])
@@ -192,6 +200,25 @@ def _emit_split(ctx, a: View, b: View, out: View, bias, alpha: float, beta: floa
     cfg = split_sum_config(ctx, m, n)
     ctx.launch(src, (tile_count(m, n, cfg),), args, **cfg)
     return True
+
+
+def _emit_split_fixup(ctx, a2: View, b2: View, o2: View, c2, ws: View, alpha: float, beta: float, k_per: int,
+                      choices: list, generic: dict, unit: frozenset) -> None:
+    """The split-K product as one launch: the last split of each tile adds the partials in ``ws``
+    and runs the epilogue (bias, fused program) into ``o2``, counting arrivals in zeroed counters."""
+    m, n, k = o2.shape[0], o2.shape[1], a2.shape[1]
+    splits = choices[0][0][1]
+    fused, extras = take_epilogue(ctx, a2.dtype, (m, n))
+    sem = ctx.counters(max([g[0] for g, _ in choices] + [tile_count(m, n, generic)]))
+    src = render_matmul(a2.dtype, o2.dtype, 0, c2 is not None, wide=ctx.needs_wide(ws, a2, b2, o2, *extras),
+                        unit=unit, fused=fused, split=True, fixup=True)
+    args = [ctx.ptr(o2), o2.offset, ctx.ptr(a2), a2.offset, ctx.ptr(b2), b2.offset]
+    args += [] if c2 is None else [ctx.ptr(c2), c2.offset]
+    args += [ctx.ptr(ws), ws.offset, ctx.ptr(sem), sem.offset, float(alpha)] + ([float(beta)] if c2 is not None else [])
+    args += [m, n, k, *o2.strides, *a2.strides, *b2.strides] + ([] if c2 is None else list(c2.strides))
+    args += epilogue_args(ctx, fused, extras, lambda e: e.strides) + [k_per]
+    ctx.launch_tuned(src, choices, args, ctx.tune_key(src, m, n, k, splits),
+                     generic=((tile_count(m, n, generic), splits), generic))
 
 
 def split_sum_config(ctx, m: int, n: int) -> dict:

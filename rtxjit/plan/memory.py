@@ -21,6 +21,7 @@ class ArenaPlan:
     offsets: dict  # buffer index -> byte offset in the arena
     size: int  # arena bytes
     unshared: int  # bytes the same buffers would take without sharing
+    zeroed: tuple = ()  # (byte offset, bytes) of the "zeroed" buffers: zeroed when an arena is made, never shared
 
 
 def lifetimes(plan: Plan, buffers: set) -> dict:
@@ -35,8 +36,11 @@ def lifetimes(plan: Plan, buffers: set) -> dict:
 
 
 def plan_arena(plan: Plan, exclude: set) -> ArenaPlan:
-    temps = {i for i, b in enumerate(plan.buffers) if b.role == "temp" and b.numel > 0 and i not in exclude}
+    temps = {i for i, b in enumerate(plan.buffers) if b.role in ("temp", "zeroed") and b.numel > 0 and i not in exclude}
     spans = lifetimes(plan, temps)
+    zeroed = {i for i in spans if plan.buffers[i].role == "zeroed"}
+    for i in zeroed:  # live from the first launch to the last: their zeros must outlast every run
+        spans[i] = (0, len(plan.steps))
     sizes = {i: _aligned(plan.buffers[i].numel * plan.buffers[i].dtype.itemsize) for i in spans}
     placed: list = []  # (offset, size, first, last)
     offsets = {}
@@ -51,7 +55,7 @@ def plan_arena(plan: Plan, exclude: set) -> ArenaPlan:
         offsets[i] = offset
         placed.append((offset, sizes[i], first, last))
     size = max((o + s for o, s, _, _ in placed), default=0)
-    return ArenaPlan(offsets, size, sum(sizes.values()))
+    return ArenaPlan(offsets, size, sum(sizes.values()), tuple(sorted((offsets[i], sizes[i]) for i in zeroed)))
 
 
 def _aligned(n: int) -> int:

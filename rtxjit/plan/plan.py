@@ -96,7 +96,8 @@ class Launch:
 class BufferSpec:
     dtype: DType
     numel: int
-    role: str  # "input" | "const" | "temp"
+    role: str  # "input" | "const" | "temp" | "zeroed" (a temp that is zero before every launch reading it: a
+    # kernel that changes it sets it back, as split-K's arrival counters; never shared, zeroed with its arena)
     name: str = ""
     data: Optional[np.ndarray] = None  # host data of a plan constant
 
@@ -251,6 +252,13 @@ class LowerCtx:
     def temp(self, dtype: DType, shape) -> View:
         idx = self._b.plan.add_buffer(BufferSpec(dtype, int(np.prod(shape, dtype=np.int64)), "temp"))
         return View.of(idx, dtype, shape)
+
+    def counters(self, n: int) -> View:
+        """``n`` int32 counters that are zero before each launch that uses them: zeroed once when
+        an arena is made, set back to zero by the kernel that moves them (a split-K fix-up's
+        arrival counters, templates/matmul.split_fixup)."""
+        idx = self._b.plan.add_buffer(BufferSpec(DType.INT32, max(1, int(n)), "zeroed"))
+        return View.of(idx, DType.INT32, (max(1, int(n)),))
 
     def pointwise_output(self, inputs: list) -> View:
         """Output 0 of a pointwise node, laid out as its full-size inputs are where they share one

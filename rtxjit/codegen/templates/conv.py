@@ -52,7 +52,7 @@ from __future__ import annotations
 
 from rtxjit.codegen.source import KernelSource, memoized, render
 from rtxjit.codegen.templates.matmul import (acc_type, bias_params, epilogue, int64_suffix, k_loop, product,
-                                             scaled, signature, split_sum, tile_indices)
+                                             scaled, signature, split_fixup, split_sum, tile_indices)
 from rtxjit.codegen.templates.quant_gemm import QuantConv, int8_operand
 from rtxjit.codegen.dtypes import TL
 from rtxjit.errors import InternalError
@@ -243,7 +243,7 @@ def _pixel(axes: str, stride: str, unit: frozenset = frozenset(), last: str = No
 def render_conv2d(dtype: DType, has_bias: bool, wide: bool = False, tap_major: bool = True,
                   unit: frozenset = frozenset(), fused=None, depth: bool = False,
                   transposed: bool = False, upsample: tuple = None, quant: QuantConv = None,
-                  depthwise: bool = False, split: bool = False) -> KernelSource:
+                  depthwise: bool = False, split: bool = False, fixup: bool = False) -> KernelSource:
     """The kernel for ``Conv`` over 2-D NCHW views (3-D NCDHW ones with ``depth``; ConvTranspose's
     gather form with ``transposed``; the Conv of ``x`` upsampled by ``upsample``, a factor per
     spatial axis, nearest: ``None`` or all 1 for none).
@@ -271,6 +271,11 @@ def render_conv2d(dtype: DType, has_bias: bool, wide: bool = False, tap_major: b
     kernel (``render_conv_split_sum``) adds the splits and runs the epilogue. One extra argument,
     ``split_taps``, after the strides. A conv with few output tiles (a 3x3 conv at 14 x 14 pixels:
     16 tiles of 64 x 64 on 132 SMs) then fills the GPU.
+
+    ``fixup`` (with ``split``; bias and fused epilogue allowed, ``out`` the conv's output): the
+    workspace and the tiles' arrival counters are two more operands, ``ws_ptr, ws_off, sem_ptr,
+    sem_off`` after the bias's; the last split of a tile to arrive adds the partials and runs the
+    epilogue (templates/matmul.split_fixup): one launch.
     """
     axes = "dhw" if depth else "hw"
     if upsample is not None and all(f == 1 for f in upsample):
@@ -283,6 +288,7 @@ def render_conv2d(dtype: DType, has_bias: bool, wide: bool = False, tap_major: b
         raise InternalError("conv template: quant is not combined with transposed, upsample or a fused epilogue")
     name = f"conv{'_transpose' if transposed else ''}{len(axes)}d"
     params = ["out_ptr", "out_off", "x_ptr", "x_off", "w_ptr", "w_off", *bias_params(has_bias)]
+    params += ["ws_ptr", "ws_off", "sem_ptr", "sem_off"] if fixup else []
     params += ["M", "N", "K", *_geometry(axes), *_strides(axes)]
     params += ["bias_sm", "bias_sn"] if has_bias else []
     params += quant.params(axes) if quant else []
@@ -290,8 +296,12 @@ def render_conv2d(dtype: DType, has_bias: bool, wide: bool = False, tap_major: b
     params += ["split_taps"] if split else []
     if depthwise and (transposed or quant is not None):
         raise InternalError("conv template: depthwise is not combined with transposed or quant")
-    if split and (not tap_major or depthwise or transposed or quant is not None or fused is not None or has_bias):
-        raise InternalError("conv template: split-K runs the tap-major loop without bias or fused epilogue")
+    if split and (not tap_major or depthwise or transposed or quant is not None
+                  or (not fixup and (fused is not None or has_bias))):
+        raise InternalError("conv template: split-K runs the tap-major loop, with a bias or fused epilogue only "
+                            "with the fix-up")
+    if fixup and not split:
+        raise InternalError("conv template: the fix-up is split-K's")
     if depthwise:
         loop = _depthwise_loop(dtype, unit, axes, upsample)
     elif tap_major:
@@ -318,7 +328,10 @@ def render_conv2d(dtype: DType, has_bias: bool, wide: bool = False, tap_major: b
         f"    out_pixel = {_pixel(axes, 'out_s', unit)}",
     ]
     out_addr = "out_ptr + out_off + out_pixel[:, None] + co[None, :] * out_sc"
-    if split:  # fp32 partials to the [splits, M, N] workspace
+    if split and fixup:
+        lines += split_fixup(2, epilogue(out_addr, dtype, has_bias, scaled=False, cols="co", fused=fused,
+                                         fused_addr=lambda k: _extra_addr(k, axes)))
+    elif split:  # fp32 partials to the [splits, M, N] workspace
         lines.append("    tl.store(out_ptr + out_off + (split * M + rm[:, None]) * N + rn[None, :], acc, mask=mask)")
     elif quant is None:
         lines += epilogue(out_addr, dtype, has_bias, scaled=False, cols="co", fused=fused,
@@ -333,7 +346,7 @@ def render_conv2d(dtype: DType, has_bias: bool, wide: bool = False, tap_major: b
     if upsample is not None:
         header += f" upsample={'x'.join(str(f) for f in upsample)}"
     if split:
-        header += " split_k"
+        header += " split_k fixup" if fixup else " split_k"
     if unit:
         header += f" unit_strides={','.join(sorted(unit))}"
     return render(name, header, "\n".join(lines))

@@ -159,7 +159,7 @@ def masked_load(name: str, addr: str, mask: str, k_mask: str) -> list:
 @memoized
 def render_matmul(dtype: DType, out_dtype: DType, batch_rank: int, has_bias: bool,
                   wide: bool = False, unit: frozenset = frozenset(), fused=None, split: bool = False,
-                  b_scale: bool = False, a_norm: str = None) -> KernelSource:
+                  b_scale: bool = False, a_norm: str = None, fixup: bool = False) -> KernelSource:
     """``out[b] = alpha * (a[b] @ b[b]) + beta * bias[b]`` for every batch index ``b``.
 
     Arguments, in order: ``out, a, b`` (and ``bias``) as pointer and offset; ``alpha`` (and
@@ -175,6 +175,11 @@ def render_matmul(dtype: DType, out_dtype: DType, batch_rank: int, has_bias: boo
     A product with few output tiles (bert-base's ``[128, 3072] @ [3072, 768]`` at batch 1: 24 tiles
     of 64 x 64 on 132 SMs, 48 K steps each) then fills the GPU.
 
+    ``fixup`` (with ``split``; bias and fused epilogue allowed, ``out`` the product's output): the
+    workspace and the tiles' arrival counters are two more operands, ``ws_ptr, ws_off, sem_ptr,
+    sem_off`` after the bias's; the last split of a tile to arrive adds the partials and runs the
+    epilogue (``split_fixup``), so the product is one launch, not two.
+
     ``b_scale`` (rtxjit.ScaledConv's channel scale): one more operand ``bs`` (pointer and offset after
     the bias's; strides ``bs_sk, bs_sn`` after the bias's, per batch dim too) scales row ``k`` of
     ``b`` by ``bs[k]`` before the product, rounded to ``b``'s type as the unfused Mul would be.
@@ -187,8 +192,11 @@ def render_matmul(dtype: DType, out_dtype: DType, batch_rank: int, has_bias: boo
     ``cs_sn`` after the operands' strides) or ``acc * rstd`` (rmsnorm), before the bias and fused
     epilogue; ``n_eps`` after alpha and beta.
     """
-    if split and (batch_rank or has_bias or fused is not None or b_scale):
-        raise InternalError("matmul template: split-K has no batch dims, bias, fused epilogue or b scale")
+    if split and (batch_rank or b_scale or (not fixup and (has_bias or fused is not None))):
+        raise InternalError("matmul template: split-K has no batch dims or b scale, and a bias or fused epilogue "
+                            "only with the fix-up")
+    if fixup and not split:
+        raise InternalError("matmul template: the fix-up is split-K's")
     if a_norm is not None and (split or batch_rank or b_scale):
         raise InternalError("matmul template: a_norm has no batch dims, split-K or b scale")
     norm_mode = a_norm
@@ -197,6 +205,7 @@ def render_matmul(dtype: DType, out_dtype: DType, batch_rank: int, has_bias: boo
     params = ["out_ptr", "out_off", "a_ptr", "a_off", "b_ptr", "b_off", *bias_params(has_bias)]
     params += ["bs_ptr", "bs_off"] if b_scale else []
     params += ["cs_ptr", "cs_off"] if norm_mode == "layernorm" else []
+    params += ["ws_ptr", "ws_off", "sem_ptr", "sem_off"] if fixup else []
     params += ["alpha"] + (["beta"] if has_bias else []) + (["n_eps"] if norm_mode else [])
     params += ["M", "N", "K", "out_sm", "out_sn", "a_sm", "a_sk", "b_sk", "b_sn"]
     params += ["bias_sm", "bias_sn"] if has_bias else []
@@ -219,7 +228,9 @@ def render_matmul(dtype: DType, out_dtype: DType, batch_rank: int, has_bias: boo
         stats, sums, normalize = _norm_lines(norm_mode, dtype)
         loads += sums
     out_addr = f"out_ptr + out_off + {scaled('rm[:, None]', 'out_sm', unit)} + {scaled('rn[None, :]', 'out_sn', unit)}"
-    if split:  # fp32 partials to the [splits, M, N] workspace
+    if split and fixup:
+        store = split_fixup(1, epilogue(out_addr, out_dtype, has_bias, True, fused=fused, fused_addr=_extra_2d))
+    elif split:  # fp32 partials to the [splits, M, N] workspace
         store = ["    tl.store(out_ptr + out_off + (split * M + rm[:, None]) * N + rn[None, :], acc, mask=mask)"]
     else:
         store = epilogue(out_addr, out_dtype, has_bias, True, fused=fused, fused_addr=_extra_2d, before=normalize)
@@ -235,7 +246,7 @@ def render_matmul(dtype: DType, out_dtype: DType, batch_rank: int, has_bias: boo
     ]
     header = f"matmul in={dtype.short} out={out_dtype.short} batch_rank={batch_rank} bias={has_bias}"
     header += fused.header() if fused else ""
-    header += " split_k" if split else ""
+    header += (" split_k fixup" if fixup else " split_k") if split else ""
     header += " b_scale" if b_scale else ""
     header += f" a_norm={norm_mode}" if norm_mode else ""
     if unit:
@@ -273,6 +284,33 @@ def split_sum() -> list:
         "    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
         "    for s in range(0, splits):",
         "        acc += tl.load(ws_ptr + ws_off + (s * M + rm[:, None]) * N + rn[None, :], mask=mask, other=0.0)",
+    ]
+
+
+def split_fixup(split_axis: int, finish: list) -> list:
+    """Lines after a split-K program's K loop, for one launch instead of a product and a sum kernel:
+    the program stores its fp32 tile ``acc`` into the contiguous ``[splits, M, N]`` workspace
+    ``ws``, then counts itself in at its tile's arrival counter (``sem``, int32, zero before the
+    launch); the last of the tile's splits to arrive adds every split's partial, in split order
+    (the same bits as the two-kernel form, whichever program is last), runs ``finish`` (the
+    epilogue's lines, from ``acc``) and sets the counter back to zero for the next launch.
+    ``split_axis``: the grid axis of the splits; tiles are ``program_id(0)`` (``pid``).
+
+    Ordering: the barrier puts every thread's partial store before the counter's acq_rel add
+    (release, gpu scope; Triton makes one thread do a scalar atomic); the last program's add
+    acquires the others' stores, and its partial loads bypass L1 (``.cg``)."""
+    indented = [f"    {line}" if line.strip() else line for line in finish]
+    return [
+        "    tl.store(ws_ptr + ws_off + (split * M + rm[:, None]) * N + rn[None, :], acc, mask=mask)",
+        "    tl.debug_barrier()",
+        '    arrived = tl.atomic_add(sem_ptr + sem_off + pid, 1, sem="acq_rel")',
+        f"    if arrived == tl.num_programs({split_axis}) - 1:",
+        "        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
+        f"        for s in range(0, tl.num_programs({split_axis})):",
+        "            acc += tl.load(ws_ptr + ws_off + (s * M + rm[:, None]) * N + rn[None, :], mask=mask, other=0.0,",
+        '                           cache_modifier=".cg")',
+        *indented,
+        "        tl.store(sem_ptr + sem_off + pid, 0)",
     ]
 
 
