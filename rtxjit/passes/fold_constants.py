@@ -6,7 +6,10 @@ Rewrites:
 The reference runs in float64 on float inputs and its result is cast to the node's output dtype,
 so an fp16 node folds to the correctly rounded fp16 value. Not folded: outputs with more than
 ``numel_limit`` elements, dtypes without a numpy form (bf16, fp8), and views (``Kind.ALIAS``) of a
-constant that something else reads too (the view costs nothing; a folded copy would double it).
+constant of more than ``SHARED_VIEW_LIMIT`` elements that something else reads too (the view costs
+nothing; a folded copy would double a weight). A small one folds: what it feeds may then fold too
+(Swin's shifted-window mask, built from a reshaped constant, and its sum with the position bias
+ran as two kernels in every shifted block).
 Folding keeps the output ``Value``s (and so their names): they become the constants.
 """
 
@@ -21,6 +24,7 @@ from rtxjit.ir.types import numel
 from rtxjit.passes.base import PassResult
 
 NUMEL_LIMIT = 1 << 24
+SHARED_VIEW_LIMIT = 1 << 16
 
 
 def fold_constants(graph: Graph, numel_limit: int = NUMEL_LIMIT) -> PassResult:
@@ -41,7 +45,7 @@ def _foldable(graph: Graph, node: Node, uses: dict, numel_limit: int) -> bool:
             return False
     if opdef.kind is Kind.ALIAS:
         data = [v for i, v in enumerate(node.inputs) if v is not None and i not in opdef.host_inputs]
-        return all(use_count(graph, v, uses) == 1 for v in data)
+        return all(use_count(graph, v, uses) == 1 or numel(v.type.shape) <= SHARED_VIEW_LIMIT for v in data)
     return True
 
 

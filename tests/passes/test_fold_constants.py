@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 
 from rtxjit import InferenceSession
+import importlib
 from rtxjit.passes.fold_constants import fold_constants
 from tests.passes.helpers import apply, model, node, ops, random
 
 F32, F16 = np.float32, np.float16
+fold_module = importlib.import_module("rtxjit.passes.fold_constants")
 
 
 @pytest.mark.parametrize("dtype", [F32, F16], ids=["fp32", "fp16"])
@@ -34,7 +36,8 @@ def test_transpose_of_a_weight_folds():
     np.testing.assert_array_equal(g.nodes[0].inputs[1].const, w.T)
 
 
-def test_view_of_a_constant_folds_only_where_nothing_else_reads_the_constant():
+def test_view_of_a_large_constant_folds_only_where_nothing_else_reads_the_constant(monkeypatch):
+    monkeypatch.setattr(fold_module, "SHARED_VIEW_LIMIT", 8)  # w's 12 elements count as a large weight
     w = random((2, 6))
     shape = np.array([3, 4], np.int64)
     alone = model([node("Reshape", ["w", "s"], ["v"]), node("Add", ["x", "v"], ["y"])],
@@ -85,3 +88,15 @@ def test_a_folded_scalar_stays_0_d():
     x = random((6, 4))
     (y,) = InferenceSession(m).run(None, {"x": x})
     np.testing.assert_array_equal(y, x.reshape(2, 3, 4))  # [2, b / 2, 4]
+
+
+def test_view_of_a_small_shared_constant_folds_and_what_it_feeds_folds_too():
+    """Swin's shifted-window mask: a small constant read by two views, the mask built from them."""
+    w = random((2, 6))
+    shape = np.array([3, 4], np.int64)
+    m = model([node("Reshape", ["w", "s"], ["v"]), node("Neg", ["v"], ["nv"]), node("Add", ["x", "nv"], ["y"]),
+               node("Add", ["z", "w"], ["y2"])],
+              {"x": (F32, [3, 4]), "z": (F32, [2, 6])}, {"y": (F32, [3, 4]), "y2": (F32, [2, 6])},
+              {"w": w, "s": shape})
+    _, g, modified = apply(fold_constants, m, {"x": random((3, 4)), "z": random((2, 6))})
+    assert modified and ops(g) == {"Add": 2}  # the Reshape folded, then the Neg reading it
