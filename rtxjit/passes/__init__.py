@@ -27,6 +27,7 @@ from rtxjit.passes.fuse_pointwise import fuse_pointwise
 from rtxjit.passes.fuse_upsample_conv import fuse_upsample_conv
 from rtxjit.passes.merge_parallel_matmuls import merge_parallel_matmuls
 from rtxjit.passes.simplify_shapes import simplify_shapes
+from rtxjit.passes.fuse_row_gather import fuse_row_gather
 from rtxjit.passes.sink_transpose import sink_transpose
 from rtxjit.quant.fuse import fuse_quantized
 
@@ -43,6 +44,8 @@ PIPELINE = [
     # what the rewrites above bypassed goes now: fusion's single-reader checks must see live readers
     # only (simplify_shapes' merged-batch rewrite leaves the repeated K's old Reshape reading it)
     ("eliminate_dead_code", eliminate_dead_code),
+    # data movement that reorders whole rows (Swin's roll + window partition) as one Gather
+    ("fuse_row_gather", fuse_row_gather),
     # fuse: one product for parallel projections; attention while its scale, mask Add and Casts
     # are still plain nodes; then chains of pointwise ops
     ("merge_parallel_matmuls", merge_parallel_matmuls),

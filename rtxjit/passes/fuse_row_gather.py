@@ -1,0 +1,147 @@
+"""Turn a chain of data-movement ops that rolls or partitions rows into one Gather of whole rows.
+
+Rewrite:
+    Y = chain(X)  =>  Y = Reshape(Gather(Reshape(X, [R, C]), rows, axis=0), Y.shape)
+
+where ``chain`` is a connected set of Reshape / Transpose / Slice / Concat / Squeeze / Unsqueeze /
+Flatten / Identity / Pad (zero pads) nodes with one non-constant data input ``X``, every value in
+it read only inside it (but ``Y``; a value also read elsewhere is where a chain starts), at least
+one Concat among them, static shapes, and the last
+axis (``C`` channels) carried through unchanged: each output row is one input row. ``rows`` (int64,
+one per output row) is found by running the chain's own numpy references on an index array
+(``X``'s flat index + 1 at every element), then checked: every output element must be its row's
+input element at the same channel (a pad, a reordered channel or a mixed row leaves the chain as
+it was).
+
+Swin's shifted windows: ``roll`` (two Slices and a Concat per axis) then the window partition
+(Reshape, Transpose, Reshape) ran as three copy kernels before the QKV product, and the window
+reverse and roll back as three more before the residual Add, in every shifted block; each side is
+now one gather kernel. Runs after fold_constants (static shapes, constant slice bounds), before
+fusion.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rtxjit.ir.graph import Graph, Node
+from rtxjit.ir.registry import get_op
+from rtxjit.ir.rewrite import FreshNames, is_graph_output, make_constant, make_node, remove_nodes
+from rtxjit.passes.base import PassResult
+
+ENABLED = True  # False: the chains stay as the exporter wrote them (before 2026-12-07), for an A/B
+DATA_OPS = ("Reshape", "Transpose", "Slice", "Concat", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Pad")
+MAX_ELEMENTS = 1 << 26  # index arrays of the chain's values (int64) evaluated at build time
+
+
+def fuse_row_gather(graph: Graph) -> PassResult:
+    if not ENABLED:
+        return PassResult(graph, False)
+    names = FreshNames(graph)
+    changed = False
+    for _ in range(len(graph.nodes)):
+        uses = graph.consumers()
+        found = None
+        for node in graph.nodes:
+            region = _region(graph, node, uses)
+            if region is not None:
+                rows = _rows(*region)
+                if rows is not None:
+                    found = region, rows
+                    break
+        if found is None:
+            break
+        _rewrite(graph, found[0], found[1], names)
+        changed = True
+    return PassResult(graph, changed)
+
+
+def _data_inputs(node: Node) -> list:
+    """The inputs of a data-movement node that carry data (not shapes, bounds or pads)."""
+    return [v for v in node.inputs if v is not None] if node.op == "Concat" else node.inputs[:1]
+
+
+def _region(graph: Graph, end: Node, uses: dict):
+    """``(nodes in graph order, source value X, end node)`` of the chain ending at ``end``, or None."""
+    if end.op not in DATA_OPS or len(end.outputs) != 1 or end.outputs[0] is None:
+        return None
+    y = end.outputs[0]
+    readers = [n for n, _ in uses.get(y.name, [])]
+    if not is_graph_output(graph, y) and readers and all(n.op in DATA_OPS for n in readers):
+        return None  # not the chain's end: it goes on
+    members, sources, stack = {id(end): end}, {}, [end]
+    while stack:
+        node = stack.pop()
+        for v in node.inputs[1:] if node.op != "Concat" else []:
+            if v is not None and not v.is_const:
+                return None  # a run-time shape or bound
+        for v in _data_inputs(node):
+            if v.is_const:
+                return None
+            p = v.producer
+            inside = (p is not None and p.op in DATA_OPS and len(p.outputs) == 1 and not is_graph_output(graph, v)
+                      and all(id(r) in members for r, _ in uses.get(v.name, [])))
+            if not inside:  # made elsewhere, or also read elsewhere: the chain starts here
+                sources[v.name] = v
+            elif id(p) not in members:
+                members[id(p)] = p
+                stack.append(p)
+    if len(sources) != 1 or not any(n.op == "Concat" for n in members.values()):
+        return None
+    (x,) = sources.values()
+    for n in members.values():
+        out = n.outputs[0]
+        if n is not end and any(id(r) not in members for r, _ in uses.get(out.name, [])):
+            return None  # read by a member found after it was judged (a reader reached by another path)
+    if n_pads := [n for n in members.values() if n.op == "Pad"]:
+        if any(len(n.inputs) < 2 or n.inputs[1] is None or np.any(n.inputs[1].const) for n in n_pads):
+            return None
+    values = [x] + [n.outputs[0] for n in members.values()]
+    if not all(v.type.static and v.type.rank >= 1 for v in values):
+        return None
+    if x.type.shape[-1] != y.type.shape[-1] or any(int(np.prod(v.type.shape)) > MAX_ELEMENTS for v in values):
+        return None
+    order = [n for n in graph.nodes if id(n) in members]
+    return order, x, end
+
+
+def _rows(order: list, x, end: Node):
+    """The input row of each output row, or None where the chain is not a row gather."""
+    c = x.type.shape[-1]
+    env = {x.name: np.arange(1, int(np.prod(x.type.shape)) + 1, dtype=np.int64).reshape(x.type.shape)}
+    for node in order:
+        opdef = get_op(node.op, f"node '{node.name}'", node.version)
+        args = [None if v is None else env[v.name] if v.name in env else v.const for v in node.inputs]
+        try:
+            (out,) = opdef.run_reference(args, node.attrs, 1)
+        except Exception:  # noqa: BLE001 - a reference that cannot run here: leave the chain alone
+            return None
+        env[node.outputs[0].name] = np.asarray(out)
+    y = env[end.outputs[0].name]
+    if tuple(y.shape) != tuple(end.outputs[0].type.shape) or y.dtype != np.int64:
+        return None
+    flat = y.reshape(-1, c) - 1
+    rows = flat[:, 0] // c
+    if np.any(flat < 0) or not np.array_equal(flat, rows[:, None] * c + np.arange(c)[None, :]):
+        return None
+    return rows
+
+
+def _rewrite(graph: Graph, region: tuple, rows: np.ndarray, names: FreshNames) -> None:
+    order, x, end = region
+    y = end.outputs[0]
+    c = x.type.shape[-1]
+    at = graph.nodes.index(order[0])
+    flat = make_node(names, "Reshape", [x, make_constant(names, "row_gather_shape", np.array([-1, c], np.int64))],
+                     base="row_gather_in")
+    gather = make_node(names, "Gather", [flat.outputs[0], make_constant(names, "row_gather_rows", rows)],
+                       {"axis": 0}, base="row_gather")
+    shaped = make_node(names, "Reshape", [gather.outputs[0], make_constant(names, "row_gather_out",
+                                                                          np.array(y.type.shape, np.int64))],
+                       base="row_gather_out")
+    shaped.outputs = [y]
+    remove_nodes(graph, [n for n in order if n is not end])
+    graph.nodes.remove(end)
+    y.producer = shaped
+    at = min(at, len(graph.nodes))
+    graph.nodes[at:at] = [flat, gather, shaped]
