@@ -73,16 +73,19 @@ def epilogue_args(ctx, fused, extras: list, strides) -> list:
 
 
 def emit_matmul(ctx, a: View, b: View, out: View, bias: View = None, alpha: float = 1.0,
-                beta: float = 1.0, b_scale: View = None, a_norm: tuple = None) -> None:
+                beta: float = 1.0, b_scale: View = None, a_norm: tuple = None, a_rows: View = None) -> None:
     """Launch ``out = alpha * (a @ b) + beta * bias`` where ``a`` is ``[..., M, K]``, ``b`` is
     ``[..., K, N]``, ``out`` is ``[..., M, N]`` and the batch dims of ``a``, ``b`` and ``bias``
     broadcast to those of ``out``. ``b_scale`` (``[..., K]``) scales the rows of ``b`` first.
     ``a_norm`` ``(mode, colsum, eps)`` (no batch dims; ``colsum`` a view over N, layernorm only):
-    rtxjit.NormMatMul's LayerNorm / RMSNorm of ``a``'s rows, inside the product."""
+    rtxjit.NormMatMul's LayerNorm / RMSNorm of ``a``'s rows, inside the product. ``a_rows`` (no batch
+    dims; contiguous int64 ``[M]``): row ``m`` of the product reads row ``a_rows[m]`` of ``a``
+    (rtxjit.RowGatherMatMul)."""
     check_dot_type(ctx, a.dtype)
     batch = out.shape[:-2]
     m, n, k = out.shape[-2], out.shape[-1], a.shape[-1]
-    one = int(np.prod(batch, dtype=np.int64)) == 1 and b_scale is None and a_norm is None
+    one = (int(np.prod(batch, dtype=np.int64)) == 1 and b_scale is None and a_norm is None
+           and a_rows is None)
     splits, k_per = _splits(ctx, m, n, k, a.dtype) if one else (1, k)
     if splits > 1 and _emit_split(ctx, a, b, out, bias, alpha, beta, splits, k_per):
         return
@@ -97,8 +100,10 @@ def emit_matmul(ctx, a: View, b: View, out: View, bias: View = None, alpha: floa
                         a_sk=views[1].strides[-1], b_sk=views[2].strides[-2], b_sn=views[2].strides[-1])
     fused, extras = take_epilogue(ctx, a.dtype, out.shape)
     norm = [a_norm[1].broadcast_to((n,))] if a_norm and a_norm[1] is not None else []
+    norm += [] if a_rows is None else [a_rows]  # pointer and offset only, after the norm's column sums
     src = render_matmul(a.dtype, out.dtype, len(batch), bias is not None, wide=ctx.needs_wide(*views, *extras),
-                        unit=unit, fused=fused, b_scale=b_scale is not None, a_norm=a_norm[0] if a_norm else None)
+                        unit=unit, fused=fused, b_scale=b_scale is not None, a_norm=a_norm[0] if a_norm else None,
+                        a_rows=a_rows is not None)
     args = []
     for v in views + norm:
         args += [ctx.ptr(v), v.offset]
@@ -106,7 +111,7 @@ def emit_matmul(ctx, a: View, b: View, out: View, bias: View = None, alpha: floa
     args += [m, n, k]  # then each view's matrix strides, in the template's order
     for v in views:
         args += list(v.strides[-2:])
-    args += [v.strides[0] for v in norm]
+    args += [v.strides[0] for v in norm if v is not a_rows]
     args += epilogue_args(ctx, fused, extras, lambda e: e.strides[-2:])
     for d, size in enumerate(batch):
         args += [size] + [v.strides[d] for v in views + extras]
@@ -280,6 +285,38 @@ def _fold_batch_into_rows(a: View, out: View) -> tuple:
         return a.reshape((rows, a.shape[-1])), out.reshape((rows, out.shape[-1]))
     except ValueError:
         return a, out
+
+
+# --- rtxjit.RowGatherMatMul
+
+@op("rtxjit.RowGatherMatMul", since=1, kind=Kind.MATMUL,
+    samples=[Sample([Rand((7, 6)), np.array([3, 0, 6, 6, 1, 2], np.int64), Rand((6, 4))], {"shape": (2, 3)}),
+             Sample([Rand((5, 8)), np.array([4, 3, 2, 1], np.int64), Rand((8, 3))], {"shape": (4,)})])
+def row_gather_matmul(data: TensorType, rows: TensorType, w: TensorType, *, shape: tuple) -> TensorType:
+    """``MatMul(Reshape(Gather(data, rows, axis=0), shape + [K]), w)``, made by
+    passes/fuse_row_gather.py where a chain of data movement that carries whole rows (Swin's roll
+    and window partition) feeds a product: ``data`` is ``[R, K]``, ``rows`` (int64, in range) one
+    row of ``data`` per row of the product, ``w`` ``[K, N]``; the output is ``shape + [N]``. The
+    product reads the rows where they are: no gather kernel, no copy."""
+    if data.rank != 2 or w.rank != 2 or rows.rank != 1 or rows.dtype is not DType.INT64 or w.dtype != data.dtype:
+        raise ShapeError(f"rtxjit.RowGatherMatMul needs a [R, K] input, int64 [M] rows and a [K, N] weight of the "
+                         f"input's type, got {data}, {rows} and {w}")
+    _check_inner("rtxjit.RowGatherMatMul", data.shape[1], w.shape[0])
+    shape = tuple(shape)
+    if isinstance(rows.shape[0], int) and all(isinstance(d, int) for d in shape) and int(np.prod(shape)) != rows.shape[0]:
+        raise ShapeError(f"rtxjit.RowGatherMatMul: shape {list(shape)} does not hold {rows.shape[0]} rows")
+    return TensorType(data.dtype, shape + (w.shape[1],))
+
+
+@row_gather_matmul.reference
+def _(data, rows, w, *, shape):
+    return np.matmul(data[rows], w).reshape(tuple(shape) + (w.shape[1],))
+
+
+@row_gather_matmul.lower
+def _(ctx, data, rows, w, *, shape):
+    m = int(np.prod(tuple(shape), dtype=np.int64))
+    emit_matmul(ctx, data, w, ctx.outputs[0].reshape((m, w.shape[1])), a_rows=ctx.contiguous(rows))
 
 
 # --- rtxjit.NormMatMul

@@ -27,7 +27,7 @@ from rtxjit.passes.fuse_pointwise import fuse_pointwise
 from rtxjit.passes.fuse_upsample_conv import fuse_upsample_conv
 from rtxjit.passes.merge_parallel_matmuls import merge_parallel_matmuls
 from rtxjit.passes.simplify_shapes import simplify_shapes
-from rtxjit.passes.fuse_row_gather import fuse_row_gather
+from rtxjit.passes.fuse_row_gather import absorb_row_gather, fuse_row_gather
 from rtxjit.passes.sink_transpose import sink_transpose
 from rtxjit.quant.fuse import fuse_quantized
 
@@ -50,6 +50,7 @@ PIPELINE = [
     # are still plain nodes; then chains of pointwise ops
     ("merge_parallel_matmuls", merge_parallel_matmuls),
     ("fuse_attention", fuse_attention),
+    ("absorb_row_gather", absorb_row_gather),
     ("fuse_norm_matmul", fuse_norm_matmul),
     ("fuse_upsample_conv", fuse_upsample_conv),
     ("fuse_channel_scale", fuse_channel_scale),

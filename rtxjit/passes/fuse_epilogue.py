@@ -30,6 +30,7 @@ from rtxjit.passes.base import PassResult
 from rtxjit.passes.fuse_pointwise import fusable, program_of
 
 ANCHORS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "rtxjit.UpsampleConv", "com.microsoft.MatMulNBits",
+           "rtxjit.RowGatherMatMul",
            "rtxjit.QLinearMatMul", "rtxjit.ScaledConv", "rtxjit.NormMatMul")
 CONVS = ("Conv", "ConvTranspose", "rtxjit.UpsampleConv", "rtxjit.ScaledConv")
 VIEWS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
@@ -55,7 +56,7 @@ def _anchor_ok(node: Node) -> bool:
     if node.op == "rtxjit.QLinearMatMul":  # a float output; int weights (fp8 ones as bits: quant/fuse.py)
         out, w = node.outputs[0].type.dtype, node.inputs[3].type.dtype
         return out.is_float and out.itemsize > 1 and w.is_int
-    return node.op in ("Gemm", "com.microsoft.MatMulNBits", "rtxjit.NormMatMul")
+    return node.op in ("Gemm", "com.microsoft.MatMulNBits", "rtxjit.NormMatMul", "rtxjit.RowGatherMatMul")
 
 
 def _only_reader(graph: Graph, value, uses: dict):

@@ -86,7 +86,7 @@ def _region(graph: Graph, end: Node, uses: dict):
             elif id(p) not in members:
                 members[id(p)] = p
                 stack.append(p)
-    if len(sources) != 1 or not any(n.op == "Concat" for n in members.values()):
+    if len(sources) != 1:
         return None
     (x,) = sources.values()
     for n in members.values():
@@ -102,7 +102,19 @@ def _region(graph: Graph, end: Node, uses: dict):
     if x.type.shape[-1] != y.type.shape[-1] or any(int(np.prod(v.type.shape)) > MAX_ELEMENTS for v in values):
         return None
     order = [n for n in graph.nodes if id(n) in members]
+    if not any(n.op == "Concat" for n in order) and not _feeds_a_product(graph, y, uses):
+        return None  # one copy kernel either way: no gain
     return order, x, end
+
+
+def _feeds_a_product(graph: Graph, y, uses: dict) -> bool:
+    """Whether ``y``'s only reader is a MatMul taking it as ``a`` with a 2-D ``b``: the product can
+    read the gathered rows where they are (``absorb_row_gather``)."""
+    readers = uses.get(y.name, [])
+    if is_graph_output(graph, y) or len(readers) != 1:
+        return False
+    reader, slot = readers[0]
+    return reader.op == "MatMul" and slot == 0 and reader.inputs[1] is not y and reader.inputs[1].type.rank == 2
 
 
 def _rows(order: list, x, end: Node):
@@ -124,6 +136,8 @@ def _rows(order: list, x, end: Node):
     rows = flat[:, 0] // c
     if np.any(flat < 0) or not np.array_equal(flat, rows[:, None] * c + np.arange(c)[None, :]):
         return None
+    if len(rows) < 2 or len(set(np.diff(rows).tolist())) == 1:
+        return None  # rows at one stride: a strided view already reads them, no kernel at all
     return rows
 
 
@@ -145,3 +159,60 @@ def _rewrite(graph: Graph, region: tuple, rows: np.ndarray, names: FreshNames) -
     y.producer = shaped
     at = min(at, len(graph.nodes))
     graph.nodes[at:at] = [flat, gather, shaped]
+
+
+def absorb_row_gather(graph: Graph) -> PassResult:
+    """``MatMul(Reshape(Gather(data, rows, axis=0)), w)`` => ``rtxjit.RowGatherMatMul(data, rows, w)``
+    where ``data`` is ``[R, K]``, ``rows`` a constant 1-D index, ``w`` 2-D and the Gather (and the
+    Reshape) read by this product only: the product reads the rows where they are (fuse_row_gather
+    made the Gather; runs after merge_parallel_matmuls, before fuse_epilogue, which then fuses the
+    bias into it as into any product)."""
+    if not ENABLED:
+        return PassResult(graph, False)
+    names = FreshNames(graph)
+    uses = graph.consumers()
+    changed = False
+    for mm in list(graph.nodes):
+        found = _gathered_a(graph, mm, uses)
+        if found is None:
+            continue
+        gather, dead = found
+        data, rows = gather.inputs
+        a, w = mm.inputs
+        fused = make_node(names, "rtxjit.RowGatherMatMul", [data, rows, w], {"shape": tuple(a.type.shape[:-1])},
+                          base=mm.name + "_rows")
+        fused.name = names(mm.name + "_rows")
+        out = mm.outputs[0]
+        fused.outputs = [out]
+        out.producer = fused
+        graph.nodes[graph.nodes.index(mm)] = fused
+        remove_nodes(graph, dead)
+        changed = True
+        uses = graph.consumers()
+    return PassResult(graph, changed)
+
+
+def _gathered_a(graph: Graph, mm: Node, uses: dict):
+    """``(Gather node, nodes that go with the rewrite)`` where ``mm`` reads a row gather as ``a``."""
+    if mm.op != "MatMul" or mm.inputs[1].type.rank != 2 or mm.inputs[0].type.rank < 2:
+        return None
+    a = mm.inputs[0]
+    dead = []
+    node = a.producer
+    if node is not None and node.op == "Reshape":
+        if len(uses.get(a.name, [])) != 1 or is_graph_output(graph, a):
+            return None
+        dead.append(node)
+        a = node.inputs[0]
+        node = a.producer
+    if node is None or node.op != "Gather" or node.attrs.get("axis", 0) != 0:
+        return None
+    data, rows = node.inputs
+    if (len(uses.get(a.name, [])) != 1 or is_graph_output(graph, a) or data.type.rank != 2 or not rows.is_const
+            or rows.const.ndim != 1 or a.type.shape[-1] != data.type.shape[-1] or not data.type.static):
+        return None
+    if np.any(rows.const < 0) or np.any(rows.const >= data.type.shape[0]):
+        return None  # negative or out-of-range rows: the Gather keeps its own rules
+    if rows.const.dtype != np.int64:
+        return None
+    return node, dead + [node]

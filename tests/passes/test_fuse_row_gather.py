@@ -119,3 +119,65 @@ def test_swin_block_through_a_session_matches_onnxruntime(dtype):
     (want,) = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     tol = 1e-2 if dtype == np.float16 else 1e-4
     assert np.max(np.abs(got.astype(np.float64) - want)) <= tol * np.max(np.abs(want))
+
+
+def test_session_runs_the_partition_inside_the_qkv_product():
+    import rtxjit
+
+    proto = _swin_in()
+    sess = rtxjit.InferenceSession(proto.SerializeToString())
+    assert "rtxjit.RowGatherMatMul" in {n.op for n in sess.graph.nodes}
+    sess.run(None, {"x": random((1, H * W, C))})
+    texts = [s.kernel.text.split("\n")[0] for s in sess.last_executable.plan.steps]
+    assert len(texts) == 1 and "a_rows" in texts[0], texts  # no gather or copy kernel before the product
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_hf_swin_with_shifted_windows_matches_onnxruntime(tmp_path, exporter):
+    _check_hf_swin(tmp_path, exporter, None)
+
+
+@pytest.mark.gpu
+def test_gpu_hf_swin_with_shifted_windows_matches_onnxruntime(tmp_path):
+    _check_hf_swin(tmp_path, "torchscript", "cuda")
+
+
+def _check_hf_swin(tmp_path, exporter, device):
+    """A small Swin whose stages shift their windows (56 x 56 image, 4 x 4 patches, window 7): rolls,
+    partitions and reverses as row gathers, inside the QKV products; vs onnxruntime in fp32."""
+    import onnxruntime as ort
+    import torch
+    from transformers import SwinConfig, SwinModel
+
+    import rtxjit
+
+    torch.manual_seed(0)
+    config = SwinConfig(image_size=56, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=7)
+    model = SwinModel(config).eval()
+    x = torch.randn(1, 3, 56, 56)
+
+    class Hidden(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, pixel_values):
+            return self.m(pixel_values=pixel_values).last_hidden_state
+
+    path = tmp_path / "swin.onnx"
+    with torch.no_grad():
+        torch.onnx.export(Hidden(model), (x,), str(path), input_names=["pixel_values"], output_names=["h"],
+                          opset_version=18, dynamo=exporter == "dynamo")
+    import onnx
+
+    proto = onnx.load(str(path))
+    proto.ir_version = min(proto.ir_version, 9)  # the GPU machine's onnxruntime reads IR <= 13
+    onnx.save(proto, str(path))
+    feeds = {"pixel_values": x.numpy()}
+    sess = rtxjit.InferenceSession(str(path), device=device)
+    (got,) = sess.run(None, feeds)
+    (want,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+    assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want)), np.max(np.abs(got - want))
+    assert "rtxjit.RowGatherMatMul" in str([n.attrs.get("anchor", n.op) for n in sess.graph.nodes])
+    texts = [s.kernel.text.split("\n")[0] for s in sess.last_executable.plan.steps]
+    assert any("a_rows" in t for t in texts), texts

@@ -159,7 +159,7 @@ def masked_load(name: str, addr: str, mask: str, k_mask: str) -> list:
 @memoized
 def render_matmul(dtype: DType, out_dtype: DType, batch_rank: int, has_bias: bool,
                   wide: bool = False, unit: frozenset = frozenset(), fused=None, split: bool = False,
-                  b_scale: bool = False, a_norm: str = None, fixup: bool = False) -> KernelSource:
+                  b_scale: bool = False, a_norm: str = None, fixup: bool = False, a_rows: bool = False) -> KernelSource:
     """``out[b] = alpha * (a[b] @ b[b]) + beta * bias[b]`` for every batch index ``b``.
 
     Arguments, in order: ``out, a, b`` (and ``bias``) as pointer and offset; ``alpha`` (and
@@ -174,6 +174,10 @@ def render_matmul(dtype: DType, out_dtype: DType, batch_rank: int, has_bias: boo
     ``render_matmul_split_sum`` adds the splits and runs the epilogue (alpha, beta * bias, fused).
     A product with few output tiles (bert-base's ``[128, 3072] @ [3072, 768]`` at batch 1: 24 tiles
     of 64 x 64 on 132 SMs, 48 K steps each) then fills the GPU.
+
+    ``a_rows`` (rtxjit.RowGatherMatMul; no batch dims or split): row ``m`` of the product reads row
+    ``ar[m]`` of ``a`` (int64 row indices, contiguous; ``ar_ptr, ar_off`` after the other operands'
+    pointers): a Gather of whole rows (a Swin window partition) read inside the product.
 
     ``fixup`` (with ``split``; bias and fused epilogue allowed, ``out`` the product's output): the
     workspace and the tiles' arrival counters are two more operands, ``ws_ptr, ws_off, sem_ptr,
@@ -197,6 +201,8 @@ def render_matmul(dtype: DType, out_dtype: DType, batch_rank: int, has_bias: boo
                             "only with the fix-up")
     if fixup and not split:
         raise InternalError("matmul template: the fix-up is split-K's")
+    if a_rows and (batch_rank or split):
+        raise InternalError("matmul template: a_rows has no batch dims or split-K")
     if a_norm is not None and (split or batch_rank or b_scale):
         raise InternalError("matmul template: a_norm has no batch dims, split-K or b scale")
     norm_mode = a_norm
@@ -205,6 +211,7 @@ def render_matmul(dtype: DType, out_dtype: DType, batch_rank: int, has_bias: boo
     params = ["out_ptr", "out_off", "a_ptr", "a_off", "b_ptr", "b_off", *bias_params(has_bias)]
     params += ["bs_ptr", "bs_off"] if b_scale else []
     params += ["cs_ptr", "cs_off"] if norm_mode == "layernorm" else []
+    params += ["ar_ptr", "ar_off"] if a_rows else []
     params += ["ws_ptr", "ws_off", "sem_ptr", "sem_off"] if fixup else []
     params += ["alpha"] + (["beta"] if has_bias else []) + (["n_eps"] if norm_mode else [])
     params += ["M", "N", "K", "out_sm", "out_sn", "a_sm", "a_sk", "b_sk", "b_sn"]
@@ -215,7 +222,8 @@ def render_matmul(dtype: DType, out_dtype: DType, batch_rank: int, has_bias: boo
     params += ["k_per"] if split else []
     for d in range(batch_rank):
         params += [f"size{d}"] + [f"{name}_sb{d}" for name in operands]
-    a_addr = f"a_ptr + a_off + {scaled('rm[:, None]', 'a_sm', unit)} + {scaled('rk[None, :]', 'a_sk', unit)}"
+    a_index = "a_row[:, None]" if a_rows else "rm[:, None]"
+    a_addr = f"a_ptr + a_off + {scaled(a_index, 'a_sm', unit)} + {scaled('rk[None, :]', 'a_sk', unit)}"
     b_addr = f"b_ptr + b_off + {scaled('rk[:, None]', 'b_sk', unit)} + {scaled('rn[None, :]', 'b_sn', unit)}"
     loads = [*masked_load("a", a_addr, "(rm[:, None] < M)", "(rk[None, :] < K)"),
              *masked_load("b", b_addr, "(rn[None, :] < N)", "(rk[:, None] < K)")]
@@ -239,6 +247,7 @@ def render_matmul(dtype: DType, out_dtype: DType, batch_rank: int, has_bias: boo
         *_batch_offsets(operands, batch_rank, wide),
         *tile_indices(wide),
         *([f"    split = tl.program_id(1){int64_suffix(wide)}"] if split else []),
+        *(["    a_row = tl.load(ar_ptr + ar_off + rm, mask=rm < M, other=0)"] if a_rows else []),
         *stats,
         *k_loop(loads, dtype, wide, split),
         "    mask = (rm[:, None] < M) & (rn[None, :] < N)",
@@ -249,6 +258,7 @@ def render_matmul(dtype: DType, out_dtype: DType, batch_rank: int, has_bias: boo
     header += (" split_k fixup" if fixup else " split_k") if split else ""
     header += " b_scale" if b_scale else ""
     header += f" a_norm={norm_mode}" if norm_mode else ""
+    header += " a_rows" if a_rows else ""
     if unit:
         header += f" unit_strides={','.join(sorted(unit))}"
     return render("matmul", header, "\n".join(lines))
