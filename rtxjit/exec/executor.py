@@ -36,7 +36,7 @@ CAPTURE_PART = 32  # launches captured per run while the GPU time of a run is no
 # (both measured), so the capture hides behind that run's GPU work instead of adding to it: a
 # FLUX step (411 launches, ~18 ms on the GPU) captured its whole graph in front of its second run
 # (+17 ms) and, 32 launches a run, a newly installed specialized variant took 13 runs to serve.
-CAPTURE_SHARE = 0.5
+CAPTURE_SHARE = 0.25
 CAPTURE_MIN = 8
 
 

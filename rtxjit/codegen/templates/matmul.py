@@ -400,7 +400,8 @@ def tile_configs(m: int, n: int, k: int, dtype: DType, interpret: bool, sm: int 
     k_lim = _next_pow2(min(k, k_cap or k))
     seen, ranked = set(), []
     for bm, bn, bk, warps, stages in table:
-        bm, bn, bk = (max(16, min(b, _next_pow2(d))) for b, d in ((bm, m), (bn, n), (bk, k_lim)))
+        bm, bn = (max(16, min(b, _next_pow2(d))) for b, d in ((bm, m), (bn, n)))
+        bk = max(dot_k_min(dtype), min(bk, k_lim))
         if (bm, bn, bk) in seen:
             continue
         seen.add((bm, bn, bk))
@@ -423,12 +424,19 @@ def even_k(k: int, bk: int, k_cap: int = None) -> bool:
     return k % bk == 0 and (k_cap is None or k_cap % bk == 0)
 
 
+def dot_k_min(dtype: DType) -> int:
+    """The smallest ``BLOCK_K`` of a ``tl.dot`` of ``dtype`` operands on a GPU: 32 for 8-bit ones
+    (int8, uint8, fp8: Triton asserts K >= 32 there; an int8 ResNet stem's K of 3 channels per tap
+    failed to compile on an H100), 16 for the rest."""
+    return 32 if dtype.itemsize == 1 else 16
+
+
 def generic_tile_config(a_dtype: DType, k_cap: int = None) -> dict:
     """The configuration of the shape-generic fallback kernel on a GPU: moderate 64x64 tiles that
     suit any size, chosen without the sizes (``k_cap``, Conv's channels per tap, is the model's)."""
     bk = 16 if a_dtype is DType.FP64 else 32
     if k_cap is not None:
-        bk = max(16, min(bk, _next_pow2(k_cap)))
+        bk = max(dot_k_min(a_dtype), min(bk, _next_pow2(k_cap)))
     bm = bn = 32 if a_dtype is DType.FP64 else 64
     return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "EVEN_K": False, "num_warps": 4,
             "num_stages": 3}
