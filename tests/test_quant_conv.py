@@ -165,6 +165,6 @@ def test_quant_conv_source_is_an_int8_dot_padded_with_the_zero_point():
     for tap in (True, False):
         text = render_conv2d(DType.UINT8, False, tap_major=tap, quant=quant).text
         assert "dtype=tl.int32" in text and "other=a_pad" in text and "(a.to(tl.int32) - 128).to(tl.int8)" in text
-        assert "acc = tl.dot(a, b, acc)" in text and "res_ptr + res_off" in text and "s1_scale" in text
+        assert "acc = tl.dot(a, b, acc, out_dtype=tl.int32)" in text and "res_ptr + res_off" in text and "s1_scale" in text
     with pytest.raises(InternalError):
         render_conv2d(DType.UINT8, False, transposed=True, quant=quant)

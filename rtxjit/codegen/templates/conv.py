@@ -217,7 +217,8 @@ def _arithmetic(dtype: DType, quant: QuantConv = None) -> tuple:
     zero point (see templates/quant_gemm.QuantConv)."""
     if quant is None:
         return TL[acc_type(dtype)], "0.0", [], product(dtype)
-    return "tl.int32", "a_pad", int8_operand(quant.a_dtype), "tl.dot(a, b, acc)"
+    # out_dtype: triton 3.6 asserts the accumulator is out_dtype (default fp32) for int8 operands too
+    return "tl.int32", "a_pad", int8_operand(quant.a_dtype), "tl.dot(a, b, acc, out_dtype=tl.int32)"
 
 
 def _flat_loop(dtype: DType, wide: bool, unit: frozenset, axes: str, transposed: bool, upsample: tuple = None,

@@ -336,7 +336,7 @@ def render_qdot(a_dtype: DType, b_dtype: DType, out_dtype: DType, has_corr: bool
         acc = "tl.float32"
     else:
         loads += int8_operand(a_dtype)
-        dot, acc = "tl.dot(a, b, acc)", "tl.int32"
+        dot, acc = "tl.dot(a, b, acc, out_dtype=tl.int32)", "tl.int32"  # triton 3.6 asserts acc is out_dtype
     lines = [
         signature("qdot", params),
         *tile_indices(wide),
