@@ -6,7 +6,7 @@ Rewrite:
 where ``chain`` is a connected set of Reshape / Transpose / Slice / Concat / Squeeze / Unsqueeze /
 Flatten / Identity / Pad (zero pads) nodes with one non-constant data input ``X``, every value in
 it read only inside it (but ``Y``; a value also read elsewhere is where a chain starts), at least
-one Concat among them, static shapes, and the last
+two copy kernels' worth of it (Concats, a Transpose) or a product reading ``Y`` (absorb_row_gather), static shapes, and the last
 axis (``C`` channels) carried through unchanged: each output row is one input row. ``rows`` (int64,
 one per output row) is found by running the chain's own numpy references on an index array
 (``X``'s flat index + 1 at every element), then checked: every output element must be its row's
@@ -102,9 +102,15 @@ def _region(graph: Graph, end: Node, uses: dict):
     if x.type.shape[-1] != y.type.shape[-1] or any(int(np.prod(v.type.shape)) > MAX_ELEMENTS for v in values):
         return None
     order = [n for n in graph.nodes if id(n) in members]
-    if not any(n.op == "Concat" for n in order) and not _feeds_a_product(graph, y, uses):
-        return None  # one copy kernel either way: no gain
+    if _copies(order) < 2 and not _feeds_a_product(graph, y, uses):
+        return None  # one copy kernel either way (a lone roll's Concat is one launch): no gain
     return order, x, end
+
+
+def _copies(order: list) -> int:
+    """About how many copy kernels the chain runs as it is: one per Concat, one more for a
+    Transpose (its Reshape after it needs the data moved)."""
+    return sum(n.op == "Concat" for n in order) + any(n.op == "Transpose" for n in order)
 
 
 def _feeds_a_product(graph: Graph, y, uses: dict) -> bool:

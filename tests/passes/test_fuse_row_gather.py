@@ -73,8 +73,9 @@ def test_window_reverse_and_roll_back_before_the_residual_add():
 def test_a_chain_value_read_outside_the_chain_splits_it_in_two():
     proto = _swin_in(extra_reader=True)
     _, g, modified = apply(fuse_row_gather, proto, {"x": random((1, H * W, C))})
-    # the roll over H ends at the value the Neg reads; the roll over W and the partition start there
-    assert modified and ops(g)["Gather"] == 2 and "Concat" not in ops(g) and ops(g)["Neg"] == 1, ops(g)
+    # the roll over H ends at the value the Neg reads (one Concat: it stays); the roll over W and the
+    # partition start there and become the gather
+    assert modified and ops(g)["Gather"] == 1 and ops(g)["Concat"] == 1 and ops(g)["Neg"] == 1, ops(g)
 
 
 def test_a_channel_reordering_or_a_padding_chain_is_not_a_row_gather():
@@ -181,3 +182,11 @@ def _check_hf_swin(tmp_path, exporter, device):
     assert "rtxjit.RowGatherMatMul" in str([n.attrs.get("anchor", n.op) for n in sess.graph.nodes])
     texts = [s.kernel.text.split("\n")[0] for s in sess.last_executable.plan.steps]
     assert any("a_rows" in t for t in texts), texts
+
+
+def test_a_lone_roll_stays_one_concat():
+    """One roll is one concat kernel already: no gather for it."""
+    nodes = [*_roll("x", "r", 1, 1, 4, "a"), node("Neg", ["r"], ["y"])]
+    proto = model(nodes, {"x": (F32, [2, 4, C])}, {"y": (F32, [2, 4, C])}, {"zero": _i64(0), **_roll_inits("a", 1, 1, 4)})
+    _, g, modified = apply(fuse_row_gather, proto, {"x": random((2, 4, C))})
+    assert not modified and ops(g)["Concat"] == 1
