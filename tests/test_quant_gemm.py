@@ -12,6 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import rtxjit
+from rtxjit.quant import contrib
 from rtxjit.quant.contrib import dequantized_weight, packed_shape
 
 
@@ -69,7 +70,7 @@ def test_matmul_nbits_from_the_quantizer_matches_onnxruntime(bits, block, symmet
     want = _ort(q, {"x": x})[0]
     sess = _session(q)
     np.testing.assert_allclose(sess.run(None, {"x": x})[0], want, rtol=1e-4, atol=1e-4)
-    assert _kernels(sess, {"x": x}) == ["qgemv" if rows <= 16 else "qmatmul"]  # no dequantized weight, one kernel
+    assert _kernels(sess, {"x": x}) == ["qgemv" if rows <= contrib.GEMV_ROWS else "qmatmul"]  # no dequantized weight, one kernel
 
 
 def _nbits_node(k, n, bits, block, zero, g_idx, bias, seed):

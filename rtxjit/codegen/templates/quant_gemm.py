@@ -72,28 +72,41 @@ def dequant_lines(bits: int, block: int, zero: str, g_idx: bool) -> list:
     if g_idx:
         lines += ["        q_g = tl.load(g_ptr + g_off + rk, mask=rk < K, other=0)[None, :]",
                   f"        q_m = (rn[:, None] < N) & {kmask}"]
-    else:  # one block per step where BLOCK_K <= block (both powers of two, k0 a multiple of BLOCK_K)
-        lines += [f"        if BLOCK_K <= {block}:",
-                  f"            q_g = k0 // {block} + tl.zeros((1, 1), dtype=tl.int32)",
-                  "            q_m = rn[:, None] < N",
-                  "        else:",
-                  f"            q_g = rk[None, :] // {block}",
-                  f"            q_m = (rn[:, None] < N) & {kmask}"]
-    lines.append("        q_s = tl.load(s_ptr + s_off + rn[:, None] * lds + q_g, mask=q_m, other=0.0).to(tl.float32)")
-    if zero == "none":
-        z = f"{float(1 << (bits - 1))}"
-    elif zero == "float":
-        lines.append("        q_z = tl.load(z_ptr + z_off + rn[:, None] * lds + q_g, mask=q_m, other=0.0).to(tl.float32)")
-        z = "q_z"
-    elif bits == 4:
-        lines += ["        q_zb = tl.load(z_ptr + z_off + rn[:, None] * ldz + q_g // 2, mask=q_m, other=0).to(tl.int32)",
-                  "        q_z = ((q_zb >> ((q_g % 2) * 4)) & 15).to(tl.float32)"]
-        z = "q_z"
-    else:
-        lines.append("        q_z = tl.load(z_ptr + z_off + rn[:, None] * ldz + q_g, mask=q_m, other=0).to(tl.float32)")
-        z = "q_z"
-    lines.append(f"        w = (q - {z}) * q_s")
+        lines += _scale_zero_lines(bits, zero, "        ")
+        lines.append("        w = (q - q_zv) * q_s")
+        return lines
+    # BLOCK_K <= block: one quantization block per step (both powers of two, k0 a multiple of
+    # BLOCK_K); else BLOCK_K // block whole blocks, their scales (and zero points) loaded once per
+    # block and broadcast over it through a [BLOCK_N, blocks, block] view of the tile, not gathered
+    # per weight (a [BLOCK_N, BLOCK_K] gather of scales read 4 bytes per 4-bit weight)
+    lines += [f"        if BLOCK_K <= {block}:",
+              f"            q_g = k0 // {block} + tl.zeros((1, 1), dtype=tl.int32)",
+              "            q_m = rn[:, None] < N",
+              *_scale_zero_lines(bits, zero, "            "),
+              "            w = (q - q_zv) * q_s",
+              "        else:",
+              f"            q_g = (k0 // {block} + tl.arange(0, BLOCK_K // {block}))[None, :]",
+              f"            q_m = (rn[:, None] < N) & (q_g * {block} < K)",
+              *_scale_zero_lines(bits, zero, "            "),
+              f"            q_3 = tl.reshape(q, (BLOCK_N, BLOCK_K // {block}, {block}))",
+              f"            w = tl.reshape((q_3 - q_zv[:, :, None]) * q_s[:, :, None], (BLOCK_N, BLOCK_K))"]
     return lines
+
+
+def _scale_zero_lines(bits: int, zero: str, indent: str) -> list:
+    """Lines loading ``q_s`` (scales) and ``q_zv`` (zero points, or the constant midpoint) of the
+    blocks ``q_g`` of rows ``rn`` under ``q_m``, at ``indent``."""
+    lines = ["q_s = tl.load(s_ptr + s_off + rn[:, None] * lds + q_g, mask=q_m, other=0.0).to(tl.float32)"]
+    if zero == "none":
+        lines.append(f"q_zv = tl.zeros_like(q_s) + {float(1 << (bits - 1))}")
+    elif zero == "float":
+        lines.append("q_zv = tl.load(z_ptr + z_off + rn[:, None] * lds + q_g, mask=q_m, other=0.0).to(tl.float32)")
+    elif bits == 4:
+        lines += ["q_zb = tl.load(z_ptr + z_off + rn[:, None] * ldz + q_g // 2, mask=q_m, other=0).to(tl.int32)",
+                  "q_zv = ((q_zb >> ((q_g % 2) * 4)) & 15).to(tl.float32)"]
+    else:
+        lines.append("q_zv = tl.load(z_ptr + z_off + rn[:, None] * ldz + q_g, mask=q_m, other=0).to(tl.float32)")
+    return [indent + line for line in lines]
 
 
 def render_nbits(a_dtype: DType, bits: int, block: int, zero: str, g_idx: bool, has_bias: bool, gemv: bool,
