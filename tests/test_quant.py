@@ -306,3 +306,24 @@ def test_block_wise_int4_from_matmul_nbits_quantizer_matches_onnxruntime(symmetr
     want = ort.InferenceSession(q.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     for optimize in (True, False):
         np.testing.assert_allclose(_run(q, {"x": x}, optimize=optimize)[0].numpy(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_fp8_calibration_quantizes_products_whose_weight_comes_through_identity():
+    """The TorchScript exporter shares equal weights (an nn.TransformerEncoder's cloned layers) through
+    Identity nodes: calibrate.fp8_qdq quantizes those products too, and rtxjit fuses each into an
+    fp8 product."""
+    from rtxjit.onnx.importer import import_model
+    from rtxjit.passes import optimize
+    from rtxjit.quant.calibrate import fp8_qdq
+
+    rng = np.random.default_rng(8)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Identity", ["w"], ["w_again"]), helper.make_node("MatMul", ["r", "w_again"], ["y"])]
+    m = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
+               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16])],
+               [numpy_helper.from_array((rng.standard_normal((16, 16)) * 0.3).astype(np.float32), "w")])
+    q = fp8_qdq(m, [{"x": rng.standard_normal((4, 16)).astype(np.float32)}])
+    products = [n for n in q.graph.node if n.op_type == "MatMul"]
+    assert all(n.input[1].endswith("_dq") for n in products), [n.input[1] for n in products]
+    ops = [n.attrs.get("anchor", n.op) for n in optimize(import_model(q))[0].nodes]  # the Relu joins an epilogue
+    assert ops.count("rtxjit.QLinearMatMul") == 2 and "MatMul" not in ops, ops

@@ -37,11 +37,19 @@ FP8_OPSET = 19
 def _targets(model: onnx.ModelProto) -> list:
     """``(node, weight initializer, weight's output axis)`` of the products to quantize."""
     inits = {i.name: i for i in model.graph.initializer}
+    made_by = {o: n for n in model.graph.node for o in n.output}
     out = []
     for node in model.graph.node:
         if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
             continue
-        w = inits.get(node.input[1])
+        name = node.input[1]
+        seen = set()
+        while name in made_by and made_by[name].op_type == "Identity" and name not in seen:
+            # the TorchScript exporter shares equal weights through Identity nodes (an nn.TransformerEncoder's
+            # cloned layers): only the first layer's products were quantized
+            seen.add(name)
+            name = made_by[name].input[0]
+        w = inits.get(name)
         if w is None or len(w.dims) != 2 or w.data_type != TensorProto.FLOAT:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
