@@ -69,7 +69,15 @@ def memoized(render):
 MEMO_LIMIT = 4096  # rendered sources kept per template function
 
 
+def typed_key(value):
+    """The memo key of ``value`` (see ``memoized``): its value with every nested value's type."""
+    return _typed_key(value)
+
+
 def _typed_key(value):
+    memo = getattr(value, "memo_key", None)  # an argument that computes (and keeps) its own key
+    if memo is not None and not isinstance(value, type):
+        return memo
     if isinstance(value, (tuple, list)):
         return (type(value).__name__, tuple(_typed_key(v) for v in value))
     if isinstance(value, frozenset):

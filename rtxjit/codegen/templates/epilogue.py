@@ -14,8 +14,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 from rtxjit.codegen.compose import compose
+from rtxjit.codegen.source import typed_key
 from rtxjit.codegen.dtypes import load_cast
 from rtxjit.ir.types import DType
+
+
+_INSTANCES: dict = {}  # (id(program), product dtype, extra dtypes) -> FusedEpilogue (FusedEpilogue.of)
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,24 @@ class FusedEpilogue:
     def _composed(self) -> tuple:
         names = ["y"] + [f"e{k}" for k in range(len(self.extra_dtypes))]
         return compose(self.program, names, [self.product_dtype, *self.extra_dtypes], scalar_prefix="es")
+
+    @functools.cached_property
+    def memo_key(self) -> tuple:
+        """The key memoized render functions file this epilogue under (codegen/source.py): computed once
+        per instance (``of`` hands out one instance per program), not walked on every render."""
+        return ("FusedEpilogue", typed_key((self.program, self.product_dtype, self.extra_dtypes)))
+
+    @staticmethod
+    def of(program: tuple, product_dtype: DType, extra_dtypes: tuple) -> "FusedEpilogue":
+        """The epilogue of ``program`` (a node's attribute: the same tuple for every binding planned),
+        one instance per program and types, so its composition and key are made once."""
+        key = (id(program), product_dtype, tuple(extra_dtypes))
+        hit = _INSTANCES.get(key)
+        if hit is None or hit.program is not program:  # an id reused by another program
+            if len(_INSTANCES) >= 4096:
+                _INSTANCES.clear()
+            hit = _INSTANCES[key] = FusedEpilogue(program, product_dtype, tuple(extra_dtypes))
+        return hit
 
     @property
     def scalars(self) -> tuple:
