@@ -190,3 +190,74 @@ def test_a_lone_roll_stays_one_concat():
     proto = model(nodes, {"x": (F32, [2, 4, C])}, {"y": (F32, [2, 4, C])}, {"zero": _i64(0), **_roll_inits("a", 1, 1, 4)})
     _, g, modified = apply(fuse_row_gather, proto, {"x": random((2, 4, C))})
     assert not modified and ops(g)["Concat"] == 1
+
+
+def _random_chain(rng, shape):
+    """A random chain of data movement over ``x`` of ``shape`` that keeps the last axis: rolls (as
+    Slices + Concat, with negative steps sometimes), transposes and reshapes of the leading axes,
+    then a MatMul or a Neg reading it. Returns (nodes, inits, output shape, reader)."""
+    nodes, inits, cur, cur_shape = [], {"zero": _i64(0)}, "x", list(shape)
+    for k in range(int(rng.integers(1, 5))):
+        lead = len(cur_shape) - 1
+        kind = rng.choice(["roll", "transpose", "reshape", "reverse"])
+        if kind == "roll" and lead >= 1:
+            axis = int(rng.integers(0, lead))
+            size = cur_shape[axis]
+            if size < 2:
+                continue
+            s = int(rng.integers(1, size))
+            inits.update({f"s{k}": _i64(s), f"e{k}": _i64(size), f"a{k}": _i64(axis)})
+            nodes += [node("Slice", [cur, f"s{k}", f"e{k}", f"a{k}"], [f"hi{k}"]),
+                      node("Slice", [cur, "zero", f"s{k}", f"a{k}"], [f"lo{k}"]),
+                      node("Concat", [f"hi{k}", f"lo{k}"], [f"c{k}"], axis=axis)]
+            cur = f"c{k}"
+        elif kind == "reverse" and lead >= 1:
+            axis = int(rng.integers(0, lead))
+            inits.update({f"rs{k}": _i64(-1), f"re{k}": _i64(-(2 ** 62)), f"ra{k}": _i64(axis), f"rp{k}": _i64(-1)})
+            nodes.append(node("Slice", [cur, f"rs{k}", f"re{k}", f"ra{k}", f"rp{k}"], [f"c{k}"]))
+            cur = f"c{k}"
+        elif kind == "transpose" and lead >= 2:
+            perm = list(rng.permutation(lead)) + [lead]
+            nodes.append(node("Transpose", [cur], [f"c{k}"], perm=[int(p) for p in perm]))
+            cur_shape = [cur_shape[p] for p in perm]
+            cur = f"c{k}"
+        elif kind == "reshape":
+            rows = int(np.prod(cur_shape[:-1]))
+            split = [d for d in (2, 3, 4) if rows % d == 0]
+            new = [split[int(rng.integers(0, len(split)))], -1, cur_shape[-1]] if split else [rows, cur_shape[-1]]
+            inits[f"shape{k}"] = _i64(*new)
+            nodes.append(node("Reshape", [cur, f"shape{k}"], [f"c{k}"]))
+            cur_shape = [new[0], rows // new[0], cur_shape[-1]] if split else [rows, cur_shape[-1]]
+            cur = f"c{k}"
+    if not nodes:
+        return None
+    if rng.random() < 0.5:
+        inits["w"] = random((shape[-1], 3), seed=9)
+        nodes.append(node("MatMul", [cur, "w"], ["y"]))
+        out_shape = cur_shape[:-1] + [3]
+    else:
+        nodes.append(node("Neg", [cur], ["y"]))
+        out_shape = cur_shape
+    return nodes, inits, out_shape
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_data_movement_chains_give_what_onnxruntime_gives(seed):
+    """Whatever the pass does with a random chain (a row gather, a row gather inside the product, or
+    nothing), the whole pipeline's result is onnxruntime's (the pass is checked alone by ``apply``)."""
+    import onnxruntime as ort
+
+    import rtxjit
+
+    rng = np.random.default_rng(seed)
+    shape = [int(rng.integers(1, 4)), int(rng.integers(2, 6)), int(rng.integers(2, 6)), int(rng.integers(1, 5))]
+    made = _random_chain(rng, shape)
+    if made is None:
+        pytest.skip("empty chain")
+    nodes, inits, out_shape = made
+    proto = model(nodes, {"x": (F32, shape)}, {"y": (F32, out_shape)}, inits)
+    x = random(tuple(shape), seed=seed)
+    apply(fuse_row_gather, proto, {"x": x})
+    (got,) = rtxjit.InferenceSession(proto.SerializeToString()).run(None, {"x": x})
+    (want,) = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert got.shape == want.shape and np.max(np.abs(got - want)) <= 1e-4 * max(1.0, np.max(np.abs(want)))
