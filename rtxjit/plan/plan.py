@@ -154,6 +154,16 @@ def _takes_strided(reader: Node, value) -> bool:
 
 
 _ATTRS_KEYS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # node -> (attrs object, typed key)
+_HOST_MEMOS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # graph -> {host key: (types, values)}
+HOST_MEMO_LIMIT = 8192  # host evaluations kept per graph (cleared when full)
+HOST_MEMO_BYTES = 1 << 16  # inputs larger than this are evaluated afresh
+
+
+def _host_memo_of(graph: Graph) -> dict:
+    memo = _HOST_MEMOS.get(graph)
+    if memo is None:
+        memo = _HOST_MEMOS[graph] = {}
+    return memo
 
 
 def _attrs_key(node: Node):
@@ -355,6 +365,7 @@ class PlanBuilder:
         self.session_consts = session_consts  # constants already on the device, by value name
         self._consumers = None
         self._recorded: dict = {}  # signature -> a lowering to replay (REPLAY)
+        self._host_memo = _host_memo_of(graph)  # host evaluations (shape computations), kept per graph
 
     def consumers(self) -> dict:
         if self._consumers is None:
@@ -444,6 +455,15 @@ class PlanBuilder:
                 infer_args.append(e.host)
             else:
                 infer_args.append(e.type)
+        inputs_known = all(a is not None for a, v in zip(host_args, node.inputs) if v is not None)
+        memo = self._host_key(node, types, host_args) if REPLAY and inputs_known else None
+        hit = None if memo is None else self._host_memo.get(memo)
+        if hit is not None:  # this shape computation, with these values, was evaluated before
+            for v, t, val in zip(node.outputs, *hit):
+                if v is not None:
+                    env[v.name] = _Entry(t, None if val is None else val.copy())
+            self.plan.trace[node.name] = ["host"]
+            return
         try:
             out_types = opdef.infer(infer_args, node.attrs, len(node.outputs))
         except (ValueError, IndexError, KeyError, TypeError) as exc:
@@ -455,13 +475,17 @@ class PlanBuilder:
             if size > self.device.memory_bytes:
                 raise ShapeError(f"{where}: an output of shape {list(t.shape)} ({t.dtype.short}) needs {size:.3g} "
                                  f"bytes, more than the device's memory ({self.device.memory_bytes:.3g} bytes)")
-        inputs_known = all(a is not None for a, v in zip(host_args, node.inputs) if v is not None)
         if host.runs_on_host(opdef, inputs_known, out_types):
             values = host.evaluate(opdef, host_args, types, node.attrs, out_types)
             for v, t, val in zip(node.outputs, out_types, values):
                 if v is not None:
                     env[v.name] = _Entry(t, val)
             self.plan.trace[node.name] = ["host"]
+            if memo is not None:
+                if len(self._host_memo) >= HOST_MEMO_LIMIT:
+                    self._host_memo.clear()
+                self._host_memo[memo] = (tuple(out_types),
+                                         tuple(None if val is None else np.array(val, copy=True) for val in values))
             return
         if opdef.lower_fn is None:
             raise UnsupportedOpError(f"{where}: op {node.op} has no kernel lowering")
@@ -504,6 +528,26 @@ class PlanBuilder:
             else:
                 args.append(self._device_view(v.name, env[v.name]))
         return args
+
+    def _host_key(self, node: Node, types: list, host_args: list):
+        """The memo key of a node evaluated on the host (a shape computation): its op, attributes and
+        input types and values; None where the values are large (a constant folded at plan time)."""
+        parts, size = [], 0
+        for t, h in zip(types, host_args):
+            if t is None:
+                parts.append(None)
+                continue
+            arr = np.asarray(h)
+            size += arr.nbytes
+            if size > HOST_MEMO_BYTES:
+                return None
+            parts.append((t, arr.dtype.str, arr.shape, arr.tobytes()))
+        try:
+            key = (node.op, node.version, _attrs_key(node), len(node.outputs), tuple(parts))
+            hash(key)
+        except TypeError:
+            return None
+        return key
 
     # -- replay of a lowering within one binding (REPLAY)
     def _signature(self, node: Node, opdef, env: dict, out_types: list):
