@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import Optional
@@ -159,20 +160,26 @@ HOST_MEMO_LIMIT = 8192  # host evaluations kept per graph (cleared when full)
 HOST_MEMO_BYTES = 1 << 16  # inputs larger than this are evaluated afresh
 
 
+_MEMO_LOCK = threading.Lock()  # sessions plan in several threads: the weak dictionaries change under it
+
+
 def _host_memo_of(graph: Graph) -> dict:
-    memo = _HOST_MEMOS.get(graph)
-    if memo is None:
-        memo = _HOST_MEMOS[graph] = {}
-    return memo
+    with _MEMO_LOCK:
+        memo = _HOST_MEMOS.get(graph)
+        if memo is None:
+            memo = _HOST_MEMOS[graph] = {}
+        return memo
 
 
 def _attrs_key(node: Node):
     """The typed key of ``node``'s attributes (fused programs are deep tuples), made once per node
     (while its attrs dict is the same object)."""
-    hit = _ATTRS_KEYS.get(node)
+    with _MEMO_LOCK:
+        hit = _ATTRS_KEYS.get(node)
     if hit is None or hit[0] is not node.attrs:
         hit = (node.attrs, typed_key(tuple(sorted(node.attrs.items()))))
-        _ATTRS_KEYS[node] = hit
+        with _MEMO_LOCK:
+            _ATTRS_KEYS[node] = hit
     return hit[1]
 
 
