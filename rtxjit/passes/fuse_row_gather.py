@@ -26,7 +26,7 @@ import numpy as np
 
 from rtxjit.ir.graph import Graph, Node
 from rtxjit.ir.registry import get_op
-from rtxjit.ir.rewrite import FreshNames, is_graph_output, make_constant, make_node, remove_nodes
+from rtxjit.ir.rewrite import FreshNames, is_graph_output, make_constant, make_node, remove_nodes, sort_topologically
 from rtxjit.passes.base import PassResult
 
 ENABLED = True  # False: the chains stay as the exporter wrote them (before 2026-12-07), for an A/B
@@ -102,9 +102,31 @@ def _region(graph: Graph, end: Node, uses: dict):
     if x.type.shape[-1] != y.type.shape[-1] or any(int(np.prod(v.type.shape)) > MAX_ELEMENTS for v in values):
         return None
     order = [n for n in graph.nodes if id(n) in members]
-    if _copies(order) < 2 and not _feeds_a_product(graph, y, uses):
+    if _copies(order) < 2 and not _feeds_a_product(graph, y, uses) and _product_of(graph, x, uses) is None:
         return None  # one copy kernel either way (a lone roll's Concat is one launch): no gain
     return order, x, end
+
+
+def _product_of(graph: Graph, x, uses: dict):
+    """``(MatMul node, bias Add node or None)`` where ``x`` is ``MatMul(a, w)`` (``w`` 2-D), or that
+    plus a bias that broadcasts over the rows, each read only on the way to ``x``: a row gather of
+    ``x`` is then the product of gathered rows of ``a`` (``absorb_row_gather``)."""
+    node, bias = x.producer, None
+    if node is not None and node.op == "Add" and x.type.static:
+        for i in (0, 1):
+            p, b = node.inputs[i], node.inputs[1 - i]
+            if (p.producer is not None and p.producer.op == "MatMul" and b.type.static and p.type.static
+                    and p.type.shape == x.type.shape and b.type.rank <= x.type.rank
+                    and all(d == 1 for d in b.type.shape[:-1])):
+                if len(uses.get(p.name, [])) != 1 or is_graph_output(graph, p):
+                    return None
+                node, bias = p.producer, node
+                break
+    if node is None or node.op != "MatMul" or node.inputs[1].type.rank != 2 or node.inputs[0].type.rank < 2:
+        return None
+    if node.inputs[0] is node.inputs[1] or not node.outputs[0].type.static:
+        return None
+    return node, bias
 
 
 def _copies(order: list) -> int:
@@ -178,6 +200,10 @@ def absorb_row_gather(graph: Graph) -> PassResult:
     names = FreshNames(graph)
     uses = graph.consumers()
     changed = False
+    for gather in list(graph.nodes):
+        if _gathered_product(graph, gather, uses, names):
+            changed = True
+            uses = graph.consumers()
     for mm in list(graph.nodes):
         found = _gathered_a(graph, mm, uses)
         if found is None:
@@ -222,3 +248,82 @@ def _gathered_a(graph: Graph, mm: Node, uses: dict):
     if rows.const.dtype != np.int64:
         return None
     return node, dead + [node]
+
+
+def _const_rows(gather: Node, rows_of: int):
+    """The Gather's constant int64 row index, all in ``[0, rows_of)``, or None."""
+    rows = gather.inputs[1]
+    if (gather.op != "Gather" or gather.attrs.get("axis", 0) != 0 or not rows.is_const or rows.const.ndim != 1
+            or rows.const.dtype != np.int64 or np.any(rows.const < 0) or np.any(rows.const >= rows_of)):
+        return None
+    return rows
+
+
+def _gathered_product(graph: Graph, gather: Node, uses: dict, names: FreshNames) -> bool:
+    """``Gather(Reshape(MatMul(a, w) [+ bias]), rows)`` => ``RowGatherMatMul(a2, rows, w) [+ bias]``: a
+    row of the product is the product of that row of ``a``, so the product reads ``a``'s rows in the
+    gathered order and writes the result where the Gather did (Swin's window reverse and roll back
+    after the output projection: no gather kernel; the bias and the residual Add after it join the
+    product's epilogue)."""
+    if gather.op != "Gather" or gather.inputs[0].type.rank != 2:
+        return False
+    data = gather.inputs[0]
+    dead = [gather]
+    x = data
+    if x.producer is not None and x.producer.op == "Reshape":
+        if len(uses.get(x.name, [])) != 1 or is_graph_output(graph, x):
+            return False
+        dead.append(x.producer)
+        x = x.producer.inputs[0]
+    if len(uses.get(x.name, [])) != 1 or is_graph_output(graph, x):
+        return False
+    found = _product_of(graph, x, uses)
+    if found is None:
+        return False
+    mm, bias = found
+    a, w = mm.inputs
+    k, n = w.type.shape
+    m = int(np.prod(a.type.shape[:-1]))
+    if not (a.type.static and w.type.static and isinstance(k, int) and isinstance(n, int)) or data.type.shape != (m, n):
+        return False
+    rows = _const_rows(gather, m)
+    if rows is None:
+        return False
+    out = gather.outputs[0]
+    shape = (len(rows.const),)
+    readers = uses.get(out.name, [])
+    if len(readers) == 1 and readers[0][0].op == "Reshape" and not is_graph_output(graph, out):
+        # the rows reshaped back to the activation's shape: the product writes that shape itself, so the
+        # bias Add and the residual Add after it are neighbours (one fused epilogue)
+        view = readers[0][0]
+        target = view.outputs[0].type.shape
+        if (view.outputs[0].type.static and len(target) >= 2 and target[-1] == n
+                and int(np.prod(target[:-1])) == len(rows.const)):
+            dead.append(view)
+            out = view.outputs[0]
+            shape = tuple(target[:-1])
+    at = graph.nodes.index(gather)
+    new = []
+    a2 = a
+    if a.type.rank != 2:
+        flat = make_node(names, "Reshape", [a, make_constant(names, "row_gather_a", np.array([m, k], np.int64))],
+                         base="row_gather_a")
+        new.append(flat)
+        a2 = flat.outputs[0]
+    product = make_node(names, "rtxjit.RowGatherMatMul", [a2, rows, w], {"shape": shape}, base=mm.name + "_rows")
+    new.append(product)
+    last = product
+    if bias is not None:
+        b = bias.inputs[1] if bias.inputs[0] is mm.outputs[0] else bias.inputs[0]
+        add = make_node(names, "Add", [product.outputs[0], b], base=bias.name + "_rows")
+        new.append(add)
+        last = add
+    if last.outputs[0].type != out.type:
+        return False
+    last.outputs = [out]
+    out.producer = last
+    remove_nodes(graph, dead + [mm] + ([bias] if bias is not None else []))
+    at = min(at, len(graph.nodes))
+    graph.nodes[at:at] = new
+    sort_topologically(graph)
+    return True

@@ -261,3 +261,31 @@ def test_random_data_movement_chains_give_what_onnxruntime_gives(seed):
     (got,) = rtxjit.InferenceSession(proto.SerializeToString()).run(None, {"x": x})
     (want,) = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     assert got.shape == want.shape and np.max(np.abs(got - want)) <= 1e-4 * max(1.0, np.max(np.abs(want)))
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_random_chains_after_a_product_give_what_onnxruntime_gives(seed):
+    """The chain's source is a product (with a bias half the time): a row gather of it becomes the
+    product of gathered rows (the output side of a Swin block); vs onnxruntime."""
+    import onnxruntime as ort
+
+    import rtxjit
+
+    rng = np.random.default_rng(1000 + seed)
+    shape = [int(rng.integers(1, 4)), int(rng.integers(2, 6)), int(rng.integers(2, 6)), int(rng.integers(1, 5))]
+    made = _random_chain(rng, shape)
+    if made is None:
+        pytest.skip("empty chain")
+    nodes, inits, out_shape = made
+    k = 5
+    head = [node("MatMul", ["x0", "w0"], ["p" if rng.random() < 0.5 else "x"])]
+    inits["w0"] = random((k, shape[-1]), seed=11)
+    if head[0].output[0] == "p":
+        head.append(node("Add", ["p", "b0"], ["x"]))
+        inits["b0"] = random((shape[-1],), seed=12)
+    proto = model(head + nodes, {"x0": (F32, shape[:-1] + [k])}, {"y": (F32, out_shape)}, inits)
+    x0 = random(tuple(shape[:-1] + [k]), seed=seed)
+    sess = rtxjit.InferenceSession(proto.SerializeToString())
+    (got,) = sess.run(None, {"x0": x0})
+    (want,) = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x0": x0})
+    assert got.shape == want.shape and np.max(np.abs(got - want)) <= 1e-4 * max(1.0, np.max(np.abs(want)))
