@@ -136,13 +136,14 @@ def _copies(order: list) -> int:
 
 
 def _feeds_a_product(graph: Graph, y, uses: dict) -> bool:
-    """Whether ``y``'s only reader is a MatMul taking it as ``a`` with a 2-D ``b``: the product can
-    read the gathered rows where they are (``absorb_row_gather``)."""
+    """Whether ``y``'s readers are MatMuls taking it as ``a`` with a 2-D ``b``: a product can read the
+    gathered rows where they are (``absorb_row_gather``)."""
     readers = uses.get(y.name, [])
-    if is_graph_output(graph, y) or len(readers) != 1:
+    if is_graph_output(graph, y) or not readers:
         return False
-    reader, slot = readers[0]
-    return reader.op == "MatMul" and slot == 0 and reader.inputs[1] is not y and reader.inputs[1].type.rank == 2
+    # several: the q, k and v projections, one product once merge_parallel_matmuls has run
+    return all(r.op == "MatMul" and slot == 0 and r.inputs[1] is not y and r.inputs[1].type.rank == 2
+               for r, slot in readers)
 
 
 def _rows(order: list, x, end: Node):
