@@ -6,8 +6,8 @@ Rewrite:
 where ``chain`` is a connected set of Reshape / Transpose / Slice / Concat / Squeeze / Unsqueeze /
 Flatten / Identity / Pad (zero pads) nodes with one non-constant data input ``X``, every value in
 it read only inside it (but ``Y``; a value also read elsewhere is where a chain starts), at least
-two copy kernels' worth of it (Concats, a Transpose) or a product reading ``Y`` (absorb_row_gather), static shapes, and the last
-axis (``C`` channels) carried through unchanged: each output row is one input row. ``rows`` (int64,
+two copy kernels' worth of it (Concats, a Transpose), a product reading ``Y`` or making ``X``
+(absorb_row_gather), static shapes, and the last axis (``C`` channels) carried through unchanged: each output row is one input row. ``rows`` (int64,
 one per output row) is found by running the chain's own numpy references on an index array
 (``X``'s flat index + 1 at every element), then checked: every output element must be its row's
 input element at the same channel (a pad, a reordered channel or a mixed row leaves the chain as
@@ -16,8 +16,8 @@ it was).
 Swin's shifted windows: ``roll`` (two Slices and a Concat per axis) then the window partition
 (Reshape, Transpose, Reshape) ran as three copy kernels before the QKV product, and the window
 reverse and roll back as three more before the residual Add, in every shifted block; each side is
-now one gather kernel. Runs after fold_constants (static shapes, constant slice bounds), before
-fusion.
+now a gather, which absorb_row_gather moves into the QKV and output products. Runs after
+fold_constants (static shapes, constant slice bounds), before fusion.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from rtxjit.passes.base import PassResult
 
 ENABLED = True  # False: the chains stay as the exporter wrote them (before 2026-12-07), for an A/B
 DATA_OPS = ("Reshape", "Transpose", "Slice", "Concat", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Pad")
-MAX_ELEMENTS = 1 << 26  # index arrays of the chain's values (int64) evaluated at build time
+MAX_ELEMENTS = 1 << 24  # index arrays of the chain's values (int64, 128 MB) evaluated at build time
 
 
 def fuse_row_gather(graph: Graph) -> PassResult:
@@ -39,16 +39,20 @@ def fuse_row_gather(graph: Graph) -> PassResult:
         return PassResult(graph, False)
     names = FreshNames(graph)
     changed = False
+    judged: dict = {}  # id -> chain end found not to be a row gather (kept: its id is not reused meanwhile)
     for _ in range(len(graph.nodes)):
         uses = graph.consumers()
         found = None
         for node in graph.nodes:
+            if id(node) in judged:
+                continue
             region = _region(graph, node, uses)
             if region is not None:
                 rows = _rows(*region)
                 if rows is not None:
                     found = region, rows
                     break
+            judged[id(node)] = node
         if found is None:
             break
         _rewrite(graph, found[0], found[1], names)
