@@ -75,16 +75,21 @@ def test_memoized_render_keys_on_every_value_type_nested_too():
     assert render({1: 2}) == render({1: 2}) and len(calls) == 8  # unhashable: rendered each time
 
 
-def test_fused_epilogue_is_one_instance_per_program_and_keys_by_value_and_type():
+def test_fused_epilogue_is_one_instance_per_node_and_keys_by_value_and_type():
     from rtxjit.codegen.templates.epilogue import FusedEpilogue
     from rtxjit.codegen.templates.matmul import render_matmul
     from rtxjit.ir.types import DType
 
+    from rtxjit.ir.graph import Node
+
     relu = (("Relu", (("in", 0),), ()),)
-    a = FusedEpilogue.of(relu, DType.FP16, ())
-    assert FusedEpilogue.of(relu, DType.FP16, ()) is a and FusedEpilogue.of(relu, DType.FP32, ()) is not a
-    twin = (("Relu", (("in", 0),), ()),)  # an equal program, another object: the same rendered source
-    b = FusedEpilogue.of(twin, DType.FP16, ())
+    owner = Node("rtxjit.Epilogue", "n", [], [], {"program": relu})
+    a = FusedEpilogue.of(relu, DType.FP16, (), owner=owner)
+    assert FusedEpilogue.of(relu, DType.FP16, (), owner=owner) is a
+    assert FusedEpilogue.of(relu, DType.FP32, (), owner=owner) is not a
+    twin = (("Relu", (("in", 0),), ()),)  # an equal program, another node: the same rendered source
+    b = FusedEpilogue.of(twin, DType.FP16, (), owner=Node("rtxjit.Epilogue", "m", [], [], {"program": twin}))
+    assert b is not a
     assert b.memo_key == a.memo_key
     assert render_matmul(DType.FP16, DType.FP16, 0, False, fused=a) is render_matmul(DType.FP16, DType.FP16, 0, False,
                                                                                    fused=b)

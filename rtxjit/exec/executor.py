@@ -111,6 +111,11 @@ class Executable:
         self.tune = True  # whether specialization times tile configurations (not for AOT engines)
         self.created_s = time.monotonic()  # when the binding's first request built it
         self.installed_s: list = []  # time.monotonic() of each ``install`` (jit_stats reports them)
+        # capture parts (``_capture_part``): the CUDA events around the last run that carried one, its
+        # GPU ms once they completed, and the host ms a captured launch took
+        self._run_events: Optional[tuple] = None
+        self._run_gpu_ms: Optional[float] = None
+        self._capture_ms: Optional[float] = None
 
     def _plan_constant(self, spec, shared: dict) -> torch.Tensor:
         """A constant the lowering made (a pre-transposed conv weight, a fill value) on the device,
@@ -283,14 +288,12 @@ class Executable:
         """Record the next part of ``v``'s graph, sized to hide behind the GPU work of a run
         (``CAPTURE_SHARE``): launches per part from the last measured run's GPU time and the host
         time a captured launch has taken."""
-        events = getattr(self, "_run_events", None)
-        if events is not None and events[1].query():
-            self._run_gpu_ms = events[0].elapsed_time(events[1])
-        gpu_ms, per_launch = getattr(self, "_run_gpu_ms", None), getattr(self, "_capture_ms", None)
-        if gpu_ms is None or per_launch is None:
+        if self._run_events is not None and self._run_events[1].query():
+            self._run_gpu_ms = self._run_events[0].elapsed_time(self._run_events[1])
+        if self._run_gpu_ms is None or self._capture_ms is None:
             part = CAPTURE_PART
         else:
-            part = max(CAPTURE_MIN, int(CAPTURE_SHARE * gpu_ms / max(per_launch, 1e-4)))
+            part = max(CAPTURE_MIN, int(CAPTURE_SHARE * self._run_gpu_ms / max(self._capture_ms, 1e-4)))
         before, t = v.captured, time.perf_counter()
         self.capture(v, feeds, limit=part)
         if v.captured > before:

@@ -48,7 +48,7 @@ def take_epilogue(ctx, product_dtype, shape) -> tuple:
     program, extras = ctx.epilogue  # views of the node's output shape
     ctx.epilogue = None
     extras = [_as_shape(ctx, e, tuple(shape)) for e in extras]
-    return FusedEpilogue.of(program, product_dtype, tuple(e.dtype for e in extras)), extras
+    return FusedEpilogue.of(program, product_dtype, tuple(e.dtype for e in extras), owner=ctx.node), extras
 
 
 def _as_shape(ctx, view: View, shape: tuple) -> View:

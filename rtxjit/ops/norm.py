@@ -86,7 +86,7 @@ def emit_group_norm(ctx, x: View, scale: View, bias: View, groups: int, eps: flo
     n_rows, n_cols = n * groups, c // groups * spatial
     placed = [_extra_view(ctx, e, x.shape) for e in extras]
     views = [v for v, _ in placed]
-    fused = FusedEpilogue.of(program, x.dtype, tuple(v.dtype for v in views)) if program else None
+    fused = FusedEpilogue.of(program, x.dtype, tuple(v.dtype for v in views), owner=ctx.node) if program else None
     wide = x.numel > WIDE_LIMIT or ctx.needs_wide(x, out, *views)
     split = _split(n_rows, n_cols, ctx.interpret)
     src = render_group_norm(x.dtype, out.dtype, acc, split=split is not None, fused=fused, wide=wide)

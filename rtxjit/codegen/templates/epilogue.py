@@ -10,6 +10,8 @@ program are the kernel arguments ``es0, es1, ...``.
 from __future__ import annotations
 
 import functools
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,7 +21,10 @@ from rtxjit.codegen.dtypes import load_cast
 from rtxjit.ir.types import DType
 
 
-_INSTANCES: dict = {}  # (id(program), product dtype, extra dtypes) -> FusedEpilogue (FusedEpilogue.of)
+# graph node -> {(product dtype, extra dtypes): FusedEpilogue} (FusedEpilogue.of); weak: a dropped
+# session's nodes take their epilogues with them
+_INSTANCES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_INSTANCES_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -36,19 +41,24 @@ class FusedEpilogue:
     @functools.cached_property
     def memo_key(self) -> tuple:
         """The key memoized render functions file this epilogue under (codegen/source.py): computed once
-        per instance (``of`` hands out one instance per program), not walked on every render."""
+        per instance (``of`` hands out one instance per node), not walked on every render."""
         return ("FusedEpilogue", typed_key((self.program, self.product_dtype, self.extra_dtypes)))
 
     @staticmethod
-    def of(program: tuple, product_dtype: DType, extra_dtypes: tuple) -> "FusedEpilogue":
-        """The epilogue of ``program`` (a node's attribute: the same tuple for every binding planned),
-        one instance per program and types, so its composition and key are made once."""
-        key = (id(program), product_dtype, tuple(extra_dtypes))
-        hit = _INSTANCES.get(key)
-        if hit is None or hit.program is not program:  # an id reused by another program
-            if len(_INSTANCES) >= 4096:
-                _INSTANCES.clear()
-            hit = _INSTANCES[key] = FusedEpilogue(program, product_dtype, tuple(extra_dtypes))
+    def of(program: tuple, product_dtype: DType, extra_dtypes: tuple, owner=None) -> "FusedEpilogue":
+        """The epilogue of ``program``; with ``owner`` (the graph node whose attribute ``program`` is:
+        the same tuple for every binding planned) one instance per program and types, kept while the
+        node lives, so its composition and key are made once per node, not per launch."""
+        extra_dtypes = tuple(extra_dtypes)
+        if owner is None:
+            return FusedEpilogue(program, product_dtype, extra_dtypes)
+        with _INSTANCES_LOCK:
+            mine = _INSTANCES.get(owner)
+            if mine is None:
+                mine = _INSTANCES[owner] = {}
+            hit = mine.get((product_dtype, extra_dtypes))
+            if hit is None or hit.program is not program:
+                hit = mine[(product_dtype, extra_dtypes)] = FusedEpilogue(program, product_dtype, extra_dtypes)
         return hit
 
     @property
