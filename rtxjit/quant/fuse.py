@@ -18,7 +18,8 @@ sizes that are no power of two >= 16 stay as they are (fold_constants then folds
 
 Quantized operands: the activation DQ's scale and zero point must be constants of one value, the
 weight's per tensor or per output column (MatMul ``[K, N]`` axis 1, Gemm with ``transB`` axis 0),
-stored ``[K, N]`` as the kernel reads it (int8 less its zero point, or fp8 as its uint8 bits);
+stored ``[N, K]`` (``w_nk=1``: K-major, as 8-bit tensor-core dots read it) as the kernel reads it
+(int8 less its zero point, or fp8 as its uint8 bits);
 the Gemm's C (a constant, or a DQ of constants: evaluated here) becomes the bias, ``alpha`` a
 factor of the scales, ``transA`` is not folded. Where the product's only reader is a
 QuantizeLinear of constant per-tensor parameters, the quantization moves into the kernel and the
@@ -210,9 +211,9 @@ def _quantized_operands(graph: Graph, node: Node, names: FreshNames) -> bool:
     # the weight as the kernel reads it, so the node's constant is also its device copy (behind
     # rtxjit.Epilogue every input is uploaded): fp8 as its bits, int8 less its zero point
     if a_dtype in FP8:
-        wq = make_constant(names, wq.name + "_bits", np.ascontiguousarray(q).view(np.uint8))
+        wq = make_constant(names, wq.name + "_bits", np.ascontiguousarray(q.T).view(np.uint8))
     else:
-        wq, zw = make_constant(names, wq.name + "_int8", int8_weight(q, zw_)), None
+        wq, zw = make_constant(names, wq.name + "_int8", np.ascontiguousarray(int8_weight(q, zw_).T)), None
     inputs = [aq, sa, za, wq, sw, zw,
               None if bias is None else make_constant(names, node.name + "_bias", bias)]
     outputs, q_node = None, _only_quantize_reader(graph, node.outputs[0])
@@ -220,7 +221,7 @@ def _quantized_operands(graph: Graph, node: Node, names: FreshNames) -> bool:
         inputs += [q_node.inputs[1], q_node.inputs[2] if len(q_node.inputs) > 2 else None]
         outputs = list(q_node.outputs)
     qattrs = {"alpha": float(attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0,
-              "saturate": int(q_node.attrs.get("saturate", 1)) if q_node is not None else 1}
+              "saturate": int(q_node.attrs.get("saturate", 1)) if q_node is not None else 1, "w_nk": 1}
     _replace(graph, node, "rtxjit.QLinearMatMul", inputs, qattrs, names, 1, outputs)
     if q_node is not None:
         remove_nodes(graph, [q_node])

@@ -5,8 +5,10 @@ rtxjit/quant/fuse.py (never found in a model).
     out = QuantizeLinear(y, y_scale, y_zero, saturate)   (where the graph quantizes y; else out = y)
 
 ``a_q [..., M, K]`` is the quantized activation (int8 / uint8, or fp8), the rest are constants read
-on the host at lowering: ``w_q [K, N]`` (int8 / uint8, or fp8: the fp8 values or, as
-rtxjit/quant/fuse.py writes them, their uint8 bits, read as ``a_q``'s fp8 type), ``w_scale`` / ``w_zero`` one value
+on the host at lowering: ``w_q [K, N]``, or ``[N, K]`` with ``w_nk=1`` (int8 / uint8, or fp8: the fp8
+values or, as rtxjit/quant/fuse.py writes them, their uint8 bits, read as ``a_q``'s fp8 type; fuse.py
+stores them ``[N, K]``: 8-bit tensor-core dots (Hopper's wgmma) read both operands K-major, and a
+weight laid out so needs no transpose in shared memory), ``w_scale`` / ``w_zero`` one value
 or one per column N, ``a_scale`` / ``a_zero`` / ``y_scale`` / ``y_zero`` one value each, ``bias``
 ``[N]`` (float). Float8 zero points are ignored, as in DequantizeLinear / QuantizeLinear.
 
@@ -84,10 +86,10 @@ def int8_weight(w_q: np.ndarray, w_zero) -> np.ndarray:
 
 @op("rtxjit.QLinearMatMul", since=1, kind=Kind.MATMUL, host_inputs=(1, 2, 3, 4, 5, 6, 7, 8))
 def qlinear_matmul(a_q: TensorType, a_scale, a_zero, w_q, w_scale, w_zero=None, bias=None, y_scale=None,
-                   y_zero=None, *, alpha: float = 1.0, saturate: int = 1) -> TensorType:
+                   y_zero=None, *, alpha: float = 1.0, saturate: int = 1, w_nk: int = 0) -> TensorType:
     if a_q.dtype not in INTS + FP8:
         raise ModelError(f"rtxjit.QLinearMatMul: a quantized activation of {a_q.dtype.short}")
-    k, n = _shape(w_q)
+    k, n = _shape(w_q)[::-1] if w_nk else _shape(w_q)
     shape = a_q.shape[:-1] + (n,)
     if y_scale is None:
         return TensorType(_dtype(a_scale), shape)
@@ -97,9 +99,10 @@ def qlinear_matmul(a_q: TensorType, a_scale, a_zero, w_q, w_scale, w_zero=None, 
 
 @qlinear_matmul.reference
 def _(a_q, a_scale, a_zero, w_q, w_scale, w_zero=None, bias=None, y_scale=None, y_zero=None, *, alpha=1.0,
-      saturate=1):
+      saturate=1, w_nk=0):
     dq = get_op("DequantizeLinear")
     w_q = fp8_weight(w_q, _dtype(a_q))
+    w_q = np.asarray(w_q).T if w_nk else w_q
     a = np.asarray(dq.run_reference([a_q, a_scale, a_zero], {"axis": 1, "block_size": 0}, 1)[0], np.float64)
     w = np.asarray(dq.run_reference([w_q, w_scale, w_zero], {"axis": 1, "block_size": 0}, 1)[0], np.float64)
     y = alpha * (a @ w)
@@ -116,7 +119,7 @@ def _(a_q, a_scale, a_zero, w_q, w_scale, w_zero=None, bias=None, y_scale=None, 
 
 @qlinear_matmul.lower
 def _(ctx, a_q, a_scale, a_zero, w_q, w_scale, w_zero=None, bias=None, y_scale=None, y_zero=None, *, alpha=1.0,
-      saturate=1):
+      saturate=1, w_nk=0):
     w_view = w_q if isinstance(w_q, View) else None  # the weight on the device already (behind rtxjit.Epilogue)
     a_scale, a_zero, w_q, w_scale, w_zero, bias, y_scale, y_zero = host_constants(
         ctx, [a_scale, a_zero, w_q, w_scale, w_zero, bias, y_scale, y_zero])
@@ -127,6 +130,7 @@ def _(ctx, a_q, a_scale, a_zero, w_q, w_scale, w_zero=None, bias=None, y_scale=N
     if fp8 and ctx.sm is not None and ctx.sm < FP8_MIN_SM:
         raise UnsupportedOpError(f"{ctx.where}: an fp8 x fp8 product needs sm_{FP8_MIN_SM} or newer; the target "
                                  f"is sm_{ctx.sm}")
+    w_q = np.asarray(w_q).T if w_nk else w_q  # [K, N] for the host's sums; the device copy keeps the given layout
     k, n = np.shape(w_q)
     rows = int(np.prod(a_q.shape[:-1], dtype=np.int64))
     out = ctx.outputs[0].reshape((rows, n))
@@ -137,7 +141,7 @@ def _(ctx, a_q, a_scale, a_zero, w_q, w_scale, w_zero=None, bias=None, y_scale=N
     w_dtype = a_q.dtype if fp8 else _dtype(w_q)
     if fp8:
         a = a.with_dtype(DType.UINT8)  # the bits: decoded or bitcast in the kernel
-        w = np.ascontiguousarray(np.asarray(w_q)).view(np.uint8)
+        w = np.asarray(w_q).view(np.uint8)
         corr = None
     else:
         w = int8_weight(w_q, w_zero)
@@ -153,7 +157,7 @@ def _(ctx, a_q, a_scale, a_zero, w_q, w_scale, w_zero=None, bias=None, y_scale=N
     # kernel reads (fuse.py writes it so: int8 less its zero point, fp8 bits)
     same = w_view is not None and w_view.contiguous and w_view.dtype in (DType.UINT8, DType.INT8) and (
         fp8 or (w.dtype == np.asarray(w_q).dtype and (w_zero is None or not np.any(w_zero))))
-    w_dev = w_view.with_dtype(DType.UINT8 if fp8 else DType.INT8) if same else ctx.const(w)
+    w_dev = w_view.with_dtype(DType.UINT8 if fp8 else DType.INT8) if same else ctx.const(w.T if w_nk else w)
     views = [out, a, w_dev, ctx.const(np.broadcast_to(cs, (n,)).astype(np.float32))]
     if corr is not None:
         views.append(ctx.const(corr))
@@ -167,7 +171,8 @@ def _(ctx, a_q, a_scale, a_zero, w_q, w_scale, w_zero=None, bias=None, y_scale=N
         args += [ctx.ptr(v), v.offset]
     ys = 1.0 if y_scale is None else float(np.asarray(y_scale, np.float32).reshape(-1)[0])
     yz = 0.0 if y_zero is None or _dtype(y_zero) in FP8 else float(np.asarray(y_zero).astype(np.float64).reshape(-1)[0])
-    args += [ys, yz, rows, n, k, n, 1, k, 1, n, 1]
+    b_sk, b_sn = (1, k) if w_nk else (n, 1)
+    args += [ys, yz, rows, n, k, n, 1, k, 1, b_sk, b_sn]
     if bias is not None:
         args += list(views[-1].strides)
     args += epilogue_args(ctx, fused, extras, lambda e: e.strides)
