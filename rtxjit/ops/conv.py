@@ -192,12 +192,14 @@ def _weight(ctx, w: View, index: int = 1) -> View:
     return dense_weight(ctx, value.const)
 
 
-def dense_weight(ctx, array: np.ndarray) -> View:
+def dense_weight(ctx, array: np.ndarray, k_major: bool = False) -> View:
     """A host weight ``[Cout, C, *kernel]`` uploaded transposed to ``[*kernel, C, Cout]`` (output
     channels contiguous, so the B tile loads 16 bytes at a time), returned as a view of the
-    logical shape ``[Cout, C, *kernel]``."""
+    logical shape ``[Cout, C, *kernel]``. ``k_major``: uploaded as ``[Cout, *kernel, C]`` instead
+    (input channels contiguous): 8-bit tensor-core dots (Hopper's wgmma) read B K-major, and an
+    int8 weight laid out so needs no transpose in shared memory."""
     rank = array.ndim
-    perm = tuple(range(2, rank)) + (1, 0)  # [Cout, C, *k] -> [*k, C, Cout]
+    perm = (0,) + tuple(range(2, rank)) + (1,) if k_major else tuple(range(2, rank)) + (1, 0)
     dense = ctx.const(np.ascontiguousarray(np.transpose(array, perm)))
     back = [0] * rank
     for i, p in enumerate(perm):
