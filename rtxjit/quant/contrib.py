@@ -146,6 +146,7 @@ def _attrs_samples() -> list:
             sample(2, 64, 12, 8, 16, zero="packed", bias=True, accuracy_level=1),
             sample(18, 96, 8, 8, 32),
             sample(2, 64, 8, 4, 16, zero="float"),
+            sample(1, 24, 10, 4, 64, zero="packed", bias=True),  # a K step inside one block
             sample(2, 48, 8, 4, 16, g_idx=(np.arange(48) // 16).astype(np.int32))]
 
 
@@ -190,7 +191,8 @@ def _(ctx, a, b, scales, zero_points=None, g_idx=None, bias=None, *, K, N, bits=
     if bias is not None:
         views.append(bias.broadcast_to((rows, N)))
     gemv = rows <= GEMV_ROWS
-    cfgs = nbits_configs(rows, N, K, gemv, ctx.interpret, a.dtype, ctx.sm or 90, ctx.sm_count)
+    block4 = block_size if gemv and bits == 4 and groups is None else 0  # the 4-bit GEMV (gemv4_lines)
+    cfgs = nbits_configs(rows, N, K, gemv, ctx.interpret, a.dtype, ctx.sm or 90, ctx.sm_count, block4=block4)
     splits, k_per = split_k(N, K, cfgs, ctx.sm_count) if gemv else (1, K)
     if splits > 1:  # fp32 partials to a workspace; bias and epilogue in the reduction
         ws = ctx.temp(DType.FP32, (splits, rows, N))

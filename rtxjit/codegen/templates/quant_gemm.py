@@ -93,6 +93,44 @@ def dequant_lines(bits: int, block: int, zero: str, g_idx: bool) -> list:
     return lines
 
 
+def gemv4_lines(block: int, zero: str, wide: bool) -> list:
+    """The 4-bit GEMV's K step (no ``g_idx``): ``BLOCK_K // SB`` sub-steps (unrolled; their loads
+    independent) of ``SB = min(BLOCK_K, block)`` values each, inside one quantization block, so one
+    scale and zero point per row per sub-step. The packed bytes stay bytes, ``[BLOCK_N, SB / 2]``
+    (a row's bytes in one thread: one vector load, a sum without shuffles): the low nibbles multiply
+    the even activations and the high ones the odd (``a``'s row loaded whole, the same in every
+    thread, and split into even and odd), no interleave or 3-D tile; ``sum((q - z) a) = sum(q a) - z sum(a)``, scaled once
+    per row. Rows of ``a`` one by one (``BLOCK_M <= 4``), the last row read again for padding rows."""
+    w = int64_suffix(wide)
+    sb = f"min(BLOCK_K, {block})"
+    scale = [line.replace("rn[:, None]", "rn") for line in _scale_zero_lines(4, zero, "            ")]
+    return [f"        for u in tl.static_range(0, BLOCK_K // {sb}):",
+            f"            kk = k0 + u * {sb}",
+            f"            rkb = kk // 2 + tl.arange(0, {sb} // 2){w}",
+            "            q_addr = b_ptr + b_off + rn[:, None] * ldb + rkb[None, :]",
+            "            if EVEN_K:  # no K tail: the loads keep only their row masks (and vectorize)",
+            "                q_b = tl.load(q_addr, mask=rn[:, None] < N, other=0)",
+            "            else:",
+            "                q_b = tl.load(q_addr, mask=(rn[:, None] < N) & (rkb[None, :] * 2 < K), other=0)",
+            "            q_b = q_b.to(tl.int32)",
+            "            q_lo = (q_b & 15).to(tl.float32)",
+            "            q_hi = (q_b >> 4).to(tl.float32)",
+            f"            q_g = kk // {block} + tl.zeros((1,), dtype=tl.int32)",
+            f"            q_m = (rn < N) & (q_g * {block} < K)",
+            *scale,
+            "            for mi in tl.static_range(0, BLOCK_M):",
+            f"                rka = kk + tl.arange(0, {sb}){w}",
+            "                ra = a_ptr + a_off + tl.minimum(mi, M - 1) * a_sm + rka",
+            "                if EVEN_K:",
+            "                    a_k = tl.load(ra).to(tl.float32)",
+            "                else:",
+            "                    a_k = tl.load(ra, mask=rka < K, other=0.0).to(tl.float32)",
+            f"                a_e, a_o = tl.split(tl.reshape(a_k, ({sb} // 2, 2)))",
+            "                dot = tl.sum(q_lo * a_e[None, :] + q_hi * a_o[None, :], axis=1)",
+            "                part = (dot - q_zv * (tl.sum(a_e, axis=0) + tl.sum(a_o, axis=0))) * q_s",
+            "                acc += tl.where(rm[:, None] == mi, part[None, :], 0.0)"]
+
+
 def _scale_zero_lines(bits: int, zero: str, indent: str) -> list:
     """Lines loading ``q_s`` (scales) and ``q_zv`` (zero points, or the constant midpoint) of the
     blocks ``q_g`` of rows ``rn`` under ``q_m``, at ``indent``."""
@@ -155,14 +193,16 @@ def render_nbits(a_dtype: DType, bits: int, block: int, zero: str, g_idx: bool, 
         step = [*masked_load("a", a_addr, "(rm[:, None] < M)", "(rk[None, :] < K)"),
                 f"        b = tl.trans(w.to({TL[a_dtype]}))",
                 f"        acc = {product(a_dtype)}"]
+    if gemv and bits == 4 and not g_idx:
+        body = gemv4_lines(block, zero, wide)
+    else:
+        body = [f"        rk = k0 + tl.arange(0, BLOCK_K){w}", *dequant_lines(bits, block, zero, g_idx), *step]
     lines = [
         signature("qgemv" if gemv else "qmatmul", params),
         *head,
         "    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
         f"    for k0 in range({k_range}):",
-        f"        rk = k0 + tl.arange(0, BLOCK_K){w}",
-        *dequant_lines(bits, block, zero, g_idx),
-        *step,
+        *body,
         "    mask = (rm[:, None] < M) & (rn[None, :] < N)",
         *epilogue("out_ptr + out_off + rm[:, None] * out_sm + rn[None, :]", DType.FP32 if split else a_dtype,
                   has_bias, False, fused=fused, fused_addr=_extra_addr),
@@ -225,9 +265,27 @@ def _extra_addr(k: int) -> str:
     return f"e{k}_ptr + e{k}_off + rm[:, None] * e{k}_sm + rn[None, :] * e{k}_sn"
 
 
-def nbits_configs(m: int, n: int, k: int, gemv: bool, interpret: bool, dtype: DType, sm: int, sm_count: int) -> list:
+def nbits_configs(m: int, n: int, k: int, gemv: bool, interpret: bool, dtype: DType, sm: int, sm_count: int,
+                  block4: int = 0) -> list:
     """Candidate configurations, best guess first. The GEMV keeps ``BLOCK_M * BLOCK_N * BLOCK_K``
-    (its register tile) at 8K elements for 4 warps; the GEMM takes the matmul template's."""
+    (its register tile) at 8K elements for 4 warps; the GEMM takes the matmul template's.
+    ``block4``: the quantization block of the 4-bit GEMV (``gemv4_lines``), whose register tile is
+    one sub-step's ``BLOCK_M * BLOCK_N * min(BLOCK_K, block) / 2`` bytes, kept at 2K to 4K, and
+    whose ``BLOCK_K`` (a multiple of the sub-step) sets how many sub-steps are unrolled."""
+    if gemv and block4 and not interpret:
+        bm = _next_pow2(m)
+        sub = min(block4, 256)
+        out = []
+        for unroll, budget in ((2, 2048), (4, 2048), (1, 4096), (2, 4096)):
+            bn = max(16, min(256, budget // (bm * max(1, sub // 2)), _next_pow2(n)))
+            bk = sub * unroll
+            if bk > max(sub, _next_pow2(k)):
+                continue
+            cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1, "EVEN_K": k % bk == 0,
+                   "num_warps": 4, "num_stages": 1}
+            if cfg not in out:
+                out.append(cfg)
+        return out
     if gemv:
         bm = _next_pow2(m)
         if interpret:
