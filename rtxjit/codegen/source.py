@@ -157,9 +157,14 @@ def is_loaded(src: KernelSource, interpret: bool, generic: bool = False) -> bool
 def load_kernel(src: KernelSource, interpret: bool, generic: bool = False):
     """The Triton kernel for ``src``: a JITFunction, or an InterpretedFunction for the CPU.
 
-    ``generic`` compiles one binary for every value of the runtime arguments: Triton specializes
-    none of them (no divisibility or value-1 specialization), so a new shape never compiles again.
-    """
+    ``generic`` compiles one binary for every value of the run-time sizes and strides: Triton
+    specializes none of them (no divisibility or value-1 specialization), so a new shape never
+    compiles again. Buffer pointers (``*_ptr``: 16-byte aligned, as every buffer rtxjit allocates
+    is and as direct launches check of feeds) and the views' offsets into them (the parameter right
+    after each pointer, as ``kernels.keys.arg_classes`` classes it: the same in every binding but
+    where a view starts at a dynamic size) keep Triton's specialization: with
+    it the fallback's loads vectorize (measured on an H100 before, fully generic: bert-base fallback
+    steps 3.5-3.9x the specialized ones, resnet50 2.8-3.2x)."""
     cache_key = (src.key, interpret, generic and not interpret)
     fn = _loaded.get(cache_key)
     if fn is not None:
@@ -185,7 +190,11 @@ def _build(src: KernelSource, interpret: bool, generic: bool):
     from triton.runtime.jit import JITFunction
 
     if generic:
-        runtime = [name for name, const in parameters(src) if not const]
+        runtime, prev = [], ""
+        for name, const in parameters(src):
+            if not const and not name.endswith("_ptr") and not prev.endswith("_ptr"):
+                runtime.append(name)
+            prev = name
         return JITFunction(fn, do_not_specialize=runtime)
     return JITFunction(fn)  # on the GPU: compiled on first launch, cached by Triton
 

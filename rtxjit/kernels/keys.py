@@ -44,12 +44,17 @@ def arg_classes(args: tuple, generic: bool) -> tuple:
     """What Triton's specialization sees of the arguments (equal classes: one compilation). The
     values of static sizes are in the kernel's source (``with_static``), so they need no class of
     their own; a generic kernel specializes no run-time integer, a bucketed specialized kernel
-    only as Triton does, an ``EXACT`` one is compiled for every value."""
+    only as Triton does, an ``EXACT`` one is compiled for every value. A buffer's offset (the
+    integer right after its pointer) keeps Triton's classes in a generic kernel too
+    (``codegen.source.load_kernel``)."""
     out = []
+    after_pointer = False
     for a in args:
+        offset, after_pointer = after_pointer, False
         if isinstance(a, bool) or not isinstance(a, int):
             out.append(str(a) if not isinstance(a, float) else "f")
-        elif generic:
+            after_pointer = not isinstance(a, (bool, float, str))  # a buffer (a torch dtype here)
+        elif generic and not offset:
             out.append("i" if -2**31 <= a < 2**31 else "l")
         elif EXACT:
             out.append((a, a % 16 == 0, a == 1))
