@@ -122,7 +122,8 @@ class Executable:
         shared with every other binding of the session that made the same bytes: bindings of new
         shapes must not each hold another copy of the weights."""
         data = np.ascontiguousarray(spec.data)
-        key = (spec.name, data.dtype.str, data.shape, hashlib.sha256(data.view(np.uint8)).hexdigest())
+        digest = spec.digest or hashlib.sha256(data.reshape(-1).view(np.uint8)).hexdigest()
+        key = (spec.name, data.dtype.str, data.shape, digest)
         tensor = shared.get(key)
         if tensor is None:
             tensor = host_tensor(data.reshape(-1), spec.dtype).to(self.tdev)

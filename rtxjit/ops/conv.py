@@ -189,18 +189,30 @@ def _weight(ctx, w: View, index: int = 1) -> View:
     value = ctx.node.inputs[index]
     if value is None or value.const is None or tuple(value.const.shape) != w.shape:
         return w
-    return dense_weight(ctx, value.const)
+    return dense_weight(ctx, value.const, sources=(value.const,))
 
 
-def dense_weight(ctx, array: np.ndarray, k_major: bool = False) -> View:
+def dense_weight(ctx, array, k_major: bool = False, sources: tuple = None) -> View:
     """A host weight ``[Cout, C, *kernel]`` uploaded transposed to ``[*kernel, C, Cout]`` (output
     channels contiguous, so the B tile loads 16 bytes at a time), returned as a view of the
     logical shape ``[Cout, C, *kernel]``. ``k_major``: uploaded as ``[Cout, *kernel, C]`` instead
     (input channels contiguous): 8-bit tensor-core dots (Hopper's wgmma) read B K-major, and an
-    int8 weight laid out so needs no transpose in shared memory."""
-    rank = array.ndim
-    perm = (0,) + tuple(range(2, rank)) + (1,) if k_major else tuple(range(2, rank)) + (1, 0)
-    dense = ctx.const(np.ascontiguousarray(np.transpose(array, perm)))
+    int8 weight laid out so needs no transpose in shared memory. ``sources``: the node's host
+    constants ``array`` is made from alone (``array`` may then be a function making it): the
+    layout is made once per node (``LowerCtx.derived_const``), not per binding."""
+    def perm_of(rank: int) -> tuple:
+        return (0,) + tuple(range(2, rank)) + (1,) if k_major else tuple(range(2, rank)) + (1, 0)
+
+    def layout(a: np.ndarray) -> np.ndarray:
+        return np.transpose(a, perm_of(a.ndim))
+
+    if sources is not None:
+        dense = ctx.derived_const(("dense_weight", k_major), sources,
+                                  lambda: layout(np.asarray(array() if callable(array) else array)))
+    else:
+        dense = ctx.const(layout(np.asarray(array)))
+    rank = len(dense.shape)
+    perm = perm_of(rank)
     back = [0] * rank
     for i, p in enumerate(perm):
         back[p] = i

@@ -163,8 +163,9 @@ def _conv_weight(ctx, w, group: int):
     swap = [0, 2, 1] + list(range(3, w.rank + 1))  # [g, c, n, *k] -> [g, n, c, *k]
     value = ctx.node.inputs[1]
     if value is not None and value.const is not None and tuple(value.const.shape) == w.shape:
-        conv_layout = np.transpose(value.const.reshape(grouped), swap).reshape((group * n_out, c) + kernel)
-        return dense_weight(ctx, conv_layout)
+        const = value.const
+        return dense_weight(ctx, lambda: np.transpose(const.reshape(grouped), swap).reshape((group * n_out, c) + kernel),
+                            sources=(const,))
     if group == 1:
         return w.permute([1, 0] + list(range(2, w.rank)))
     dense = ctx.temp(w.dtype, (group, n_out, c) + kernel)

@@ -291,6 +291,6 @@ def _(ctx, x_q, w_q, bias=None, x_scale=None, x_zero=None, w_scale=None, w_zero=
         args += [_scalar(scale, 1.0), _scalar(zero)]
     out = channels_last_output(ctx)
     b = None if bias is None else ctx.const(np.ascontiguousarray(bias, np.float32))
-    emit_conv(ctx, x_q, dense_weight(ctx, w, k_major=True), b, out, geo, group, quant=quant, quant_args=tuple(args))
+    emit_conv(ctx, x_q, dense_weight(ctx, w, k_major=True, sources=(w_q, w_zero)), b, out, geo, group, quant=quant, quant_args=tuple(args))
     if out is not ctx.outputs[0]:
         ctx.alias(0, out)
