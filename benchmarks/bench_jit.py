@@ -392,6 +392,7 @@ def main(argv=None) -> int:
     p.add_argument("--parts", default="timeline,first", help="timeline (per-step latency while shapes change), "
                    "first (time to the first result: cold, warm runtime cache, torch.compile)")
     p.add_argument("--skip-compile", action="store_true", help="leave out torch.compile's first call")
+    p.add_argument("--modes", default=",".join(MODES), help="timeline modes to run (a subset of the default)")
     p.add_argument("--profile-warm", action="store_true", help="cProfile a warm start into OUT/warm_profile_*.txt")
     args = p.parse_args(argv)
     if args.child:
@@ -421,7 +422,7 @@ def main(argv=None) -> int:
 
     for name in names:
         if "timeline" in parts:
-            for mode in MODES:  # each with Triton's (and inductor's) cache of its own: specialized kernels compile
+            for mode in args.modes.split(","):  # each with Triton's (and inductor's) cache of its own: specialized kernels compile
                 timelines[(name, mode)] = run_child(
                     ["timeline", name, str(paths[name]), mode, args.interval, args.iters],
                     {"TRITON_CACHE_DIR": str(tmp / f"timeline-{name}-{mode}"),

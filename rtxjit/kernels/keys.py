@@ -7,6 +7,8 @@ other for them, inside functions to hide the cycle)."""
 
 from __future__ import annotations
 
+import functools
+
 from rtxjit.cache.keys import cache_key, target_of
 from rtxjit.codegen.source import specialize
 from rtxjit.kernels import binaries
@@ -65,8 +67,15 @@ def arg_classes(args: tuple, generic: bool) -> tuple:
 
 def item_key(device, src_key: str, generic: bool, args: tuple, constexprs: dict) -> str:
     """The binary key of one compilation: ``args`` with buffers as torch dtypes."""
-    return cache_key(target=target_of(device),
-                     **binaries.binary_key(src_key, generic, arg_classes(args, generic), constexprs))
+    return _item_key(target_of(device), src_key, bool(generic), arg_classes(args, generic),
+                     tuple(sorted(constexprs.items())))
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _item_key(target: str, src_key: str, generic: bool, classes: tuple, constexprs: tuple) -> str:
+    """Memoized: a new binding asks the key of every launch (~25 us of JSON and sha256 each), and
+    its launches mostly repeat an earlier binding's."""
+    return cache_key(target=target, **binaries.binary_key(src_key, generic, classes, dict(constexprs)))
 
 
 def step_args(plan, step: Launch) -> tuple:
