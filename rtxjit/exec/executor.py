@@ -227,10 +227,24 @@ class Executable:
             kernels = launch_all(v.launches, bufs, pace=pace)
             if v.direct is None:
                 v.direct = bind_direct(v.launches, kernels)
+            self._remember(v, kernels)
         else:
             with interpreter_quiet():
                 launch_all(v.launches, bufs, pace=pace)
         return self.outputs(bufs)
+
+    def _remember(self, v: Variant, kernels: list) -> None:
+        """Kernels Triton's JIT dispatched in ``v``'s first run, kept in the session's KernelStore
+        under their binary keys: a later binding launching the same kernel (a fallback kernel at a
+        new shape, a specialized one of the same bucket) takes it from there, without the JIT's
+        dispatch (~25 us a launch) on its first request."""
+        store = self.kernels
+        if store is None:
+            return
+        for (launcher, _, _, constexprs, step, _), kernel in zip(v.launches, kernels):
+            if kernel is not None and isinstance(launcher, _Launcher) and launcher.jitted:
+                store.remember(kernel_keys.step_key(self.device, self.plan, step, launcher.kind, constexprs), kernel)
+                launcher.jitted = False
 
     def fresh_buffers(self, feeds: dict) -> dict:
         bufs = {idx: feeds[name] for name, idx in self.inputs.items()}
@@ -327,10 +341,11 @@ class _Launcher:
     """A step's Triton launcher, made at its first call: a variant served by direct launches of
     loaded binaries (jit/warm.py) never creates its JIT functions."""
 
-    __slots__ = ("exe", "step", "kind", "grid", "fn")
+    __slots__ = ("exe", "step", "kind", "grid", "fn", "jitted")
 
     def __init__(self, exe: Executable, step: Launch, kind: str, grid: tuple):
         self.exe, self.step, self.kind, self.grid, self.fn = exe, step, kind, grid, None
+        self.jitted = False  # resolved to Triton's JIT dispatch (its kernel not yet remembered)
 
     def __call__(self, *args, **constexprs):
         if self.fn is None:
@@ -339,12 +354,13 @@ class _Launcher:
 
     def _resolve(self, constexprs: dict):
         kernels = self.exe.kernels
-        if self.exe.device.kind == "cuda" and kernels is not None and kernels.has_sources():
+        if self.exe.device.kind == "cuda" and kernels is not None:
             stored = kernels.find(kernel_keys.step_key(self.exe.device, self.exe.plan, self.step, self.kind,
                                                        constexprs))
             if stored is not None:
                 names = [name for name, _ in parameters(self.step.kernel)]
                 return _Stored(stored, self.grid, names[len(self.step.args):], self._jit)
+        self.jitted = self.exe.device.kind == "cuda"
         return self._jit()
 
     def _jit(self):
