@@ -12,6 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import rtxjit
+from rtxjit.ir.types import DType
 from rtxjit.quant import contrib
 from rtxjit.quant.contrib import dequantized_weight, packed_shape
 
@@ -70,7 +71,8 @@ def test_matmul_nbits_from_the_quantizer_matches_onnxruntime(bits, block, symmet
     want = _ort(q, {"x": x})[0]
     sess = _session(q)
     np.testing.assert_allclose(sess.run(None, {"x": x})[0], want, rtol=1e-4, atol=1e-4)
-    assert _kernels(sess, {"x": x}) == ["qgemv" if rows <= contrib.GEMV_ROWS else "qmatmul"]  # no dequantized weight, one kernel
+    gemv = contrib._gemv(rows, bits, block, None, DType.FP32)
+    assert _kernels(sess, {"x": x}) == ["qgemv" if gemv else "qmatmul"]  # no dequantized weight, one kernel
 
 
 def _nbits_node(k, n, bits, block, zero, g_idx, bias, seed):
@@ -127,19 +129,23 @@ def test_matmul_nbits_g_idx_and_float_zero_points_match_the_reference(bits, zero
         np.testing.assert_allclose(_ort(m, {"x": x})[0], want, rtol=1e-4, atol=1e-4)
 
 
-def test_matmul_nbits_fp16():
-    """fp16 A, scales and bias: the weight dequantized in fp32 and rounded to fp16 for the dot."""
-    m, w, bias = _nbits_node(64, 16, 4, 16, "packed", False, True, seed=3)
+@pytest.mark.parametrize("block,rows", [(16, (2, 20)), (32, (12,))], ids=["block16", "block32-gemv-dot"])
+def test_matmul_nbits_fp16(block, rows):
+    """fp16 A, scales and bias: the weight dequantized in fp32 and rounded to fp16 for the dot; 12 rows
+    of a 32-block weight take the 4-bit GEMV's tensor-core form."""
+    m, w, bias = _nbits_node(64, 16, 4, block, "packed", False, True, seed=3)
     for init in m.graph.initializer:
         if init.data_type == TensorProto.FLOAT:
             init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name))
     m.graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT16
     m.graph.output[0].type.tensor_type.elem_type = TensorProto.FLOAT16
     _attr(m, "accuracy_level").i = 1
-    for rows in (2, 20):
+    for rows in rows:
         x = np.random.default_rng(rows).standard_normal((1, rows, 64)).astype(np.float16)
-        got = _session(m).run(None, {"x": x})[0]
+        sess = _session(m)
+        got = sess.run(None, {"x": x})[0]
         assert got.dtype == np.float16
+        assert _kernels(sess, {"x": x}) == ["qgemv" if contrib._gemv(rows, 4, block, None, DType.FP16) else "qmatmul"]
         np.testing.assert_allclose(got.astype(np.float32), _ort(m, {"x": x})[0].astype(np.float32), rtol=1e-2, atol=2e-2)
 
 

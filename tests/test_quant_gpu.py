@@ -18,9 +18,9 @@ from tests.test_quant_gemm import _matmul_model, _nbits_quantized, _ort, _qdq_mo
 pytestmark = pytest.mark.gpu
 
 
-def _runs(model, feeds: dict):
+def _runs(model, feeds: dict, **options):
     """The output of a generic run, then of a run once the specialized kernels serve."""
-    sess = rtxjit.InferenceSession(model, device="cuda")
+    sess = rtxjit.InferenceSession(model, device="cuda", **options)
     first = np.asarray(sess.run(None, feeds)[0], np.float64)
     sess.wait_for_specialization(timeout=300)
     return first, np.asarray(sess.run(None, feeds)[0], np.float64)
@@ -36,6 +36,17 @@ def test_gpu_matmul_nbits_matches_onnxruntime(bits, block, symmetric, rows):
     want = _ort(q, {"x": x})[0]
     for got in _runs(q, {"x": x}):
         assert rel_error(got, want) <= (1e-4 if rows <= 4 else 1e-2), rel_error(got, want)
+
+
+@pytest.mark.parametrize("rows", [1, 12, 16])
+def test_gpu_matmul_nbits_fp16_matches_onnxruntime(rows):
+    """The fp32 file run in fp16: one row by the 4-bit GEMV's row loop, 12 and 16 by its tensor-core
+    form (fp16 nibbles and activations, fp32 sums), against onnxruntime's fp32 result (1e-2)."""
+    q = _nbits_quantized(_matmul_model(1024, 1536, rows, seed=8), 4, 32, True, "QOperator")
+    x = np.random.default_rng(9).standard_normal((rows, 1024)).astype(np.float32)
+    want = _ort(q, {"x": x})[0]
+    for got in _runs(q, {"x": x}, precision="fp16"):
+        assert rel_error(got, want) <= 1e-2, rel_error(got, want)
 
 
 @pytest.mark.parametrize("a_type,op,per_channel,requant", [(TensorProto.UINT8, "MatMul", True, True),
@@ -55,13 +66,16 @@ def test_gpu_int8_qdq_product_matches_onnxruntime(a_type, op, per_channel, requa
 @pytest.mark.parametrize("w_type", [TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E5M2], ids=["e4m3fn", "e5m2"])
 def test_gpu_fp8_qdq_product_matches_the_onnx_reference(w_type):
     """An fp8 x fp8 -> fp32 tensor-core dot (K-major weight) at K 512 x N 384 x 64 rows, float
-    output: fp8 products are exact, fp32 sums in another order (1e-4 relative)."""
+    output. fp8 products are exact, but Hopper's fp8 tensor cores accumulate with fewer bits than
+    fp32 (Triton's default for fp8 dots: no promotion to fp32 within the K loop, as cuBLAS's
+    fast-accumulation mode): measured 8.0e-4 relative on an H100 (e4m3fn), so 2e-3 here, where the
+    CPU interpreter's exact fp32 sums meet 1e-5 (tests/test_quant_gemm.py)."""
     from onnx.reference import ReferenceEvaluator
 
     m, x = _qdq_model(w_type, w_type, "Gemm", True, False, seed=6, k=512, n=384, rows=64)
     want = ReferenceEvaluator(m).run(None, {"x": x})[0]
     for got in _runs(m, {"x": x}):
-        assert rel_error(got, want) <= 1e-4, rel_error(got, want)
+        assert rel_error(got, want) <= 2e-3, rel_error(got, want)
 
 
 def test_gpu_int8_cnn_from_quantize_static_matches_onnxruntime(tmp_path):

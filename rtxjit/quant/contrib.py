@@ -44,6 +44,16 @@ FLOATS = (DType.FP32, DType.FP16, DType.BF16)
 GEMV_ROWS = 4  # up to this many rows of A: the GEMV form (decode shapes); more take tl.dot tiles of 16
 # rows (at 16 rows the GEMV multiplied a [16, 8, 256] fp32 tile in registers: bench_quant mlp_int4_b16 ran
 # 1.68 ms, its fp16 model 0.19 ms, on an H100)
+GEMV4_ROWS = 16  # the 4-bit GEMV (gemv4_lines) up to this many fp16 / bf16 rows, blocks of 32 and more:
+# from 5 rows its tensor-core form (the dequantizing GEMM ran mlp_int4_b16 in 1.22 ms on an H100)
+
+
+def _gemv(rows: int, bits: int, block_size: int, g_idx, dtype: DType) -> bool:
+    """Whether a product of ``rows`` rows takes the GEMV form."""
+    if rows <= GEMV_ROWS:
+        return True
+    return (rows <= GEMV4_ROWS and bits == 4 and g_idx is None and block_size >= 32
+            and dtype in (DType.FP16, DType.BF16))
 
 
 def packed_shape(n: int, k: int, bits: int, block_size: int) -> tuple:
@@ -147,6 +157,8 @@ def _attrs_samples() -> list:
             sample(18, 96, 8, 8, 32),
             sample(2, 64, 8, 4, 16, zero="float"),
             sample(1, 24, 10, 4, 64, zero="packed", bias=True),  # a K step inside one block
+            sample(12, 64, 24, 4, 32, zero="packed", bias=True),  # fp16: the GEMV's tensor-core form
+            sample(6, 96, 20, 4, 32),
             sample(2, 48, 8, 4, 16, g_idx=(np.arange(48) // 16).astype(np.int32))]
 
 
@@ -190,7 +202,7 @@ def _(ctx, a, b, scales, zero_points=None, g_idx=None, bias=None, *, K, N, bits=
         views.append(ctx.const(groups))
     if bias is not None:
         views.append(bias.broadcast_to((rows, N)))
-    gemv = rows <= GEMV_ROWS
+    gemv = _gemv(rows, bits, block_size, groups, a.dtype)
     block4 = block_size if gemv and bits == 4 and groups is None else 0  # the 4-bit GEMV (gemv4_lines)
     cfgs = nbits_configs(rows, N, K, gemv, ctx.interpret, a.dtype, ctx.sm or 90, ctx.sm_count, block4=block4)
     splits, k_per = split_k(N, K, cfgs, ctx.sm_count) if gemv else (1, K)
@@ -207,7 +219,7 @@ def _launch_nbits(ctx, views, a_dtype, bits, block_size, zero, groups, fused, ex
     """One product kernel over ``views`` (out, a, b, scales, [zero points], [g_idx], [bias]);
     ``split``: ``(splits, k_per)`` of a split-K GEMV writing fp32 partials into ``views[0]``."""
     has_bias = len(views) > 4 + (zero != "none") + (groups is not None)
-    gemv = rows <= GEMV_ROWS
+    gemv = _gemv(rows, bits, block_size, groups, a_dtype)
     k_blocks = -(-K // block_size)
     src = render_nbits(a_dtype, bits, block_size, zero, groups is not None, has_bias, gemv,
                        wide=ctx.needs_wide(*views, *extras), fused=fused, split=split is not None)

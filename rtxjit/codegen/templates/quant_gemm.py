@@ -51,6 +51,7 @@ from rtxjit.errors import InternalError
 from rtxjit.ir.types import DType
 
 FP8 = (DType.FP8E4M3, DType.FP8E5M2)
+GEMV_ROW_LOOP = 4  # the 4-bit GEMV takes up to this many rows one by one; more (to 16) by tensor-core dots
 ZERO_KINDS = ("none", "packed", "float")
 
 
@@ -93,14 +94,17 @@ def dequant_lines(bits: int, block: int, zero: str, g_idx: bool) -> list:
     return lines
 
 
-def gemv4_lines(block: int, zero: str, wide: bool) -> list:
+def gemv4_lines(block: int, zero: str, wide: bool, a_dtype: DType = DType.FP32) -> list:
     """The 4-bit GEMV's K step (no ``g_idx``): ``BLOCK_K // SB`` sub-steps (unrolled; their loads
     independent) of ``SB = min(BLOCK_K, block)`` values each, inside one quantization block, so one
     scale and zero point per row per sub-step. The packed bytes stay bytes, ``[BLOCK_N, SB / 2]``
     (a row's bytes in one thread: one vector load, a sum without shuffles): the low nibbles multiply
     the even activations and the high ones the odd (``a``'s row loaded whole, the same in every
     thread, and split into even and odd), no interleave or 3-D tile; ``sum((q - z) a) = sum(q a) - z sum(a)``, scaled once
-    per row. Rows of ``a`` one by one (``BLOCK_M <= 4``), the last row read again for padding rows."""
+    per row. Rows of ``a`` one by one (``BLOCK_M <= 4``), the last row read again for padding rows;
+    with fp16 / bf16 activations and ``BLOCK_M >= 16`` (5 to 16 rows, ``SB >= 32``) all rows at
+    once by two tensor-core dots of ``[BLOCK_M, SB / 2]`` activations and the nibbles (0..15, exact
+    in ``a``'s dtype), fp32 accumulation."""
     w = int64_suffix(wide)
     sb = f"min(BLOCK_K, {block})"
     scale = [line.replace("rn[:, None]", "rn") for line in _scale_zero_lines(4, zero, "            ")]
@@ -118,17 +122,38 @@ def gemv4_lines(block: int, zero: str, wide: bool) -> list:
             f"            q_g = kk // {block} + tl.zeros((1,), dtype=tl.int32)",
             f"            q_m = (rn < N) & (q_g * {block} < K)",
             *scale,
-            "            for mi in tl.static_range(0, BLOCK_M):",
+            *(_gemv4_dot_lines(sb, w, a_dtype) if a_dtype in (DType.FP16, DType.BF16) else
+              ["            if True:"]),
+            "                for mi in tl.static_range(0, BLOCK_M):",
+            f"                    rka = kk + tl.arange(0, {sb}){w}",
+            "                    ra = a_ptr + a_off + tl.minimum(mi, M - 1) * a_sm + rka",
+            "                    if EVEN_K:",
+            "                        a_k = tl.load(ra).to(tl.float32)",
+            "                    else:",
+            "                        a_k = tl.load(ra, mask=rka < K, other=0.0).to(tl.float32)",
+            f"                    a_e, a_o = tl.split(tl.reshape(a_k, ({sb} // 2, 2)))",
+            "                    dot = tl.sum(q_lo * a_e[None, :] + q_hi * a_o[None, :], axis=1)",
+            "                    part = (dot - q_zv * (tl.sum(a_e, axis=0) + tl.sum(a_o, axis=0))) * q_s",
+            "                    acc += tl.where(rm[:, None] == mi, part[None, :], 0.0)"]
+
+
+def _gemv4_dot_lines(sb: str, w: str, a_dtype: DType) -> list:
+    """``gemv4_lines``' tensor-core form (``BLOCK_M >= 16``), then the opening of the row loop's
+    branch."""
+    t = TL[a_dtype]
+    return ["            if BLOCK_M >= 16:",
             f"                rka = kk + tl.arange(0, {sb}){w}",
-            "                ra = a_ptr + a_off + tl.minimum(mi, M - 1) * a_sm + rka",
+            "                ra = a_ptr + a_off + rm[:, None] * a_sm + rka[None, :]",
             "                if EVEN_K:",
-            "                    a_k = tl.load(ra).to(tl.float32)",
+            "                    a_k = tl.load(ra, mask=rm[:, None] < M, other=0.0)",
             "                else:",
-            "                    a_k = tl.load(ra, mask=rka < K, other=0.0).to(tl.float32)",
-            f"                a_e, a_o = tl.split(tl.reshape(a_k, ({sb} // 2, 2)))",
-            "                dot = tl.sum(q_lo * a_e[None, :] + q_hi * a_o[None, :], axis=1)",
-            "                part = (dot - q_zv * (tl.sum(a_e, axis=0) + tl.sum(a_o, axis=0))) * q_s",
-            "                acc += tl.where(rm[:, None] == mi, part[None, :], 0.0)"]
+            "                    a_k = tl.load(ra, mask=(rm[:, None] < M) & (rka[None, :] < K), other=0.0)",
+            f"                a_e, a_o = tl.split(tl.reshape(a_k, (BLOCK_M, {sb} // 2, 2)))",
+            f"                dot = tl.dot(a_e, tl.trans(q_lo.to({t})))",
+            f"                dot = tl.dot(a_o, tl.trans(q_hi.to({t})), dot)",
+            "                a_sum = tl.sum(a_e.to(tl.float32), axis=1) + tl.sum(a_o.to(tl.float32), axis=1)",
+            "                acc += (dot - q_zv[None, :] * a_sum[:, None]) * q_s[None, :]",
+            "            else:"]
 
 
 def _scale_zero_lines(bits: int, zero: str, indent: str) -> list:
@@ -194,7 +219,7 @@ def render_nbits(a_dtype: DType, bits: int, block: int, zero: str, g_idx: bool, 
                 f"        b = tl.trans(w.to({TL[a_dtype]}))",
                 f"        acc = {product(a_dtype)}"]
     if gemv and bits == 4 and not g_idx:
-        body = gemv4_lines(block, zero, wide)
+        body = gemv4_lines(block, zero, wide, a_dtype)
     else:
         body = [f"        rk = k0 + tl.arange(0, BLOCK_K){w}", *dequant_lines(bits, block, zero, g_idx), *step]
     lines = [
@@ -273,11 +298,12 @@ def nbits_configs(m: int, n: int, k: int, gemv: bool, interpret: bool, dtype: DT
     one sub-step's ``BLOCK_M * BLOCK_N * min(BLOCK_K, block) / 2`` bytes, kept at 2K to 4K, and
     whose ``BLOCK_K`` (a multiple of the sub-step) sets how many sub-steps are unrolled."""
     if gemv and block4 and not interpret:
-        bm = _next_pow2(m)
+        bm = 16 if m > GEMV_ROW_LOOP else _next_pow2(m)  # the tensor-core form from 5 rows on
         sub = min(block4, 256)
         out = []
         for unroll, budget in ((2, 2048), (4, 2048), (1, 4096), (2, 4096)):
-            bn = max(16, min(256, budget // (bm * max(1, sub // 2)), _next_pow2(n)))
+            rows = 1 if bm >= 16 else bm  # the row loop's weight tile is reused row by row
+            bn = max(16, min(256, budget // (rows * max(1, sub // 2)), _next_pow2(n)))
             bk = sub * unroll
             if bk > max(sub, _next_pow2(k)):
                 continue
