@@ -58,6 +58,12 @@ def runtime_cache_dir() -> str | None:
     return value or None
 
 
+def gc_freeze() -> bool:
+    """RTXJIT_GC_FREEZE=0 keeps a GPU session from freezing the garbage collector's heap when it is
+    created (``jit.specializer.freeze_heap``)."""
+    return os.environ.get("RTXJIT_GC_FREEZE", "1") != "0"
+
+
 def specialize_mode() -> str | None:
     """RTXJIT_SPECIALIZE=lazy|eager|none: the default ``specialize`` mode of new sessions."""
     value = os.environ.get("RTXJIT_SPECIALIZE", "").strip().lower()

@@ -84,6 +84,8 @@ class InferenceSession:
 
         self.runtime_cache = open_cache(runtime_cache)
         self.device: Device = detect(device)
+        if self.device.kind == "cuda" and config.gc_freeze():
+            jit.freeze_heap()  # no full-heap collection pause in a later request (a new binding's first)
         targets = () if self.device.sm is None else (self.device.sm,)
         self.engine = model if isinstance(model, Engine) else None
         if self.engine is not None:  # optimized when built; a stripped engine names its missing weights here
