@@ -44,7 +44,7 @@ FLOATS = (DType.FP32, DType.FP16, DType.BF16)
 GEMV_ROWS = 4  # up to this many rows of A: the GEMV form (decode shapes); more take tl.dot tiles of 16
 # rows (at 16 rows the GEMV multiplied a [16, 8, 256] fp32 tile in registers: bench_quant mlp_int4_b16 ran
 # 1.68 ms, its fp16 model 0.19 ms, on an H100)
-GEMV4_ROWS = 16  # the 4-bit GEMV (gemv4_lines) up to this many fp16 / bf16 rows, blocks of 32 and more:
+GEMV4_ROWS = 16  # the 4-bit GEMV (gemv4_lines) up to this many rows, blocks of 32 and more:
 # from 5 rows its tensor-core form (the dequantizing GEMM ran mlp_int4_b16 in 1.22 ms on an H100)
 
 
@@ -52,8 +52,7 @@ def _gemv(rows: int, bits: int, block_size: int, g_idx, dtype: DType) -> bool:
     """Whether a product of ``rows`` rows takes the GEMV form."""
     if rows <= GEMV_ROWS:
         return True
-    return (rows <= GEMV4_ROWS and bits == 4 and g_idx is None and block_size >= 32
-            and dtype in (DType.FP16, DType.BF16))
+    return rows <= GEMV4_ROWS and bits == 4 and g_idx is None and block_size >= 32 and dtype in FLOATS
 
 
 def packed_shape(n: int, k: int, bits: int, block_size: int) -> tuple:

@@ -102,9 +102,9 @@ def gemv4_lines(block: int, zero: str, wide: bool, a_dtype: DType = DType.FP32) 
     the even activations and the high ones the odd (``a``'s row loaded whole, the same in every
     thread, and split into even and odd), no interleave or 3-D tile; ``sum((q - z) a) = sum(q a) - z sum(a)``, scaled once
     per row. Rows of ``a`` one by one (``BLOCK_M <= 4``), the last row read again for padding rows;
-    with fp16 / bf16 activations and ``BLOCK_M >= 16`` (5 to 16 rows, ``SB >= 32``) all rows at
-    once by two tensor-core dots of ``[BLOCK_M, SB / 2]`` activations and the nibbles (0..15, exact
-    in ``a``'s dtype), fp32 accumulation."""
+    with ``BLOCK_M >= 16`` (5 to 16 rows, ``SB >= 32``) all rows at once by two dots of
+    ``[BLOCK_M, SB / 2]`` activations and the nibbles (0..15, exact in ``a``'s dtype): tensor cores
+    for fp16 / bf16, fp32 accumulation; fp32 in IEEE mode (as the matmul template's)."""
     w = int64_suffix(wide)
     sb = f"min(BLOCK_K, {block})"
     scale = [line.replace("rn[:, None]", "rn") for line in _scale_zero_lines(4, zero, "            ")]
@@ -122,8 +122,7 @@ def gemv4_lines(block: int, zero: str, wide: bool, a_dtype: DType = DType.FP32) 
             f"            q_g = kk // {block} + tl.zeros((1,), dtype=tl.int32)",
             f"            q_m = (rn < N) & (q_g * {block} < K)",
             *scale,
-            *(_gemv4_dot_lines(sb, w, a_dtype) if a_dtype in (DType.FP16, DType.BF16) else
-              ["            if True:"]),
+            *_gemv4_dot_lines(sb, w, a_dtype),
             "                for mi in tl.static_range(0, BLOCK_M):",
             f"                    rka = kk + tl.arange(0, {sb}){w}",
             "                    ra = a_ptr + a_off + tl.minimum(mi, M - 1) * a_sm + rka",
@@ -141,6 +140,7 @@ def _gemv4_dot_lines(sb: str, w: str, a_dtype: DType) -> list:
     """``gemv4_lines``' tensor-core form (``BLOCK_M >= 16``), then the opening of the row loop's
     branch."""
     t = TL[a_dtype]
+    ieee = ', input_precision="ieee"' if a_dtype is DType.FP32 else ""  # as the matmul template's fp32 dots
     return ["            if BLOCK_M >= 16:",
             f"                rka = kk + tl.arange(0, {sb}){w}",
             "                ra = a_ptr + a_off + rm[:, None] * a_sm + rka[None, :]",
@@ -149,8 +149,8 @@ def _gemv4_dot_lines(sb: str, w: str, a_dtype: DType) -> list:
             "                else:",
             "                    a_k = tl.load(ra, mask=(rm[:, None] < M) & (rka[None, :] < K), other=0.0)",
             f"                a_e, a_o = tl.split(tl.reshape(a_k, (BLOCK_M, {sb} // 2, 2)))",
-            f"                dot = tl.dot(a_e, tl.trans(q_lo.to({t})))",
-            f"                dot = tl.dot(a_o, tl.trans(q_hi.to({t})), dot)",
+            f"                dot = tl.dot(a_e, tl.trans(q_lo.to({t})){ieee})",
+            f"                dot = tl.dot(a_o, tl.trans(q_hi.to({t})), dot{ieee})",
             "                a_sum = tl.sum(a_e.to(tl.float32), axis=1) + tl.sum(a_o.to(tl.float32), axis=1)",
             "                acc += (dot - q_zv[None, :] * a_sum[:, None]) * q_s[None, :]",
             "            else:"]
