@@ -168,3 +168,20 @@ def test_quant_conv_source_is_an_int8_dot_padded_with_the_zero_point():
         assert "acc = tl.dot(a, b, acc, out_dtype=tl.int32)" in text and "res_ptr + res_off" in text and "s1_scale" in text
     with pytest.raises(InternalError):
         render_conv2d(DType.UINT8, False, transposed=True, quant=quant)
+
+
+def test_dynamic_batch_keeps_the_residual_inside_its_conv(tmp_path):
+    """The quantize_static CNN with a symbolic batch ("N"): its residual Add still joins a quantized
+    conv (its shapes equal symbolically), and batch 3 equals onnxruntime's integers."""
+    q = _quantized(tmp_path, True, False, "QUInt8")
+    for v in list(q.graph.input) + list(q.graph.output):
+        v.type.tensor_type.shape.dim[0].dim_param = "N"
+    del q.graph.value_info[:]
+    ops = _ops(q)
+    assert ops.count("rtxjit.QLinearConv") == 5 and "Add" not in ops, ops
+    x = np.random.default_rng(6).standard_normal((3,) + SHAPE[1:]).astype(np.float32)
+    got = rtxjit.InferenceSession(q, device="cpu").run(None, {"x": x})[0]
+    want = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    step = float(_init(q, next(n.input[1] for n in q.graph.node if n.output[0] == "y")))
+    steps = np.rint(np.abs(got - want) / step)
+    assert steps.max() <= 1 and np.mean(steps > 0) <= 0.01
