@@ -8,9 +8,9 @@ Cases (full size, for a GPU):
 - ``mlp_int4_b1`` / ``mlp_int4_b16``: a decoder MLP block (SwiGLU, hidden 4096, intermediate 11008),
   1 and 16 tokens, INT4 weight-only (com.microsoft MatMulNBits, block 32, from MatMulNBitsQuantizer).
 
-Each: the quantized model run by rtxjit (the INT4 weight-only MLP with fp16 activations,
-``precision="fp16"``, as such models are served; the Q/DQ models as the file says), and the fp32 model
-run by rtxjit in fp16 (``precision="fp16"``), timed after warm-up and specialization (CUDA events on a GPU, wall clock on
+Each: the quantized model run by rtxjit with ``precision="fp16"`` (what is not quantized runs in
+fp16, as in the fp16 model it is compared with: attention, LayerNorm, the float products' outputs;
+the INT4 weight-only MLP's activations), and the fp32 model run by rtxjit in fp16 (``precision="fp16"``), timed after warm-up and specialization (CUDA events on a GPU, wall clock on
 the CPU); accuracy of both against the fp32 model run by onnxruntime on the same random inputs
 (max relative error, and top-1 agreement for the classifier), the optimized graph's op counts and,
 for the quantized model, ``fused_op_counts``: the quantized products rtxjit.quant.fuse made (every
@@ -204,8 +204,8 @@ def run_case(case: str, tiny: bool, time_limit: float, iters: int) -> dict:
     feeds = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
     ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     classifier = case.startswith("resnet")
-    quant_args = dict(model=quantized, precision="fp16") if case.startswith("mlp_int4") else dict(model=quantized)
-    for label, sess_args in (("fp16", dict(model=model, precision="fp16")), ("quantized", quant_args)):
+    for label, sess_args in (("fp16", dict(model=model, precision="fp16")),
+                             ("quantized", dict(model=quantized, precision="fp16"))):
         entry: dict = {}
         result[label] = entry
         try:

@@ -344,3 +344,19 @@ def test_bench_quant_tiny_runs_on_the_cpu(tmp_path):
         assert r["quantized"]["rel_error"] < 0.3
     assert "qgemv" in results[1]["quantized"]["kernels"] and "qdot" in results[0]["quantized"]["kernels"]
     assert "| mlp_int4_b1 |" in (tmp_path / "bench_quant.md").read_text()
+
+
+@pytest.mark.parametrize("a_type", [TensorProto.FLOAT8E4M3FN, TensorProto.UINT8], ids=["fp8", "uint8"])
+def test_quantized_product_of_an_fp16_session_writes_fp16(a_type):
+    """precision="fp16": the float output of an rtxjit.QLinearMatMul is fp16 (``out_dtype``, set by
+    convert_precision; its scales are host inputs and stay fp32), so no Cast to fp16 follows it (an
+    fp32 product then a Cast kept its epilogue apart); within fp16 rounding of the fp32 session (1e-2)."""
+    m, x = _qdq_model(a_type, a_type if a_type != TensorProto.UINT8 else TensorProto.INT8, "Gemm", True, False, seed=4)
+    sess = _session(m, precision="fp16")
+    q = [n for n in sess.graph.nodes if n.op == "rtxjit.QLinearMatMul"]
+    assert len(q) == 1 and q[0].outputs[0].type.dtype is DType.FP16
+    casts = [n for n in sess.graph.nodes if n.op == "Cast" and n.inputs[0] is q[0].outputs[0]]
+    assert all(n.attrs["to"] == DType.FP32.onnx_code for n in casts)  # the graph output's own, none to fp16
+    got = sess.run(None, {"x": x})[0]
+    want = _session(m).run(None, {"x": x})[0]
+    assert np.abs(got - want).max() <= 1e-2 * np.abs(want).max()

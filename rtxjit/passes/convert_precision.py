@@ -9,6 +9,8 @@ the user asks for it. After it, every fp32 value inside the graph is ``dtype``:
                               values, as the importer holds bf16 data); fp16 clamps finite values
                               to +-65504, so a -1e9 mask stays a large finite number
     Cast(x, to=fp32)       => Cast(x, to=dtype)
+    rtxjit.QLinearMatMul   => out_dtype=dtype: its float output (no requantization) in dtype (its
+                              scales are host inputs and stay fp32, which would keep it fp32)
     ConstantOfShape(value=fp32 v) => ConstantOfShape(value=fp16 v)      (fp16 only)
     op(..) still giving fp32 after re-inference (a bf16 ConstantOfShape, a Range of fp32 host
         scalars) => Cast(op(..), to=dtype)
@@ -136,6 +138,9 @@ def _convert_attrs(node: Node, dtype: DType) -> bool:
     so a bf16 ConstantOfShape stays fp32 and gets a Cast after it)."""
     if node.op == "Cast" and node.attrs.get("to") == DType.FP32.onnx_code:
         node.attrs["to"] = dtype.onnx_code
+        return True
+    if node.op == "rtxjit.QLinearMatMul" and not node.attrs.get("out_dtype"):
+        node.attrs["out_dtype"] = dtype.onnx_code
         return True
     if node.op == "ConstantOfShape" and dtype is DType.FP16:
         value = node.attrs.get("value")

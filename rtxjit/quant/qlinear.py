@@ -86,20 +86,27 @@ def int8_weight(w_q: np.ndarray, w_zero) -> np.ndarray:
 
 @op("rtxjit.QLinearMatMul", since=1, kind=Kind.MATMUL, host_inputs=(1, 2, 3, 4, 5, 6, 7, 8))
 def qlinear_matmul(a_q: TensorType, a_scale, a_zero, w_q, w_scale, w_zero=None, bias=None, y_scale=None,
-                   y_zero=None, *, alpha: float = 1.0, saturate: int = 1, w_nk: int = 0) -> TensorType:
+                   y_zero=None, *, alpha: float = 1.0, saturate: int = 1, w_nk: int = 0,
+                   out_dtype: int = 0) -> TensorType:
     if a_q.dtype not in INTS + FP8:
         raise ModelError(f"rtxjit.QLinearMatMul: a quantized activation of {a_q.dtype.short}")
     k, n = _shape(w_q)[::-1] if w_nk else _shape(w_q)
     shape = a_q.shape[:-1] + (n,)
     if y_scale is None:
-        return TensorType(_dtype(a_scale), shape)
+        return TensorType(_float_out(a_scale, out_dtype), shape)
     out = DType.UINT8 if y_zero is None else _dtype(y_zero)
     return TensorType(out, shape)
 
 
+def _float_out(a_scale, out_dtype: int) -> DType:
+    """The float output's type: ``out_dtype`` (an ONNX type code, set by convert_precision so an
+    fp16 model's product writes fp16) or, 0, the activation scale's (DequantizeLinear's rule)."""
+    return DType.from_onnx(out_dtype) if out_dtype else _dtype(a_scale)
+
+
 @qlinear_matmul.reference
 def _(a_q, a_scale, a_zero, w_q, w_scale, w_zero=None, bias=None, y_scale=None, y_zero=None, *, alpha=1.0,
-      saturate=1, w_nk=0):
+      saturate=1, w_nk=0, out_dtype=0):
     dq = get_op("DequantizeLinear")
     w_q = fp8_weight(w_q, _dtype(a_q))
     w_q = np.asarray(w_q).T if w_nk else w_q
@@ -108,9 +115,10 @@ def _(a_q, a_scale, a_zero, w_q, w_scale, w_zero=None, bias=None, y_scale=None, 
     y = alpha * (a @ w)
     if bias is not None:
         y = y + np.asarray(bias, np.float64)
-    y = y.astype(np.asarray(a_scale).dtype)
     if y_scale is None:
-        return y
+        out = _float_out(a_scale, out_dtype)
+        return y.astype(np.float32 if out is DType.BF16 else out.to_numpy())  # bf16 held as float32 values
+    y = y.astype(np.asarray(a_scale).dtype)
     attrs = {"axis": 1, "saturate": saturate, "block_size": 0, "output_dtype": 0}
     if y_zero is not None and _dtype(y_zero) in FP8:  # the fp8 zero point is ignored: its type alone counts
         attrs["output_dtype"], y_zero = _dtype(y_zero).onnx_code, None
@@ -119,7 +127,7 @@ def _(a_q, a_scale, a_zero, w_q, w_scale, w_zero=None, bias=None, y_scale=None, 
 
 @qlinear_matmul.lower
 def _(ctx, a_q, a_scale, a_zero, w_q, w_scale, w_zero=None, bias=None, y_scale=None, y_zero=None, *, alpha=1.0,
-      saturate=1, w_nk=0):
+      saturate=1, w_nk=0, out_dtype=0):
     w_view = w_q if isinstance(w_q, View) else None  # the weight on the device already (behind rtxjit.Epilogue)
     a_scale, a_zero, w_q, w_scale, w_zero, bias, y_scale, y_zero = host_constants(
         ctx, [a_scale, a_zero, w_q, w_scale, w_zero, bias, y_scale, y_zero])
