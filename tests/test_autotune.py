@@ -167,3 +167,17 @@ def test_paced_choose_times_a_far_slower_choice_only_once(monkeypatch):
     assert gpu.calls.count(1.0) == 1 + 1 + 5
     assert [t for _, t in autotune.timings(("slow",))] == pytest.approx(costs)
     autotune.forget()
+
+
+def test_shapes_of_one_bucket_get_one_candidate_list():
+    """tile_configs ranks M and the batch rounded up to powers of two (as the autotuner's key rounds
+    them): a new shape in a bucket seen before gets the same candidates, so its specialized
+    kernels are the ones compiled already (resnet50's 1x1 convs at batch 12 after 16)."""
+    from rtxjit.codegen.templates.matmul import tile_configs
+    from rtxjit.ir.types import DType
+
+    for m_a, m_b in ((65, 128), (12 * 3136, 16 * 3136), (513, 1000)):
+        assert tile_configs(m_a, 768, 768, DType.FP16, False) == tile_configs(m_b, 768, 768, DType.FP16, False)
+    assert tile_configs(3136, 256, 64, DType.FP16, False, batch=12) == tile_configs(3136, 256, 64, DType.FP16, False,
+                                                                                   batch=16)
+    assert tile_configs(64, 768, 768, DType.FP16, False) != tile_configs(4096, 768, 768, DType.FP16, False)

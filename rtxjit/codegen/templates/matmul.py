@@ -392,12 +392,16 @@ def tile_configs(m: int, n: int, k: int, dtype: DType, interpret: bool, sm: int 
     least 16; ``BLOCK_K`` also at most ``k_cap``, the K extent one step may cover, e.g. Conv's
     channels per tap) and ranked by an estimate of run time: waves of tiles over ``sm_count`` SMs
     times the tile's work over its efficiency (arithmetic intensity ``BM*BN/(BM+BN)``, saturating at
-    128x128). The first ``TUNE_CANDIDATES`` are what the autotuner times.
+    128x128). The first ``TUNE_CANDIDATES`` are what the autotuner times. M and the batch (the dims
+    a dynamic batch or sequence changes) count rounded up to powers of two, as the autotuner's key rounds them: the
+    shapes of one bucket get one list, so a new shape in a bucket seen before compiles nothing
+    (resnet50 batch 12 after 16 compiled ~57 specialized kernels).
     """
     if interpret or dtype is DType.FP64:
         return [tile_config(m, n, min(k, k_cap or k), dtype, interpret)]
     table = FP32_CONFIGS if dtype is DType.FP32 else TENSOR_CORE_CONFIGS[sm_family(sm)]
     k_lim = _next_pow2(min(k, k_cap or k))
+    m_bucket = _next_pow2(m)  # ranked for M rounded up: every M of a bucket gets the same list (one compile)
     seen, ranked = set(), []
     for bm, bn, bk, warps, stages in table:
         bm, bn = (max(16, min(b, _next_pow2(d))) for b, d in ((bm, m), (bn, n)))
@@ -405,7 +409,7 @@ def tile_configs(m: int, n: int, k: int, dtype: DType, interpret: bool, sm: int 
         if (bm, bn, bk) in seen:
             continue
         seen.add((bm, bn, bk))
-        tiles = -(-m // bm) * -(-n // bn) * max(batch, 1)
+        tiles = -(-m_bucket // bm) * -(-n // bn) * _next_pow2(max(batch, 1))
         waves = -(-tiles // sm_count)
         efficiency = min(1.0, (bm * bn / (bm + bn)) / 64.0)
         cost = waves * bm * bn / efficiency
