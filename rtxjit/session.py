@@ -112,6 +112,7 @@ class InferenceSession:
         self._lock = threading.Lock()
         self._executables: dict = {}
         self._host_inputs = self._inputs_needed_on_host()
+        self._expected = {v.name: v for v in self.graph.inputs}  # per request: the feeds checked against it
         self._index_inputs = index_inputs(self.graph)
         self._const_tensors: dict = {}
         self._plan_consts: dict = {}  # constants made by lowerings, shared across shape bindings
@@ -351,10 +352,11 @@ class InferenceSession:
         autotune.attach(self.runtime_cache, [step.tune_key for step in plan.steps if step.choices])
 
     def _bind(self, feeds: dict):
-        expected = {v.name: v for v in self.graph.inputs}
-        for name in feeds:
-            if name not in expected:
-                raise InputError(f"unknown input '{name}'; the model's inputs are {sorted(expected)}")
+        expected = self._expected
+        if len(feeds) != len(expected) or any(name not in expected for name in feeds):
+            for name in feeds:
+                if name not in expected:
+                    raise InputError(f"unknown input '{name}'; the model's inputs are {sorted(expected)}")
         tensors, types, host_values, symbols = {}, {}, {}, {}
         for name, v in expected.items():
             if name not in feeds:

@@ -37,9 +37,16 @@ def host_tensor(data: np.ndarray, dtype: DType) -> torch.Tensor:
     return torch.from_numpy(data if data.flags.writeable else data.copy()).to(torch_dtype(dtype))
 
 
+_FROM_TORCH: dict = {}  # torch dtype -> DType (dtype_of_torch runs per feed per request)
+
+
 def dtype_of_torch(dt: torch.dtype, name: str) -> DType:
     """The DType of torch dtype ``dt``; an InputError naming input ``name`` if rtxjit has none."""
+    hit = _FROM_TORCH.get(dt)
+    if hit is not None:
+        return hit
     for d in DType:
         if TORCH_DTYPES.get(d.short) == dt:
+            _FROM_TORCH[dt] = d
             return d
     raise InputError(f"input '{name}': dtype {dt} is not supported")
