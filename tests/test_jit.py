@@ -537,3 +537,75 @@ def test_freeze_heap_moves_the_heap_out_of_later_collections(monkeypatch):
     assert not config.gc_freeze()
     monkeypatch.delenv("RTXJIT_GC_FREEZE")
     assert config.gc_freeze()
+
+
+def test_every_bindings_first_pass_runs_before_any_tuned_pass(monkeypatch):
+    """The background specializer queues a binding's tuned pass (every tile candidate compiled and
+    timed) behind the first pass (heuristic tiles) of every binding queued: a new shape gets its
+    first specialized kernels without waiting for an older shape's candidates. The tuned stage
+    holds its binding weakly: one dropped meanwhile is skipped (and no longer pending)."""
+    import threading
+
+    from rtxjit.jit import specializer as sp
+
+    order, done = [], threading.Event()
+
+    def fake(exe, feeds, stats, background, stage):
+        order.append((exe.name, stage))
+        if len(order) == 3:
+            queue.pause()  # the first passes are done: hold the tuned ones while c is dropped
+        if len(order) == 5:
+            done.set()
+        return True, stage == "first"
+
+    class Binding:
+        def __init__(self, name):
+            self.name = name
+
+    monkeypatch.setattr(sp, "_guarded", fake)
+    queue = sp.Specializer()
+    stats = sp.Stats()
+    queue.pause()
+    a, b, c = Binding("a"), Binding("b"), Binding("c")
+    for binding in (a, b, c):
+        assert queue.submit(binding, {}, stats)
+    del binding
+    queue.resume()
+    import gc
+    import time
+
+    deadline = time.time() + 10
+    while (len(order) < 3 or not queue.paused) and time.time() < deadline:
+        time.sleep(0.01)
+    del c  # dropped while its tuned pass waits
+    gc.collect()
+    queue.resume()
+    assert done.wait(10)
+    deadline = time.time() + 10
+    while stats.pending and time.time() < deadline:
+        time.sleep(0.01)
+    assert stats.pending == 0
+    queue.shutdown()
+    assert order[:3] == [("a", "first"), ("b", "first"), ("c", "first")]
+    assert order[3:] == [("a", "tuned"), ("b", "tuned")], order
+
+
+def test_a_tunable_binding_is_specialized_in_a_first_and_a_tuned_stage(monkeypatch):
+    """_specialize's stages on a binding with tile candidates: "first" runs the heuristic pass and
+    says a tuned stage follows; "tuned" runs the timed pass; the binding counts as specialized once;
+    "all" (eager mode) runs both passes at once as before."""
+    sess = rtxjit.InferenceSession(_mlp(), device="cpu", specialize="none")
+    feeds = _x(4)
+    sess.run(None, feeds)
+    exe = sess.last_executable
+    exe.plan.steps[0].choices = ((exe.plan.steps[0].grid, exe.plan.steps[0].constexprs),) * 2  # two candidates
+    passes = []
+    monkeypatch.setattr(jit, "_specialized_pass", lambda exe, feeds, stats, background, tuned: passes.append(tuned)
+                        or exe.active)
+    monkeypatch.setattr(jit.autotune, "enabled", lambda: True)
+    stats = jit.Stats()
+    assert jit._specialize(exe, feeds, stats, True, "first") == (True, True) and passes == [False]
+    assert jit._specialize(exe, feeds, stats, True, "tuned") == (True, False) and passes == [False, True]
+    assert stats.specialized == 1
+    passes.clear()
+    assert jit._specialize(exe, feeds, jit.Stats(), True, "all") == (True, False) and passes == [False, True]

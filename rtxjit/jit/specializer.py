@@ -45,6 +45,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -209,10 +210,11 @@ class Stats:
 
 @dataclass(order=True)
 class _Job:
-    priority: tuple
+    priority: tuple  # (stage rank, -frequency, sequence): every binding's first pass before any tuned one
     exe: Executable = field(compare=False)
     snapshot: dict = field(compare=False)
     stats: Stats = field(compare=False)
+    stage: str = field(default="first", compare=False)  # "first" (heuristic tiles) | "tuned" (see _specialize)
 
 
 class Specializer:
@@ -238,7 +240,7 @@ class Specializer:
                 return False
             self._queued.add(id(exe))
             stats.add(pending=1)
-            heapq.heappush(self._heap, _Job((-frequency, next(self._seq)), exe, snapshot, stats))
+            heapq.heappush(self._heap, _Job((0, -frequency, next(self._seq)), exe, snapshot, stats))
             self._start()
             self._cv.notify()
         return True
@@ -248,7 +250,8 @@ class Specializer:
         with self._cv:
             jobs, self._heap = self._heap, []
             for job in jobs:
-                self._queued.discard(id(job.exe))
+                if job.stage == "first":
+                    self._queued.discard(id(job.exe))
         for job in jobs:
             job.stats.add(pending=-1)
         return len(jobs)
@@ -294,15 +297,26 @@ class Specializer:
                     self._heap.clear()
                     return
                 job = heapq.heappop(self._heap)
+            exe = job.exe() if job.stage == "tuned" else job.exe
+            stats, follow = job.stats, False
             try:
-                specialize_now(job.exe, job.snapshot, job.stats, background=True)
+                if exe is not None:  # else its session is gone: nothing to tune
+                    _, follow = _guarded(exe, job.snapshot, stats, True, job.stage)
             finally:
                 with self._cv:
-                    self._queued.discard(id(job.exe))
+                    if job.stage == "first":
+                        self._queued.discard(id(exe))
+                    if follow:  # the tuned pass queues behind every binding's first pass, holding
+                        # its binding weakly: a session dropped meanwhile is not kept alive by the queue
+                        heapq.heappush(self._heap, _Job((1,) + job.priority[1:], weakref.ref(exe), job.snapshot,
+                                                        job.stats, "tuned"))
+                        self._cv.notify()
                 # drop the finished job before waiting for the next one: otherwise this frame keeps
                 # the last binding (its arenas, input snapshot, kernels) alive after its session
-                # is gone (tests/test_concurrency.py, issue 8)
-                job = None
+                # is gone (tests/test_concurrency.py, issue 8); done only then
+                job = exe = None
+                if not follow:
+                    stats.add(pending=-1)
 
 
 _specializer: Optional[Specializer] = None
@@ -335,6 +349,17 @@ def snapshot(exe: Executable, feeds: dict) -> dict:
 def specialize_now(exe: Executable, feeds: dict, stats: Stats, background: bool = False) -> bool:
     """Compile, tune, check and install ``exe``'s specialized variant; returns whether it was
     installed. Failures are counted and warned about; the generic variant keeps serving."""
+    try:
+        return _guarded(exe, feeds, stats, background, "all")[0]
+    finally:
+        stats.add(pending=-1)
+
+
+def _guarded(exe: Executable, feeds: dict, stats: Stats, background: bool, stage: str) -> tuple:
+    """``(installed, more)`` of one stage of ``exe``'s specialization (``_specialize``), failures
+    counted and warned about; ``more``: a tuned pass is still to come. The caller counts the job
+    done (``pending``) once it holds no reference to the binding: a session dropped after
+    ``wait_for_specialization`` is collectable at once."""
     switch = sys.getswitchinterval()
     if background:  # the serving thread waits at most this long for the GIL while a job runs
         sys.setswitchinterval(min(switch, BACKGROUND_SWITCH_S))
@@ -342,47 +367,55 @@ def specialize_now(exe: Executable, feeds: dict, stats: Stats, background: bool 
         HOOKS.watch = _note_run
     try:
         with gc_paused():  # the job's garbage must not stop the serving thread for a collection
-            return _specialize(exe, feeds, stats, background)
+            installed, more = _specialize(exe, feeds, stats, background, stage)
+            return installed, more
     except Exception as exc:  # noqa: BLE001 - a failed specialization leaves the fallback serving
         if _specializer is not None and _specializer._stop:  # the interpreter is exiting under the job
             stats.add(dropped=1)
-            return False
+            return False, False
         warnings.warn(f"rtxjit: specialization of a binding failed; its generic kernels keep serving: "
                       f"{type(exc).__name__}: {exc}", RuntimeWarning)
         with stats.lock:
             stats.failed += 1
             stats.errors.append(f"{type(exc).__name__}: {exc}")
-        return False
+        return False, False
     finally:
         HOOKS.watch = None
         _last_run[0] = None
         sys.setswitchinterval(switch)
-        stats.add(pending=-1)
 
 
-def _specialize(exe: Executable, feeds: dict, stats: Stats, background: bool) -> bool:
-    """The job itself (``specialize_now`` counts its failure). In the background, a binding whose
-    launches offer several tile configurations is specialized in two passes: first with the
-    plan's heuristic configuration (one kernel per launch: swapped in soon), then with every
-    configuration compiled and timed (the fastest checked and swapped in when ready)."""
-    _record(exe, exe.active, binaries_only=True)  # the generic kernels too: a new shape in a later process
+def _specialize(exe: Executable, feeds: dict, stats: Stats, background: bool, stage: str = "all") -> tuple:
+    """The job itself (``_guarded`` counts its failure): ``(installed, more)``. In the background, a
+    binding whose launches offer several tile configurations is specialized in two passes: first
+    with the plan's heuristic configuration (one kernel per launch: swapped in soon), then with
+    every configuration compiled and timed (the fastest checked and swapped in when ready). The
+    specializer runs them as two stages (``stage`` "first", then "tuned"), queueing every binding's
+    first pass before any tuned one: a new shape is not kept on its fallback while an older shape's
+    candidates compile (resnet50 on an H100: 16-30 s to a new batch's first specialized kernels
+    behind the queue); ``more`` says the tuned stage is still to run. "all": both passes now."""
+    if stage != "tuned":
+        _record(exe, exe.active, binaries_only=True)  # the generic kernels too: a new shape in a later process
     tunable = exe.tune and autotune.enabled() and any(len(step.choices or ()) > 1 for step in exe.plan.steps)
-    passes = (False, True) if background and tunable else (tunable,)
+    passes = {"first": (False,), "tuned": (True,)}.get(stage) if background else None
+    if passes is None:
+        passes = (False, True) if background and tunable else (tunable,)
     installed = None
     for tuned in passes:
         variant = _specialized_pass(exe, feeds, stats, background, tuned)
         if variant is None:
             break
+        first = not exe.installed_s
         exe.install(variant)
-        if installed is None:
+        if first:
             with stats.lock:
                 stats.specialized += 1
                 stats.order.append(exe.key)
         installed = variant
     if installed is None:
-        return False
+        return False, False
     _record(exe, installed)
-    return True
+    return True, stage == "first" and background and tunable
 
 
 def _specialized_pass(exe: Executable, feeds: dict, stats: Stats, background: bool, tuned: bool):
