@@ -181,3 +181,20 @@ def test_shapes_of_one_bucket_get_one_candidate_list():
     assert tile_configs(3136, 256, 64, DType.FP16, False, batch=12) == tile_configs(3136, 256, 64, DType.FP16, False,
                                                                                    batch=16)
     assert tile_configs(64, 768, 768, DType.FP16, False) != tile_configs(4096, 768, 768, DType.FP16, False)
+
+
+def test_fallback_of_a_weight_product_takes_wider_tiles_from_the_models_n_and_k():
+    """The fallback configuration of a product whose B is a weight: its N and K are the model's, so
+    fp16 tiles take up to 128 columns and 64-deep unmasked K steps (3 stages from sm_80, 2 below);
+    without a weight, fp32, or a conv's channel cap: the moderate 64x64x32 tiles as before."""
+    from rtxjit.codegen.templates.matmul import generic_tile_config
+    from rtxjit.ir.types import DType
+
+    cfg = generic_tile_config(DType.FP16, weight_nk=(768, 3072), sm=90)
+    assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["EVEN_K"], cfg["num_stages"]) == (64, 128, 64, True, 3)
+    assert generic_tile_config(DType.FP16, weight_nk=(40, 100), sm=75)["BLOCK_N"] == 64
+    assert generic_tile_config(DType.FP16, weight_nk=(40, 100), sm=75)["EVEN_K"] is False
+    assert generic_tile_config(DType.FP16, weight_nk=(40, 100), sm=75)["num_stages"] == 2
+    plain = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "EVEN_K": False}
+    for cfg in (generic_tile_config(DType.FP16), generic_tile_config(DType.FP32, weight_nk=(768, 768))):
+        assert {k: cfg[k] for k in plain} == plain

@@ -116,16 +116,19 @@ def emit_matmul(ctx, a: View, b: View, out: View, bias: View = None, alpha: floa
     for d, size in enumerate(batch):
         args += [size] + [v.strides[d] for v in views + extras]
     nbatch = int(np.prod(batch, dtype=np.int64))
-    launch_tiles(ctx, src, args, m, n, k, a.dtype, nbatch)
+    weight = ctx.is_constant(b) and not batch  # B a weight: N and K are the model's, the same in every binding
+    launch_tiles(ctx, src, args, m, n, k, a.dtype, nbatch, weight_nk=(n, k) if weight else None)
 
 
-def launch_tiles(ctx, src, args: list, m: int, n: int, k: int, dtype, nbatch: int, k_cap: int = None) -> None:
+def launch_tiles(ctx, src, args: list, m: int, n: int, k: int, dtype, nbatch: int, k_cap: int = None,
+                 weight_nk: tuple = None) -> None:
     """Launch a tiled product kernel (MatMul's or Conv's) over ``[m, n]`` tiles times ``nbatch``,
-    with the candidate tile configurations of ``tile_configs``, timed on first use on a GPU."""
+    with the candidate tile configurations of ``tile_configs``, timed on first use on a GPU.
+    ``weight_nk``: N and K of a product with a constant B, for the fallback's configuration."""
     cfgs = tile_configs(m, n, k, dtype, ctx.interpret, sm=ctx.sm or 90, sm_count=ctx.sm_count, batch=nbatch,
                         k_cap=k_cap)
     choices = [((tile_count(m, n, c), nbatch), c) for c in cfgs]
-    generic = generic_tile_config(a_dtype=dtype, k_cap=k_cap)
+    generic = generic_tile_config(a_dtype=dtype, k_cap=k_cap, weight_nk=weight_nk, sm=ctx.sm or 90)
     ctx.launch_tuned(src, choices, args, ctx.tune_key(src, m, n, k, nbatch),
                      generic=((tile_count(m, n, generic), nbatch), generic))
 

@@ -313,6 +313,10 @@ class LowerCtx:
                 _DERIVED.setdefault(self.node, {})[key] = hit
         return self._b.upload(hit[1], f"{self.node.name}/const", digest=hit[2])
 
+    def is_constant(self, view: View) -> bool:
+        """Whether ``view`` reads a constant on the device (a weight: the same in every binding)."""
+        return self._b.plan.buffers[view.buf].role == "const"
+
     def temp(self, dtype: DType, shape) -> View:
         idx = self._b.plan.add_buffer(BufferSpec(dtype, int(np.prod(shape, dtype=np.int64)), "temp"))
         return View.of(idx, dtype, shape)
