@@ -288,7 +288,7 @@ def test_fp8_dot_source_keeps_fp8_operands_on_the_gpu_and_decodes_them_on_the_in
 
 def test_fp8_qdq_below_sm89_is_an_error_naming_the_op_and_sm():
     m, _ = _qdq_model(TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E4M3FN, "MatMul", True, True)
-    with pytest.raises(rtxjit.UnsupportedOpError, match=r"QuantizeLinear.*fp8e4m3.*sm_89.*sm_86"):
+    with pytest.raises(rtxjit.UnsupportedOpError, match=r"(QuantizeLinear|QLinearMatMul).*fp8.*sm_89.*sm_86"):
         rtxjit.build(m, targets=["sm_86"])
 
 
@@ -315,8 +315,9 @@ def test_fp8_calibration_helper_writes_a_qdq_model_rtxjit_runs_as_fp8_dots():
     q = fp8_qdq(model, samples)
     onnx.checker.check_model(q)
     assert [n.op_type for n in q.graph.node].count("QuantizeLinear") == 2
-    # the first fp8 product takes the Relu into its epilogue (rtxjit.Epilogue anchored on it)
-    assert _ops(q) == ["QuantizeLinear", "rtxjit.Epilogue", "QuantizeLinear", "rtxjit.QLinearMatMul"]
+    # the first fp8 product takes the Relu into its epilogue (rtxjit.Epilogue anchored on it); each
+    # quantizes its activation as it loads it (the QuantizeLinear nodes are gone)
+    assert _ops(q) == ["rtxjit.Epilogue", "rtxjit.QLinearMatMul"]
     x = rng.standard_normal((4, 32)).astype(np.float32)
     got = _session(q).run(None, {"x": x})[0]
     # onnxruntime 1.32's graph optimizations get this fp8 Q/DQ model wrong (3.5 off, onnx's reference
@@ -360,3 +361,25 @@ def test_quantized_product_of_an_fp16_session_writes_fp16(a_type):
     got = sess.run(None, {"x": x})[0]
     want = _session(m).run(None, {"x": x})[0]
     assert np.abs(got - want).max() <= 1e-2 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("saturate", [1, 0])
+def test_fp8_activation_quantized_as_the_product_loads_it_matches_the_unfused_graph(saturate):
+    """The activation's QuantizeLinear (fp8) runs inside the product (``quantize_a``): no kernel of
+    its own, and the same fp8 codes as the op: values beyond e4m3's range (saturated or NaN as
+    ``saturate`` says), subnormals, ties, -0 and NaN rows give what the unfused graph gives."""
+    m, x = _qdq_model(TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E4M3FN, "Gemm", True, False, seed=7)
+    for n in m.graph.node:
+        if n.op_type == "QuantizeLinear":
+            n.attribute.append(helper.make_attribute("saturate", saturate))
+    x = x.copy()
+    x[0, :6] = [1e6, -1e6, np.inf, 3e-6, -0.0, 0.0100000007]  # xs is 0.01: beyond 448, inf, a subnormal, -0
+    x[1, :] = np.nan
+    sess = _session(m)
+    assert [s.kernel.name for s in sess.plan_for({"x": x}).steps] == ["qdot"]
+    assert "QuantizeLinear" not in [n.op for n in sess.graph.nodes]
+    got = sess.run(None, {"x": x})[0]
+    want = _session(m, optimize=False).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=1e-5, atol=1e-5)

@@ -86,9 +86,13 @@ def int8_weight(w_q: np.ndarray, w_zero) -> np.ndarray:
 
 @op("rtxjit.QLinearMatMul", since=1, kind=Kind.MATMUL, host_inputs=(1, 2, 3, 4, 5, 6, 7, 8))
 def qlinear_matmul(a_q: TensorType, a_scale, a_zero, w_q, w_scale, w_zero=None, bias=None, y_scale=None,
-                   y_zero=None, *, alpha: float = 1.0, saturate: int = 1, w_nk: int = 0,
-                   out_dtype: int = 0) -> TensorType:
-    if a_q.dtype not in INTS + FP8:
+                   y_zero=None, *, alpha: float = 1.0, saturate: int = 1, w_nk: int = 0, out_dtype: int = 0,
+                   quantize_a: int = 0, a_saturate: int = 1) -> TensorType:
+    if quantize_a:
+        if not a_q.dtype.is_float or DType.from_onnx(quantize_a) not in FP8:
+            raise ModelError(f"rtxjit.QLinearMatMul: quantize_a={quantize_a} takes a float activation to fp8, "
+                             f"got {a_q.dtype.short}")
+    elif a_q.dtype not in INTS + FP8:
         raise ModelError(f"rtxjit.QLinearMatMul: a quantized activation of {a_q.dtype.short}")
     k, n = _shape(w_q)[::-1] if w_nk else _shape(w_q)
     shape = a_q.shape[:-1] + (n,)
@@ -106,8 +110,11 @@ def _float_out(a_scale, out_dtype: int) -> DType:
 
 @qlinear_matmul.reference
 def _(a_q, a_scale, a_zero, w_q, w_scale, w_zero=None, bias=None, y_scale=None, y_zero=None, *, alpha=1.0,
-      saturate=1, w_nk=0, out_dtype=0):
+      saturate=1, w_nk=0, out_dtype=0, quantize_a=0, a_saturate=1):
     dq = get_op("DequantizeLinear")
+    if quantize_a:  # the activation's QuantizeLinear, taken into the product
+        attrs = {"axis": 1, "saturate": a_saturate, "block_size": 0, "output_dtype": quantize_a}
+        a_q = get_op("QuantizeLinear").run_reference([a_q, a_scale, None], attrs, 1)[0]
     w_q = fp8_weight(w_q, _dtype(a_q))
     w_q = np.asarray(w_q).T if w_nk else w_q
     a = np.asarray(dq.run_reference([a_q, a_scale, a_zero], {"axis": 1, "block_size": 0}, 1)[0], np.float64)
@@ -127,14 +134,15 @@ def _(a_q, a_scale, a_zero, w_q, w_scale, w_zero=None, bias=None, y_scale=None, 
 
 @qlinear_matmul.lower
 def _(ctx, a_q, a_scale, a_zero, w_q, w_scale, w_zero=None, bias=None, y_scale=None, y_zero=None, *, alpha=1.0,
-      saturate=1, w_nk=0, out_dtype=0):
+      saturate=1, w_nk=0, out_dtype=0, quantize_a=0, a_saturate=1):
     w_view = w_q if isinstance(w_q, View) else None  # the weight on the device already (behind rtxjit.Epilogue)
     a_scale, a_zero, w_q, w_scale, w_zero, bias, y_scale, y_zero = host_constants(
         ctx, [a_scale, a_zero, w_q, w_scale, w_zero, bias, y_scale, y_zero])
     for name, v in (("a_scale", a_scale), ("w_q", w_q), ("w_scale", w_scale)):
         if not known(v):
             raise UnsupportedOpError(f"{ctx.where}: {name} must be a constant")
-    fp8 = a_q.dtype in FP8
+    q_dtype = DType.from_onnx(quantize_a) if quantize_a else a_q.dtype  # the dot's activation type
+    fp8 = q_dtype in FP8
     if fp8 and ctx.sm is not None and ctx.sm < FP8_MIN_SM:
         raise UnsupportedOpError(f"{ctx.where}: an fp8 x fp8 product needs sm_{FP8_MIN_SM} or newer; the target "
                                  f"is sm_{ctx.sm}")
@@ -146,9 +154,10 @@ def _(ctx, a_q, a_scale, a_zero, w_q, w_scale, w_zero=None, bias=None, y_scale=N
     if rows == 0:
         return
     a = ctx.contiguous(a_q).reshape((rows, k))
-    w_dtype = a_q.dtype if fp8 else _dtype(w_q)
+    w_dtype = q_dtype if fp8 else _dtype(w_q)
     if fp8:
-        a = a.with_dtype(DType.UINT8)  # the bits: decoded or bitcast in the kernel
+        if not quantize_a:
+            a = a.with_dtype(DType.UINT8)  # the bits: decoded or bitcast in the kernel
         w = np.asarray(w_q).view(np.uint8)
         corr = None
     else:
@@ -172,14 +181,17 @@ def _(ctx, a_q, a_scale, a_zero, w_q, w_scale, w_zero=None, bias=None, y_scale=N
     if bias is not None:
         views.append(ctx.const(np.broadcast_to(np.asarray(bias, np.float32).reshape(-1), (n,)).copy())
                      .broadcast_to((rows, n)))
-    src = render_qdot(a_q.dtype, w_dtype, out.dtype, corr is not None, bias is not None, ctx.interpret,
-                      saturate=bool(saturate), wide=ctx.needs_wide(*views, *extras), fused=fused)
+    src = render_qdot(q_dtype, w_dtype, out.dtype, corr is not None, bias is not None, ctx.interpret,
+                      saturate=bool(saturate), wide=ctx.needs_wide(*views, *extras), fused=fused,
+                      quantize_a=bool(a_saturate) if quantize_a else None)
     args = []
     for v in views:
         args += [ctx.ptr(v), v.offset]
     ys = 1.0 if y_scale is None else float(np.asarray(y_scale, np.float32).reshape(-1)[0])
     yz = 0.0 if y_zero is None or _dtype(y_zero) in FP8 else float(np.asarray(y_zero).astype(np.float64).reshape(-1)[0])
     b_sk, b_sn = (1, k) if w_nk else (n, 1)
+    if quantize_a:
+        args.append(float(np.asarray(a_scale, np.float32).reshape(-1)[0]))
     args += [ys, yz, rows, n, k, n, 1, k, 1, b_sk, b_sn]
     if bias is not None:
         args += list(views[-1].strides)

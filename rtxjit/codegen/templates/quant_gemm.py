@@ -406,7 +406,8 @@ def scaled_epilogue(out_addr: str, out_dtype: DType, has_corr: bool, has_bias: b
 
 
 def render_qdot(a_dtype: DType, b_dtype: DType, out_dtype: DType, has_corr: bool, has_bias: bool,
-                interpret: bool, saturate: bool = True, wide: bool = False, fused=None) -> KernelSource:
+                interpret: bool, saturate: bool = True, wide: bool = False, fused=None,
+                quantize_a: bool = None) -> KernelSource:
     """``out = requant?(acc * cs[n] (+ bias))``, ``acc = a @ b`` in int32 (int8 operands) or fp32
     (fp8 operands): see the module docstring.
 
@@ -415,11 +416,17 @@ def render_qdot(a_dtype: DType, b_dtype: DType, out_dtype: DType, has_corr: bool
     a_sk, b_sk, b_sn`` (and ``bias_sm, bias_sn``), then a ``fused`` epilogue's extras and scalars
     (float outputs: see ``scaled_epilogue``). uint8 ``a`` is shifted into int8 in the kernel;
     ``b`` is int8 or fp8 bits; fp8 operands come as their uint8 bits. ``saturate`` is the fp8
-    QuantizeLinear's."""
+    QuantizeLinear's. ``quantize_a`` (fp8 only; its value the activation QuantizeLinear's
+    ``saturate``): ``a`` is the float activation, quantized as it is loaded (``a / a_qs`` rounded
+    to fp8 with QuantizeLinear's arithmetic: the same bits as the unfused op), an ``a_qs`` scalar
+    before ``y_scale``: no QuantizeLinear kernel writes the fp8 activation for the product to read."""
     fp8 = a_dtype in FP8
+    if quantize_a is not None and not fp8:
+        raise InternalError("qdot: quantize_a takes a float activation to fp8")
     params = ["out_ptr", "out_off", "a_ptr", "a_off", "b_ptr", "b_off", "cs_ptr", "cs_off"]
     params += ["corr_ptr", "corr_off"] if has_corr else []
     params += ["bias_ptr", "bias_off"] if has_bias else []
+    params += ["a_qs"] if quantize_a is not None else []
     params += ["y_scale", "y_zero", "M", "N", "K", "out_sm", "out_sn", "a_sm", "a_sk", "b_sk", "b_sn"]
     params += ["bias_sm", "bias_sn"] if has_bias else []
     params += fused.params(["sm", "sn"]) if fused else []
@@ -428,6 +435,10 @@ def render_qdot(a_dtype: DType, b_dtype: DType, out_dtype: DType, has_corr: bool
     loads = [*masked_load("a", a_addr, "(rm[:, None] < M)", "(rk[None, :] < K)"),
              *masked_load("b", b_addr, "(rn[None, :] < N)", "(rk[:, None] < K)")]
     if fp8:
+        if quantize_a is not None:  # QuantizeLinear's encoding (templates/quant.py), kept as bits
+            encode = encode_fp8("a_v", a_dtype, quantize_a, "a_q")[:-1]
+            loads += ["        a_v = " + divide("a.to(tl.float32)", "a_qs"), *(f"        {line}" for line in encode),
+                      "        a = (a_q_c | a_q_s).to(tl.uint8)"]
         loads += _fp8_operand("a", a_dtype, interpret) + _fp8_operand("b", b_dtype, interpret)
         dot = 'tl.dot(a, b, acc, input_precision="ieee")' if interpret else "tl.dot(a, b, acc)"
         acc = "tl.float32"
@@ -448,7 +459,8 @@ def render_qdot(a_dtype: DType, b_dtype: DType, out_dtype: DType, has_corr: bool
                          has_bias, saturate, fused=fused),
     ]
     header = (f"qdot a={a_dtype.short} b={b_dtype.short} out={out_dtype.short} corr={has_corr} bias={has_bias}"
-              f"{'' if saturate else ' saturate=0'}{' interpret' if interpret and fp8 else ''}")
+              f"{'' if saturate else ' saturate=0'}{' interpret' if interpret and fp8 else ''}"
+              f"{'' if quantize_a is None else f' quantize_a saturate={int(quantize_a)}'}")
     header += fused.header() if fused else ""
     return render("qdot", header, "\n".join(lines))
 
