@@ -363,14 +363,17 @@ def test_quantized_product_of_an_fp16_session_writes_fp16(a_type):
     assert np.abs(got - want).max() <= 1e-2 * np.abs(want).max()
 
 
-@pytest.mark.parametrize("saturate", [1, 0])
-def test_fp8_activation_quantized_as_the_product_loads_it_matches_the_unfused_graph(saturate):
-    """The activation's QuantizeLinear (fp8) runs inside the product (``quantize_a``): no kernel of
-    its own, and the same fp8 codes as the op: values beyond e4m3's range (saturated or NaN as
-    ``saturate`` says), subnormals, ties, -0 and NaN rows give what the unfused graph gives."""
-    m, x = _qdq_model(TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E4M3FN, "Gemm", True, False, seed=7)
+@pytest.mark.parametrize("a_type,saturate", [(TensorProto.FLOAT8E4M3FN, 1), (TensorProto.FLOAT8E4M3FN, 0),
+                                              (TensorProto.UINT8, 1), (TensorProto.INT8, 1)],
+                         ids=["fp8-saturate", "fp8", "uint8", "int8"])
+def test_activation_quantized_as_the_product_loads_it_matches_the_unfused_graph(a_type, saturate):
+    """The activation's QuantizeLinear runs inside the product (``quantize_a``): no kernel of its
+    own, and the same codes as the op: values beyond the type's range (fp8: saturated or NaN as
+    ``saturate`` says), fp8 subnormals, ties, -0 and NaN rows give what the unfused graph gives."""
+    fp8 = a_type == TensorProto.FLOAT8E4M3FN
+    m, x = _qdq_model(a_type, a_type if fp8 else TensorProto.INT8, "Gemm", True, False, seed=7)
     for n in m.graph.node:
-        if n.op_type == "QuantizeLinear":
+        if n.op_type == "QuantizeLinear" and fp8:
             n.attribute.append(helper.make_attribute("saturate", saturate))
     x = x.copy()
     x[0, :6] = [1e6, -1e6, np.inf, 3e-6, -0.0, 0.0100000007]  # xs is 0.01: beyond 448, inf, a subnormal, -0

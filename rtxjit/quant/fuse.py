@@ -9,8 +9,8 @@ Rewrites:
     MatMul|Gemm(DQ(a_q: int8/uint8), DQ(w: int8 const, per tensor | per column)) [-> Q(y)]
     MatMul|Gemm(DQ(a_q: fp8), DQ(w: fp8 const, per tensor | per column)) [-> Q(y)]
         => rtxjit.QLinearMatMul(a_q, ..., y_scale, y_zero)       (int8 / fp8 tensor-core dot)
-    with fp8 a_q = Q(x: float) read by such products alone: QLinearMatMul(x, ..., quantize_a=fp8)
-        (the product quantizes x as it loads it; the QuantizeLinear kernel and its fp8 tensor go)
+    with a_q = Q(x: float) read by such products alone: QLinearMatMul(x, ..., quantize_a=a_q's type)
+        (the product quantizes x as it loads it; the QuantizeLinear kernel and its 8-bit tensor go)
 
 Weight-only: the weight is repacked here (numpy, once) into MatMulNBits' layout: transposed to
 ``[N, K]``, signed values offset by ``2 ** (bits - 1)`` (and their zero points with them, so
@@ -216,7 +216,7 @@ def _quantized_operands(graph: Graph, node: Node, names: FreshNames) -> bool:
         wq = make_constant(names, wq.name + "_bits", np.ascontiguousarray(q.T).view(np.uint8))
     else:
         wq, zw = make_constant(names, wq.name + "_int8", np.ascontiguousarray(int8_weight(q, zw_).T)), None
-    on_load = _quantized_on_load(graph, aq, da[0]) if a_dtype in FP8 else None
+    on_load = _quantized_on_load(graph, aq, da[0])
     inputs = [aq if on_load is None else on_load.inputs[0], sa, za, wq, sw, zw,
               None if bias is None else make_constant(names, node.name + "_bias", bias)]
     outputs, q_node = None, _only_quantize_reader(graph, node.outputs[0])
@@ -234,9 +234,9 @@ def _quantized_operands(graph: Graph, node: Node, names: FreshNames) -> bool:
 
 
 def _quantized_on_load(graph: Graph, aq: Value, dq: Node):
-    """The QuantizeLinear making the fp8 activation ``aq`` of a product (read through ``dq``), where
+    """The QuantizeLinear making the 8-bit activation ``aq`` of a product (read through ``dq``), where
     the product may quantize the float activation as it loads it instead: a per-tensor constant
-    scale equal to ``dq``'s (the Q/DQ pair; fp8 zero points are ignored), a float input, and ``aq`` read by DequantizeLinear
+    scale equal to ``dq``'s (the Q/DQ pair: int8 zero points too, fp8 ones are ignored), a float input, and ``aq`` read by DequantizeLinear
     nodes alone, each read by MatMul / Gemm nodes alone (then the QuantizeLinear dies once they are
     all quantized products, one kernel and an fp8 round trip fewer each: 48 of the fp8 bert-base
     encoder's 182 launches). None otherwise."""
@@ -245,7 +245,9 @@ def _quantized_on_load(graph: Graph, aq: Value, dq: Node):
         return None
     qs, ds = _const(q.inputs[1]), _const(dq.inputs[1])  # fp8 zero points are ignored: the scales alone pair
     if (not _one(qs) or ds is None or qs.dtype != ds.dtype or not np.array_equal(qs, ds)
-            or q.attrs.get("block_size", 0)):
+            or q.attrs.get("block_size", 0) or q.attrs.get("output_dtype", 0)):
+        return None
+    if aq.type.dtype in INTS and not _same_params(q, dq):  # int8: the zero points pair too
         return None
     uses = graph.consumers()
     for reader, _ in uses.get(aq.name, []):

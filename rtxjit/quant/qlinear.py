@@ -89,9 +89,9 @@ def qlinear_matmul(a_q: TensorType, a_scale, a_zero, w_q, w_scale, w_zero=None, 
                    y_zero=None, *, alpha: float = 1.0, saturate: int = 1, w_nk: int = 0, out_dtype: int = 0,
                    quantize_a: int = 0, a_saturate: int = 1) -> TensorType:
     if quantize_a:
-        if not a_q.dtype.is_float or DType.from_onnx(quantize_a) not in FP8:
+        if not a_q.dtype.is_float or DType.from_onnx(quantize_a) not in FP8 + INTS:
             raise ModelError(f"rtxjit.QLinearMatMul: quantize_a={quantize_a} takes a float activation to fp8, "
-                             f"got {a_q.dtype.short}")
+                             f"int8 or uint8, got {a_q.dtype.short}")
     elif a_q.dtype not in INTS + FP8:
         raise ModelError(f"rtxjit.QLinearMatMul: a quantized activation of {a_q.dtype.short}")
     k, n = _shape(w_q)[::-1] if w_nk else _shape(w_q)
@@ -114,7 +114,8 @@ def _(a_q, a_scale, a_zero, w_q, w_scale, w_zero=None, bias=None, y_scale=None, 
     dq = get_op("DequantizeLinear")
     if quantize_a:  # the activation's QuantizeLinear, taken into the product
         attrs = {"axis": 1, "saturate": a_saturate, "block_size": 0, "output_dtype": quantize_a}
-        a_q = get_op("QuantizeLinear").run_reference([a_q, a_scale, None], attrs, 1)[0]
+        zero = a_zero if DType.from_onnx(quantize_a) in INTS else None
+        a_q = get_op("QuantizeLinear").run_reference([a_q, a_scale, zero], attrs, 1)[0]
     w_q = fp8_weight(w_q, _dtype(a_q))
     w_q = np.asarray(w_q).T if w_nk else w_q
     a = np.asarray(dq.run_reference([a_q, a_scale, a_zero], {"axis": 1, "block_size": 0}, 1)[0], np.float64)
@@ -164,7 +165,7 @@ def _(ctx, a_q, a_scale, a_zero, w_q, w_scale, w_zero=None, bias=None, y_scale=N
         w = int8_weight(w_q, w_zero)
         if w is None:
             raise UnsupportedOpError(f"{ctx.where}: the weight minus its zero point leaves int8's range")
-        shift = 128 if a_q.dtype is DType.UINT8 else 0
+        shift = 128 if q_dtype is DType.UINT8 else 0
         za = 0 if a_zero is None else int(np.asarray(a_zero).reshape(-1)[0])
         corr = (shift - za) * w.astype(np.int64).sum(axis=0)
         corr = corr.astype(np.int32) if corr.any() else None
@@ -192,6 +193,8 @@ def _(ctx, a_q, a_scale, a_zero, w_q, w_scale, w_zero=None, bias=None, y_scale=N
     b_sk, b_sn = (1, k) if w_nk else (n, 1)
     if quantize_a:
         args.append(float(np.asarray(a_scale, np.float32).reshape(-1)[0]))
+        if not fp8:
+            args.append(float(_scalar(a_zero)))
     args += [ys, yz, rows, n, k, n, 1, k, 1, b_sk, b_sn]
     if bias is not None:
         args += list(views[-1].strides)

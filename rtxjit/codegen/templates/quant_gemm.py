@@ -416,17 +416,16 @@ def render_qdot(a_dtype: DType, b_dtype: DType, out_dtype: DType, has_corr: bool
     a_sk, b_sk, b_sn`` (and ``bias_sm, bias_sn``), then a ``fused`` epilogue's extras and scalars
     (float outputs: see ``scaled_epilogue``). uint8 ``a`` is shifted into int8 in the kernel;
     ``b`` is int8 or fp8 bits; fp8 operands come as their uint8 bits. ``saturate`` is the fp8
-    QuantizeLinear's. ``quantize_a`` (fp8 only; its value the activation QuantizeLinear's
+    QuantizeLinear's. ``quantize_a`` (not None; for fp8 the activation QuantizeLinear's
     ``saturate``): ``a`` is the float activation, quantized as it is loaded (``a / a_qs`` rounded
-    to fp8 with QuantizeLinear's arithmetic: the same bits as the unfused op), an ``a_qs`` scalar
-    before ``y_scale``: no QuantizeLinear kernel writes the fp8 activation for the product to read."""
+    to fp8, or rounded and shifted by the zero point ``a_qz`` into int8 / uint8, with
+    QuantizeLinear's arithmetic: the same codes as the unfused op), scalars ``a_qs`` (and ``a_qz``)
+    before ``y_scale``: no QuantizeLinear kernel writes the 8-bit activation for the product to read."""
     fp8 = a_dtype in FP8
-    if quantize_a is not None and not fp8:
-        raise InternalError("qdot: quantize_a takes a float activation to fp8")
     params = ["out_ptr", "out_off", "a_ptr", "a_off", "b_ptr", "b_off", "cs_ptr", "cs_off"]
     params += ["corr_ptr", "corr_off"] if has_corr else []
     params += ["bias_ptr", "bias_off"] if has_bias else []
-    params += ["a_qs"] if quantize_a is not None else []
+    params += ([] if quantize_a is None else ["a_qs"] if fp8 else ["a_qs", "a_qz"])
     params += ["y_scale", "y_zero", "M", "N", "K", "out_sm", "out_sn", "a_sm", "a_sk", "b_sk", "b_sn"]
     params += ["bias_sm", "bias_sn"] if has_bias else []
     params += fused.params(["sm", "sn"]) if fused else []
@@ -443,6 +442,10 @@ def render_qdot(a_dtype: DType, b_dtype: DType, out_dtype: DType, has_corr: bool
         dot = 'tl.dot(a, b, acc, input_precision="ieee")' if interpret else "tl.dot(a, b, acc)"
         acc = "tl.float32"
     else:
+        if quantize_a is not None:  # QuantizeLinear's rounding and range (templates/quant.py)
+            loads += ["        a_v = " + divide("a.to(tl.float32)", "a_qs"),
+                      *(f"        {line}" for line in quantize_int("a_v", "a_qz", a_dtype, "a_q")),
+                      f"        a = a_q.to(tl.int32).to({TL[a_dtype]})"]
         loads += int8_operand(a_dtype)
         dot, acc = "tl.dot(a, b, acc, out_dtype=tl.int32)", "tl.int32"  # triton 3.6 asserts acc is out_dtype
     lines = [
