@@ -609,3 +609,56 @@ def test_a_tunable_binding_is_specialized_in_a_first_and_a_tuned_stage(monkeypat
     assert stats.specialized == 1
     passes.clear()
     assert jit._specialize(exe, feeds, jit.Stats(), True, "all") == (True, False) and passes == [False, True]
+
+
+def _ln_then_quantize() -> onnx.ModelProto:
+    """x[N, 64] -> LayerNormalization -> QuantizeLinear (uint8, scale 0.02) -> DequantizeLinear -> Mul:
+    a quantization after a kernel turns its last-bit differences into whole steps."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array((1 + 0.2 * rng.standard_normal(64)).astype(np.float32), "g"),
+             numpy_helper.from_array((0.1 * rng.standard_normal(64)).astype(np.float32), "b"),
+             numpy_helper.from_array(np.float32(0.02), "s"), numpy_helper.from_array(np.uint8(128), "z"),
+             numpy_helper.from_array(np.float32(3.0), "k")]
+    nodes = [helper.make_node("LayerNormalization", ["x", "g", "b"], ["n"], axis=-1),
+             helper.make_node("QuantizeLinear", ["n", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]),
+             helper.make_node("Mul", ["d", "k"], ["y"])]
+    graph = helper.make_graph(nodes, "lnq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=8)
+
+
+def _scaled_layernorm(factor: float):
+    """Test hook: the specialized LayerNorm kernel stores its result times ``factor``."""
+    def hook(step):
+        src = specialize(step.kernel, executor.shape_params(step))
+        if "layernorm" not in src.text.splitlines()[0]:
+            return src
+        marker = "tl.store(y_ptr + y_off + row_off + col_off, ("
+        assert marker in src.text
+        return KernelSource(src.name, src.text.replace(marker, marker + f"{factor!r} * ", 1))
+    return hook
+
+
+@pytest.mark.parametrize("factor,kept", [(1 + 5e-5, True), (1 + 1e-2, False)], ids=["last-bits", "wrong"])
+def test_a_specialized_kernel_right_on_its_own_but_magnified_by_a_quantization_is_kept(monkeypatch, factor, kept):
+    """The check compares the model's outputs; a QuantizeLinear after a kernel moves a value a whole
+    step where a last-bit difference crosses a rounding boundary. A kernel whose own outputs (on the
+    generic kernels' inputs) match within the tolerance, nothing else written, keeps its specialized
+    kernel (a 5e-5 relative change: the check's fp32 tolerance is 1e-4); one beyond it (1e-2) is rejected."""
+    model = _ln_then_quantize()
+    feeds = {"x": (RNG.standard_normal((64, 64)) * 3).astype(np.float32)}
+    monkeypatch.setattr(executor, "specialized_source", _scaled_layernorm(1.0))
+    exact = rtxjit.InferenceSession(model, specialize="none").run(None, feeds)[0]
+    monkeypatch.setattr(executor, "specialized_source", _scaled_layernorm(factor))
+    sess = rtxjit.InferenceSession(model, specialize="eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        sess.run(None, feeds)
+    exe = sess.last_executable
+    served = [kind for kind, step in zip(exe.active.kinds, exe.plan.steps) if "layernorm" in step.kernel.text.split("\n")[0]]
+    assert served == (["specialized"] if kept else ["generic"])
+    assert (sess.jit_stats()["rejected"] == 0) == kept
+    out = sess.run(None, feeds)[0]
+    step = 0.02 * 3.0
+    assert np.abs(out - exact).max() <= (step + 1e-5 if kept else 0)  # at most one quantization step apart
