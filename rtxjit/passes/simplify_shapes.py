@@ -15,6 +15,8 @@ Rewrites:
     Reshape(Transpose(Reshape(x [A, B, *r] -> [A*B, *r]), [0, *p]) -> [A, B, *]) => Transpose(x, [0, 1, *(p + 1)])
         (torch's dynamo exporter transposes K of [B, H, S, D] as [B*H, S, D]: a 4-D transpose, which
         attention fusion absorbs, instead of a copy for the merge)
+    Reshape(Transpose(Reshape(x [S, B, E] -> [S, B*H, D]), [1, 0, 2]) -> [B, H, S, D])
+        => Transpose(Reshape(x, [S, B, H, D]), [1, 2, 0, 3])   (nn.MultiheadAttention's heads, static shapes)
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def simplify_shapes(graph: Graph) -> PassResult:
         if _transpose_is_reshape(node):
             graph.nodes[i] = node = _as_reshape(node, names)
             modified = True
-        merged = _transpose_of_merged_batch(node, names)
+        merged = _transpose_of_merged_batch(node, names) or _heads_of_merged_batch(node, names)
         if merged is not None:  # the bypassed Transpose and Reshape are left to dead-code elimination
             split, graph.nodes[i] = merged
             node = graph.nodes[i]
@@ -98,6 +100,37 @@ def _transpose_of_merged_batch(node: Node, names: FreshNames):
         value.producer = split
         x = value
     new = Node("Transpose", node.name, [x], [node.outputs[0]], {"perm": [0, 1] + [p + 1 for p in perm[1:]]}, 13)
+    node.outputs[0].producer = new
+    return split, new
+
+
+def _heads_of_merged_batch(node: Node, names: FreshNames):
+    """``(split, transpose)`` for ``Reshape(Transpose(Reshape(x [S, B, E], [S, B*H, D]), [1, 0, 2]),
+    [B, H, S, D])`` (static shapes, ``E = H * D``): ``Transpose(Reshape(x, [S, B, H, D]), [1, 2, 0, 3])``,
+    views both, producing the node's output. torch's nn.MultiheadAttention (torch.onnx's TorchScript
+    exporter: torch TransformerEncoder, torchvision's ViT) splits its heads so; merging B with H
+    copied q, k and v in every layer (the middle Reshape reads a strided slice of the packed
+    projection), where attention reads the 4-D view as it is. None where the chain is not that."""
+    if node.op != "Reshape":
+        return None
+    t = node.inputs[0].producer
+    if t is None or t.op != "Transpose" or _perm(t) != [1, 0, 2]:
+        return None
+    r = t.inputs[0].producer
+    if r is None or r.op != "Reshape":
+        return None
+    x = r.inputs[0]
+    shapes = (x.type.shape, r.outputs[0].type.shape, node.outputs[0].type.shape)
+    if not all(isinstance(d, int) for shape in shapes for d in shape) or [len(sh) for sh in shapes] != [3, 3, 4]:
+        return None
+    (s, b, e), (s1, bh, d), (b2, h, s2, d2) = shapes
+    if not (s1 == s2 == s and b2 == b and d2 == d and h * d == e and b * h == bh):
+        return None
+    split_shape = make_constant(names, f"{node.name}_heads_shape", np.array([s, b, h, d], np.int64))
+    value = Value(names(f"{node.name}_heads"), TensorType(x.type.dtype, (s, b, h, d)))
+    split = Node("Reshape", names(f"{node.name}_heads_node"), [x, split_shape], [value], {"allowzero": 0}, 14)
+    value.producer = split
+    new = Node("Transpose", node.name, [value], [node.outputs[0]], {"perm": [1, 2, 0, 3]}, 13)
     node.outputs[0].producer = new
     return split, new
 

@@ -182,3 +182,28 @@ def test_merged_batch_of_a_repeated_k_splits_then_transposes():
     assert [n.op for n in g.nodes] == ["Reshape", "Transpose"]
     assert g.nodes[0].inputs[0].name == "x" and g.nodes[0].outputs[0].type.shape == (2, 6, 5, 4)
     assert list(g.nodes[1].attrs["perm"]) == [0, 1, 3, 2]
+
+
+def test_heads_of_a_merged_batch_become_a_4d_transpose_of_a_split():
+    """nn.MultiheadAttention's heads (torch.onnx's TorchScript exporter): x [S, B, E] -> [S, B*H, D]
+    -> Transpose(1, 0, 2) -> [B, H, S, D] is a split of E and one 4-D transpose, views both (the
+    merge of B with H was a copy of a strided x)."""
+    nodes = [node("Reshape", ["x", "merged"], ["m"]), node("Transpose", ["m"], ["t"], perm=[1, 0, 2]),
+             node("Reshape", ["t", "split"], ["y"])]
+    m = model(nodes, {"x": (F32, [5, 2, 12])}, {"y": (F32, [2, 3, 5, 4])},
+              {"merged": np.array([5, 6, 4], np.int64), "split": np.array([2, 3, 5, 4], np.int64)})
+    _, g, modified = apply(simplify_shapes, m, {"x": random((5, 2, 12))})
+    g = eliminate_dead_code(g).graph
+    assert modified and ops(g) == {"Reshape": 1, "Transpose": 1}
+    t = next(n for n in g.nodes if n.op == "Transpose")
+    assert t.attrs["perm"] == [1, 2, 0, 3] and t.inputs[0].type.shape == (5, 2, 3, 4)
+
+
+def test_heads_rewrite_needs_the_heads_chain():
+    """Another split of the merged dim (not [B, H, S, D] of the same B) stays as it was."""
+    nodes = [node("Reshape", ["x", "merged"], ["m"]), node("Transpose", ["m"], ["t"], perm=[1, 0, 2]),
+             node("Reshape", ["t", "split"], ["y"])]
+    m = model(nodes, {"x": (F32, [5, 2, 12])}, {"y": (F32, [3, 2, 5, 4])},
+              {"merged": np.array([5, 6, 4], np.int64), "split": np.array([3, 2, 5, 4], np.int64)})
+    _, g, _ = apply(simplify_shapes, m, {"x": random((5, 2, 12))})
+    assert ops(g).get("Reshape") == 2
