@@ -422,7 +422,8 @@ def main(argv=None) -> int:
 
     for name in names:
         if "timeline" in parts:
-            for mode in args.modes.split(","):  # each with Triton's (and inductor's) cache of its own: specialized kernels compile
+            # each mode with Triton's (and inductor's) cache of its own: specialized kernels compile
+            for mode in args.modes.split(","):
                 timelines[(name, mode)] = run_child(
                     ["timeline", name, str(paths[name]), mode, args.interval, args.iters],
                     {"TRITON_CACHE_DIR": str(tmp / f"timeline-{name}-{mode}"),

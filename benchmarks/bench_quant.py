@@ -10,7 +10,8 @@ Cases (full size, for a GPU):
 
 Each: the quantized model run by rtxjit with ``precision="fp16"`` (what is not quantized runs in
 fp16, as in the fp16 model it is compared with: attention, LayerNorm, the float products' outputs;
-the INT4 weight-only MLP's activations), and the fp32 model run by rtxjit in fp16 (``precision="fp16"``), timed after warm-up and specialization (CUDA events on a GPU, wall clock on
+the INT4 weight-only MLP's activations), and the fp32 model run by rtxjit in fp16
+(``precision="fp16"``), timed after warm-up and specialization (CUDA events on a GPU, wall clock on
 the CPU); accuracy of both against the fp32 model run by onnxruntime on the same random inputs
 (max relative error, and top-1 agreement for the classifier), the optimized graph's op counts and,
 for the quantized model, ``fused_op_counts``: the quantized products rtxjit.quant.fuse made (every

@@ -353,10 +353,9 @@ class InferenceSession:
 
     def _bind(self, feeds: dict):
         expected = self._expected
-        if len(feeds) != len(expected) or any(name not in expected for name in feeds):
-            for name in feeds:
-                if name not in expected:
-                    raise InputError(f"unknown input '{name}'; the model's inputs are {sorted(expected)}")
+        for name in feeds:
+            if name not in expected:
+                raise InputError(f"unknown input '{name}'; the model's inputs are {sorted(expected)}")
         tensors, types, host_values, symbols = {}, {}, {}, {}
         for name, v in expected.items():
             if name not in feeds:

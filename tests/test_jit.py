@@ -656,7 +656,8 @@ def test_a_specialized_kernel_right_on_its_own_but_magnified_by_a_quantization_i
         warnings.simplefilter("ignore", RuntimeWarning)
         sess.run(None, feeds)
     exe = sess.last_executable
-    served = [kind for kind, step in zip(exe.active.kinds, exe.plan.steps) if "layernorm" in step.kernel.text.split("\n")[0]]
+    served = [kind for kind, step in zip(exe.active.kinds, exe.plan.steps)
+              if "layernorm" in step.kernel.text.split("\n")[0]]
     assert served == (["specialized"] if kept else ["generic"])
     assert (sess.jit_stats()["rejected"] == 0) == kept
     out = sess.run(None, feeds)[0]

@@ -368,8 +368,7 @@ def _guarded(exe: Executable, feeds: dict, stats: Stats, background: bool, stage
         HOOKS.watch = _note_run
     try:
         with gc_paused():  # the job's garbage must not stop the serving thread for a collection
-            installed, more = _specialize(exe, feeds, stats, background, stage)
-            return installed, more
+            return _specialize(exe, feeds, stats, background, stage)
     except Exception as exc:  # noqa: BLE001 - a failed specialization leaves the fallback serving
         if _specializer is not None and _specializer._stop:  # the interpreter is exiting under the job
             stats.add(dropped=1)
@@ -398,8 +397,11 @@ def _specialize(exe: Executable, feeds: dict, stats: Stats, background: bool, st
     if stage != "tuned":
         _record(exe, exe.active, binaries_only=True)  # the generic kernels too: a new shape in a later process
     tunable = exe.tune and autotune.enabled() and any(len(step.choices or ()) > 1 for step in exe.plan.steps)
-    passes = {"first": (False,), "tuned": (True,)}.get(stage) if background else None
-    if passes is None:
+    if stage == "first":
+        passes = (False,)
+    elif stage == "tuned":
+        passes = (True,)
+    else:
         passes = (False, True) if background and tunable else (tunable,)
     installed = None
     for tuned in passes:
@@ -416,7 +418,7 @@ def _specialize(exe: Executable, feeds: dict, stats: Stats, background: bool, st
     if installed is None:
         return False, False
     _record(exe, installed)
-    return True, stage == "first" and background and tunable
+    return True, stage == "first" and tunable
 
 
 def _specialized_pass(exe: Executable, feeds: dict, stats: Stats, background: bool, tuned: bool):
@@ -541,10 +543,10 @@ def _step_is_close(exe: Executable, feeds: dict, alone: list, configs: dict, are
         spec = exe.plan.buffers[b]
         if b in offsets:
             lo = offsets[b]
-            dtype = TORCH_DTYPES[spec.dtype.short]
-            regions.append((lo, lo + spec.numel * spec.dtype.itemsize))
-            own0[b] = arena0[lo:regions[-1][1]].view(dtype)
-            own1[b] = arena1[lo:regions[-1][1]].view(dtype)
+            hi = lo + spec.numel * spec.dtype.itemsize
+            regions.append((lo, hi))
+            own0[b] = arena0[lo:hi].view(TORCH_DTYPES[spec.dtype.short])
+            own1[b] = arena1[lo:hi].view(TORCH_DTYPES[spec.dtype.short])
     outside = np.ones(arena0.numel(), dtype=bool)
     for lo, hi in regions:
         outside[lo:hi] = False

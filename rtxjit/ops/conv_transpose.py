@@ -164,8 +164,10 @@ def _conv_weight(ctx, w, group: int):
     value = ctx.node.inputs[1]
     if value is not None and value.const is not None and tuple(value.const.shape) == w.shape:
         const = value.const
-        return dense_weight(ctx, lambda: np.transpose(const.reshape(grouped), swap).reshape((group * n_out, c) + kernel),
-                            sources=(const,))
+
+        def conv_layout() -> np.ndarray:
+            return np.transpose(const.reshape(grouped), swap).reshape((group * n_out, c) + kernel)
+        return dense_weight(ctx, conv_layout, sources=(const,))
     if group == 1:
         return w.permute([1, 0] + list(range(2, w.rank)))
     dense = ctx.temp(w.dtype, (group, n_out, c) + kernel)

@@ -236,10 +236,10 @@ def _quantized_operands(graph: Graph, node: Node, names: FreshNames) -> bool:
 def _quantized_on_load(graph: Graph, aq: Value, dq: Node):
     """The QuantizeLinear making the 8-bit activation ``aq`` of a product (read through ``dq``), where
     the product may quantize the float activation as it loads it instead: a per-tensor constant
-    scale equal to ``dq``'s (the Q/DQ pair: int8 zero points too, fp8 ones are ignored), a float input, and ``aq`` read by DequantizeLinear
-    nodes alone, each read by MatMul / Gemm nodes alone (then the QuantizeLinear dies once they are
-    all quantized products, one kernel and an fp8 round trip fewer each: 48 of the fp8 bert-base
-    encoder's 182 launches). None otherwise."""
+    scale equal to ``dq``'s (the Q/DQ pair: int8 zero points too, fp8 ones are ignored), a float
+    input, and ``aq`` read by DequantizeLinear nodes alone, each read by MatMul / Gemm nodes alone
+    (then the QuantizeLinear dies once they are all quantized products, one kernel and an 8-bit
+    round trip fewer each: 48 of the fp8 bert-base encoder's 182 launches). None otherwise."""
     q = aq.producer
     if q is None or q.op != "QuantizeLinear" or is_graph_output(graph, aq) or not q.inputs[0].type.dtype.is_float:
         return None

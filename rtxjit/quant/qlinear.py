@@ -191,10 +191,8 @@ def _(ctx, a_q, a_scale, a_zero, w_q, w_scale, w_zero=None, bias=None, y_scale=N
     ys = 1.0 if y_scale is None else float(np.asarray(y_scale, np.float32).reshape(-1)[0])
     yz = 0.0 if y_zero is None or _dtype(y_zero) in FP8 else float(np.asarray(y_zero).astype(np.float64).reshape(-1)[0])
     b_sk, b_sn = (1, k) if w_nk else (n, 1)
-    if quantize_a:
-        args.append(float(np.asarray(a_scale, np.float32).reshape(-1)[0]))
-        if not fp8:
-            args.append(float(_scalar(a_zero)))
+    if quantize_a:  # the activation's QuantizeLinear parameters (its fp8 zero point is ignored)
+        args += [_scalar(a_scale)] + ([] if fp8 else [_scalar(a_zero)])
     args += [ys, yz, rows, n, k, n, 1, k, 1, b_sk, b_sn]
     if bias is not None:
         args += list(views[-1].strides)
@@ -314,6 +312,7 @@ def _(ctx, x_q, w_q, bias=None, x_scale=None, x_zero=None, w_scale=None, w_zero=
         args += [_scalar(scale, 1.0), _scalar(zero)]
     out = channels_last_output(ctx)
     b = None if bias is None else ctx.const(np.ascontiguousarray(bias, np.float32))
-    emit_conv(ctx, x_q, dense_weight(ctx, w, k_major=True, sources=(w_q, w_zero)), b, out, geo, group, quant=quant, quant_args=tuple(args))
+    w_dense = dense_weight(ctx, w, k_major=True, sources=(w_q, w_zero))
+    emit_conv(ctx, x_q, w_dense, b, out, geo, group, quant=quant, quant_args=tuple(args))
     if out is not ctx.outputs[0]:
         ctx.alias(0, out)

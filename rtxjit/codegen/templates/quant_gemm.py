@@ -100,8 +100,9 @@ def gemv4_lines(block: int, zero: str, wide: bool, a_dtype: DType = DType.FP32) 
     scale and zero point per row per sub-step. The packed bytes stay bytes, ``[BLOCK_N, SB / 2]``
     (a row's bytes in one thread: one vector load, a sum without shuffles): the low nibbles multiply
     the even activations and the high ones the odd (``a``'s row loaded whole, the same in every
-    thread, and split into even and odd), no interleave or 3-D tile; ``sum((q - z) a) = sum(q a) - z sum(a)``, scaled once
-    per row. Rows of ``a`` one by one (``BLOCK_M <= 4``), the last row read again for padding rows;
+    thread, and split into even and odd), no interleave or 3-D tile;
+    ``sum((q - z) a) = sum(q a) - z sum(a)``, scaled once per row. Rows of ``a`` one by one
+    (``BLOCK_M <= 4``), the last row read again for padding rows;
     with ``BLOCK_M >= 16`` (5 to 16 rows, ``SB >= 32``) all rows at once by two dots of
     ``[BLOCK_M, SB / 2]`` activations and the nibbles (0..15, exact in ``a``'s dtype): tensor cores
     for fp16 / bf16, fp32 accumulation; fp32 in IEEE mode (as the matmul template's)."""
