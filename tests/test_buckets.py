@@ -107,14 +107,20 @@ class _FakeCompiler:
     calling thread's tally), takes ``delay`` seconds, returns what ``binaries.entry_of`` reads."""
 
     def __init__(self, delay: float = 0.01):
-        self.delay, self.compiled, self.ids = delay, [], itertools.count()
+        self.delay, self.compiled, self.ids, self.cached = delay, [], itertools.count(), set()
 
     def __call__(self, src, generic, args, grid, constexprs, load=True):
-        time.sleep(self.delay)
-        self.compiled.append((src.name, generic))
+        key = compiler._item_key((src, generic, args, grid, constexprs))
         tally = getattr(compiler._counts, "tally", None)
-        if tally is not None:
-            tally[0] += 1
+        if key in self.cached:  # in Triton's cache (compiled before in this process): loaded, not compiled
+            if tally is not None:
+                tally[1] += 1
+        else:
+            self.cached.add(key)
+            time.sleep(self.delay)
+            self.compiled.append((src.name, generic))
+            if tally is not None:
+                tally[0] += 1
         name = f"{src.name}_{next(self.ids)}"
         meta = SimpleNamespace(_asdict=lambda: {"name": name, "shared": 0, "num_warps": 4})
         fake_src = SimpleNamespace(signature={"x_ptr": "*fp32"}, constants={}, fn=SimpleNamespace(arg_names=["x_ptr"]))
@@ -130,15 +136,16 @@ def fake_gpu(monkeypatch):
     return fake
 
 
-def _on_fake_gpu(cache_dir, n: int):
+def _on_fake_gpu(cache_dir, n: int, rows: int = 0):
     """An executable of a new session over ``cache_dir`` (a new process as far as its kernel store
-    knows), made on the CPU, then given the plan of an H100 and handed to the compiler as an H100's."""
+    knows), made on the CPU, then given the plan of an H100 (for ``rows`` rows if given: beyond the
+    CPU run's profile) and handed to the compiler as an H100's."""
     from tests.test_fallback_specialization import H100, _plan
 
     sess = rtxjit.InferenceSession(_model(), runtime_cache=cache_dir)
     sess.run(None, _feeds(n))
     exe = sess.last_executable
-    exe.device, exe.plan = H100, _plan(sess.graph, H100, N=n)
+    exe.device, exe.plan = H100, _plan(sess.graph, H100, N=rows or n)
     return exe
 
 
@@ -163,3 +170,50 @@ def test_kernels_compiled_by_another_process_with_the_runtime_cache_are_not_comp
     assert compiler.prepare_generic(exe)[0] == 0
     assert compiler.prepare_specialized(exe, background=False, tuned=False)[0] > 0
     assert len(RuntimeCache(cache).entries()) > stored
+
+
+def test_a_new_bucket_first_takes_tiles_compiled_for_another(tmp_path, fake_gpu, monkeypatch):
+    """Issue 17: a new bucket of shapes is specialized first with tiles already compiled (the plan's
+    heuristic tiles for it are not), preferring the ones timed fastest elsewhere; the tuned pass
+    compiles the rest. A bucket whose choice is remembered takes it and compiles nothing else."""
+    from rtxjit.plan import autotune
+
+    monkeypatch.setattr(compiler, "_specialized_done", set())
+    monkeypatch.setattr(autotune, "_chosen", {})
+    monkeypatch.setattr(autotune, "_timings", {})
+    monkeypatch.setattr(autotune, "_sinks", {})
+    small = _on_fake_gpu(tmp_path / "a", 40)  # M bucket 64: tiles 32 and 64 rows offered
+    mm = next(s for s in small.plan.steps if s.kernel.name == "matmul")
+    assert [c[1]["BLOCK_M"] for c in mm.choices] == [32, 64]
+    assert compiler.prepare_specialized(small, background=False, tuned=True)[0] >= 3  # both tiles + softmax
+    autotune._chosen[mm.tune_key] = dict(mm.choices[1][1])  # as if 64 rows timed fastest
+
+    large = _on_fake_gpu(tmp_path / "b", 40, rows=40008)  # same Triton classes of M (40008 % 16 == 40 % 16)
+    i, step = next((i, s) for i, s in enumerate(large.plan.steps) if s.kernel.name == "matmul")
+    assert step.constexprs["BLOCK_M"] == 128  # the heuristic's tiles here were never compiled
+    chosen = compiler.first_configs(large)
+    assert chosen[i][1]["BLOCK_M"] == 64 and chosen[i] in step.choices
+    before = list(fake_gpu.compiled)
+    compiles, hits = compiler.prepare_specialized(large, background=False, tuned=False, chosen=chosen)
+    assert [name for name, _ in fake_gpu.compiled[len(before):]] == ["reduce_softmax"] and compiles == 1 and hits == 1
+    # the plan's own tiles would have compiled the matmul again
+    items = compiler._items(large, kernel_keys.SPECIALIZED, tuned=False)
+    assert not compiler._available(large, step, (step.grid, step.constexprs))
+    assert any(it[0].name == "matmul" and it[4]["BLOCK_M"] == 128 for it in items)
+
+    # this bucket timed: a later binding of it takes the winner at once and times nothing
+    autotune._chosen[step.tune_key] = dict(step.choices[2][1])  # 32 rows
+    again = _on_fake_gpu(tmp_path / "c", 40, rows=40024)
+    i2, step2 = next((i, s) for i, s in enumerate(again.plan.steps) if s.kernel.name == "matmul")
+    assert compiler.first_configs(again)[i2][1]["BLOCK_M"] == 32
+    tuned = [it for it in compiler._items(again, kernel_keys.SPECIALIZED, tuned=True) if it[0].name == "matmul"]
+    assert [it[4]["BLOCK_M"] for it in tuned] == [32]
+
+
+def test_a_new_bucket_specialized_first_with_compiled_tiles_matches_the_reference(monkeypatch):
+    """The first pass's borrowed tiles are a configuration like any other: the session's results
+    stay right (run on the interpreter, where the configurations come from ``first_configs``)."""
+    monkeypatch.setattr(compiler, "first_configs", lambda exe: {
+        i: (s.grid, s.constexprs) for i, s in enumerate(exe.plan.steps)})
+    sess = rtxjit.InferenceSession(_model(), specialize="eager")
+    _compiles_per_shape(sess, (5, 40))

@@ -103,18 +103,26 @@ class _counting:
 
 # --- what to compile ---------------------------------------------------------------------------
 
-def _items(exe: Executable, kind: str, tuned: bool = True) -> list:
+def _items(exe: Executable, kind: str, tuned: bool = True, chosen: Optional[dict] = None) -> list:
     """``(source, generic, args, grid, constexprs)`` per distinct compilation of ``kind`` kernels:
-    pointer arguments as torch dtypes (Triton mocks them, 16-byte aligned as our buffers are)."""
+    pointer arguments as torch dtypes (Triton mocks them, 16-byte aligned as our buffers are).
+    Specialized ones: with ``tuned`` every tile configuration of a launch whose choice is not
+    remembered yet (the remembered one alone where it is), else ``chosen[i]`` or the plan's."""
     items, seen = [], set()
-    for step in exe.plan.steps:
+    for i, step in enumerate(exe.plan.steps):
         args = step_args(exe.plan, step)
         if kind == GENERIC:
             configs = [(step.generic_grid, step.generic_constexprs)]
             src = step.kernel
         else:
             every = tuned and step.choices and autotune.enabled()
-            configs = list(step.choices) if every else [(step.grid, step.constexprs)]
+            hit = autotune.remembered(step.tune_key, step.choices) if every else None
+            if every and hit is None:
+                configs = list(step.choices)
+            elif hit is not None:
+                configs = [step.choices[hit]]
+            else:
+                configs = [(chosen or {}).get(i, (step.grid, step.constexprs))]
             src = executor.specialized_source(step)  # looked up per call: tests may replace it
         for grid, constexprs in configs:
             key = (src.key, kind, arg_classes(args, kind == GENERIC), tuple(sorted(constexprs.items())))
@@ -256,16 +264,69 @@ def _prepare_interpreted(exe: Executable, kind: str) -> tuple:
 
 # --- specialized kernels -------------------------------------------------------------------------
 
-def prepare_specialized(exe: Executable, background: bool, tuned: bool = True, between=None) -> tuple:
+def prepare_specialized(exe: Executable, background: bool, tuned: bool = True, between=None,
+                        chosen: Optional[dict] = None) -> tuple:
     """Compile ``exe``'s specialized kernels (with ``tuned``, in every tile configuration offered,
-    else in the plan's); ``(compiles, cache hits)``. In the background on a GPU, worker processes
-    compile and this thread only waits; it hands them a few kernels at a time (the pool's own
-    threads encode and decode in this process, under the GIL), calling ``between()`` before each."""
+    else in ``chosen``'s or the plan's, see ``first_configs``); ``(compiles, cache hits)``. In the
+    background on a GPU, worker processes compile and this thread only waits; it hands them a few
+    kernels at a time (the pool's own threads encode and decode in this process, under the GIL),
+    calling ``between()`` before each."""
     if exe.device.interpret:
         return _prepare_interpreted(exe, SPECIALIZED)
-    items, stored = _without_stored(exe, _items(exe, SPECIALIZED, tuned))
+    items, stored = _without_stored(exe, _items(exe, SPECIALIZED, tuned, chosen))
     compiles, hits = _compile_specialized(exe, items, background, between)
+    with _done_lock:
+        _specialized_done.update(_item_key(it) for it in items)
     return compiles, hits + stored
+
+
+_specialized_done: set = set()  # specialized compilations made in this process (binaries in Triton's cache)
+_done_lock = threading.Lock()
+
+
+def first_configs(exe: Executable) -> dict:
+    """Step index -> ``(grid, constexprs)`` for the first (untimed) specialization pass of a new
+    binding, where it differs from the plan's heuristic tiles: a launch whose tile choice is
+    remembered for its bucket (plan/autotune.py: timed before, in this process or one that shares
+    its runtime cache) takes it; otherwise, where the heuristic's kernel is not compiled yet but
+    another of the launch's configurations is (for another bucket of the same sizes' classes),
+    that one, preferring one timed fastest for another bucket: a new shape bucket reaches
+    specialized kernels without waiting for compiles (resnet50 on an H100: ~57 per new batch
+    bucket, 16-30 s on 4 workers), and the tuned pass times the rest later. Choices are all
+    correct configurations of one kernel; the first pass is checked like any other."""
+    out = {}
+    if not autotune.enabled():
+        return out
+    winners = autotune.chosen_configs()
+    for i, step in enumerate(exe.plan.steps):
+        choices = step.choices
+        if not choices or len(choices) < 2:
+            continue
+        hit = autotune.remembered(step.tune_key, choices)
+        if hit is not None:
+            if hit:
+                out[i] = choices[hit]
+            continue
+        if _available(exe, step, choices[0]):
+            continue
+        won = winners.get(tuple(step.tune_key[:2]), ())
+        ranked = sorted(choices[1:], key=lambda c: c[1] not in won)  # stable: the heuristic's order otherwise
+        ready = next((c for c in ranked if _available(exe, step, c)), None)
+        if ready is not None:
+            out[i] = ready
+    return out
+
+
+def _available(exe: Executable, step, config: tuple) -> bool:
+    """Whether ``step``'s specialized kernel in tile configuration ``config`` needs no compile: made
+    in this process, or held by the session's kernel store."""
+    grid, constexprs = config
+    item = (executor.specialized_source(step), False, step_args(exe.plan, step), grid, dict(constexprs))
+    with _done_lock:
+        if _item_key(item) in _specialized_done:
+            return True
+    kernels = exe.kernels
+    return kernels is not None and kernels.has_sources() and kernels.find(_binary_key(exe, item)) is not None
 
 
 def _compile_specialized(exe: Executable, items: list, background: bool, between) -> tuple:

@@ -396,7 +396,9 @@ def _specialize(exe: Executable, feeds: dict, stats: Stats, background: bool, st
     behind the queue); ``more`` says the tuned stage is still to run. "all": both passes now."""
     if stage != "tuned":
         _record(exe, exe.active, binaries_only=True)  # the generic kernels too: a new shape in a later process
-    tunable = exe.tune and autotune.enabled() and any(len(step.choices or ()) > 1 for step in exe.plan.steps)
+    tunable = exe.tune and autotune.enabled() and any(
+        len(step.choices or ()) > 1 and autotune.remembered(step.tune_key, step.choices) is None
+        for step in exe.plan.steps)  # a choice remembered for the bucket is not timed again
     if stage == "first":
         passes = (False,)
     elif stage == "tuned":
@@ -427,10 +429,11 @@ def _specialized_pass(exe: Executable, feeds: dict, stats: Stats, background: bo
     with torch.cuda.stream(stream) if stream is not None else _nothing():
         if COMPILE_DELAY_S:
             time.sleep(COMPILE_DELAY_S)
+        chosen = {} if tuned else compiler.first_configs(exe)  # tiles compiled before, where the plan's are not
         compiles, hits = compiler.prepare_specialized(exe, background=background, tuned=tuned,
-                                                      between=_yield_to_serving)
+                                                      between=_yield_to_serving, chosen=chosen)
         stats.add(compiles=compiles, cache_hits=hits)
-        variant, rejected = _checked_variant(exe, feeds, tuned)
+        variant, rejected = _checked_variant(exe, feeds, tuned, chosen)
         stats.add(rejected=len(rejected))
         if stream is not None:
             stream.synchronize()
@@ -475,14 +478,15 @@ def _pace() -> None:
     _yield_to_serving()
 
 
-def _checked_variant(exe: Executable, feeds: dict, tuned: bool = True) -> tuple:
-    """The specialized variant, with every launch whose specialized kernel disagrees with the
-    generic one put back on the generic kernel; and the indices of those launches. Every trial run
-    here shares one arena, the one the returned variant keeps."""
+def _checked_variant(exe: Executable, feeds: dict, tuned: bool = True, chosen: Optional[dict] = None) -> tuple:
+    """The specialized variant (tiles timed with ``tuned``, else ``chosen``'s or the plan's), with
+    every launch whose specialized kernel disagrees with the generic one put back on the generic
+    kernel; and the indices of those launches. Every trial run here shares one arena, the one the
+    returned variant keeps."""
     n = len(exe.plan.steps)
     arena = exe.new_arena()
     reference = _run(exe, exe.variant([GENERIC] * n, arena=arena), feeds)
-    configs = _tune(exe, feeds, arena) if tuned else {}
+    configs = _tune(exe, feeds, arena) if tuned else dict(chosen or {})
     kinds = [SPECIALIZED] * n
     variant = exe.variant(kinds, configs, arena)
     if not _mismatch(reference, _run(exe, variant, feeds)):

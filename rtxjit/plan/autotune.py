@@ -71,6 +71,16 @@ def remembered(key: tuple, choices: list) -> Optional[int]:
     return None
 
 
+def chosen_configs() -> dict:
+    """``{(source key, sm): [constexprs chosen for any of its buckets]}``: what timing found fastest
+    for a kernel so far, a first guess for a bucket not timed yet (exec/compiler.first_configs)."""
+    out: dict = {}
+    with _lock:
+        for key, cfg in _chosen.items():
+            out.setdefault(tuple(key[:2]), []).append(cfg)
+    return out
+
+
 def choose(key: tuple, choices: list, run: Callable[[int], None],
            between: Optional[Callable[[], None]] = None) -> int:
     """The index of the fastest of ``choices``; ``run(i)`` launches choice ``i`` once.
