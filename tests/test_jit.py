@@ -238,6 +238,27 @@ def test_check_tolerance_is_per_dtype():
     assert "differ" in jit._mismatch(ints, {"i": torch.tensor([1, 2, 4])})
 
 
+def test_a_plan_with_fp8_products_is_checked_at_least_to_their_accumulation():
+    """fp8 tensor-core dots accumulate with fewer bits than fp32 on Hopper (8e-4 off the exact sum):
+    an fp32 output of such a plan is checked to FP8_DOT_RTOL, not fp32's 1e-4; a wrong kernel still fails."""
+    import torch
+    from types import SimpleNamespace
+
+    from rtxjit.ir.types import DType
+    from rtxjit.plan.plan import BufferSpec
+
+    def exe(*dtypes):
+        return SimpleNamespace(plan=SimpleNamespace(buffers=[BufferSpec(d, 4, "temp") for d in dtypes]))
+
+    assert jit._rtol_floor(exe(DType.FP32, DType.FP16)) == 0.0
+    floor = jit._rtol_floor(exe(DType.FP32, DType.FP8E4M3))
+    assert floor == jit.FP8_DOT_RTOL
+    ref = {"y": torch.tensor([1.0, -2.0, 0.5], dtype=torch.float32)}
+    rounded = {"y": ref["y"] * (1 + 8e-4)}
+    assert jit._mismatch(ref, rounded) is not None and jit._mismatch(ref, rounded, floor) is None
+    assert jit._mismatch(ref, {"y": ref["y"] * 1.01}, floor) is not None
+
+
 # --- the kernel store (a session's compiled kernels in its runtime cache) ------------------------
 
 def _fake_kernel(name: str, cubin: bytes):

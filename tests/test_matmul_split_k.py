@@ -20,6 +20,7 @@ from rtxjit.ir.types import DType
 from tests.oprunner import rel_error
 
 mm = importlib.import_module("rtxjit.ops.matmul")
+conv_ops = importlib.import_module("rtxjit.ops.conv")
 
 ONNX_TYPE = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
 TOL = {np.float32: 1e-4, np.float16: 1e-2}
@@ -127,6 +128,23 @@ def test_auto_splits_only_products_that_leave_most_sms_idle(monkeypatch):
     assert mm._splits(SimpleNamespace(interpret=True, sm=None, sm_count=1), 128, 768, 3072, DType.FP16) == (1, 3072)
     assert mm._splits(gpu, 128, 768, 3072, DType.FP64) == (1, 3072)
     assert mm._splits(gpu, 128, 768, "K", DType.FP16) == (1, "K")
+
+
+def test_every_m_of_a_power_of_two_bucket_decides_split_k_alike(monkeypatch):
+    """A split product is another kernel source: rows of one bucket (bert-base b4 at sequence 96, 80
+    and 128: 384, 320 and 512) must decide alike, or a new shape compiles fallback kernels in its
+    first request (0.8-1 s each on an H100). Across buckets the decision may differ."""
+    monkeypatch.setattr(mm, "SPLIT_K", "auto")
+    gpu = SimpleNamespace(interpret=False, sm=90, sm_count=132)
+    for n, k in ((2304, 768), (768, 768), (768, 3072), (3072, 768)):
+        for lo in (64, 128, 256, 512, 1024):
+            decided = {mm._splits(gpu, m, n, k, DType.FP16)[0] > 1 for m in range(lo // 2 + 1, lo + 1, 8)}
+            assert len(decided) == 1, (n, k, lo)
+    assert mm._splits(gpu, 128, 768, 3072, DType.FP16)[0] > 1  # still splits where tiles are few
+    conv_geo = SimpleNamespace(kernel=(3, 3))
+    for lo in (64, 128, 256):
+        decided = {conv_ops._splits(gpu, m, 256, 2304, 256, conv_geo, DType.FP16) > 1 for m in range(lo // 2 + 1, lo + 1, 4)}
+        assert len(decided) == 1, lo
 
 
 @pytest.mark.gpu

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rtxjit.codegen.templates.conv import render_conv2d, render_conv_split_sum, render_nchw_to_nhwc
-from rtxjit.codegen.templates.matmul import TUNE_CANDIDATES, generic_tile_config, tile_configs, tile_count
+from rtxjit.codegen.templates.matmul import TUNE_CANDIDATES, generic_tile_config, split_programs, tile_configs, tile_count
 from rtxjit.codegen.view import View
 from rtxjit.errors import ModelError, ShapeError, UnsupportedOpError
 from rtxjit.ops import matmul as matmul_ops
@@ -398,7 +398,7 @@ def _splits(ctx, m: int, n: int, k: int, c: int, geo: WindowGeometry, dtype: DTy
         if ctx.interpret:
             return 1
         cfg = tile_configs(m, n, k, dtype, False, sm=ctx.sm or 90, sm_count=ctx.sm_count, k_cap=c)[0]
-        programs = tile_count(m, n, cfg)
+        programs = split_programs(m, n, cfg)
         if 2 * programs > ctx.sm_count:
             return 1
         want = -(-ctx.sm_count // programs)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from rtxjit.codegen.templates.epilogue import FusedEpilogue
-from rtxjit.codegen.templates.matmul import (generic_tile_config, render_matmul, render_matmul_split_sum, tile_configs,
-                                             tile_count, unit_strides)
+from rtxjit.codegen.templates.matmul import (generic_tile_config, render_matmul, render_matmul_split_sum, split_programs,
+                                             tile_configs, tile_count, unit_strides)
 from rtxjit.codegen.view import View
 from rtxjit.errors import ModelError, ShapeError, UnsupportedOpError
 from rtxjit.ir.registry import Kind, Rand, Sample, op
@@ -155,7 +155,7 @@ def _splits(ctx, m: int, n: int, k: int, dtype: DType) -> tuple:
         return 1, k
     cfgs = tile_configs(m, n, k, dtype, ctx.interpret, sm=ctx.sm or 90, sm_count=ctx.sm_count)
     if SPLIT_K == "auto":
-        programs = tile_count(m, n, cfgs[0])
+        programs = split_programs(m, n, cfgs[0])
         if 2 * programs > ctx.sm_count:
             return 1, k
         want = -(-ctx.sm_count // programs)

@@ -479,6 +479,15 @@ def tile_count(m: int, n: int, cfg: dict) -> int:
     return -(-m // cfg["BLOCK_M"]) * -(-n // cfg["BLOCK_N"])
 
 
+def split_programs(m: int, n: int, cfg: dict) -> int:
+    """The tile count that split-K decisions (ops/matmul.py, ops/conv.py) weigh: over M rounded up
+    to a power of two, as ``tile_configs`` ranks, so every M of a bucket decides alike. A split
+    product is another kernel source, and the fallback kernels of a binding that crossed the
+    decision inside a bucket were compiled in its first request (bert-base b4 on an H100: sequence
+    96 and 80 after 128, 0.8-1 s each)."""
+    return tile_count(_next_pow2(m), n, cfg)
+
+
 def _next_pow2(n: int) -> int:
     p = 1
     while p < n:
