@@ -11,6 +11,7 @@ from typing import Optional
 
 from rtxjit.ir.graph import Graph
 from rtxjit.ir.rewrite import copy_graph
+from rtxjit.passes.attention_row_order import attention_row_order
 from rtxjit.passes.base import Pass, PassError, PassManager, PassResult, PassTiming, conditions  # noqa: F401
 from rtxjit.passes.convert_precision import convert_precision, precision_dtype
 from rtxjit.passes.eliminate_common_subexpressions import eliminate_common_subexpressions
@@ -50,6 +51,8 @@ PIPELINE = [
     # are still plain nodes; then chains of pointwise ops
     ("merge_parallel_matmuls", merge_parallel_matmuls),
     ("fuse_attention", fuse_attention),
+    # the attention writes its rows in the order the projection's readers want (no Transpose after it)
+    ("attention_row_order", attention_row_order),
     ("absorb_row_gather", absorb_row_gather),
     ("fuse_norm_matmul", fuse_norm_matmul),
     ("fuse_upsample_conv", fuse_upsample_conv),
