@@ -158,6 +158,21 @@ def _note_run() -> None:
     _last_run[0] = event
 
 
+class _Preempted(Exception):
+    """A tuned pass gives way to a binding's first pass queued meanwhile (it is queued again)."""
+
+
+def _between_tuned() -> None:
+    """Between the compiles of a tuned pass in the background: yield to serving threads, and give
+    way to a new binding's first pass waiting in the queue (a tuned pass compiles every candidate
+    tile of every launch, 20-30 s for resnet50 on an H100, and a new batch size waited behind it
+    for its first specialized kernels: up to 10 s). The kernels compiled so far stay in Triton's
+    cache and the session's kernel store: the tuned pass, queued again, loads them."""
+    _yield_to_serving()
+    if _specializer is not None and _specializer.first_waiting():
+        raise _Preempted()
+
+
 def _in_background() -> bool:
     return threading.current_thread() is _specializer_thread()
 
@@ -245,6 +260,11 @@ class Specializer:
             self._start()
             self._cv.notify()
         return True
+
+    def first_waiting(self) -> bool:
+        """Whether a binding's first pass is queued (a tuned pass running gives way to it)."""
+        with self._cv:
+            return any(job.stage == "first" for job in self._heap)
 
     def cancel_pending(self) -> int:
         """Drop every queued job (they keep their generic kernels); returns how many."""
@@ -369,6 +389,8 @@ def _guarded(exe: Executable, feeds: dict, stats: Stats, background: bool, stage
     try:
         with gc_paused():  # the job's garbage must not stop the serving thread for a collection
             return _specialize(exe, feeds, stats, background, stage)
+    except _Preempted:
+        return False, True  # queued again, behind the first passes
     except Exception as exc:  # noqa: BLE001 - a failed specialization leaves the fallback serving
         if _specializer is not None and _specializer._stop:  # the interpreter is exiting under the job
             stats.add(dropped=1)
@@ -430,8 +452,9 @@ def _specialized_pass(exe: Executable, feeds: dict, stats: Stats, background: bo
         if COMPILE_DELAY_S:
             time.sleep(COMPILE_DELAY_S)
         chosen = {} if tuned else compiler.first_configs(exe)  # tiles compiled before, where the plan's are not
+        between = _between_tuned if tuned and background and _in_background() else _yield_to_serving
         compiles, hits = compiler.prepare_specialized(exe, background=background, tuned=tuned,
-                                                      between=_yield_to_serving, chosen=chosen)
+                                                      between=between, chosen=chosen)
         stats.add(compiles=compiles, cache_hits=hits)
         variant, rejected = _checked_variant(exe, feeds, tuned, chosen)
         stats.add(rejected=len(rejected))
