@@ -198,3 +198,9 @@ def test_fallback_of_a_weight_product_takes_wider_tiles_from_the_models_n_and_k(
     plain = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "EVEN_K": False}
     for cfg in (generic_tile_config(DType.FP16), generic_tile_config(DType.FP32, weight_nk=(768, 768))):
         assert {k: cfg[k] for k in plain} == plain
+    # a conv with a constant weight: K steps over the channels of one tap, unmasked only where they divide
+    cfg = generic_tile_config(DType.FP16, k_cap=64, weight_nk=(256, 64 * 9), sm=90)  # resnet50's 3x3, 64 channels
+    assert (cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["EVEN_K"]) == (128, 64, True)
+    cfg = generic_tile_config(DType.FP16, k_cap=48, weight_nk=(64, 48 * 4), sm=90)  # K 192 = 3 x 64, a tap 48
+    assert (cfg["BLOCK_K"], cfg["EVEN_K"]) == (64, False)
+    assert generic_tile_config(DType.FP16, k_cap=3, weight_nk=(64, 3 * 49), sm=90)["BLOCK_K"] == 16  # a stem's 3

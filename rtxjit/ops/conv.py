@@ -376,7 +376,9 @@ def emit_conv(ctx, x: View, w: View, b, out: View, geo: WindowGeometry, group: i
     src = render_conv2d(x.dtype, b is not None, wide=ctx.needs_wide(out, x, w, *extras), tap_major=taps,
                         unit=unit, fused=fused, depth=x.rank == 5, transposed=transposed,
                         upsample=None if upsample is None else tuple(upsample), quant=quant)
-    launch_tiles(ctx, src, args, m, n, k, x.dtype, group, k_cap=c if taps else None)
+    weight = ctx.is_constant(w) and quant is None and x.dtype in (DType.FP16, DType.BF16)  # N, K the model's
+    launch_tiles(ctx, src, args, m, n, k, x.dtype, group, k_cap=c if taps else None,
+                 weight_nk=(n, k) if weight else None)
 
 
 # Split-K (see templates/conv.py's ``split``): "auto" splits a tap-major conv whose output tiles fill

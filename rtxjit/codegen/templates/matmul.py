@@ -441,17 +441,20 @@ def generic_tile_config(a_dtype: DType, k_cap: int = None, weight_nk: tuple = No
     ``weight_nk``: N and K of a product whose B is a weight (the same in every binding): fp16 / bf16
     tiles then take up to 128 columns and 64-deep K steps, unmasked where K allows (half the K
     steps of 64x64x32 over bert-base's K of 768; the fallback ran its steps 1.6-1.8x the
-    specialized ones on an H100): 24 KB of shared memory a stage, 3 stages (2 below sm_80)."""
+    specialized ones on an H100, 1.28-1.41x after): 24 KB of shared memory a stage, 3 stages (2
+    below sm_80). A conv's (``k_cap`` its channels per tap) steps at most over those channels and
+    goes unmasked only where they divide too (``even_k``); resnet50's fallback ran 1.39-1.58x its
+    specialized steps with 64x64x32 (H100, 2026-12-07 run j; these tiles not yet timed there)."""
     bk = 16 if a_dtype is DType.FP64 else 32
     if k_cap is not None:
         bk = max(dot_k_min(a_dtype), min(bk, _next_pow2(k_cap)))
     bm = bn = 32 if a_dtype is DType.FP64 else 64
-    if weight_nk is not None and a_dtype.itemsize <= 2 and k_cap is None:
+    if weight_nk is not None and a_dtype.itemsize <= 2:
         n, k = weight_nk
         bn = max(16, min(128, _next_pow2(n)))
-        bk = max(dot_k_min(a_dtype), min(64, _next_pow2(k)))
-        return {"BLOCK_M": 64, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "EVEN_K": k % bk == 0, "num_warps": 4,
-                "num_stages": 3 if sm >= 80 else 2}
+        bk = max(dot_k_min(a_dtype), min(64, _next_pow2(min(k, k_cap or k))))
+        return {"BLOCK_M": 64, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "EVEN_K": even_k(k, bk, k_cap),
+                "num_warps": 4, "num_stages": 3 if sm >= 80 else 2}
     return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "EVEN_K": False, "num_warps": 4,
             "num_stages": 3}
 
