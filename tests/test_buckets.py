@@ -217,3 +217,14 @@ def test_a_new_bucket_specialized_first_with_compiled_tiles_matches_the_referenc
         i: (s.grid, s.constexprs) for i, s in enumerate(exe.plan.steps)})
     sess = rtxjit.InferenceSession(_model(), specialize="eager")
     _compiles_per_shape(sess, (5, 40))
+
+
+def test_argument_classes_tell_ints_floats_and_flags_apart_through_their_memo():
+    """kernels/keys.arg_classes is memoized by value and type: 1, 1.0 and True are equal keys to a
+    plain cache, but Triton specializes them differently."""
+    import torch
+
+    classes = [kernel_keys.arg_classes((torch.float16, 0, v, 32), False) for v in (1, 1.0, True, 1)]
+    assert classes[0] == classes[3] != classes[1] != classes[2] != classes[0]
+    assert classes[0][2] == ("i", False, True) and classes[1][2] == "f" and classes[2][2] == "True"
+    assert kernel_keys.arg_classes([torch.float16, 0, 48], True) == ("torch.float16", ("i", True, False), "i")

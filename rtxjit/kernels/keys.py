@@ -43,7 +43,20 @@ def specialized_source(step: Launch):
 
 
 def arg_classes(args: tuple, generic: bool) -> tuple:
-    """What Triton's specialization sees of the arguments (equal classes: one compilation). The
+    """What Triton's specialization sees of the arguments (equal classes: one compilation);
+    memoized by the arguments and their types (1, 1.0 and True are equal keys otherwise): a new
+    binding asks it of every launch three times (generic kernels, the kernel store, the launcher),
+    ~20 us each."""
+    args = tuple(args)
+    try:
+        return _arg_classes(args, tuple(map(type, args)), bool(generic), EXACT)
+    except TypeError:  # an unhashable argument: classed without the memo
+        return _arg_classes.__wrapped__(args, (), bool(generic), EXACT)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _arg_classes(args: tuple, types: tuple, generic: bool, exact: bool) -> tuple:
+    """``arg_classes``' work. The
     values of static sizes are in the kernel's source (``with_static``), so they need no class of
     their own; a generic kernel specializes no run-time integer, a bucketed specialized kernel
     only as Triton does, an ``EXACT`` one is compiled for every value. A buffer's offset (the
@@ -58,7 +71,7 @@ def arg_classes(args: tuple, generic: bool) -> tuple:
             after_pointer = not isinstance(a, (bool, float, str))  # a buffer (a torch dtype here)
         elif generic and not offset:
             out.append("i" if -2**31 <= a < 2**31 else "l")
-        elif EXACT:
+        elif exact:
             out.append((a, a % 16 == 0, a == 1))
         else:
             out.append(("i" if -2**31 <= a < 2**31 else "l", a % 16 == 0, a == 1))
