@@ -204,3 +204,41 @@ def test_fallback_of_a_weight_product_takes_wider_tiles_from_the_models_n_and_k(
     cfg = generic_tile_config(DType.FP16, k_cap=48, weight_nk=(64, 48 * 4), sm=90)  # K 192 = 3 x 64, a tap 48
     assert (cfg["BLOCK_K"], cfg["EVEN_K"]) == (64, False)
     assert generic_tile_config(DType.FP16, k_cap=3, weight_nk=(64, 3 * 49), sm=90)["BLOCK_K"] == 16  # a stem's 3
+
+
+def test_attention_offers_other_blocks_to_the_tuner_on_a_gpu_only():
+    """Issue 18: attention tiles are timed like products' (fewer query rows for short sequences at
+    a small batch: bert-base at batch 1 and 128 tokens is 2 x 12 programs of 64 rows on an H100).
+    The heuristic's blocks come first and serve until then; every choice fits the SM's shared memory;
+    the interpreter keeps its one configuration. (The choices compile for sm_90 and sm_80 with
+    triton 3.6, checked ahead of time on this machine's CPU.)"""
+    from rtxjit.codegen.templates.attention import attention_choices, attention_config
+    from rtxjit.ir.types import TensorType
+    from rtxjit.plan.plan import PlanBuilder
+    from tests.test_fallback_specialization import H100
+    import io
+    import torch
+
+    choices = attention_choices(128, 128, 64, 64, DType.FP16, 90)
+    assert choices[0] == attention_config(128, 128, 64, 64, DType.FP16, False)
+    assert {(c["BLOCK_M"], c["BLOCK_N"]) for c in choices} >= {(64, 64), (16, 64), (32, 64), (128, 64)}
+    assert [(c["BLOCK_M"], c["BLOCK_N"]) for c in attention_choices(7, 7, 64, 64, DType.FP16, 90)] == [(16, 16)]
+    assert all(c["BLOCK_N"] <= 32 for c in attention_choices(512, 512, 128, 128, DType.FP32, 90))
+    small = attention_choices(512, 512, 256, 256, DType.FP16, 75)  # 99 KB: the widest tiles are left out
+    assert all((c["BLOCK_M"] * 256 + 4 * c["BLOCK_N"] * 256) * 2 <= 99 * 1024 for c in small[1:])
+
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(d_model=64, nhead=2, dim_feedforward=64, dropout=0.0, batch_first=True)
+    net = torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval()
+    buf = io.BytesIO()
+    torch.onnx.export(net, (torch.randn(1, 128, 64),), buf, input_names=["x"], output_names=["y"], opset_version=17,
+                      dynamo=False)
+    sess = rtxjit.InferenceSession(onnx.load_from_string(buf.getvalue()), device="cpu")
+    types = {v.name: TensorType(v.type.dtype, tuple(v.type.shape)) for v in sess.graph.inputs}
+    for device, tuned in ((H100, True), (sess.device, False)):
+        plan = PlanBuilder(sess.graph, device, frozenset()).build(types, {})
+        step = next(s for s in plan.steps if s.kernel.name == "attention")
+        assert bool(step.choices) is tuned
+        if tuned:  # the heuristic's first; timed once per bucket of (Sq, Sk, Dk, Dv, batch x heads) on an sm_90
+            assert step.choices[0] == (step.grid, step.constexprs) and len(step.choices) >= 4
+            assert step.tune_key[1:] == (90, 128, 128, 32, 32, 2)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rtxjit.codegen.templates.attention import attention_config, render_attention
+from rtxjit.codegen.templates.attention import attention_choices, attention_config, render_attention
 from rtxjit.errors import ModelError, ShapeError, UnsupportedOpError
 from rtxjit.ir.registry import Kind, op
 from rtxjit.ir.types import DType, TensorType, broadcast_shapes
@@ -153,8 +153,13 @@ def _launch(ctx, views: list, scale: float, nan_rows_zero: bool = False, kv_grou
     args += [scale, out.shape[1], kv_group, sq, sk, dk, dv]
     for x in views:
         args += list(x.strides)
-    cfg = attention_config(sq, sk, dk, dv, q.dtype, ctx.interpret)
-    grid = (-(-sq // cfg["BLOCK_M"]), out.shape[0] * out.shape[1])
+    rows = out.shape[0] * out.shape[1]
     gen = attention_config(GENERIC_ROWS, GENERIC_ROWS, dk, dv, q.dtype, ctx.interpret)  # head dims are the model's
-    generic = (-(-sq // gen["BLOCK_M"]), out.shape[0] * out.shape[1]), gen
-    ctx.launch(src, grid, args, generic=generic, **cfg)
+    generic = (-(-sq // gen["BLOCK_M"]), rows), gen
+    if ctx.interpret:
+        cfg = attention_config(sq, sk, dk, dv, q.dtype, True)
+        ctx.launch(src, (-(-sq // cfg["BLOCK_M"]), rows), args, generic=generic, **cfg)
+        return
+    # on a GPU the background tuner times other blocks too (the heuristic's first: it serves until then)
+    choices = [((-(-sq // c["BLOCK_M"]), rows), c) for c in attention_choices(sq, sk, dk, dv, q.dtype, ctx.sm or 90)]
+    ctx.launch_tuned(src, choices, args, ctx.tune_key(src, sq, sk, dk, dv, rows), generic=generic)

@@ -192,6 +192,31 @@ def attention_config(sq: int, sk: int, dk: int, dv: int, dtype: DType, interpret
     }
 
 
+# Other (query rows, key rows) blocks the background tuner times beside ``attention_config``'s: fewer
+# query rows for more programs where sequences are short and the batch small (bert-base at batch 1 and
+# 128 tokens is 2 x 12 programs of 64 rows on an H100's 132 SMs), more for long ones.
+TUNE_BLOCKS = ((16, 64), (32, 64), (32, 32), (128, 64), (64, 128))
+SMEM_LIMIT = {9: 227 * 1024, 8: 163 * 1024}  # per block, by SM major (sm_90, sm_80); 99 KB elsewhere
+
+
+def attention_choices(sq: int, sk: int, dk: int, dv: int, dtype: DType, sm: int = 90) -> list:
+    """``attention_config``'s configuration first, then the other blocks of ``TUNE_BLOCKS`` that
+    differ from it once capped to the sequences, keep fp32's 32 key rows for heads wider than 64,
+    and whose Q, K and V tiles (K and V double-buffered) fit the SM's shared memory."""
+    base = attention_config(sq, sk, dk, dv, dtype, False)
+    out = [base]
+    limit = SMEM_LIMIT.get(sm // 10, 99 * 1024)
+    for bm, bn in TUNE_BLOCKS:
+        cfg = dict(base, BLOCK_M=max(16, min(bm, _next_pow2(sq))), BLOCK_N=max(16, min(bn, _next_pow2(sk))))
+        if dtype is DType.FP32 and max(dk, dv) > 64 and cfg["BLOCK_N"] > 32:
+            continue
+        tiles = cfg["BLOCK_M"] * cfg["BLOCK_DK"] + 2 * cfg["BLOCK_N"] * (cfg["BLOCK_DK"] + cfg["BLOCK_DV"])
+        if tiles * dtype.itemsize > limit or cfg in out:
+            continue
+        out.append(cfg)
+    return out
+
+
 def _next_pow2(n: int) -> int:
     p = 1
     while p < n:
