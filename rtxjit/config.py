@@ -41,6 +41,12 @@ def dump_passes() -> str | None:
     return value or None
 
 
+def skip_passes() -> frozenset:
+    """RTXJIT_SKIP_PASSES=name,name leaves those steps of the pass pipeline out (an A/B of one pass on
+    a GPU, benchmarks in subprocesses inheriting it); names as ``rtxjit.passes.PIPELINE`` has them."""
+    return frozenset(n.strip() for n in os.environ.get("RTXJIT_SKIP_PASSES", "").split(",") if n.strip())
+
+
 def verify_passes() -> bool:
     """RTXJIT_VERIFY_PASSES=1 runs the IR verifier after every pass (debug mode)."""
     return os.environ.get("RTXJIT_VERIFY_PASSES", "0") == "1"

@@ -65,6 +65,9 @@ def optimized_graph(model, *, optimize: bool = True, precision: Optional[str] = 
 def _graph(model, optimize: bool, precision: Optional[str], cache) -> Optimized:
     identity = warm.model_identity(model) if cache is not None else None
     options = {"optimize": bool(optimize), "precision": precision}
+    skip = config.skip_passes() if optimize else frozenset()
+    if skip:  # a graph optimized without some passes is cached apart
+        options["skip_passes"] = sorted(skip)
     if identity is not None:
         hit = warm.load_graph(cache, identity, options)
         if hit is not None:
@@ -74,7 +77,7 @@ def _graph(model, optimize: bool, precision: Optional[str], cache) -> Optimized:
     timings: list = []
     if optimize or precision is not None:
         graph, timings = passes.optimize(graph, verify=config.verify_passes(), dump=config.dump_passes(),
-                                         precision=precision, steps=None if optimize else [])
+                                         precision=precision, steps=None if optimize else [], skip=skip)
     writer = warm.save_graph_later(cache, identity, options, graph, key) if identity is not None else None
     return Optimized(graph, key, timings, False, writer)
 

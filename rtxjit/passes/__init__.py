@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from rtxjit.errors import UsageError
 from rtxjit.ir.graph import Graph
 from rtxjit.ir.rewrite import copy_graph
 from rtxjit.passes.attention_row_order import attention_row_order
@@ -67,12 +68,18 @@ PIPELINE = [
 
 
 def optimize(graph: Graph, verify: bool = False, dump: Optional[str] = None, steps: Optional[list] = None,
-             precision: Optional[str] = None) -> tuple:
+             precision: Optional[str] = None, skip=()) -> tuple:
     """``(optimized graph, [PassTiming])``: the pipeline run on a copy (``graph`` is left as it is).
     ``verify`` runs the IR verifier after every pass; ``dump`` is a directory or "-" (stderr).
     ``precision`` ("fp16" or "bf16") adds ``convert_precision`` after canonicalization (after
-    "fold_batchnorm", so BatchNorm folds in fp32; first where the steps have none), before fusion."""
+    "fold_batchnorm", so BatchNorm folds in fp32; first where the steps have none), before fusion.
+    ``skip``: names of pipeline steps left out (RTXJIT_SKIP_PASSES, for an A/B of a pass)."""
     steps = list(PIPELINE if steps is None else steps)
+    unknown = set(skip) - {name for name, _ in PIPELINE}
+    if unknown:
+        raise UsageError(f"RTXJIT_SKIP_PASSES: no pass named {', '.join(sorted(unknown))}; the pipeline's "
+                         f"passes are {', '.join(name for name, _ in PIPELINE)}")
+    steps = [(name, fn) for name, fn in steps if name not in skip]
     if precision is not None:
         dtype = precision_dtype(precision)
         at = next((i + 1 for i, (name, _) in enumerate(steps) if name == "fold_batchnorm"), 0)

@@ -91,3 +91,34 @@ def test_config_reads_the_pass_switches(monkeypatch):
     monkeypatch.setenv("RTXJIT_DUMP_PASSES", "/tmp/x")
     monkeypatch.setenv("RTXJIT_VERIFY_PASSES", "1")
     assert config.dump_passes() == "/tmp/x" and config.verify_passes()
+
+
+def test_a_pass_can_be_left_out_by_name_for_an_a_b(monkeypatch):
+    """RTXJIT_SKIP_PASSES=name,...: those pipeline steps do not run (the session's graph keeps what
+    they would have rewritten); an unknown name is an error listing the pipeline's passes."""
+    import pytest
+
+    import rtxjit
+    from rtxjit.errors import UsageError
+    from rtxjit.passes import optimize
+
+    monkeypatch.delenv("RTXJIT_SKIP_PASSES", raising=False)
+    assert config.skip_passes() == frozenset()
+    monkeypatch.setenv("RTXJIT_SKIP_PASSES", " fuse_pointwise, fuse_epilogue ")
+    assert config.skip_passes() == {"fuse_pointwise", "fuse_epilogue"}
+    g = rtxjit.InferenceSession(_relu_chain(), device="cpu", optimize=False).graph
+    kept = [n.op for n in optimize(g, skip=config.skip_passes())[0].nodes]
+    fused = [n.op for n in optimize(g)[0].nodes]
+    assert kept == ["Relu", "Relu"] and fused == ["rtxjit.Pointwise"]
+    assert [n.op for n in rtxjit.InferenceSession(_relu_chain(), device="cpu").graph.nodes] == ["Relu", "Relu"]
+    with pytest.raises(UsageError, match="no pass named fuse_everything"):
+        optimize(g, skip={"fuse_everything"})
+
+
+def _relu_chain():
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Relu", ["x"], ["h"]), helper.make_node("Relu", ["h"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
