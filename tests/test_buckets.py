@@ -198,7 +198,8 @@ def test_a_new_bucket_first_takes_tiles_compiled_for_another(tmp_path, fake_gpu,
     assert [name for name, _ in fake_gpu.compiled[len(before):]] == ["reduce_softmax"] and compiles == 1 and hits == 1
     # the plan's own tiles would have compiled the matmul again
     items = compiler._items(large, kernel_keys.SPECIALIZED, tuned=False)
-    assert not compiler._available(large, step, (step.grid, step.constexprs))
+    assert not compiler._available(large, kernel_keys.specialized_source(step), kernel_keys.step_args(large.plan, step),
+                                   (step.grid, step.constexprs))
     assert any(it[0].name == "matmul" and it[4]["BLOCK_M"] == 128 for it in items)
 
     # this bucket timed: a later binding of it takes the winner at once and times nothing

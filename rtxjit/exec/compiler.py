@@ -115,12 +115,9 @@ def _items(exe: Executable, kind: str, tuned: bool = True, chosen: Optional[dict
             configs = [(step.generic_grid, step.generic_constexprs)]
             src = step.kernel
         else:
-            every = tuned and step.choices and autotune.enabled()
-            hit = autotune.remembered(step.tune_key, step.choices) if every else None
-            if every and hit is None:
-                configs = list(step.choices)
-            elif hit is not None:
-                configs = [step.choices[hit]]
+            if tuned and step.choices and autotune.enabled():
+                hit = autotune.remembered(step.tune_key, step.choices)
+                configs = list(step.choices) if hit is None else [step.choices[hit]]
             else:
                 configs = [(chosen or {}).get(i, (step.grid, step.constexprs))]
             src = executor.specialized_source(step)  # looked up per call: tests may replace it
@@ -307,21 +304,22 @@ def first_configs(exe: Executable) -> dict:
             if hit:
                 out[i] = choices[hit]
             continue
-        if _available(exe, step, choices[0]):
+        src, args = executor.specialized_source(step), step_args(exe.plan, step)
+        if _available(exe, src, args, choices[0]):
             continue
         won = winners.get(tuple(step.tune_key[:2]), ())
         ranked = sorted(choices[1:], key=lambda c: c[1] not in won)  # stable: the heuristic's order otherwise
-        ready = next((c for c in ranked if _available(exe, step, c)), None)
+        ready = next((c for c in ranked if _available(exe, src, args, c)), None)
         if ready is not None:
             out[i] = ready
     return out
 
 
-def _available(exe: Executable, step, config: tuple) -> bool:
-    """Whether ``step``'s specialized kernel in tile configuration ``config`` needs no compile: made
-    in this process, or held by the session's kernel store."""
+def _available(exe: Executable, src, args: tuple, config: tuple) -> bool:
+    """Whether the specialized kernel ``src`` over ``args`` in tile configuration ``config`` needs no
+    compile: made in this process, or held by the session's kernel store."""
     grid, constexprs = config
-    item = (executor.specialized_source(step), False, step_args(exe.plan, step), grid, dict(constexprs))
+    item = (src, False, args, grid, dict(constexprs))
     with _done_lock:
         if _item_key(item) in _specialized_done:
             return True
