@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from rtxjit.errors import ShapeError
+from rtxjit.ir.symint import whole
 from rtxjit.ir.types import DType
 
 
@@ -31,7 +32,7 @@ class View:
 
     @staticmethod
     def of(buf: int, dtype: DType, shape, offset: int = 0) -> "View":
-        shape = tuple(int(d) for d in shape)
+        shape = tuple(whole(d) for d in shape)
         return View(buf, dtype, shape, contiguous_strides(shape), offset)
 
     @property
@@ -53,7 +54,7 @@ class View:
         """The same elements under ``shape``, without moving data (torch's ``view``): splitting or
         merging dims works where the merged dims are laid out contiguously among themselves;
         otherwise ValueError (the caller copies)."""
-        shape = tuple(int(d) for d in shape)
+        shape = tuple(whole(d) for d in shape)
         if self.contiguous:
             return View.of(self.buf, self.dtype, shape, self.offset)
         strides = view_strides(self.shape, self.strides, shape)

@@ -16,6 +16,7 @@ import ml_dtypes
 import numpy as np
 
 from rtxjit.errors import NoNumpyDtypeError, ShapeError
+from rtxjit.ir.symint import whole
 
 Dim = Union[int, str]
 Shape = tuple  # tuple[Dim, ...]
@@ -121,7 +122,7 @@ def numel(shape: Shape) -> Dim:
 def dim_op(fn: Callable[..., int], symbol: str, *dims: Dim) -> Dim:
     """Apply ``fn`` to concrete dims; for symbolic ones build the expression ``a<symbol>b...``."""
     if all(isinstance(d, int) for d in dims):
-        return int(fn(*dims))
+        return whole(fn(*dims))
     return "(" + symbol.join(str(d) for d in dims) + ")"
 
 

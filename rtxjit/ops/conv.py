@@ -27,6 +27,7 @@ from rtxjit.ops.matmul import (check_dot_type, emit_matmul, epilogue_args, launc
                                take_epilogue)
 from rtxjit.ir.registry import Kind, Rand, Sample, op
 from rtxjit.ir.types import DType, TensorType
+from rtxjit.ir.symint import prod, pow2
 
 AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
 
@@ -224,7 +225,7 @@ def pointwise_gemm(ctx, x: View, w: View, b, out: View) -> None:
     ``out[n] ([Cout, H*W]) = w ([Cout, C]) @ x[n] ([C, H*W]) (+ bias[:, None])``."""
     batch, c_in = x.shape[:2]
     c_out = w.shape[0]
-    pixels = int(np.prod(x.shape[2:], dtype=np.int64))
+    pixels = prod(x.shape[2:])
     xm = x.reshape((batch, c_in, pixels))
     om = out.reshape((batch, c_out, pixels))
     wm = View(w.buf, w.dtype, (c_out, c_in), w.strides[:2], w.offset)  # the kernel dims are all 1
@@ -248,7 +249,7 @@ def _channels_last(ctx, x: View) -> View:
     if not x.contiguous:
         ctx.copy(x, nhwc)
         return nhwc
-    p = int(np.prod(x.shape[2:], dtype=np.int64))
+    p = prod(x.shape[2:])
     grid = (-(-c // NHWC_BLOCK) * -(-p // NHWC_BLOCK), n)
     ctx.launch(render_nchw_to_nhwc(), grid, [ctx.ptr(nhwc), nhwc.offset, ctx.ptr(x), x.offset, c, p, x.strides[0]],
                BLOCK_C=NHWC_BLOCK, BLOCK_P=NHWC_BLOCK)
@@ -350,9 +351,9 @@ def emit_conv(ctx, x: View, w: View, b, out: View, geo: WindowGeometry, group: i
         spatial = tuple(s * f for s, f in zip(spatial, upsample))  # the geometry is the upsampled input's
     c_out = w.shape[0]
     c = c_in // group  # input channels per group
-    m = batch * int(np.prod(geo.out, dtype=np.int64))  # output pixels
+    m = batch * prod(geo.out)  # output pixels
     n = c_out // group  # output channels per group
-    k = c * int(np.prod(geo.kernel, dtype=np.int64))  # taps per output: (ci, (kd,) kh, kw)
+    k = c * prod(geo.kernel)  # taps per output: (ci, (kd,) kh, kw)
     bias = [b.broadcast_to((m, c_out))] if b is not None else []  # the epilogue reads it as [M, Cout]
     if DEPTHWISE and c == 1 and n == 1 and not transposed and quant is None:
         _emit_depthwise(ctx, x, w, bias, out, geo, spatial, upsample, m, c_out, k)
@@ -391,7 +392,7 @@ def _splits(ctx, m: int, n: int, k: int, c: int, geo: WindowGeometry, dtype: DTy
     """How many tap ranges the K loop of this conv is split into (1: none). Each split covers
     ``ceil(taps / splits)`` whole taps. ``auto``: where the first candidate tile configuration gives
     fewer programs than half the SMs, about one wave (``sm_count`` programs) in all."""
-    taps = int(np.prod(geo.kernel, dtype=np.int64))
+    taps = prod(geo.kernel)
     if SPLIT_K == "off" or dtype is DType.FP64 or taps < 2:
         return 1
     if SPLIT_K != "auto":
@@ -424,7 +425,7 @@ def _emit_split_conv(ctx, x: View, w: View, bias: list, out: View, geo: WindowGe
     """A one-group tap-major conv in ``splits`` tap ranges: fp32 partials into a ``[splits, M, N]``
     workspace, then ``render_conv_split_sum`` adds them and runs the epilogue (bias, fused program)."""
     c = x.shape[1]
-    per = -(-int(np.prod(geo.kernel, dtype=np.int64)) // splits)  # taps per split
+    per = -(-prod(geo.kernel) // splits)  # taps per split
     ws = ctx.temp(DType.FP32, (splits, m, n))
     unit = _unit_strides(x, w, out)
     depth = x.rank == 5
@@ -500,10 +501,10 @@ def depthwise_configs(m: int, n: int, interpret: bool, sm_count: int = 132, gene
     if generic:
         return [cfg(64, 32, 4)]
     if interpret:
-        return [cfg(max(16, min(256, _pow2(m))), max(16, min(64, _pow2(n))), 4)]
+        return [cfg(max(16, min(256, pow2(m))), max(16, min(64, pow2(n))), 4)]
     seen, ranked = set(), []
     for bm, bn, warps in DEPTHWISE_TILES:
-        bm, bn = max(16, min(bm, _pow2(m))), max(16, min(bn, _pow2(n)))
+        bm, bn = max(16, min(bm, pow2(m))), max(16, min(bn, pow2(n)))
         if (bm, bn) in seen:
             continue
         seen.add((bm, bn))
@@ -513,8 +514,6 @@ def depthwise_configs(m: int, n: int, interpret: bool, sm_count: int = 132, gene
     return [r[2] for r in ranked[:TUNE_CANDIDATES]]
 
 
-def _pow2(v: int) -> int:
-    return 1 << max(0, int(v) - 1).bit_length()
 
 
 # --- rtxjit.ScaledConv ----------------------------------------------------------------------------
@@ -546,7 +545,7 @@ def _(ctx, x, s, w, b=None):
     check_dot_type(ctx, x.dtype)
     x = ctx.contiguous(x)
     batch, c_in = x.shape[:2]
-    c_out, pixels = w.shape[0], int(np.prod(x.shape[2:], dtype=np.int64))
+    c_out, pixels = w.shape[0], prod(x.shape[2:])
     xm = x.reshape((batch, c_in, pixels))
     om = ctx.outputs[0].reshape((batch, c_out, pixels))
     wm = View(w.buf, w.dtype, (c_out, c_in), w.strides[:2], w.offset)  # the kernel dims are all 1

@@ -17,6 +17,7 @@ from rtxjit.codegen.view import View
 from rtxjit.errors import ModelError, ShapeError, UnsupportedOpError
 from rtxjit.ir.registry import Kind, Rand, Sample, op
 from rtxjit.ir.types import DType, TensorType, broadcast_shapes
+from rtxjit.ir.symint import prod, pow2
 
 DOT_TYPES = (DType.FP32, DType.FP16, DType.BF16, DType.FP64)
 
@@ -84,7 +85,7 @@ def emit_matmul(ctx, a: View, b: View, out: View, bias: View = None, alpha: floa
     check_dot_type(ctx, a.dtype)
     batch = out.shape[:-2]
     m, n, k = out.shape[-2], out.shape[-1], a.shape[-1]
-    one = (int(np.prod(batch, dtype=np.int64)) == 1 and b_scale is None and a_norm is None
+    one = (prod(batch) == 1 and b_scale is None and a_norm is None
            and a_rows is None)
     splits, k_per = _splits(ctx, m, n, k, a.dtype) if one else (1, k)
     if splits > 1 and _emit_split(ctx, a, b, out, bias, alpha, beta, splits, k_per):
@@ -115,7 +116,7 @@ def emit_matmul(ctx, a: View, b: View, out: View, bias: View = None, alpha: floa
     args += epilogue_args(ctx, fused, extras, lambda e: e.strides[-2:])
     for d, size in enumerate(batch):
         args += [size] + [v.strides[d] for v in views + extras]
-    nbatch = int(np.prod(batch, dtype=np.int64))
+    nbatch = prod(batch)
     weight = ctx.is_constant(b) and not batch  # B a weight: N and K are the model's, the same in every binding
     launch_tiles(ctx, src, args, m, n, k, a.dtype, nbatch, weight_nk=(n, k) if weight else None)
 
@@ -234,11 +235,9 @@ def split_sum_config(ctx, m: int, n: int) -> dict:
     64 x 64 tiles on a GPU (a memory-bound pass), one large tile on the interpreter."""
     if not ctx.interpret:
         return SPLIT_SUM_TILE
-    return dict(SPLIT_SUM_TILE, BLOCK_M=max(16, min(256, _pow2(m))), BLOCK_N=max(16, min(64, _pow2(n))))
+    return dict(SPLIT_SUM_TILE, BLOCK_M=max(16, min(256, pow2(m))), BLOCK_N=max(16, min(64, pow2(n))))
 
 
-def _pow2(v: int) -> int:
-    return 1 << max(0, int(v) - 1).bit_length()
 
 
 # --- MatMul
@@ -283,7 +282,7 @@ def _(ctx, a, b):
 def _fold_batch_into_rows(a: View, out: View) -> tuple:
     """``[..., M, K] @ [K, N]`` as one ``[prod(...) * M, K] @ [K, N]`` product where the views allow
     it: a ViT's ``[197, 1, 768]`` activations would otherwise run 197 products of one row each."""
-    rows = int(np.prod(a.shape[:-1], dtype=np.int64))
+    rows = prod(a.shape[:-1])
     try:
         return a.reshape((rows, a.shape[-1])), out.reshape((rows, out.shape[-1]))
     except ValueError:
@@ -318,7 +317,7 @@ def _(data, rows, w, *, shape):
 
 @row_gather_matmul.lower
 def _(ctx, data, rows, w, *, shape):
-    m = int(np.prod(tuple(shape), dtype=np.int64))
+    m = prod(tuple(shape))
     emit_matmul(ctx, data, w, ctx.outputs[0].reshape((m, w.shape[1])), a_rows=ctx.contiguous(rows))
 
 
@@ -368,7 +367,7 @@ def _(x, w, colsum=None, bias=None, *, mode, epsilon=1e-5):
 
 @norm_matmul.lower
 def _(ctx, x, w, colsum=None, bias=None, *, mode, epsilon=1e-5):
-    rows = int(np.prod(x.shape[:-1], dtype=np.int64))
+    rows = prod(x.shape[:-1])
     try:
         a = x.reshape((rows, x.shape[-1]))
     except ValueError:

@@ -13,6 +13,7 @@ from rtxjit.errors import ModelError, ShapeError
 from rtxjit.ops.shape import norm_axis
 from rtxjit.ir.registry import Kind, Rand, Sample, known, op
 from rtxjit.ir.types import TensorType, broadcast_shapes, dim_op
+from rtxjit.ir.symint import prod
 
 
 @op("Transpose", since=1, kind=Kind.MOVEMENT,
@@ -251,7 +252,7 @@ def _(ctx, data, indices, *, axis=0):
 def emit_gather(ctx, data, indices, a: int, out) -> None:
     """The gather kernel: ``out`` = ``data`` taken at ``indices`` along axis ``a`` (Gather, Compress)."""
     data, indices = ctx.contiguous(data), ctx.contiguous(indices)
-    inner = int(np.prod(data.shape[a + 1:], dtype=np.int64))
+    inner = prod(data.shape[a + 1:])
     n = out.numel
     block = 1024
     src = render_gather(data.dtype, indices.dtype, wide=max(n, data.numel) > 2**31 - 1)

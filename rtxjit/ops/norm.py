@@ -28,6 +28,7 @@ from rtxjit.ops.matmul import epilogue_args
 from rtxjit.ops.reduce import GENERIC_ROW_BLOCKS, WIDE_LIMIT, row_blocks
 from rtxjit.ir.registry import Kind, Rand, Sample, op
 from rtxjit.ir.types import DType, TensorType
+from rtxjit.ir.symint import pow2
 
 # ---- the shared lowering -----------------------------------------------------------------------
 
@@ -110,7 +111,7 @@ def emit_group_norm(ctx, x: View, scale: View, bias: View, groups: int, eps: flo
         generic = (n_rows, parts), {"BLOCK_R": 1, "BLOCK_C": SPLIT_BLOCK_C, "ONE_BLOCK": False,
                                     "BLOCK_P": MAX_PARTS}
         ctx.launch(src, (n_rows, parts), args, generic=generic, BLOCK_R=1, BLOCK_C=block_c, ONE_BLOCK=False,
-                   BLOCK_P=_pow2(parts))
+                   BLOCK_P=pow2(parts))
         return
     block_r, block_c, one = row_blocks(n_rows, n_cols, ctx.interpret)
     gen_r, gen_c = GENERIC_ROW_BLOCKS
@@ -119,8 +120,6 @@ def emit_group_norm(ctx, x: View, scale: View, bias: View, groups: int, eps: flo
                ONE_BLOCK=one, BLOCK_P=1)
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
 
 
 def _check_group_norm(name: str, x: TensorType, scale: TensorType, bias: TensorType, groups,

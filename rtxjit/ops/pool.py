@@ -16,6 +16,7 @@ from rtxjit.ops.conv import AUTO_PADS, WindowGeometry
 from rtxjit.ops.reduce import WIDE_LIMIT, row_reduce
 from rtxjit.ir.registry import Kind, Rand, Sample, op
 from rtxjit.ir.types import DType, TensorType
+from rtxjit.ir.symint import prod
 
 
 
@@ -156,7 +157,7 @@ def lower_pool(ctx, x, g: WindowGeometry, mode: str, count_include_pad: int = 0,
     args = [ctx.ptr(x), x.offset, ctx.ptr(out), out.offset]
     if indices is not None:
         args += [ctx.ptr(indices), indices.offset]
-    args += [n, int(np.prod(spatial, dtype=np.int64)), *spatial, *g.out, *g.kernel, *g.strides,
+    args += [n, prod(spatial), *spatial, *g.out, *g.kernel, *g.strides,
              *g.pads_begin, *g.dilations, *strides]
     if mode == "avg":
         bounds = _avg_bounds(spatial, g, count_include_pad)

@@ -15,6 +15,7 @@ from rtxjit.errors import ModelError, ShapeError
 from rtxjit.ops.shape import norm_axis
 from rtxjit.ir.registry import Kind, Rand, Sample, known, op
 from rtxjit.ir.types import DType, TensorType
+from rtxjit.ir.symint import pow2
 
 
 def _scalar(value, what: str) -> int:
@@ -24,16 +25,14 @@ def _scalar(value, what: str) -> int:
     return int(a.reshape(-1)[0])
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
 
 
 def _blocks(n_rows: int, n_cols: int, interpret: bool, cap_c: int) -> tuple:
     """``(BLOCK_R, BLOCK_C)``: a row up to ``cap_c`` in one block, short rows packed into tiles of
     about 4096 elements (32768 on the interpreter, whose cost is per program)."""
     tile = 32768 if interpret else 4096
-    block_c = min(_pow2(max(n_cols, 1)), cap_c)
-    block_r = min(max(tile // block_c, 1), _pow2(max(n_rows, 1)))
+    block_c = min(pow2(max(n_cols, 1)), cap_c)
+    block_r = min(max(tile // block_c, 1), pow2(max(n_rows, 1)))
     return block_r, block_c
 
 

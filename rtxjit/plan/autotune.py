@@ -24,6 +24,8 @@ from typing import Callable, Optional
 
 from rtxjit import config
 
+from rtxjit.ir.symint import pow2
+
 _lock = threading.Lock()
 _chosen: dict = {}  # tune key -> constexprs of the fastest choice
 _timings: dict = {}  # tune key -> [(constexprs, median ms | inf)], for reports and benchmarks
@@ -37,14 +39,11 @@ def enabled() -> bool:
 
 def bucket(n: int) -> int:
     """``n`` rounded up to a power of two: shapes in one bucket share a tuning result."""
-    p = 1
-    while p < n:
-        p *= 2
-    return p
+    return pow2(n)
 
 
 def tune_key(src_key: str, sm: Optional[int], *sizes: int) -> tuple:
-    return (src_key, sm, *(bucket(int(s)) for s in sizes))
+    return (src_key, sm, *(bucket(s) for s in sizes))
 
 
 def sm_count() -> int:

@@ -25,15 +25,21 @@ from rtxjit.errors import InternalError, ModelError, ShapeError, UnsupportedOpEr
 from rtxjit.ir import host
 from rtxjit.ir.graph import Graph, Node
 from rtxjit.ir.registry import Kind, get_op
+from rtxjit.ir.symint import whole
 from rtxjit.ir.types import DType, TensorType, is_static
-from rtxjit.plan import autotune, statics
+from rtxjit.plan import autotune, rebind, statics
 
 WIDE_LIMIT = 2**31 - 1
 POINTWISE_CAP = 1024  # elements per program of a flat kernel on the GPU
 
 
 def _grid(grid) -> tuple:
-    return tuple(int(g) for g in grid)
+    return tuple(whole(g) for g in grid)
+
+
+def _numel(shape):
+    """The element count of ``shape`` (Python integers: no int64 wrap; a dim's expression kept)."""
+    return math.prod(whole(d) for d in shape)
 
 
 def _plain(args) -> tuple:
@@ -43,7 +49,7 @@ def _plain(args) -> tuple:
         if isinstance(a, (bool, np.bool_)):
             out.append(bool(a))
         elif isinstance(a, (int, np.integer)):
-            out.append(int(a))
+            out.append(whole(a))
         elif isinstance(a, (float, np.floating)):
             out.append(float(a))
         else:
@@ -275,7 +281,7 @@ class LowerCtx:
 
     def needs_wide(self, *views: View) -> bool:
         """Whether addressing ``views`` needs 64-bit index arithmetic in a kernel."""
-        return self._b.max_offset(*views) > WIDE_LIMIT
+        return self._b.wide(*views)
 
     def alias(self, index: int, view: View) -> None:
         """Output ``index`` is ``view`` (a view of an input, possibly strided): nothing is computed.
@@ -316,15 +322,16 @@ class LowerCtx:
         return self._b.plan.buffers[view.buf].role == "const"
 
     def temp(self, dtype: DType, shape) -> View:
-        idx = self._b.plan.add_buffer(BufferSpec(dtype, int(np.prod(shape, dtype=np.int64)), "temp"))
+        idx = self._b.plan.add_buffer(BufferSpec(dtype, _numel(shape), "temp"))
         return View.of(idx, dtype, shape)
 
     def counters(self, n: int) -> View:
         """``n`` int32 counters that are zero before each launch that uses them: zeroed once when
         an arena is made, set back to zero by the kernel that moves them (a split-K fix-up's
         arrival counters, templates/matmul.split_fixup)."""
-        idx = self._b.plan.add_buffer(BufferSpec(DType.INT32, max(1, int(n)), "zeroed"))
-        return View.of(idx, DType.INT32, (max(1, int(n)),))
+        n = max(1, whole(n))
+        idx = self._b.plan.add_buffer(BufferSpec(DType.INT32, n, "zeroed"))
+        return View.of(idx, DType.INT32, (n,))
 
     def pointwise_output(self, inputs: list) -> View:
         """Output 0 of a pointwise node, laid out as its full-size inputs are where they share one
@@ -364,7 +371,7 @@ class LowerCtx:
         shape, strides = collapse(out.shape, out.strides, *[v.strides for v in views])
         n = out.numel
         src = render_pointwise(expr, tuple(v.dtype for v in views), out.dtype, len(shape), len(scalars),
-                               wide=n > WIDE_LIMIT or self._b.max_offset(out, *views) > WIDE_LIMIT,
+                               wide=n > WIDE_LIMIT or self._b.wide(out, *views),
                                prologue=tuple(prologue))
         block = self._b.pointwise_block(n)
         args: list = [Buf(out.buf), out.offset]
@@ -401,8 +408,10 @@ class PlanBuilder:
             self._consumers = self.graph.consumers()
         return self._consumers
 
-    def max_offset(self, *views: View) -> int:
-        return max(v.offset + sum((d - 1) * abs(s) for d, s in zip(v.shape, v.strides)) for v in views)
+    def wide(self, *views: View) -> bool:
+        """Whether an element of ``views`` lies beyond 32-bit offsets (each compared on its own: a
+        template's guards then say that, not which view reaches farthest)."""
+        return any(v.offset + sum((d - 1) * abs(s) for d, s in zip(v.shape, v.strides)) > WIDE_LIMIT for v in views)
 
     def pointwise_block(self, n: int) -> int:
         cap = 4096 if self.interpret else POINTWISE_CAP
@@ -417,13 +426,40 @@ class PlanBuilder:
         return View.of(idx, dtype, value.shape)
 
     def build(self, input_types: dict, host_feeds: dict) -> Plan:
-        """The plan of this binding; the launches' static sizes compiled into their kernels."""
-        plan = self._lower(input_types, host_feeds)
+        """The plan of this binding; the launches' static sizes compiled into their kernels. A
+        binding inside the box a checked template covers is re-bound from it (plan/rebind.py)."""
         kept = statics.of_graph(self.graph) if self.statics is None else self.statics
+        dims = statics.symbolic_dims(self.graph) if rebind.ENABLED and not host_feeds else []
+        key = (self.device, self.session_consts)
+        templates = kept.templates.get(key, []) if dims else False
+        plan = template = values = None
+        for template in templates or ():
+            values = template.values_of(input_types)
+            if values is not None and template.holds(values):
+                if template.covers(values):
+                    plan = template.instantiate(values)
+                break
+        else:
+            template = None
+        lowered = plan is None
+        if lowered:
+            plan = self._lower(input_types, host_feeds)
+        probes: dict = {}
 
         def probe(types: dict) -> Plan:
-            return PlanBuilder(self.graph, self.device, self.session_consts, kept)._lower(types, host_feeds)
+            k = tuple(sorted((n, t.dtype, tuple(t.shape)) for n, t in types.items()))
+            if k not in probes:
+                probes[k] = PlanBuilder(self.graph, self.device, self.session_consts, kept)._lower(types, host_feeds)
+            return probes[k]
 
+        if lowered and template is not None:  # its guards hold but it was not checked this far out
+            self._check(kept, key, template, values, plan)
+        elif lowered and templates is not False and dims and len(templates) < rebind.TEMPLATES:
+            with kept.lock:  # one trace at a time per graph and device, off the serving thread
+                start = key not in kept.tracing
+                kept.tracing.add(key)
+            if start:
+                rebind.submit(lambda: self._template(kept, key, dict(input_types), dims, probes))
         kept.apply(self.graph, plan, input_types, probe)
         launched: dict = {}  # the trace names the kernels that run: their sources with static sizes
         for step in plan.steps:
@@ -432,11 +468,56 @@ class PlanBuilder:
         plan.trace.update(launched)
         return plan
 
+    def _template(self, kept, key, input_types: dict, dims: list, probes: dict) -> None:
+        """Trace this binding's lowering with the dims as Syms (plan/rebind.py, in its background
+        thread): a template kept where it gives the binding's plan, lowered again here, number for
+        number, checked also at the probes of plan/statics.py that were planned for it (``probes``)
+        where it holds their guards."""
+        try:
+            def lower(types):
+                return PlanBuilder(self.graph, self.device, self.session_consts, kept)._lower(types, {})
+
+            traced = rebind.trace(lower, input_types, dims)
+            if traced is None:
+                with kept.lock:
+                    kept.templates[key] = False
+                return
+            template = rebind.Template(traced[0], dims, traced[1])
+            values = template.values_of(input_types)
+            if not self._check(kept, key, template, values, lower(input_types), new=True):
+                return
+            for move in statics.PROBES:
+                moved = {s: move(v) for s, v in values.items()}
+                types = rebind.types_at(input_types, dims, moved)
+                plan = probes.get(tuple(sorted((n, t.dtype, tuple(t.shape)) for n, t in types.items())))
+                if plan is not None and template.holds(moved) and not self._check(kept, key, template, moved, plan):
+                    return
+        finally:
+            with kept.lock:
+                kept.tracing.discard(key)
+
+    @staticmethod
+    def _check(kept, key, template, values: dict, plan: Plan, new: bool = False) -> bool:
+        """Compare ``template`` at ``values`` with ``plan``, lowered there: the same widens the box
+        it serves (adding it where ``new``), a difference drops every template of the graph."""
+        same = rebind.same_plan(template.instantiate(values), plan)
+        with kept.lock:
+            held = kept.templates.get(key, [])
+            if held is False:
+                return False
+            if not same:
+                kept.templates[key] = False
+                return False
+            template.widen(values)
+            if new:
+                kept.templates[key] = [*held, template]
+        return True
+
     def _lower(self, input_types: dict, host_feeds: dict) -> Plan:
         env: dict = {}
         for v in self.graph.inputs:
             t = input_types[v.name]
-            idx = self.plan.add_buffer(BufferSpec(t.dtype, int(np.prod(t.shape, dtype=np.int64)), "input", v.name))
+            idx = self.plan.add_buffer(BufferSpec(t.dtype, _numel(t.shape), "input", v.name))
             self.plan.inputs[v.name] = idx
             env[v.name] = _Entry(t, host_feeds.get(v.name), View.of(idx, t.dtype, t.shape))
         for v in self.graph.constants():
@@ -527,7 +608,7 @@ class PlanBuilder:
             if v is None or v.name == "":
                 outs.append(None)
                 continue
-            numel = int(np.prod(t.shape, dtype=np.int64))
+            numel = _numel(t.shape)
             outs.append(View.of(self.plan.add_buffer(BufferSpec(t.dtype, numel, "temp", v.name)), t.dtype, t.shape))
         ctx = LowerCtx(self, node, outs, list(out_types))
         lower_args = self._lower_args(node, opdef, env)

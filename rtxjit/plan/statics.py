@@ -78,6 +78,8 @@ class GraphStatics:
     def __init__(self):
         self.sites: dict = {}
         self.probes = 0
+        self.templates: dict = {}  # (device, session constants) -> [rebind.Template], or False where one failed
+        self.tracing: set = set()  # keys of templates being traced
         self.lock = threading.Lock()
 
     def apply(self, graph, plan, input_types: dict, build: Callable[[dict], object]) -> None:

@@ -39,6 +39,7 @@ from rtxjit.ir.registry import Kind, Rand, Sample, Unknown, known, op
 from rtxjit.ir.types import DType, TensorType
 from rtxjit.ops.matmul import epilogue_args, take_epilogue
 from rtxjit.quant.qlinear import host_constants
+from rtxjit.ir.symint import prod
 
 FLOATS = (DType.FP32, DType.FP16, DType.BF16)
 GEMV_ROWS = 4  # up to this many rows of A: the GEMV form (decode shapes); more take tl.dot tiles of 16
@@ -185,7 +186,7 @@ def _(ctx, a, b, scales, zero_points=None, g_idx=None, bias=None, *, K, N, bits=
     if g_idx is not None:
         g_idx = host_constants(ctx, [g_idx], 4)[0]
     n, k_blocks, blob = packed_shape(N, K, bits, block_size)
-    rows = int(np.prod(a.shape[:-1], dtype=np.int64))
+    rows = prod(a.shape[:-1])
     out = ctx.outputs[0].reshape((rows, N))
     fused, extras = take_epilogue(ctx, a.dtype, (rows, N))
     if rows == 0:

@@ -31,6 +31,7 @@ from rtxjit.ir.types import DType, TensorType
 from rtxjit.ops.conv import channels_last_output, conv, conv_geometry, dense_weight, emit_conv
 from rtxjit.ops.matmul import epilogue_args, take_epilogue
 from rtxjit.ops.quant import FP8_NUMPY
+from rtxjit.ir.symint import prod
 
 INTS = (DType.INT8, DType.UINT8)
 FP8_MIN_SM = 89
@@ -149,7 +150,7 @@ def _(ctx, a_q, a_scale, a_zero, w_q, w_scale, w_zero=None, bias=None, y_scale=N
                                  f"is sm_{ctx.sm}")
     w_q = np.asarray(w_q).T if w_nk else w_q  # [K, N] for the host's sums; the device copy keeps the given layout
     k, n = np.shape(w_q)
-    rows = int(np.prod(a_q.shape[:-1], dtype=np.int64))
+    rows = prod(a_q.shape[:-1])
     out = ctx.outputs[0].reshape((rows, n))
     fused, extras = take_epilogue(ctx, out.dtype, (rows, n))
     if rows == 0:
