@@ -35,6 +35,12 @@ def prepare_triton() -> None:
     os.environ["TRITON_INTERPRET"] = "1"
 
 
+def light_compile() -> bool:
+    """RTXJIT_LIGHT_COMPILE=0 compiles a new session's generic kernels in threads of its own process
+    instead of light worker processes (exec/packed.py)."""
+    return os.environ.get("RTXJIT_LIGHT_COMPILE", "1") != "0"
+
+
 def dump_passes() -> str | None:
     """RTXJIT_DUMP_PASSES=DIR writes the graph after every pass into DIR; =- writes it to stderr."""
     value = os.environ.get("RTXJIT_DUMP_PASSES", "").strip()

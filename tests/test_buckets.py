@@ -129,6 +129,7 @@ class _FakeCompiler:
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
+    monkeypatch.setenv("RTXJIT_LIGHT_COMPILE", "0")  # generic kernels through the fake too (tests/test_light_compile.py)
     fake = _FakeCompiler()
     monkeypatch.setattr(compiler, "_warm", fake)
     monkeypatch.setattr(compiler, "_warmed", {})  # as in a fresh process

@@ -128,3 +128,33 @@ def test_plan_module_uses_symbolic_sizes():
     """The plan's own size arithmetic keeps expressions (a regression here would drop every template)."""
     n = Sym(3, "$N$")
     assert isinstance(plan_module._numel((n, 4)), Sym) and isinstance(plan_module._grid((n,))[0], Sym)
+
+
+@pytest.mark.gpu
+def test_gpu_session_results_with_rebound_plans(tmp_path, monkeypatch):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    path = tmp_path / "cnn.onnx"
+    import onnx
+
+    onnx.save(models.resnet_cnn(batch="N", size=32, width=16), path)
+    sess = rtxjit.InferenceSession(str(path), device="cuda", specialize="none")
+    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    lowered = []
+    real = PlanBuilder._lower
+
+    def counting(self, types, feeds):
+        lowered.append(types)
+        return real(self, types, feeds)
+
+    monkeypatch.setattr(PlanBuilder, "_lower", counting)
+    rng = np.random.default_rng(7)
+    for n in (8, 6, 7):  # traced at 8, checked at 6, re-bound at 7
+        x = rng.standard_normal((n, 3, 32, 32)).astype(np.float32)
+        rebind.drain()
+        lowered.clear()
+        got = sess.run(None, {"image": x})[0]
+        np.testing.assert_allclose(got, ref.run(None, {"image": x})[0], rtol=1e-3, atol=1e-3)
+    assert lowered == []  # 7 was re-bound from the template

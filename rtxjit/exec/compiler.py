@@ -38,7 +38,7 @@ import torch
 
 from rtxjit.codegen.source import load_kernel
 from rtxjit.errors import KernelError
-from rtxjit.exec import executor
+from rtxjit.exec import executor, packed
 from rtxjit.exec.executor import Executable
 from rtxjit.kernels import binaries
 from rtxjit.kernels.keys import GENERIC, SPECIALIZED, arg_classes, item_key, step_args
@@ -165,10 +165,64 @@ def prepare_generic(exe: Executable) -> tuple:
     if not items:
         return 0, stored
     with _counting() as tally:
-        compiled = _parallel(items, exe)
+        compiled = _light(exe, items) if len(items) >= LIGHT_MIN and exe.device.sm else None
+        if compiled is None:
+            compiled = _parallel(items, exe)
     with _warmed_lock:
         _warmed.update((_item_key(it), kernel) for it, kernel in zip(items, compiled))
     return tally[0], tally[1] + stored
+
+
+LIGHT_MIN = 4  # generic compiles from which a new session compiles them in light worker processes
+
+
+def _light(exe: Executable, items: list) -> Optional[list]:
+    """Compile ``items`` (generic kernels) in light worker processes (exec/packed.py: Triton's
+    binder here, its compiler there), load them and keep them in the session's kernel store; the
+    loaded kernels in order, or None where no worker starts (threads compile them then). An item a
+    worker fails on is compiled here."""
+    from rtxjit import config
+
+    if not config.light_compile():
+        return None
+    try:
+        light = packed.Light(min(len(items), os.cpu_count() or 1, 16))
+    except OSError:
+        return None
+    try:
+        futures = []
+        for src, generic, args, _, constexprs in items:
+            try:
+                futures.append(light.submit([src.name, src.text, generic,
+                                             packed.pack(src, generic, args, constexprs, exe.device.sm),
+                                             exe.device.sm]))
+            except Exception as exc:  # noqa: BLE001 - compiled here instead (below)
+                f: Future = Future()
+                f.set_exception(exc)
+                futures.append(f)
+    finally:
+        light.close()
+
+    def load(pair):
+        item, f = pair
+        if f.exception() is not None:
+            with _counting() as tally:
+                kernel = _warm(*item)
+            return kernel, tally[0]
+        meta, cubin = f.result()
+        kernel = binaries.load(meta, cubin)
+        if exe.kernels is not None:
+            key = _binary_key(exe, item)
+            exe.kernels.remember(key, kernel)
+            exe.kernels.put_entry(key, meta, cubin)
+        return kernel, 1
+
+    with ThreadPoolExecutor(min(THREADS, len(items)), thread_name_prefix="rtxjit-load") as pool:
+        done = list(pool.map(load, zip(items, futures)))
+    outer = getattr(_counts, "tally", None)
+    if outer is not None:
+        outer[0] += sum(n for _, n in done)
+    return [kernel for kernel, _ in done]
 
 
 def _binary_key(exe: Executable, item) -> str:

@@ -36,6 +36,8 @@ def binary_key(src_key: str, generic: bool, arg_classes: tuple, constexprs: dict
 def entry_of(kernel) -> Optional[tuple]:
     """``(meta, cubin bytes)`` of a Triton ``CompiledKernel``; None for one that is not a CUDA
     binary compiled from source (nothing to store)."""
+    if isinstance(kernel, Loaded):
+        return kernel.entry
     src = getattr(kernel, "src", None)
     asm = getattr(kernel, "asm", None)
     if src is None or asm is None or BINARY_EXT not in asm or not hasattr(src, "signature"):
@@ -65,6 +67,7 @@ class Loaded:
     and ``packed_metadata``, as a ``CompiledKernel`` has them once its handles are initialized."""
 
     def __init__(self, meta: dict, cubin: bytes):
+        self.entry = (meta, cubin)  # what it was loaded from (stored again by a later session's store)
         from triton.backends.compiler import GPUTarget
         from triton.compiler.compiler import make_backend
         from triton.runtime import driver
