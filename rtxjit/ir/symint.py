@@ -167,6 +167,11 @@ def whole(x):
     return x if isinstance(x, Sym) else int(x)
 
 
+def active() -> bool:
+    """Whether this thread is tracing (``tracing``)."""
+    return getattr(_tracing, "trace", None) is not None
+
+
 @contextlib.contextmanager
 def tracing():
     """Record the guards of the Syms compared in this thread meanwhile."""

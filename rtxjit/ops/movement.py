@@ -13,7 +13,7 @@ from rtxjit.errors import ModelError, ShapeError
 from rtxjit.ops.shape import norm_axis
 from rtxjit.ir.registry import Kind, Rand, Sample, known, op
 from rtxjit.ir.types import TensorType, broadcast_shapes, dim_op
-from rtxjit.ir.symint import prod
+from rtxjit.ir.symint import Sym, prod, whole
 
 
 @op("Transpose", since=1, kind=Kind.MOVEMENT,
@@ -139,6 +139,17 @@ def _(ctx, x, split=None, *, axis=0, num_outputs=None):
         start += length
 
 
+def _unit_slice(s, e, d) -> tuple:
+    """``(start, length, 1)`` of ``[s:e]`` over a dim of ``d`` (Python's clamping, step 1)."""
+    if s < 0:
+        s = s + d
+    if e < 0:
+        e = e + d
+    s = min(max(s, 0), d)
+    e = min(max(e, 0), d)
+    return s, max(e - s, 0), 1
+
+
 def slice_params(shape, starts, ends, axes, steps) -> list:
     """(axis, start, length, step) per sliced axis, clamped as ONNX's Slice says."""
     rank = len(shape)
@@ -154,6 +165,9 @@ def slice_params(shape, starts, ends, axes, steps) -> list:
         d = shape[a]
         if not isinstance(d, int):
             out.append((a, None, None, st))
+            continue
+        if st == 1 and any(isinstance(v, Sym) for v in (s, e, d)):
+            out.append((a, *_unit_slice(s, e, d)))  # the same, keeping the dims' expressions
             continue
         rng = range(*slice(int(max(min(s, 2**62), -2**62)), int(max(min(e, 2**62), -2**62)), int(st)).indices(d))
         out.append((a, rng.start, len(rng), int(st)))
@@ -195,7 +209,7 @@ def _(ctx, x, starts, ends, axes=None, steps=None):
 def expand(x: TensorType, shape) -> TensorType:
     if not known(shape):
         return x.with_shape(tuple("?" for _ in range(max(x.rank, int(shape.type.shape[0])))))
-    return x.with_shape(broadcast_shapes(x.shape, tuple(int(d) for d in np.asarray(shape).reshape(-1))))
+    return x.with_shape(broadcast_shapes(x.shape, tuple(whole(d) for d in np.asarray(shape).reshape(-1).tolist())))
 
 
 @expand.reference

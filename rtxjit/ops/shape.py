@@ -9,6 +9,7 @@ from rtxjit.codegen.dtypes import TL, compute_type
 from rtxjit.errors import ModelError, ShapeError, UnsupportedOpError
 from rtxjit.ir.registry import Kind, Rand, Sample, Unknown, known, op
 from rtxjit.ir.types import DType, TensorType, dim_op, numel
+from rtxjit.ir.symint import whole
 
 
 def norm_axis(axis: int, rank: int, what: str = "axis") -> int:
@@ -54,7 +55,7 @@ def reshape(x: TensorType, shape, *, allowzero: int = 0) -> TensorType:
                 raise ShapeError(f"Reshape target {list(shape)}: 0 at dim {i} copies a dim the input lacks")
             out.append(x.shape[i])
         else:
-            out.append(int(d))
+            out.append(whole(d))
     if out.count(-1) > 1:
         raise ShapeError(f"Reshape target {list(shape)} has more than one -1")
     if -1 in out:
@@ -230,7 +231,7 @@ def constant_of_shape(shape, *, value=None) -> TensorType:
     dtype = DType.FP32 if value is None else DType.from_numpy(np.asarray(value).dtype)
     if not known(shape):
         return TensorType(dtype, tuple("?" for _ in range(_length(shape))))
-    return TensorType(dtype, tuple(int(d) for d in np.asarray(shape).reshape(-1)))
+    return TensorType(dtype, tuple(whole(d) for d in np.asarray(shape).reshape(-1).tolist()))
 
 
 @constant_of_shape.reference
@@ -258,7 +259,10 @@ def range_(start, limit, delta) -> TensorType:
     dtype = (start.type if isinstance(start, Unknown) else TensorType(DType.from_numpy(start.dtype), ())).dtype
     if not (known(start) and known(limit) and known(delta)):
         return TensorType(dtype, ("?",))
-    n = max(int(np.ceil((limit.item() - start.item()) / delta.item())), 0)
+    first, last, step = start.item(), limit.item(), delta.item()
+    if all(isinstance(v, int) for v in (first, last, step)):  # integers (a dim's expression kept): ceil exactly
+        return TensorType(dtype, (max(-((first - last) // step), 0),))
+    n = max(int(np.ceil((last - first) / step)), 0)
     return TensorType(dtype, (n,))
 
 

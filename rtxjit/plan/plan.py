@@ -25,6 +25,7 @@ from rtxjit.errors import InternalError, ModelError, ShapeError, UnsupportedOpEr
 from rtxjit.ir import host
 from rtxjit.ir.graph import Graph, Node
 from rtxjit.ir.registry import Kind, get_op
+from rtxjit.ir import symint
 from rtxjit.ir.symint import whole
 from rtxjit.ir.types import DType, TensorType, is_static
 from rtxjit.plan import autotune, rebind, statics
@@ -111,6 +112,7 @@ class BufferSpec:
     name: str = ""
     data: Optional[np.ndarray] = None  # host data of a plan constant
     digest: Optional[str] = None  # sha256 of ``data`` where known (LowerCtx.derived_const)
+    symbolic: Optional[np.ndarray] = None  # a traced plan's host value behind ``data``, as Syms (plan/rebind.py)
 
 
 @dataclass
@@ -131,6 +133,7 @@ class _Entry:
     type: TensorType
     host: Optional[np.ndarray] = None
     view: Optional[View] = None
+    recipe: Optional["rebind.Recipe"] = None  # a trace's host data of the dims' sizes: how to make it again
 
 
 # Replay: a node whose lowering is a pure function of what ``_signature`` holds (its op, attributes,
@@ -420,10 +423,12 @@ class PlanBuilder:
             block *= 2
         return block
 
-    def upload(self, value: np.ndarray, name: str, digest: Optional[str] = None) -> View:
+    def upload(self, value: np.ndarray, name: str, digest: Optional[str] = None, shape=None) -> View:
+        """A plan constant of ``value``; ``shape``: its type's (a trace's, whose dims keep expressions)."""
         dtype = DType.from_numpy(value.dtype)
-        idx = self.plan.add_buffer(BufferSpec(dtype, int(value.size), "const", name, value, digest))
-        return View.of(idx, dtype, value.shape)
+        shape = value.shape if shape is None else shape
+        idx = self.plan.add_buffer(BufferSpec(dtype, _numel(shape), "const", name, value, digest))
+        return View.of(idx, dtype, shape)
 
     def build(self, input_types: dict, host_feeds: dict) -> Plan:
         """The plan of this binding; the launches' static sizes compiled into their kernels. A
@@ -452,8 +457,14 @@ class PlanBuilder:
                 probes[k] = PlanBuilder(self.graph, self.device, self.session_consts, kept)._lower(types, host_feeds)
             return probes[k]
 
-        if lowered and template is not None:  # its guards hold but it was not checked this far out
-            self._check(kept, key, template, values, plan)
+        if lowered and template is not None:  # its guards hold but it was not checked this far out: compared
+            types = dict(input_types)  # with this binding lowered again, off the serving thread
+
+            def check():
+                lowered_again = PlanBuilder(self.graph, self.device, self.session_consts, kept)._lower(types, {})
+                self._check(kept, key, template, values, lowered_again)
+
+            rebind.submit(check)
         elif lowered and templates is not False and dims and len(templates) < rebind.TEMPLATES:
             with kept.lock:  # one trace at a time per graph and device, off the serving thread
                 start = key not in kept.tracing
@@ -541,7 +552,11 @@ class PlanBuilder:
                 idx = self.plan.add_buffer(BufferSpec(e.type.dtype, int(e.host.size), "const", name))
                 e.view = View.of(idx, e.type.dtype, e.type.shape)
             else:
-                e.view = self.upload(np.ascontiguousarray(e.host), name)
+                traced = e.host.dtype == object or e.recipe is not None  # a trace's host value read on the device:
+                data = e.host.astype(e.type.dtype.to_numpy()) if e.host.dtype == object else e.host
+                e.view = self.upload(np.ascontiguousarray(data), name, shape=e.type.shape if traced else None)
+                if traced:  # made again when re-bound
+                    self.plan.buffers[e.view.buf].symbolic = e.recipe or e.host
         return e.view
 
     def _node(self, node: Node, env: dict) -> None:
@@ -587,9 +602,21 @@ class PlanBuilder:
                                  f"bytes, more than the device's memory ({self.device.memory_bytes:.3g} bytes)")
         if host.runs_on_host(opdef, inputs_known, out_types):
             values = host.evaluate(opdef, host_args, types, node.attrs, out_types)
-            for v, t, val in zip(node.outputs, out_types, values):
+            recipes = [None] * len(values)
+            if symint.active():  # a template's trace: shape arithmetic keeps the dims' expressions, other
+                # host data that follows them (a Range over the sequence) keeps how to make it again
+                symbolic = [None if v is None or any(isinstance(d, symint.Sym) for d in t.shape) else v  # sized by
+                            for v, t in zip(host.evaluate_symbolic(opdef, host_args, types, node.attrs, values),
+                                            out_types)]  # the dims: data, not a shape value (a Recipe below)
+                sources = [None if v is None else (env[v.name].recipe or env[v.name].host) for v in node.inputs]
+                if any(isinstance(x, rebind.Recipe) or (isinstance(x, np.ndarray) and x.dtype == object)
+                       for x in sources):
+                    recipes = [rebind.Recipe(opdef, dict(node.attrs), sources, i, values[i].dtype)
+                               if sym is None else None for i, sym in enumerate(symbolic)]
+                values = [c if v is None else v for c, v in zip(values, symbolic)]
+            for v, t, val, recipe in zip(node.outputs, out_types, values, recipes):
                 if v is not None:
-                    env[v.name] = _Entry(t, val)
+                    env[v.name] = _Entry(t, val, recipe=recipe)
             self.plan.trace[node.name] = ["host"]
             if memo is not None:
                 if len(self._host_memo) >= HOST_MEMO_LIMIT:
@@ -642,6 +669,8 @@ class PlanBuilder:
     def _host_key(self, node: Node, types: list, host_args: list):
         """The memo key of a node evaluated on the host (a shape computation): its op, attributes and
         input types and values; None where the values are large (a constant folded at plan time)."""
+        if symint.active():  # a trace's values keep expressions that a memo of numbers would drop
+            return None
         parts, size = [], 0
         for t, h in zip(types, host_args):
             if t is None:
@@ -673,7 +702,9 @@ class PlanBuilder:
                 continue
             e = env[v.name]
             if i in opdef.host_inputs:
-                inputs.append(("host", str(e.host.dtype), e.host.shape, e.host.tobytes()))
+                data = (tuple(str(getattr(v, "e", v)) for v in e.host.reshape(-1).tolist())
+                        if e.host.dtype == object else e.host.tobytes())
+                inputs.append(("host", str(e.host.dtype), e.host.shape, data))
                 continue
             if e.view is None:  # a constant not on the device yet: it will be a new contiguous buffer
                 inputs.append(("const", e.type.dtype, tuple(e.type.shape)))

@@ -149,7 +149,7 @@ class Template:
         for st in plan.steps:
             fields = {f: _template_of(getattr(st, f), numbers) for f in _LAUNCH_FIELDS}
             self.launches.append((st, fields))
-        self.buffers = [(b, numbers.of(b.numel)) for b in plan.buffers]
+        self.buffers = [(b, numbers.of(b.numel), _data_template(b.symbolic, numbers)) for b in plan.buffers]
         self.outputs = {name: (v, {f: _template_of(getattr(v, f), numbers) for f in _VIEW_FIELDS})
                         for name, v in plan.outputs.items()}
         self.inputs = dict(plan.inputs)
@@ -192,8 +192,8 @@ class Template:
         """The raw plan at ``values`` (symbol -> int; ``holds`` them)."""
         vals = self.fn(*[values[n] for n in self.names])
         plan = self._plan_type()
-        plan.buffers = [b if isinstance(n, int) else dataclasses.replace(b, numel=vals[n.index])
-                        for b, n in self.buffers]
+        plan.buffers = [b if isinstance(n, int) and data is None else _buffer(b, n, data, vals)
+                        for b, n, data in self.buffers]
         steps = plan.steps
         for st, fields in self.launches:
             steps.append(type(st)(st.kernel, _fill(fields["grid"], vals), _fill(fields["args"], vals),
@@ -204,6 +204,58 @@ class Template:
         plan.inputs = dict(self.inputs)
         plan.trace = {k: list(v) for k, v in self.trace.items()}
         return plan
+
+
+class Recipe:
+    """Host data a trace computed from values that follow the dims (a Range over the sequence, the
+    indices a mask is gathered with): output ``index`` of ``opdef`` over ``sources`` (each a host
+    array, an object array of Syms or another Recipe), remade at every re-binding."""
+
+    def __init__(self, opdef, attrs: dict, sources: list, index: int, dtype):
+        self.opdef, self.attrs, self.sources, self.index, self.dtype = opdef, attrs, sources, index, dtype
+
+
+class _RecipeT:
+    """A Recipe with its Syms as slots of the template's numbers."""
+
+    def __init__(self, recipe: Recipe, numbers: _Numbers):
+        self.recipe = recipe
+        self.sources = [_data_template(x, numbers) if isinstance(x, Recipe) or (
+            isinstance(x, np.ndarray) and x.dtype == object) else x for x in recipe.sources]
+
+    def make(self, vals) -> np.ndarray:
+        args = [x.make(vals) if isinstance(x, (_RecipeT, _ArrayT)) else x for x in self.sources]
+        r = self.recipe
+        return np.asarray(r.opdef.run_reference(args, r.attrs, r.index + 1)[r.index]).astype(r.dtype, copy=False)
+
+
+class _ArrayT:
+    """An object array of Syms (a shape value) as slots: ``make`` gives its int64 array."""
+
+    def __init__(self, arr: np.ndarray, numbers: _Numbers):
+        self.shape = arr.shape
+        self.seq = _Seq(arr.reshape(-1).tolist(), numbers, list)
+
+    def make(self, vals) -> np.ndarray:
+        return np.array(self.seq.fill(vals), dtype=np.int64).reshape(self.shape)
+
+
+def _data_template(symbolic, numbers: _Numbers):
+    if symbolic is None:
+        return None
+    if isinstance(symbolic, Recipe):
+        return _RecipeT(symbolic, numbers)
+    return _ArrayT(symbolic, numbers)
+
+
+def _buffer(spec, numel, data, vals):
+    """A template's buffer at ``vals``: its size, and the data of a host value it uploads."""
+    changes = {"numel": _fill(numel, vals)}
+    if data is not None:
+        made = data.make(vals)
+        changes.update(data=np.ascontiguousarray(made.astype(spec.data.dtype, copy=False).reshape(-1)).reshape(made.shape),
+                       digest=None, symbolic=None)
+    return dataclasses.replace(spec, **changes)
 
 
 def _compile(names: list, guards: dict, exprs: list):
@@ -328,6 +380,8 @@ def same_plan(a, b) -> bool:
 
 
 def _equal(x, y) -> bool:
+    if x == y:  # the same numbers (an int and a bool of one value pass: both come from the same lowering code)
+        return True
     if isinstance(x, (tuple, list)) and isinstance(y, (tuple, list)):
         return type(x) is type(y) and len(x) == len(y) and all(_equal(a, b) for a, b in zip(x, y))
     if isinstance(x, dict) and isinstance(y, dict):
