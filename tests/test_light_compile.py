@@ -44,6 +44,15 @@ def test_light_workers_make_the_binaries_the_ahead_of_time_compiler_makes(tmp_pa
         futures[-1].result()
 
 
+def test_light_compile_is_off_unless_asked(monkeypatch):
+    from rtxjit import config
+
+    monkeypatch.delenv("RTXJIT_LIGHT_COMPILE", raising=False)
+    assert not config.light_compile()
+    monkeypatch.setenv("RTXJIT_LIGHT_COMPILE", "1")
+    assert config.light_compile()
+
+
 def test_light_worker_loads_neither_torch_nor_rtxjits_package():
     boot = packed._BOOT.format(path=str(packed.__file__).rsplit("/exec/", 1)[0])
     probe = boot.replace("serve()", "print(sorted(m for m in ('torch', 'rtxjit.ops', 'rtxjit.session') if m in sys.modules))")
@@ -54,6 +63,7 @@ def test_light_worker_loads_neither_torch_nor_rtxjits_package():
 
 
 def test_prepare_generic_keeps_light_binaries_in_the_store_and_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RTXJIT_LIGHT_COMPILE", "1")
     monkeypatch.setattr(compiler, "LIGHT_MIN", 1)
     monkeypatch.setattr(compiler, "_warmed", {})
     monkeypatch.setattr(binaries, "load", lambda meta, cubin: ("loaded", meta["name"], len(cubin)))
@@ -78,6 +88,7 @@ def test_prepare_generic_keeps_light_binaries_in_the_store_and_cache(tmp_path, m
 
 
 def test_a_kernel_the_workers_fail_on_is_compiled_here(tmp_path, monkeypatch):
+    monkeypatch.setenv("RTXJIT_LIGHT_COMPILE", "1")
     monkeypatch.setattr(compiler, "LIGHT_MIN", 1)
     monkeypatch.setattr(compiler, "_warmed", {})
     monkeypatch.setattr(binaries, "load", lambda meta, cubin: ("loaded", meta["name"]))
@@ -111,6 +122,7 @@ def test_gpu_cold_session_compiles_in_light_workers(tmp_path, monkeypatch):
     from rtxjit.models import resnet_cnn
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))  # cold: nothing compiled before
+    monkeypatch.setenv("RTXJIT_LIGHT_COMPILE", "1")
     monkeypatch.setattr(compiler, "_warmed", {})
     started = []
 

@@ -174,6 +174,7 @@ def prepare_generic(exe: Executable) -> tuple:
 
 
 LIGHT_MIN = 4  # generic compiles from which a new session compiles them in light worker processes
+LIGHT_TIMEOUT = 300  # seconds a light worker may take for one kernel before it is compiled here
 
 
 def _light(exe: Executable, items: list) -> Optional[list]:
@@ -205,12 +206,13 @@ def _light(exe: Executable, items: list) -> Optional[list]:
 
     def load(pair):
         item, f = pair
-        if f.exception() is not None:
+        try:
+            meta, cubin = f.result(timeout=LIGHT_TIMEOUT)
+            kernel = binaries.load(meta, cubin)
+        except Exception:  # noqa: BLE001 - a worker's failure (or a binary that does not load): compiled here
             with _counting() as tally:
                 kernel = _warm(*item)
             return kernel, tally[0]
-        meta, cubin = f.result()
-        kernel = binaries.load(meta, cubin)
         if exe.kernels is not None:
             key = _binary_key(exe, item)
             exe.kernels.remember(key, kernel)

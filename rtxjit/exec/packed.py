@@ -135,10 +135,11 @@ class Light:
                 return
 
     def close(self) -> None:
+        """No more tasks: the workers finish theirs and exit (the futures of tasks no worker took fail)."""
         for _ in self.threads:
             self.tasks.put(None)
         for t in self.threads:
-            t.join(timeout=60)
+            t.join(timeout=300)
         while True:  # left by workers that died
             try:
                 item = self.tasks.get_nowait()
