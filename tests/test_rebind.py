@@ -70,7 +70,7 @@ def test_rebound_plan_is_the_lowered_plan(monkeypatch, tmp_path, target):
     for n in (8, 6):  # one bucket of pow2: traced at 8, checked at 6
         _build(graph, device, consts, kept, n)
     templates = kept.templates[(device, consts)]
-    assert templates and templates[0].covers({"N": 7})
+    assert any(t.covers({"N": 7}) for t in templates)
     lowered.clear()
     got = _build(graph, device, consts, kept, 7)
     assert lowered == []  # re-bound: nothing lowered
@@ -97,15 +97,18 @@ def test_template_that_lost_a_dim_is_dropped(monkeypatch, tmp_path):
 
 
 def test_template_guards_keep_buckets_apart(tmp_path):
-    """A binding whose guards differ (another power-of-two bucket: other tiles, split-K) is lowered."""
+    """A binding whose guards differ (another power-of-two bucket: other tiles, split-K) is not served
+    by the template: a template's checked box lies inside the region its guards hold."""
     _, sess = _cnn_session(tmp_path)
     graph, consts, device = sess.graph, frozenset(sess._const_tensors), target_device(90)
     kept = statics.GraphStatics()
     for n in (8, 6):
         _build(graph, device, consts, kept, n)
-    (template,) = kept.templates[(device, consts)]
+    templates = kept.templates[(device, consts)]
+    template = next(t for t in templates if t.covers({"N": 8}))
     assert template.holds({"N": 7}) and not template.holds({"N": 64})
-    assert not template.covers({"N": 5})  # outside the checked box: lowered and checked first
+    for t in templates:
+        assert all(t.holds({"N": n}) for n in range(1, 100) if t.covers({"N": n}))
 
 
 def test_session_results_with_rebound_plans(tmp_path):
@@ -159,3 +162,35 @@ def test_gpu_session_results_with_rebound_plans(tmp_path, monkeypatch):
         got = sess.run(None, {"image": x})[0]
         np.testing.assert_allclose(got, ref.run(None, {"image": x})[0], rtol=1e-3, atol=1e-3)
     assert lowered == []  # 7 was re-bound from the template
+
+
+def test_regions_are_checked_and_traced_ahead(tmp_path, monkeypatch):
+    """After one binding, its template is checked at the ends of the region its guards hold and the
+    regions next to it are traced ahead: a shape never seen, in such a region, is re-bound at once."""
+    _, sess = _cnn_session(tmp_path)
+    graph, consts, device = sess.graph, frozenset(sess._const_tensors), target_device(90)
+    kept = statics.GraphStatics()
+    _build(graph, device, consts, kept, 8)
+    templates = kept.templates[(device, consts)]
+    assert len(templates) > 1  # traced ahead
+    covered = sorted(n for n in range(1, 40) if n != 8 and any(t.covers({"N": n}) for t in templates))
+    assert covered and any(n > 8 for n in covered) and any(n < 8 for n in covered)
+    lowered = []
+    real = PlanBuilder._lower
+
+    def counting(self, types, feeds):
+        lowered.append(types)
+        return real(self, types, feeds)
+
+    monkeypatch.setattr(PlanBuilder, "_lower", counting)
+    plain = statics.GraphStatics()
+    for n in (covered[0], covered[-1]):
+        lowered.clear()
+        got = PlanBuilder(graph, device, consts, kept).build(_types(graph, n), {})
+        assert lowered == []  # re-bound
+        monkeypatch.setattr(rebind, "ENABLED", False)
+        want = PlanBuilder(graph, device, consts, plain).build(_types(graph, n), {})
+        monkeypatch.setattr(rebind, "ENABLED", True)
+        _same(got, want)
+        assert [(s.kernel.key, s.static) for s in got.steps] == [(s.kernel.key, s.static) for s in want.steps]
+    rebind.drain()

@@ -483,29 +483,60 @@ class PlanBuilder:
         """Trace this binding's lowering with the dims as Syms (plan/rebind.py, in its background
         thread): a template kept where it gives the binding's plan, lowered again here, number for
         number, checked also at the probes of plan/statics.py that were planned for it (``probes``)
-        where it holds their guards."""
+        where it holds their guards, and at the ends of the region its guards hold along each dim;
+        then the regions next to it are traced ahead (``rebind.AHEAD``), so a new shape there is
+        re-bound at its first request too."""
         try:
-            def lower(types):
-                return PlanBuilder(self.graph, self.device, self.session_consts, kept)._lower(types, {})
-
-            traced = rebind.trace(lower, input_types, dims)
-            if traced is None:
+            outside = self._trace_at(kept, key, input_types, dims, probes)
+            for point in outside[:rebind.AHEAD]:
                 with kept.lock:
-                    kept.templates[key] = False
-                return
-            template = rebind.Template(traced[0], dims, traced[1])
-            values = template.values_of(input_types)
-            if not self._check(kept, key, template, values, lower(input_types), new=True):
-                return
-            for move in statics.PROBES:
-                moved = {s: move(v) for s, v in values.items()}
-                types = rebind.types_at(input_types, dims, moved)
-                plan = probes.get(tuple(sorted((n, t.dtype, tuple(t.shape)) for n, t in types.items())))
-                if plan is not None and template.holds(moved) and not self._check(kept, key, template, moved, plan):
-                    return
+                    held = kept.templates.get(key, [])
+                    if held is False or len(held) >= rebind.TEMPLATES:
+                        break
+                    if any(t.holds(point) for t in held):
+                        continue
+                self._trace_at(kept, key, rebind.types_at(input_types, dims, point), dims, {})
         finally:
             with kept.lock:
                 kept.tracing.discard(key)
+
+    def _trace_at(self, kept, key, input_types: dict, dims: list, probes: dict) -> list:
+        """One template traced at ``input_types`` and checked (see ``_template``); the dims' values
+        just outside the region it serves, or [] where it failed."""
+        def lower(types):
+            return PlanBuilder(self.graph, self.device, self.session_consts, kept)._lower(types, {})
+
+        traced = rebind.trace(lower, input_types, dims)
+        if traced is None:
+            with kept.lock:
+                kept.templates[key] = False
+            return []
+        template = rebind.Template(traced[0], dims, traced[1])
+        values = template.values_of(input_types)
+        if not self._check(kept, key, template, values, lower(input_types), new=True):
+            return []
+        for move in statics.PROBES:
+            moved = {s: move(v) for s, v in values.items()}
+            types = rebind.types_at(input_types, dims, moved)
+            plan = probes.get(tuple(sorted((n, t.dtype, tuple(t.shape)) for n, t in types.items())))
+            if plan is not None and template.holds(moved) and not self._check(kept, key, template, moved, plan):
+                return []
+        outside = []
+        for symbol in template.names:  # the region's ends along each dim, the others as traced
+            for step in (-1, 1):
+                v, n = values[symbol], 0
+                while n < rebind.SCAN and v + step >= 1 and template.holds({**values, symbol: v + step}):
+                    v, n = v + step, n + 1
+                end = {**values, symbol: v}
+                if v != values[symbol] and not template.covers(end) and not self._check(
+                        kept, key, template, end, lower(rebind.types_at(input_types, dims, end))):
+                    return []
+                if n < rebind.SCAN and v + step >= 1:
+                    outside.append({**values, symbol: v + step})
+        # its launch sites' static sizes judged now (plan/statics.py probes a source variant it has not
+        # seen): a binding re-bound from it later does not probe on the serving thread
+        kept.apply(self.graph, template.instantiate(values), input_types, lower)
+        return outside
 
     @staticmethod
     def _check(kept, key, template, values: dict, plan: Plan, new: bool = False) -> bool:

@@ -34,7 +34,9 @@ import numpy as np
 from rtxjit.ir.symint import Sym, plain_int, tracing
 
 ENABLED = True
-TEMPLATES = 4  # templates (guard outcomes) kept per graph and device
+TEMPLATES = 8  # templates (guard outcomes) kept per graph and device
+AHEAD = 4  # regions next to a traced one traced ahead of any binding there
+SCAN = 1024  # values of a dim tried, each way, for the end of a template's region
 
 class _Slot:
     """Where a template holds number ``index`` of its generated function's result."""
