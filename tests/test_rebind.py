@@ -35,6 +35,20 @@ def test_sym_keeps_expressions_and_records_guards():
     assert str(n) == "6" and f"{n}" == "6"
 
 
+@pytest.fixture
+def lowered(monkeypatch) -> list:
+    """The bindings lowered (``PlanBuilder._lower``) while a test runs, in any thread."""
+    calls = []
+    real = PlanBuilder._lower
+
+    def counting(self, types, feeds):
+        calls.append(types)
+        return real(self, types, feeds)
+
+    monkeypatch.setattr(PlanBuilder, "_lower", counting)
+    return calls
+
+
 def _cnn_session(tmp_path):
     path = tmp_path / "cnn.onnx"
     import onnx
@@ -54,19 +68,11 @@ def _build(graph, device, consts, kept, n):
 
 
 @pytest.mark.parametrize("target", ["sm_90", "interpreter"])
-def test_rebound_plan_is_the_lowered_plan(monkeypatch, tmp_path, target):
+def test_rebound_plan_is_the_lowered_plan(monkeypatch, tmp_path, target, lowered):
     device = target_device(90) if target == "sm_90" else Device("cpu", "interpreter")  # planned for, not run on
     _, sess = _cnn_session(tmp_path)
     graph, consts = sess.graph, frozenset(sess._const_tensors)
     kept, plain = statics.GraphStatics(), statics.GraphStatics()
-    lowered = []
-    real = PlanBuilder._lower
-
-    def counting(self, types, feeds):
-        lowered.append(types)
-        return real(self, types, feeds)
-
-    monkeypatch.setattr(PlanBuilder, "_lower", counting)
     for n in (8, 6):  # one bucket of pow2: traced at 8, checked at 6
         _build(graph, device, consts, kept, n)
     templates = kept.templates[(device, consts)]
@@ -135,7 +141,7 @@ def test_plan_module_uses_symbolic_sizes():
 
 
 @pytest.mark.gpu
-def test_gpu_session_results_with_rebound_plans(tmp_path, monkeypatch):
+def test_gpu_session_results_with_rebound_plans(tmp_path, lowered):
     import torch
 
     if not torch.cuda.is_available():
@@ -146,14 +152,6 @@ def test_gpu_session_results_with_rebound_plans(tmp_path, monkeypatch):
     onnx.save(models.resnet_cnn(batch="N", size=32, width=16), path)
     sess = rtxjit.InferenceSession(str(path), device="cuda", specialize="none")
     ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    lowered = []
-    real = PlanBuilder._lower
-
-    def counting(self, types, feeds):
-        lowered.append(types)
-        return real(self, types, feeds)
-
-    monkeypatch.setattr(PlanBuilder, "_lower", counting)
     rng = np.random.default_rng(7)
     for n in (8, 6, 7):  # traced at 8, checked at 6, re-bound at 7
         x = rng.standard_normal((n, 3, 32, 32)).astype(np.float32)
@@ -164,7 +162,7 @@ def test_gpu_session_results_with_rebound_plans(tmp_path, monkeypatch):
     assert lowered == []  # 7 was re-bound from the template
 
 
-def test_regions_are_checked_and_traced_ahead(tmp_path, monkeypatch):
+def test_regions_are_checked_and_traced_ahead(tmp_path, monkeypatch, lowered):
     """After one binding, its template is checked at the ends of the region its guards hold and the
     regions next to it are traced ahead: a shape never seen, in such a region, is re-bound at once."""
     _, sess = _cnn_session(tmp_path)
@@ -175,14 +173,6 @@ def test_regions_are_checked_and_traced_ahead(tmp_path, monkeypatch):
     assert len(templates) > 1  # traced ahead
     covered = sorted(n for n in range(1, 40) if n != 8 and any(t.covers({"N": n}) for t in templates))
     assert covered and any(n > 8 for n in covered) and any(n < 8 for n in covered)
-    lowered = []
-    real = PlanBuilder._lower
-
-    def counting(self, types, feeds):
-        lowered.append(types)
-        return real(self, types, feeds)
-
-    monkeypatch.setattr(PlanBuilder, "_lower", counting)
     plain = statics.GraphStatics()
     for n in (covered[0], covered[-1]):
         lowered.clear()
