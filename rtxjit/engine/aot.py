@@ -23,14 +23,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
-import torch
-
-from rtxjit.codegen.source import KernelSource, load_kernel, specialize
+from rtxjit.codegen.source import KernelSource, specialize
 from rtxjit.errors import KernelError
+from rtxjit.exec import packed
 from rtxjit.exec.compiler import from_portable, portable
 from rtxjit.exec.device import Device
 from rtxjit.ir.types import TensorType
-from rtxjit.kernels import binaries
 from rtxjit.kernels.keys import item_key, shape_params, step_args
 from rtxjit.plan.plan import PlanBuilder
 
@@ -141,30 +139,9 @@ def _items(plan, specialized: bool) -> list:
 
 def compile_one(src, generic: bool, args: tuple, constexprs: dict, sm: int) -> tuple:
     """``(meta, cubin)`` of one kernel compiled for ``sm`` without a GPU: Triton's binder
-    specializes the arguments (pointers as 16-byte aligned host tensors of their dtype) as its JIT
-    would, then its compiler builds for the explicit target."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.compiler.compiler import make_backend
-    from triton.runtime.jit import create_function_from_signature
-
-    fn = load_kernel(src, False, generic=generic)
-    target = GPUTarget("cuda", sm, 32)
-    backend = make_backend(target)
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
-    real = tuple(torch.empty(4, dtype=a) if isinstance(a, torch.dtype) else a for a in args)
-    kwargs = dict(constexprs)
-    kwargs["debug"] = kwargs.get("debug", fn.debug) or triton.knobs.runtime.debug
-    if hasattr(triton.knobs.compilation, "instrumentation_mode"):
-        kwargs["instrumentation_mode"] = triton.knobs.compilation.instrumentation_mode
-    bound, specialization, options = binder(*real, **kwargs)
-    options, signature, consts, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-    kernel = triton.compile(ASTSource(fn, signature, consts, attrs), target=target, options=options.__dict__)
-    entry = binaries.entry_of(kernel)
-    if entry is None:
-        raise KernelError(f"kernel {src.name}: Triton gave no cubin for sm_{sm}")
-    return entry
+    specializes the arguments (pointers as 16-byte aligned buffers of their dtype) as its JIT would,
+    then its compiler builds for the explicit target (exec/packed.py, which light workers use too)."""
+    return packed.compile_packed(src.name, src.text, generic, packed.pack(src, generic, args, constexprs, sm), sm)
 
 
 def target_device(sm: int) -> Device:

@@ -236,9 +236,7 @@ def _buffer(spec, numel, data, vals):
     """A template's buffer at ``vals``: its size, and the data of a host value it uploads."""
     changes = {"numel": _fill(numel, vals)}
     if data is not None:
-        made = data.make(vals)
-        changes.update(data=np.ascontiguousarray(made.astype(spec.data.dtype, copy=False).reshape(-1)).reshape(made.shape),
-                       digest=None, symbolic=None)
+        changes.update(data=np.ascontiguousarray(data.make(vals), dtype=spec.data.dtype), digest=None, symbolic=None)
     return dataclasses.replace(spec, **changes)
 
 
@@ -264,18 +262,10 @@ def _compile(names: list, guards: dict, exprs: list):
 
 def sym_types(input_types: dict, symbols: list):
     """``input_types`` with each symbolic dim a ``Sym`` of its value (one per symbol)."""
-    from rtxjit.ir.types import TensorType
-
-    syms = {}
-    out = dict(input_types)
+    values = {}
     for name, axis, symbol in symbols:
-        t = out[name]
-        v = int(input_types[name].shape[axis])
-        s = syms.setdefault(symbol, Sym(v, f"${symbol}$"))
-        shape = list(t.shape)
-        shape[axis] = s
-        out[name] = TensorType(t.dtype, tuple(shape))
-    return out
+        values.setdefault(symbol, Sym(int(input_types[name].shape[axis]), f"${symbol}$"))
+    return types_at(input_types, symbols, values)
 
 
 _jobs: "queue.Queue" = queue.Queue()
