@@ -25,7 +25,7 @@ from rtxjit.kernels import keys as kernel_keys
 # the kinds, the specialized source and the dtype table, here too for the executor's readers
 from rtxjit.kernels.keys import GENERIC, SPECIALIZED, shape_params, specialized_source  # noqa: F401
 from rtxjit.kernels.tensors import TORCH_DTYPES, host_tensor, torch_dtype  # noqa: F401
-from rtxjit.plan.memory import plan_arena
+from rtxjit.plan.memory import launched, plan_arena
 from rtxjit.plan.plan import Buf, Launch, Plan
 
 PACE_LAUNCHES = 8  # a paced run (background work) lets the GPU drain after this many launches
@@ -89,7 +89,7 @@ class Executable:
         self.tdev = torch.device(device.torch_device)
         self.lock = threading.Lock()
         out_bufs = {v.buf for v in plan.outputs.values()}
-        used = out_bufs | {a.index for step in plan.steps for a in step.args if isinstance(a, Buf)}
+        used = out_bufs | launched(plan).keys()
         self.arena_plan = plan_arena(plan, exclude=out_bufs)
         self.constants: dict = {}
         self.per_run = []  # (buffer index, numel, torch dtype): graph outputs and unplaced temps

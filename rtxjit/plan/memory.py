@@ -24,15 +24,23 @@ class ArenaPlan:
     zeroed: tuple = ()  # (byte offset, bytes) of the "zeroed" buffers: zeroed when an arena is made, never shared
 
 
+def launched(plan: Plan) -> dict:
+    """Buffer index -> (first step, last step) of the launches that use it, for every buffer a
+    launch takes (structural: the plans re-bound from one template share it, ``Plan.memo``)."""
+    every = plan.memo.get("lifetimes")
+    if every is None:
+        every = {}
+        for i, step in enumerate(plan.steps):
+            for a in step.args:
+                if isinstance(a, Buf):
+                    every[a.index] = (every.get(a.index, (i, i))[0], i)
+        plan.memo["lifetimes"] = every
+    return every
+
+
 def lifetimes(plan: Plan, buffers: set) -> dict:
     """Buffer index -> (first step, last step) of the launches that use it."""
-    spans: dict = {}
-    for i, step in enumerate(plan.steps):
-        for a in step.args:
-            if isinstance(a, Buf) and a.index in buffers:
-                first, _ = spans.get(a.index, (i, i))
-                spans[a.index] = (first, i)
-    return spans
+    return {b: span for b, span in launched(plan).items() if b in buffers}
 
 
 def plan_arena(plan: Plan, exclude: set) -> ArenaPlan:

@@ -122,10 +122,21 @@ class Plan:
     outputs: dict = field(default_factory=dict)  # graph output name -> View
     inputs: dict = field(default_factory=dict)  # graph input name -> buffer index
     trace: dict = field(default_factory=dict)  # node name -> list of kernel names / "alias" / "host"
+    # what follows from the plan's structure alone (which argument of which launch is which buffer, a
+    # size or a flag), not from its numbers: the plans re-bound from one template share it (plan/rebind.py),
+    # so a new binding does not work it out again (``size_positions``, ``memory.lifetimes``)
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     def add_buffer(self, spec: BufferSpec) -> int:
         self.buffers.append(spec)
         return len(self.buffers) - 1
+
+    def size_positions(self) -> list:
+        """``Launch.size_args()`` of every step, in order (structural: kept in ``memo``)."""
+        out = self.memo.get("size_args")
+        if out is None or len(out) != len(self.steps):
+            out = self.memo["size_args"] = [step.size_args() for step in self.steps]
+        return out
 
 
 @dataclass

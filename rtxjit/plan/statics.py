@@ -46,17 +46,18 @@ PROBE_LIMIT = 4  # probes (of PROBES each) per graph: one per source variant of 
 ENABLED = True
 
 
-def _sizes(step) -> dict:
-    return {name: step.args[j] for j, name in step.size_args()}
+def _sizes(step, positions: list) -> dict:
+    args = step.args
+    return {name: args[j] for j, name in positions}
 
 
 def _sites(plan) -> dict:
-    """(node, position among the node's launches, kernel source key) -> launch."""
+    """(node, position among the node's launches, kernel source key) -> (launch, its size positions)."""
     out, seen = {}, {}
-    for step in plan.steps:
+    for step, positions in zip(plan.steps, plan.size_positions()):
         n = seen.get(step.node, 0)
         seen[step.node] = n + 1
-        out[(step.node, n, step.kernel.key)] = step
+        out[(step.node, n, step.kernel.key)] = (step, positions)
     return out
 
 
@@ -97,19 +98,19 @@ class GraphStatics:
                 self._probe(missing, sites, dims, input_types, build)
             elif missing and not dims:  # nothing is symbolic: every size is static
                 for s in missing:
-                    self.sites[s] = _sizes(sites[s])
+                    self.sites[s] = _sizes(*sites[s])
             chosen = {}
-            for s, step in sites.items():
+            for s, site in sites.items():
                 entry = self.sites.get(s)
                 if not entry:
                     continue
-                sizes = _sizes(step)
+                sizes = _sizes(*site)
                 keep = {n: v for n, v in entry.items() if sizes.get(n) == v}
                 if len(keep) < len(entry):  # a size judged static differs here: dynamic from now on
                     self.sites[s] = keep
                 chosen[s] = keep
         for s, keep in chosen.items():
-            step = sites[s]
+            step = sites[s][0]
             step.kernel = with_static(step.kernel, keep)
             step.static = tuple(sorted(keep))
 
@@ -117,7 +118,7 @@ class GraphStatics:
         values = {}
         for name, axis, symbol in dims:
             values.setdefault(symbol, int(input_types[name].shape[axis]))
-        agreed = {s: _sizes(sites[s]) for s in missing}
+        agreed = {s: _sizes(*sites[s]) for s in missing}
         judged = {s: False for s in missing}
         for move in PROBES:
             types = {}
@@ -136,7 +137,7 @@ class GraphStatics:
                 if step is None:
                     continue
                 judged[s] = True
-                sizes = _sizes(step)
+                sizes = _sizes(*step)
                 agreed[s] = {n: v for n, v in agreed[s].items() if sizes.get(n) == v}
         for s in missing:
             self.sites[s] = agreed[s] if judged[s] else {}
