@@ -26,7 +26,7 @@ from rtxjit.kernels import keys as kernel_keys
 from rtxjit.kernels.keys import GENERIC, SPECIALIZED, shape_params, specialized_source  # noqa: F401
 from rtxjit.kernels.tensors import TORCH_DTYPES, host_tensor, torch_dtype  # noqa: F401
 from rtxjit.plan.memory import launched, plan_arena
-from rtxjit.plan.plan import Buf, Launch, Plan
+from rtxjit.plan.plan import Launch, Plan
 
 PACE_LAUNCHES = 8  # a paced run (background work) lets the GPU drain after this many launches
 CAPTURE_PART = 32  # launches captured per run while the GPU time of a run is not known yet
@@ -146,9 +146,15 @@ class Executable:
             spec = self.plan.buffers[i]
             static[i] = arena[off:off + spec.numel * spec.dtype.itemsize].view(torch_dtype(spec.dtype))
         launches = []
-        for i, (step, kind) in enumerate(zip(self.plan.steps, kinds)):
-            args = [static.get(a.index, a) if isinstance(a, Buf) else a for a in step.args]
-            slots = tuple(j for j, a in enumerate(args) if isinstance(a, Buf))
+        for i, (step, kind, buffers) in enumerate(zip(self.plan.steps, kinds, self.plan.buffer_positions())):
+            args, slots = list(step.args), []
+            for j, b in buffers:
+                t = static.get(b)
+                if t is None:
+                    slots.append(j)  # bound per run
+                else:
+                    args[j] = t
+            slots = tuple(slots)
             grid, constexprs = self.config(step, kind, (configs or {}).get(i))
             launches.append((_Launcher(self, step, kind, grid), args, slots, constexprs, step, grid))
         return Variant(list(kinds), launches, arena, static)

@@ -92,8 +92,16 @@ def _item_key(target: str, src_key: str, generic: bool, classes: tuple, constexp
 
 
 def step_args(plan, step: Launch) -> tuple:
-    """``step``'s launch arguments with its buffers as their torch dtypes (what a compile needs)."""
-    return tuple(torch_dtype(plan.buffers[a.index].dtype) if isinstance(a, Buf) else a for a in step.args)
+    """``step``'s launch arguments with its buffers as their torch dtypes (what a compile needs).
+    Kept on the launch (its arguments do not change once planned; ``dataclasses.replace`` makes a
+    launch without it): a new binding asks it per launch for its generic kernels and again when the
+    launch first resolves its kernel."""
+    memo = step.__dict__.get("_step_args")
+    if memo is not None and memo[0] is step.args:
+        return memo[1]
+    out = tuple(torch_dtype(plan.buffers[a.index].dtype) if isinstance(a, Buf) else a for a in step.args)
+    step.__dict__["_step_args"] = (step.args, out)
+    return out
 
 
 def step_key(device, plan, step: Launch, kind: str, constexprs: dict) -> str:

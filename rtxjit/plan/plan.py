@@ -131,6 +131,15 @@ class Plan:
         self.buffers.append(spec)
         return len(self.buffers) - 1
 
+    def buffer_positions(self) -> list:
+        """Per step, ``[(argument position, buffer index)]`` of its buffer arguments (structural:
+        kept in ``memo``)."""
+        out = self.memo.get("buffer_args")
+        if out is None or len(out) != len(self.steps):
+            out = self.memo["buffer_args"] = [[(j, a.index) for j, a in enumerate(step.args) if isinstance(a, Buf)]
+                                              for step in self.steps]
+        return out
+
     def size_positions(self) -> list:
         """``Launch.size_args()`` of every step, in order (structural: kept in ``memo``)."""
         out = self.memo.get("size_args")

@@ -82,6 +82,10 @@ class GraphStatics:
         self.templates: dict = {}  # (device, session constants) -> [rebind.Template], or False where one failed
         self.tracing: set = set()  # keys of templates being traced
         self.lock = threading.Lock()
+        # site -> (its verdict, the raw kernel, [(argument position, value)], kernel with the values,
+        # names): a later binding of the same site checks its arguments against these and takes the
+        # kernel made before (no dicts, no sorting, no source lookup per launch)
+        self._made: dict = {}
 
     def apply(self, graph, plan, input_types: dict, build: Callable[[dict], object]) -> None:
         """Make the static size arguments of ``plan``'s launches constexprs of their kernels
@@ -99,20 +103,27 @@ class GraphStatics:
             elif missing and not dims:  # nothing is symbolic: every size is static
                 for s in missing:
                     self.sites[s] = _sizes(*sites[s])
-            chosen = {}
-            for s, site in sites.items():
+            chosen = []
+            for s, (step, positions) in sites.items():
                 entry = self.sites.get(s)
                 if not entry:
                     continue
-                sizes = _sizes(*site)
+                made = self._made.get(s)
+                if made is not None and made[0] is entry and made[1] is step.kernel:
+                    args = step.args
+                    if all(args[j] == v for j, v in made[2]):
+                        chosen.append((step, made))
+                        continue
+                sizes = _sizes(step, positions)
                 keep = {n: v for n, v in entry.items() if sizes.get(n) == v}
                 if len(keep) < len(entry):  # a size judged static differs here: dynamic from now on
                     self.sites[s] = keep
-                chosen[s] = keep
-        for s, keep in chosen.items():
-            step = sites[s][0]
-            step.kernel = with_static(step.kernel, keep)
-            step.static = tuple(sorted(keep))
+                at = {name: j for j, name in positions}
+                made = self._made[s] = (self.sites[s], step.kernel, [(at[n], v) for n, v in keep.items()],
+                                        with_static(step.kernel, keep), tuple(sorted(keep)))
+                chosen.append((step, made))
+        for step, made in chosen:
+            step.kernel, step.static = made[3], made[4]
 
     def _probe(self, missing: list, sites: dict, dims: list, input_types: dict, build) -> None:
         values = {}
