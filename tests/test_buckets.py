@@ -230,3 +230,14 @@ def test_argument_classes_tell_ints_floats_and_flags_apart_through_their_memo():
     assert classes[0] == classes[3] != classes[1] != classes[2] != classes[0]
     assert classes[0][2] == ("i", False, True) and classes[1][2] == "f" and classes[2][2] == "True"
     assert kernel_keys.arg_classes([torch.float16, 0, 48], True) == ("torch.float16", ("i", True, False), "i")
+
+
+def test_items_carry_the_key_each_compilation_is_looked_up_by():
+    """prepare_generic looks compilations up by the key ``_keyed_items`` worked out with them: it must
+    be ``_item_key``'s (a generic kernel compiled before is then not compiled again)."""
+    sess = rtxjit.InferenceSession(_model(), specialize="none")
+    sess.run(None, _feeds(5))
+    exe = sess.last_executable
+    for kind in (kernel_keys.GENERIC, kernel_keys.SPECIALIZED):
+        keyed = compiler._keyed_items(exe, kind)
+        assert keyed and all(key == compiler._item_key(item) for item, key in keyed)

@@ -108,6 +108,11 @@ def _items(exe: Executable, kind: str, tuned: bool = True, chosen: Optional[dict
     pointer arguments as torch dtypes (Triton mocks them, 16-byte aligned as our buffers are).
     Specialized ones: with ``tuned`` every tile configuration of a launch whose choice is not
     remembered yet (the remembered one alone where it is), else ``chosen[i]`` or the plan's."""
+    return [item for item, _ in _keyed_items(exe, kind, tuned, chosen)]
+
+
+def _keyed_items(exe: Executable, kind: str, tuned: bool = True, chosen: Optional[dict] = None) -> list:
+    """``[(item, _item_key(item))]`` of ``_items``."""
     items, seen = [], set()
     for i, step in enumerate(exe.plan.steps):
         args = step_args(exe.plan, step)
@@ -121,11 +126,12 @@ def _items(exe: Executable, kind: str, tuned: bool = True, chosen: Optional[dict
             else:
                 configs = [(chosen or {}).get(i, (step.grid, step.constexprs))]
             src = executor.specialized_source(step)  # looked up per call: tests may replace it
+        generic = kind == GENERIC
         for grid, constexprs in configs:
-            key = (src.key, kind, arg_classes(args, kind == GENERIC), tuple(sorted(constexprs.items())))
+            key = (src.key, generic, arg_classes(args, generic), tuple(sorted(constexprs.items())))  # as _item_key
             if key not in seen:
                 seen.add(key)
-                items.append((src, kind == GENERIC, args, grid, dict(constexprs)))
+                items.append(((src, generic, args, grid, dict(constexprs)), key))
     return items
 
 
@@ -156,10 +162,10 @@ def prepare_generic(exe: Executable) -> tuple:
     is kept in the session's kernel store (``exe.kernels``), compiled now or earlier in this process."""
     if exe.device.interpret:
         return _prepare_interpreted(exe, GENERIC)
-    every = _items(exe, GENERIC)
+    every = _keyed_items(exe, GENERIC)  # each with its _item_key, worked out once
     with _warmed_lock:
-        earlier = [(it, _warmed[_item_key(it)]) for it in every if _item_key(it) in _warmed]
-        items = [it for it in every if _item_key(it) not in _warmed]
+        earlier = [(it, _warmed[k]) for it, k in every if k in _warmed]
+        items = [it for it, k in every if k not in _warmed]
     _keep(exe, earlier)
     items, stored = _without_stored(exe, items)
     if not items:
