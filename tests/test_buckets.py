@@ -241,3 +241,43 @@ def test_items_carry_the_key_each_compilation_is_looked_up_by():
     for kind in (kernel_keys.GENERIC, kernel_keys.SPECIALIZED):
         keyed = compiler._keyed_items(exe, kind)
         assert keyed and all(key == compiler._item_key(item) for item, key in keyed)
+
+
+def test_generic_kernels_are_handed_to_the_executable_step_by_step(tmp_path, fake_gpu, monkeypatch):
+    """prepare_generic gives the executable each step's generic kernel (compiled now, compiled
+    before in this process, or loaded from the store), so its first run launches them directly."""
+    cache = tmp_path / "cache"
+    for n in (5, 7):  # compiled, then taken from the compiled ones
+        exe = _on_fake_gpu(cache, n)
+        handed = []
+        monkeypatch.setattr(exe, "preload", handed.extend)
+        compiler.prepare_generic(exe)
+        assert len(handed) == len(exe.plan.steps)
+        for step, kernel in zip(exe.plan.steps, handed):
+            assert kernel is not None and kernel.name.startswith(step.kernel.name + "_")
+    compiler._warmed.clear()  # another process: loaded from its runtime cache
+    exe = _on_fake_gpu(cache, 5)
+    handed = []
+    monkeypatch.setattr(exe, "preload", handed.extend)
+    assert compiler.prepare_generic(exe)[0] == 0
+    assert len(handed) == len(exe.plan.steps) and all(k is not None for k in handed)
+
+
+def test_preloaded_kernels_launch_direct_from_the_first_run():
+    from rtxjit.codegen.source import parameters
+    from tests.test_fallback_specialization import H100
+
+    sess = rtxjit.InferenceSession(_model(), specialize="none")
+    sess.run(None, _feeds(5))
+    exe = sess.last_executable
+    v = exe.active
+    v.direct = None
+    exe.device = H100
+    fakes = [SimpleNamespace(run=object(), function=i, packed_metadata=None) for i in range(len(v.launches))]
+    exe.preload(fakes[:-1])  # one missing: nothing changes
+    assert v.direct is None
+    exe.preload(fakes)
+    assert [d.function for d in v.direct] == list(range(len(v.launches)))
+    for d, (_, args, slots, constexprs, step, _) in zip(v.direct, v.launches):
+        tail = [name for name, _ in parameters(step.kernel)][len(args):]
+        assert d.args == list(args) + [constexprs[n] for n in tail] and d.slots == slots

@@ -111,8 +111,10 @@ def _items(exe: Executable, kind: str, tuned: bool = True, chosen: Optional[dict
     return [item for item, _ in _keyed_items(exe, kind, tuned, chosen)]
 
 
-def _keyed_items(exe: Executable, kind: str, tuned: bool = True, chosen: Optional[dict] = None) -> list:
-    """``[(item, _item_key(item))]`` of ``_items``."""
+def _keyed_items(exe: Executable, kind: str, tuned: bool = True, chosen: Optional[dict] = None,
+                 per_step: Optional[list] = None) -> list:
+    """``[(item, _item_key(item))]`` of ``_items``; ``per_step``, if given, receives each step's
+    keys in order (one per step for generic kernels)."""
     items, seen = [], set()
     for i, step in enumerate(exe.plan.steps):
         args = step_args(exe.plan, step)
@@ -129,6 +131,8 @@ def _keyed_items(exe: Executable, kind: str, tuned: bool = True, chosen: Optiona
         generic = kind == GENERIC
         for grid, constexprs in configs:
             key = (src.key, generic, arg_classes(args, generic), tuple(sorted(constexprs.items())))  # as _item_key
+            if per_step is not None:
+                per_step.append(key)
             if key not in seen:
                 seen.add(key)
                 items.append(((src, generic, args, grid, dict(constexprs)), key))
@@ -162,21 +166,28 @@ def prepare_generic(exe: Executable) -> tuple:
     is kept in the session's kernel store (``exe.kernels``), compiled now or earlier in this process."""
     if exe.device.interpret:
         return _prepare_interpreted(exe, GENERIC)
-    every = _keyed_items(exe, GENERIC)  # each with its _item_key, worked out once
+    per_step: list = []
+    every = _keyed_items(exe, GENERIC, per_step=per_step)  # each with its _item_key, worked out once
     with _warmed_lock:
-        earlier = [(it, _warmed[k]) for it, k in every if k in _warmed]
-        items = [it for it, k in every if k not in _warmed]
-    _keep(exe, earlier)
-    items, stored = _without_stored(exe, items)
-    if not items:
-        return 0, stored
-    with _counting() as tally:
-        compiled = _light(exe, items) if len(items) >= LIGHT_MIN and exe.device.sm else None
-        if compiled is None:
-            compiled = _parallel(items, exe)
-    with _warmed_lock:
-        _warmed.update((_item_key(it), kernel) for it, kernel in zip(items, compiled))
-    return tally[0], tally[1] + stored
+        known = {k: _warmed[k] for _, k in every if k in _warmed}
+    _keep(exe, [(it, known[k]) for it, k in every if k in known])
+    items = [(it, k) for it, k in every if k not in known]
+    found = _stored(exe, [it for it, _ in items])
+    known.update((k, kernel) for (_, k), kernel in zip(items, found) if kernel is not None)
+    left = [(it, k) for (it, k), kernel in zip(items, found) if kernel is None]
+    compiles = hits = 0
+    if left:
+        todo = [it for it, _ in left]
+        with _counting() as tally:
+            compiled = _light(exe, todo) if len(todo) >= LIGHT_MIN and exe.device.sm else None
+            if compiled is None:
+                compiled = _parallel(todo, exe)
+        with _warmed_lock:
+            _warmed.update((k, kernel) for (_, k), kernel in zip(left, compiled))
+        known.update((k, kernel) for (_, k), kernel in zip(left, compiled) if kernel is not None)
+        compiles, hits = tally
+    exe.preload([known.get(k) for k in per_step])
+    return compiles, hits + len(items) - len(left)
 
 
 LIGHT_MIN = 4  # generic compiles from which a new session compiles them in light worker processes
@@ -252,11 +263,18 @@ def _keep(exe: Executable, compiled: list) -> None:
 def _without_stored(exe: Executable, items: list) -> tuple:
     """``(items, n)``: the compilations that the session's kernel store (its engine, its runtime
     cache) holds no binary for, and how many it holds (they are loaded now, not compiled)."""
+    found = _stored(exe, items)
+    left = [it for it, kernel in zip(items, found) if kernel is None]
+    return left, len(items) - len(left)
+
+
+def _stored(exe: Executable, items: list) -> list:
+    """Per item, its kernel loaded from the session's kernel store (its engine, its runtime cache),
+    or None."""
     kernels = exe.kernels
     if kernels is None or not kernels.has_sources():
-        return items, 0
-    left = [it for it in items if kernels.find(_binary_key(exe, it)) is None]
-    return left, len(items) - len(left)
+        return [None] * len(items)
+    return [kernels.find(_binary_key(exe, it)) for it in items]
 
 
 _warmed: dict = {}  # generic compilations done in this process -> the compiled kernel (a new shape needs none)

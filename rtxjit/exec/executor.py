@@ -159,6 +159,17 @@ class Executable:
             launches.append((_Launcher(self, step, kind, grid), args, slots, constexprs, step, grid))
         return Variant(list(kinds), launches, arena, static)
 
+    def preload(self, kernels: list) -> None:
+        """The generic variant's kernels, one per step, as compiled or loaded before its first run
+        (exec/compiler.prepare_generic): its launches go direct from the first run on, without
+        Triton's dispatch or a key lookup per launch. Nothing changes if one is missing (None) or
+        can't be launched directly: its first run resolves each launch as before."""
+        v = self.active
+        if (self.device.kind != "cuda" or v.direct is not None or len(kernels) != len(v.launches)
+                or any(k is None for k in kernels) or any(kind != GENERIC for kind in v.kinds)):
+            return
+        v.direct = bind_direct(v.launches, kernels)
+
     def kernel(self, step: Launch, kind: str, config: tuple = None) -> tuple:
         """``(kernel, grid, constexprs)`` of ``step``'s ``kind`` kernel."""
         interpret = self.device.interpret
