@@ -99,7 +99,14 @@ def step_args(plan, step: Launch) -> tuple:
     memo = step.__dict__.get("_step_args")
     if memo is not None and memo[0] is step.args:
         return memo[1]
-    out = tuple(torch_dtype(plan.buffers[a.index].dtype) if isinstance(a, Buf) else a for a in step.args)
+    dtypes = plan.memo.get("torch_dtypes")  # buffer index -> torch dtype (structural, Plan.memo)
+    if dtypes is None or len(dtypes) != len(plan.buffers):
+        dtypes = plan.memo["torch_dtypes"] = [torch_dtype(b.dtype) for b in plan.buffers]
+    out = list(step.args)
+    for j, a in enumerate(out):
+        if isinstance(a, Buf):
+            out[j] = dtypes[a.index]
+    out = tuple(out)
     step.__dict__["_step_args"] = (step.args, out)
     return out
 
