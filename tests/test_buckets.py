@@ -87,7 +87,7 @@ def test_exact_specialization_compiles_every_shape(fresh_compiles, monkeypatch):
 def test_on_a_gpu_plan_nearby_shapes_share_specialized_binaries():
     """Planned for an H100 (nothing compiled): 40 and 56 rows share every specialized binary key of
     the plan's heuristic tiles; the dynamic M is not in the kernel's source; 64 rows (a multiple of
-    16) is another bucket."""
+    16) is another bucket (the softmax's kept size, which its addresses are split by)."""
     from tests.test_fallback_specialization import H100, _plan
 
     graph = rtxjit.InferenceSession(_model()).graph
@@ -281,3 +281,26 @@ def test_preloaded_kernels_launch_direct_from_the_first_run():
     for d, (_, args, slots, constexprs, step, _) in zip(v.direct, v.launches):
         tail = [name for name, _ in parameters(step.kernel)][len(args):]
         assert d.args == list(args) + [constexprs[n] for n in tail] and d.slots == slots
+
+
+def test_row_counts_are_never_specialized():
+    """A product's M (and any kernel's row count, codegen/source.ROW_COUNTS) is a run-time argument
+    that Triton does not specialize (no divisibility by 16, no value 1): the matmul of 56 and 64 rows
+    (64 a multiple of 16) is one binary, and the key says what Triton compiles."""
+    from rtxjit.codegen.source import load_kernel, parameters
+    from tests.test_fallback_specialization import H100, _plan
+
+    graph = rtxjit.InferenceSession(_model()).graph
+    keys = {}
+    for n in (56, 64, 1):
+        plan = _plan(graph, H100, N=n)
+        step = next(s for s in plan.steps if s.kernel.name == "matmul")
+        keys[n] = kernel_keys.step_key(H100, plan, step, kernel_keys.SPECIALIZED, step.constexprs)
+        src = kernel_keys.specialized_source(step)
+        names = [name for name, _ in parameters(src)]
+        classes = kernel_keys.arg_classes(kernel_keys.step_args(plan, step), False, src)
+        assert classes[names.index("M")] == "i"
+        if n == 64:
+            fn = load_kernel(src, False)
+            assert [p.name for p in fn.params if p.do_not_specialize] == ["M"]
+    assert keys[56] == keys[64]

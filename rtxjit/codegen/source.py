@@ -177,6 +177,27 @@ def load_kernel(src: KernelSource, interpret: bool, generic: bool = False):
     return fn
 
 
+# Run-time sizes that count rows (a product's M, a conv's output pixels, a reduction's or an
+# attention's rows): every kernel takes them unspecialized. Only loop bounds and masks across rows
+# read them (never an address's alignment: row strides are parameters of their own), so Triton's
+# divisibility-by-16 and value-1 specialization of them buys nothing, while it splits each bucket
+# of shapes into more compiles (resnet50 on an H100: M = batch x 7 x 7 is a multiple of 16 at
+# batch 16, not at 8, so batch 16's specialized kernels compiled again: 3.4 s to specialized).
+# A batched product's batch sizes (``bsize0``, ...) split its program id alone. (Not a flat
+# kernel's ``n`` or a gather's ``size{d}``: the divisibility of those lets Triton vectorize loads.)
+ROW_COUNTS = frozenset({"M", "n_rows", "SQ", "SK"})
+
+
+def is_row_count(name: str) -> bool:
+    return name in ROW_COUNTS or (name.startswith("bsize") and name[5:].isdigit())
+
+
+@functools.lru_cache(maxsize=8192)
+def row_count_positions(src: KernelSource) -> tuple:
+    """Positions (in the parameter list) of ``src``'s run-time row counts (``is_row_count``)."""
+    return tuple(j for j, (name, const) in enumerate(parameters(src)) if is_row_count(name) and not const)
+
+
 def _build(src: KernelSource, interpret: bool, generic: bool):
     filename = f"<rtxjit-{src.name}-{src.short_key}>"
     linecache.cache[filename] = (len(src.text), None, src.text.splitlines(True), filename)
@@ -196,7 +217,8 @@ def _build(src: KernelSource, interpret: bool, generic: bool):
                 runtime.append(name)
             prev = name
         return JITFunction(fn, do_not_specialize=runtime)
-    return JITFunction(fn)  # on the GPU: compiled on first launch, cached by Triton
+    rows = [name for name, const in parameters(src) if is_row_count(name) and not const]
+    return JITFunction(fn, do_not_specialize=rows)  # on the GPU: compiled on first launch, cached by Triton
 
 
 _interpreter_lock = threading.RLock()

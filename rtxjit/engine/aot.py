@@ -48,7 +48,7 @@ def compile_kernels(engine, targets=None, progress: Optional[Callable[[int, int,
         seen = set()
         for plan, specialized in _plans(graph, engine.profiles, device):
             for item in _items(plan, specialized):
-                key = item_key(device, item[0].key, item[1], item[2], item[4])
+                key = item_key(device, item[0], item[1], item[2], item[4])
                 if key not in seen and key not in engine.binaries:
                     seen.add(key)
                     work.append((sm, key) + item)

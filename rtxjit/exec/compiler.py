@@ -130,7 +130,7 @@ def _keyed_items(exe: Executable, kind: str, tuned: bool = True, chosen: Optiona
             src = executor.specialized_source(step)  # looked up per call: tests may replace it
         generic = kind == GENERIC
         for grid, constexprs in configs:
-            key = (src.key, generic, arg_classes(args, generic), tuple(sorted(constexprs.items())))  # as _item_key
+            key = (src.key, generic, arg_classes(args, generic, src), tuple(sorted(constexprs.items())))  # as _item_key
             if per_step is not None:
                 per_step.append(key)
             if key not in seen:
@@ -246,7 +246,7 @@ def _light(exe: Executable, items: list) -> Optional[list]:
 
 def _binary_key(exe: Executable, item) -> str:
     src, generic, args, _, constexprs = item
-    return item_key(exe.device, src.key, generic, args, constexprs)
+    return item_key(exe.device, src, generic, args, constexprs)
 
 
 def _keep(exe: Executable, compiled: list) -> None:
@@ -283,7 +283,7 @@ _warmed_lock = threading.Lock()
 
 def _item_key(item) -> tuple:
     src, generic, args, grid, constexprs = item
-    return src.key, generic, arg_classes(args, generic), tuple(sorted(constexprs.items()))
+    return src.key, generic, arg_classes(args, generic, src), tuple(sorted(constexprs.items()))
 
 
 def _parallel(items: list, exe: Optional[Executable] = None) -> list:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 
 from rtxjit.cache.keys import cache_key, target_of
-from rtxjit.codegen.source import specialize
+from rtxjit.codegen.source import KernelSource, row_count_positions, specialize
 from rtxjit.kernels import binaries
 from rtxjit.kernels.tensors import torch_dtype
 from rtxjit.plan.plan import Buf, Launch
@@ -42,34 +42,35 @@ def specialized_source(step: Launch):
     return specialize(step.kernel, shape_params(step))
 
 
-def arg_classes(args: tuple, generic: bool) -> tuple:
-    """What Triton's specialization sees of the arguments (equal classes: one compilation);
-    memoized by the arguments and their types (1, 1.0 and True are equal keys otherwise): a new
-    binding asks it of every launch three times (generic kernels, the kernel store, the launcher),
-    ~20 us each."""
+def arg_classes(args: tuple, generic: bool, src: KernelSource = None) -> tuple:
+    """What Triton's specialization sees of the arguments (equal classes: one compilation) of
+    ``src`` (whose row counts no kernel specializes, ``codegen.source.ROW_COUNTS``); memoized by the
+    arguments and their types (1, 1.0 and True are equal keys otherwise): a new binding asks it of
+    every launch three times (generic kernels, the kernel store, the launcher), ~20 us each."""
     args = tuple(args)
+    rows = () if src is None or generic else row_count_positions(src)
     try:
-        return _arg_classes(args, tuple(map(type, args)), bool(generic), EXACT)
+        return _arg_classes(args, tuple(map(type, args)), bool(generic), EXACT, rows)
     except TypeError:  # an unhashable argument: classed without the memo
-        return _arg_classes.__wrapped__(args, (), bool(generic), EXACT)
+        return _arg_classes.__wrapped__(args, (), bool(generic), EXACT, rows)
 
 
 @functools.lru_cache(maxsize=1 << 14)
-def _arg_classes(args: tuple, types: tuple, generic: bool, exact: bool) -> tuple:
+def _arg_classes(args: tuple, types: tuple, generic: bool, exact: bool, rows: tuple = ()) -> tuple:
     """``arg_classes``' work. The
     values of static sizes are in the kernel's source (``with_static``), so they need no class of
     their own; a generic kernel specializes no run-time integer, a bucketed specialized kernel
-    only as Triton does, an ``EXACT`` one is compiled for every value. A buffer's offset (the
-    integer right after its pointer) keeps Triton's classes in a generic kernel too
-    (``codegen.source.load_kernel``)."""
+    only as Triton does but for its row counts (positions ``rows``), an ``EXACT`` one is compiled
+    for every value. A buffer's offset (the integer right after its pointer) keeps Triton's classes
+    in a generic kernel too (``codegen.source.load_kernel``)."""
     out = []
     after_pointer = False
-    for a in args:
+    for j, a in enumerate(args):
         offset, after_pointer = after_pointer, False
         if isinstance(a, bool) or not isinstance(a, int):
             out.append(str(a) if not isinstance(a, float) else "f")
             after_pointer = not isinstance(a, (bool, float, str))  # a buffer (a torch dtype here)
-        elif generic and not offset:
+        elif (generic and not offset) or j in rows:
             out.append("i" if -2**31 <= a < 2**31 else "l")
         elif exact:
             out.append((a, a % 16 == 0, a == 1))
@@ -78,9 +79,9 @@ def _arg_classes(args: tuple, types: tuple, generic: bool, exact: bool) -> tuple
     return tuple(out)
 
 
-def item_key(device, src_key: str, generic: bool, args: tuple, constexprs: dict) -> str:
-    """The binary key of one compilation: ``args`` with buffers as torch dtypes."""
-    return _item_key(target_of(device), src_key, bool(generic), arg_classes(args, generic),
+def item_key(device, src: KernelSource, generic: bool, args: tuple, constexprs: dict) -> str:
+    """The binary key of one compilation of ``src``: ``args`` with buffers as torch dtypes."""
+    return _item_key(target_of(device), src.key, bool(generic), arg_classes(args, generic, src),
                      tuple(sorted(constexprs.items())))
 
 
@@ -114,6 +115,6 @@ def step_args(plan, step: Launch) -> tuple:
 def step_key(device, plan, step: Launch, kind: str, constexprs: dict) -> str:
     """The binary key of ``step``'s ``kind`` kernel with ``constexprs``."""
     src = step.kernel if kind == GENERIC else specialized_source(step)
-    return item_key(device, src.key, kind == GENERIC, step_args(plan, step), constexprs)
+    return item_key(device, src, kind == GENERIC, step_args(plan, step), constexprs)
 
 

@@ -131,7 +131,7 @@ def _batch_offsets(operands: list, batch_rank: int, wide: bool) -> list:
         return []
     lines = [f"    rem = tl.program_id(1){int64_suffix(wide)}"]
     for d in reversed(range(1, batch_rank)):
-        lines += [f"    i{d} = rem % size{d}", f"    rem = rem // size{d}"]
+        lines += [f"    i{d} = rem % bsize{d}", f"    rem = rem // bsize{d}"]
     lines.append("    i0 = rem")
     for name in operands:
         terms = " + ".join(f"i{d} * {name}_sb{d}" for d in range(batch_rank))
@@ -221,7 +221,7 @@ def render_matmul(dtype: DType, out_dtype: DType, batch_rank: int, has_bias: boo
     params += fused.params(["sm", "sn"]) if fused else []
     params += ["k_per"] if split else []
     for d in range(batch_rank):
-        params += [f"size{d}"] + [f"{name}_sb{d}" for name in operands]
+        params += [f"bsize{d}"] + [f"{name}_sb{d}" for name in operands]
     a_index = "a_row[:, None]" if a_rows else "rm[:, None]"
     a_addr = f"a_ptr + a_off + {scaled(a_index, 'a_sm', unit)} + {scaled('rk[None, :]', 'a_sk', unit)}"
     b_addr = f"b_ptr + b_off + {scaled('rk[:, None]', 'b_sk', unit)} + {scaled('rn[None, :]', 'b_sn', unit)}"
