@@ -186,10 +186,11 @@ def load_kernel(src: KernelSource, interpret: bool, generic: bool = False):
 # A batched product's batch sizes (``bsize0``, ...) split its program id alone. (Not a flat
 # kernel's ``n`` or a gather's ``size{d}``: the divisibility of those lets Triton vectorize loads.)
 ROW_COUNTS = frozenset({"M", "n_rows", "SQ", "SK"})
+SPECIALIZE_ROWS = False  # True: row counts specialized as any integer (before 2026-12-08), to compare on a GPU
 
 
 def is_row_count(name: str) -> bool:
-    return name in ROW_COUNTS or (name.startswith("bsize") and name[5:].isdigit())
+    return not SPECIALIZE_ROWS and (name in ROW_COUNTS or (name.startswith("bsize") and name[5:].isdigit()))
 
 
 @functools.lru_cache(maxsize=8192)
