@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -111,6 +112,7 @@ class InferenceSession:
         self._tdev = torch.device(self.device.torch_device)
         self._lock = threading.Lock()
         self._executables: dict = {}
+        self._fallbacks_queued = False  # the other shape buckets' generic kernels (``_queue_fallbacks``)
         self._host_inputs = self._inputs_needed_on_host()
         self._expected = {v.name: v for v in self.graph.inputs}  # per request: the feeds checked against it
         self._index_inputs = index_inputs(self.graph)
@@ -170,7 +172,28 @@ class InferenceSession:
         results = exe.run(tensors)
         if queue and self.specialize == "lazy":  # after the run: its launches do not share the GIL
             self._specialize(exe, tensors, types)
+            self._queue_fallbacks(types, self._profile_of[key])
         return exe, results
+
+    def _queue_fallbacks(self, types: dict, profile: int) -> None:
+        """Once per session, after its first binding's specialization: the generic kernels of other
+        shape buckets compiled in the background (jit/fallbacks.py), where a GPU compiles them and
+        the inputs' shapes alone fix the plan."""
+        if (self._fallbacks_queued or self.device.kind != "cuda" or self.device.interpret or self._host_inputs
+                or not self._tune):
+            return
+        self._fallbacks_queued = True
+        ref, chosen = weakref.ref(self), self.profiles[profile]
+
+        def task() -> None:
+            from rtxjit.jit import fallbacks
+
+            session = ref()
+            if session is not None:
+                fallbacks.prewarm(session.graph, lambda t: session._build_plan(t, {}), session.device,
+                                  session.kernels, types, chosen, session._jit, jit.yield_to_serving)
+
+        jit.specializer().submit_task(task, self._jit)
 
     def _new_executable(self, key, types: dict, host_values: dict) -> Executable:
         from rtxjit.exec import compiler

@@ -47,7 +47,7 @@ import time
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -189,6 +189,12 @@ def _yield_to_serving() -> None:
         return
 
 
+def yield_to_serving() -> None:
+    """In a background job: wait (a little) while the serving thread builds a new binding or its
+    last run is still on the GPU."""
+    _yield_to_serving()
+
+
 def resolve_mode(mode: Optional[str], device) -> str:
     if mode is None:
         return "none" if device.interpret else "lazy"
@@ -231,6 +237,11 @@ class _Job:
     snapshot: dict = field(compare=False)
     stats: Stats = field(compare=False)
     stage: str = field(default="first", compare=False)  # "first" (heuristic tiles) | "tuned" (see _specialize)
+    # | "task": ``task()`` (the fallbacks of other shape buckets, jit/fallbacks.py)
+    task: Optional[Callable[[], None]] = field(default=None, compare=False)
+
+
+_RANKS = {"first": 0, "task": 1, "tuned": 2}  # the first passes, then the other buckets' fallbacks, then tuning
 
 
 class Specializer:
@@ -260,6 +271,15 @@ class Specializer:
             self._start()
             self._cv.notify()
         return True
+
+    def submit_task(self, task: Callable[[], None], stats: Stats) -> None:
+        """Queue ``task`` behind every binding's first pass and before the tuned passes (pending in
+        ``stats`` until it has run; its failure is counted there)."""
+        with self._cv:
+            stats.add(pending=1)
+            heapq.heappush(self._heap, _Job((_RANKS["task"], 0, next(self._seq)), None, {}, stats, "task", task))
+            self._start()
+            self._cv.notify()
 
     def first_waiting(self) -> bool:
         """Whether a binding's first pass is queued (a tuned pass running gives way to it)."""
@@ -321,7 +341,9 @@ class Specializer:
             exe = job.exe() if job.stage == "tuned" else job.exe
             stats, follow = job.stats, False
             try:
-                if exe is not None:  # else its session is gone: nothing to tune
+                if job.task is not None:
+                    _run_task(job.task, stats)
+                elif exe is not None:  # else its session is gone: nothing to tune
                     _, follow = _guarded(exe, job.snapshot, stats, True, job.stage)
             finally:
                 with self._cv:
@@ -329,8 +351,8 @@ class Specializer:
                         self._queued.discard(id(exe))
                     if follow:  # the tuned pass queues behind every binding's first pass, holding
                         # its binding weakly: a session dropped meanwhile is not kept alive by the queue
-                        heapq.heappush(self._heap, _Job((1,) + job.priority[1:], weakref.ref(exe), job.snapshot,
-                                                        job.stats, "tuned"))
+                        heapq.heappush(self._heap, _Job((_RANKS["tuned"],) + job.priority[1:], weakref.ref(exe),
+                                                        job.snapshot, job.stats, "tuned"))
                         self._cv.notify()
                 # drop the finished job before waiting for the next one: otherwise this frame keeps
                 # the last binding (its arenas, input snapshot, kernels) alive after its session
@@ -366,6 +388,25 @@ def snapshot(exe: Executable, feeds: dict) -> dict:
 
 
 # --- one job --------------------------------------------------------------------------------------
+
+def _run_task(task: Callable[[], None], stats: Stats) -> None:
+    """A queued task in the background (the serving thread's GIL share as for a specialization);
+    its failure is counted and warned about, nothing else changes."""
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(min(switch, BACKGROUND_SWITCH_S))
+    try:
+        with gc_paused():
+            task()
+    except Exception as exc:  # noqa: BLE001 - a background task is an optimization
+        if _specializer is not None and _specializer._stop:
+            return
+        warnings.warn(f"rtxjit: a background task failed: {type(exc).__name__}: {exc}", RuntimeWarning)
+        with stats.lock:
+            stats.failed += 1
+            stats.errors.append(f"{type(exc).__name__}: {exc}")
+    finally:
+        sys.setswitchinterval(switch)
+
 
 def specialize_now(exe: Executable, feeds: dict, stats: Stats, background: bool = False) -> bool:
     """Compile, tune, check and install ``exe``'s specialized variant; returns whether it was
