@@ -42,6 +42,14 @@ def light_compile() -> bool:
     return os.environ.get("RTXJIT_LIGHT_COMPILE", "0") == "1"
 
 
+def fallback_buckets() -> bool:
+    """RTXJIT_FALLBACKS=1: after a GPU session's first binding, the generic kernels of the other shape
+    buckets around it are compiled in the background (jit/fallbacks.py). Off by default until
+    ``pytest -m gpu`` has run with it: the first GPU run (2026-12-08, before its probes planned with
+    detached static-size verdicts) failed a JIT test whose cause was not read back."""
+    return os.environ.get("RTXJIT_FALLBACKS", "0") == "1"
+
+
 def dump_passes() -> str | None:
     """RTXJIT_DUMP_PASSES=DIR writes the graph after every pass into DIR; =- writes it to stderr."""
     value = os.environ.get("RTXJIT_DUMP_PASSES", "").strip()

@@ -180,18 +180,25 @@ class InferenceSession:
         shape buckets compiled in the background (jit/fallbacks.py), where a GPU compiles them and
         the inputs' shapes alone fix the plan."""
         if (self._fallbacks_queued or self.device.kind != "cuda" or self.device.interpret or self._host_inputs
-                or not self._tune):
+                or not self._tune or not config.fallback_buckets()):
             return
         self._fallbacks_queued = True
         ref, chosen = weakref.ref(self), self.profiles[profile]
 
         def task() -> None:
             from rtxjit.jit import fallbacks
+            from rtxjit.plan import statics
 
             session = ref()
-            if session is not None:
-                fallbacks.prewarm(session.graph, lambda t: session._build_plan(t, {}), session.device,
-                                  session.kernels, types, chosen, session._jit, jit.yield_to_serving)
+            if session is None:
+                return
+
+            def build(probe: dict):  # what a binding of ``probe`` would plan now, changing nothing kept
+                kept = statics.of_graph(session.graph).detached()
+                return PlanBuilder(session.graph, session.device, frozenset(session._const_tensors), kept).build(probe, {})
+
+            fallbacks.prewarm(session.graph, build, session.device, session.kernels, types, chosen, session._jit,
+                              jit.yield_to_serving)
 
         jit.specializer().submit_task(task, self._jit)
 

@@ -53,13 +53,23 @@ def _generic_keys(build, m: int) -> list:
 
 
 def test_the_other_buckets_fallback_kernels_are_loaded_before_their_first_request(fake_compiles):
+    from rtxjit.plan import statics
+
     graph = rtxjit.InferenceSession(_skinny()).graph
+    consts = frozenset(v.name for v in graph.constants())
 
-    def build(types):
-        return PlanBuilder(graph, H100, frozenset(v.name for v in graph.constants())).build(types, {})
+    def build(types):  # a real binding: the graph's kept verdicts
+        return PlanBuilder(graph, H100, consts).build(types, {})
 
+    def probe(types):  # as the session's task plans a probe
+        return PlanBuilder(graph, H100, consts, statics.of_graph(graph).detached()).build(types, {})
+
+    first = _generic_keys(build, 64)  # the session's first binding
+    verdicts = {s: dict(v) for s, v in statics.of_graph(graph).sites.items()}
     stats = jit.Stats()
-    loaded = fallbacks.prewarm(graph, build, H100, None, _types(64), None, stats)
+    loaded = fallbacks.prewarm(graph, probe, H100, None, _types(64), None, stats)
+    assert statics.of_graph(graph).sites == verdicts  # the probes demoted nothing kept
+    assert _generic_keys(build, 64) == first
     assert loaded == len(fake_compiles.compiled) >= 1 and stats.compiles == loaded
     for m in (32, 256, 1024):  # within SPAN (16x) of 64: nothing left to compile at their first request
         assert all(k in compiler._warmed for k in _generic_keys(build, m))

@@ -9,9 +9,10 @@ session's first binding has had its first specialization pass, the specializer p
 the powers of two of each symbolic dim around that binding (``SPAN`` times either way, inside the
 binding's profile; at most ``LIMIT`` plans), compiles the generic kernels those plans add in its
 worker processes, and loads them in this process (``exec.compiler._warmed``), where a later
-binding's ``prepare_generic`` finds them. Planning uses the session's own planner, so re-bound
-templates (plan/rebind.py) and the static-size probes (plan/statics.py) serve the real bindings
-too.
+binding's ``prepare_generic`` finds them. Each probe is planned with a detached copy of the
+graph's static-size verdicts (``statics.GraphStatics.detached``): a probe far from the bindings seen
+(a dim of 1, a split-K threshold) would otherwise demote sizes judged static and make every later
+binding's fallback kernels less specialized, and their sources other than the ones recorded.
 """
 
 from __future__ import annotations

@@ -456,7 +456,7 @@ class PlanBuilder:
         kept = statics.of_graph(self.graph) if self.statics is None else self.statics
         dims = statics.symbolic_dims(self.graph) if rebind.ENABLED and not host_feeds else []
         key = (self.device, self.session_consts)
-        templates = kept.templates.get(key, []) if dims else False
+        templates = kept.templates.get(key, []) if dims and kept.templates is not None else False
         plan = template = values = None
         for template in templates or ():
             values = template.values_of(input_types)

@@ -79,13 +79,25 @@ class GraphStatics:
     def __init__(self):
         self.sites: dict = {}
         self.probes = 0
-        self.templates: dict = {}  # (device, session constants) -> [rebind.Template], or False where one failed
+        # (device, session constants) -> [rebind.Template], or False where one failed; None: none kept (``detached``)
+        self.templates: Optional[dict] = {}
         self.tracing: set = set()  # keys of templates being traced
         self.lock = threading.Lock()
         # site -> (its verdict, the raw kernel, [(argument position, value)], kernel with the values,
         # names): a later binding of the same site checks its arguments against these and takes the
         # kernel made before (no dicts, no sorting, no source lookup per launch)
         self._made: dict = {}
+
+    def detached(self) -> "GraphStatics":
+        """A copy of the verdicts that later plans may change without changing these (a demotion
+        there stays there), and that keeps no re-binding templates: for plans made ahead of any
+        binding (jit/fallbacks.py), which must not make the real bindings' kernels less static."""
+        other = GraphStatics()
+        with self.lock:
+            other.sites = {s: dict(v) for s, v in self.sites.items()}
+            other.probes = self.probes
+        other.templates = None
+        return other
 
     def apply(self, graph, plan, input_types: dict, build: Callable[[dict], object]) -> None:
         """Make the static size arguments of ``plan``'s launches constexprs of their kernels
