@@ -135,7 +135,12 @@ def _convert_constants(node: Node, dtype: DType, names: FreshNames, constants: d
 
 def _convert_attrs(node: Node, dtype: DType) -> bool:
     """Attributes that name fp32: Cast's ``to``; ConstantOfShape's ``value`` (fp16: numpy has no bf16,
-    so a bf16 ConstantOfShape stays fp32 and gets a Cast after it)."""
+    so a bf16 ConstantOfShape stays fp32 and gets a Cast after it). Also Quantize/DequantizeLinear
+    below version 19 become version 19, which takes fp16 / bf16 values and scales with the same
+    meaning (version 13 takes fp32 alone: a QDQ model run with ``precision`` failed to load)."""
+    if node.op in ("QuantizeLinear", "DequantizeLinear") and 13 <= node.version < 19:
+        node.version = 19
+        return True
     if node.op == "Cast" and node.attrs.get("to") == DType.FP32.onnx_code:
         node.attrs["to"] = dtype.onnx_code
         return True
