@@ -223,7 +223,12 @@ def run_case(case: str, tiny: bool, time_limit: float, iters: int) -> dict:
             out = sess.run(None, dev_feeds)[0]
             out = out.float().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out, np.float32)
             entry.update(_accuracy(out, ref, classifier))
-            entry["kernels"] = sorted({s.kernel.name for s in sess.plan_for(dev_feeds).steps})
+            plan = sess.plan_for(dev_feeds)
+            entry["kernels"] = sorted({s.kernel.name for s in plan.steps})
+            entry["launches"] = len(plan.steps)
+            stats = sess.jit_stats()  # which kernels serve (a rejected specialized variant leaves the fallback)
+            entry["jit"] = {k: stats.get(k) for k in ("last_run", "specialized", "rejected", "failed", "pending")}
+            entry["jit"]["errors"] = list(stats.get("errors") or [])[:3]
             # a product with a fused epilogue is an rtxjit.Epilogue node: counted as its anchor op
             entry["ops"] = dict(sorted(Counter(n.attrs.get("anchor", n.op) if n.op == "rtxjit.Epilogue" else n.op
                                                for n in sess.graph.nodes).items()))
