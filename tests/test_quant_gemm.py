@@ -411,15 +411,10 @@ def test_on_a_gpu_a_product_quantizes_its_fp8_activation_with_the_hardware_conve
     that quantizes its float activation as it loads it rounds with cvt.rn.satfinite (QuantizeLinear's
     saturate=1 rounding and range), not the interpreter's integer encoding (~20 operations an element
     in the K loop); the interpreter keeps the encoding (tested against onnxruntime above)."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from rtxjit.exec import packed
     from rtxjit.ir.types import TensorType
-    from rtxjit.kernels.keys import specialized_source, step_args
+    from rtxjit.kernels.keys import specialized_source
     from rtxjit.plan.plan import PlanBuilder
+    from tests.sm90 import ptx
     from tests.test_fallback_specialization import H100
 
     m, _ = _qdq_model(TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E4M3FN, "MatMul", True, False, seed=5, k=64, n=32)
@@ -430,19 +425,4 @@ def test_on_a_gpu_a_product_quantizes_its_fp8_activation_with_the_hardware_conve
     step = next(s for s in plan.steps if s.kernel.name == "qdot")
     src = specialized_source(step)
     assert "quantize_a" in src.text and "tl.float8e4nv)" in src.text and "a_q_c" not in src.text
-    spec = packed.pack(src, False, step_args(plan, step), dict(step.constexprs), 90)
-    # compiled in a process without the interpreter (as the light workers are), its PTX read there
-    path = os.path.dirname(os.path.dirname(os.path.abspath(packed.__file__)))
-    code = ("import sys, types, json, ast; p = types.ModuleType('rtxjit'); p.__path__ = [%r]; sys.modules['rtxjit'] = p; "
-            "import rtxjit.config as c; c.prepare_triton(); import triton; from triton.backends.compiler import GPUTarget; "
-            "from triton.compiler import ASTSource; from rtxjit.codegen.source import KernelSource, load_kernel; "
-            "t = json.loads(sys.stdin.read()); sig, consts, attrs, opts = ast.literal_eval(t[2]); "
-            "k = triton.compile(ASTSource(load_kernel(KernelSource(t[0], t[1]), False), sig, consts, attrs), "
-            "target=GPUTarget('cuda', 90, 32), options=opts); "
-            "print(json.dumps('cvt.rn.satfinite.e4m3x2.f32' in k.asm['ptx']))") % path
-    env = {**os.environ, "RTXJIT_DEVICE": "cuda"}
-    env.pop("TRITON_INTERPRET", None)
-    out = subprocess.run([sys.executable, "-c", code], input=json.dumps([src.name, src.text, spec]), text=True,
-                         capture_output=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1]) is True
+    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx(plan, step, src)

@@ -314,16 +314,20 @@ def render_conv2d(dtype: DType, has_bias: bool, wide: bool = False, tap_major: b
         bases = [f"    t{a}0 = o{a} + pad_{a}" for a in axes]
     else:
         bases = [f"    i{a}0 = o{a} * stride_{a} - pad_{a}" for a in axes]
+    # a depthwise launch has one program along program_id(1): without it in the addresses, Triton
+    # knows the input rows are 16-byte aligned (channels-last: C is 1, and an unknown group id made
+    # every tap's tile 16 scalar 2-byte loads a thread on sm_90 instead of 16-byte vector loads)
+    group = [] if depthwise else [f"    g = tl.program_id(1){int64_suffix(wide)}"]
     lines = [
         signature(name, params),
         *tile_indices(wide),
-        f"    g = tl.program_id(1){int64_suffix(wide)}",
+        *group,
         *([f"    split = tl.program_id(2){int64_suffix(wide)}"] if split else []),
-        "    co = g * N + rn",
+        "    co = rn" if depthwise else "    co = g * N + rn",
         *(f"    {line}" for line in pixel_lines),
         f"    nb = {nb}",
         *bases,
-        "    x_base = x_off + nb * x_sn + g * C * x_sc",
+        "    x_base = x_off + nb * x_sn" if depthwise else "    x_base = x_off + nb * x_sn + g * C * x_sc",
         *loop,
         "    mask = (rm[:, None] < M) & (rn[None, :] < N)",
         f"    out_pixel = {_pixel(axes, 'out_s', unit)}",
