@@ -49,7 +49,9 @@ def take_epilogue(ctx, product_dtype, shape) -> tuple:
     program, extras = ctx.epilogue  # views of the node's output shape
     ctx.epilogue = None
     extras = [_as_shape(ctx, e, tuple(shape)) for e in extras]
-    return FusedEpilogue.of(program, product_dtype, tuple(e.dtype for e in extras), owner=ctx.node), extras
+    uniform = tuple(k for k, e in enumerate(extras) if not any(e.strides))  # one element read everywhere
+    return FusedEpilogue.of(program, product_dtype, tuple(e.dtype for e in extras), owner=ctx.node,
+                            uniform=uniform), extras
 
 
 def _as_shape(ctx, view: View, shape: tuple) -> View:

@@ -32,6 +32,10 @@ class FusedEpilogue:
     program: tuple
     product_dtype: DType
     extra_dtypes: tuple
+    # extras read at one address by every position (all strides 0: a constant of one element, as
+    # GELU's 0.5 and 0.044715): one scalar load a program instead of a broadcast tile load (each
+    # such tile was 32 scalar 2-byte loads a thread on sm_90 in GPT-2's fc1 epilogue)
+    uniform: tuple = ()
 
     @functools.cached_property  # on the frozen instance's __dict__: composed once per epilogue
     def _composed(self) -> tuple:
@@ -42,23 +46,25 @@ class FusedEpilogue:
     def memo_key(self) -> tuple:
         """The key memoized render functions file this epilogue under (codegen/source.py): computed once
         per instance (``of`` hands out one instance per node), not walked on every render."""
-        return ("FusedEpilogue", typed_key((self.program, self.product_dtype, self.extra_dtypes)))
+        return ("FusedEpilogue", typed_key((self.program, self.product_dtype, self.extra_dtypes, self.uniform)))
 
     @staticmethod
-    def of(program: tuple, product_dtype: DType, extra_dtypes: tuple, owner=None) -> "FusedEpilogue":
+    def of(program: tuple, product_dtype: DType, extra_dtypes: tuple, owner=None,
+           uniform: tuple = ()) -> "FusedEpilogue":
         """The epilogue of ``program``; with ``owner`` (the graph node whose attribute ``program`` is:
         the same tuple for every binding planned) one instance per program and types, kept while the
         node lives, so its composition and key are made once per node, not per launch."""
-        extra_dtypes = tuple(extra_dtypes)
+        extra_dtypes, uniform = tuple(extra_dtypes), tuple(uniform)
         if owner is None:
-            return FusedEpilogue(program, product_dtype, extra_dtypes)
+            return FusedEpilogue(program, product_dtype, extra_dtypes, uniform)
         with _INSTANCES_LOCK:
             mine = _INSTANCES.get(owner)
             if mine is None:
                 mine = _INSTANCES[owner] = {}
-            hit = mine.get((product_dtype, extra_dtypes))
+            hit = mine.get((product_dtype, extra_dtypes, uniform))
             if hit is None or hit.program is not program:
-                hit = mine[(product_dtype, extra_dtypes)] = FusedEpilogue(program, product_dtype, extra_dtypes)
+                hit = mine[(product_dtype, extra_dtypes, uniform)] = FusedEpilogue(program, product_dtype,
+                                                                                   extra_dtypes, uniform)
         return hit
 
     @property
@@ -74,7 +80,8 @@ class FusedEpilogue:
 
     def lines(self, address: Callable[[int], str]) -> list:
         """Statements turning ``y`` into the program's result; ``address(k)`` is extra ``k``'s tile."""
-        out = [f"    e{k} = tl.load({address(k)}, mask=mask, other=0){load_cast(dt)}"
+        out = [f"    e{k} = tl.load(e{k}_ptr + e{k}_off){load_cast(dt)}" if k in self.uniform else
+               f"    e{k} = tl.load({address(k)}, mask=mask, other=0){load_cast(dt)}"
                for k, dt in enumerate(self.extra_dtypes)]
         stmts, result, _ = self._composed
         return out + [f"    {s}" for s in stmts] + [f"    y = {result}"]
