@@ -394,8 +394,8 @@ class LowerCtx:
         shape, strides = collapse(out.shape, out.strides, *[v.strides for v in views])
         n = out.numel
         src = render_pointwise(expr, tuple(v.dtype for v in views), out.dtype, len(shape), len(scalars),
-                               wide=n > WIDE_LIMIT or self._b.wide(out, *views),
-                               prologue=tuple(prologue))
+                               wide=n > WIDE_LIMIT or self._b.wide(out, *views), prologue=tuple(prologue),
+                               uniform=tuple(k for k, st in enumerate(strides[1:]) if not any(st)))
         block = self._b.pointwise_block(n)
         args: list = [Buf(out.buf), out.offset]
         for v in views:

@@ -25,8 +25,11 @@ def flat_indices(rank: int, wide: bool) -> list:
 
 @memoized
 def render_pointwise(expr: str, in_dtypes: tuple, out_dtype: DType, rank: int, n_scalars: int = 0,
-                     wide: bool = False, prologue: tuple = ()) -> KernelSource:
-    """``prologue`` are statements (fused ops, see ``codegen/compose.py``) that run before ``expr``."""
+                     wide: bool = False, prologue: tuple = (), uniform: tuple = ()) -> KernelSource:
+    """``prologue`` are statements (fused ops, see ``codegen/compose.py``) that run before ``expr``.
+    ``uniform``: the inputs read at one address everywhere (every stride 0: a one-element constant
+    such as GELU's 0.044715), each loaded once a program, not once an element (fp16 GELU's four
+    constants were 32 scalar 2-byte loads a thread on sm_90)."""
     n_in = len(in_dtypes)
     params = ["out_ptr", "out_off"]
     for k in range(n_in):
@@ -43,7 +46,8 @@ def render_pointwise(expr: str, in_dtypes: tuple, out_dtype: DType, rank: int, n
         return " + ".join([f"{prefix}_off"] + [f"i{d} * {prefix}_st{d}" for d in range(rank)])
 
     for k, dt in enumerate(in_dtypes):
-        lines.append(f"    x{k} = tl.load(x{k}_ptr + {offset(f'x{k}')}, mask=mask){load_cast(dt)}")
+        address = f"x{k}_ptr + x{k}_off" if k in uniform else f"x{k}_ptr + {offset(f'x{k}')}, mask=mask"
+        lines.append(f"    x{k} = tl.load({address}){load_cast(dt)}")
     lines.extend(f"    {line}" for line in prologue)
     lines.append(f"    y = {expr}")
     lines.append(f"    tl.store(out_ptr + {offset('out')}, y.to({TL[out_dtype]}), mask=mask)")
