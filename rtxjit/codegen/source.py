@@ -218,8 +218,8 @@ def _build(src: KernelSource, interpret: bool, generic: bool):
                 runtime.append(name)
             prev = name
         return JITFunction(fn, do_not_specialize=runtime)
-    rows = [name for name, const in parameters(src) if is_row_count(name) and not const]
-    return JITFunction(fn, do_not_specialize=rows)  # on the GPU: compiled on first launch, cached by Triton
+    names = parameters(src)
+    return JITFunction(fn, do_not_specialize=[names[j][0] for j in row_count_positions(src)])  # on the GPU: compiled on first launch, cached by Triton
 
 
 _interpreter_lock = threading.RLock()

@@ -190,6 +190,32 @@ def prepare_generic(exe: Executable) -> tuple:
     return compiles, hits + len(items) - len(left)
 
 
+def prepare_generic_background(owner, between=None, skip: Optional[set] = None) -> tuple:
+    """The generic kernels of ``owner``'s plan (``owner``: ``plan``, ``device``, ``kernels``, as an
+    Executable has them) that this process has not compiled and its kernel store does not hold:
+    compiled in the worker processes (this thread where there are none), then loaded here, where a
+    later binding's ``prepare_generic`` finds them (jit/fallbacks.py). ``skip``: keys already handed
+    out (added to); ``(compiles, cache hits, kernels loaded)``."""
+    skip = set() if skip is None else skip
+    with _warmed_lock:
+        items = [(it, k) for it, k in _keyed_items(owner, GENERIC) if k not in _warmed and k not in skip]
+    skip.update(k for _, k in items)
+    todo = [(it, k) for (it, k), kernel in zip(items, _stored(owner, [it for it, _ in items])) if kernel is None]
+    if not todo:
+        return 0, 0, 0
+    compiles, hits = _compile_specialized(owner, [it for it, _ in todo], True, between)
+    loaded = 0
+    for item, key in todo:  # a hit in Triton's cache the workers filled
+        if between is not None:
+            between()
+        kernel = _warm(*item)
+        if kernel is not None:
+            with _warmed_lock:
+                _warmed[key] = kernel
+            loaded += 1
+    return compiles, hits, loaded
+
+
 LIGHT_MIN = 4  # generic compiles from which a new session compiles them in light worker processes
 LIGHT_TIMEOUT = 300  # seconds a light worker may take for one kernel before it is compiled here
 
@@ -408,7 +434,8 @@ def _available(exe: Executable, src, args: tuple, config: tuple) -> bool:
 
 
 def _compile_specialized(exe: Executable, items: list, background: bool, between) -> tuple:
-    """Compile ``items``, each kept in the session's kernel store; ``(compiles, cache hits)``."""
+    """Compile ``items`` (specialized kernels, or generic ones for ``prepare_generic_background``),
+    each kept in the session's kernel store; ``(compiles, cache hits)``."""
     if not background:
         with _counting() as tally:
             _parallel(items, exe)

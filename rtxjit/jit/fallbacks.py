@@ -23,7 +23,6 @@ from typing import Callable
 
 from rtxjit.exec import compiler
 from rtxjit.ir.types import TensorType
-from rtxjit.kernels.keys import GENERIC
 from rtxjit.plan import statics
 
 SPAN = 16  # probe a dim at the powers of two within [v / SPAN, v * SPAN] of its value v
@@ -85,21 +84,7 @@ def prewarm(graph, build: Callable[[dict], object], device, kernels, types: dict
         except Exception:  # noqa: BLE001 - a probe the model cannot plan (a shape check) adds nothing
             continue
         owner = SimpleNamespace(plan=plan, device=device, kernels=kernels)
-        with compiler._warmed_lock:
-            items = [(it, k) for it, k in compiler._keyed_items(owner, GENERIC)
-                     if k not in compiler._warmed and k not in seen]
-        seen.update(k for _, k in items)
-        found = compiler._stored(owner, [it for it, _ in items])
-        todo = [(it, k) for (it, k), kernel in zip(items, found) if kernel is None]
-        if not todo:
-            continue
-        compiles, hits = compiler._compile_specialized(owner, [it for it, _ in todo], True, between)
+        compiles, hits, loaded = compiler.prepare_generic_background(owner, between, seen)
         stats.add(compiles=compiles, cache_hits=hits)
-        for item, key in todo:  # loaded here now (a hit in Triton's cache the workers filled)
-            between()
-            kernel = compiler._warm(*item)
-            if kernel is not None:
-                with compiler._warmed_lock:
-                    compiler._warmed[key] = kernel
-                done += 1
+        done += loaded
     return done

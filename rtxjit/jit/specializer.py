@@ -398,14 +398,18 @@ def _run_task(task: Callable[[], None], stats: Stats) -> None:
         with gc_paused():
             task()
     except Exception as exc:  # noqa: BLE001 - a background task is an optimization
-        if _specializer is not None and _specializer._stop:
-            return
-        warnings.warn(f"rtxjit: a background task failed: {type(exc).__name__}: {exc}", RuntimeWarning)
-        with stats.lock:
-            stats.failed += 1
-            stats.errors.append(f"{type(exc).__name__}: {exc}")
+        if _specializer is None or not _specializer._stop:
+            _failed(stats, "a background task failed", exc)
     finally:
         sys.setswitchinterval(switch)
+
+
+def _failed(stats: Stats, what: str, exc: Exception) -> None:
+    """A background job's failure: warned about, counted, its message kept for ``jit_stats``."""
+    warnings.warn(f"rtxjit: {what}: {type(exc).__name__}: {exc}", RuntimeWarning)
+    with stats.lock:
+        stats.failed += 1
+        stats.errors.append(f"{type(exc).__name__}: {exc}")
 
 
 def specialize_now(exe: Executable, feeds: dict, stats: Stats, background: bool = False) -> bool:
@@ -436,11 +440,7 @@ def _guarded(exe: Executable, feeds: dict, stats: Stats, background: bool, stage
         if _specializer is not None and _specializer._stop:  # the interpreter is exiting under the job
             stats.add(dropped=1)
             return False, False
-        warnings.warn(f"rtxjit: specialization of a binding failed; its generic kernels keep serving: "
-                      f"{type(exc).__name__}: {exc}", RuntimeWarning)
-        with stats.lock:
-            stats.failed += 1
-            stats.errors.append(f"{type(exc).__name__}: {exc}")
+        _failed(stats, "specialization of a binding failed; its generic kernels keep serving", exc)
         return False, False
     finally:
         HOOKS.watch = None
